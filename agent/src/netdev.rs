@@ -1,0 +1,215 @@
+//! Host plumbing over netlink (rtnetlink, never by running `ip`): the bridge and TAP of each
+//! network, and the MTU of the underlay interface.
+
+use std::net::IpAddr;
+
+use anyhow::{Context, Result, bail};
+use futures::TryStreamExt;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+
+/// The alias overlayd writes on bridges it creates, so that a bridge left behind by a crashed
+/// agent is recognised as ours, adopted, and removed on the next clean exit.
+pub const BRIDGE_ALIAS: &str = "created by overlayd";
+
+/// Opens a netlink connection served on the current tokio runtime.
+pub fn connect() -> Result<Handle> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("cannot open a netlink socket")?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>> {
+    match h
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(m) => Ok(m),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot look up interface {name}")),
+    }
+}
+
+fn mtu_of(m: &LinkMessage) -> Option<u32> {
+    m.attributes.iter().find_map(|a| {
+        if let LinkAttribute::Mtu(v) = a {
+            Some(*v)
+        } else {
+            None
+        }
+    })
+}
+
+fn is_bridge(m: &LinkMessage) -> bool {
+    m.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))),
+        _ => false,
+    })
+}
+
+fn alias_of(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| {
+        if let LinkAttribute::IfAlias(s) = a {
+            Some(s.as_str())
+        } else {
+            None
+        }
+    })
+}
+
+/// The MTU of the interface that holds `addr`. Fails, listing this host's addresses, if no
+/// interface holds it.
+pub async fn underlay_mtu(h: &Handle, addr: IpAddr) -> Result<(String, u32)> {
+    let mut found = None;
+    let mut seen = Vec::new();
+    let mut addrs = h.address().get().execute();
+    while let Some(msg) = addrs.try_next().await.context("cannot list addresses")? {
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = a {
+                if *ip == addr {
+                    found = Some(msg.header.index);
+                }
+                if !seen.contains(ip) {
+                    seen.push(*ip);
+                }
+            }
+        }
+    }
+    let Some(index) = found else {
+        let list = seen
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        bail!(
+            "the underlay address {addr} is not assigned to any interface in this network namespace \
+             (addresses here: {list}); pass this host's own address with --underlay-addr"
+        );
+    };
+    let link = h
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .context("cannot read the underlay interface")?
+        .context("the underlay interface vanished")?;
+    let name = link
+        .attributes
+        .iter()
+        .find_map(|a| {
+            if let LinkAttribute::IfName(n) = a {
+                Some(n.clone())
+            } else {
+                None
+            }
+        })
+        .unwrap_or_default();
+    let mtu = mtu_of(&link).context("the underlay interface reports no MTU")?;
+    Ok((name, mtu))
+}
+
+/// A bridge ready for use, and whether overlayd owns it (and so removes it on exit).
+#[derive(Debug, Clone)]
+pub struct Bridge {
+    pub name: String,
+    pub index: u32,
+    pub owned: bool,
+}
+
+/// Creates the bridge `name` with `mtu`, or adopts an existing one. An existing interface that
+/// is not a bridge is an error. A bridge someone else made is used but never removed.
+pub async fn ensure_bridge(h: &Handle, name: &str, mtu: u32) -> Result<Bridge> {
+    let (link, owned) = match link_by_name(h, name).await? {
+        Some(link) => {
+            if !is_bridge(&link) {
+                bail!(
+                    "the interface {name} exists and is not a bridge; remove it or choose another bridge name"
+                );
+            }
+            let owned = alias_of(&link) == Some(BRIDGE_ALIAS);
+            (link, owned)
+        }
+        None => {
+            h.link()
+                .add(
+                    LinkBridge::new(name)
+                        .down()
+                        .mtu(mtu)
+                        .alias(BRIDGE_ALIAS)
+                        .build(),
+                )
+                .execute()
+                .await
+                .with_context(|| format!("cannot create the bridge {name}"))?;
+            let link = link_by_name(h, name)
+                .await?
+                .with_context(|| format!("the new bridge {name} vanished"))?;
+            (link, true)
+        }
+    };
+    let index = link.header.index;
+    disable_ipv6(name);
+    h.link()
+        .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+        .execute()
+        .await
+        .with_context(|| format!("cannot set MTU {mtu} and bring up the bridge {name}"))?;
+    Ok(Bridge {
+        name: name.to_owned(),
+        index,
+        owned,
+    })
+}
+
+/// Puts an (already created) TAP on a bridge with `mtu` and a long transmit queue, and brings
+/// it up.
+pub async fn attach_tap(h: &Handle, tap: &str, bridge: &Bridge, mtu: u32) -> Result<()> {
+    let link = link_by_name(h, tap)
+        .await?
+        .with_context(|| format!("the TAP {tap} vanished"))?;
+    disable_ipv6(tap);
+    h.link()
+        .set(
+            LinkUnspec::new_with_index(link.header.index)
+                .mtu(mtu)
+                .txqueuelen(TAP_TXQUEUELEN)
+                .controller(bridge.index)
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .with_context(|| format!("cannot attach the TAP {tap} to the bridge {}", bridge.name))
+}
+
+/// Transmit queue of the TAP: the tun default (500) drops bursts the agent would have taken.
+const TAP_TXQUEUELEN: u32 = 10_000;
+
+/// Removes an interface by name; gone already is fine.
+pub async fn delete_link(h: &Handle, name: &str) -> Result<()> {
+    if let Some(link) = link_by_name(h, name).await? {
+        h.link()
+            .del(link.header.index)
+            .execute()
+            .await
+            .with_context(|| format!("cannot remove {name}"))?;
+    }
+    Ok(())
+}
+
+/// The bridge and TAP are layer-2 ports of the overlay: an IPv6 link-local address on them
+/// would make the host itself send router and neighbour solicitations and MLD reports into
+/// every network, which the TAP would flood to every VTEP. Hosts without IPv6 have no such
+/// file, which is fine.
+fn disable_ipv6(dev: &str) {
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
+}

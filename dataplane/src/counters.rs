@@ -1,0 +1,234 @@
+//! Per-agent counters: what was forwarded, and every drop by its reason.
+//!
+//! Each counter has exactly one writer thread (the TX loop writes `tx` and the TAP-side drop
+//! reasons, the RX loop writes `rx` and the underlay-side ones), so [`bump`] is a relaxed load
+//! and store, not a locked read-modify-write; readers see a value at most one increment old.
+//! The two directions sit on separate cache lines so the hot loops do not share one.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Adds `n` to a counter that only the calling thread writes.
+#[inline]
+pub fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+}
+
+macro_rules! drop_reasons {
+    ($( $(#[doc = $doc:literal])* $variant:ident = $name:literal, )*) => {
+        /// Why a frame (TAP side) or a datagram (underlay side) was dropped. Every drop has one.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum DropReason { $( $(#[doc = $doc])* $variant, )* }
+
+        impl DropReason {
+            /// Every reason, in counter order.
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$variant),*];
+
+            /// The reason's name in metrics and JSON (`overlayd_dropped_total{reason="…"}`).
+            pub const fn name(self) -> &'static str {
+                match self { $(DropReason::$variant => $name,)* }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    /// Underlay: the datagram is shorter than a VXLAN header plus an Ethernet header.
+    Truncated = "truncated",
+    /// Underlay: the VXLAN flags byte is not exactly 0x08.
+    BadFlags = "bad_flags",
+    /// Underlay: a reserved field of the VXLAN header is not zero.
+    ReservedBits = "reserved_bits",
+    /// Underlay: no network on this host has the datagram's VNI.
+    UnknownVni = "unknown_vni",
+    /// Underlay: the sender is not a member VTEP of the datagram's VNI (anti-spoofing).
+    NotMember = "not_member",
+    /// Underlay: the datagram did not fit the receive buffer and was cut.
+    Oversized = "oversized",
+    /// Underlay: writing the decapsulated frame to the TAP failed.
+    TapWriteFailed = "tap_write_failed",
+    /// TAP: the frame is shorter than an Ethernet header.
+    RuntFrame = "runt_frame",
+    /// TAP: the frame must be flooded but the network's flood list is empty.
+    NoDestination = "no_destination",
+    /// TAP: the frame does not fit in one datagram to the underlay.
+    FrameTooLarge = "frame_too_large",
+    /// TAP: the kernel refused to send the datagram.
+    SendFailed = "send_failed",
+    /// TAP: writing an ARP answer back to the TAP failed.
+    ArpReplyFailed = "arp_reply_failed",
+}
+
+/// Number of drop reasons.
+pub const DROP_REASONS: usize = DropReason::ALL.len();
+
+/// Counters of the TAP → underlay direction (written by the TX loop).
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct TxCounters {
+    /// Frames read from the TAPs.
+    pub frames: AtomicU64,
+    /// Bytes of those frames.
+    pub bytes: AtomicU64,
+    /// Frames sent to exactly one VTEP.
+    pub unicast: AtomicU64,
+    /// Frames replicated to a flood list (broadcast, multicast, unknown unicast).
+    pub flooded: AtomicU64,
+    /// Datagrams handed to the kernel (one per unicast frame, one per flood-list member).
+    pub datagrams: AtomicU64,
+    /// ARP requests answered locally instead of flooded.
+    pub arp_replies: AtomicU64,
+    /// Send system calls (each carries a batch of datagrams).
+    pub send_calls: AtomicU64,
+    /// Heap allocations made by the TX loop's thread since it started (see `alloc_count`).
+    pub loop_allocations: AtomicU64,
+}
+
+/// Counters of the underlay → TAP direction (written by the RX loop).
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct RxCounters {
+    /// Datagrams received on the VXLAN port.
+    pub datagrams: AtomicU64,
+    /// Bytes of those datagrams.
+    pub bytes: AtomicU64,
+    /// Frames written to a TAP.
+    pub delivered: AtomicU64,
+    /// New or moved (MAC → VTEP) entries learned from the data plane.
+    pub learned: AtomicU64,
+    /// Entries not learned because the learned table was full.
+    pub learn_table_full: AtomicU64,
+    /// Learned entries removed after the ageing time.
+    pub aged_out: AtomicU64,
+    /// Receive system calls that returned data.
+    pub recv_calls: AtomicU64,
+    /// Heap allocations made by the RX loop's thread since it started (see `alloc_count`).
+    pub loop_allocations: AtomicU64,
+}
+
+/// All counters of one dataplane.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// TAP → underlay.
+    pub tx: TxCounters,
+    /// Underlay → TAP.
+    pub rx: RxCounters,
+    drops: DropCounters,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct DropCounters([AtomicU64; DROP_REASONS]);
+
+impl Counters {
+    /// Counts one drop.
+    #[inline]
+    pub fn dropped(&self, reason: DropReason) {
+        bump(&self.drops.0[reason as usize], 1);
+    }
+
+    /// Drops so far for one reason.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops.0[reason as usize].load(Relaxed)
+    }
+
+    /// A copy of every counter, for reports.
+    pub fn snapshot(&self) -> CountersSnapshot {
+        let t = &self.tx;
+        let r = &self.rx;
+        CountersSnapshot {
+            tx_frames: t.frames.load(Relaxed),
+            tx_bytes: t.bytes.load(Relaxed),
+            tx_unicast: t.unicast.load(Relaxed),
+            tx_flooded: t.flooded.load(Relaxed),
+            tx_datagrams: t.datagrams.load(Relaxed),
+            tx_send_calls: t.send_calls.load(Relaxed),
+            arp_replies: t.arp_replies.load(Relaxed),
+            rx_datagrams: r.datagrams.load(Relaxed),
+            rx_bytes: r.bytes.load(Relaxed),
+            rx_delivered: r.delivered.load(Relaxed),
+            rx_recv_calls: r.recv_calls.load(Relaxed),
+            learned: r.learned.load(Relaxed),
+            learn_table_full: r.learn_table_full.load(Relaxed),
+            aged_out: r.aged_out.load(Relaxed),
+            tx_loop_allocations: t.loop_allocations.load(Relaxed),
+            rx_loop_allocations: r.loop_allocations.load(Relaxed),
+            dropped: DropReason::ALL
+                .iter()
+                .map(|&d| (d.name().to_owned(), self.drops(d)))
+                .collect(),
+        }
+    }
+}
+
+/// A point-in-time copy of [`Counters`], serializable for the CLI, JSON and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CountersSnapshot {
+    /// Frames read from the TAPs.
+    pub tx_frames: u64,
+    /// Bytes of those frames.
+    pub tx_bytes: u64,
+    /// Frames sent to exactly one VTEP.
+    pub tx_unicast: u64,
+    /// Frames replicated to a flood list.
+    pub tx_flooded: u64,
+    /// Datagrams sent to the underlay.
+    pub tx_datagrams: u64,
+    /// Send system calls.
+    pub tx_send_calls: u64,
+    /// ARP requests answered locally.
+    pub arp_replies: u64,
+    /// Datagrams received.
+    pub rx_datagrams: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Frames written to a TAP.
+    pub rx_delivered: u64,
+    /// Receive system calls that returned data.
+    pub rx_recv_calls: u64,
+    /// Entries learned from the data plane.
+    pub learned: u64,
+    /// Entries not learned because the table was full.
+    pub learn_table_full: u64,
+    /// Learned entries aged out.
+    pub aged_out: u64,
+    /// Heap allocations of the TX loop's thread.
+    pub tx_loop_allocations: u64,
+    /// Heap allocations of the RX loop's thread.
+    pub rx_loop_allocations: u64,
+    /// Drops by reason name.
+    pub dropped: BTreeMap<String, u64>,
+}
+
+impl CountersSnapshot {
+    /// Drops for one reason.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.dropped.get(reason.name()).copied().unwrap_or(0)
+    }
+
+    /// Drops over all reasons.
+    pub fn total_drops(&self) -> u64 {
+        self.dropped.values().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_counted_apart() {
+        let names: std::collections::HashSet<_> =
+            DropReason::ALL.iter().map(|d| d.name()).collect();
+        assert_eq!(names.len(), DROP_REASONS);
+        let c = Counters::default();
+        c.dropped(DropReason::NotMember);
+        c.dropped(DropReason::NotMember);
+        c.dropped(DropReason::BadFlags);
+        let s = c.snapshot();
+        assert_eq!(s.drops(DropReason::NotMember), 2);
+        assert_eq!(s.drops(DropReason::BadFlags), 1);
+        assert_eq!(s.drops(DropReason::Truncated), 0);
+        assert_eq!(s.total_drops(), 3);
+    }
+}

@@ -1,0 +1,461 @@
+//! Forwarding tables: what the hot loops read, without locks or allocation, and the writer API
+//! the control plane (or the static configuration) programs them with.
+//!
+//! The tables are an immutable snapshot behind an [`ArcSwap`]. A reader keeps an
+//! [`arc_swap::Cache`], so looking at the current snapshot costs one atomic load when nothing
+//! changed. A writer opens a [`Transaction`], which copies only the networks it touches
+//! (each network is its own `Arc`), and publishes all its changes at once on commit; the old
+//! snapshot is freed when the last hot loop lets go of it, which is also what keeps a removed
+//! network's TAP open until no loop can still be writing to it.
+//!
+//! Keys: (VNI, MAC) → VTEP (the FDB), (VNI, IPv4) → MAC (ARP answers), and per VNI the flood
+//! list. A network's member VTEPs, the only senders accepted for it, are derived: the flood
+//! list plus every FDB destination.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::{ArcSwap, Cache};
+
+use crate::wire::{MacAddr, Vni};
+
+/// Hash state for the tables: fast, and seeded per process so that addresses chosen by an
+/// attacker cannot be aimed at one bucket.
+pub type FastState = foldhash::fast::RandomState;
+/// A hash map with [`FastState`].
+pub type FastMap<K, V> = HashMap<K, V, FastState>;
+/// A hash set with [`FastState`].
+pub type FastSet<K> = HashSet<K, FastState>;
+
+/// Why a table update was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    /// The update names a VNI that has no network on this host.
+    #[error("no network with VNI {0} on this host")]
+    UnknownVni(Vni),
+    /// A network with this VNI already exists.
+    #[error("a network with VNI {0} already exists on this host")]
+    DuplicateVni(Vni),
+    /// FDB entries are for unicast MACs; group addresses always go to the flood list.
+    #[error("{0} is a multicast or broadcast MAC; only unicast MACs can have an FDB entry")]
+    GroupMac(MacAddr),
+}
+
+/// The tables of one overlay network (one VNI), and the port (TAP) it is attached to.
+#[derive(Debug, Clone)]
+pub struct NetworkTable<P> {
+    vni: Vni,
+    port: P,
+    learning: bool,
+    fdb: FastMap<MacAddr, IpAddr>,
+    arp: FastMap<Ipv4Addr, MacAddr>,
+    flood: Vec<IpAddr>,
+    members: FastSet<IpAddr>,
+}
+
+impl<P> NetworkTable<P> {
+    fn new(vni: Vni, port: P, learning: bool) -> Self {
+        NetworkTable {
+            vni,
+            port,
+            learning,
+            fdb: FastMap::default(),
+            arp: FastMap::default(),
+            flood: Vec::new(),
+            members: FastSet::default(),
+        }
+    }
+
+    /// The network's VNI.
+    pub fn vni(&self) -> Vni {
+        self.vni
+    }
+
+    /// The port (for the Linux shell, the TAP) this network's frames come from and go to.
+    pub fn port(&self) -> &P {
+        &self.port
+    }
+
+    /// Whether frames from member VTEPs teach us where their source MACs are.
+    pub fn learning(&self) -> bool {
+        self.learning
+    }
+
+    /// The VTEP that owns `mac`, from the control plane or static configuration.
+    #[inline]
+    pub fn fdb(&self, mac: &MacAddr) -> Option<IpAddr> {
+        self.fdb.get(mac).copied()
+    }
+
+    /// The MAC that answers for `ip`.
+    #[inline]
+    pub fn arp(&self, ip: &Ipv4Addr) -> Option<MacAddr> {
+        self.arp.get(ip).copied()
+    }
+
+    /// The VTEPs a broadcast, multicast or unknown-unicast frame is replicated to.
+    #[inline]
+    pub fn flood_list(&self) -> &[IpAddr] {
+        &self.flood
+    }
+
+    /// Whether `vtep` may send frames of this network (flood list or FDB destination).
+    #[inline]
+    pub fn is_member(&self, vtep: &IpAddr) -> bool {
+        self.members.contains(vtep)
+    }
+
+    /// Every FDB entry.
+    pub fn fdb_entries(&self) -> impl Iterator<Item = (MacAddr, IpAddr)> + '_ {
+        self.fdb.iter().map(|(m, v)| (*m, *v))
+    }
+
+    /// Every ARP entry.
+    pub fn arp_entries(&self) -> impl Iterator<Item = (Ipv4Addr, MacAddr)> + '_ {
+        self.arp.iter().map(|(i, m)| (*i, *m))
+    }
+
+    fn recompute_members(&mut self) {
+        self.members.clear();
+        self.members.extend(self.flood.iter().copied());
+        self.members.extend(self.fdb.values().copied());
+    }
+}
+
+/// One immutable snapshot of every network's tables.
+///
+/// A network keeps its slot (its *port index*) for as long as it exists, so the index a hot
+/// loop got from one snapshot names the same network in the next.
+#[derive(Debug)]
+pub struct Tables<P> {
+    networks: Vec<Option<Arc<NetworkTable<P>>>>,
+    by_vni: FastMap<Vni, usize>,
+    generation: u64,
+}
+
+impl<P> Default for Tables<P> {
+    fn default() -> Self {
+        Tables {
+            networks: Vec::new(),
+            by_vni: FastMap::default(),
+            generation: 0,
+        }
+    }
+}
+
+impl<P> Clone for Tables<P> {
+    fn clone(&self) -> Self {
+        Tables {
+            networks: self.networks.clone(),
+            by_vni: self.by_vni.clone(),
+            generation: self.generation,
+        }
+    }
+}
+
+impl<P> Tables<P> {
+    /// The network in slot `port`.
+    #[inline]
+    pub fn network(&self, port: usize) -> Option<&NetworkTable<P>> {
+        self.networks.get(port)?.as_deref()
+    }
+
+    /// The network with `vni`, and its slot.
+    #[inline]
+    pub fn by_vni(&self, vni: Vni) -> Option<(usize, &NetworkTable<P>)> {
+        let port = *self.by_vni.get(&vni)?;
+        Some((port, self.network(port)?))
+    }
+
+    /// Every network with its slot.
+    pub fn networks(&self) -> impl Iterator<Item = (usize, &NetworkTable<P>)> {
+        self.networks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| Some((i, n.as_deref()?)))
+    }
+
+    /// Number of slots (some may be empty).
+    pub fn slots(&self) -> usize {
+        self.networks.len()
+    }
+
+    /// Counts up by one with every published change.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// The shared, swappable tables: one writer at a time, any number of lock-free readers.
+#[derive(Debug)]
+pub struct SharedTables<P> {
+    current: Arc<ArcSwap<Tables<P>>>,
+    writer: Mutex<()>,
+}
+
+impl<P> Default for SharedTables<P> {
+    fn default() -> Self {
+        SharedTables {
+            current: Arc::new(ArcSwap::from_pointee(Tables::default())),
+            writer: Mutex::new(()),
+        }
+    }
+}
+
+/// A hot loop's handle on the tables: `load()` is one atomic load unless they changed.
+pub type TablesReader<P> = Cache<Arc<ArcSwap<Tables<P>>>, Arc<Tables<P>>>;
+
+impl<P: Clone> SharedTables<P> {
+    /// The current snapshot (for control-side readers; hot loops use a [`TablesReader`]).
+    pub fn load(&self) -> Arc<Tables<P>> {
+        self.current.load_full()
+    }
+
+    /// Applies `f`'s changes and publishes them as one new snapshot. Writers are serialized;
+    /// readers never wait. If `f` fails, nothing is published.
+    pub fn update<R, E>(
+        &self,
+        f: impl FnOnce(&mut Transaction<P>) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let _one_writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut tx = Transaction {
+            tables: Tables::clone(&self.current.load()),
+            touched: Vec::new(),
+        };
+        let out = f(&mut tx)?;
+        if tx.touched.is_empty() {
+            return Ok(out);
+        }
+        for port in std::mem::take(&mut tx.touched) {
+            if let Some(Some(net)) = tx.tables.networks.get_mut(port) {
+                Arc::make_mut(net).recompute_members();
+            }
+        }
+        tx.tables.generation += 1;
+        self.current.store(Arc::new(tx.tables));
+        Ok(out)
+    }
+}
+
+impl<P> SharedTables<P> {
+    /// A reader for one hot-loop thread.
+    pub fn reader(&self) -> TablesReader<P> {
+        Cache::new(Arc::clone(&self.current))
+    }
+}
+
+/// Changes to the tables, published together when the closure given to
+/// [`SharedTables::update`] returns `Ok`.
+pub struct Transaction<P> {
+    tables: Tables<P>,
+    touched: Vec<usize>,
+}
+
+impl<P: Clone> Transaction<P> {
+    fn net(&mut self, vni: Vni) -> Result<&mut NetworkTable<P>, TableError> {
+        let port = *self
+            .tables
+            .by_vni
+            .get(&vni)
+            .ok_or(TableError::UnknownVni(vni))?;
+        if !self.touched.contains(&port) {
+            self.touched.push(port);
+        }
+        let slot = self.tables.networks[port]
+            .as_mut()
+            .ok_or(TableError::UnknownVni(vni))?;
+        Ok(Arc::make_mut(slot))
+    }
+
+    /// The tables as they will be published (for reads inside the transaction).
+    pub fn tables(&self) -> &Tables<P> {
+        &self.tables
+    }
+
+    /// Adds a network attached to `port`; returns its slot.
+    pub fn add_network(&mut self, vni: Vni, port: P, learning: bool) -> Result<usize, TableError> {
+        if self.tables.by_vni.contains_key(&vni) {
+            return Err(TableError::DuplicateVni(vni));
+        }
+        let net = Some(Arc::new(NetworkTable::new(vni, port, learning)));
+        let slot = match self.tables.networks.iter().position(Option::is_none) {
+            Some(free) => {
+                self.tables.networks[free] = net;
+                free
+            }
+            None => {
+                self.tables.networks.push(net);
+                self.tables.networks.len() - 1
+            }
+        };
+        self.tables.by_vni.insert(vni, slot);
+        self.touched.push(slot);
+        Ok(slot)
+    }
+
+    /// Removes a network and gives its port back.
+    pub fn remove_network(&mut self, vni: Vni) -> Result<P, TableError> {
+        let port = self
+            .tables
+            .by_vni
+            .remove(&vni)
+            .ok_or(TableError::UnknownVni(vni))?;
+        let net = self.tables.networks[port]
+            .take()
+            .ok_or(TableError::UnknownVni(vni))?;
+        self.touched.retain(|&p| p != port);
+        // Mark the change for publication even though no slot is left to recompute.
+        self.touched.push(port);
+        Ok(net.port.clone())
+    }
+
+    /// Turns data-plane learning on or off for a network.
+    pub fn set_learning(&mut self, vni: Vni, on: bool) -> Result<(), TableError> {
+        self.net(vni)?.learning = on;
+        Ok(())
+    }
+
+    /// Replaces the flood list (duplicates are dropped, order kept).
+    pub fn set_flood_list(
+        &mut self,
+        vni: Vni,
+        vteps: impl IntoIterator<Item = IpAddr>,
+    ) -> Result<(), TableError> {
+        let net = self.net(vni)?;
+        net.flood.clear();
+        for v in vteps {
+            if !net.flood.contains(&v) {
+                net.flood.push(v);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds one VTEP to the flood list.
+    pub fn add_flood(&mut self, vni: Vni, vtep: IpAddr) -> Result<(), TableError> {
+        let net = self.net(vni)?;
+        if !net.flood.contains(&vtep) {
+            net.flood.push(vtep);
+        }
+        Ok(())
+    }
+
+    /// Removes one VTEP from the flood list.
+    pub fn remove_flood(&mut self, vni: Vni, vtep: IpAddr) -> Result<bool, TableError> {
+        let net = self.net(vni)?;
+        let before = net.flood.len();
+        net.flood.retain(|v| *v != vtep);
+        Ok(net.flood.len() != before)
+    }
+
+    /// Sets where a MAC lives.
+    pub fn set_fdb(&mut self, vni: Vni, mac: MacAddr, vtep: IpAddr) -> Result<(), TableError> {
+        if mac.is_multicast() {
+            return Err(TableError::GroupMac(mac));
+        }
+        self.net(vni)?.fdb.insert(mac, vtep);
+        Ok(())
+    }
+
+    /// Forgets where a MAC lives.
+    pub fn remove_fdb(&mut self, vni: Vni, mac: MacAddr) -> Result<Option<IpAddr>, TableError> {
+        Ok(self.net(vni)?.fdb.remove(&mac))
+    }
+
+    /// Sets the MAC that answers ARP requests for `ip`.
+    pub fn set_arp(&mut self, vni: Vni, ip: Ipv4Addr, mac: MacAddr) -> Result<(), TableError> {
+        if mac.is_multicast() {
+            return Err(TableError::GroupMac(mac));
+        }
+        self.net(vni)?.arp.insert(ip, mac);
+        Ok(())
+    }
+
+    /// Stops answering ARP requests for `ip`.
+    pub fn remove_arp(&mut self, vni: Vni, ip: Ipv4Addr) -> Result<Option<MacAddr>, TableError> {
+        Ok(self.net(vni)?.arp.remove(&ip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vni(n: u32) -> Vni {
+        Vni::new(n).unwrap()
+    }
+    const A: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+    const B: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
+    const M: MacAddr = MacAddr([2, 0, 0, 0, 0, 7]);
+
+    #[test]
+    fn a_transaction_publishes_once_and_members_follow() {
+        let t = Arc::new(SharedTables::<u8>::default());
+        let mut reader = t.reader();
+        assert_eq!(reader.load().generation(), 0);
+        t.update(|tx| {
+            tx.add_network(vni(100), 1, true)?;
+            tx.set_flood_list(vni(100), [A, A])?;
+            tx.set_fdb(vni(100), M, B)?;
+            tx.set_arp(vni(100), Ipv4Addr::new(10, 0, 0, 7), M)
+        })
+        .unwrap();
+        let snap = reader.load();
+        assert_eq!(snap.generation(), 1);
+        let (port, net) = snap.by_vni(vni(100)).unwrap();
+        assert_eq!(port, 0);
+        assert_eq!(*net.port(), 1);
+        assert_eq!(net.flood_list(), &[A]);
+        assert!(net.is_member(&A) && net.is_member(&B));
+        assert_eq!(net.fdb(&M), Some(B));
+        assert_eq!(net.arp(&Ipv4Addr::new(10, 0, 0, 7)), Some(M));
+
+        t.update(|tx| tx.remove_fdb(vni(100), M)).unwrap();
+        let snap = reader.load();
+        assert!(
+            !snap.by_vni(vni(100)).unwrap().1.is_member(&B),
+            "B left with its last FDB entry"
+        );
+    }
+
+    #[test]
+    fn a_failed_transaction_changes_nothing() {
+        let t = Arc::new(SharedTables::<u8>::default());
+        t.update(|tx| tx.add_network(vni(1), 0, false)).unwrap();
+        let err = t
+            .update(|tx| {
+                tx.set_flood_list(vni(1), [A])?;
+                tx.add_network(vni(1), 0, false)
+            })
+            .unwrap_err();
+        assert_eq!(err, TableError::DuplicateVni(vni(1)));
+        assert!(t.load().by_vni(vni(1)).unwrap().1.flood_list().is_empty());
+        assert_eq!(
+            t.update(|tx| tx.set_fdb(vni(1), MacAddr::BROADCAST, A)),
+            Err(TableError::GroupMac(MacAddr::BROADCAST))
+        );
+        assert_eq!(
+            t.update(|tx| tx.set_fdb(vni(2), M, A)),
+            Err(TableError::UnknownVni(vni(2)))
+        );
+    }
+
+    #[test]
+    fn slots_are_stable_and_reused() {
+        let t = Arc::new(SharedTables::<u8>::default());
+        t.update(|tx| {
+            tx.add_network(vni(1), 1, false)?;
+            tx.add_network(vni(2), 2, false)
+        })
+        .unwrap();
+        assert_eq!(t.update(|tx| tx.remove_network(vni(1))), Ok(1));
+        let snap = t.load();
+        assert!(snap.network(0).is_none());
+        assert_eq!(snap.by_vni(vni(2)).unwrap().0, 1);
+        assert_eq!(t.update(|tx| tx.add_network(vni(3), 3, false)), Ok(0));
+    }
+}

@@ -1,0 +1,901 @@
+//! The overlayd testbed: hosts and containers as network namespaces on one machine, real
+//! `overlayd` processes in them, and the Linux kernel's vxlan device as reference and peer.
+//!
+//! **What it is.** [`Testbed::new`] makes a *switch* namespace with an underlay bridge;
+//! [`Testbed::add_host`] adds a host namespace joined to it by a veth (underlay addresses
+//! 198.18.0.0/15, the benchmarking range, that exist only inside these namespaces);
+//! [`Host::start_overlayd`] runs the real binary there; [`Host::add_container`] adds a
+//! container namespace with a veth on a bridge of the host; [`Host::add_kernel_vxlan`] builds
+//! the kernel's VTEP instead. [`measure`] reads ping, iperf3 and /proc; [`scenario`] builds
+//! the two-host overlayd / kernel VXLAN / plain veth comparisons the demo and the benchmark use.
+//!
+//! **Safety.** Every namespace carries a prefix unique to this process and testbed
+//! (`ovtb-<pid>-<n>`); the switch has no uplink and no namespace has a default route, so all
+//! traffic stays inside. Dropping the [`Testbed`] — also while a test panics — stops the
+//! processes it started (by PID) and deletes its namespaces; [`cleanup_all`] does the same from
+//! a Ctrl-C handler; and a new testbed first removes namespaces left by a testbed process that
+//! no longer exists (killed with SIGKILL, say).
+//!
+//! **What it is not.** Production code, or a mock: nothing here stands in for overlayd.
+
+pub mod measure;
+pub mod netns;
+pub mod scenario;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+pub use measure::{IperfStats, PingStats};
+
+/// Prefix of every namespace any testbed makes.
+pub const PREFIX: &str = "ovtb";
+
+/// The underlay network of every testbed (RFC 2544's benchmarking range).
+pub const UNDERLAY_PREFIX_LEN: u8 = 15;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+static LIVE: Mutex<Vec<Weak<Inner>>> = Mutex::new(Vec::new());
+static SWEEP: Once = Once::new();
+
+/// Settings of a testbed.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The `overlayd` binary to run.
+    pub overlayd: PathBuf,
+    /// MTU of the underlay links.
+    pub underlay_mtu: u32,
+}
+
+impl Options {
+    /// Defaults for the given binary.
+    pub fn new(overlayd: impl Into<PathBuf>) -> Options {
+        Options {
+            overlayd: overlayd.into(),
+            underlay_mtu: 1500,
+        }
+    }
+}
+
+struct Inner {
+    prefix: String,
+    dir: PathBuf,
+    options: Options,
+    switch: String,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    namespaces: Vec<String>,
+    children: HashMap<u32, (String, Child)>,
+    hosts: u32,
+    logs: Vec<(String, PathBuf)>,
+    cleaned: bool,
+}
+
+/// A set of namespaces and processes that is removed when dropped.
+pub struct Testbed {
+    inner: Arc<Inner>,
+}
+
+impl Testbed {
+    /// Makes the switch namespace. Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and `ip`.
+    pub fn new(options: Options) -> Result<Testbed> {
+        ensure!(
+            // SAFETY: geteuid has no preconditions.
+            unsafe { libc::geteuid() } == 0,
+            "the testbed needs root: it creates network namespaces (run the tests with sudo or as root)"
+        );
+        ensure!(
+            options.overlayd.exists(),
+            "no overlayd binary at {} (build it first: cargo build -p overlayd)",
+            options.overlayd.display()
+        );
+        SWEEP.call_once(sweep_stale);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("{PREFIX}-{}-{n}", std::process::id());
+        let dir = std::env::temp_dir().join(&prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let inner = Arc::new(Inner {
+            switch: format!("{prefix}-sw"),
+            prefix,
+            dir,
+            options,
+            state: Mutex::new(State::default()),
+        });
+        LIVE.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&inner));
+        let bed = Testbed { inner };
+        bed.inner.add_namespace(&bed.inner.switch)?;
+        let sw = bed.inner.switch.clone();
+        quiet_ipv6(&sw)?;
+        netns::ip(["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        netns::ip(["-n", &sw, "link", "set", "br0", "up"])?;
+        Ok(bed)
+    }
+
+    /// This testbed's namespace prefix.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// Where logs and state dirs go.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Adds host number n (1, 2, …) with underlay address 198.18.x.y on `ul0`.
+    pub fn add_host(&self) -> Result<Host> {
+        let index = {
+            let mut st = self.inner.lock();
+            st.hosts += 1;
+            st.hosts
+        };
+        ensure!(index < 65_000, "too many hosts");
+        let name = format!("h{index}");
+        let ns = format!("{}-{name}", self.inner.prefix);
+        let addr = Ipv4Addr::new(
+            198,
+            18 + (index >> 16) as u8,
+            (index >> 8) as u8,
+            index as u8,
+        );
+        self.inner.add_namespace(&ns)?;
+        quiet_ipv6(&ns)?;
+        let mtu = self.inner.options.underlay_mtu.to_string();
+        netns::ip([
+            "link",
+            "add",
+            "ul0",
+            "netns",
+            &ns,
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &name,
+            "netns",
+            &self.inner.switch,
+            "mtu",
+            &mtu,
+        ])?;
+        netns::ip([
+            "-n",
+            &self.inner.switch,
+            "link",
+            "set",
+            &name,
+            "master",
+            "br0",
+            "up",
+        ])?;
+        netns::ip([
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/{UNDERLAY_PREFIX_LEN}"),
+            "dev",
+            "ul0",
+        ])?;
+        netns::ip(["-n", &ns, "link", "set", "ul0", "up"])?;
+        Ok(Host {
+            node: Node {
+                ns,
+                inner: Arc::clone(&self.inner),
+            },
+            name,
+            addr: IpAddr::V4(addr),
+        })
+    }
+
+    /// Adds `n` hosts.
+    pub fn add_hosts(&self, n: usize) -> Result<Vec<Host>> {
+        (0..n).map(|_| self.add_host()).collect()
+    }
+
+    /// Stops processes and removes namespaces now (also done on drop).
+    pub fn cleanup(&self) {
+        self.inner.cleanup();
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.inner.print_logs();
+        }
+        self.inner.cleanup();
+    }
+}
+
+/// Cleans up every testbed of this process (for a Ctrl-C handler).
+pub fn cleanup_all() {
+    let live: Vec<_> = LIVE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    for t in live {
+        t.cleanup();
+    }
+}
+
+/// Removes namespaces left by testbed processes that are gone, and whatever runs inside them.
+fn sweep_stale() {
+    for ns in netns::list() {
+        let Some(rest) = ns.strip_prefix(&format!("{PREFIX}-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        for p in netns::pids(&ns) {
+            // SAFETY: kill has no memory-safety preconditions; these processes live in a
+            // namespace a dead testbed process made.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        netns::delete(&ns);
+    }
+}
+
+/// Turns IPv6 off in a namespace, so that the kernel's own IPv6 chatter (router and neighbour
+/// solicitations, MLD) does not cross the overlay and blur the frame counts tests assert.
+fn quiet_ipv6(ns: &str) -> Result<()> {
+    netns::exec(
+        ns,
+        "sysctl",
+        [
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ],
+    )?;
+    Ok(())
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add_namespace(&self, ns: &str) -> Result<()> {
+        {
+            let st = self.lock();
+            ensure!(!st.cleaned, "the testbed has been cleaned up");
+        }
+        netns::add(ns)?;
+        self.lock().namespaces.push(ns.to_owned());
+        Ok(())
+    }
+
+    fn spawn(
+        &self,
+        label: &str,
+        mut cmd: std::process::Command,
+        log: Option<&Path>,
+    ) -> Result<u32> {
+        match log {
+            Some(path) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
+                cmd.stdout(f.try_clone()?).stderr(f);
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        cmd.stdin(Stdio::null());
+        // SAFETY: the closure runs between fork and exec and only calls prctl, which is
+        // async-signal-safe. If this process dies, the child gets SIGTERM and cleans up.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut st = self.lock();
+        ensure!(!st.cleaned, "the testbed has been cleaned up");
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {label}"))?;
+        let pid = child.id();
+        st.children.insert(pid, (label.to_owned(), child));
+        if let Some(p) = log {
+            st.logs.push((label.to_owned(), p.to_owned()));
+        }
+        Ok(pid)
+    }
+
+    /// Signals a child and waits up to `timeout` for it; SIGKILL after that.
+    fn stop_child(&self, pid: u32, signal: i32, timeout: Duration) -> Option<ExitStatus> {
+        let (_, mut child) = self.lock().children.remove(&pid)?;
+        // SAFETY: `pid` is a child we spawned and have not reaped, so it names that process.
+        unsafe { libc::kill(pid as i32, signal) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn child_exited(&self, pid: u32) -> Option<ExitStatus> {
+        let mut st = self.lock();
+        let (_, child) = st.children.get_mut(&pid)?;
+        child.try_wait().ok().flatten()
+    }
+
+    fn cleanup(&self) {
+        let (children, namespaces) = {
+            let mut st = self.lock();
+            if st.cleaned {
+                return;
+            }
+            st.cleaned = true;
+            (
+                std::mem::take(&mut st.children),
+                std::mem::take(&mut st.namespaces),
+            )
+        };
+        // Daemons first, gracefully, so that they remove what they made.
+        let mut children: Vec<_> = children.into_iter().collect();
+        for (pid, _) in &children {
+            // SAFETY: every pid is a child we spawned and have not reaped.
+            unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, (_, child)) in &mut children {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !matches!(child.try_wait(), Ok(Some(_))) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        for ns in namespaces.iter().rev() {
+            netns::delete(ns);
+        }
+        if std::env::var_os("OVERLAYD_TESTBED_KEEP_LOGS").is_none() && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn print_logs(&self) {
+        let logs = self.lock().logs.clone();
+        for (label, path) in logs {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            #[allow(clippy::print_stderr)] // shown by the test harness next to the failure
+            {
+                eprintln!("---- last lines of {label} ({}) ----", path.display());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+/// Something with its own network namespace: a host or a container.
+#[derive(Clone)]
+pub struct Node {
+    ns: String,
+    inner: Arc<Inner>,
+}
+
+impl Node {
+    /// The namespace's name.
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+
+    /// Runs a program inside and fails unless it succeeds.
+    pub fn exec<I, S>(&self, program: &str, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        Ok(String::from_utf8_lossy(&netns::exec(&self.ns, program, args)?.stdout).into_owned())
+    }
+
+    /// `ping -c count` to `dst`; loss is reported, not an error.
+    pub fn ping(&self, dst: IpAddr, count: u32) -> Result<PingStats> {
+        let out = netns::command(&self.ns, "ping")
+            .args([
+                "-n",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                &dst.to_string(),
+            ])
+            .output()
+            .context("cannot run ping (install iputils-ping)")?;
+        measure::parse_ping(&String::from_utf8_lossy(&out.stdout)).with_context(|| {
+            format!(
+                "ping from {} to {dst}: {}",
+                self.ns,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Fails unless `count` pings to `dst` all come back.
+    pub fn ping_ok(&self, dst: IpAddr, count: u32) -> Result<PingStats> {
+        let p = self.ping(dst, count)?;
+        ensure!(
+            p.received == p.transmitted && p.received == count,
+            "ping {} -> {dst}: {}/{} replies",
+            self.ns,
+            p.received,
+            p.transmitted
+        );
+        Ok(p)
+    }
+
+    /// Fast ping for latency: `count` echo requests 10 ms apart.
+    pub fn ping_rtt(&self, dst: IpAddr, count: u32) -> Result<PingStats> {
+        let out = netns::command(&self.ns, "ping")
+            .args([
+                "-n",
+                "-q",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.01",
+                "-W",
+                "1",
+                &dst.to_string(),
+            ])
+            .output()
+            .context("cannot run ping")?;
+        measure::parse_ping(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Starts an iperf3 server for one test on `port`, and waits until it listens.
+    pub fn iperf3_server(&self, port: u16) -> Result<u32> {
+        let mut cmd = netns::command(&self.ns, "iperf3");
+        cmd.args(["-s", "-1", "-p", &port.to_string()]);
+        let pid = self
+            .inner
+            .spawn(&format!("iperf3 server in {}", self.ns), cmd, None)?;
+        let needle = format!(":{port} ");
+        measure::wait_for(Duration::from_secs(5), "iperf3 to listen", || {
+            let out = netns::exec(&self.ns, "ss", ["-ltnH"]).ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .contains(&needle)
+                .then_some(())
+        })?;
+        Ok(pid)
+    }
+
+    /// Runs an iperf3 TCP client test against `dst:port`.
+    pub fn iperf3(&self, dst: IpAddr, port: u16, seconds: u32, streams: u32) -> Result<IperfStats> {
+        let out = netns::command(&self.ns, "iperf3")
+            .args([
+                "-c",
+                &dst.to_string(),
+                "-p",
+                &port.to_string(),
+                "-t",
+                &seconds.to_string(),
+                "-P",
+                &streams.to_string(),
+                "-J",
+            ])
+            .args(["--connect-timeout", "3000"])
+            .output()
+            .context("cannot run iperf3 (install iperf3)")?;
+        measure::parse_iperf3(&String::from_utf8_lossy(&out.stdout))
+            .with_context(|| format!("iperf3 {} -> {dst}", self.ns))
+    }
+
+    /// Runs an iperf3 test against a fresh server in `server` (one-off server, then client).
+    pub fn iperf3_to(
+        &self,
+        server: &Node,
+        dst: IpAddr,
+        seconds: u32,
+        streams: u32,
+    ) -> Result<IperfStats> {
+        let port = 5201;
+        let pid = server.iperf3_server(port)?;
+        let r = self.iperf3(dst, port, seconds, streams);
+        self.inner
+            .stop_child(pid, libc::SIGTERM, Duration::from_secs(2));
+        r
+    }
+
+    /// A counter of an interface, from /sys/class/net/DEV/statistics.
+    pub fn if_stat(&self, dev: &str, stat: &str) -> Result<u64> {
+        let out = self.exec("cat", [format!("/sys/class/net/{dev}/statistics/{stat}")])?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("{dev} {stat}: {out:?}"))
+    }
+
+    /// Sends UDP `payloads` from `from` (an address of this namespace, port chosen by the
+    /// kernel unless given) to `dst`, from inside the namespace.
+    pub fn send_udp(
+        &self,
+        from: SocketAddr,
+        dst: SocketAddr,
+        payloads: Vec<Vec<u8>>,
+    ) -> Result<()> {
+        netns::within(&self.ns, move || {
+            let s = UdpSocket::bind(from).with_context(|| format!("bind {from}"))?;
+            for p in &payloads {
+                s.send_to(p, dst)
+                    .with_context(|| format!("send to {dst}"))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A host: a namespace on the underlay, where an overlayd (or a kernel VTEP) runs.
+#[derive(Clone)]
+pub struct Host {
+    node: Node,
+    name: String,
+    addr: IpAddr,
+}
+
+impl std::ops::Deref for Host {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl Host {
+    /// Short name (h1, h2, …).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Underlay address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The state dir its overlayd uses.
+    pub fn state_dir(&self) -> PathBuf {
+        self.node.inner.dir.join(&self.name)
+    }
+
+    /// Starts `overlayd daemon --underlay-addr <addr> <args>` in this host and waits until it
+    /// answers `overlayd status`.
+    pub fn start_overlayd<S: AsRef<str>>(&self, args: &[S]) -> Result<Agent> {
+        let inner = &self.node.inner;
+        let state_dir = self.state_dir();
+        let log = inner.dir.join(format!("{}.log", self.name));
+        let mut cmd = netns::command(&self.node.ns, &inner.options.overlayd);
+        cmd.arg("--state-dir").arg(&state_dir).args([
+            "daemon",
+            "--underlay-addr",
+            &self.addr.to_string(),
+        ]);
+        cmd.args(args.iter().map(AsRef::as_ref));
+        cmd.env(
+            "OVERLAYD_LOG",
+            std::env::var("OVERLAYD_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        let pid = inner.spawn(&format!("overlayd on {}", self.name), cmd, Some(&log))?;
+        let agent = Agent {
+            inner: Arc::clone(inner),
+            pid,
+            state_dir,
+            log,
+            host: self.name.clone(),
+        };
+        let ready =
+            measure::wait_for(Duration::from_secs(20), "overlayd to answer status", || {
+                if inner.child_exited(pid).is_some() {
+                    return Some(false);
+                }
+                agent.status().is_ok().then_some(true)
+            })?;
+        if !ready {
+            let status = inner.stop_child(pid, libc::SIGKILL, Duration::from_secs(1));
+            bail!(
+                "overlayd on {} exited ({status:?}) before it was ready:\n{}",
+                self.name,
+                agent.log()
+            );
+        }
+        Ok(agent)
+    }
+
+    /// Adds a container: a namespace whose `eth0` (address `cidr`, MAC derived from it as
+    /// overlayd derives MACs, MTU of the bridge) is a veth on `bridge` of this host.
+    pub fn add_container(&self, name: &str, bridge: &str, cidr: &str) -> Result<Container> {
+        let (ip, _) = cidr
+            .split_once('/')
+            .context("the container address needs a prefix length, e.g. 10.0.0.1/24")?;
+        let ip: Ipv4Addr = ip
+            .parse()
+            .with_context(|| format!("{cidr:?} is not an IPv4 address"))?;
+        let inner = &self.node.inner;
+        let ns = format!("{}-{}-{name}", inner.prefix, self.name);
+        let veth: String = format!("v{name}").chars().take(15).collect();
+        let mtu_out = netns::ip(["-n", &self.node.ns, "-o", "link", "show", "dev", bridge])?;
+        let mtu_text = String::from_utf8_lossy(&mtu_out.stdout).into_owned();
+        let mtu = mtu_text
+            .split_whitespace()
+            .skip_while(|w| *w != "mtu")
+            .nth(1)
+            .context("no bridge MTU")?
+            .to_owned();
+        inner.add_namespace(&ns)?;
+        quiet_ipv6(&ns)?;
+        let o = ip.octets();
+        let mac = format!("02:4f:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+        netns::ip([
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &ns,
+            "mtu",
+            &mtu,
+            "address",
+            &mac,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &veth,
+            "netns",
+            &self.node.ns,
+            "mtu",
+            &mtu,
+        ])?;
+        netns::ip([
+            "-n",
+            &self.node.ns,
+            "link",
+            "set",
+            &veth,
+            "master",
+            bridge,
+            "up",
+        ])?;
+        netns::ip(["-n", &ns, "addr", "add", cidr, "dev", "eth0"])?;
+        netns::ip(["-n", &ns, "link", "set", "eth0", "up"])?;
+        Ok(Container {
+            node: Node {
+                ns,
+                inner: Arc::clone(inner),
+            },
+            ip: IpAddr::V4(ip),
+            mac,
+        })
+    }
+
+    /// Makes this host a Linux kernel VTEP instead of running overlayd: a vxlan device
+    /// (`dstport 4789`, learning on) on `bridge`, with the peers in its all-zeros FDB entry
+    /// (head-end replication), as one would to talk to overlayd.
+    pub fn add_kernel_vxlan(&self, vni: u32, bridge: &str, peers: &[IpAddr]) -> Result<()> {
+        let ns = &self.node.ns;
+        let dev = format!("vx{vni}");
+        netns::ip([
+            "-n",
+            ns,
+            "link",
+            "add",
+            &dev,
+            "type",
+            "vxlan",
+            "id",
+            &vni.to_string(),
+            "local",
+            &self.addr.to_string(),
+            "dstport",
+            "4789",
+            "dev",
+            "ul0",
+        ])?;
+        netns::ip(["-n", ns, "link", "add", bridge, "type", "bridge"])?;
+        netns::ip(["-n", ns, "link", "set", &dev, "master", bridge, "up"])?;
+        netns::ip(["-n", ns, "link", "set", bridge, "up"])?;
+        for p in peers {
+            netns::run(
+                "bridge",
+                [
+                    "-n",
+                    ns,
+                    "fdb",
+                    "append",
+                    "00:00:00:00:00:00",
+                    "dev",
+                    &dev,
+                    "dst",
+                    &p.to_string(),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A container: a namespace with `eth0` on a host's bridge.
+#[derive(Clone)]
+pub struct Container {
+    node: Node,
+    ip: IpAddr,
+    mac: String,
+}
+
+impl std::ops::Deref for Container {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl Container {
+    /// Its address.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    /// Its MAC.
+    pub fn mac(&self) -> &str {
+        &self.mac
+    }
+
+    /// Frames its `eth0` received.
+    pub fn rx_packets(&self) -> Result<u64> {
+        self.if_stat("eth0", "rx_packets")
+    }
+}
+
+/// A running overlayd.
+pub struct Agent {
+    inner: Arc<Inner>,
+    pid: u32,
+    state_dir: PathBuf,
+    log: PathBuf,
+    host: String,
+}
+
+impl Agent {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Its state dir.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Runs the overlayd CLI against this daemon (`overlayd --state-dir … <args>`).
+    pub fn cli<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Result<String> {
+        let mut all: Vec<std::ffi::OsString> =
+            vec!["--state-dir".into(), self.state_dir.clone().into()];
+        all.extend(args.iter().map(|a| a.as_ref().to_owned()));
+        let out = netns::run(&self.inner.options.overlayd.to_string_lossy(), all)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `overlayd status --json`.
+    pub fn status(&self) -> Result<Value> {
+        Ok(serde_json::from_str(&self.cli(&["status", "--json"])?)?)
+    }
+
+    /// `overlayd fdb --json`.
+    pub fn fdb(&self) -> Result<Value> {
+        Ok(serde_json::from_str(&self.cli(&["fdb", "--json"])?)?)
+    }
+
+    /// The counters from `status --json`.
+    pub fn counters(&self) -> Result<Counters> {
+        Ok(Counters(self.status()?["counters"].clone()))
+    }
+
+    /// Sends SIGTERM and waits (10 s at most) for the exit.
+    pub fn terminate(&self) -> Result<ExitStatus> {
+        self.inner
+            .stop_child(self.pid, libc::SIGTERM, Duration::from_secs(10))
+            .context("overlayd was not running")
+    }
+
+    /// Sends SIGKILL and reaps it.
+    pub fn kill(&self) -> Result<ExitStatus> {
+        self.inner
+            .stop_child(self.pid, libc::SIGKILL, Duration::from_secs(5))
+            .context("overlayd was not running")
+    }
+
+    /// CPU seconds it has used.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        measure::process_cpu_seconds(self.pid)
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        format!(
+            "[{}] {}",
+            self.host,
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        )
+    }
+}
+
+/// A counters snapshot from `overlayd status --json`.
+#[derive(Debug, Clone)]
+pub struct Counters(pub Value);
+
+impl Counters {
+    /// A top-level counter (`tx_unicast`, `rx_delivered`, …); 0 if absent.
+    pub fn get(&self, name: &str) -> u64 {
+        self.0[name].as_u64().unwrap_or(0)
+    }
+
+    /// Drops for one reason (`not_member`, `bad_flags`, …).
+    pub fn dropped(&self, reason: &str) -> u64 {
+        self.0["dropped"][reason].as_u64().unwrap_or(0)
+    }
+
+    /// Drops over every reason.
+    pub fn total_dropped(&self) -> u64 {
+        self.0["dropped"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum())
+    }
+}
+
+/// The overlayd binary next to the running executable (target/<profile>/overlayd), for
+/// binaries of this workspace; `OVERLAYD_BIN` overrides.
+pub fn overlayd_next_to_me() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("OVERLAYD_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe()?;
+    let dir = me.parent().context("no directory")?;
+    for cand in [dir.join("overlayd"), dir.join("..").join("overlayd")] {
+        if cand.exists() {
+            return Ok(cand);
+        }
+    }
+    bail!(
+        "no overlayd binary next to {}: build it (cargo build --release -p overlayd) or set OVERLAYD_BIN",
+        me.display()
+    )
+}

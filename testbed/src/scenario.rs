@@ -1,0 +1,254 @@
+//! The two-host comparisons shared by the demo and the end-to-end benchmark: a container on
+//! each of two hosts talking over overlayd, over the Linux kernel's vxlan device, or (the
+//! ceiling) the two hosts talking directly over their underlay veths.
+
+use std::net::IpAddr;
+
+use anyhow::Result;
+
+use crate::measure::{self, IperfStats, MachineCpu};
+use crate::{Agent, Node, Options, Testbed};
+
+/// What carries the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Path {
+    /// Host to host over the underlay veths and bridge: no overlay at all (the ceiling).
+    Veth,
+    /// Container to container over Linux kernel VXLAN (vxlan device on a bridge).
+    KernelVxlan,
+    /// Container to container over overlayd.
+    Overlayd,
+}
+
+impl Path {
+    /// Name in tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Path::Veth => "plain veth (ceiling)",
+            Path::KernelVxlan => "Linux kernel VXLAN",
+            Path::Overlayd => "overlayd",
+        }
+    }
+}
+
+/// The VNI the comparisons use.
+pub const VNI: u32 = 100;
+
+/// A built two-host setup, ready to measure. Dropping it removes it.
+pub struct Pair {
+    pub path: Path,
+    pub client: Node,
+    pub server: Node,
+    pub server_ip: IpAddr,
+    pub agents: Vec<Agent>,
+    // Declared last: dropped after the handles above.
+    pub bed: Testbed,
+}
+
+/// Builds one setup.
+pub fn build(path: Path, options: &Options) -> Result<Pair> {
+    let bed = Testbed::new(options.clone())?;
+    let h = bed.add_hosts(2)?;
+    let (client, server, server_ip, agents) = match path {
+        Path::Veth => (
+            h[0].node.clone(),
+            h[1].node.clone(),
+            h[1].addr(),
+            Vec::new(),
+        ),
+        Path::KernelVxlan => {
+            h[0].add_kernel_vxlan(VNI, "br100", &[h[1].addr()])?;
+            h[1].add_kernel_vxlan(VNI, "br100", &[h[0].addr()])?;
+            let c1 = h[0].add_container("c1", "br100", "10.100.0.1/24")?;
+            let c2 = h[1].add_container("c2", "br100", "10.100.0.2/24")?;
+            (c1.node.clone(), c2.node.clone(), c2.ip(), Vec::new())
+        }
+        Path::Overlayd => {
+            let vni = VNI.to_string();
+            let a1 = h[0].start_overlayd(&["--vni", &vni, "--peer", &h[1].addr().to_string()])?;
+            let a2 = h[1].start_overlayd(&["--vni", &vni, "--peer", &h[0].addr().to_string()])?;
+            let bridge = format!("ovbr-{VNI}");
+            let c1 = h[0].add_container("c1", &bridge, "10.100.0.1/24")?;
+            let c2 = h[1].add_container("c2", &bridge, "10.100.0.2/24")?;
+            (c1.node.clone(), c2.node.clone(), c2.ip(), vec![a1, a2])
+        }
+    };
+    // Resolve ARP and warm up the path before anything is measured.
+    client.ping_ok(server_ip, 2)?;
+    Ok(Pair {
+        path,
+        client,
+        server,
+        server_ip,
+        agents,
+        bed,
+    })
+}
+
+/// One throughput run with its CPU cost.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Run {
+    pub iperf: IperfStats,
+    /// Busy CPU-seconds of the whole machine (kernel, iperf3, agents) per GB moved.
+    pub machine_cpu_s_per_gb: f64,
+    /// CPU-seconds of the overlayd processes per GB moved (NaN without agents).
+    pub agent_cpu_s_per_gb: f64,
+}
+
+impl Pair {
+    /// One iperf3 TCP run of `seconds` with `streams` streams, client → server.
+    pub fn throughput(&self, seconds: u32, streams: u32) -> Result<Run> {
+        let agents_before: f64 = self
+            .agents
+            .iter()
+            .map(|a| a.cpu_seconds().unwrap_or(0.0))
+            .sum();
+        let before = MachineCpu::sample()?;
+        let iperf = self
+            .client
+            .iperf3_to(&self.server, self.server_ip, seconds, streams)?;
+        let after = MachineCpu::sample()?;
+        let agents_after: f64 = self
+            .agents
+            .iter()
+            .map(|a| a.cpu_seconds().unwrap_or(0.0))
+            .sum();
+        let gb = iperf.bytes as f64 / 1e9;
+        Ok(Run {
+            iperf,
+            machine_cpu_s_per_gb: after.busy_seconds_since(&before) / gb,
+            agent_cpu_s_per_gb: if self.agents.is_empty() {
+                f64::NAN
+            } else {
+                (agents_after - agents_before) / gb
+            },
+        })
+    }
+
+    /// Average ping round trip over `count` pings, in milliseconds.
+    pub fn rtt_ms(&self, count: u32) -> Result<f64> {
+        Ok(self.client.ping_rtt(self.server_ip, count)?.rtt_avg_ms)
+    }
+}
+
+/// Medians over several runs of one path.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub path: Path,
+    pub gbps_1: f64,
+    pub gbps_4: f64,
+    pub rtt_ms: f64,
+    pub machine_cpu_s_per_gb: f64,
+    pub agent_cpu_s_per_gb: f64,
+    pub retransmits_1: f64,
+}
+
+/// Collected runs of one path.
+#[derive(Debug, Default, Clone)]
+pub struct Samples {
+    pub one: Vec<Run>,
+    pub four: Vec<Run>,
+    pub rtt: Vec<f64>,
+}
+
+impl Samples {
+    /// Medians.
+    pub fn summary(&self, path: Path) -> Summary {
+        let m = |v: Vec<f64>| measure::median(&v);
+        Summary {
+            path,
+            gbps_1: m(self
+                .one
+                .iter()
+                .map(|r| r.iperf.bits_per_second / 1e9)
+                .collect()),
+            gbps_4: m(self
+                .four
+                .iter()
+                .map(|r| r.iperf.bits_per_second / 1e9)
+                .collect()),
+            rtt_ms: m(self.rtt.clone()),
+            machine_cpu_s_per_gb: m(self.one.iter().map(|r| r.machine_cpu_s_per_gb).collect()),
+            agent_cpu_s_per_gb: m(self.one.iter().map(|r| r.agent_cpu_s_per_gb).collect()),
+            retransmits_1: m(self
+                .one
+                .iter()
+                .map(|r| r.iperf.retransmits as f64)
+                .collect()),
+        }
+    }
+}
+
+/// Measures every pair `runs` times, interleaving the paths round by round so that drift in
+/// the machine's load hits all of them alike. `progress` is told each result.
+pub fn compare(
+    pairs: &[Pair],
+    seconds: u32,
+    runs: u32,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<Summary>> {
+    let mut samples = vec![Samples::default(); pairs.len()];
+    for round in 1..=runs {
+        for (pair, s) in pairs.iter().zip(&mut samples) {
+            let one = pair.throughput(seconds, 1)?;
+            let four = pair.throughput(seconds, 4)?;
+            let rtt = pair.rtt_ms(100)?;
+            progress(&format!(
+                "round {round}/{runs} {:<22} 1 stream {:>6.2} Gbit/s  4 streams {:>6.2} Gbit/s  rtt {:.3} ms",
+                pair.path.label(),
+                one.iperf.bits_per_second / 1e9,
+                four.iperf.bits_per_second / 1e9,
+                rtt
+            ));
+            s.one.push(one);
+            s.four.push(four);
+            s.rtt.push(rtt);
+        }
+    }
+    Ok(pairs
+        .iter()
+        .zip(&samples)
+        .map(|(p, s)| s.summary(p.path))
+        .collect())
+}
+
+/// A Markdown table of summaries with overlayd/kernel ratios.
+pub fn table(summaries: &[Summary]) -> String {
+    use std::fmt::Write as _;
+    let kernel = summaries.iter().find(|s| s.path == Path::KernelVxlan);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "| path | 1 stream Gbit/s | 4 streams Gbit/s | ping RTT ms | machine CPU s/GB (1 stream) | agents' CPU s/GB | retransmits (1 stream) |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|");
+    for s in summaries {
+        let agent = if s.agent_cpu_s_per_gb.is_nan() {
+            "-".to_owned()
+        } else {
+            format!("{:.2}", s.agent_cpu_s_per_gb)
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {:.2} | {:.2} | {:.3} | {:.2} | {} | {:.0} |",
+            s.path.label(),
+            s.gbps_1,
+            s.gbps_4,
+            s.rtt_ms,
+            s.machine_cpu_s_per_gb,
+            agent,
+            s.retransmits_1
+        );
+    }
+    if let (Some(k), Some(o_)) = (kernel, summaries.iter().find(|s| s.path == Path::Overlayd)) {
+        let _ = writeln!(
+            o,
+            "| **overlayd / kernel** | **{:.2}x** | **{:.2}x** | **{:.2}x** | **{:.2}x** | | |",
+            o_.gbps_1 / k.gbps_1,
+            o_.gbps_4 / k.gbps_4,
+            o_.rtt_ms / k.rtt_ms,
+            o_.machine_cpu_s_per_gb / k.machine_cpu_s_per_gb
+        );
+    }
+    o
+}
