@@ -105,8 +105,8 @@ pub async fn serve<F>(path: &Path, handler: F) -> Result<()>
 where
     F: Fn(Request) -> Result<serde_json::Value> + Send + Sync + 'static,
 {
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot restrict {} to its owner", path.display()))?;
     let handler = Arc::new(handler);
@@ -155,18 +155,13 @@ pub fn call<T: for<'de> Deserialize<'de>>(state_dir: &Path, req: Request) -> Res
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = serde_json::to_vec(&req)?;
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .context("cannot send the request to the daemon")?;
+    stream.write_all(&line).context("cannot send the request to the daemon")?;
     let mut reply = String::new();
-    BufReader::new(stream)
-        .read_line(&mut reply)
-        .context("no answer from the daemon")?;
-    match serde_json::from_str::<Response>(&reply)
-        .context("the daemon's answer is not valid JSON")?
-    {
-        Response::Ok(v) => serde_json::from_value(v)
-            .context("the daemon's answer has an unexpected shape (different versions?)"),
+    BufReader::new(stream).read_line(&mut reply).context("no answer from the daemon")?;
+    match serde_json::from_str::<Response>(&reply).context("the daemon's answer is not valid JSON")? {
+        Response::Ok(v) => {
+            serde_json::from_value(v).context("the daemon's answer has an unexpected shape (different versions?)")
+        }
         Response::Error(e) => bail!("the daemon refused: {e}"),
     }
 }
@@ -182,68 +177,24 @@ pub fn prometheus(status: &StatusReport) -> String {
     let c = &status.counters;
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, v: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP overlayd_{name} {help}\n# TYPE overlayd_{name} counter\noverlayd_{name} {v}"
-        );
+        let _ = writeln!(out, "# HELP overlayd_{name} {help}\n# TYPE overlayd_{name} counter\noverlayd_{name} {v}");
     };
     counter("tx_frames_total", "Frames read from the TAPs.", c.tx_frames);
-    counter(
-        "tx_bytes_total",
-        "Bytes of frames read from the TAPs.",
-        c.tx_bytes,
-    );
-    counter(
-        "tx_unicast_frames_total",
-        "Frames sent to exactly one VTEP.",
-        c.tx_unicast,
-    );
-    counter(
-        "tx_flooded_frames_total",
-        "Frames replicated to a flood list.",
-        c.tx_flooded,
-    );
-    counter(
-        "tx_datagrams_total",
-        "Datagrams sent to the underlay.",
-        c.tx_datagrams,
-    );
-    counter(
-        "arp_replies_total",
-        "ARP requests answered locally.",
-        c.arp_replies,
-    );
-    counter(
-        "rx_datagrams_total",
-        "Datagrams received on the VXLAN port.",
-        c.rx_datagrams,
-    );
-    counter(
-        "rx_bytes_total",
-        "Bytes received on the VXLAN port.",
-        c.rx_bytes,
-    );
-    counter(
-        "rx_delivered_frames_total",
-        "Frames written to a TAP.",
-        c.rx_delivered,
-    );
-    counter(
-        "learned_entries_total",
-        "FDB entries learned from the data plane.",
-        c.learned,
-    );
+    counter("tx_bytes_total", "Bytes of frames read from the TAPs.", c.tx_bytes);
+    counter("tx_unicast_frames_total", "Frames sent to exactly one VTEP.", c.tx_unicast);
+    counter("tx_flooded_frames_total", "Frames replicated to a flood list.", c.tx_flooded);
+    counter("tx_datagrams_total", "Datagrams sent to the underlay.", c.tx_datagrams);
+    counter("arp_replies_total", "ARP requests answered locally.", c.arp_replies);
+    counter("rx_datagrams_total", "Datagrams received on the VXLAN port.", c.rx_datagrams);
+    counter("rx_bytes_total", "Bytes received on the VXLAN port.", c.rx_bytes);
+    counter("rx_delivered_frames_total", "Frames written to a TAP.", c.rx_delivered);
+    counter("learned_entries_total", "FDB entries learned from the data plane.", c.learned);
     let _ = writeln!(
         out,
         "# HELP overlayd_dropped_total Frames and datagrams dropped, by reason.\n# TYPE overlayd_dropped_total counter"
     );
     for r in DropReason::ALL {
-        let _ = writeln!(
-            out,
-            "overlayd_dropped_total{{reason=\"{}\"}} {}",
-            r.name(),
-            c.drops(*r)
-        );
+        let _ = writeln!(out, "overlayd_dropped_total{{reason=\"{}\"}} {}", r.name(), c.drops(*r));
     }
     out
 }
@@ -253,9 +204,8 @@ pub async fn serve_metrics<F>(addr: SocketAddr, status: F) -> Result<()>
 where
     F: Fn() -> Result<StatusReport> + Send + Sync + 'static,
 {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))?;
     let status = Arc::new(status);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -266,10 +216,7 @@ where
             let (rd, mut wr) = stream.into_split();
             let mut rd = tokio::io::BufReader::new(rd);
             let mut request_line = String::new();
-            if tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut request_line))
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut request_line)).await.is_err() {
                 return;
             }
             let (code, body) = if request_line.starts_with("GET /metrics") {

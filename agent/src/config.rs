@@ -53,8 +53,8 @@ pub struct FileNetwork {
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 }
@@ -89,11 +89,7 @@ pub struct StaticConfig {
 impl StaticConfig {
     /// VXLAN overhead for this underlay's address family.
     pub fn overhead(&self) -> u32 {
-        if self.underlay_addr.is_ipv4() {
-            OVERHEAD_V4
-        } else {
-            OVERHEAD_V6
-        }
+        if self.underlay_addr.is_ipv4() { OVERHEAD_V4 } else { OVERHEAD_V6 }
     }
 }
 
@@ -104,38 +100,27 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let a: u16 = a.trim().parse().map_err(|_| bad())?;
     let b: u16 = b.trim().parse().map_err(|_| bad())?;
     if a == 0 || b < a {
-        return Err(format!(
-            "{s:?}: the first port must be 1 or more and not above the last"
-        ));
+        return Err(format!("{s:?}: the first port must be 1 or more and not above the last"));
     }
     let count = b - a + 1;
     if count > 1024 {
-        return Err(format!(
-            "{s:?}: at most 1024 source ports (one socket each)"
-        ));
+        return Err(format!("{s:?}: at most 1024 source ports (one socket each)"));
     }
     Ok((a, count))
 }
 
 /// Parses `MAC=VTEP`.
 pub fn parse_fdb_entry(s: &str) -> Result<(MacAddr, IpAddr), String> {
-    let (m, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: write MAC=VTEP, e.g. 02:4f:0a:00:00:02=198.18.0.2"))?;
-    let vtep = v
-        .parse()
-        .map_err(|_| format!("{s:?}: {v:?} is not an IP address"))?;
+    let (m, v) =
+        s.split_once('=').ok_or_else(|| format!("{s:?}: write MAC=VTEP, e.g. 02:4f:0a:00:00:02=198.18.0.2"))?;
+    let vtep = v.parse().map_err(|_| format!("{s:?}: {v:?} is not an IP address"))?;
     Ok((m.parse()?, vtep))
 }
 
 /// Parses `IP=MAC`.
 pub fn parse_arp_entry(s: &str) -> Result<(Ipv4Addr, MacAddr), String> {
-    let (i, m) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: write IP=MAC, e.g. 10.0.0.2=02:4f:0a:00:00:02"))?;
-    let ip = i
-        .parse()
-        .map_err(|_| format!("{s:?}: {i:?} is not an IPv4 address"))?;
+    let (i, m) = s.split_once('=').ok_or_else(|| format!("{s:?}: write IP=MAC, e.g. 10.0.0.2=02:4f:0a:00:00:02"))?;
+    let ip = i.parse().map_err(|_| format!("{s:?}: {i:?} is not an IPv4 address"))?;
     Ok((ip, m.parse()?))
 }
 
@@ -165,10 +150,7 @@ pub struct FlagSettings {
 }
 
 fn valid_ifname(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 15
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    !s.is_empty() && s.len() <= 15 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// Merges file and flags and checks everything that can be checked before touching the host.
@@ -183,8 +165,7 @@ pub fn resolve(file: FileConfig, flags: FlagSettings) -> Result<StaticConfig> {
     );
     let (source_port_base, source_port_count) = match (flags.source_ports, &file.source_ports) {
         (Some(r), _) => r,
-        (None, Some(s)) => parse_port_range(s)
-            .map_err(|e| anyhow::anyhow!("source_ports in the config file: {e}"))?,
+        (None, Some(s)) => parse_port_range(s).map_err(|e| anyhow::anyhow!("source_ports in the config file: {e}"))?,
         (None, None) => (61_000, 16),
     };
     let vxlan_port = flags.vxlan_port.or(file.vxlan_port).unwrap_or(4789);
@@ -198,51 +179,19 @@ pub fn resolve(file: FileConfig, flags: FlagSettings) -> Result<StaticConfig> {
         let fdb = n
             .fdb
             .iter()
-            .map(|(m, v)| {
-                Ok((
-                    m.parse::<MacAddr>()
-                        .map_err(|e| anyhow::anyhow!("{what}, fdb: {e}"))?,
-                    *v,
-                ))
-            })
+            .map(|(m, v)| Ok((m.parse::<MacAddr>().map_err(|e| anyhow::anyhow!("{what}, fdb: {e}"))?, *v)))
             .collect::<Result<Vec<_>>>()?;
         let arp = n
             .arp
             .iter()
-            .map(|(ip, m)| {
-                Ok((
-                    *ip,
-                    m.parse::<MacAddr>()
-                        .map_err(|e| anyhow::anyhow!("{what}, arp: {e}"))?,
-                ))
-            })
+            .map(|(ip, m)| Ok((*ip, m.parse::<MacAddr>().map_err(|e| anyhow::anyhow!("{what}, arp: {e}"))?)))
             .collect::<Result<Vec<_>>>()?;
-        networks.push(network(
-            vni,
-            n.name,
-            n.bridge,
-            n.tap,
-            n.mtu,
-            n.peers,
-            n.learning.unwrap_or(true),
-            fdb,
-            arp,
-        ));
+        networks.push(network(vni, n.name, n.bridge, n.tap, n.mtu, n.peers, n.learning.unwrap_or(true), fdb, arp));
     }
     let f = flags.network;
     match f.vni {
         Some(vni) => {
-            networks.push(network(
-                vni,
-                f.name,
-                f.bridge,
-                f.tap,
-                f.mtu,
-                f.peers,
-                !f.no_learning,
-                f.fdb,
-                f.arp,
-            ));
+            networks.push(network(vni, f.name, f.bridge, f.tap, f.mtu, f.peers, !f.no_learning, f.fdb, f.arp));
         }
         None => ensure!(
             f.name.is_none()
@@ -302,10 +251,7 @@ fn network(
 
 fn validate(cfg: &StaticConfig) -> Result<()> {
     let family = |ip: &IpAddr| ip.is_ipv4();
-    let (first, count) = (
-        u32::from(cfg.source_port_base),
-        u32::from(cfg.source_port_count),
-    );
+    let (first, count) = (u32::from(cfg.source_port_base), u32::from(cfg.source_port_count));
     ensure!(
         !(first..first + count).contains(&u32::from(cfg.vxlan_port)) && first + count - 1 <= 65_535,
         "the source ports {first}-{} must not include the VXLAN port {} and must end at 65535 or below",
@@ -317,16 +263,8 @@ fn validate(cfg: &StaticConfig) -> Result<()> {
     let mut ifnames = HashSet::new();
     for n in &cfg.networks {
         let what = format!("network {:?} (vni {})", n.name, n.vni);
-        ensure!(
-            vnis.insert(n.vni),
-            "{what}: VNI {} is configured twice",
-            n.vni
-        );
-        ensure!(
-            names.insert(n.name.clone()),
-            "{what}: the name {:?} is used twice",
-            n.name
-        );
+        ensure!(vnis.insert(n.vni), "{what}: VNI {} is configured twice", n.vni);
+        ensure!(names.insert(n.name.clone()), "{what}: the name {:?} is used twice", n.name);
         ensure!(
             n.name.len() <= MAX_NAME_LEN && valid_ifname(&n.name),
             "{what}: a network name has 1 to {MAX_NAME_LEN} characters from a-z, A-Z, 0-9, '-', '_', '.'"
@@ -336,10 +274,7 @@ fn validate(cfg: &StaticConfig) -> Result<()> {
                 valid_ifname(dev),
                 "{what}: {dev:?} is not a valid interface name (1-15 of a-z, A-Z, 0-9, '-', '_', '.')"
             );
-            ensure!(
-                ifnames.insert(dev.clone()),
-                "{what}: the interface name {dev:?} is used twice"
-            );
+            ensure!(ifnames.insert(dev.clone()), "{what}: the interface name {dev:?} is used twice");
         }
         if let Some(mtu) = n.mtu {
             ensure!(
@@ -354,25 +289,11 @@ fn validate(cfg: &StaticConfig) -> Result<()> {
                 "{what}: VTEP {p} is not of the underlay's address family ({})",
                 cfg.underlay_addr
             );
-            ensure!(
-                *p != cfg.underlay_addr,
-                "{what}: VTEP {p} is this host's own underlay address"
-            );
-            ensure!(
-                !p.is_unspecified() && !p.is_multicast(),
-                "{what}: VTEP {p} must be a unicast address"
-            );
+            ensure!(*p != cfg.underlay_addr, "{what}: VTEP {p} is this host's own underlay address");
+            ensure!(!p.is_unspecified() && !p.is_multicast(), "{what}: VTEP {p} must be a unicast address");
         }
-        for mac in n
-            .fdb
-            .iter()
-            .map(|(m, _)| m)
-            .chain(n.arp.iter().map(|(_, m)| m))
-        {
-            ensure!(
-                !mac.is_multicast(),
-                "{what}: {mac} is a group address; static entries need unicast MACs"
-            );
+        for mac in n.fdb.iter().map(|(m, _)| m).chain(n.arp.iter().map(|(_, m)| m)) {
+            ensure!(!mac.is_multicast(), "{what}: {mac} is a group address; static entries need unicast MACs");
         }
     }
     Ok(())
@@ -400,10 +321,7 @@ mod tests {
         assert_eq!(c.vxlan_port, 4789);
         assert_eq!((c.source_port_base, c.source_port_count), (61_000, 16));
         let n = &c.networks[0];
-        assert_eq!(
-            (n.name.as_str(), n.bridge.as_str(), n.tap.as_str()),
-            ("100", "ovbr-100", "ovt-100")
-        );
+        assert_eq!((n.name.as_str(), n.bridge.as_str(), n.tap.as_str()), ("100", "ovbr-100", "ovt-100"));
         assert!(n.learning);
     }
 
@@ -424,11 +342,7 @@ mod tests {
         )
         .unwrap();
         let c = resolve(file, flags(100, &["198.18.0.2"])).unwrap();
-        assert_eq!(
-            c.underlay_addr,
-            "198.18.0.1".parse::<IpAddr>().unwrap(),
-            "the flag wins"
-        );
+        assert_eq!(c.underlay_addr, "198.18.0.1".parse::<IpAddr>().unwrap(), "the flag wins");
         assert_eq!(c.vxlan_port, 4790);
         assert_eq!(c.networks.len(), 2);
         assert_eq!(c.networks[0].bridge, "ovbr-blue");
@@ -445,31 +359,19 @@ mod tests {
         let mut no_net = flags(1, &[]);
         no_net.network = FlagNetwork::default();
         assert!(e(FileConfig::default(), no_net).contains("--vni"));
-        assert!(
-            e(FileConfig::default(), flags(1, &["198.18.0.1"])).contains("own underlay address")
-        );
+        assert!(e(FileConfig::default(), flags(1, &["198.18.0.1"])).contains("own underlay address"));
         assert!(e(FileConfig::default(), flags(1, &["fd00::2"])).contains("address family"));
         let mut dup = FileConfig::default();
-        dup.networks.push(FileNetwork {
-            vni: 1,
-            name: Some("x".into()),
-            ..Default::default()
-        });
+        dup.networks.push(FileNetwork { vni: 1, name: Some("x".into()), ..Default::default() });
         assert!(e(dup, flags(1, &[])).contains("configured twice"));
         let mut long = flags(1, &[]);
         long.network.name = Some("averyverylongname".into());
         assert!(e(FileConfig::default(), long).contains("1 to 10 characters"));
-        let unknown = toml::from_str::<FileConfig>("underlay_adr = \"1.2.3.4\"")
-            .unwrap_err()
-            .to_string();
+        let unknown = toml::from_str::<FileConfig>("underlay_adr = \"1.2.3.4\"").unwrap_err().to_string();
         assert!(unknown.contains("unknown field"), "{unknown}");
         assert!(parse_port_range("5-1").is_err() && parse_port_range("x").is_err());
         assert_eq!(parse_port_range("61000-61015"), Ok((61_000, 16)));
-        assert!(
-            parse_fdb_entry("02:4f:0a:00:00:02")
-                .unwrap_err()
-                .contains("MAC=VTEP")
-        );
+        assert!(parse_fdb_entry("02:4f:0a:00:00:02").unwrap_err().contains("MAC=VTEP"));
         assert!(parse_arp_entry("10.0.0.2=zz").is_err());
     }
 }

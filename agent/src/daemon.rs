@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use dataplane::linux::{Dataplane, DataplaneConfig, Tap};
+use dataplane::tables::NetworkSettings;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::api::{self, ArpEntry, FdbEntry, FdbReport, NetworkFdb, NetworkStatus, StatusReport};
@@ -50,10 +51,7 @@ impl Agent {
                     learning: n.config.learning,
                     flood_list: t.map(|t| t.flood_list().to_vec()).unwrap_or_default(),
                     fdb_entries: t.map_or(0, |t| t.fdb_entries().count()),
-                    learned_entries: learned
-                        .entries()
-                        .filter(|(v, ..)| *v == n.config.vni)
-                        .count(),
+                    learned_entries: learned.entries().filter(|(v, ..)| *v == n.config.vni).count(),
                     arp_entries: t.map_or(0, |t| t.arp_entries().count()),
                 }
             })
@@ -68,11 +66,7 @@ impl Agent {
             underlay_interface: self.underlay_interface.clone(),
             underlay_mtu: self.underlay_mtu,
             vxlan_port: c.vxlan_port,
-            source_ports: format!(
-                "{}-{}",
-                c.source_port_base,
-                c.source_port_base + (c.source_port_count - 1)
-            ),
+            source_ports: format!("{}-{}", c.source_port_base, c.source_port_base + (c.source_port_count - 1)),
             allocation_counting: dataplane::alloc_count::is_installed(),
             networks,
             counters: self.dataplane.counters().snapshot(),
@@ -90,26 +84,13 @@ impl Agent {
                 let (_, t) = tables.by_vni(n.config.vni)?;
                 let mut fdb: Vec<FdbEntry> = t
                     .fdb_entries()
-                    .map(|(mac, vtep)| FdbEntry {
-                        mac,
-                        vtep,
-                        origin: "static".into(),
-                        age_secs: None,
-                    })
-                    .chain(learned.entries().filter(|(v, ..)| *v == n.config.vni).map(
-                        |(_, mac, vtep, seen)| FdbEntry {
-                            mac,
-                            vtep,
-                            origin: "learned".into(),
-                            age_secs: Some(now.saturating_sub(seen)),
-                        },
-                    ))
+                    .map(|(mac, vtep)| FdbEntry { mac, vtep, origin: "static".into(), age_secs: None })
+                    .chain(learned.entries().filter(|(v, ..)| *v == n.config.vni).map(|(_, mac, vtep, seen)| {
+                        FdbEntry { mac, vtep, origin: "learned".into(), age_secs: Some(now.saturating_sub(seen)) }
+                    }))
                     .collect();
                 fdb.sort_by_key(|e| (e.mac, e.origin.clone()));
-                let mut arp: Vec<ArpEntry> = t
-                    .arp_entries()
-                    .map(|(ip, mac)| ArpEntry { ip, mac })
-                    .collect();
+                let mut arp: Vec<ArpEntry> = t.arp_entries().map(|(ip, mac)| ArpEntry { ip, mac }).collect();
                 arp.sort_by_key(|e| e.ip);
                 Some(NetworkFdb {
                     name: n.config.name.clone(),
@@ -126,14 +107,9 @@ impl Agent {
 
 /// Creates (0700) or checks the state dir, and makes sure no other daemon uses it.
 fn claim_state_dir(dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create the state dir {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| {
-        format!(
-            "cannot restrict the state dir {} to its owner",
-            dir.display()
-        )
-    })?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the state dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict the state dir {} to its owner", dir.display()))?;
     let sock = api::socket_path(dir);
     if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
         bail!(
@@ -147,8 +123,7 @@ fn claim_state_dir(dir: &Path) -> Result<PathBuf> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            return Err(e)
-                .with_context(|| format!("cannot remove the stale socket {}", sock.display()));
+            return Err(e).with_context(|| format!("cannot remove the stale socket {}", sock.display()));
         }
     }
     Ok(sock)
@@ -161,8 +136,7 @@ pub async fn run(config: StaticConfig, state_dir: PathBuf) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let sock = claim_state_dir(&state_dir)?;
     let nl = netdev::connect()?;
-    let (underlay_interface, detected_mtu) =
-        netdev::underlay_mtu(&nl, config.underlay_addr).await?;
+    let (underlay_interface, detected_mtu) = netdev::underlay_mtu(&nl, config.underlay_addr).await?;
     let underlay_mtu = config.underlay_mtu.unwrap_or(detected_mtu);
     tracing::info!(addr = %config.underlay_addr, interface = %underlay_interface, mtu = underlay_mtu, "underlay");
 
@@ -181,14 +155,8 @@ pub async fn run(config: StaticConfig, state_dir: PathBuf) -> Result<()> {
         )
     })?;
 
-    let mut agent = Agent {
-        config,
-        dataplane,
-        networks: Vec::new(),
-        underlay_interface,
-        underlay_mtu,
-        started: Instant::now(),
-    };
+    let mut agent =
+        Agent { config, dataplane, networks: Vec::new(), underlay_interface, underlay_mtu, started: Instant::now() };
     let setup = tokio::select! {
         r = setup_networks(&mut agent, &nl) => r,
         _ = term.recv() => Err(anyhow::anyhow!("SIGTERM during setup")),
@@ -224,18 +192,12 @@ pub async fn run(config: StaticConfig, state_dir: PathBuf) -> Result<()> {
 async fn setup_networks(agent: &mut Agent, nl: &rtnetlink::Handle) -> Result<()> {
     for net in agent.config.networks.clone() {
         let what = format!("network {:?} (vni {})", net.name, net.vni);
-        setup_network(agent, nl, net)
-            .await
-            .with_context(|| format!("cannot set up {what}"))?;
+        setup_network(agent, nl, net).await.with_context(|| format!("cannot set up {what}"))?;
     }
     Ok(())
 }
 
-async fn setup_network(
-    agent: &mut Agent,
-    nl: &rtnetlink::Handle,
-    net: NetworkConfig,
-) -> Result<()> {
+async fn setup_network(agent: &mut Agent, nl: &rtnetlink::Handle, net: NetworkConfig) -> Result<()> {
     let overhead = agent.config.overhead();
     let mtu = match net.mtu {
         Some(m) => {
@@ -248,29 +210,24 @@ async fn setup_network(
             m
         }
         None => agent.underlay_mtu.checked_sub(overhead).filter(|m| *m >= 68).with_context(|| {
-            format!("the underlay MTU {} leaves no room for {overhead} bytes of VXLAN overhead; set --mtu", agent.underlay_mtu)
+            format!(
+                "the underlay MTU {} leaves no room for {overhead} bytes of VXLAN overhead; set --mtu",
+                agent.underlay_mtu
+            )
         })?,
     };
     let bridge = netdev::ensure_bridge(nl, &net.bridge, mtu).await?;
     // Record the bridge at once, so that teardown removes it even if a later step fails.
-    agent.networks.push(RunningNetwork {
-        config: net.clone(),
-        mtu,
-        bridge: bridge.clone(),
-    });
+    agent.networks.push(RunningNetwork { config: net.clone(), mtu, bridge: bridge.clone() });
     let tap = Tap::create(&net.tap).map_err(|e| match e.raw_os_error() {
-        Some(libc::EBUSY) => anyhow::anyhow!(
-            "the TAP {} is held by another process (another overlayd?): {e}",
-            net.tap
-        ),
-        Some(libc::EPERM) | Some(libc::EACCES) => anyhow::anyhow!(
-            "cannot create the TAP {}: {e}; overlayd needs CAP_NET_ADMIN (run it as root)",
-            net.tap
-        ),
+        Some(libc::EBUSY) => anyhow::anyhow!("the TAP {} is held by another process (another overlayd?): {e}", net.tap),
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            anyhow::anyhow!("cannot create the TAP {}: {e}; overlayd needs CAP_NET_ADMIN (run it as root)", net.tap)
+        }
         _ => anyhow::anyhow!("cannot create the TAP {}: {e}", net.tap),
     })?;
     netdev::attach_tap(nl, tap.name(), &bridge, mtu).await?;
-    agent.dataplane.add_network(net.vni, tap, net.learning)?;
+    agent.dataplane.add_network(net.vni, tap, NetworkSettings { learning: net.learning, mtu })?;
     agent.dataplane.update(|tx| {
         tx.set_flood_list(net.vni, net.peers.iter().copied())?;
         for (mac, vtep) in &net.fdb {

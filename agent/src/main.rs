@@ -55,7 +55,7 @@ enum Command {
     /// Run the agent in the foreground (for systemd or a terminal); stop it with SIGTERM or
     /// Ctrl-C and it removes the bridges and TAPs it created.
     #[command(long_about = DAEMON_HELP)]
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Show the running daemon's underlay, networks and counters (drops by reason included).
     Status(OutputArgs),
     /// Show the dataplane's tables: flood lists, MAC → VTEP entries (static and learned) and
@@ -116,12 +116,7 @@ struct DaemonArgs {
     metrics_addr: Option<SocketAddr>,
 
     /// Log filter (tracing syntax: error, warn, info, debug, or per-module).
-    #[arg(
-        long,
-        env = "OVERLAYD_LOG",
-        default_value = "info",
-        value_name = "FILTER"
-    )]
+    #[arg(long, env = "OVERLAYD_LOG", default_value = "info", value_name = "FILTER")]
     log: String,
 
     #[command(flatten)]
@@ -192,6 +187,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Daemon(args) => {
+            let args = *args;
             init_logging(&args.log)?;
             let file = match &args.config {
                 Some(path) => config::FileConfig::load(path)?,
@@ -237,9 +233,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn init_logging(filter: &str) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| {
-        format!("--log {filter:?} is not a valid filter (try info, debug, or overlayd=debug)")
-    })?;
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("--log {filter:?} is not a valid filter (try info, debug, or overlayd=debug)"))?;
     use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

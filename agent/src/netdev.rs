@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use anyhow::{Context, Result, bail};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{InfoBridge, InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 
 /// The alias overlayd writes on bridges it creates, so that a bridge left behind by a crashed
@@ -21,14 +21,7 @@ pub fn connect() -> Result<Handle> {
 }
 
 async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>> {
-    match h
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
-        .await
-    {
+    match h.link().get().match_name(name.to_owned()).execute().try_next().await {
         Ok(m) => Ok(m),
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot look up interface {name}")),
@@ -36,32 +29,18 @@ async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>> {
 }
 
 fn mtu_of(m: &LinkMessage) -> Option<u32> {
-    m.attributes.iter().find_map(|a| {
-        if let LinkAttribute::Mtu(v) = a {
-            Some(*v)
-        } else {
-            None
-        }
-    })
+    m.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(v) = a { Some(*v) } else { None })
 }
 
 fn is_bridge(m: &LinkMessage) -> bool {
     m.attributes.iter().any(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos
-            .iter()
-            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))),
+        LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))),
         _ => false,
     })
 }
 
 fn alias_of(m: &LinkMessage) -> Option<&str> {
-    m.attributes.iter().find_map(|a| {
-        if let LinkAttribute::IfAlias(s) = a {
-            Some(s.as_str())
-        } else {
-            None
-        }
-    })
+    m.attributes.iter().find_map(|a| if let LinkAttribute::IfAlias(s) = a { Some(s.as_str()) } else { None })
 }
 
 /// The MTU of the interface that holds `addr`. Fails, listing this host's addresses, if no
@@ -83,11 +62,7 @@ pub async fn underlay_mtu(h: &Handle, addr: IpAddr) -> Result<(String, u32)> {
         }
     }
     let Some(index) = found else {
-        let list = seen
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = seen.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
         bail!(
             "the underlay address {addr} is not assigned to any interface in this network namespace \
              (addresses here: {list}); pass this host's own address with --underlay-addr"
@@ -105,13 +80,7 @@ pub async fn underlay_mtu(h: &Handle, addr: IpAddr) -> Result<(String, u32)> {
     let name = link
         .attributes
         .iter()
-        .find_map(|a| {
-            if let LinkAttribute::IfName(n) = a {
-                Some(n.clone())
-            } else {
-                None
-            }
-        })
+        .find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None })
         .unwrap_or_default();
     let mtu = mtu_of(&link).context("the underlay interface reports no MTU")?;
     Ok((name, mtu))
@@ -131,9 +100,7 @@ pub async fn ensure_bridge(h: &Handle, name: &str, mtu: u32) -> Result<Bridge> {
     let (link, owned) = match link_by_name(h, name).await? {
         Some(link) => {
             if !is_bridge(&link) {
-                bail!(
-                    "the interface {name} exists and is not a bridge; remove it or choose another bridge name"
-                );
+                bail!("the interface {name} exists and is not a bridge; remove it or choose another bridge name");
             }
             let owned = alias_of(&link) == Some(BRIDGE_ALIAS);
             (link, owned)
@@ -145,14 +112,15 @@ pub async fn ensure_bridge(h: &Handle, name: &str, mtu: u32) -> Result<Bridge> {
                         .down()
                         .mtu(mtu)
                         .alias(BRIDGE_ALIAS)
+                        // Snooping makes the bridge join 224.0.0.106 and announce it with IGMP
+                        // into every network; all multicast is replicated to every VTEP anyway.
+                        .append_info_data(InfoBridge::MulticastSnooping(false))
                         .build(),
                 )
                 .execute()
                 .await
                 .with_context(|| format!("cannot create the bridge {name}"))?;
-            let link = link_by_name(h, name)
-                .await?
-                .with_context(|| format!("the new bridge {name} vanished"))?;
+            let link = link_by_name(h, name).await?.with_context(|| format!("the new bridge {name} vanished"))?;
             (link, true)
         }
     };
@@ -163,19 +131,13 @@ pub async fn ensure_bridge(h: &Handle, name: &str, mtu: u32) -> Result<Bridge> {
         .execute()
         .await
         .with_context(|| format!("cannot set MTU {mtu} and bring up the bridge {name}"))?;
-    Ok(Bridge {
-        name: name.to_owned(),
-        index,
-        owned,
-    })
+    Ok(Bridge { name: name.to_owned(), index, owned })
 }
 
 /// Puts an (already created) TAP on a bridge with `mtu` and a long transmit queue, and brings
 /// it up.
 pub async fn attach_tap(h: &Handle, tap: &str, bridge: &Bridge, mtu: u32) -> Result<()> {
-    let link = link_by_name(h, tap)
-        .await?
-        .with_context(|| format!("the TAP {tap} vanished"))?;
+    let link = link_by_name(h, tap).await?.with_context(|| format!("the TAP {tap} vanished"))?;
     disable_ipv6(tap);
     h.link()
         .set(
@@ -197,11 +159,7 @@ const TAP_TXQUEUELEN: u32 = 10_000;
 /// Removes an interface by name; gone already is fine.
 pub async fn delete_link(h: &Handle, name: &str) -> Result<()> {
     if let Some(link) = link_by_name(h, name).await? {
-        h.link()
-            .del(link.header.index)
-            .execute()
-            .await
-            .with_context(|| format!("cannot remove {name}"))?;
+        h.link().del(link.header.index).execute().await.with_context(|| format!("cannot remove {name}"))?;
     }
     Ok(())
 }

@@ -9,11 +9,7 @@ use crate::api::{FdbReport, StatusReport};
 
 /// Prints `report` as JSON or through `human`.
 pub fn print<T: Serialize>(json: bool, report: &T, human: fn(&T) -> String) -> Result<()> {
-    let text = if json {
-        serde_json::to_string_pretty(report)? + "\n"
-    } else {
-        human(report)
-    };
+    let text = if json { serde_json::to_string_pretty(report)? + "\n" } else { human(report) };
     use std::io::Write as _;
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
@@ -22,20 +18,14 @@ pub fn print<T: Serialize>(json: bool, report: &T, human: fn(&T) -> String) -> R
 pub fn status(s: &StatusReport) -> String {
     let mut o = String::new();
     let c = &s.counters;
-    let _ = writeln!(
-        o,
-        "overlayd {} (pid {}), {} mode, up {}s",
-        s.version, s.pid, s.mode, s.uptime_secs
-    );
+    let _ = writeln!(o, "overlayd {} (pid {}), {} mode, up {}s", s.version, s.pid, s.mode, s.uptime_secs);
     let _ = writeln!(
         o,
         "underlay   {} on {} (MTU {}), VXLAN port {}, source ports {}",
         s.underlay_addr, s.underlay_interface, s.underlay_mtu, s.vxlan_port, s.source_ports
     );
-    let _ = writeln!(
-        o,
-        "\nNETWORK     VNI       BRIDGE         TAP            MTU    LEARN  FLOOD  FDB    LEARNED  ARP"
-    );
+    let _ =
+        writeln!(o, "\nNETWORK     VNI       BRIDGE         TAP            MTU    LEARN  FLOOD  FDB    LEARNED  ARP");
     for n in &s.networks {
         let _ = writeln!(
             o,
@@ -62,21 +52,8 @@ pub fn status(s: &StatusReport) -> String {
         "underlay -> TAP   datagrams {}  bytes {}  delivered {}  learned {}  aged out {}",
         c.rx_datagrams, c.rx_bytes, c.rx_delivered, c.learned, c.aged_out
     );
-    let drops: Vec<String> = c
-        .dropped
-        .iter()
-        .filter(|(_, v)| **v > 0)
-        .map(|(k, v)| format!("{k} {v}"))
-        .collect();
-    let _ = writeln!(
-        o,
-        "dropped           {}",
-        if drops.is_empty() {
-            "none".to_owned()
-        } else {
-            drops.join("  ")
-        }
-    );
+    let drops: Vec<String> = c.dropped.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k} {v}")).collect();
+    let _ = writeln!(o, "dropped           {}", if drops.is_empty() { "none".to_owned() } else { drops.join("  ") });
     if s.allocation_counting {
         let _ = writeln!(
             o,
@@ -96,29 +73,12 @@ pub fn fdb(r: &FdbReport) -> String {
             "network {} (vni {})  flood list: {}",
             n.name,
             n.vni,
-            if flood.is_empty() {
-                "(empty)".into()
-            } else {
-                flood.join(", ")
-            }
+            if flood.is_empty() { "(empty)".into() } else { flood.join(", ") }
         );
-        let _ = writeln!(
-            o,
-            "  MAC                 VTEP                                     ORIGIN   AGE"
-        );
+        let _ = writeln!(o, "  MAC                 VTEP                                     ORIGIN   AGE");
         for e in &n.fdb {
-            let age = e
-                .age_secs
-                .map(|a| format!("{a}s"))
-                .unwrap_or_else(|| "-".into());
-            let _ = writeln!(
-                o,
-                "  {:<19} {:<40} {:<8} {}",
-                e.mac.to_string(),
-                e.vtep.to_string(),
-                e.origin,
-                age
-            );
+            let age = e.age_secs.map(|a| format!("{a}s")).unwrap_or_else(|| "-".into());
+            let _ = writeln!(o, "  {:<19} {:<40} {:<8} {}", e.mac.to_string(), e.vtep.to_string(), e.origin, age);
         }
         if !n.arp.is_empty() {
             let _ = writeln!(o, "  ARP answers:");

@@ -45,6 +45,9 @@ drop_reasons! {
     NotMember = "not_member",
     /// Underlay: the datagram did not fit the receive buffer and was cut.
     Oversized = "oversized",
+    /// Underlay: the inner frame exceeds the network's MTU and is not TCP or UDP, so it cannot
+    /// be segmented (an MTU mismatch between hosts).
+    OversizedFrame = "oversized_frame",
     /// Underlay: writing the decapsulated frame to the TAP failed.
     TapWriteFailed = "tap_write_failed",
     /// TAP: the frame is shorter than an Ethernet header.
@@ -102,6 +105,10 @@ pub struct RxCounters {
     pub aged_out: AtomicU64,
     /// Receive system calls that returned data.
     pub recv_calls: AtomicU64,
+    /// Inner TCP/UDP checksums a sender left partial and the agent completed.
+    pub checksums_completed: AtomicU64,
+    /// Inner super-frames above the MTU cut into segments before delivery.
+    pub resegmented: AtomicU64,
     /// Heap allocations made by the RX loop's thread since it started (see `alloc_count`).
     pub loop_allocations: AtomicU64,
 }
@@ -148,15 +155,14 @@ impl Counters {
             rx_bytes: r.bytes.load(Relaxed),
             rx_delivered: r.delivered.load(Relaxed),
             rx_recv_calls: r.recv_calls.load(Relaxed),
+            rx_checksums_completed: r.checksums_completed.load(Relaxed),
+            rx_resegmented: r.resegmented.load(Relaxed),
             learned: r.learned.load(Relaxed),
             learn_table_full: r.learn_table_full.load(Relaxed),
             aged_out: r.aged_out.load(Relaxed),
             tx_loop_allocations: t.loop_allocations.load(Relaxed),
             rx_loop_allocations: r.loop_allocations.load(Relaxed),
-            dropped: DropReason::ALL
-                .iter()
-                .map(|&d| (d.name().to_owned(), self.drops(d)))
-                .collect(),
+            dropped: DropReason::ALL.iter().map(|&d| (d.name().to_owned(), self.drops(d))).collect(),
         }
     }
 }
@@ -186,6 +192,10 @@ pub struct CountersSnapshot {
     pub rx_delivered: u64,
     /// Receive system calls that returned data.
     pub rx_recv_calls: u64,
+    /// Partial inner checksums completed.
+    pub rx_checksums_completed: u64,
+    /// Super-frames segmented before delivery.
+    pub rx_resegmented: u64,
     /// Entries learned from the data plane.
     pub learned: u64,
     /// Entries not learned because the table was full.
@@ -218,8 +228,7 @@ mod tests {
 
     #[test]
     fn names_are_unique_and_counted_apart() {
-        let names: std::collections::HashSet<_> =
-            DropReason::ALL.iter().map(|d| d.name()).collect();
+        let names: std::collections::HashSet<_> = DropReason::ALL.iter().map(|d| d.name()).collect();
         assert_eq!(names.len(), DROP_REASONS);
         let c = Counters::default();
         c.dropped(DropReason::NotMember);

@@ -40,10 +40,7 @@ pub struct Learned {
 
 impl Clone for Learned {
     fn clone(&self) -> Self {
-        Learned {
-            vtep: self.vtep,
-            last_seen: AtomicU64::new(self.last_seen.load(Relaxed)),
-        }
+        Learned { vtep: self.vtep, last_seen: AtomicU64::new(self.last_seen.load(Relaxed)) }
     }
 }
 
@@ -62,9 +59,7 @@ impl LearnedFdb {
 
     /// Every entry: (VNI, MAC, VTEP, last seen).
     pub fn entries(&self) -> impl Iterator<Item = (Vni, MacAddr, IpAddr, u64)> + '_ {
-        self.entries
-            .iter()
-            .map(|((v, m), l)| (*v, *m, l.vtep, l.last_seen.load(Relaxed)))
+        self.entries.iter().map(|((v, m), l)| (*v, *m, l.vtep, l.last_seen.load(Relaxed)))
     }
 
     /// Number of entries.
@@ -123,10 +118,7 @@ impl Learner {
                 return;
             }
         }
-        let queued = self
-            .pending
-            .iter()
-            .position(|(v, m, _)| *v == vni && *m == mac);
+        let queued = self.pending.iter().position(|(v, m, _)| *v == vni && *m == mac);
         match queued {
             Some(i) => self.pending[i].2 = vtep,
             None if self.pending.len() < PENDING_CAPACITY => self.pending.push((vni, mac, vtep)),
@@ -158,13 +150,7 @@ impl Learner {
                 bump(&counters.rx.learn_table_full, 1);
                 continue;
             }
-            next.entries.insert(
-                key,
-                Learned {
-                    vtep,
-                    last_seen: AtomicU64::new(now),
-                },
-            );
+            next.entries.insert(key, Learned { vtep, last_seen: AtomicU64::new(now) });
             bump(&counters.rx.learned, 1);
         }
         let next = Arc::new(next);
@@ -206,11 +192,7 @@ mod tests {
         let mut l = Learner::new(Arc::clone(&shared), 10, 300);
         let v = Vni::new(7).unwrap();
         l.observe(v, mac(1), A, 0);
-        assert_eq!(
-            reader.load().lookup(v, mac(1)),
-            None,
-            "not before the batch ends"
-        );
+        assert_eq!(reader.load().lookup(v, mac(1)), None, "not before the batch ends");
         l.end_batch(0, &c);
         assert_eq!(reader.load().lookup(v, mac(1)), Some(A));
 

@@ -14,8 +14,10 @@ use std::ops::Range;
 
 use crate::counters::{Counters, DropReason, bump};
 use crate::learn::{LearnedFdb, Learner};
+use crate::segment::SuperFrame;
 use crate::tables::{NetworkTable, Tables};
 use crate::wire::arp;
+use crate::wire::checksum::{self, Completion};
 use crate::wire::ethernet;
 use crate::wire::vxlan::{self, VxlanError, VxlanPacket};
 
@@ -41,6 +43,9 @@ pub enum UnderlayVerdict {
         port: usize,
         /// Where the inner Ethernet frame is in the datagram.
         inner: Range<usize>,
+        /// `Some(mss)`: the frame is a TCP/UDP super-frame larger than the network's MTU, to
+        /// be cut into segments of `mss` payload bytes (see [`crate::segment`]) first.
+        segment_mss: Option<usize>,
     },
     /// Drop it (already counted).
     Drop(DropReason),
@@ -85,13 +90,14 @@ pub fn from_tap<'t, P>(
 }
 
 /// Decides what to do with a datagram from `src` received on the VXLAN port. `now` (seconds)
-/// stamps what the learner learns.
+/// stamps what the learner learns. A frame to deliver whose TCP/UDP checksum the sender left
+/// partial (see [`checksum`]) is completed in place.
 #[inline]
 pub fn from_underlay<P>(
     tables: &Tables<P>,
     learner: &mut Learner,
     src: IpAddr,
-    datagram: &[u8],
+    datagram: &mut [u8],
     now: u64,
     counters: &Counters,
 ) -> UnderlayVerdict {
@@ -102,7 +108,7 @@ pub fn from_underlay<P>(
     if datagram.len() < vxlan::HEADER_LEN + ethernet::HEADER_LEN {
         return drop(DropReason::Truncated);
     }
-    let packet = VxlanPacket::new_unchecked(datagram);
+    let packet = VxlanPacket::new_unchecked(&*datagram);
     match packet.check() {
         Ok(()) => {}
         Err(VxlanError::BadFlags(_)) => return drop(DropReason::BadFlags),
@@ -116,23 +122,47 @@ pub fn from_underlay<P>(
         return drop(DropReason::NotMember);
     }
     let inner = packet.payload();
+    let mut segment_mss = None;
+    let mtu = net.mtu() as usize;
+    if inner.len() > mtu + ethernet::HEADER_LEN {
+        // Only a sender on the same machine (over veth) can hand us a frame above the MTU: its
+        // kernel left segmentation to a NIC that does not exist. Cut it as that NIC would.
+        match oversized(inner, mtu) {
+            Ok(mss) => segment_mss = mss,
+            Err(()) => return drop(DropReason::OversizedFrame),
+        }
+    }
     if net.learning() {
         let mac = ethernet::source(inner);
         if !mac.is_multicast() && net.fdb(&mac).is_none() {
             learner.observe(net.vni(), mac, src, now);
         }
     }
-    UnderlayVerdict::Deliver {
-        port,
-        inner: vxlan::HEADER_LEN..datagram.len(),
+    if segment_mss.is_some() {
+        bump(&counters.rx.resegmented, 1);
+    } else if checksum::complete_partial(&mut datagram[vxlan::HEADER_LEN..]) == Completion::Completed {
+        bump(&counters.rx.checksums_completed, 1);
     }
+    UnderlayVerdict::Deliver { port, inner: vxlan::HEADER_LEN..datagram.len(), segment_mss }
+}
+
+/// For a frame longer than `mtu` plus an untagged Ethernet header: `Ok(None)` if its IP packet
+/// fits after all (VLAN tags), `Ok(Some(mss))` to segment it, `Err` if it cannot be cut.
+#[cold]
+fn oversized(frame: &[u8], mtu: usize) -> Result<Option<usize>, ()> {
+    let (_, l3) = ethernet::network_layer(frame).ok_or(())?;
+    if frame.len() - l3 <= mtu {
+        return Ok(None);
+    }
+    let sf = SuperFrame::parse(frame).map_err(drop)?;
+    sf.mss_for_mtu(mtu).map(Some).map_err(drop)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::learn::{Learner, shared_learned};
-    use crate::tables::SharedTables;
+    use crate::tables::{NetworkSettings, SharedTables};
     use crate::wire::arp::tests::request;
     use crate::wire::vxlan::write_header;
     use crate::wire::{MacAddr, Vni};
@@ -152,7 +182,7 @@ mod tests {
     fn tables(learning: bool) -> Arc<SharedTables<()>> {
         let t = Arc::new(SharedTables::default());
         t.update(|tx| {
-            tx.add_network(vni(), (), learning)?;
+            tx.add_network(vni(), (), NetworkSettings { learning, mtu: 1450 })?;
             tx.set_flood_list(vni(), [B, C])
         })
         .unwrap();
@@ -181,42 +211,27 @@ mod tests {
         let c = Counters::default();
         let learned = LearnedFdb::default();
         let mut reply = [0; arp::MAX_REPLY_LEN];
+        assert_eq!(from_tap(net, &learned, &frame(REMOTE, LOCAL), &mut reply, &c), TapVerdict::Flood(&[B, C]));
         assert_eq!(
-            from_tap(net, &learned, &frame(REMOTE, LOCAL), &mut reply, &c),
-            TapVerdict::Flood(&[B, C])
-        );
-        assert_eq!(
-            from_tap(
-                net,
-                &learned,
-                &frame(MacAddr::BROADCAST, LOCAL),
-                &mut reply,
-                &c
-            ),
+            from_tap(net, &learned, &frame(MacAddr::BROADCAST, LOCAL), &mut reply, &c),
             TapVerdict::Flood(&[B, C])
         );
         t.update(|tx| tx.set_fdb(vni(), REMOTE, C)).unwrap();
         let snap = t.load();
         let net = snap.by_vni(vni()).unwrap().1;
-        assert_eq!(
-            from_tap(net, &learned, &frame(REMOTE, LOCAL), &mut reply, &c),
-            TapVerdict::Unicast(C)
-        );
+        assert_eq!(from_tap(net, &learned, &frame(REMOTE, LOCAL), &mut reply, &c), TapVerdict::Unicast(C));
         assert_eq!(
             from_tap(net, &learned, &frame(REMOTE, LOCAL)[..13], &mut reply, &c),
             TapVerdict::Drop(DropReason::RuntFrame)
         );
         let s = c.snapshot();
-        assert_eq!(
-            (s.tx_flooded, s.tx_unicast, s.drops(DropReason::RuntFrame)),
-            (2, 1, 1)
-        );
+        assert_eq!((s.tx_flooded, s.tx_unicast, s.drops(DropReason::RuntFrame)), (2, 1, 1));
     }
 
     #[test]
     fn an_empty_flood_list_drops_with_a_reason() {
         let t = Arc::new(SharedTables::default());
-        t.update(|tx| tx.add_network(vni(), (), false)).unwrap();
+        t.update(|tx| tx.add_network(vni(), (), NetworkSettings { learning: false, mtu: 1450 })).unwrap();
         let snap = t.load();
         let c = Counters::default();
         let v = from_tap(
@@ -240,26 +255,14 @@ mod tests {
         let c = Counters::default();
         let mut reply = [0; arp::MAX_REPLY_LEN];
         let req = request(LOCAL, Ipv4Addr::new(10, 0, 0, 1), ip);
-        let TapVerdict::ArpReply(n) = from_tap(net, &LearnedFdb::default(), &req, &mut reply, &c)
-        else {
+        let TapVerdict::ArpReply(n) = from_tap(net, &LearnedFdb::default(), &req, &mut reply, &c) else {
             panic!("not answered")
         };
         assert_eq!(ethernet::destination(&reply[..n]), LOCAL);
-        assert_eq!(
-            &reply[14 + 8..14 + 14],
-            &REMOTE.0,
-            "sender hardware address is the answer"
-        );
+        assert_eq!(&reply[14 + 8..14 + 14], &REMOTE.0, "sender hardware address is the answer");
         // An address nobody listed is flooded as usual.
-        let other = request(
-            LOCAL,
-            Ipv4Addr::new(10, 0, 0, 1),
-            Ipv4Addr::new(10, 0, 0, 3),
-        );
-        assert_eq!(
-            from_tap(net, &LearnedFdb::default(), &other, &mut reply, &c),
-            TapVerdict::Flood(&[B, C])
-        );
+        let other = request(LOCAL, Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 3));
+        assert_eq!(from_tap(net, &LearnedFdb::default(), &other, &mut reply, &c), TapVerdict::Flood(&[B, C]));
         assert_eq!(c.snapshot().arp_replies, 1);
     }
 
@@ -272,11 +275,8 @@ mod tests {
         let inner = frame(LOCAL, REMOTE);
         let good = datagram(vni(), &inner);
         assert_eq!(
-            from_underlay(&snap, &mut l, B, &good, 0, &c),
-            UnderlayVerdict::Deliver {
-                port: 0,
-                inner: 8..good.len()
-            }
+            from_underlay(&snap, &mut l, B, &mut good.clone(), 0, &c),
+            UnderlayVerdict::Deliver { port: 0, inner: 8..good.len(), segment_mss: None }
         );
 
         let cases: [(Vec<u8>, IpAddr, DropReason); 6] = [
@@ -300,19 +300,12 @@ mod tests {
                 B,
                 DropReason::ReservedBits,
             ),
-            (
-                datagram(Vni::new(200).unwrap(), &inner),
-                B,
-                DropReason::UnknownVni,
-            ),
+            (datagram(Vni::new(200).unwrap(), &inner), B, DropReason::UnknownVni),
             (good.clone(), ROGUE, DropReason::NotMember),
         ];
         for (d, src, reason) in cases {
-            assert_eq!(
-                from_underlay(&snap, &mut l, src, &d, 0, &c),
-                UnderlayVerdict::Drop(reason)
-            );
-            assert_eq!(c.drops(reason) >= 1, true, "{reason:?}");
+            assert_eq!(from_underlay(&snap, &mut l, src, &mut d.clone(), 0, &c), UnderlayVerdict::Drop(reason));
+            assert!(c.drops(reason) >= 1, "{reason:?}");
         }
         assert_eq!(c.snapshot().total_drops(), 6);
     }
@@ -326,25 +319,54 @@ mod tests {
         let mut l = Learner::new(Arc::clone(&shared), 16, 300);
         // A frame from REMOTE arrives from VTEP C: learn it.
         let d = datagram(vni(), &frame(LOCAL, REMOTE));
-        assert!(matches!(
-            from_underlay(&snap, &mut l, C, &d, 5, &c),
-            UnderlayVerdict::Deliver { .. }
-        ));
+        assert!(matches!(from_underlay(&snap, &mut l, C, &mut d.clone(), 5, &c), UnderlayVerdict::Deliver { .. }));
         l.end_batch(5, &c);
         // The answer to REMOTE now goes to C alone.
         let net = snap.by_vni(vni()).unwrap().1;
-        let v = from_tap(
-            net,
-            &shared.load(),
-            &frame(REMOTE, LOCAL),
-            &mut [0; arp::MAX_REPLY_LEN],
-            &c,
-        );
+        let v = from_tap(net, &shared.load(), &frame(REMOTE, LOCAL), &mut [0; arp::MAX_REPLY_LEN], &c);
         assert_eq!(v, TapVerdict::Unicast(C));
         // A non-member cannot teach anything.
         let spoof = datagram(vni(), &frame(LOCAL, MacAddr([2, 0, 0, 0, 0, 66])));
-        from_underlay(&snap, &mut l, ROGUE, &spoof, 6, &c);
+        from_underlay(&snap, &mut l, ROGUE, &mut spoof.clone(), 6, &c);
         l.end_batch(6, &c);
         assert_eq!(shared.load().len(), 1);
+    }
+
+    #[test]
+    fn a_super_frame_above_the_mtu_is_cut_and_anything_else_that_big_dropped() {
+        let t = tables(false);
+        let snap = t.load();
+        let c = Counters::default();
+        let mut l = Learner::new(shared_learned(), 16, 300);
+        let tcp = crate::segment::tests::tcp4_super(&[9u8; 5000], 12, 0x18, 1);
+        let mut d = datagram(vni(), &tcp);
+        let v = from_underlay(&snap, &mut l, B, &mut d, 0, &c);
+        assert_eq!(v, UnderlayVerdict::Deliver { port: 0, inner: 8..d.len(), segment_mss: Some(1450 - 20 - 32) });
+        let mut icmp = tcp.clone();
+        icmp[23] = 1; // protocol ICMP: no way to cut it
+        let mut d = datagram(vni(), &icmp);
+        assert_eq!(from_underlay(&snap, &mut l, B, &mut d, 0, &c), UnderlayVerdict::Drop(DropReason::OversizedFrame));
+        assert_eq!(c.snapshot().rx_resegmented, 1);
+    }
+
+    #[test]
+    fn a_partial_inner_checksum_is_completed_before_delivery() {
+        let t = tables(false);
+        let snap = t.load();
+        let c = Counters::default();
+        let mut l = Learner::new(shared_learned(), 16, 300);
+        // Segment a small super-frame to get a frame with a correct checksum, then make it partial.
+        let sf = crate::segment::tests::tcp4_super(&[5u8; 100], 0, 0x18, 1);
+        let parsed = crate::segment::SuperFrame::parse(&sf).unwrap();
+        let mut good = vec![0u8; 200];
+        let n = parsed.write_segment(0, 1000, &mut good);
+        good.truncate(n);
+        let mut partial = good.clone();
+        let p = checksum::fold(checksum::pseudo_v4([10, 0, 0, 1], [10, 0, 0, 2], 6, (n - 34) as u16));
+        partial[34 + 16..34 + 18].copy_from_slice(&p.to_be_bytes());
+        let mut d = datagram(vni(), &partial);
+        assert!(matches!(from_underlay(&snap, &mut l, B, &mut d, 0, &c), UnderlayVerdict::Deliver { .. }));
+        assert_eq!(&d[8..], &good[..]);
+        assert_eq!(c.snapshot().rx_checksums_completed, 1);
     }
 }

@@ -42,12 +42,23 @@ pub enum TableError {
     GroupMac(MacAddr),
 }
 
+/// What a network is set up with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkSettings {
+    /// Whether frames from member VTEPs teach us where their source MACs are.
+    pub learning: bool,
+    /// The IP MTU of the network (its TAP, bridge and containers): inner frames above it are
+    /// segmented (TCP, UDP) or dropped.
+    pub mtu: u32,
+}
+
 /// The tables of one overlay network (one VNI), and the port (TAP) it is attached to.
 #[derive(Debug, Clone)]
 pub struct NetworkTable<P> {
     vni: Vni,
     port: P,
     learning: bool,
+    mtu: u32,
     fdb: FastMap<MacAddr, IpAddr>,
     arp: FastMap<Ipv4Addr, MacAddr>,
     flood: Vec<IpAddr>,
@@ -55,11 +66,12 @@ pub struct NetworkTable<P> {
 }
 
 impl<P> NetworkTable<P> {
-    fn new(vni: Vni, port: P, learning: bool) -> Self {
+    fn new(vni: Vni, port: P, settings: NetworkSettings) -> Self {
         NetworkTable {
             vni,
             port,
-            learning,
+            learning: settings.learning,
+            mtu: settings.mtu,
             fdb: FastMap::default(),
             arp: FastMap::default(),
             flood: Vec::new(),
@@ -80,6 +92,12 @@ impl<P> NetworkTable<P> {
     /// Whether frames from member VTEPs teach us where their source MACs are.
     pub fn learning(&self) -> bool {
         self.learning
+    }
+
+    /// The network's IP MTU.
+    #[inline]
+    pub fn mtu(&self) -> u32 {
+        self.mtu
     }
 
     /// The VTEP that owns `mac`, from the control plane or static configuration.
@@ -136,21 +154,13 @@ pub struct Tables<P> {
 
 impl<P> Default for Tables<P> {
     fn default() -> Self {
-        Tables {
-            networks: Vec::new(),
-            by_vni: FastMap::default(),
-            generation: 0,
-        }
+        Tables { networks: Vec::new(), by_vni: FastMap::default(), generation: 0 }
     }
 }
 
 impl<P> Clone for Tables<P> {
     fn clone(&self) -> Self {
-        Tables {
-            networks: self.networks.clone(),
-            by_vni: self.by_vni.clone(),
-            generation: self.generation,
-        }
+        Tables { networks: self.networks.clone(), by_vni: self.by_vni.clone(), generation: self.generation }
     }
 }
 
@@ -170,10 +180,7 @@ impl<P> Tables<P> {
 
     /// Every network with its slot.
     pub fn networks(&self) -> impl Iterator<Item = (usize, &NetworkTable<P>)> {
-        self.networks
-            .iter()
-            .enumerate()
-            .filter_map(|(i, n)| Some((i, n.as_deref()?)))
+        self.networks.iter().enumerate().filter_map(|(i, n)| Some((i, n.as_deref()?)))
     }
 
     /// Number of slots (some may be empty).
@@ -196,10 +203,7 @@ pub struct SharedTables<P> {
 
 impl<P> Default for SharedTables<P> {
     fn default() -> Self {
-        SharedTables {
-            current: Arc::new(ArcSwap::from_pointee(Tables::default())),
-            writer: Mutex::new(()),
-        }
+        SharedTables { current: Arc::new(ArcSwap::from_pointee(Tables::default())), writer: Mutex::new(()) }
     }
 }
 
@@ -214,18 +218,9 @@ impl<P: Clone> SharedTables<P> {
 
     /// Applies `f`'s changes and publishes them as one new snapshot. Writers are serialized;
     /// readers never wait. If `f` fails, nothing is published.
-    pub fn update<R, E>(
-        &self,
-        f: impl FnOnce(&mut Transaction<P>) -> Result<R, E>,
-    ) -> Result<R, E> {
-        let _one_writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut tx = Transaction {
-            tables: Tables::clone(&self.current.load()),
-            touched: Vec::new(),
-        };
+    pub fn update<R, E>(&self, f: impl FnOnce(&mut Transaction<P>) -> Result<R, E>) -> Result<R, E> {
+        let _one_writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut tx = Transaction { tables: Tables::clone(&self.current.load()), touched: Vec::new() };
         let out = f(&mut tx)?;
         if tx.touched.is_empty() {
             return Ok(out);
@@ -257,17 +252,11 @@ pub struct Transaction<P> {
 
 impl<P: Clone> Transaction<P> {
     fn net(&mut self, vni: Vni) -> Result<&mut NetworkTable<P>, TableError> {
-        let port = *self
-            .tables
-            .by_vni
-            .get(&vni)
-            .ok_or(TableError::UnknownVni(vni))?;
+        let port = *self.tables.by_vni.get(&vni).ok_or(TableError::UnknownVni(vni))?;
         if !self.touched.contains(&port) {
             self.touched.push(port);
         }
-        let slot = self.tables.networks[port]
-            .as_mut()
-            .ok_or(TableError::UnknownVni(vni))?;
+        let slot = self.tables.networks[port].as_mut().ok_or(TableError::UnknownVni(vni))?;
         Ok(Arc::make_mut(slot))
     }
 
@@ -277,11 +266,11 @@ impl<P: Clone> Transaction<P> {
     }
 
     /// Adds a network attached to `port`; returns its slot.
-    pub fn add_network(&mut self, vni: Vni, port: P, learning: bool) -> Result<usize, TableError> {
+    pub fn add_network(&mut self, vni: Vni, port: P, settings: NetworkSettings) -> Result<usize, TableError> {
         if self.tables.by_vni.contains_key(&vni) {
             return Err(TableError::DuplicateVni(vni));
         }
-        let net = Some(Arc::new(NetworkTable::new(vni, port, learning)));
+        let net = Some(Arc::new(NetworkTable::new(vni, port, settings)));
         let slot = match self.tables.networks.iter().position(Option::is_none) {
             Some(free) => {
                 self.tables.networks[free] = net;
@@ -299,14 +288,8 @@ impl<P: Clone> Transaction<P> {
 
     /// Removes a network and gives its port back.
     pub fn remove_network(&mut self, vni: Vni) -> Result<P, TableError> {
-        let port = self
-            .tables
-            .by_vni
-            .remove(&vni)
-            .ok_or(TableError::UnknownVni(vni))?;
-        let net = self.tables.networks[port]
-            .take()
-            .ok_or(TableError::UnknownVni(vni))?;
+        let port = self.tables.by_vni.remove(&vni).ok_or(TableError::UnknownVni(vni))?;
+        let net = self.tables.networks[port].take().ok_or(TableError::UnknownVni(vni))?;
         self.touched.retain(|&p| p != port);
         // Mark the change for publication even though no slot is left to recompute.
         self.touched.push(port);
@@ -320,11 +303,7 @@ impl<P: Clone> Transaction<P> {
     }
 
     /// Replaces the flood list (duplicates are dropped, order kept).
-    pub fn set_flood_list(
-        &mut self,
-        vni: Vni,
-        vteps: impl IntoIterator<Item = IpAddr>,
-    ) -> Result<(), TableError> {
+    pub fn set_flood_list(&mut self, vni: Vni, vteps: impl IntoIterator<Item = IpAddr>) -> Result<(), TableError> {
         let net = self.net(vni)?;
         net.flood.clear();
         for v in vteps {
@@ -388,6 +367,9 @@ mod tests {
     fn vni(n: u32) -> Vni {
         Vni::new(n).unwrap()
     }
+    fn settings(learning: bool) -> NetworkSettings {
+        NetworkSettings { learning, mtu: 1450 }
+    }
     const A: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
     const B: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
     const M: MacAddr = MacAddr([2, 0, 0, 0, 0, 7]);
@@ -398,7 +380,7 @@ mod tests {
         let mut reader = t.reader();
         assert_eq!(reader.load().generation(), 0);
         t.update(|tx| {
-            tx.add_network(vni(100), 1, true)?;
+            tx.add_network(vni(100), 1, settings(true))?;
             tx.set_flood_list(vni(100), [A, A])?;
             tx.set_fdb(vni(100), M, B)?;
             tx.set_arp(vni(100), Ipv4Addr::new(10, 0, 0, 7), M)
@@ -416,20 +398,17 @@ mod tests {
 
         t.update(|tx| tx.remove_fdb(vni(100), M)).unwrap();
         let snap = reader.load();
-        assert!(
-            !snap.by_vni(vni(100)).unwrap().1.is_member(&B),
-            "B left with its last FDB entry"
-        );
+        assert!(!snap.by_vni(vni(100)).unwrap().1.is_member(&B), "B left with its last FDB entry");
     }
 
     #[test]
     fn a_failed_transaction_changes_nothing() {
         let t = Arc::new(SharedTables::<u8>::default());
-        t.update(|tx| tx.add_network(vni(1), 0, false)).unwrap();
+        t.update(|tx| tx.add_network(vni(1), 0, settings(false))).unwrap();
         let err = t
             .update(|tx| {
                 tx.set_flood_list(vni(1), [A])?;
-                tx.add_network(vni(1), 0, false)
+                tx.add_network(vni(1), 0, settings(false))
             })
             .unwrap_err();
         assert_eq!(err, TableError::DuplicateVni(vni(1)));
@@ -438,24 +417,21 @@ mod tests {
             t.update(|tx| tx.set_fdb(vni(1), MacAddr::BROADCAST, A)),
             Err(TableError::GroupMac(MacAddr::BROADCAST))
         );
-        assert_eq!(
-            t.update(|tx| tx.set_fdb(vni(2), M, A)),
-            Err(TableError::UnknownVni(vni(2)))
-        );
+        assert_eq!(t.update(|tx| tx.set_fdb(vni(2), M, A)), Err(TableError::UnknownVni(vni(2))));
     }
 
     #[test]
     fn slots_are_stable_and_reused() {
         let t = Arc::new(SharedTables::<u8>::default());
         t.update(|tx| {
-            tx.add_network(vni(1), 1, false)?;
-            tx.add_network(vni(2), 2, false)
+            tx.add_network(vni(1), 1, settings(false))?;
+            tx.add_network(vni(2), 2, settings(false))
         })
         .unwrap();
         assert_eq!(t.update(|tx| tx.remove_network(vni(1))), Ok(1));
         let snap = t.load();
         assert!(snap.network(0).is_none());
         assert_eq!(snap.by_vni(vni(2)).unwrap().0, 1);
-        assert_eq!(t.update(|tx| tx.add_network(vni(3), 3, false)), Ok(0));
+        assert_eq!(t.update(|tx| tx.add_network(vni(3), 3, settings(false))), Ok(0));
     }
 }

@@ -58,10 +58,7 @@ pub struct Options {
 impl Options {
     /// Defaults for the given binary.
     pub fn new(overlayd: impl Into<PathBuf>) -> Options {
-        Options {
-            overlayd: overlayd.into(),
-            underlay_mtu: 1500,
-        }
+        Options { overlayd: overlayd.into(), underlay_mtu: 1500 }
     }
 }
 
@@ -105,8 +102,7 @@ impl Testbed {
         let prefix = format!("{PREFIX}-{}-{n}", std::process::id());
         let dir = std::env::temp_dir().join(&prefix);
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let inner = Arc::new(Inner {
             switch: format!("{prefix}-sw"),
             prefix,
@@ -114,9 +110,7 @@ impl Testbed {
             options,
             state: Mutex::new(State::default()),
         });
-        LIVE.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::downgrade(&inner));
+        LIVE.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&inner));
         let bed = Testbed { inner };
         bed.inner.add_namespace(&bed.inner.switch)?;
         let sw = bed.inner.switch.clone();
@@ -146,12 +140,7 @@ impl Testbed {
         ensure!(index < 65_000, "too many hosts");
         let name = format!("h{index}");
         let ns = format!("{}-{name}", self.inner.prefix);
-        let addr = Ipv4Addr::new(
-            198,
-            18 + (index >> 16) as u8,
-            (index >> 8) as u8,
-            index as u8,
-        );
+        let addr = Ipv4Addr::new(198, 18 + (index >> 16) as u8, (index >> 8) as u8, index as u8);
         self.inner.add_namespace(&ns)?;
         quiet_ipv6(&ns)?;
         let mtu = self.inner.options.underlay_mtu.to_string();
@@ -173,34 +162,10 @@ impl Testbed {
             "mtu",
             &mtu,
         ])?;
-        netns::ip([
-            "-n",
-            &self.inner.switch,
-            "link",
-            "set",
-            &name,
-            "master",
-            "br0",
-            "up",
-        ])?;
-        netns::ip([
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{addr}/{UNDERLAY_PREFIX_LEN}"),
-            "dev",
-            "ul0",
-        ])?;
+        netns::ip(["-n", &self.inner.switch, "link", "set", &name, "master", "br0", "up"])?;
+        netns::ip(["-n", &ns, "addr", "add", &format!("{addr}/{UNDERLAY_PREFIX_LEN}"), "dev", "ul0"])?;
         netns::ip(["-n", &ns, "link", "set", "ul0", "up"])?;
-        Ok(Host {
-            node: Node {
-                ns,
-                inner: Arc::clone(&self.inner),
-            },
-            name,
-            addr: IpAddr::V4(addr),
-        })
+        Ok(Host { node: Node { ns, inner: Arc::clone(&self.inner) }, name, addr: IpAddr::V4(addr) })
     }
 
     /// Adds `n` hosts.
@@ -225,12 +190,7 @@ impl Drop for Testbed {
 
 /// Cleans up every testbed of this process (for a Ctrl-C handler).
 pub fn cleanup_all() {
-    let live: Vec<_> = LIVE
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .filter_map(Weak::upgrade)
-        .collect();
+    let live: Vec<_> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
     for t in live {
         t.cleanup();
     }
@@ -260,15 +220,7 @@ fn sweep_stale() {
 /// Turns IPv6 off in a namespace, so that the kernel's own IPv6 chatter (router and neighbour
 /// solicitations, MLD) does not cross the overlay and blur the frame counts tests assert.
 fn quiet_ipv6(ns: &str) -> Result<()> {
-    netns::exec(
-        ns,
-        "sysctl",
-        [
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ],
-    )?;
+    netns::exec(ns, "sysctl", ["-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
     Ok(())
 }
 
@@ -287,18 +239,10 @@ impl Inner {
         Ok(())
     }
 
-    fn spawn(
-        &self,
-        label: &str,
-        mut cmd: std::process::Command,
-        log: Option<&Path>,
-    ) -> Result<u32> {
+    fn spawn(&self, label: &str, mut cmd: std::process::Command, log: Option<&Path>) -> Result<u32> {
         match log {
             Some(path) => {
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?;
+                let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
                 cmd.stdout(f.try_clone()?).stderr(f);
             }
             None => {
@@ -318,9 +262,7 @@ impl Inner {
         }
         let mut st = self.lock();
         ensure!(!st.cleaned, "the testbed has been cleaned up");
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {label}"))?;
+        let child = cmd.spawn().with_context(|| format!("cannot start {label}"))?;
         let pid = child.id();
         st.children.insert(pid, (label.to_owned(), child));
         if let Some(p) = log {
@@ -360,10 +302,7 @@ impl Inner {
                 return;
             }
             st.cleaned = true;
-            (
-                std::mem::take(&mut st.children),
-                std::mem::take(&mut st.namespaces),
-            )
+            (std::mem::take(&mut st.children), std::mem::take(&mut st.namespaces))
         };
         // Daemons first, gracefully, so that they remove what they made.
         let mut children: Vec<_> = children.into_iter().collect();
@@ -433,25 +372,11 @@ impl Node {
     /// `ping -c count` to `dst`; loss is reported, not an error.
     pub fn ping(&self, dst: IpAddr, count: u32) -> Result<PingStats> {
         let out = netns::command(&self.ns, "ping")
-            .args([
-                "-n",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                &dst.to_string(),
-            ])
+            .args(["-n", "-c", &count.to_string(), "-i", "0.2", "-W", "1", &dst.to_string()])
             .output()
             .context("cannot run ping (install iputils-ping)")?;
-        measure::parse_ping(&String::from_utf8_lossy(&out.stdout)).with_context(|| {
-            format!(
-                "ping from {} to {dst}: {}",
-                self.ns,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        measure::parse_ping(&String::from_utf8_lossy(&out.stdout))
+            .with_context(|| format!("ping from {} to {dst}: {}", self.ns, String::from_utf8_lossy(&out.stderr)))
     }
 
     /// Fails unless `count` pings to `dst` all come back.
@@ -470,17 +395,7 @@ impl Node {
     /// Fast ping for latency: `count` echo requests 10 ms apart.
     pub fn ping_rtt(&self, dst: IpAddr, count: u32) -> Result<PingStats> {
         let out = netns::command(&self.ns, "ping")
-            .args([
-                "-n",
-                "-q",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.01",
-                "-W",
-                "1",
-                &dst.to_string(),
-            ])
+            .args(["-n", "-q", "-c", &count.to_string(), "-i", "0.01", "-W", "1", &dst.to_string()])
             .output()
             .context("cannot run ping")?;
         measure::parse_ping(&String::from_utf8_lossy(&out.stdout))
@@ -490,15 +405,11 @@ impl Node {
     pub fn iperf3_server(&self, port: u16) -> Result<u32> {
         let mut cmd = netns::command(&self.ns, "iperf3");
         cmd.args(["-s", "-1", "-p", &port.to_string()]);
-        let pid = self
-            .inner
-            .spawn(&format!("iperf3 server in {}", self.ns), cmd, None)?;
+        let pid = self.inner.spawn(&format!("iperf3 server in {}", self.ns), cmd, None)?;
         let needle = format!(":{port} ");
         measure::wait_for(Duration::from_secs(5), "iperf3 to listen", || {
             let out = netns::exec(&self.ns, "ss", ["-ltnH"]).ok()?;
-            String::from_utf8_lossy(&out.stdout)
-                .contains(&needle)
-                .then_some(())
+            String::from_utf8_lossy(&out.stdout).contains(&needle).then_some(())
         })?;
         Ok(pid)
     }
@@ -525,42 +436,27 @@ impl Node {
     }
 
     /// Runs an iperf3 test against a fresh server in `server` (one-off server, then client).
-    pub fn iperf3_to(
-        &self,
-        server: &Node,
-        dst: IpAddr,
-        seconds: u32,
-        streams: u32,
-    ) -> Result<IperfStats> {
+    pub fn iperf3_to(&self, server: &Node, dst: IpAddr, seconds: u32, streams: u32) -> Result<IperfStats> {
         let port = 5201;
         let pid = server.iperf3_server(port)?;
         let r = self.iperf3(dst, port, seconds, streams);
-        self.inner
-            .stop_child(pid, libc::SIGTERM, Duration::from_secs(2));
+        self.inner.stop_child(pid, libc::SIGTERM, Duration::from_secs(2));
         r
     }
 
     /// A counter of an interface, from /sys/class/net/DEV/statistics.
     pub fn if_stat(&self, dev: &str, stat: &str) -> Result<u64> {
         let out = self.exec("cat", [format!("/sys/class/net/{dev}/statistics/{stat}")])?;
-        out.trim()
-            .parse()
-            .with_context(|| format!("{dev} {stat}: {out:?}"))
+        out.trim().parse().with_context(|| format!("{dev} {stat}: {out:?}"))
     }
 
     /// Sends UDP `payloads` from `from` (an address of this namespace, port chosen by the
     /// kernel unless given) to `dst`, from inside the namespace.
-    pub fn send_udp(
-        &self,
-        from: SocketAddr,
-        dst: SocketAddr,
-        payloads: Vec<Vec<u8>>,
-    ) -> Result<()> {
+    pub fn send_udp(&self, from: SocketAddr, dst: SocketAddr, payloads: Vec<Vec<u8>>) -> Result<()> {
         netns::within(&self.ns, move || {
             let s = UdpSocket::bind(from).with_context(|| format!("bind {from}"))?;
             for p in &payloads {
-                s.send_to(p, dst)
-                    .with_context(|| format!("send to {dst}"))?;
+                s.send_to(p, dst).with_context(|| format!("send to {dst}"))?;
             }
             Ok(())
         })
@@ -605,38 +501,20 @@ impl Host {
         let state_dir = self.state_dir();
         let log = inner.dir.join(format!("{}.log", self.name));
         let mut cmd = netns::command(&self.node.ns, &inner.options.overlayd);
-        cmd.arg("--state-dir").arg(&state_dir).args([
-            "daemon",
-            "--underlay-addr",
-            &self.addr.to_string(),
-        ]);
+        cmd.arg("--state-dir").arg(&state_dir).args(["daemon", "--underlay-addr", &self.addr.to_string()]);
         cmd.args(args.iter().map(AsRef::as_ref));
-        cmd.env(
-            "OVERLAYD_LOG",
-            std::env::var("OVERLAYD_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        cmd.env("OVERLAYD_LOG", std::env::var("OVERLAYD_LOG").unwrap_or_else(|_| "info".into()));
         let pid = inner.spawn(&format!("overlayd on {}", self.name), cmd, Some(&log))?;
-        let agent = Agent {
-            inner: Arc::clone(inner),
-            pid,
-            state_dir,
-            log,
-            host: self.name.clone(),
-        };
-        let ready =
-            measure::wait_for(Duration::from_secs(20), "overlayd to answer status", || {
-                if inner.child_exited(pid).is_some() {
-                    return Some(false);
-                }
-                agent.status().is_ok().then_some(true)
-            })?;
+        let agent = Agent { inner: Arc::clone(inner), pid, state_dir, log, host: self.name.clone() };
+        let ready = measure::wait_for(Duration::from_secs(20), "overlayd to answer status", || {
+            if inner.child_exited(pid).is_some() {
+                return Some(false);
+            }
+            agent.status().is_ok().then_some(true)
+        })?;
         if !ready {
             let status = inner.stop_child(pid, libc::SIGKILL, Duration::from_secs(1));
-            bail!(
-                "overlayd on {} exited ({status:?}) before it was ready:\n{}",
-                self.name,
-                agent.log()
-            );
+            bail!("overlayd on {} exited ({status:?}) before it was ready:\n{}", self.name, agent.log());
         }
         Ok(agent)
     }
@@ -644,23 +522,14 @@ impl Host {
     /// Adds a container: a namespace whose `eth0` (address `cidr`, MAC derived from it as
     /// overlayd derives MACs, MTU of the bridge) is a veth on `bridge` of this host.
     pub fn add_container(&self, name: &str, bridge: &str, cidr: &str) -> Result<Container> {
-        let (ip, _) = cidr
-            .split_once('/')
-            .context("the container address needs a prefix length, e.g. 10.0.0.1/24")?;
-        let ip: Ipv4Addr = ip
-            .parse()
-            .with_context(|| format!("{cidr:?} is not an IPv4 address"))?;
+        let (ip, _) = cidr.split_once('/').context("the container address needs a prefix length, e.g. 10.0.0.1/24")?;
+        let ip: Ipv4Addr = ip.parse().with_context(|| format!("{cidr:?} is not an IPv4 address"))?;
         let inner = &self.node.inner;
         let ns = format!("{}-{}-{name}", inner.prefix, self.name);
         let veth: String = format!("v{name}").chars().take(15).collect();
         let mtu_out = netns::ip(["-n", &self.node.ns, "-o", "link", "show", "dev", bridge])?;
         let mtu_text = String::from_utf8_lossy(&mtu_out.stdout).into_owned();
-        let mtu = mtu_text
-            .split_whitespace()
-            .skip_while(|w| *w != "mtu")
-            .nth(1)
-            .context("no bridge MTU")?
-            .to_owned();
+        let mtu = mtu_text.split_whitespace().skip_while(|w| *w != "mtu").nth(1).context("no bridge MTU")?.to_owned();
         inner.add_namespace(&ns)?;
         quiet_ipv6(&ns)?;
         let o = ip.octets();
@@ -685,26 +554,10 @@ impl Host {
             "mtu",
             &mtu,
         ])?;
-        netns::ip([
-            "-n",
-            &self.node.ns,
-            "link",
-            "set",
-            &veth,
-            "master",
-            bridge,
-            "up",
-        ])?;
+        netns::ip(["-n", &self.node.ns, "link", "set", &veth, "master", bridge, "up"])?;
         netns::ip(["-n", &ns, "addr", "add", cidr, "dev", "eth0"])?;
         netns::ip(["-n", &ns, "link", "set", "eth0", "up"])?;
-        Ok(Container {
-            node: Node {
-                ns,
-                inner: Arc::clone(inner),
-            },
-            ip: IpAddr::V4(ip),
-            mac,
-        })
+        Ok(Container { node: Node { ns, inner: Arc::clone(inner) }, ip: IpAddr::V4(ip), mac })
     }
 
     /// Makes this host a Linux kernel VTEP instead of running overlayd: a vxlan device
@@ -730,24 +583,11 @@ impl Host {
             "dev",
             "ul0",
         ])?;
-        netns::ip(["-n", ns, "link", "add", bridge, "type", "bridge"])?;
+        netns::ip(["-n", ns, "link", "add", bridge, "type", "bridge", "mcast_snooping", "0"])?;
         netns::ip(["-n", ns, "link", "set", &dev, "master", bridge, "up"])?;
         netns::ip(["-n", ns, "link", "set", bridge, "up"])?;
         for p in peers {
-            netns::run(
-                "bridge",
-                [
-                    "-n",
-                    ns,
-                    "fdb",
-                    "append",
-                    "00:00:00:00:00:00",
-                    "dev",
-                    &dev,
-                    "dst",
-                    &p.to_string(),
-                ],
-            )?;
+            netns::run("bridge", ["-n", ns, "fdb", "append", "00:00:00:00:00:00", "dev", &dev, "dst", &p.to_string()])?;
         }
         Ok(())
     }
@@ -807,8 +647,7 @@ impl Agent {
 
     /// Runs the overlayd CLI against this daemon (`overlayd --state-dir … <args>`).
     pub fn cli<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Result<String> {
-        let mut all: Vec<std::ffi::OsString> =
-            vec!["--state-dir".into(), self.state_dir.clone().into()];
+        let mut all: Vec<std::ffi::OsString> = vec!["--state-dir".into(), self.state_dir.clone().into()];
         all.extend(args.iter().map(|a| a.as_ref().to_owned()));
         let out = netns::run(&self.inner.options.overlayd.to_string_lossy(), all)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -831,16 +670,12 @@ impl Agent {
 
     /// Sends SIGTERM and waits (10 s at most) for the exit.
     pub fn terminate(&self) -> Result<ExitStatus> {
-        self.inner
-            .stop_child(self.pid, libc::SIGTERM, Duration::from_secs(10))
-            .context("overlayd was not running")
+        self.inner.stop_child(self.pid, libc::SIGTERM, Duration::from_secs(10)).context("overlayd was not running")
     }
 
     /// Sends SIGKILL and reaps it.
     pub fn kill(&self) -> Result<ExitStatus> {
-        self.inner
-            .stop_child(self.pid, libc::SIGKILL, Duration::from_secs(5))
-            .context("overlayd was not running")
+        self.inner.stop_child(self.pid, libc::SIGKILL, Duration::from_secs(5)).context("overlayd was not running")
     }
 
     /// CPU seconds it has used.
@@ -850,11 +685,7 @@ impl Agent {
 
     /// Its log so far.
     pub fn log(&self) -> String {
-        format!(
-            "[{}] {}",
-            self.host,
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        )
+        format!("[{}] {}", self.host, std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 }
 
@@ -875,9 +706,7 @@ impl Counters {
 
     /// Drops over every reason.
     pub fn total_dropped(&self) -> u64 {
-        self.0["dropped"]
-            .as_object()
-            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum())
+        self.0["dropped"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum())
     }
 }
 

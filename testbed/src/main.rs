@@ -7,10 +7,7 @@ use testbed::scenario::{self, Path};
 use testbed::{Options, Testbed};
 
 #[derive(Parser)]
-#[command(
-    name = "testbed",
-    about = "Hosts and containers as network namespaces, with real overlayd processes"
-)]
+#[command(name = "testbed", about = "Hosts and containers as network namespaces, with real overlayd processes")]
 struct Cli {
     /// The overlayd binary [default: next to this one, or $OVERLAYD_BIN].
     #[arg(long, global = true)]
@@ -76,12 +73,7 @@ fn demo(options: &Options, seconds: u32) -> Result<()> {
     let hosts = bed.add_hosts(3)?;
     let mut agents = Vec::new();
     for h in &hosts {
-        let mut args = vec![
-            "--vni".to_owned(),
-            "42".to_owned(),
-            "--name".into(),
-            "demo".into(),
-        ];
+        let mut args = vec!["--vni".to_owned(), "42".to_owned(), "--name".into(), "demo".into()];
         for p in hosts.iter().filter(|p| p.addr() != h.addr()) {
             args.extend(["--peer".to_owned(), p.addr().to_string()]);
         }
@@ -95,18 +87,8 @@ fn demo(options: &Options, seconds: u32) -> Result<()> {
     }
     let mut containers = Vec::new();
     for (i, h) in hosts.iter().enumerate() {
-        let c = h.add_container(
-            &format!("c{}", i + 1),
-            "ovbr-demo",
-            &format!("10.42.0.{}/24", i + 1),
-        )?;
-        say(&format!(
-            "   container c{} on {}: {} ({})",
-            i + 1,
-            h.name(),
-            c.ip(),
-            c.mac()
-        ));
+        let c = h.add_container(&format!("c{}", i + 1), "ovbr-demo", &format!("10.42.0.{}/24", i + 1))?;
+        say(&format!("   container c{} on {}: {} ({})", i + 1, h.name(), c.ip(), c.mac()));
         containers.push(c);
     }
     say("== every container pings every other");
@@ -128,12 +110,7 @@ fn demo(options: &Options, seconds: u32) -> Result<()> {
     say(&format!("== iperf3 across hosts ({seconds} s each)"));
     for (a, b) in [(0usize, 1usize), (2, 0)] {
         let r = containers[a].iperf3_to(&containers[b], containers[b].ip(), seconds, 1)?;
-        say(&format!(
-            "   {} -> {}: {:.2} Gbit/s",
-            containers[a].ip(),
-            containers[b].ip(),
-            r.bits_per_second / 1e9
-        ));
+        say(&format!("   {} -> {}: {:.2} Gbit/s", containers[a].ip(), containers[b].ip(), r.bits_per_second / 1e9));
     }
     say("== what the agent on h1 saw (overlayd status)");
     for line in agents[0].cli(&["status"])?.lines() {
@@ -147,16 +124,12 @@ fn demo(options: &Options, seconds: u32) -> Result<()> {
     ));
     let pairs = [Path::Veth, Path::KernelVxlan, Path::Overlayd]
         .into_iter()
-        .map(|p| {
-            scenario::build(p, options).with_context(|| format!("building the {} setup", p.label()))
-        })
+        .map(|p| scenario::build(p, options).with_context(|| format!("building the {} setup", p.label())))
         .collect::<Result<Vec<_>>>()?;
     let summaries = scenario::compare(&pairs, seconds, 1, |line| say(&format!("   {line}")))?;
     say("");
     say(&scenario::table(&summaries));
-    say(
-        "(one run each; `cargo run --release -p overlayd-benches --bin e2e` takes medians over several)",
-    );
+    say("(one run each; `cargo run --release -p overlayd-benches --bin e2e` takes medians over several)");
     drop(pairs);
     say("== cleaned up: no namespace, device or process of the demo is left");
     Ok(())

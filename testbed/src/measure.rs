@@ -17,28 +17,14 @@ pub struct PingStats {
 
 /// Parses ping's summary lines.
 pub fn parse_ping(out: &str) -> Result<PingStats> {
-    let stats = out
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .context("no ping summary")?;
+    let stats = out.lines().find(|l| l.contains("packets transmitted")).context("no ping summary")?;
     let num = |key: &str| -> Result<u32> {
-        let field = stats
-            .split(',')
-            .find(|f| f.contains(key))
-            .with_context(|| format!("no {key:?} in {stats:?}"))?;
-        field
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .parse()
-            .with_context(|| format!("bad {key:?} in {stats:?}"))
+        let field = stats.split(',').find(|f| f.contains(key)).with_context(|| format!("no {key:?} in {stats:?}"))?;
+        field.split_whitespace().next().unwrap_or("").parse().with_context(|| format!("bad {key:?} in {stats:?}"))
     };
     let (transmitted, received) = (num("transmitted")?, num("received")?);
     let (mut rtt_avg_ms, mut rtt_min_ms) = (f64::NAN, f64::NAN);
-    if let Some(rtt) = out
-        .lines()
-        .find(|l| l.starts_with("rtt") || l.starts_with("round-trip"))
-    {
+    if let Some(rtt) = out.lines().find(|l| l.starts_with("rtt") || l.starts_with("round-trip")) {
         let vals: Vec<f64> = rtt
             .split('=')
             .nth(1)
@@ -51,12 +37,7 @@ pub fn parse_ping(out: &str) -> Result<PingStats> {
             rtt_avg_ms = vals[1];
         }
     }
-    Ok(PingStats {
-        transmitted,
-        received,
-        rtt_avg_ms,
-        rtt_min_ms,
-    })
+    Ok(PingStats { transmitted, received, rtt_avg_ms, rtt_min_ms })
 }
 
 /// What an iperf3 client run reported.
@@ -81,9 +62,7 @@ pub fn parse_iperf3(json: &str) -> Result<IperfStats> {
     let end = &v["end"];
     let recv = &end["sum_received"];
     Ok(IperfStats {
-        bits_per_second: recv["bits_per_second"]
-            .as_f64()
-            .context("no sum_received.bits_per_second")?,
+        bits_per_second: recv["bits_per_second"].as_f64().context("no sum_received.bits_per_second")?,
         bytes: recv["bytes"].as_u64().unwrap_or(0),
         retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
         seconds: recv["seconds"].as_f64().unwrap_or(0.0),
@@ -109,19 +88,12 @@ impl MachineCpu {
     pub fn sample() -> Result<MachineCpu> {
         let stat = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
         let line = stat.lines().next().context("empty /proc/stat")?;
-        let v: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|x| x.parse().ok())
-            .collect();
+        let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
         // user nice system idle iowait irq softirq steal guest guest_nice; guest time is
         // already inside user, so only the first eight count.
         let total: u64 = v.iter().take(8).sum();
         let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-        Ok(MachineCpu {
-            busy_ticks: total - idle,
-            total_ticks: total,
-        })
+        Ok(MachineCpu { busy_ticks: total - idle, total_ticks: total })
     }
 
     /// Busy CPU-seconds between two samples.
@@ -132,8 +104,7 @@ impl MachineCpu {
 
 /// User + system CPU seconds a process has used (all its threads).
 pub fn process_cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("no process {pid}"))?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("no process {pid}"))?;
     // The command name may hold spaces; fields start after its closing parenthesis.
     let rest = stat.rsplit_once(')').context("bad /proc/pid/stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -150,11 +121,7 @@ pub fn median(values: &[f64]) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
 /// Polls `f` until it returns `Some`, or fails after `timeout` with `what`.
@@ -183,10 +150,7 @@ mod tests {
         let p = parse_ping(out).unwrap();
         assert_eq!((p.transmitted, p.received), (3, 2));
         assert!((p.rtt_avg_ms - 0.668).abs() < 1e-9 && (p.rtt_min_ms - 0.435).abs() < 1e-9);
-        let lost = parse_ping(
-            "4 packets transmitted, 0 received, +4 errors, 100% packet loss, time 3000ms\n",
-        )
-        .unwrap();
+        let lost = parse_ping("4 packets transmitted, 0 received, +4 errors, 100% packet loss, time 3000ms\n").unwrap();
         assert_eq!(lost.received, 0);
         assert!(lost.rtt_avg_ms.is_nan());
     }
@@ -196,12 +160,7 @@ mod tests {
         let j = r#"{"end":{"sum_sent":{"retransmits":3},"sum_received":{"bits_per_second":1.5e9,"bytes":1000,"seconds":2.0}}}"#;
         let s = parse_iperf3(j).unwrap();
         assert_eq!((s.bytes, s.retransmits), (1000, 3));
-        assert!(
-            parse_iperf3(r#"{"error":"unable to connect"}"#)
-                .unwrap_err()
-                .to_string()
-                .contains("unable")
-        );
+        assert!(parse_iperf3(r#"{"error":"unable to connect"}"#).unwrap_err().to_string().contains("unable"));
     }
 
     #[test]

@@ -14,27 +14,14 @@ where
     S: AsRef<OsStr>,
 {
     let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-    let shown = || {
-        format!(
-            "{program} {}",
-            args.iter()
-                .map(|a| a.to_string_lossy())
-                .collect::<Vec<_>>()
-                .join(" ")
-        )
-    };
+    let shown = || format!("{program} {}", args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
     let out = Command::new(program)
         .args(&args)
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("cannot run `{}` (is it installed?)", shown()))?;
     if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            shown(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{}` failed ({}): {}", shown(), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out)
 }
@@ -57,19 +44,13 @@ pub fn add(name: &str) -> Result<()> {
 
 /// Deletes a namespace (its interfaces go with it); already gone is fine.
 pub fn delete(name: &str) {
-    let _ = Command::new("ip")
-        .args(["netns", "del", name])
-        .stderr(Stdio::null())
-        .status();
+    let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
 }
 
 /// Every namespace on the machine.
 pub fn list() -> Vec<String> {
     std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect()
-        })
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
         .unwrap_or_default()
 }
 
@@ -79,12 +60,7 @@ pub fn pids(name: &str) -> Vec<i32> {
         .args(["netns", "pids", name])
         .stderr(Stdio::null())
         .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
+        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
         .unwrap_or_default()
 }
 
@@ -94,8 +70,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut all: Vec<std::ffi::OsString> =
-        vec!["netns".into(), "exec".into(), ns.into(), program.into()];
+    let mut all: Vec<std::ffi::OsString> = vec!["netns".into(), "exec".into(), ns.into(), program.into()];
     all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
     run("ip", all)
 }
@@ -108,10 +83,7 @@ pub fn command(ns: &str, program: impl AsRef<OsStr>) -> Command {
 }
 
 /// Runs `f` on a thread that has entered namespace `ns`; sockets it creates belong to `ns`.
-pub fn within<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
+pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     let path = format!("/run/netns/{ns}");
     let file = std::fs::File::open(&path).with_context(|| format!("no namespace {ns}"))?;
     std::thread::spawn(move || {

@@ -50,12 +50,7 @@ pub fn build(path: Path, options: &Options) -> Result<Pair> {
     let bed = Testbed::new(options.clone())?;
     let h = bed.add_hosts(2)?;
     let (client, server, server_ip, agents) = match path {
-        Path::Veth => (
-            h[0].node.clone(),
-            h[1].node.clone(),
-            h[1].addr(),
-            Vec::new(),
-        ),
+        Path::Veth => (h[0].node.clone(), h[1].node.clone(), h[1].addr(), Vec::new()),
         Path::KernelVxlan => {
             h[0].add_kernel_vxlan(VNI, "br100", &[h[1].addr()])?;
             h[1].add_kernel_vxlan(VNI, "br100", &[h[0].addr()])?;
@@ -75,14 +70,7 @@ pub fn build(path: Path, options: &Options) -> Result<Pair> {
     };
     // Resolve ARP and warm up the path before anything is measured.
     client.ping_ok(server_ip, 2)?;
-    Ok(Pair {
-        path,
-        client,
-        server,
-        server_ip,
-        agents,
-        bed,
-    })
+    Ok(Pair { path, client, server, server_ip, agents, bed })
 }
 
 /// One throughput run with its CPU cost.
@@ -98,30 +86,16 @@ pub struct Run {
 impl Pair {
     /// One iperf3 TCP run of `seconds` with `streams` streams, client → server.
     pub fn throughput(&self, seconds: u32, streams: u32) -> Result<Run> {
-        let agents_before: f64 = self
-            .agents
-            .iter()
-            .map(|a| a.cpu_seconds().unwrap_or(0.0))
-            .sum();
+        let agents_before: f64 = self.agents.iter().map(|a| a.cpu_seconds().unwrap_or(0.0)).sum();
         let before = MachineCpu::sample()?;
-        let iperf = self
-            .client
-            .iperf3_to(&self.server, self.server_ip, seconds, streams)?;
+        let iperf = self.client.iperf3_to(&self.server, self.server_ip, seconds, streams)?;
         let after = MachineCpu::sample()?;
-        let agents_after: f64 = self
-            .agents
-            .iter()
-            .map(|a| a.cpu_seconds().unwrap_or(0.0))
-            .sum();
+        let agents_after: f64 = self.agents.iter().map(|a| a.cpu_seconds().unwrap_or(0.0)).sum();
         let gb = iperf.bytes as f64 / 1e9;
         Ok(Run {
             iperf,
             machine_cpu_s_per_gb: after.busy_seconds_since(&before) / gb,
-            agent_cpu_s_per_gb: if self.agents.is_empty() {
-                f64::NAN
-            } else {
-                (agents_after - agents_before) / gb
-            },
+            agent_cpu_s_per_gb: if self.agents.is_empty() { f64::NAN } else { (agents_after - agents_before) / gb },
         })
     }
 
@@ -157,36 +131,19 @@ impl Samples {
         let m = |v: Vec<f64>| measure::median(&v);
         Summary {
             path,
-            gbps_1: m(self
-                .one
-                .iter()
-                .map(|r| r.iperf.bits_per_second / 1e9)
-                .collect()),
-            gbps_4: m(self
-                .four
-                .iter()
-                .map(|r| r.iperf.bits_per_second / 1e9)
-                .collect()),
+            gbps_1: m(self.one.iter().map(|r| r.iperf.bits_per_second / 1e9).collect()),
+            gbps_4: m(self.four.iter().map(|r| r.iperf.bits_per_second / 1e9).collect()),
             rtt_ms: m(self.rtt.clone()),
             machine_cpu_s_per_gb: m(self.one.iter().map(|r| r.machine_cpu_s_per_gb).collect()),
             agent_cpu_s_per_gb: m(self.one.iter().map(|r| r.agent_cpu_s_per_gb).collect()),
-            retransmits_1: m(self
-                .one
-                .iter()
-                .map(|r| r.iperf.retransmits as f64)
-                .collect()),
+            retransmits_1: m(self.one.iter().map(|r| r.iperf.retransmits as f64).collect()),
         }
     }
 }
 
 /// Measures every pair `runs` times, interleaving the paths round by round so that drift in
 /// the machine's load hits all of them alike. `progress` is told each result.
-pub fn compare(
-    pairs: &[Pair],
-    seconds: u32,
-    runs: u32,
-    mut progress: impl FnMut(&str),
-) -> Result<Vec<Summary>> {
+pub fn compare(pairs: &[Pair], seconds: u32, runs: u32, mut progress: impl FnMut(&str)) -> Result<Vec<Summary>> {
     let mut samples = vec![Samples::default(); pairs.len()];
     for round in 1..=runs {
         for (pair, s) in pairs.iter().zip(&mut samples) {
@@ -205,11 +162,7 @@ pub fn compare(
             s.rtt.push(rtt);
         }
     }
-    Ok(pairs
-        .iter()
-        .zip(&samples)
-        .map(|(p, s)| s.summary(p.path))
-        .collect())
+    Ok(pairs.iter().zip(&samples).map(|(p, s)| s.summary(p.path)).collect())
 }
 
 /// A Markdown table of summaries with overlayd/kernel ratios.
@@ -223,11 +176,7 @@ pub fn table(summaries: &[Summary]) -> String {
     );
     let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|");
     for s in summaries {
-        let agent = if s.agent_cpu_s_per_gb.is_nan() {
-            "-".to_owned()
-        } else {
-            format!("{:.2}", s.agent_cpu_s_per_gb)
-        };
+        let agent = if s.agent_cpu_s_per_gb.is_nan() { "-".to_owned() } else { format!("{:.2}", s.agent_cpu_s_per_gb) };
         let _ = writeln!(
             o,
             "| {} | {:.2} | {:.2} | {:.3} | {:.2} | {} | {:.0} |",

@@ -24,7 +24,7 @@ pub use udp::BindError;
 
 use crate::counters::Counters;
 use crate::learn::{self, LearnedFdb, SharedLearned};
-use crate::tables::{SharedTables, TableError, Tables, Transaction};
+use crate::tables::{NetworkSettings, SharedTables, TableError, Tables, Transaction};
 use crate::wire::Vni;
 
 /// What the tables hold per network in the Linux shell: its TAP.
@@ -111,9 +111,7 @@ impl Dataplane {
     /// Binds the sockets and starts the loops. No network is attached yet.
     pub fn start(config: DataplaneConfig) -> Result<Dataplane, DataplaneError> {
         if config.source_port_count == 0 {
-            return Err(DataplaneError::Config(
-                "at least one source port is needed".into(),
-            ));
+            return Err(DataplaneError::Config("at least one source port is needed".into()));
         }
         let last = u32::from(config.source_port_base) + u32::from(config.source_port_count) - 1;
         if config.source_port_base == 0 || last > u32::from(u16::MAX) {
@@ -124,9 +122,7 @@ impl Dataplane {
         }
         let vxlan_port = config.port;
         if (config.source_port_base..=last as u16).contains(&vxlan_port) {
-            return Err(DataplaneError::Config(format!(
-                "the source port range contains the VXLAN port {vxlan_port}"
-            )));
+            return Err(DataplaneError::Config(format!("the source port range contains the VXLAN port {vxlan_port}")));
         }
         let sockets = udp::bind(
             config.local,
@@ -145,24 +141,13 @@ impl Dataplane {
             clock_base: Instant::now(),
         });
         let tx_fds: Vec<_> = sockets.tx.iter().map(AsRawFd::as_raw_fd).collect();
-        let tx_loop =
-            tx::TxLoop::new(Arc::clone(&shared), &tx_fds).map_err(DataplaneError::Start)?;
+        let tx_loop = tx::TxLoop::new(Arc::clone(&shared), &tx_fds).map_err(DataplaneError::Start)?;
         let rx_loop = rx::RxLoop::new(Arc::clone(&shared), sockets.rx.as_raw_fd());
-        let dp = Dataplane {
-            shared,
-            threads: Mutex::new(Vec::new()),
-            _sockets: sockets,
-        };
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name.into()).spawn(f)
-        };
+        let dp = Dataplane { shared, threads: Mutex::new(Vec::new()), _sockets: sockets };
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name.into()).spawn(f);
         let mut threads = dp.threads.lock().unwrap_or_else(|p| p.into_inner());
-        threads.push(
-            spawn("overlayd-tx", Box::new(move || tx_loop.run())).map_err(DataplaneError::Start)?,
-        );
-        threads.push(
-            spawn("overlayd-rx", Box::new(move || rx_loop.run())).map_err(DataplaneError::Start)?,
-        );
+        threads.push(spawn("overlayd-tx", Box::new(move || tx_loop.run())).map_err(DataplaneError::Start)?);
+        threads.push(spawn("overlayd-rx", Box::new(move || rx_loop.run())).map_err(DataplaneError::Start)?);
         drop(threads);
         Ok(dp)
     }
@@ -174,11 +159,8 @@ impl Dataplane {
 
     /// Attaches a network: frames of `tap` go out with `vni`, and datagrams with `vni` come in
     /// through it. Returns the network's slot.
-    pub fn add_network(&self, vni: Vni, tap: Tap, learning: bool) -> Result<usize, DataplaneError> {
-        let slot = self
-            .shared
-            .tables
-            .update(|tx| tx.add_network(vni, Arc::new(tap), learning))?;
+    pub fn add_network(&self, vni: Vni, tap: Tap, settings: NetworkSettings) -> Result<usize, DataplaneError> {
+        let slot = self.shared.tables.update(|tx| tx.add_network(vni, Arc::new(tap), settings))?;
         self.shared.tx_wake.notify();
         Ok(slot)
     }
@@ -191,10 +173,7 @@ impl Dataplane {
     }
 
     /// The writer API: applies `f`'s FDB, ARP and flood-list changes as one update.
-    pub fn update<R>(
-        &self,
-        f: impl FnOnce(&mut Transaction<Port>) -> Result<R, TableError>,
-    ) -> Result<R, TableError> {
+    pub fn update<R>(&self, f: impl FnOnce(&mut Transaction<Port>) -> Result<R, TableError>) -> Result<R, TableError> {
         let out = self.shared.tables.update(f)?;
         self.shared.tx_wake.notify();
         Ok(out)
@@ -231,17 +210,8 @@ impl Dataplane {
             let _ = t.join();
         }
         // Drop the networks so their TAPs close now, not when the handle is dropped.
-        let vnis: Vec<_> = self
-            .shared
-            .tables
-            .load()
-            .networks()
-            .map(|(_, n)| n.vni())
-            .collect();
-        let _ = self.shared.tables.update(|tx| {
-            vnis.iter()
-                .try_for_each(|v| tx.remove_network(*v).map(drop))
-        });
+        let vnis: Vec<_> = self.shared.tables.load().networks().map(|(_, n)| n.vni()).collect();
+        let _ = self.shared.tables.update(|tx| vnis.iter().try_for_each(|v| tx.remove_network(*v).map(drop)));
     }
 }
 

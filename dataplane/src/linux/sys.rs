@@ -8,11 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
 /// An eventfd used to wake a hot loop out of its wait (configuration change, shutdown).
@@ -60,39 +56,22 @@ impl Epoll {
     }
 
     pub(crate) fn add(&self, fd: RawFd, data: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: data,
-        };
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: data };
         // SAFETY: `ev` is a valid epoll_event for the duration of the call.
-        cvt(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })
-            .map(drop)
+        cvt(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(drop)
     }
 
     pub(crate) fn delete(&self, fd: RawFd) -> io::Result<()> {
         // SAFETY: EPOLL_CTL_DEL ignores the event pointer (null is allowed since Linux 2.6.9).
-        cvt(unsafe {
-            libc::epoll_ctl(
-                self.0.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                fd,
-                std::ptr::null_mut(),
-            )
-        })
-        .map(drop)
+        cvt(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) }).map(drop)
     }
 
     /// Waits for readiness; returns how many entries of `events` were filled (0 on timeout
     /// or signal).
-    pub(crate) fn wait(
-        &self,
-        events: &mut [libc::epoll_event],
-        timeout_ms: i32,
-    ) -> io::Result<usize> {
+    pub(crate) fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> io::Result<usize> {
         let max = events.len().min(i32::MAX as usize) as i32;
         // SAFETY: the kernel writes at most `max` entries into `events`, which has that many.
-        let n =
-            unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), max, timeout_ms) };
+        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), max, timeout_ms) };
         match cvt(n) {
             Ok(n) => Ok(n as usize),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
@@ -105,16 +84,8 @@ impl Epoll {
 /// caller's next non-blocking read tells what happened.
 pub(crate) fn poll_either(a: RawFd, b: RawFd, timeout_ms: i32) {
     let mut fds = [
-        libc::pollfd {
-            fd: a,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b,
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        libc::pollfd { fd: a, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: b, events: libc::POLLIN, revents: 0 },
     ];
     // SAFETY: `fds` holds exactly 2 valid pollfd entries for the duration of the call.
     let _ = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
@@ -142,9 +113,7 @@ impl SockAddr {
                 self.v4 = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
                     sin_port: port.to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(a.octets()),
-                    },
+                    sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.octets()) },
                     sin_zero: [0; 8],
                 };
                 size_of::<libc::sockaddr_in>() as libc::socklen_t
@@ -154,9 +123,7 @@ impl SockAddr {
                     sin6_family: libc::AF_INET6 as libc::sa_family_t,
                     sin6_port: port.to_be(),
                     sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.octets(),
-                    },
+                    sin6_addr: libc::in6_addr { s6_addr: a.octets() },
                     sin6_scope_id: 0,
                 };
                 size_of::<libc::sockaddr_in6>() as libc::socklen_t
@@ -172,9 +139,7 @@ impl SockAddr {
         // after checking the family is sound.
         unsafe {
             match i32::from(self.v4.sin_family) {
-                libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::from(
-                    self.v4.sin_addr.s_addr.to_ne_bytes(),
-                ))),
+                libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::from(self.v4.sin_addr.s_addr.to_ne_bytes()))),
                 libc::AF_INET6 => Some(Ipv6Addr::from(self.v6.sin6_addr.s6_addr).to_canonical()),
                 _ => None,
             }
@@ -208,34 +173,15 @@ pub(crate) unsafe fn sendmmsg(fd: RawFd, msgs: &mut [libc::mmsghdr]) -> io::Resu
 pub(crate) unsafe fn recvmmsg_nowait(fd: RawFd, msgs: &mut [libc::mmsghdr]) -> io::Result<usize> {
     let len = msgs.len().min(libc::c_uint::MAX as usize) as libc::c_uint;
     // SAFETY: the caller guarantees the headers' pointers are live and writable.
-    let n = unsafe {
-        libc::recvmmsg(
-            fd,
-            msgs.as_mut_ptr(),
-            len,
-            libc::MSG_DONTWAIT,
-            std::ptr::null_mut(),
-        )
-    };
+    let n = unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), len, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
     cvt(n).map(|n| n as usize)
 }
 
 /// Sets an integer socket option.
-pub(crate) fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
+pub(crate) fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: passes a pointer to a live c_int and its exact size.
     cvt(unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
+        libc::setsockopt(fd, level, name, (&raw const value).cast(), size_of::<libc::c_int>() as libc::socklen_t)
     })
     .map(drop)
 }
@@ -245,11 +191,7 @@ pub(crate) fn setsockopt_int(
 pub(crate) fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
 /// write(2) of `buf`.
@@ -257,11 +199,7 @@ pub(crate) fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 pub(crate) fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`.
     let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
 #[cfg(test)]
@@ -271,10 +209,7 @@ mod tests {
     #[test]
     fn sockaddr_round_trips() {
         let mut s = SockAddr::zeroed();
-        for ip in [
-            "198.18.0.1".parse::<IpAddr>().unwrap(),
-            "fd00::1".parse().unwrap(),
-        ] {
+        for ip in ["198.18.0.1".parse::<IpAddr>().unwrap(), "fd00::1".parse().unwrap()] {
             s.set(ip, 4789);
             assert_eq!(s.ip(), Some(ip));
         }

@@ -28,25 +28,15 @@ impl Tap {
         if name.is_empty() || name.len() > MAX_NAME_LEN || name.contains(['/', ' ', '\0']) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!(
-                    "{name:?} is not a valid interface name (1 to {MAX_NAME_LEN} characters, no '/' or spaces)"
-                ),
+                format!("{name:?} is not a valid interface name (1 to {MAX_NAME_LEN} characters, no '/' or spaces)"),
             ));
         }
         let path = c"/dev/net/tun";
         // SAFETY: `path` is a NUL-terminated string; a non-negative return is an fd we own.
-        let raw = unsafe {
-            libc::open(
-                path.as_ptr(),
-                libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
-            )
-        };
+        let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if raw < 0 {
             let e = io::Error::last_os_error();
-            return Err(io::Error::new(
-                e.kind(),
-                format!("cannot open /dev/net/tun: {e} (is the tun module loaded?)"),
-            ));
+            return Err(io::Error::new(e.kind(), format!("cannot open /dev/net/tun: {e} (is the tun module loaded?)")));
         }
         // SAFETY: `raw` was just returned by open and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -62,9 +52,7 @@ impl Tap {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: the kernel NUL-terminates ifr_name (IFNAMSIZ bytes, name ≤ 15).
-        let actual = unsafe { CStr::from_ptr(ifr.ifr_name.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
+        let actual = unsafe { CStr::from_ptr(ifr.ifr_name.as_ptr()) }.to_string_lossy().into_owned();
         Ok(Tap { fd, name: actual })
     }
 

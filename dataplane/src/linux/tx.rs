@@ -53,12 +53,7 @@ impl SendQueue {
             fd,
             len: 0,
             msgs: (0..MMSG_CAP).map(|_| sys::empty_mmsghdr()).collect(),
-            iovs: (0..MMSG_CAP)
-                .map(|_| libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                })
-                .collect(),
+            iovs: (0..MMSG_CAP).map(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }).collect(),
             addrs: (0..MMSG_CAP).map(|_| SockAddr::zeroed()).collect(),
         }
     }
@@ -71,10 +66,7 @@ impl SendQueue {
     #[inline]
     fn push(&mut self, data: *mut u8, len: usize, dst: std::net::IpAddr, port: u16) {
         let i = self.len;
-        self.iovs[i] = libc::iovec {
-            iov_base: data.cast(),
-            iov_len: len,
-        };
+        self.iovs[i] = libc::iovec { iov_base: data.cast(), iov_len: len };
         let addr_len = self.addrs[i].set(dst, port);
         let h = &mut self.msgs[i].msg_hdr;
         h.msg_name = (&raw mut self.addrs[i]).cast();
@@ -138,9 +130,7 @@ impl TxLoop {
             registered: Vec::with_capacity(256),
             registered_generation: u64::MAX,
             queues: tx_fds.iter().map(|&fd| SendQueue::new(fd)).collect(),
-            bufs: (0..BATCH)
-                .map(|_| vec![0u8; HEADROOM + FRAME_CAP].into_boxed_slice())
-                .collect(),
+            bufs: (0..BATCH).map(|_| vec![0u8; HEADROOM + FRAME_CAP].into_boxed_slice()).collect(),
             reply: [0; arp::MAX_REPLY_LEN],
             shared,
         })
@@ -149,11 +139,7 @@ impl TxLoop {
     pub(crate) fn run(mut self) {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
         while !self.shared.stop.load(Ordering::Acquire) {
-            self.shared
-                .counters
-                .tx
-                .loop_allocations
-                .store(alloc_count::thread_allocations(), Ordering::Relaxed);
+            self.shared.counters.tx.loop_allocations.store(alloc_count::thread_allocations(), Ordering::Relaxed);
             let tables = Arc::clone(self.tables.load());
             if tables.generation() != self.registered_generation {
                 self.sync_ports(&tables);
@@ -175,9 +161,7 @@ impl TxLoop {
     fn sync_ports(&mut self, tables: &Tables<Port>) {
         let epoll = &self.epoll;
         self.registered.retain(|(slot, tap)| {
-            let keep = tables
-                .network(*slot)
-                .is_some_and(|n| Arc::ptr_eq(n.port(), tap));
+            let keep = tables.network(*slot).is_some_and(|n| Arc::ptr_eq(n.port(), tap));
             if !keep {
                 let _ = epoll.delete(tap.as_raw_fd());
             }
@@ -232,22 +216,17 @@ impl TxLoop {
                         }
                         continue;
                     }
-                    TapVerdict::Unicast(ref vtep) => (
-                        std::slice::from_ref(vtep),
-                        port_index(flow_hash(frame), self.queues.len()),
-                    ),
-                    TapVerdict::Flood(list) => {
-                        (list, port_index(flow_hash(frame), self.queues.len()))
+                    TapVerdict::Unicast(ref vtep) => {
+                        (std::slice::from_ref(vtep), port_index(flow_hash(frame), self.queues.len()))
                     }
+                    TapVerdict::Flood(list) => (list, port_index(flow_hash(frame), self.queues.len())),
                 };
                 if len + vxlan::HEADER_LEN > MAX_UDP_PAYLOAD {
                     c.dropped(DropReason::FrameTooLarge);
                     continue;
                 }
-                let header: &mut [u8; vxlan::HEADER_LEN] = (&mut buf
-                    [HEADROOM - vxlan::HEADER_LEN..HEADROOM])
-                    .try_into()
-                    .expect("8-byte slice");
+                let header: &mut [u8; vxlan::HEADER_LEN] =
+                    (&mut buf[HEADROOM - vxlan::HEADER_LEN..HEADROOM]).try_into().expect("8-byte slice");
                 vxlan::write_header(header, net.vni());
                 let datagram = buf[HEADROOM - vxlan::HEADER_LEN..].as_mut_ptr();
                 let queue = &mut self.queues[sock];

@@ -28,11 +28,7 @@ pub(crate) struct UnderlaySockets {
 }
 
 fn new_socket(local: SocketAddr) -> io::Result<Socket> {
-    let s = Socket::new(
-        Domain::for_address(local),
-        Type::DGRAM.cloexec(),
-        Some(Protocol::UDP),
-    )?;
+    let s = Socket::new(Domain::for_address(local), Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
     if local.is_ipv6() {
         s.set_only_v6(true)?;
     }
@@ -46,11 +42,7 @@ fn set_buffer(s: &Socket, force: libc::c_int, bytes: usize) -> io::Result<()> {
     if sys::setsockopt_int(s.as_raw_fd(), libc::SOL_SOCKET, force, v).is_ok() {
         return Ok(());
     }
-    if force == SO_RCVBUFFORCE {
-        s.set_recv_buffer_size(bytes)
-    } else {
-        s.set_send_buffer_size(bytes)
-    }
+    if force == SO_RCVBUFFORCE { s.set_recv_buffer_size(bytes) } else { s.set_send_buffer_size(bytes) }
 }
 
 /// Why a socket could not be set up, with the address it was for.

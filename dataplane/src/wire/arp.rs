@@ -53,12 +53,7 @@ pub fn parse_request(frame: &[u8]) -> Option<ArpRequest> {
     if sender_ip == target_ip || sender_ip.is_unspecified() || sender_mac.is_multicast() {
         return None;
     }
-    Some(ArpRequest {
-        arp_offset,
-        sender_mac,
-        sender_ip,
-        target_ip,
-    })
+    Some(ArpRequest { arp_offset, sender_mac, sender_ip, target_ip })
 }
 
 /// Writes the reply to `request` (read from `frame`) saying `target_ip` is at `answer`, and
@@ -108,11 +103,7 @@ pub(crate) mod tests {
     fn answers_a_request_in_place() {
         let asker = MacAddr([2, 0, 0, 0, 0, 1]);
         let answer = MacAddr([2, 0, 0, 0, 0, 2]);
-        let f = request(
-            asker,
-            Ipv4Addr::new(10, 0, 0, 1),
-            Ipv4Addr::new(10, 0, 0, 2),
-        );
+        let f = request(asker, Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
         let req = parse_request(&f).unwrap();
         assert_eq!(req.target_ip, Ipv4Addr::new(10, 0, 0, 2));
         let mut out = [0u8; MAX_REPLY_LEN];
@@ -131,11 +122,7 @@ pub(crate) mod tests {
     #[test]
     fn keeps_the_vlan_tag() {
         let asker = MacAddr([2, 0, 0, 0, 0, 1]);
-        let mut f = request(
-            asker,
-            Ipv4Addr::new(10, 0, 0, 1),
-            Ipv4Addr::new(10, 0, 0, 2),
-        );
+        let mut f = request(asker, Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
         f.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
         let req = parse_request(&f).unwrap();
         assert_eq!(req.arp_offset, 18);
@@ -150,11 +137,7 @@ pub(crate) mod tests {
         let m = MacAddr([2, 0, 0, 0, 0, 1]);
         let ip = Ipv4Addr::new(10, 0, 0, 1);
         assert_eq!(parse_request(&request(m, ip, ip)), None, "gratuitous");
-        assert_eq!(
-            parse_request(&request(m, Ipv4Addr::UNSPECIFIED, ip)),
-            None,
-            "probe"
-        );
+        assert_eq!(parse_request(&request(m, Ipv4Addr::UNSPECIFIED, ip)), None, "probe");
         let mut reply = request(m, ip, Ipv4Addr::new(10, 0, 0, 2));
         reply[21] = 2;
         assert_eq!(parse_request(&reply), None, "a reply is not a request");

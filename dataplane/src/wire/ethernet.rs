@@ -31,9 +31,7 @@ pub fn source(frame: &[u8]) -> MacAddr {
 pub fn is_vlan(ether_type: EtherType) -> bool {
     matches!(
         ether_type,
-        EtherType::VLAN_TAGGED_FRAME
-            | EtherType::PROVIDER_BRIDGING
-            | EtherType::VLAN_DOUBLE_TAGGED_FRAME
+        EtherType::VLAN_TAGGED_FRAME | EtherType::PROVIDER_BRIDGING | EtherType::VLAN_DOUBLE_TAGGED_FRAME
     )
 }
 
@@ -73,22 +71,10 @@ mod tests {
 
     #[test]
     fn looks_through_vlan_tags() {
-        assert_eq!(
-            network_layer(&frame(&[], 0x0800)),
-            Some((EtherType::IPV4, 14))
-        );
-        assert_eq!(
-            network_layer(&frame(&[0x8100], 0x0806)),
-            Some((EtherType::ARP, 18))
-        );
-        assert_eq!(
-            network_layer(&frame(&[0x88a8, 0x8100], 0x86dd)),
-            Some((EtherType::IPV6, 22))
-        );
-        assert_eq!(
-            network_layer(&frame(&[0x88a8, 0x8100, 0x8100], 0x0800)),
-            None
-        );
+        assert_eq!(network_layer(&frame(&[], 0x0800)), Some((EtherType::IPV4, 14)));
+        assert_eq!(network_layer(&frame(&[0x8100], 0x0806)), Some((EtherType::ARP, 18)));
+        assert_eq!(network_layer(&frame(&[0x88a8, 0x8100], 0x86dd)), Some((EtherType::IPV6, 22)));
+        assert_eq!(network_layer(&frame(&[0x88a8, 0x8100, 0x8100], 0x0800)), None);
         assert_eq!(network_layer(&frame(&[0x8100], 0x0800)[..16]), None);
         let f = frame(&[], 0x0800);
         assert_eq!(destination(&f), MacAddr::BROADCAST);

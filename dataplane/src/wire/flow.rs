@@ -27,20 +27,14 @@ fn fold(h: u64) -> u32 {
 
 #[inline]
 fn has_ports(proto: IpNumber) -> bool {
-    matches!(
-        proto,
-        IpNumber::TCP | IpNumber::UDP | IpNumber::UDP_LITE | IpNumber::SCTP
-    )
+    matches!(proto, IpNumber::TCP | IpNumber::UDP | IpNumber::UDP_LITE | IpNumber::SCTP)
 }
 
 /// Source and destination port of an L4 header, if at least 4 bytes of it are present.
 #[inline]
 fn ports(l4: &[u8]) -> Option<(u16, u16)> {
     let p = l4.get(..4)?;
-    Some((
-        u16::from_be_bytes([p[0], p[1]]),
-        u16::from_be_bytes([p[2], p[3]]),
-    ))
+    Some((u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]])))
 }
 
 /// Orders (address, port) pairs so that both directions of a flow give the same key.
@@ -68,35 +62,19 @@ pub fn flow_hash(frame: &[u8]) -> u32 {
                 } else {
                     (0, 0)
                 };
-                let (a, b, p) = consistent(
-                    u32::from_be_bytes(ip.source()),
-                    u32::from_be_bytes(ip.destination()),
-                    sport,
-                    dport,
-                );
-                fold(mix(
-                    (u64::from(a) << 32) | u64::from(b),
-                    (u64::from(p) << 8) | u64::from(proto.0),
-                ))
+                let (a, b, p) =
+                    consistent(u32::from_be_bytes(ip.source()), u32::from_be_bytes(ip.destination()), sport, dport);
+                fold(mix((u64::from(a) << 32) | u64::from(b), (u64::from(p) << 8) | u64::from(proto.0)))
             }
             Err(_) => mac_hash(frame, ether_type.0),
         },
         EtherType::IPV6 => match Ipv6HeaderSlice::from_slice(l3) {
             Ok(ip) => {
                 let proto = ip.next_header();
-                let (sport, dport) = if has_ports(proto) {
-                    ports(&l3[40..]).unwrap_or((0, 0))
-                } else {
-                    (0, 0)
-                };
-                let (a, b, p) = consistent(
-                    u128::from_be_bytes(ip.source()),
-                    u128::from_be_bytes(ip.destination()),
-                    sport,
-                    dport,
-                );
-                let h = mix(a as u64, (a >> 64) as u64)
-                    ^ mix(b as u64, (b >> 64) as u64).rotate_left(17);
+                let (sport, dport) = if has_ports(proto) { ports(&l3[40..]).unwrap_or((0, 0)) } else { (0, 0) };
+                let (a, b, p) =
+                    consistent(u128::from_be_bytes(ip.source()), u128::from_be_bytes(ip.destination()), sport, dport);
+                let h = mix(a as u64, (a >> 64) as u64) ^ mix(b as u64, (b >> 64) as u64).rotate_left(17);
                 fold(mix(h, (u64::from(p) << 8) | u64::from(proto.0)))
             }
             Err(_) => mac_hash(frame, ether_type.0),

@@ -6,6 +6,7 @@
 //! Nothing here allocates; every parser validates lengths before it reads.
 
 pub mod arp;
+pub mod checksum;
 pub mod ethernet;
 pub mod flow;
 pub mod vxlan;
@@ -23,9 +24,7 @@ pub enum WireError {
 }
 
 /// A 24-bit VXLAN Network Identifier: one overlay network.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "u32", into = "u32")]
 pub struct Vni(u32);
 
@@ -35,11 +34,7 @@ impl Vni {
 
     /// A VNI, or `None` if `value` does not fit in 24 bits.
     pub const fn new(value: u32) -> Option<Vni> {
-        if value <= Self::MAX {
-            Some(Vni(value))
-        } else {
-            None
-        }
+        if value <= Self::MAX { Some(Vni(value)) } else { None }
     }
 
     /// The VNI as a number.
@@ -80,9 +75,7 @@ impl fmt::Display for Vni {
 impl FromStr for Vni {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let v: u32 = s
-            .parse()
-            .map_err(|_| format!("VNI {s:?} is not a number"))?;
+        let v: u32 = s.parse().map_err(|_| format!("VNI {s:?} is not a number"))?;
         Vni::try_from(v)
     }
 }
@@ -115,25 +108,14 @@ impl MacAddr {
     /// that an address alone tells its MAC, as Docker's bridge does with 02:42.
     pub const fn from_ipv4(ip: Ipv4Addr) -> MacAddr {
         let o = ip.octets();
-        MacAddr([
-            Self::DERIVED_PREFIX[0],
-            Self::DERIVED_PREFIX[1],
-            o[0],
-            o[1],
-            o[2],
-            o[3],
-        ])
+        MacAddr([Self::DERIVED_PREFIX[0], Self::DERIVED_PREFIX[1], o[0], o[1], o[2], o[3]])
     }
 }
 
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
     }
 }
 
@@ -146,9 +128,7 @@ impl fmt::Debug for MacAddr {
 impl FromStr for MacAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!("{s:?} is not a MAC address (expected six hex pairs like 02:4f:0a:00:00:02)")
-        };
+        let bad = || format!("{s:?} is not a MAC address (expected six hex pairs like 02:4f:0a:00:00:02)");
         let mut out = [0u8; 6];
         let mut parts = s.split([':', '-']);
         for o in &mut out {
@@ -200,13 +180,7 @@ mod tests {
         assert_eq!(m, MacAddr::from_ipv4(Ipv4Addr::new(10, 0, 0, 2)));
         assert!(!m.is_multicast());
         assert!(MacAddr::BROADCAST.is_multicast() && MacAddr::BROADCAST.is_broadcast());
-        for bad in [
-            "",
-            "02:4f:0a:00:00",
-            "02:4f:0a:00:00:02:03",
-            "0g:00:00:00:00:00",
-            "2:4f:0a:00:00:02",
-        ] {
+        for bad in ["", "02:4f:0a:00:00", "02:4f:0a:00:00:02:03", "0g:00:00:00:00:00", "2:4f:0a:00:00:02"] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

@@ -175,12 +175,7 @@ mod tests {
     #[test]
     fn parses_a_kernel_header() {
         let p = VxlanPacket::new_checked(&KERNEL_HEADER[..]).unwrap();
-        assert_eq!(
-            VxlanRepr::parse(&p),
-            Ok(VxlanRepr {
-                vni: Vni::new(4242).unwrap()
-            })
-        );
+        assert_eq!(VxlanRepr::parse(&p), Ok(VxlanRepr { vni: Vni::new(4242).unwrap() }));
         assert!(p.payload().is_empty());
     }
 
@@ -188,10 +183,7 @@ mod tests {
     fn emit_matches_the_kernel_bytes() {
         let mut buf = [0xffu8; 8];
         let mut p = VxlanPacket::new_unchecked(&mut buf[..]);
-        VxlanRepr {
-            vni: Vni::new(4242).unwrap(),
-        }
-        .emit(&mut p);
+        VxlanRepr { vni: Vni::new(4242).unwrap() }.emit(&mut p);
         assert_eq!(buf, KERNEL_HEADER);
         let mut fast = [0xffu8; 8];
         write_header(&mut fast, Vni::new(4242).unwrap());

@@ -1,0 +1,72 @@
+//! The CLI refuses bad input with a message that says what to fix, before touching the host.
+
+use std::process::Command;
+
+fn overlayd(args: &[&str]) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!("overlayd-cli-test-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_overlayd")).arg("--state-dir").arg(&dir).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout))
+}
+
+#[test]
+fn daemon_without_an_underlay_address_says_how_to_give_one() {
+    let (ok, msg) = overlayd(&["daemon", "--vni", "1"]);
+    assert!(!ok);
+    assert!(msg.contains("--underlay-addr"), "{msg}");
+}
+
+#[test]
+fn daemon_without_a_network_says_how_to_give_one() {
+    let (ok, msg) = overlayd(&["daemon", "--underlay-addr", "198.18.0.1"]);
+    assert!(!ok);
+    assert!(msg.contains("--vni") && msg.contains("[[network]]"), "{msg}");
+}
+
+#[test]
+fn malformed_values_are_refused() {
+    for (args, needle) in [
+        (vec!["daemon", "--underlay-addr", "198.18.0.1", "--vni", "16777216"], "24 bits"),
+        (vec!["daemon", "--underlay-addr", "198.18.0.1", "--vni", "1", "--fdb", "02:00:00:00:00:01"], "MAC=VTEP"),
+        (vec!["daemon", "--underlay-addr", "198.18.0.1", "--vni", "1", "--arp", "10.0.0.1=nope"], "MAC address"),
+        (vec!["daemon", "--underlay-addr", "198.18.0.1", "--vni", "1", "--peer", "198.18.0.1"], "own underlay address"),
+        (vec!["daemon", "--underlay-addr", "198.18.0.1", "--vni", "1", "--source-ports", "9-1"], "first port"),
+        (
+            vec!["daemon", "--underlay-addr", "198.18.0.1", "--vni", "1", "--name", "waytoolongname"],
+            "1 to 10 characters",
+        ),
+    ] {
+        let (ok, msg) = overlayd(&args);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(msg.contains(needle), "{args:?}: {msg}");
+    }
+}
+
+#[test]
+fn a_bad_config_file_names_the_problem() {
+    let path = std::env::temp_dir().join(format!("overlayd-cli-test-{}.toml", std::process::id()));
+    std::fs::write(&path, "underlay_addr = \"198.18.0.1\"\n[[network]]\nvni = 1\npeerz = []\n").unwrap();
+    let (ok, msg) = overlayd(&["daemon", "--config", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(msg.contains("unknown field") && msg.contains("peerz"), "{msg}");
+    std::fs::write(&path, "[[network]]\nvni = 1\n[[network]]\nvni = 1\n").unwrap();
+    let (ok, msg) = overlayd(&["daemon", "--underlay-addr", "198.18.0.1", "--config", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(msg.contains("configured twice"), "{msg}");
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn status_without_a_daemon_says_so() {
+    let (ok, msg) = overlayd(&["status"]);
+    assert!(!ok);
+    assert!(msg.contains("cannot reach the overlayd daemon"), "{msg}");
+}
+
+#[test]
+fn help_teaches_the_config_format() {
+    let (ok, msg) = overlayd(&["daemon", "--help"]);
+    assert!(ok);
+    for needle in ["[[network]]", "--peer", "--underlay-addr", "dstport 4789"] {
+        assert!(msg.contains(needle), "daemon --help lacks {needle}");
+    }
+}

@@ -1,0 +1,343 @@
+//! The static-mode dataplane, end to end: real overlayd processes in network namespaces,
+//! real TAPs and bridges, real ping and iperf3, and the Linux kernel's vxlan device as peer.
+//!
+//! These tests need root (they create namespaces). They fail, never skip, when they cannot run.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use testbed::{Agent, Host, Options, Testbed};
+
+fn bed() -> Testbed {
+    Testbed::new(Options::new(env!("CARGO_BIN_EXE_overlayd"))).expect("cannot build the testbed (run as root)")
+}
+
+/// `overlayd daemon --vni <vni> --peer <each other host>` on `host`.
+fn start(host: &Host, vni: u32, peers: &[&Host], extra: &[&str]) -> Agent {
+    let mut args = vec!["--vni".to_owned(), vni.to_string()];
+    for p in peers {
+        args.push("--peer".into());
+        args.push(p.addr().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    host.start_overlayd(&args).expect("overlayd did not start")
+}
+
+/// The learned FDB entries of `agent` for one network, as (mac, vtep).
+fn fdb_entries(agent: &Agent, vni: u64) -> Vec<(String, String, String)> {
+    let fdb = agent.fdb().unwrap();
+    fdb["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["vni"].as_u64() == Some(vni))
+        .flat_map(|n| n["fdb"].as_array().unwrap().clone())
+        .map(|e| {
+            (
+                e["mac"].as_str().unwrap().to_owned(),
+                e["vtep"].as_str().unwrap().to_owned(),
+                e["origin"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn two_hosts_ping_both_ways_and_iperf3_moves_data() {
+    let bed = bed();
+    let h = bed.add_hosts(2).unwrap();
+    let _a1 = start(&h[0], 100, &[&h[1]], &[]);
+    let _a2 = start(&h[1], 100, &[&h[0]], &[]);
+    let c1 = h[0].add_container("c1", "ovbr-100", "10.0.0.1/24").unwrap();
+    let c2 = h[1].add_container("c2", "ovbr-100", "10.0.0.2/24").unwrap();
+    c1.ping_ok(c2.ip(), 3).unwrap();
+    c2.ping_ok(c1.ip(), 3).unwrap();
+    let r = c1.iperf3_to(&c2, c2.ip(), 3, 1).unwrap();
+    assert!(r.bytes > 10_000_000, "iperf3 moved only {} bytes", r.bytes);
+    let r = c2.iperf3_to(&c1, c1.ip(), 2, 1).unwrap();
+    assert!(r.bytes > 10_000_000, "iperf3 back moved only {} bytes", r.bytes);
+}
+
+#[test]
+fn broadcast_reaches_every_host_then_unicast_goes_to_the_owner_only() {
+    let bed = bed();
+    let h = bed.add_hosts(3).unwrap();
+    let a1 = start(&h[0], 7, &[&h[1], &h[2]], &[]);
+    let a2 = start(&h[1], 7, &[&h[0], &h[2]], &[]);
+    let a3 = start(&h[2], 7, &[&h[0], &h[1]], &[]);
+    let c1 = h[0].add_container("c1", "ovbr-7", "10.7.0.1/24").unwrap();
+    let c2 = h[1].add_container("c2", "ovbr-7", "10.7.0.2/24").unwrap();
+    let c3 = h[2].add_container("c3", "ovbr-7", "10.7.0.3/24").unwrap();
+
+    // The first ping needs ARP: c1's broadcast request is flooded to both other hosts.
+    let (c2_rx, c3_rx) = (c2.rx_packets().unwrap(), c3.rx_packets().unwrap());
+    let before1 = a1.counters().unwrap();
+    c1.ping_ok(c2.ip(), 1).unwrap();
+    let after1 = a1.counters().unwrap();
+    assert_eq!(after1.get("tx_flooded") - before1.get("tx_flooded"), 1, "one flooded frame: the ARP request");
+    assert!(c3.rx_packets().unwrap() > c3_rx, "the broadcast ARP request reached c3 on h3");
+    assert!(c2.rx_packets().unwrap() >= c2_rx + 2, "c2 got the ARP request and the echo request");
+    assert!(
+        fdb_entries(&a1, 7).contains(&(c2.mac().to_owned(), h[1].addr().to_string(), "learned".to_owned())),
+        "h1 learned that c2 lives behind h2: {:?}",
+        fdb_entries(&a1, 7)
+    );
+
+    // From now on, c1 -> c2 is unicast to h2 alone: h3 and c3 see nothing.
+    let (b1, b2, b3) = (a1.counters().unwrap(), a2.counters().unwrap(), a3.counters().unwrap());
+    let c3_rx = c3.rx_packets().unwrap();
+    c1.ping_ok(c2.ip(), 20).unwrap();
+    let (e1, e2, e3) = (a1.counters().unwrap(), a2.counters().unwrap(), a3.counters().unwrap());
+    assert_eq!(e1.get("tx_flooded"), b1.get("tx_flooded"), "nothing flooded once the MAC is known");
+    assert!(e1.get("tx_unicast") - b1.get("tx_unicast") >= 20);
+    assert!(e2.get("rx_delivered") - b2.get("rx_delivered") >= 20, "h2 delivered the echo requests");
+    assert_eq!(e3.get("rx_datagrams"), b3.get("rx_datagrams"), "h3 received no datagram at all");
+    assert_eq!(c3.rx_packets().unwrap(), c3_rx, "c3 received no frame");
+}
+
+#[test]
+fn interop_with_the_linux_kernel_vxlan_both_ways() {
+    let bed = bed();
+    let h = bed.add_hosts(2).unwrap();
+    let a1 = start(&h[0], 4242, &[&h[1]], &[]);
+    h[1].add_kernel_vxlan(4242, "brk", &[h[0].addr()]).unwrap();
+    let c1 = h[0].add_container("c1", "ovbr-4242", "10.42.0.1/24").unwrap();
+    let c2 = h[1].add_container("c2", "brk", "10.42.0.2/24").unwrap();
+    c1.ping_ok(c2.ip(), 3).unwrap();
+    c2.ping_ok(c1.ip(), 3).unwrap();
+    let r = c1.iperf3_to(&c2, c2.ip(), 3, 1).unwrap();
+    assert!(r.bytes > 10_000_000, "overlayd -> kernel moved only {} bytes", r.bytes);
+    let r = c2.iperf3_to(&c1, c1.ip(), 3, 1).unwrap();
+    assert!(r.bytes > 10_000_000, "kernel -> overlayd moved only {} bytes", r.bytes);
+    let c = a1.counters().unwrap();
+    assert_eq!(c.total_dropped(), 0, "the kernel's datagrams were all accepted: {:?}", c.0["dropped"]);
+}
+
+#[test]
+fn two_networks_on_the_same_hosts_are_isolated() {
+    let bed = bed();
+    let h = bed.add_hosts(2).unwrap();
+    // Two VNIs from a config file, with the same container addresses (and so the same MACs)
+    // in both: only the VNI keeps them apart.
+    let mut agents = Vec::new();
+    for (me, other) in [(&h[0], &h[1]), (&h[1], &h[0])] {
+        let path = bed.dir().join(format!("{}.toml", me.name()));
+        std::fs::write(
+            &path,
+            format!(
+                "[[network]]\nname = \"red\"\nvni = 100\npeers = [\"{o}\"]\n\n[[network]]\nname = \"blue\"\nvni = 200\npeers = [\"{o}\"]\n",
+                o = other.addr()
+            ),
+        )
+        .unwrap();
+        agents.push(me.start_overlayd(&["--config", path.to_str().unwrap()]).unwrap());
+    }
+    let red1 = h[0].add_container("r1", "ovbr-red", "10.9.0.1/24").unwrap();
+    let red2 = h[1].add_container("r2", "ovbr-red", "10.9.0.2/24").unwrap();
+    let blue1 = h[0].add_container("b1", "ovbr-blue", "10.9.0.1/24").unwrap();
+    let blue2 = h[1].add_container("b2", "ovbr-blue", "10.9.0.2/24").unwrap();
+
+    let (b1, b2) = (blue1.rx_packets().unwrap(), blue2.rx_packets().unwrap());
+    red1.ping_ok(red2.ip(), 5).unwrap();
+    let r = red1.iperf3_to(&red2, red2.ip(), 2, 1).unwrap();
+    assert!(r.bytes > 1_000_000);
+    assert_eq!(
+        (blue1.rx_packets().unwrap(), blue2.rx_packets().unwrap()),
+        (b1, b2),
+        "no red frame reached a blue container"
+    );
+
+    let (r1, r2) = (red1.rx_packets().unwrap(), red2.rx_packets().unwrap());
+    blue2.ping_ok(blue1.ip(), 5).unwrap();
+    assert_eq!(
+        (red1.rx_packets().unwrap(), red2.rx_packets().unwrap()),
+        (r1, r2),
+        "no blue frame reached a red container"
+    );
+    for a in &agents {
+        assert_eq!(a.counters().unwrap().dropped("unknown_vni"), 0);
+    }
+}
+
+/// A VXLAN datagram carrying an Ethernet frame to `dst_mac`, with the given header bytes.
+fn vxlan_to(header: [u8; 8], dst_mac: &str) -> Vec<u8> {
+    let mut d = header.to_vec();
+    let mac: Vec<u8> = dst_mac.split(':').map(|x| u8::from_str_radix(x, 16).unwrap()).collect();
+    d.extend_from_slice(&mac);
+    d.extend_from_slice(&[0x02, 0x4f, 0x0a, 0x00, 0x00, 0x63, 0x08, 0x00]);
+    // An IPv4/ICMP echo request to 10.0.0.1, enough to be a frame c1 would count.
+    d.extend_from_slice(&[
+        0x45, 0, 0, 28, 0, 1, 0, 0, 64, 1, 0, 0, 10, 0, 0, 99, 10, 0, 0, 1, 8, 0, 0xf7, 0xff, 0, 0, 0, 0,
+    ]);
+    d
+}
+
+#[test]
+fn bad_datagrams_are_dropped_counted_and_harmless() {
+    let bed = bed();
+    let h = bed.add_hosts(3).unwrap(); // h3 is on the underlay but in no network: a stranger
+    let a1 = start(&h[0], 100, &[&h[1]], &[]);
+    let _a2 = start(&h[1], 100, &[&h[0]], &[]);
+    let c1 = h[0].add_container("c1", "ovbr-100", "10.0.0.1/24").unwrap();
+    let c2 = h[1].add_container("c2", "ovbr-100", "10.0.0.2/24").unwrap();
+    c2.ping_ok(c1.ip(), 2).unwrap();
+
+    let vni100 = [0x08, 0, 0, 0, 0, 0, 100, 0];
+    let good = vxlan_to(vni100, c1.mac());
+    let mut bad_flags = good.clone();
+    bad_flags[0] = 0x0c;
+    let mut reserved_1 = good.clone();
+    reserved_1[2] = 0x01;
+    let mut reserved_2 = good.clone();
+    reserved_2[7] = 0x01;
+    let unknown_vni = vxlan_to([0x08, 0, 0, 0, 0, 0x03, 0xe7, 0], c1.mac());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", good[..5].to_vec()),
+        ("truncated", good[..8 + 13].to_vec()),
+        ("bad_flags", bad_flags),
+        ("reserved_bits", reserved_1),
+        ("reserved_bits", reserved_2),
+        ("unknown_vni", unknown_vni),
+    ];
+    let to = SocketAddr::new(h[0].addr(), 4789);
+    let before = a1.counters().unwrap();
+    let c1_rx = c1.rx_packets().unwrap();
+    // From the member VTEP h2 (its address, any port): each malformed kind 3 times.
+    let from_member = SocketAddr::new(h[1].addr(), 0);
+    h[1].send_udp(from_member, to, cases.iter().flat_map(|(_, d)| std::iter::repeat_n(d.clone(), 3)).collect())
+        .unwrap();
+    // From the stranger h3: a perfectly valid datagram, 3 times.
+    h[2].send_udp(SocketAddr::new(h[2].addr(), 0), to, vec![good.clone(); 3]).unwrap();
+    // And 500 datagrams of garbage from both (first byte never 0x08, so none is valid).
+    let garbage: Vec<Vec<u8>> = (0..250u32)
+        .map(|i| {
+            let len = (i as usize * 7919) % 1400;
+            let mut g: Vec<u8> =
+                (0..len).map(|j| (i.wrapping_mul(2654435761).wrapping_add(j as u32 * 40503) >> 7) as u8).collect();
+            if let Some(b) = g.first_mut() {
+                *b = if *b == 0x08 { 0x09 } else { *b };
+            }
+            g
+        })
+        .collect();
+    h[1].send_udp(from_member, to, garbage.clone()).unwrap();
+    h[2].send_udp(SocketAddr::new(h[2].addr(), 0), to, garbage).unwrap();
+
+    let expected_total = cases.len() as u64 * 3 + 3 + 500;
+    let after = testbed::measure::wait_for(Duration::from_secs(5), "the drops to be counted", || {
+        let c = a1.counters().ok()?;
+        (c.total_dropped() - before.total_dropped() >= expected_total).then_some(c)
+    })
+    .unwrap();
+    let delta = |r: &str| after.dropped(r) - before.dropped(r);
+    assert_eq!(
+        delta("bad_flags") + delta("reserved_bits") + delta("truncated") + delta("not_member"),
+        expected_total - 3,
+        "{:?}",
+        after.0
+    );
+    assert_eq!(delta("unknown_vni"), 3);
+    assert!(delta("truncated") >= 6 && delta("bad_flags") >= 3 && delta("reserved_bits") >= 6);
+    assert!(delta("not_member") >= 3, "the stranger's valid datagrams are refused");
+    assert_eq!(
+        after.total_dropped() - before.total_dropped(),
+        expected_total,
+        "every bad datagram dropped exactly once"
+    );
+    assert_eq!(after.get("rx_delivered"), before.get("rx_delivered"), "nothing was delivered");
+    assert_eq!(c1.rx_packets().unwrap(), c1_rx, "nothing reached the container");
+    // The stranger taught nothing, and good traffic still flows.
+    assert!(!fdb_entries(&a1, 100).iter().any(|(_, vtep, _)| vtep == &h[2].addr().to_string()));
+    c1.ping_ok(c2.ip(), 3).unwrap();
+    c2.ping_ok(c1.ip(), 3).unwrap();
+}
+
+#[test]
+fn sigterm_removes_what_the_agent_created_and_keeps_what_it_did_not() {
+    let bed = bed();
+    let h = bed.add_hosts(2).unwrap();
+    // A bridge the operator made beforehand, used by the second network.
+    h[0].exec("ip", ["link", "add", "mybr", "type", "bridge"]).unwrap();
+    let path = bed.dir().join("h1.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[network]]\nname = \"one\"\nvni = 1\npeers = [\"{p}\"]\n\n[[network]]\nname = \"two\"\nvni = 2\nbridge = \"mybr\"\npeers = [\"{p}\"]\n",
+            p = h[1].addr()
+        ),
+    )
+    .unwrap();
+    let a1 = h[0].start_overlayd(&["--config", path.to_str().unwrap()]).unwrap();
+    let links = || h[0].exec("ip", ["-o", "link", "show"]).unwrap();
+    let up = links();
+    for dev in ["ovbr-one", "ovt-one", "ovt-two", "mybr"] {
+        assert!(up.contains(&format!(" {dev}:")), "{dev} exists while running:\n{up}");
+    }
+    let status = a1.terminate().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}\n{}", a1.log());
+    let down = links();
+    for dev in ["ovbr-one", "ovt-one", "ovt-two"] {
+        assert!(!down.contains(&format!(" {dev}:")), "{dev} is gone after SIGTERM:\n{down}");
+    }
+    assert!(down.contains(" mybr:"), "the operator's bridge stays");
+    assert!(!a1.state_dir().join("overlayd.sock").exists(), "the socket is removed");
+}
+
+#[test]
+fn the_hot_loops_allocate_nothing_per_packet() {
+    let bed = bed();
+    let h = bed.add_hosts(2).unwrap();
+    let a1 = start(&h[0], 100, &[&h[1]], &[]);
+    let a2 = start(&h[1], 100, &[&h[0]], &[]);
+    let c1 = h[0].add_container("c1", "ovbr-100", "10.0.0.1/24").unwrap();
+    let c2 = h[1].add_container("c2", "ovbr-100", "10.0.0.2/24").unwrap();
+    c1.ping_ok(c2.ip(), 2).unwrap(); // ARP, learning: the only moments that may allocate
+    let status = a1.status().unwrap();
+    assert_eq!(status["allocation_counting"], true, "overlayd counts allocations per thread");
+    let before = [a1.counters().unwrap(), a2.counters().unwrap()];
+    let r = c1.iperf3_to(&c2, c2.ip(), 3, 2).unwrap();
+    c2.ping_ok(c1.ip(), 5).unwrap();
+    let after = [a1.counters().unwrap(), a2.counters().unwrap()];
+    for (b, a) in before.iter().zip(&after) {
+        let frames = (a.get("tx_frames") - b.get("tx_frames")) + (a.get("rx_delivered") - b.get("rx_delivered"));
+        assert!(frames > 10_000, "enough traffic to mean something: {frames} frames, {} bytes by iperf3", r.bytes);
+        for key in ["tx_loop_allocations", "rx_loop_allocations"] {
+            assert_eq!(a.get(key), b.get(key), "{key} grew while forwarding {frames} frames");
+        }
+        assert!(
+            b.get("tx_loop_allocations") > 0 || b.get("rx_loop_allocations") > 0,
+            "the counter is live (thread start allocates)"
+        );
+    }
+}
+
+#[test]
+fn static_fdb_and_arp_entries_answer_locally_without_flooding() {
+    let bed = bed();
+    let h = bed.add_hosts(2).unwrap();
+    let (ip1, ip2) = ("10.5.0.1", "10.5.0.2");
+    let (mac1, mac2) = ("02:4f:0a:05:00:01", "02:4f:0a:05:00:02");
+    let a1 = start(
+        &h[0],
+        5,
+        &[&h[1]],
+        &["--no-learning", "--fdb", &format!("{mac2}={}", h[1].addr()), "--arp", &format!("{ip2}={mac2}")],
+    );
+    let _a2 = start(
+        &h[1],
+        5,
+        &[&h[0]],
+        &["--no-learning", "--fdb", &format!("{mac1}={}", h[0].addr()), "--arp", &format!("{ip1}={mac1}")],
+    );
+    let c1 = h[0].add_container("c1", "ovbr-5", "10.5.0.1/24").unwrap();
+    let c2 = h[1].add_container("c2", "ovbr-5", "10.5.0.2/24").unwrap();
+    let before = a1.counters().unwrap();
+    c1.ping_ok(c2.ip(), 3).unwrap();
+    let after = a1.counters().unwrap();
+    assert_eq!(after.get("arp_replies") - before.get("arp_replies"), 1, "c1's ARP request answered by the agent");
+    assert_eq!(after.get("tx_flooded"), before.get("tx_flooded"), "nothing flooded");
+    assert!(after.get("tx_unicast") - before.get("tx_unicast") >= 3);
+    let neigh = c1.exec("ip", ["neigh", "show", ip2]).unwrap();
+    assert!(neigh.contains(mac2), "c1 resolved c2 to its MAC: {neigh}");
+    assert!(fdb_entries(&a1, 5).iter().all(|(_, _, origin)| origin == "static"), "no learning");
+}
