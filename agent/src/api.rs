@@ -46,6 +46,8 @@ pub struct StatusReport {
     pub source_ports: String,
     /// Whether heap allocations are counted per thread (the `*_loop_allocations` counters).
     pub allocation_counting: bool,
+    /// Offloads the dataplane uses (UDP GRO off if the kernel refused it).
+    pub offloads: dataplane::linux::Offloads,
     pub networks: Vec<NetworkStatus>,
     pub counters: CountersSnapshot,
 }
@@ -57,6 +59,8 @@ pub struct NetworkStatus {
     pub vni: Vni,
     pub bridge: String,
     pub tap: String,
+    /// What the TAP was opened with: none, or csum,tso(,uso).
+    pub tap_offloads: String,
     pub mtu: u32,
     pub learning: bool,
     pub flood_list: Vec<IpAddr>,

@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
+use dataplane::linux::Offloads;
 use dataplane::{MacAddr, Vni};
 use serde::Deserialize;
 
@@ -27,6 +28,7 @@ pub struct FileConfig {
     pub vxlan_port: Option<u16>,
     pub source_ports: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
+    pub offloads: Option<String>,
     #[serde(default, rename = "network")]
     pub networks: Vec<FileNetwork>,
 }
@@ -83,6 +85,7 @@ pub struct StaticConfig {
     pub source_port_base: u16,
     pub source_port_count: u16,
     pub metrics_addr: Option<SocketAddr>,
+    pub offloads: Offloads,
     pub networks: Vec<NetworkConfig>,
 }
 
@@ -146,6 +149,7 @@ pub struct FlagSettings {
     pub vxlan_port: Option<u16>,
     pub source_ports: Option<(u16, u16)>,
     pub metrics_addr: Option<SocketAddr>,
+    pub offloads: Option<Offloads>,
     pub network: FlagNetwork,
 }
 
@@ -217,6 +221,11 @@ pub fn resolve(file: FileConfig, flags: FlagSettings) -> Result<StaticConfig> {
         source_port_base,
         source_port_count,
         metrics_addr: flags.metrics_addr.or(file.metrics_addr),
+        offloads: match (flags.offloads, &file.offloads) {
+            (Some(o), _) => o,
+            (None, Some(s)) => Offloads::parse(s).map_err(|e| anyhow::anyhow!("offloads in the config file: {e}"))?,
+            (None, None) => Offloads::default(),
+        },
         networks,
     };
     validate(&cfg)?;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use dataplane::linux::{Dataplane, DataplaneConfig, Tap};
+use dataplane::linux::{Dataplane, DataplaneConfig};
 use dataplane::tables::NetworkSettings;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -47,6 +47,14 @@ impl Agent {
                     vni: n.config.vni,
                     bridge: n.bridge.name.clone(),
                     tap: n.config.tap.clone(),
+                    tap_offloads: t
+                        .map(|t| t.port().offloads())
+                        .map(|o| match (o.vnet_hdr, o.uso) {
+                            (false, _) => "none".to_owned(),
+                            (true, false) => "csum,tso".to_owned(),
+                            (true, true) => "csum,tso,uso".to_owned(),
+                        })
+                        .unwrap_or_default(),
                     mtu: n.mtu,
                     learning: n.config.learning,
                     flood_list: t.map(|t| t.flood_list().to_vec()).unwrap_or_default(),
@@ -68,6 +76,7 @@ impl Agent {
             vxlan_port: c.vxlan_port,
             source_ports: format!("{}-{}", c.source_port_base, c.source_port_base + (c.source_port_count - 1)),
             allocation_counting: dataplane::alloc_count::is_installed(),
+            offloads: self.dataplane.config().offloads,
             networks,
             counters: self.dataplane.counters().snapshot(),
         }
@@ -144,6 +153,7 @@ pub async fn run(config: StaticConfig, state_dir: PathBuf) -> Result<()> {
     dp_config.port = config.vxlan_port;
     dp_config.source_port_base = config.source_port_base;
     dp_config.source_port_count = config.source_port_count;
+    dp_config.offloads = config.offloads;
     let dataplane = Dataplane::start(dp_config).with_context(|| {
         format!(
             "cannot start the dataplane on {}:{} (is another VXLAN endpoint, overlayd or a kernel vxlan device, \
@@ -219,7 +229,7 @@ async fn setup_network(agent: &mut Agent, nl: &rtnetlink::Handle, net: NetworkCo
     let bridge = netdev::ensure_bridge(nl, &net.bridge, mtu).await?;
     // Record the bridge at once, so that teardown removes it even if a later step fails.
     agent.networks.push(RunningNetwork { config: net.clone(), mtu, bridge: bridge.clone() });
-    let tap = Tap::create(&net.tap).map_err(|e| match e.raw_os_error() {
+    let tap = agent.dataplane.open_tap(&net.tap).map_err(|e| match e.raw_os_error() {
         Some(libc::EBUSY) => anyhow::anyhow!("the TAP {} is held by another process (another overlayd?): {e}", net.tap),
         Some(libc::EPERM) | Some(libc::EACCES) => {
             anyhow::anyhow!("cannot create the TAP {}: {e}; overlayd needs CAP_NET_ADMIN (run it as root)", net.tap)
@@ -265,8 +275,20 @@ async fn serve(agent: Arc<Agent>, sock: &Path) -> Result<()> {
         }
     };
     tracing::info!(socket = %sock.display(), networks = agent.networks.len(), "overlayd is ready");
+    let watchdog_agent = Arc::clone(&agent);
+    let watchdog = async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            if let Some(why) = watchdog_agent.dataplane.failure() {
+                tracing::error!(%why, "a dataplane loop died; stopping so that the service manager restarts overlayd");
+                bail!("the dataplane stopped: {why}");
+            }
+        }
+    };
     tokio::select! {
         r = api => r,
         r = metrics => r,
+        r = watchdog => r,
     }
 }

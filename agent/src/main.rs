@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dataplane::alloc_count::CountingAllocator;
+use dataplane::linux::Offloads;
 use dataplane::{MacAddr, Vni};
 
 // Counting allocations per thread is how the zero-allocation hot loop is checked in every
@@ -115,6 +116,12 @@ struct DaemonArgs {
     #[arg(long, env = "OVERLAYD_METRICS_ADDR", value_name = "ADDR:PORT")]
     metrics_addr: Option<SocketAddr>,
 
+    /// Offloads: all, none, or a list of tap (TSO super-frames from the TAP), gso (UDP_SEGMENT
+    /// sends), gro (UDP_GRO receives), coalesce (TCP segments joined for the TAP). For diagnosis
+    /// and for measuring each on its own.
+    #[arg(long, env = "OVERLAYD_OFFLOADS", value_name = "LIST", value_parser = Offloads::parse)]
+    offloads: Option<Offloads>,
+
     /// Log filter (tracing syntax: error, warn, info, debug, or per-module).
     #[arg(long, env = "OVERLAYD_LOG", default_value = "info", value_name = "FILTER")]
     log: String,
@@ -200,6 +207,7 @@ fn run(cli: Cli) -> Result<()> {
                 vxlan_port: args.vxlan_port,
                 source_ports: args.source_ports,
                 metrics_addr: args.metrics_addr,
+                offloads: args.offloads,
                 network: config::FlagNetwork {
                     vni: n.vni,
                     name: n.name,

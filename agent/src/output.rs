@@ -24,6 +24,15 @@ pub fn status(s: &StatusReport) -> String {
         "underlay   {} on {} (MTU {}), VXLAN port {}, source ports {}",
         s.underlay_addr, s.underlay_interface, s.underlay_mtu, s.vxlan_port, s.source_ports
     );
+    let f = &s.offloads;
+    let _ = writeln!(
+        o,
+        "offloads   tap {}  udp gso {}  udp gro {}  coalesce {}",
+        on(f.tap),
+        on(f.udp_gso),
+        on(f.udp_gro),
+        on(f.coalesce)
+    );
     let _ =
         writeln!(o, "\nNETWORK     VNI       BRIDGE         TAP            MTU    LEARN  FLOOD  FDB    LEARNED  ARP");
     for n in &s.networks {
@@ -62,6 +71,10 @@ pub fn status(s: &StatusReport) -> String {
         );
     }
     o
+}
+
+fn on(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
 }
 
 pub fn fdb(r: &FdbReport) -> String {

@@ -56,6 +56,10 @@ drop_reasons! {
     NoDestination = "no_destination",
     /// TAP: the frame does not fit in one datagram to the underlay.
     FrameTooLarge = "frame_too_large",
+    /// TAP: the frame carries offload metadata the agent cannot honour (an unknown GSO type,
+    /// checksum offsets outside the frame, a super-frame that does not parse): never sent
+    /// malformed.
+    UnsupportedOffload = "unsupported_offload",
     /// TAP: the kernel refused to send the datagram.
     SendFailed = "send_failed",
     /// TAP: writing an ARP answer back to the TAP failed.
@@ -83,6 +87,12 @@ pub struct TxCounters {
     pub arp_replies: AtomicU64,
     /// Send system calls (each carries a batch of datagrams).
     pub send_calls: AtomicU64,
+    /// Super-frames (TSO/USO from the TAP) cut into segments.
+    pub segmented: AtomicU64,
+    /// GSO sends: runs of up to 64 datagrams handed to the kernel as one (`UDP_SEGMENT`).
+    pub gso_sends: AtomicU64,
+    /// Times UDP GSO was refused by the kernel and switched off.
+    pub gso_disabled: AtomicU64,
     /// Heap allocations made by the TX loop's thread since it started (see `alloc_count`).
     pub loop_allocations: AtomicU64,
 }
@@ -109,6 +119,8 @@ pub struct RxCounters {
     pub checksums_completed: AtomicU64,
     /// Inner super-frames above the MTU cut into segments before delivery.
     pub resegmented: AtomicU64,
+    /// Super-frames written to a TAP that joined two or more received TCP segments.
+    pub coalesced: AtomicU64,
     /// Heap allocations made by the RX loop's thread since it started (see `alloc_count`).
     pub loop_allocations: AtomicU64,
 }
@@ -150,6 +162,9 @@ impl Counters {
             tx_flooded: t.flooded.load(Relaxed),
             tx_datagrams: t.datagrams.load(Relaxed),
             tx_send_calls: t.send_calls.load(Relaxed),
+            tx_segmented: t.segmented.load(Relaxed),
+            tx_gso_sends: t.gso_sends.load(Relaxed),
+            tx_gso_disabled: t.gso_disabled.load(Relaxed),
             arp_replies: t.arp_replies.load(Relaxed),
             rx_datagrams: r.datagrams.load(Relaxed),
             rx_bytes: r.bytes.load(Relaxed),
@@ -157,6 +172,7 @@ impl Counters {
             rx_recv_calls: r.recv_calls.load(Relaxed),
             rx_checksums_completed: r.checksums_completed.load(Relaxed),
             rx_resegmented: r.resegmented.load(Relaxed),
+            rx_coalesced: r.coalesced.load(Relaxed),
             learned: r.learned.load(Relaxed),
             learn_table_full: r.learn_table_full.load(Relaxed),
             aged_out: r.aged_out.load(Relaxed),
@@ -182,6 +198,12 @@ pub struct CountersSnapshot {
     pub tx_datagrams: u64,
     /// Send system calls.
     pub tx_send_calls: u64,
+    /// Super-frames cut into segments.
+    pub tx_segmented: u64,
+    /// GSO sends.
+    pub tx_gso_sends: u64,
+    /// Times UDP GSO was switched off after a refusal.
+    pub tx_gso_disabled: u64,
     /// ARP requests answered locally.
     pub arp_replies: u64,
     /// Datagrams received.
@@ -196,6 +218,8 @@ pub struct CountersSnapshot {
     pub rx_checksums_completed: u64,
     /// Super-frames segmented before delivery.
     pub rx_resegmented: u64,
+    /// Coalesced super-frames written to a TAP.
+    pub rx_coalesced: u64,
     /// Entries learned from the data plane.
     pub learned: u64,
     /// Entries not learned because the table was full.

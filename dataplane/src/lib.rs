@@ -25,6 +25,7 @@
 pub mod alloc_count;
 pub mod counters;
 pub mod learn;
+pub mod offload;
 pub mod segment;
 pub mod switch;
 pub mod tables;

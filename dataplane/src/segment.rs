@@ -8,6 +8,8 @@
 //! number, the flags only the first or last segment may carry, and a full checksum; UDP length
 //! and checksum. Sans-IO: the caller decides where segments go.
 
+use std::ops::Range;
+
 use etherparse::{EtherType, IpNumber, Ipv4HeaderSlice, Ipv6HeaderSlice};
 
 use crate::wire::checksum;
@@ -98,6 +100,21 @@ impl<'a> SuperFrame<'a> {
         self.transport
     }
 
+    /// Whether the IP header is IPv4.
+    pub fn is_ipv4(&self) -> bool {
+        self.ipv4
+    }
+
+    /// Offset of the IP header.
+    pub fn l3_offset(&self) -> usize {
+        self.l3
+    }
+
+    /// Offset of the TCP or UDP header.
+    pub fn l4_offset(&self) -> usize {
+        self.l4
+    }
+
     /// Bytes of headers (Ethernet through TCP/UDP) every segment repeats.
     pub fn header_len(&self) -> usize {
         self.payload
@@ -121,59 +138,79 @@ impl<'a> SuperFrame<'a> {
         self.payload_len().div_ceil(mss).max(1)
     }
 
-    /// Writes segment `index` of `mss` payload bytes into `out` and returns its length. `out`
-    /// must hold `header_len() + mss` bytes; `index < segment_count(mss)`.
-    pub fn write_segment(&self, index: usize, mss: usize, out: &mut [u8]) -> usize {
+    /// The payload bytes of segment `index` of `mss` bytes, as a range of the frame.
+    pub fn segment_payload(&self, index: usize, mss: usize) -> Range<usize> {
+        let start = (index * mss).min(self.payload_len());
+        let len = mss.min(self.payload_len() - start);
+        self.payload + start..self.payload + start + len
+    }
+
+    /// Writes the headers of segment `index` of `mss` payload bytes into `hdr` (which must
+    /// hold [`SuperFrame::header_len`] bytes) and returns where its payload is in the frame.
+    /// The checksums cover that payload where it lies, so a sender can gather headers and
+    /// payloads with iovecs instead of copying the payload.
+    pub fn write_segment_headers(&self, index: usize, mss: usize, hdr: &mut [u8]) -> Range<usize> {
         let h = self.payload;
-        let start = index * mss;
-        let len = mss.min(self.payload_len() - start.min(self.payload_len()));
-        let last = start + len >= self.payload_len();
-        out[..h].copy_from_slice(&self.frame[..h]);
-        out[h..h + len].copy_from_slice(&self.frame[h + start..h + start + len]);
+        let payload = self.segment_payload(index, mss);
+        let len = payload.len();
+        let last = payload.end >= self.frame.len();
+        let hdr = &mut hdr[..h];
+        hdr.copy_from_slice(&self.frame[..h]);
         let (l3, l4) = (self.l3, self.l4);
         let l4_len = h - l4 + len;
         let pseudo = if self.ipv4 {
             let ihl = l4 - l3;
             let total = (ihl + l4_len) as u16;
-            out[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
-            let id = u16::from_be_bytes([out[l3 + 4], out[l3 + 5]]).wrapping_add(index as u16);
-            out[l3 + 4..l3 + 6].copy_from_slice(&id.to_be_bytes());
-            out[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
-            let c = !checksum::fold(checksum::sum(&out[l3..l4], 0));
-            out[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
-            let src: [u8; 4] = out[l3 + 12..l3 + 16].try_into().expect("4 bytes");
-            let dst: [u8; 4] = out[l3 + 16..l3 + 20].try_into().expect("4 bytes");
-            checksum::pseudo_v4(src, dst, out[l3 + 9], l4_len as u16)
+            hdr[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+            let id = u16::from_be_bytes([hdr[l3 + 4], hdr[l3 + 5]]).wrapping_add(index as u16);
+            hdr[l3 + 4..l3 + 6].copy_from_slice(&id.to_be_bytes());
+            hdr[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+            let c = !checksum::fold(checksum::sum(&hdr[l3..l4], 0));
+            hdr[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+            let src: [u8; 4] = hdr[l3 + 12..l3 + 16].try_into().expect("4 bytes");
+            let dst: [u8; 4] = hdr[l3 + 16..l3 + 20].try_into().expect("4 bytes");
+            checksum::pseudo_v4(src, dst, hdr[l3 + 9], l4_len as u16)
         } else {
-            out[l3 + 4..l3 + 6].copy_from_slice(&((l4 - l3 - 40 + l4_len) as u16).to_be_bytes());
-            let src: [u8; 16] = out[l3 + 8..l3 + 24].try_into().expect("16 bytes");
-            let dst: [u8; 16] = out[l3 + 24..l3 + 40].try_into().expect("16 bytes");
-            checksum::pseudo_v6(src, dst, out[l3 + 6], l4_len as u32)
+            hdr[l3 + 4..l3 + 6].copy_from_slice(&((l4 - l3 - 40 + l4_len) as u16).to_be_bytes());
+            let src: [u8; 16] = hdr[l3 + 8..l3 + 24].try_into().expect("16 bytes");
+            let dst: [u8; 16] = hdr[l3 + 24..l3 + 40].try_into().expect("16 bytes");
+            checksum::pseudo_v6(src, dst, hdr[l3 + 6], l4_len as u32)
         };
         let field = match self.transport {
             Transport::Tcp => {
-                let seq =
-                    u32::from_be_bytes([out[l4 + 4], out[l4 + 5], out[l4 + 6], out[l4 + 7]]).wrapping_add(start as u32);
-                out[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+                let start = (payload.start - self.payload) as u32;
+                let seq = u32::from_be_bytes([hdr[l4 + 4], hdr[l4 + 5], hdr[l4 + 6], hdr[l4 + 7]]).wrapping_add(start);
+                hdr[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
                 if !last {
-                    out[l4 + 13] &= !(TCP_FIN | TCP_PSH);
+                    hdr[l4 + 13] &= !(TCP_FIN | TCP_PSH);
                 }
                 if index > 0 {
-                    out[l4 + 13] &= !TCP_CWR;
+                    hdr[l4 + 13] &= !TCP_CWR;
                 }
                 l4 + 16
             }
             Transport::Udp => {
-                out[l4 + 4..l4 + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+                hdr[l4 + 4..l4 + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
                 l4 + 6
             }
         };
-        out[field..field + 2].copy_from_slice(&[0, 0]);
-        let mut c = !checksum::fold(checksum::sum(&out[l4..h + len], pseudo));
+        hdr[field..field + 2].copy_from_slice(&[0, 0]);
+        let sum = checksum::sum(&self.frame[payload.clone()], checksum::sum(&hdr[l4..h], pseudo));
+        let mut c = !checksum::fold(sum);
         if self.transport == Transport::Udp && c == 0 {
             c = 0xffff;
         }
-        out[field..field + 2].copy_from_slice(&c.to_be_bytes());
+        hdr[field..field + 2].copy_from_slice(&c.to_be_bytes());
+        payload
+    }
+
+    /// Writes segment `index` of `mss` payload bytes, headers and payload, into `out` and
+    /// returns its length. `out` must hold `header_len() + mss` bytes.
+    pub fn write_segment(&self, index: usize, mss: usize, out: &mut [u8]) -> usize {
+        let h = self.payload;
+        let payload = self.write_segment_headers(index, mss, out);
+        let len = payload.len();
+        out[h..h + len].copy_from_slice(&self.frame[payload]);
         h + len
     }
 }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-pub use tap::{MAX_NAME_LEN, Tap};
+pub use tap::{MAX_NAME_LEN, Tap, TapOffloads};
 pub use udp::BindError;
 
 use crate::counters::Counters;
@@ -29,6 +29,60 @@ use crate::wire::Vni;
 
 /// What the tables hold per network in the Linux shell: its TAP.
 pub type Port = Arc<Tap>;
+
+/// Which offloads the dataplane uses. All on by default; each can be turned off to diagnose or
+/// to measure what it gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Offloads {
+    /// TAPs with `IFF_VNET_HDR` and `TUNSETOFFLOAD`: TCP super-frames from the kernel,
+    /// checksums left to us, coalesced super-frames written back.
+    pub tap: bool,
+    /// `UDP_SEGMENT`: a run of datagrams to one VTEP in one send.
+    pub udp_gso: bool,
+    /// `UDP_GRO`: runs of datagrams received as one.
+    pub udp_gro: bool,
+    /// Joining received TCP segments into super-frames for the TAP (needs `tap`).
+    pub coalesce: bool,
+}
+
+impl Default for Offloads {
+    fn default() -> Offloads {
+        Offloads { tap: true, udp_gso: true, udp_gro: true, coalesce: true }
+    }
+}
+
+impl Offloads {
+    /// None at all: one frame per system call, as classic userspace tunnels work.
+    pub const NONE: Offloads = Offloads { tap: false, udp_gso: false, udp_gro: false, coalesce: false };
+
+    /// Parses `all`, `none`, or a comma-separated list of `tap`, `gso`, `gro`, `coalesce`
+    /// (those named are on, the others off).
+    pub fn parse(s: &str) -> Result<Offloads, String> {
+        match s.trim() {
+            "all" => return Ok(Offloads::default()),
+            "none" => return Ok(Offloads::NONE),
+            _ => {}
+        }
+        let mut o = Offloads::NONE;
+        for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match word {
+                "tap" => o.tap = true,
+                "gso" => o.udp_gso = true,
+                "gro" => o.udp_gro = true,
+                "coalesce" => o.coalesce = true,
+                other => {
+                    return Err(format!(
+                        "unknown offload {other:?}: write all, none, or a list of tap, gso, gro, coalesce (e.g. tap,gso)"
+                    ));
+                }
+            }
+        }
+        if o.coalesce && !o.tap {
+            return Err("coalesce needs tap (coalesced frames go to the TAP with a virtio-net header)".into());
+        }
+        Ok(o)
+    }
+}
 
 /// Settings of the dataplane.
 #[derive(Debug, Clone)]
@@ -47,6 +101,8 @@ pub struct DataplaneConfig {
     pub max_learned: usize,
     /// Seconds after which an unrefreshed learned entry is removed.
     pub ageing_secs: u64,
+    /// Offloads to use.
+    pub offloads: Offloads,
 }
 
 impl DataplaneConfig {
@@ -60,6 +116,7 @@ impl DataplaneConfig {
             socket_buffer_bytes: 7 << 20,
             max_learned: learn::DEFAULT_MAX_ENTRIES,
             ageing_secs: learn::DEFAULT_AGEING_SECS,
+            offloads: Offloads::default(),
         }
     }
 }
@@ -89,6 +146,10 @@ pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
     pub(crate) tx_wake: sys::EventFd,
     pub(crate) rx_wake: sys::EventFd,
+    /// UDP GSO is wanted and the kernel has not refused it yet.
+    pub(crate) gso_ok: AtomicBool,
+    /// Set when a hot loop died.
+    failure: Mutex<Option<String>>,
     clock_base: Instant,
 }
 
@@ -124,12 +185,20 @@ impl Dataplane {
         if (config.source_port_base..=last as u16).contains(&vxlan_port) {
             return Err(DataplaneError::Config(format!("the source port range contains the VXLAN port {vxlan_port}")));
         }
+        let mut config = config;
         let sockets = udp::bind(
             config.local,
             config.port,
             (config.source_port_base, config.source_port_count),
             config.socket_buffer_bytes,
         )?;
+        if config.offloads.udp_gro && !sockets.enable_gro() {
+            config.offloads.udp_gro = false;
+        }
+        if !config.offloads.tap {
+            config.offloads.coalesce = false;
+        }
+        let udp_gso = config.offloads.udp_gso;
         let shared = Arc::new(Shared {
             config,
             tables: SharedTables::default(),
@@ -138,13 +207,29 @@ impl Dataplane {
             stop: AtomicBool::new(false),
             tx_wake: sys::EventFd::new().map_err(DataplaneError::Start)?,
             rx_wake: sys::EventFd::new().map_err(DataplaneError::Start)?,
+            gso_ok: AtomicBool::new(udp_gso),
+            failure: Mutex::new(None),
             clock_base: Instant::now(),
         });
         let tx_fds: Vec<_> = sockets.tx.iter().map(AsRawFd::as_raw_fd).collect();
         let tx_loop = tx::TxLoop::new(Arc::clone(&shared), &tx_fds).map_err(DataplaneError::Start)?;
         let rx_loop = rx::RxLoop::new(Arc::clone(&shared), sockets.rx.as_raw_fd());
         let dp = Dataplane { shared, threads: Mutex::new(Vec::new()), _sockets: sockets };
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name.into()).spawn(f);
+        let spawn = |name: &'static str, f: Box<dyn FnOnce() + Send>| {
+            let shared = Arc::clone(&dp.shared);
+            std::thread::Builder::new().name(name.into()).spawn(move || {
+                // A panic in a hot loop is a bug; make it visible to the owner instead of
+                // leaving a dataplane that silently stopped moving one direction.
+                if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                    let why = p
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    *shared.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{name}: {why}"));
+                }
+            })
+        };
         let mut threads = dp.threads.lock().unwrap_or_else(|p| p.into_inner());
         threads.push(spawn("overlayd-tx", Box::new(move || tx_loop.run())).map_err(DataplaneError::Start)?);
         threads.push(spawn("overlayd-rx", Box::new(move || rx_loop.run())).map_err(DataplaneError::Start)?);
@@ -152,9 +237,20 @@ impl Dataplane {
         Ok(dp)
     }
 
+    /// `Some(what)` if a hot loop has died (a bug): the dataplane no longer forwards in that
+    /// direction, and the owner should stop and be restarted.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The configuration it runs with.
     pub fn config(&self) -> &DataplaneConfig {
         &self.shared.config
+    }
+
+    /// Opens a TAP the way this dataplane wants it (with offloads unless they are off).
+    pub fn open_tap(&self, name: &str) -> io::Result<Tap> {
+        Tap::create(name, self.shared.config.offloads.tap)
     }
 
     /// Attaches a network: frames of `tap` go out with `vni`, and datagrams with `vni` come in

@@ -202,6 +202,74 @@ pub(crate) fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
+/// writev(2) of `pieces`.
+///
+/// The iovecs must point at live, readable memory of their stated lengths.
+#[inline]
+pub(crate) fn writev(fd: RawFd, pieces: &[libc::iovec]) -> io::Result<usize> {
+    let n = pieces.len().min(libc::c_int::MAX as usize) as libc::c_int;
+    // SAFETY: the kernel reads each iovec's memory, which the caller keeps live and readable.
+    let r = unsafe { libc::writev(fd, pieces.as_ptr(), n) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as usize) }
+}
+
+// From <linux/udp.h>: segmentation offload on send, and coalescing on receive.
+pub(crate) const UDP_SEGMENT: libc::c_int = 103;
+pub(crate) const UDP_GRO: libc::c_int = 104;
+
+/// Room for one control message carrying a small integer, aligned as `cmsghdr` needs.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+pub(crate) struct CmsgBuf([u8; 64]);
+
+impl CmsgBuf {
+    pub(crate) const fn new() -> CmsgBuf {
+        CmsgBuf([0; 64])
+    }
+
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut libc::c_void {
+        self.0.as_mut_ptr().cast()
+    }
+
+    /// Writes a `UDP_SEGMENT` control message of `size` and returns the control length.
+    pub(crate) fn set_udp_segment(&mut self, size: u16) -> usize {
+        // SAFETY: the buffer is 8-aligned and 64 bytes, more than CMSG_SPACE(2); the header is
+        // written whole (zeroed first, as some libcs pad it), the data right behind it.
+        unsafe {
+            let mut h: libc::cmsghdr = zeroed();
+            h.cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+            h.cmsg_level = libc::SOL_UDP;
+            h.cmsg_type = UDP_SEGMENT;
+            std::ptr::write(self.0.as_mut_ptr().cast::<libc::cmsghdr>(), h);
+            let data = self.0.as_mut_ptr().add(size_of::<libc::cmsghdr>());
+            std::ptr::write_unaligned(data.cast::<u16>(), size);
+            libc::CMSG_SPACE(size_of::<u16>() as u32) as usize
+        }
+    }
+
+    pub(crate) const CAPACITY: usize = 64;
+}
+
+/// The `UDP_GRO` segment size in a received message's control data, if any.
+///
+/// # Safety
+/// `msg.msg_control`/`msg_controllen` must describe control data the kernel wrote.
+pub(crate) unsafe fn udp_gro_size(msg: &libc::msghdr) -> Option<usize> {
+    // SAFETY: the CMSG_* macros walk control data the kernel wrote and bounded by
+    // msg_controllen; each header's data holds at least an int for UDP_GRO.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return usize::try_from(v).ok().filter(|v| *v > 0);
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,6 +56,13 @@ pub struct BindError {
     pub source: io::Error,
 }
 
+impl UnderlaySockets {
+    /// Turns on `UDP_GRO` for the receiving socket; false if the kernel refuses (before 5.0).
+    pub(crate) fn enable_gro(&self) -> bool {
+        sys::setsockopt_int(self.rx.as_raw_fd(), libc::SOL_UDP, sys::UDP_GRO, 1).is_ok()
+    }
+}
+
 pub(crate) fn bind(
     local: IpAddr,
     port: u16,

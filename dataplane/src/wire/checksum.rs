@@ -112,12 +112,14 @@ pub fn complete_partial(frame: &mut [u8]) -> Completion {
     if current != fold(pseudo) {
         return Completion::Untouched;
     }
-    let segment = &frame[l4..l4 + l4_len];
-    if fold(sum(segment, pseudo)) == 0xffff {
+    // One pass: the sum with the field as it is. A genuine checksum makes it 0xffff; otherwise
+    // taking the field's value back out (adding its complement, RFC 1624) leaves the sum the
+    // checksum must complete.
+    let with_field = fold(sum(&frame[l4..l4 + l4_len], pseudo));
+    if with_field == 0xffff {
         return Completion::Untouched; // a genuine checksum that happens to look partial
     }
-    frame[field..field + 2].copy_from_slice(&[0, 0]);
-    let mut c = !fold(sum(&frame[l4..l4 + l4_len], pseudo));
+    let mut c = !fold(u64::from(with_field) + u64::from(!current));
     if proto == IpNumber::UDP && c == 0 {
         c = 0xffff;
     }
