@@ -37,6 +37,8 @@ pub const VNI: u32 = 100;
 /// A built two-host setup, ready to measure. Dropping it removes it.
 pub struct Pair {
     pub path: Path,
+    /// Name in tables (the path's label, or a variant's).
+    pub label: String,
     pub client: Node,
     pub server: Node,
     pub server_ip: IpAddr,
@@ -47,6 +49,12 @@ pub struct Pair {
 
 /// Builds one setup.
 pub fn build(path: Path, options: &Options) -> Result<Pair> {
+    build_with(path, options, path.label(), &[])
+}
+
+/// Builds one setup named `label`; overlayd daemons get `overlayd_args` too (e.g. an
+/// `--offloads` variant).
+pub fn build_with(path: Path, options: &Options, label: &str, overlayd_args: &[String]) -> Result<Pair> {
     let bed = Testbed::new(options.clone())?;
     let h = bed.add_hosts(2)?;
     let (client, server, server_ip, agents) = match path {
@@ -59,9 +67,13 @@ pub fn build(path: Path, options: &Options) -> Result<Pair> {
             (c1.node.clone(), c2.node.clone(), c2.ip(), Vec::new())
         }
         Path::Overlayd => {
-            let vni = VNI.to_string();
-            let a1 = h[0].start_overlayd(&["--vni", &vni, "--peer", &h[1].addr().to_string()])?;
-            let a2 = h[1].start_overlayd(&["--vni", &vni, "--peer", &h[0].addr().to_string()])?;
+            let args = |peer: IpAddr| {
+                let mut a = vec!["--vni".to_owned(), VNI.to_string(), "--peer".into(), peer.to_string()];
+                a.extend(overlayd_args.iter().cloned());
+                a
+            };
+            let a1 = h[0].start_overlayd(&args(h[1].addr()))?;
+            let a2 = h[1].start_overlayd(&args(h[0].addr()))?;
             let bridge = format!("ovbr-{VNI}");
             let c1 = h[0].add_container("c1", &bridge, "10.100.0.1/24")?;
             let c2 = h[1].add_container("c2", &bridge, "10.100.0.2/24")?;
@@ -70,7 +82,7 @@ pub fn build(path: Path, options: &Options) -> Result<Pair> {
     };
     // Resolve ARP and warm up the path before anything is measured.
     client.ping_ok(server_ip, 2)?;
-    Ok(Pair { path, client, server, server_ip, agents, bed })
+    Ok(Pair { path, label: label.to_owned(), client, server, server_ip, agents, bed })
 }
 
 /// One throughput run with its CPU cost.
@@ -109,12 +121,15 @@ impl Pair {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Summary {
     pub path: Path,
+    pub label: String,
     pub gbps_1: f64,
     pub gbps_4: f64,
     pub rtt_ms: f64,
     pub machine_cpu_s_per_gb: f64,
+    pub machine_cpu_s_per_gb_4: f64,
     pub agent_cpu_s_per_gb: f64,
     pub retransmits_1: f64,
+    pub runs: usize,
 }
 
 /// Collected runs of one path.
@@ -127,10 +142,13 @@ pub struct Samples {
 
 impl Samples {
     /// Medians.
-    pub fn summary(&self, path: Path) -> Summary {
+    pub fn summary(&self, path: Path, label: &str) -> Summary {
         let m = |v: Vec<f64>| measure::median(&v);
         Summary {
             path,
+            label: label.to_owned(),
+            runs: self.one.len(),
+            machine_cpu_s_per_gb_4: m(self.four.iter().map(|r| r.machine_cpu_s_per_gb).collect()),
             gbps_1: m(self.one.iter().map(|r| r.iperf.bits_per_second / 1e9).collect()),
             gbps_4: m(self.four.iter().map(|r| r.iperf.bits_per_second / 1e9).collect()),
             rtt_ms: m(self.rtt.clone()),
@@ -152,7 +170,7 @@ pub fn compare(pairs: &[Pair], seconds: u32, runs: u32, mut progress: impl FnMut
             let rtt = pair.rtt_ms(100)?;
             progress(&format!(
                 "round {round}/{runs} {:<22} 1 stream {:>6.2} Gbit/s  4 streams {:>6.2} Gbit/s  rtt {:.3} ms",
-                pair.path.label(),
+                pair.label,
                 one.iperf.bits_per_second / 1e9,
                 four.iperf.bits_per_second / 1e9,
                 rtt
@@ -162,41 +180,40 @@ pub fn compare(pairs: &[Pair], seconds: u32, runs: u32, mut progress: impl FnMut
             s.rtt.push(rtt);
         }
     }
-    Ok(pairs.iter().zip(&samples).map(|(p, s)| s.summary(p.path)).collect())
+    Ok(pairs.iter().zip(&samples).map(|(p, s)| s.summary(p.path, &p.label)).collect())
 }
 
-/// A Markdown table of summaries with overlayd/kernel ratios.
+/// A Markdown table of summaries, each row with its ratio to kernel VXLAN.
 pub fn table(summaries: &[Summary]) -> String {
     use std::fmt::Write as _;
     let kernel = summaries.iter().find(|s| s.path == Path::KernelVxlan);
+    let ratio = |a: f64, b: Option<f64>| match b {
+        Some(b) if b > 0.0 && !a.is_nan() => format!("{:.2}x", a / b),
+        _ => "-".to_owned(),
+    };
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "| path | 1 stream Gbit/s | 4 streams Gbit/s | ping RTT ms | machine CPU s/GB (1 stream) | agents' CPU s/GB | retransmits (1 stream) |"
+        "| path | 1 stream Gbit/s | vs kernel | 4 streams Gbit/s | vs kernel | ping RTT ms | vs kernel | machine CPU s/GB, 1 stream | vs kernel | machine CPU s/GB, 4 streams | agents' CPU s/GB, 1 stream | retransmits, 1 stream |"
     );
-    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for s in summaries {
         let agent = if s.agent_cpu_s_per_gb.is_nan() { "-".to_owned() } else { format!("{:.2}", s.agent_cpu_s_per_gb) };
         let _ = writeln!(
             o,
-            "| {} | {:.2} | {:.2} | {:.3} | {:.2} | {} | {:.0} |",
-            s.path.label(),
+            "| {} | {:.2} | {} | {:.2} | {} | {:.3} | {} | {:.2} | {} | {:.2} | {} | {:.0} |",
+            s.label,
             s.gbps_1,
+            ratio(s.gbps_1, kernel.map(|k| k.gbps_1)),
             s.gbps_4,
+            ratio(s.gbps_4, kernel.map(|k| k.gbps_4)),
             s.rtt_ms,
+            ratio(s.rtt_ms, kernel.map(|k| k.rtt_ms)),
             s.machine_cpu_s_per_gb,
+            ratio(s.machine_cpu_s_per_gb, kernel.map(|k| k.machine_cpu_s_per_gb)),
+            s.machine_cpu_s_per_gb_4,
             agent,
             s.retransmits_1
-        );
-    }
-    if let (Some(k), Some(o_)) = (kernel, summaries.iter().find(|s| s.path == Path::Overlayd)) {
-        let _ = writeln!(
-            o,
-            "| **overlayd / kernel** | **{:.2}x** | **{:.2}x** | **{:.2}x** | **{:.2}x** | | |",
-            o_.gbps_1 / k.gbps_1,
-            o_.gbps_4 / k.gbps_4,
-            o_.rtt_ms / k.rtt_ms,
-            o_.machine_cpu_s_per_gb / k.machine_cpu_s_per_gb
         );
     }
     o
