@@ -97,7 +97,10 @@ impl Testbed {
             "no overlayd binary at {} (build it first: cargo build -p overlayd)",
             options.overlayd.display()
         );
-        SWEEP.call_once(sweep_stale);
+        SWEEP.call_once(|| {
+            sweep_stale();
+            install_signal_cleanup();
+        });
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("{PREFIX}-{}-{n}", std::process::id());
         let dir = std::env::temp_dir().join(&prefix);
@@ -195,6 +198,51 @@ pub fn cleanup_all() {
         t.cleanup();
     }
 }
+
+/// On SIGINT or SIGTERM (Ctrl-C on a test run or the demo), removes every testbed of this
+/// process and exits. The handler only writes a byte to a pipe, which is async-signal-safe; a
+/// watcher thread does the cleanup. A handler the program installed itself is left alone.
+fn install_signal_cleanup() {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array we pass.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return;
+    }
+    WAKE_FD.store(fds[1], Ordering::Relaxed);
+    let read_fd = fds[0];
+    let watcher = std::thread::Builder::new().name("testbed-signals".into()).spawn(move || {
+        let mut b = [0u8; 1];
+        // SAFETY: reads one byte from our own pipe into a live buffer.
+        let n = unsafe { libc::read(read_fd, b.as_mut_ptr().cast(), 1) };
+        if n == 1 {
+            cleanup_all();
+            std::process::exit(130);
+        }
+    });
+    if watcher.is_err() {
+        return;
+    }
+    extern "C" fn on_signal(_: libc::c_int) {
+        let fd = WAKE_FD.load(Ordering::Relaxed);
+        // SAFETY: write(2) is async-signal-safe; one byte from a static to our pipe.
+        unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: queries the current disposition, then installs a handler only where the
+        // default one is in place; sigaction structs are plain C data.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_DFL {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(sig, &sa, std::ptr::null_mut());
+            }
+        }
+    }
+}
+
+static WAKE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 /// Removes namespaces left by testbed processes that are gone, and whatever runs inside them.
 fn sweep_stale() {

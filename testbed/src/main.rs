@@ -36,8 +36,7 @@ fn say(s: &str) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    // Ctrl-C or SIGTERM: remove what was built, then leave.
-    install_signal_cleanup();
+    // Ctrl-C or SIGTERM: the testbed library removes what was built, then the process leaves.
     let overlayd = match cli.overlayd {
         Some(p) => p,
         None => testbed::overlayd_next_to_me()?,
@@ -50,20 +49,6 @@ fn main() -> Result<()> {
             say("removed namespaces of testbed processes that no longer run");
             Ok(())
         }
-    }
-}
-
-fn install_signal_cleanup() {
-    extern "C" fn on_signal(_: libc::c_int) {
-        // Not async-signal-safe in general, but the process is leaving: cleaning up the
-        // namespaces matters more than the risk of a deadlock in an allocator.
-        testbed::cleanup_all();
-        std::process::exit(130);
-    }
-    // SAFETY: installs a plain C handler for SIGINT and SIGTERM.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
 }
 

@@ -66,15 +66,7 @@ fn machine() -> String {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    extern "C" fn on_signal(_: libc::c_int) {
-        testbed::cleanup_all();
-        std::process::exit(130);
-    }
-    // SAFETY: installs a plain C handler for SIGINT and SIGTERM; see testbed's demo.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    // Ctrl-C or SIGTERM: the testbed library removes what was built.
     let overlayd = match cli.overlayd {
         Some(p) => p,
         None => overlayd_next_to_me()?,
