@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use testbed::{Agent, Host, Options, Testbed};
+use testbed::{Agent, Container, Host, Options, Testbed};
 
 fn bed() -> Testbed {
     Testbed::new(Options::new(env!("CARGO_BIN_EXE_overlayd"))).expect("cannot build the testbed (run as root)")
@@ -42,14 +42,21 @@ fn fdb_entries(agent: &Agent, vni: u64) -> Vec<(String, String, String)> {
         .collect()
 }
 
-#[test]
-fn two_hosts_ping_both_ways_and_iperf3_moves_data() {
-    let bed = bed();
+/// Two hosts running overlayd with VNI 100 and each other as peer, a container on each
+/// (10.0.0.1 and 10.0.0.2).
+fn two_hosts(bed: &Testbed) -> (Agent, Agent, Container, Container) {
     let h = bed.add_hosts(2).unwrap();
     let a1 = start(&h[0], 100, &[&h[1]], &[]);
     let a2 = start(&h[1], 100, &[&h[0]], &[]);
     let c1 = h[0].add_container("c1", "ovbr-100", "10.0.0.1/24").unwrap();
     let c2 = h[1].add_container("c2", "ovbr-100", "10.0.0.2/24").unwrap();
+    (a1, a2, c1, c2)
+}
+
+#[test]
+fn two_hosts_ping_both_ways_and_iperf3_moves_data() {
+    let bed = bed();
+    let (a1, a2, c1, c2) = two_hosts(&bed);
     c1.ping_ok(c2.ip(), 3).unwrap();
     c2.ping_ok(c1.ip(), 3).unwrap();
     let r = c1.iperf3_to(&c2, c2.ip(), 3, 1).unwrap();
@@ -294,11 +301,7 @@ fn sigterm_removes_what_the_agent_created_and_keeps_what_it_did_not() {
 #[test]
 fn the_hot_loops_allocate_nothing_per_packet() {
     let bed = bed();
-    let h = bed.add_hosts(2).unwrap();
-    let a1 = start(&h[0], 100, &[&h[1]], &[]);
-    let a2 = start(&h[1], 100, &[&h[0]], &[]);
-    let c1 = h[0].add_container("c1", "ovbr-100", "10.0.0.1/24").unwrap();
-    let c2 = h[1].add_container("c2", "ovbr-100", "10.0.0.2/24").unwrap();
+    let (a1, a2, c1, c2) = two_hosts(&bed);
     c1.ping_ok(c2.ip(), 2).unwrap(); // ARP, learning: the only moments that may allocate
     let status = a1.status().unwrap();
     assert_eq!(status["allocation_counting"], true, "overlayd counts allocations per thread");
