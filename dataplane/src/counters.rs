@@ -52,7 +52,11 @@ drop_reasons! {
     TapWriteFailed = "tap_write_failed",
     /// TAP: the frame is shorter than an Ethernet header.
     RuntFrame = "runt_frame",
-    /// TAP: the frame must be flooded but the network's flood list is empty.
+    /// TAP: an ARP request for an address of this host's own block or the gateway: its owner
+    /// on this host answers, so it is not flooded.
+    ArpForLocal = "arp_for_local_address",
+    /// TAP: the frame must be flooded but the network's flood list is empty, or it is for an
+    /// address of this host's own block that no container here holds.
     NoDestination = "no_destination",
     /// TAP: the frame does not fit in one datagram to the underlay.
     FrameTooLarge = "frame_too_large",

@@ -15,7 +15,8 @@ use std::ops::Range;
 use crate::counters::{Counters, DropReason, bump};
 use crate::learn::{LearnedFdb, Learner};
 use crate::segment::SuperFrame;
-use crate::tables::{NetworkTable, Tables};
+use crate::tables::{BlockOwner, NetworkTable, Tables};
+use crate::wire::MacAddr;
 use crate::wire::arp;
 use crate::wire::checksum::{self, Completion};
 use crate::wire::ethernet;
@@ -71,12 +72,39 @@ pub fn from_tap<'t, P>(
             bump(&counters.tx.unicast, 1);
             return TapVerdict::Unicast(vtep);
         }
+        match dst.derived_ipv4().and_then(|ip| net.block(ip)) {
+            Some(BlockOwner::Remote(vtep)) => {
+                bump(&counters.tx.unicast, 1);
+                return TapVerdict::Unicast(vtep);
+            }
+            Some(BlockOwner::Local) => {
+                counters.dropped(DropReason::NoDestination);
+                return TapVerdict::Drop(DropReason::NoDestination);
+            }
+            None => {}
+        }
     } else if dst.is_broadcast() {
         if let Some(req) = arp::parse_request(frame) {
-            if let Some(mac) = net.arp(&req.target_ip) {
-                let n = arp::write_reply(frame, &req, mac, reply);
-                bump(&counters.tx.arp_replies, 1);
-                return TapVerdict::ArpReply(n);
+            let answer = net.arp(&req.target_ip).map(Ok).or_else(|| {
+                if net.gateway() == Some(req.target_ip) {
+                    return Some(Err(()));
+                }
+                match net.block(req.target_ip)? {
+                    BlockOwner::Remote(_) => Some(Ok(MacAddr::from_ipv4(req.target_ip))),
+                    BlockOwner::Local => Some(Err(())),
+                }
+            });
+            match answer {
+                Some(Ok(mac)) => {
+                    let n = arp::write_reply(frame, &req, mac, reply);
+                    bump(&counters.tx.arp_replies, 1);
+                    return TapVerdict::ArpReply(n);
+                }
+                Some(Err(())) => {
+                    counters.dropped(DropReason::ArpForLocal);
+                    return TapVerdict::Drop(DropReason::ArpForLocal);
+                }
+                None => {}
             }
         }
     }
@@ -368,5 +396,53 @@ mod tests {
         assert!(matches!(from_underlay(&snap, &mut l, B, &mut d, 0, &c), UnderlayVerdict::Deliver { .. }));
         assert_eq!(&d[8..], &good[..]);
         assert_eq!(c.snapshot().rx_checksums_completed, 1);
+    }
+
+    #[test]
+    fn blocks_resolve_derived_macs_and_answer_arp_for_remote_addresses() {
+        let t = tables(false);
+        t.update(|tx| {
+            tx.set_gateway(vni(), Some(Ipv4Addr::new(10, 128, 0, 1)))?;
+            tx.set_blocks(
+                vni(),
+                24,
+                [
+                    (Ipv4Addr::new(10, 128, 0, 0), BlockOwner::Local),
+                    (Ipv4Addr::new(10, 128, 1, 0), BlockOwner::Remote(C)),
+                ],
+            )
+        })
+        .unwrap();
+        let snap = t.load();
+        let net = snap.by_vni(vni()).unwrap().1;
+        let c = Counters::default();
+        let learned = LearnedFdb::default();
+        let mut reply = [0; arp::MAX_REPLY_LEN];
+        let remote = Ipv4Addr::new(10, 128, 1, 9);
+        let me = MacAddr::from_ipv4(Ipv4Addr::new(10, 128, 0, 5));
+        // A frame to a remote container's derived MAC goes to its block's VTEP.
+        assert_eq!(
+            from_tap(net, &learned, &frame(MacAddr::from_ipv4(remote), me), &mut reply, &c),
+            TapVerdict::Unicast(C)
+        );
+        // ARP for any remote address is answered with the derived MAC.
+        let req = request(me, Ipv4Addr::new(10, 128, 0, 5), remote);
+        let TapVerdict::ArpReply(n) = from_tap(net, &learned, &req, &mut reply, &c) else { panic!("not answered") };
+        assert_eq!(&reply[14 + 8..14 + 14], &MacAddr::from_ipv4(remote).0);
+        assert!(n >= 42);
+        // ARP for a local address or the gateway is left to this host: dropped, not flooded.
+        for target in [Ipv4Addr::new(10, 128, 0, 7), Ipv4Addr::new(10, 128, 0, 1)] {
+            let req = request(me, Ipv4Addr::new(10, 128, 0, 5), target);
+            assert_eq!(from_tap(net, &learned, &req, &mut reply, &c), TapVerdict::Drop(DropReason::ArpForLocal));
+        }
+        // A frame to a local derived MAC that reached the TAP has nowhere to go.
+        let local = MacAddr::from_ipv4(Ipv4Addr::new(10, 128, 0, 8));
+        assert_eq!(
+            from_tap(net, &learned, &frame(local, me), &mut reply, &c),
+            TapVerdict::Drop(DropReason::NoDestination)
+        );
+        assert_eq!(c.snapshot().tx_flooded, 0, "nothing flooded");
+        // Frames from the remote block's VTEP are accepted.
+        assert!(net.is_member(&C));
     }
 }

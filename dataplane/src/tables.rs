@@ -37,6 +37,9 @@ pub enum TableError {
     /// A network with this VNI already exists.
     #[error("a network with VNI {0} already exists on this host")]
     DuplicateVni(Vni),
+    /// A block prefix length outside 1..=32.
+    #[error("block prefix length {0} is outside 1..=32")]
+    BadPrefix(u8),
     /// FDB entries are for unicast MACs; group addresses always go to the flood list.
     #[error("{0} is a multicast or broadcast MAC; only unicast MACs can have an FDB entry")]
     GroupMac(MacAddr),
@@ -52,7 +55,21 @@ pub struct NetworkSettings {
     pub mtu: u32,
 }
 
+/// Who holds an address block of a cluster network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOwner {
+    /// This host: its containers answer for these addresses themselves.
+    Local,
+    /// The host behind this VTEP.
+    Remote(IpAddr),
+}
+
 /// The tables of one overlay network (one VNI), and the port (TAP) it is attached to.
+///
+/// Besides exact entries, a cluster network knows where each host's address *block* is:
+/// a container's MAC is derived from its IP (`02:4f` + IPv4, see [`MacAddr::from_ipv4`]), so
+/// any address of a remote block resolves to that block's VTEP, and ARP for it is answered
+/// here, with no flooding and no learning.
 #[derive(Debug, Clone)]
 pub struct NetworkTable<P> {
     vni: Vni,
@@ -63,6 +80,10 @@ pub struct NetworkTable<P> {
     arp: FastMap<Ipv4Addr, MacAddr>,
     flood: Vec<IpAddr>,
     members: FastSet<IpAddr>,
+    /// Block prefix length (0: no blocks) and blocks by their first address.
+    block_prefix: u8,
+    blocks: FastMap<u32, BlockOwner>,
+    gateway: Option<Ipv4Addr>,
 }
 
 impl<P> NetworkTable<P> {
@@ -76,6 +97,9 @@ impl<P> NetworkTable<P> {
             arp: FastMap::default(),
             flood: Vec::new(),
             members: FastSet::default(),
+            block_prefix: 0,
+            blocks: FastMap::default(),
+            gateway: None,
         }
     }
 
@@ -112,6 +136,33 @@ impl<P> NetworkTable<P> {
         self.arp.get(ip).copied()
     }
 
+    /// Who holds the block `ip` is in, if the network has blocks and one holds it.
+    #[inline]
+    pub fn block(&self, ip: Ipv4Addr) -> Option<BlockOwner> {
+        if self.block_prefix == 0 {
+            return None;
+        }
+        let mask = u32::MAX << (32 - u32::from(self.block_prefix));
+        self.blocks.get(&(u32::from(ip) & mask)).copied()
+    }
+
+    /// Whether the network has address blocks (a cluster network).
+    #[inline]
+    pub fn has_blocks(&self) -> bool {
+        self.block_prefix != 0
+    }
+
+    /// The gateway address, served by each host's own bridge.
+    #[inline]
+    pub fn gateway(&self) -> Option<Ipv4Addr> {
+        self.gateway
+    }
+
+    /// Every block: (first address, prefix length, owner).
+    pub fn block_entries(&self) -> impl Iterator<Item = (Ipv4Addr, u8, BlockOwner)> + '_ {
+        self.blocks.iter().map(|(b, o)| (Ipv4Addr::from(*b), self.block_prefix, *o))
+    }
+
     /// The VTEPs a broadcast, multicast or unknown-unicast frame is replicated to.
     #[inline]
     pub fn flood_list(&self) -> &[IpAddr] {
@@ -138,6 +189,10 @@ impl<P> NetworkTable<P> {
         self.members.clear();
         self.members.extend(self.flood.iter().copied());
         self.members.extend(self.fdb.values().copied());
+        self.members.extend(self.blocks.values().filter_map(|o| match o {
+            BlockOwner::Remote(v) => Some(*v),
+            BlockOwner::Local => None,
+        }));
     }
 }
 
@@ -354,6 +409,32 @@ impl<P: Clone> Transaction<P> {
         Ok(())
     }
 
+    /// Replaces the network's address blocks: every block has prefix length `prefix` and is
+    /// named by its first address.
+    pub fn set_blocks(
+        &mut self,
+        vni: Vni,
+        prefix: u8,
+        blocks: impl IntoIterator<Item = (Ipv4Addr, BlockOwner)>,
+    ) -> Result<(), TableError> {
+        if prefix == 0 || prefix > 32 {
+            return Err(TableError::BadPrefix(prefix));
+        }
+        let net = self.net(vni)?;
+        let mask = u32::MAX << (32 - u32::from(prefix));
+        net.block_prefix = prefix;
+        net.blocks.clear();
+        net.blocks.extend(blocks.into_iter().map(|(ip, o)| (u32::from(ip) & mask, o)));
+        Ok(())
+    }
+
+    /// Sets the gateway address (ARP requests for it are answered by the host's own bridge,
+    /// never flooded).
+    pub fn set_gateway(&mut self, vni: Vni, gateway: Option<Ipv4Addr>) -> Result<(), TableError> {
+        self.net(vni)?.gateway = gateway;
+        Ok(())
+    }
+
     /// Stops answering ARP requests for `ip`.
     pub fn remove_arp(&mut self, vni: Vni, ip: Ipv4Addr) -> Result<Option<MacAddr>, TableError> {
         Ok(self.net(vni)?.arp.remove(&ip))
@@ -418,6 +499,34 @@ mod tests {
             Err(TableError::GroupMac(MacAddr::BROADCAST))
         );
         assert_eq!(t.update(|tx| tx.set_fdb(vni(2), M, A)), Err(TableError::UnknownVni(vni(2))));
+    }
+
+    #[test]
+    fn blocks_resolve_addresses_and_make_members() {
+        let t = Arc::new(SharedTables::<u8>::default());
+        t.update(|tx| {
+            tx.add_network(vni(1), 1, settings(false))?;
+            tx.set_blocks(
+                vni(1),
+                24,
+                [
+                    (Ipv4Addr::new(10, 128, 0, 0), BlockOwner::Local),
+                    (Ipv4Addr::new(10, 128, 1, 7), BlockOwner::Remote(B)),
+                ],
+            )
+        })
+        .unwrap();
+        let snap = t.load();
+        let net = snap.by_vni(vni(1)).unwrap().1;
+        assert_eq!(net.block(Ipv4Addr::new(10, 128, 0, 9)), Some(BlockOwner::Local));
+        assert_eq!(
+            net.block(Ipv4Addr::new(10, 128, 1, 200)),
+            Some(BlockOwner::Remote(B)),
+            "keyed by the block, not the address given"
+        );
+        assert_eq!(net.block(Ipv4Addr::new(10, 128, 2, 1)), None);
+        assert!(net.is_member(&B) && !net.is_member(&A));
+        assert_eq!(t.update(|tx| tx.set_blocks(vni(1), 0, [])), Err(TableError::BadPrefix(0)));
     }
 
     #[test]

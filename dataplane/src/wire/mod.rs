@@ -112,6 +112,19 @@ impl MacAddr {
     }
 }
 
+impl MacAddr {
+    /// The IPv4 address a MAC made by [`MacAddr::from_ipv4`] was derived from.
+    #[inline]
+    pub const fn derived_ipv4(&self) -> Option<Ipv4Addr> {
+        let m = self.0;
+        if m[0] == Self::DERIVED_PREFIX[0] && m[1] == Self::DERIVED_PREFIX[1] {
+            Some(Ipv4Addr::new(m[2], m[3], m[4], m[5]))
+        } else {
+            None
+        }
+    }
+}
+
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;

@@ -1,0 +1,236 @@
+//! Conversions between the replicated state's types and their protobuf messages.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use proto as pb;
+
+use crate::cidr::Ipv4Cidr;
+use crate::state::{Block, Change, ClusterView, Network, NodeRecord, NodeStatus, Role};
+
+/// A message that does not describe a valid value.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed {what}: {why}")]
+pub struct Malformed {
+    /// Which message.
+    pub what: &'static str,
+    /// What is wrong with it.
+    pub why: String,
+}
+
+fn parse<T: std::str::FromStr>(what: &'static str, s: &str) -> Result<T, Malformed>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e: T::Err| Malformed { what, why: format!("{s:?}: {e}") })
+}
+
+impl From<Role> for pb::Role {
+    fn from(r: Role) -> pb::Role {
+        match r {
+            Role::Manager => pb::Role::Manager,
+            Role::Worker => pb::Role::Worker,
+        }
+    }
+}
+
+/// The role a protobuf enum value names.
+pub fn role_from_pb(v: i32) -> Result<Role, Malformed> {
+    match pb::Role::try_from(v) {
+        Ok(pb::Role::Manager) => Ok(Role::Manager),
+        Ok(pb::Role::Worker) => Ok(Role::Worker),
+        _ => Err(Malformed { what: "role", why: format!("unknown value {v}") }),
+    }
+}
+
+impl From<&NodeRecord> for pb::Node {
+    fn from(n: &NodeRecord) -> pb::Node {
+        pb::Node {
+            id: n.id,
+            name: n.name.clone(),
+            underlay_addr: n.underlay_addr.to_string(),
+            api_addr: n.api_addr.to_string(),
+            role: pb::Role::from(n.role) as i32,
+            status: match n.status {
+                NodeStatus::Ready => pb::NodeStatus::Ready,
+                NodeStatus::Down => pb::NodeStatus::Down,
+            } as i32,
+            joined_at_unix: n.joined_at,
+        }
+    }
+}
+
+impl TryFrom<&pb::Node> for NodeRecord {
+    type Error = Malformed;
+    fn try_from(n: &pb::Node) -> Result<NodeRecord, Malformed> {
+        Ok(NodeRecord {
+            id: n.id,
+            name: n.name.clone(),
+            underlay_addr: parse::<IpAddr>("node", &n.underlay_addr)?,
+            api_addr: parse::<SocketAddr>("node", &n.api_addr)?,
+            role: role_from_pb(n.role)?,
+            status: match pb::NodeStatus::try_from(n.status) {
+                Ok(pb::NodeStatus::Down) => NodeStatus::Down,
+                _ => NodeStatus::Ready,
+            },
+            joined_at: n.joined_at_unix,
+        })
+    }
+}
+
+impl From<&Network> for pb::Network {
+    fn from(n: &Network) -> pb::Network {
+        pb::Network {
+            name: n.name.clone(),
+            vni: n.vni,
+            subnet: n.subnet.to_string(),
+            gateway: n.gateway.to_string(),
+            mtu: n.mtu,
+            block_prefix: u32::from(n.block_prefix),
+            created_at_unix: n.created_at,
+        }
+    }
+}
+
+impl TryFrom<&pb::Network> for Network {
+    type Error = Malformed;
+    fn try_from(n: &pb::Network) -> Result<Network, Malformed> {
+        Ok(Network {
+            name: n.name.clone(),
+            vni: n.vni,
+            subnet: parse::<Ipv4Cidr>("network", &n.subnet)?,
+            gateway: parse::<Ipv4Addr>("network", &n.gateway)?,
+            mtu: n.mtu,
+            block_prefix: u8::try_from(n.block_prefix)
+                .map_err(|_| Malformed { what: "network", why: "block prefix above 255".into() })?,
+            created_at: n.created_at_unix,
+        })
+    }
+}
+
+impl From<&Block> for pb::Block {
+    fn from(b: &Block) -> pb::Block {
+        pb::Block { network: b.network.clone(), node_id: b.node, cidr: b.cidr.to_string() }
+    }
+}
+
+impl TryFrom<&pb::Block> for Block {
+    type Error = Malformed;
+    fn try_from(b: &pb::Block) -> Result<Block, Malformed> {
+        Ok(Block { network: b.network.clone(), node: b.node_id, cidr: parse::<Ipv4Cidr>("block", &b.cidr)? })
+    }
+}
+
+impl From<&ClusterView> for pb::ClusterView {
+    fn from(v: &ClusterView) -> pb::ClusterView {
+        pb::ClusterView {
+            cluster_id: v.cluster_id.clone(),
+            revision: v.revision,
+            nodes: v.nodes.values().map(pb::Node::from).collect(),
+            networks: v.networks.values().map(pb::Network::from).collect(),
+            blocks: v
+                .blocks
+                .iter()
+                .flat_map(|(net, m)| {
+                    m.iter().map(move |(node, cidr)| Block { network: net.clone(), node: *node, cidr: *cidr })
+                })
+                .map(|b| pb::Block::from(&b))
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<&pb::ClusterView> for ClusterView {
+    type Error = Malformed;
+    fn try_from(v: &pb::ClusterView) -> Result<ClusterView, Malformed> {
+        let mut view = ClusterView { cluster_id: v.cluster_id.clone(), revision: v.revision, ..Default::default() };
+        for n in &v.nodes {
+            let n = NodeRecord::try_from(n)?;
+            view.nodes.insert(n.id, n);
+        }
+        for n in &v.networks {
+            let n = Network::try_from(n)?;
+            view.networks.insert(n.name.clone(), n);
+        }
+        for b in &v.blocks {
+            let b = Block::try_from(b)?;
+            view.blocks.entry(b.network).or_default().insert(b.node, b.cidr);
+        }
+        Ok(view)
+    }
+}
+
+impl From<&Change> for pb::Change {
+    fn from(c: &Change) -> pb::Change {
+        use pb::change::Kind;
+        let kind = match c {
+            Change::NodeUpsert(n) => Kind::NodeUpsert(n.into()),
+            Change::NodeRemove(id) => Kind::NodeRemove(*id),
+            Change::NetworkUpsert(n) => Kind::NetworkUpsert(n.into()),
+            Change::NetworkRemove(name) => Kind::NetworkRemove(name.clone()),
+            Change::BlockUpsert(b) => Kind::BlockUpsert(b.into()),
+            Change::BlockRemove { network, node } => {
+                Kind::BlockRemove(pb::BlockKey { network: network.clone(), node_id: *node })
+            }
+        };
+        pb::Change { kind: Some(kind) }
+    }
+}
+
+impl TryFrom<&pb::Change> for Change {
+    type Error = Malformed;
+    fn try_from(c: &pb::Change) -> Result<Change, Malformed> {
+        use pb::change::Kind;
+        Ok(match c.kind.as_ref().ok_or(Malformed { what: "change", why: "empty".into() })? {
+            Kind::NodeUpsert(n) => Change::NodeUpsert(n.try_into()?),
+            Kind::NodeRemove(id) => Change::NodeRemove(*id),
+            Kind::NetworkUpsert(n) => Change::NetworkUpsert(n.try_into()?),
+            Kind::NetworkRemove(name) => Change::NetworkRemove(name.clone()),
+            Kind::BlockUpsert(b) => Change::BlockUpsert(b.try_into()?),
+            Kind::BlockRemove(k) => Change::BlockRemove { network: k.network.clone(), node: k.node_id },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{ClusterState, Command, NetworkSpec, NewNode, Secrets};
+
+    #[test]
+    fn a_view_and_its_changes_survive_the_wire() {
+        let mut s = ClusterState::default();
+        let secrets = Secrets {
+            ca_cert_pem: String::new(),
+            ca_key_pem: String::new(),
+            worker_token_hash: String::new(),
+            manager_token_hash: String::new(),
+        };
+        let node = NewNode {
+            name: "m1".into(),
+            underlay_addr: "198.18.0.1".parse().unwrap(),
+            api_addr: "198.18.0.1:7947".parse().unwrap(),
+            role: Role::Manager,
+            joined_at: 5,
+        };
+        let (_, mut changes) = s.apply(&Command::Init { cluster_id: "c".into(), secrets, node });
+        changes.extend(
+            s.apply(&Command::CreateNetwork(NetworkSpec {
+                name: "a".into(),
+                vni: None,
+                subnet: None,
+                mtu: 1450,
+                block_prefix: None,
+                created_at: 6,
+            }))
+            .1,
+        );
+        changes.extend(s.apply(&Command::LeaseBlock { network: "a".into(), node: 1 }).1);
+        let view = s.view();
+        assert_eq!(ClusterView::try_from(&pb::ClusterView::from(&view)).unwrap(), view);
+        for c in &changes {
+            assert_eq!(&Change::try_from(&pb::Change::from(c)).unwrap(), c);
+        }
+        let bad = pb::Network { subnet: "10.0.0.1/8".into(), ..pb::Network::from(&view.networks["a"]) };
+        assert!(Network::try_from(&bad).unwrap_err().to_string().contains("host bits"));
+    }
+}

@@ -1,0 +1,196 @@
+//! How a host follows the cluster state: a watch stream from any manager, resumed from the
+//! revision it has after a disconnect (another manager if that one is gone), with the view
+//! cached on disk so a restarted host programs its dataplane before it reconnects; and a
+//! heartbeat to the leader so the cluster knows the host is alive.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto as pb;
+use proto::manager_client::ManagerClient;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::manager::HOST_HEARTBEAT;
+use crate::pki::{self, NodeIdentity};
+use crate::raft_net::CONNECT_TIMEOUT;
+use crate::state::{Change, ClusterView, Role};
+
+/// Pause between rounds of reconnection attempts.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// Why no manager could be reached.
+#[derive(Debug, thiserror::Error)]
+#[error("no manager is reachable (tried {tried}): {last}")]
+pub struct Unreachable {
+    /// The addresses tried.
+    pub tried: String,
+    /// The last error.
+    pub last: String,
+}
+
+/// A host's live copy of the cluster state.
+pub struct Follower {
+    identity: Arc<NodeIdentity>,
+    managers: Mutex<Vec<SocketAddr>>,
+    preferred: Mutex<Option<SocketAddr>>,
+    view: watch::Sender<Arc<ClusterView>>,
+    cache: PathBuf,
+    connected: AtomicBool,
+    connected_to: Mutex<Option<SocketAddr>>,
+}
+
+impl Follower {
+    /// Starts following: loads the cached view from `cache` if there is one, then watches
+    /// and heartbeats on the current tokio runtime. `managers` seeds where to connect; the
+    /// view's managers are added as they become known.
+    pub fn start(identity: Arc<NodeIdentity>, managers: Vec<SocketAddr>, cache: PathBuf) -> Arc<Follower> {
+        let cached: ClusterView =
+            std::fs::read(&cache).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let f = Arc::new(Follower {
+            identity,
+            managers: Mutex::new(managers),
+            preferred: Mutex::new(None),
+            view: watch::channel(Arc::new(cached)).0,
+            cache,
+            connected: AtomicBool::new(false),
+            connected_to: Mutex::new(None),
+        });
+        tokio::spawn(Arc::clone(&f).watch_loop());
+        tokio::spawn(Arc::clone(&f).heartbeat_loop());
+        f
+    }
+
+    /// The current view.
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.view.borrow().clone()
+    }
+
+    /// Changes whenever the view does.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterView>> {
+        self.view.subscribe()
+    }
+
+    /// Whether the watch stream is up, and to which manager.
+    pub fn connection(&self) -> (bool, Option<SocketAddr>) {
+        (self.connected.load(Ordering::Relaxed), *self.connected_to.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The host's identity.
+    pub fn identity(&self) -> &Arc<NodeIdentity> {
+        &self.identity
+    }
+
+    fn candidates(&self) -> Vec<SocketAddr> {
+        let mut list = self.managers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for n in self.view().nodes.values().filter(|n| n.role == Role::Manager) {
+            if !list.contains(&n.api_addr) {
+                list.push(n.api_addr);
+            }
+        }
+        // The manager that worked last goes first.
+        if let Some(p) = *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) {
+            if let Some(i) = list.iter().position(|a| *a == p) {
+                list[..=i].rotate_right(1);
+            }
+        }
+        list
+    }
+
+    /// A client of the first manager that answers.
+    pub async fn manager(&self) -> Result<ManagerClient<Channel>, Unreachable> {
+        let candidates = self.candidates();
+        let mut last = String::from("no manager known");
+        for addr in &candidates {
+            match pki::connect(*addr, &self.identity, CONNECT_TIMEOUT).await {
+                Ok(ch) => {
+                    *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(*addr);
+                    return Ok(ManagerClient::new(ch));
+                }
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        let tried = candidates.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        Err(Unreachable { tried, last })
+    }
+
+    /// A client of another host's API.
+    pub async fn host(&self, addr: SocketAddr) -> Result<pb::host_client::HostClient<Channel>, pki::PkiError> {
+        Ok(pb::host_client::HostClient::new(pki::connect(addr, &self.identity, CONNECT_TIMEOUT).await?))
+    }
+
+    async fn watch_loop(self: Arc<Self>) {
+        loop {
+            for addr in self.candidates() {
+                match self.watch_from(addr).await {
+                    Ok(()) => tracing::info!(manager = %addr, "watch stream ended"),
+                    Err(e) => tracing::debug!(manager = %addr, error = %e, "watch failed"),
+                }
+                self.connected.store(false, Ordering::Relaxed);
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    async fn watch_from(&self, addr: SocketAddr) -> anyhow::Result<()> {
+        let channel = pki::connect(addr, &self.identity, CONNECT_TIMEOUT).await?;
+        let from = self.view().revision;
+        let mut stream =
+            ManagerClient::new(channel).watch(pb::WatchRequest { from_revision: from }).await?.into_inner();
+        self.connected.store(true, Ordering::Relaxed);
+        *self.connected_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+        *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+        tracing::info!(manager = %addr, from_revision = from, "following the cluster state");
+        while let Some(event) = stream.message().await? {
+            let mut view = ClusterView::clone(&self.view());
+            match event.body {
+                Some(pb::watch_event::Body::Snapshot(s)) => {
+                    view = ClusterView::try_from(&s)?;
+                    view.revision = event.revision;
+                }
+                Some(pb::watch_event::Body::Changes(set)) => {
+                    if event.revision != view.revision + 1 {
+                        anyhow::bail!("revision {} does not follow {}", event.revision, view.revision);
+                    }
+                    let changes = set.changes.iter().map(Change::try_from).collect::<Result<Vec<_>, _>>()?;
+                    view.apply_changes(event.revision, &changes);
+                }
+                None => continue,
+            }
+            self.save(&view);
+            self.view.send_replace(Arc::new(view));
+        }
+        Ok(())
+    }
+
+    fn save(&self, view: &ClusterView) {
+        let tmp = self.cache.with_extension("tmp");
+        let ok = serde_json::to_vec(view)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &self.cache));
+        if let Err(e) = ok {
+            tracing::warn!(error = %e, path = %self.cache.display(), "cannot cache the cluster view");
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(HOST_HEARTBEAT);
+        loop {
+            tick.tick().await;
+            let beat = async {
+                let mut m = self.manager().await?;
+                m.heartbeat(pb::HeartbeatRequest {}).await?;
+                anyhow::Ok(())
+            };
+            match tokio::time::timeout(HOST_HEARTBEAT * 2, beat).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat failed"),
+                Err(_) => tracing::debug!("heartbeat timed out"),
+            }
+        }
+    }
+}

@@ -1,0 +1,702 @@
+//! A manager: one Raft voter holding the cluster state, and the services it answers on the
+//! control port — Raft among managers, the manager API for hosts (join, watch, network and
+//! node operations), and the host API every node serves.
+//!
+//! Writes go to the leader: a manager that is not the leader hands them over (`Propose`), so a
+//! host may talk to any manager. The leader also tracks the hosts' heartbeats and marks a host
+//! down (and ready again) in the replicated state.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::Stream;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Config, Raft, SnapshotPolicy};
+use proto as pb;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tonic::{Request, Response as GrpcResponse, Status};
+
+use crate::pki::{self, ClusterCa, JoinToken, NodeIdentity};
+use crate::raft_net::{self, NetworkFactory};
+use crate::state::{
+    ClusterView, Command, NetworkSpec, NewNode, NodeId, NodeStatus, Rejection, Response, Role, check_network_name,
+};
+use crate::store::{self, StateHandle};
+use crate::types::{RaftNode, TypeConfig};
+use crate::watch::{Catchup, WatchHub};
+
+/// Heartbeat interval of Raft, milliseconds: a few hundred, for real networks.
+pub const RAFT_HEARTBEAT_MS: u64 = 250;
+/// Election timeout range of Raft, milliseconds.
+pub const RAFT_ELECTION_MS: (u64, u64) = (1000, 2000);
+/// How often hosts report to the leader.
+pub const HOST_HEARTBEAT: Duration = Duration::from_secs(2);
+/// A host silent for this long is marked down.
+pub const DOWN_AFTER: Duration = Duration::from_secs(10);
+/// How long a write may wait for a leader to exist.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+/// openraft's configuration for overlayd: timeouts for real networks, not LAN benchmarks;
+/// a snapshot every 500 entries, after which the log is purged.
+pub fn raft_config() -> Config {
+    Config {
+        cluster_name: "overlayd".into(),
+        heartbeat_interval: RAFT_HEARTBEAT_MS,
+        election_timeout_min: RAFT_ELECTION_MS.0,
+        election_timeout_max: RAFT_ELECTION_MS.1,
+        // The default 200 ms per snapshot chunk can loop forever on a loaded host.
+        install_snapshot_timeout: 10_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(500),
+        max_in_snapshot_log_to_keep: 100,
+        purge_batch_size: 64,
+        ..Default::default()
+    }
+}
+
+/// Seconds since the Unix epoch, from this host's clock (proposers stamp commands with it).
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// What a manager hands to the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderOp {
+    /// A state command.
+    Command(Command),
+    /// Make a joined manager a voter (learner first, then voter).
+    AddVoter {
+        /// Its id.
+        id: NodeId,
+        /// Where it listens.
+        node: RaftNode,
+    },
+    /// Take a manager out of the voters.
+    RemoveVoter {
+        /// Its id.
+        id: NodeId,
+    },
+    /// A host reported in.
+    Heartbeat {
+        /// Which.
+        id: NodeId,
+    },
+}
+
+/// The leader's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderReply {
+    /// The state machine's response to a command.
+    Response(Response),
+    /// Done.
+    Done,
+}
+
+/// Why a write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// The state machine refused the command.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// No leader could be reached in time (no quorum, or an election that does not end).
+    #[error("no Raft leader is reachable: {0} (are a majority of the managers up?)")]
+    NoLeader(String),
+    /// Raft failed.
+    #[error("Raft: {0}")]
+    Raft(String),
+}
+
+impl From<ProposeError> for Status {
+    fn from(e: ProposeError) -> Status {
+        match &e {
+            ProposeError::Rejected(r) => rejection_status(r),
+            ProposeError::NoLeader(_) => Status::unavailable(e.to_string()),
+            ProposeError::Raft(_) => Status::internal(e.to_string()),
+        }
+    }
+}
+
+/// The gRPC status that tells a client why the state machine refused.
+pub fn rejection_status(r: &Rejection) -> Status {
+    let msg = r.to_string();
+    match r {
+        Rejection::DuplicateNodeName(_)
+        | Rejection::DuplicateUnderlay(..)
+        | Rejection::DuplicateNetwork(_)
+        | Rejection::DuplicateVni { .. }
+        | Rejection::AlreadyInitialized => Status::already_exists(msg),
+        Rejection::UnknownNode(_) | Rejection::UnknownNetwork(_) => Status::not_found(msg),
+        Rejection::InvalidName(_) | Rejection::InvalidSpec(_) | Rejection::SubnetOverlap { .. } => {
+            Status::invalid_argument(msg)
+        }
+        _ => Status::failed_precondition(msg),
+    }
+}
+
+/// What the agent answers about its own endpoints, for the host API.
+pub trait HostApi: Send + Sync + 'static {
+    /// The endpoints attached on this host (of one network, or all).
+    fn endpoints(&self, network: Option<&str>) -> Vec<pb::Endpoint>;
+}
+
+/// Settings of a manager.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Where the Raft log and state machine live.
+    pub dir: PathBuf,
+    /// Where its control API listens (as other managers reach it).
+    pub api_addr: SocketAddr,
+    /// MTU given to networks created without one.
+    pub default_mtu: u32,
+}
+
+/// A running manager.
+pub struct Manager {
+    /// The Raft instance.
+    pub raft: Raft<TypeConfig>,
+    /// The applied state.
+    pub state: StateHandle,
+    /// The watch history.
+    pub hub: Arc<WatchHub>,
+    identity: Arc<NodeIdentity>,
+    config: ManagerConfig,
+    heartbeats: Mutex<HashMap<NodeId, Instant>>,
+    leader_since: Mutex<Option<Instant>>,
+}
+
+impl Manager {
+    /// Opens the Raft storage in `config.dir` and starts the Raft node with this identity's id.
+    pub async fn open(config: ManagerConfig, identity: Arc<NodeIdentity>) -> anyhow::Result<Arc<Manager>> {
+        std::fs::create_dir_all(&config.dir)?;
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let hub = WatchHub::start(events_rx);
+        let (log_store, sm_store, state) = store::open(&config.dir, events_tx)?;
+        let raft_config = Arc::new(raft_config().validate()?);
+        let raft =
+            Raft::new(identity.node_id(), raft_config, NetworkFactory::new(Arc::clone(&identity)), log_store, sm_store)
+                .await?;
+        let m = Arc::new(Manager {
+            raft,
+            state,
+            hub,
+            identity,
+            config,
+            heartbeats: Mutex::new(HashMap::new()),
+            leader_since: Mutex::new(None),
+        });
+        tokio::spawn(Arc::clone(&m).leader_duties());
+        Ok(m)
+    }
+
+    /// This manager's node id.
+    pub fn node_id(&self) -> NodeId {
+        self.identity.node_id()
+    }
+
+    /// Makes this (fresh) manager a one-voter cluster and writes `init` as its first command.
+    pub async fn bootstrap(&self, init: Command) -> Result<Response, ProposeError> {
+        let me = BTreeMap::from([(self.node_id(), RaftNode { api_addr: self.config.api_addr.to_string() })]);
+        self.raft.initialize(me).await.map_err(|e| ProposeError::Raft(e.to_string()))?;
+        match self.propose(LeaderOp::Command(init)).await? {
+            LeaderReply::Response(r) => Ok(r),
+            LeaderReply::Done => Ok(Response::Done),
+        }
+    }
+
+    /// The current leader, if any.
+    pub async fn leader(&self) -> Option<NodeId> {
+        self.raft.current_leader().await
+    }
+
+    /// The voters and learners of the Raft membership.
+    pub fn members(&self) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
+        let learners: BTreeSet<NodeId> = m.membership().learner_ids().collect();
+        (voters, learners)
+    }
+
+    /// Applies a command through the leader and unwraps the state machine's answer.
+    pub async fn command(&self, cmd: Command) -> Result<Response, ProposeError> {
+        match self.propose(LeaderOp::Command(cmd)).await? {
+            LeaderReply::Response(Response::Rejected(r)) => Err(ProposeError::Rejected(r)),
+            LeaderReply::Response(r) => Ok(r),
+            LeaderReply::Done => Ok(Response::Done),
+        }
+    }
+
+    /// Carries out `op` on the leader: here if this manager leads, else by handing it over.
+    pub async fn propose(&self, op: LeaderOp) -> Result<LeaderReply, ProposeError> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            let leader = self.raft.current_leader().await;
+            let outcome = match leader {
+                Some(l) if l == self.node_id() => self.lead(op.clone()).await,
+                Some(l) => self.forward(l, &op).await,
+                None => Err(Retry("no leader elected yet".into())),
+            };
+            match outcome {
+                Ok(reply) => return Ok(reply),
+                Err(Retry(why)) if Instant::now() < deadline => {
+                    tracing::debug!(%why, "waiting for a leader");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(Retry(why)) => return Err(ProposeError::NoLeader(why)),
+            }
+        }
+    }
+
+    async fn lead(&self, op: LeaderOp) -> Result<LeaderReply, Retry> {
+        let write_err = |e: RaftError<NodeId, ClientWriteError<NodeId, RaftNode>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                Retry(format!("leadership moved to {:?}", f.leader_id))
+            }
+            other => Retry(other.to_string()),
+        };
+        match op {
+            LeaderOp::Command(cmd) => {
+                let r = self.raft.client_write(cmd).await.map_err(write_err)?;
+                Ok(LeaderReply::Response(r.data))
+            }
+            LeaderOp::AddVoter { id, node } => {
+                let (voters, _) = self.members();
+                if voters.contains(&id) {
+                    return Ok(LeaderReply::Done);
+                }
+                self.raft.add_learner(id, node, true).await.map_err(write_err)?;
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(write_err)?;
+                tracing::info!(node = id, "added a Raft voter");
+                Ok(LeaderReply::Done)
+            }
+            LeaderOp::RemoveVoter { id } => {
+                let (voters, learners) = self.members();
+                if voters.contains(&id) {
+                    self.raft
+                        .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(write_err)?;
+                } else if learners.contains(&id) {
+                    self.raft
+                        .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(write_err)?;
+                }
+                Ok(LeaderReply::Done)
+            }
+            LeaderOp::Heartbeat { id } => {
+                self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
+                Ok(LeaderReply::Done)
+            }
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, op: &LeaderOp) -> Result<LeaderReply, Retry> {
+        let addr = {
+            let m = self.raft.metrics().borrow().membership_config.clone();
+            m.membership().get_node(&leader).map(|n| n.api_addr.clone())
+        };
+        let addr: SocketAddr =
+            addr.and_then(|a| a.parse().ok()).ok_or_else(|| Retry(format!("no address for leader {leader}")))?;
+        let channel =
+            pki::connect(addr, &self.identity, raft_net::CONNECT_TIMEOUT).await.map_err(|e| Retry(e.to_string()))?;
+        let payload = serde_json::to_vec(op).map_err(|e| Retry(e.to_string()))?;
+        let mut client = pb::raft_client::RaftClient::new(channel);
+        let reply = tokio::time::timeout(LEADER_WAIT, client.propose(pb::RaftMessage { payload }))
+            .await
+            .map_err(|_| Retry(format!("leader {leader} did not answer")))?
+            .map_err(|s| Retry(format!("leader {leader}: {}", s.message())))?;
+        let result: Result<LeaderReply, String> =
+            serde_json::from_slice(&reply.into_inner().payload).map_err(|e| Retry(e.to_string()))?;
+        result.map_err(Retry)
+    }
+
+    /// The leader marks hosts that stopped reporting down, and back up when they return.
+    async fn leader_duties(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let leading = self.raft.current_leader().await == Some(self.node_id());
+            let since = {
+                let mut s = self.leader_since.lock().unwrap_or_else(|p| p.into_inner());
+                match (leading, *s) {
+                    (true, None) => *s = Some(Instant::now()),
+                    (false, Some(_)) => *s = None,
+                    _ => {}
+                }
+                *s
+            };
+            let Some(since) = since else { continue };
+            let now = Instant::now();
+            let changes: Vec<(NodeId, NodeStatus)> = {
+                let hb = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+                self.state.read(|s| {
+                    s.nodes
+                        .values()
+                        .filter_map(|n| {
+                            // A new leader gives every host a full grace period.
+                            let last = hb.get(&n.id).copied().unwrap_or(since).max(since);
+                            let silent = now.duration_since(last) > DOWN_AFTER;
+                            match (n.status, silent) {
+                                (NodeStatus::Ready, true) => Some((n.id, NodeStatus::Down)),
+                                (NodeStatus::Down, false) if hb.contains_key(&n.id) => Some((n.id, NodeStatus::Ready)),
+                                _ => None,
+                            }
+                        })
+                        .collect()
+                })
+            };
+            for (id, status) in changes {
+                tracing::info!(node = id, ?status, "host status");
+                if let Err(e) = self.command(Command::SetNodeStatus { id, status }).await {
+                    tracing::warn!(node = id, error = %e, "could not record host status");
+                }
+            }
+        }
+    }
+
+    /// The services of the control port: Raft, manager API, host API.
+    pub fn services(self: &Arc<Self>, host: Arc<dyn HostApi>) -> tonic::service::Routes {
+        tonic::service::Routes::new(pb::raft_server::RaftServer::new(RaftService(Arc::clone(self))))
+            .add_service(pb::manager_server::ManagerServer::new(ManagerService(Arc::clone(self))))
+            .add_service(pb::host_server::HostServer::new(HostService(host)))
+    }
+
+    fn view(&self) -> ClusterView {
+        self.state.read(|s| s.view())
+    }
+}
+
+struct Retry(String);
+
+/// Who is calling, from its client certificate.
+fn caller<T>(request: &Request<T>) -> Result<(NodeId, Role), Status> {
+    pki::request_peer(request)
+        .ok_or_else(|| Status::unauthenticated("this call needs a cluster node certificate (join the cluster first)"))
+}
+
+struct RaftService(Arc<Manager>);
+
+fn json<T: Serialize>(v: &T) -> Result<GrpcResponse<pb::RaftMessage>, Status> {
+    serde_json::to_vec(v)
+        .map(|payload| GrpcResponse::new(pb::RaftMessage { payload }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(m: &pb::RaftMessage) -> Result<T, Status> {
+    serde_json::from_slice(&m.payload).map_err(|e| Status::invalid_argument(format!("malformed Raft message: {e}")))
+}
+
+fn managers_only<T>(request: &Request<T>) -> Result<(), Status> {
+    match caller(request)? {
+        (_, Role::Manager) => Ok(()),
+        _ => Err(Status::permission_denied("only managers take part in Raft")),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(&self, request: Request<pb::RaftMessage>) -> Result<GrpcResponse<pb::RaftMessage>, Status> {
+        managers_only(&request)?;
+        let r = self.0.raft.append_entries(from_json(request.get_ref())?).await;
+        json(&r)
+    }
+
+    async fn vote(&self, request: Request<pb::RaftMessage>) -> Result<GrpcResponse<pb::RaftMessage>, Status> {
+        managers_only(&request)?;
+        let r = self.0.raft.vote(from_json(request.get_ref())?).await;
+        json(&r)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<pb::RaftMessage>,
+    ) -> Result<GrpcResponse<pb::RaftMessage>, Status> {
+        managers_only(&request)?;
+        let r = self.0.raft.install_snapshot(from_json(request.get_ref())?).await;
+        json(&r)
+    }
+
+    async fn propose(&self, request: Request<pb::RaftMessage>) -> Result<GrpcResponse<pb::RaftMessage>, Status> {
+        managers_only(&request)?;
+        let op: LeaderOp = from_json(request.get_ref())?;
+        let r: Result<LeaderReply, String> = if self.0.raft.current_leader().await == Some(self.0.node_id()) {
+            self.0.lead(op).await.map_err(|Retry(why)| why)
+        } else {
+            Err("not the leader".into())
+        };
+        json(&r)
+    }
+}
+
+struct ManagerService(Arc<Manager>);
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+impl ManagerService {
+    /// Removes a node: out of the Raft voters first if it is a manager.
+    async fn remove(&self, id: NodeId) -> Result<(), Status> {
+        let m = &self.0;
+        let is_manager = m.state.read(|s| s.nodes.get(&id).map(|n| n.role == Role::Manager));
+        match is_manager {
+            None => return Err(rejection_status(&Rejection::UnknownNode(id))),
+            Some(true) => {
+                let (voters, _) = m.members();
+                if voters.len() == 1 && voters.contains(&id) {
+                    return Err(Status::failed_precondition(
+                        "this is the cluster's last manager: removing it would leave no one to hold the state",
+                    ));
+                }
+                m.propose(LeaderOp::RemoveVoter { id }).await?;
+            }
+            Some(false) => {}
+        }
+        m.command(Command::RemoveNode { id }).await?;
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl pb::manager_server::Manager for ManagerService {
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<GrpcResponse<pb::JoinReply>, Status> {
+        let m = &self.0;
+        let req = request.into_inner();
+        let secrets = m
+            .state
+            .read(|s| s.secrets.clone())
+            .ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
+        let hash = JoinToken::secret_hash(&req.secret);
+        let role = if constant_time_eq(&hash, &secrets.manager_token_hash) {
+            Role::Manager
+        } else if constant_time_eq(&hash, &secrets.worker_token_hash) {
+            Role::Worker
+        } else {
+            return Err(Status::permission_denied(
+                "the join token's secret is not valid for this cluster: copy the token again from `overlayd init` (or ask a manager)",
+            ));
+        };
+        let underlay_addr = req
+            .underlay_addr
+            .parse()
+            .map_err(|_| Status::invalid_argument(format!("bad underlay address {:?}", req.underlay_addr)))?;
+        let api_addr = req
+            .api_addr
+            .parse()
+            .map_err(|_| Status::invalid_argument(format!("bad API address {:?}", req.api_addr)))?;
+        if req.name.is_empty() || req.name.len() > 64 {
+            return Err(Status::invalid_argument("a node name has 1 to 64 characters"));
+        }
+        let ca = ClusterCa::from_pem(&secrets.ca_cert_pem, &secrets.ca_key_pem)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        // Check the CSR before the node is recorded, so a bad request changes nothing.
+        ca.sign_node(&req.csr_der, 0, role)
+            .map_err(|e| Status::invalid_argument(format!("bad certificate request: {e}")))?;
+        let new = NewNode { name: req.name.clone(), underlay_addr, api_addr, role, joined_at: unix_now() };
+        let node = match m.command(Command::AddNode(new)).await? {
+            Response::Node(n) => n,
+            other => return Err(Status::internal(format!("unexpected answer {other:?}"))),
+        };
+        let cert = ca.sign_node(&req.csr_der, node.id, role).map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(node = node.id, name = %node.name, role = role.as_str(), "host joined");
+        let view = m.view();
+        Ok(GrpcResponse::new(pb::JoinReply {
+            node_id: node.id,
+            cluster_id: view.cluster_id.clone(),
+            role: pb::Role::from(role) as i32,
+            ca_cert_pem: secrets.ca_cert_pem,
+            node_cert_pem: cert,
+            managers: view.nodes.values().filter(|n| n.role == Role::Manager).map(pb::Node::from).collect(),
+        }))
+    }
+
+    async fn promote(&self, request: Request<pb::PromoteRequest>) -> Result<GrpcResponse<pb::Empty>, Status> {
+        let (id, role) = caller(&request)?;
+        if role != Role::Manager {
+            return Err(Status::permission_denied("only a host that joined with a manager token becomes a manager"));
+        }
+        let addr = self
+            .0
+            .state
+            .read(|s| s.nodes.get(&id).map(|n| n.api_addr))
+            .ok_or_else(|| Status::not_found(format!("no node {id}")))?;
+        self.0.propose(LeaderOp::AddVoter { id, node: RaftNode { api_addr: addr.to_string() } }).await?;
+        Ok(GrpcResponse::new(pb::Empty {}))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<GrpcResponse<WatchStream>, Status> {
+        caller(&request)?;
+        let mut revision = request.get_ref().from_revision;
+        let m = Arc::clone(&self.0);
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut head = m.hub.subscribe();
+            loop {
+                let catchup = m.hub.catchup(revision);
+                let events: Vec<pb::WatchEvent> = match catchup {
+                    Catchup::Snapshot => {
+                        let view = m.view();
+                        revision = view.revision;
+                        vec![pb::WatchEvent { revision, body: Some(pb::watch_event::Body::Snapshot((&view).into())) }]
+                    }
+                    Catchup::Changes(sets) => sets
+                        .into_iter()
+                        .map(|(r, changes)| {
+                            revision = r;
+                            pb::WatchEvent {
+                                revision: r,
+                                body: Some(pb::watch_event::Body::Changes(pb::ChangeSet {
+                                    changes: changes.iter().map(pb::Change::from).collect(),
+                                })),
+                            }
+                        })
+                        .collect(),
+                    Catchup::Wait => {
+                        if head.changed().await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                for e in events {
+                    if tx.send(Ok(e)).await.is_err() {
+                        return; // the watcher went away
+                    }
+                }
+            }
+        });
+        Ok(GrpcResponse::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn create_network(
+        &self,
+        request: Request<pb::CreateNetworkRequest>,
+    ) -> Result<GrpcResponse<pb::Network>, Status> {
+        caller(&request)?;
+        let r = request.into_inner();
+        check_network_name(&r.name).map_err(|e| rejection_status(&e))?;
+        let subnet = match r.subnet.as_str() {
+            "" => None,
+            s => Some(s.parse().map_err(Status::invalid_argument)?),
+        };
+        let block_prefix = match r.block_prefix {
+            0 => None,
+            p => Some(u8::try_from(p).map_err(|_| Status::invalid_argument("block prefix above 32"))?),
+        };
+        let spec = NetworkSpec {
+            name: r.name,
+            vni: (r.vni != 0).then_some(r.vni),
+            subnet,
+            mtu: if r.mtu == 0 { self.0.config.default_mtu } else { r.mtu },
+            block_prefix,
+            created_at: unix_now(),
+        };
+        match self.0.command(Command::CreateNetwork(spec)).await? {
+            Response::Network(n) => Ok(GrpcResponse::new((&n).into())),
+            other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn remove_network(
+        &self,
+        request: Request<pb::RemoveNetworkRequest>,
+    ) -> Result<GrpcResponse<pb::Empty>, Status> {
+        caller(&request)?;
+        let r = request.into_inner();
+        self.0.command(Command::RemoveNetwork { name: r.name, force: r.force }).await?;
+        Ok(GrpcResponse::new(pb::Empty {}))
+    }
+
+    async fn lease_block(&self, request: Request<pb::LeaseBlockRequest>) -> Result<GrpcResponse<pb::Block>, Status> {
+        let (node, _) = caller(&request)?;
+        match self.0.command(Command::LeaseBlock { network: request.into_inner().network, node }).await? {
+            Response::Block(b) => Ok(GrpcResponse::new((&b).into())),
+            other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn release_block(
+        &self,
+        request: Request<pb::ReleaseBlockRequest>,
+    ) -> Result<GrpcResponse<pb::Empty>, Status> {
+        let (node, _) = caller(&request)?;
+        self.0.command(Command::ReleaseBlock { network: request.into_inner().network, node }).await?;
+        Ok(GrpcResponse::new(pb::Empty {}))
+    }
+
+    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<GrpcResponse<pb::Empty>, Status> {
+        let (id, _) = caller(&request)?;
+        self.0.propose(LeaderOp::Heartbeat { id }).await?;
+        Ok(GrpcResponse::new(pb::Empty {}))
+    }
+
+    async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Result<GrpcResponse<pb::Empty>, Status> {
+        caller(&request)?;
+        let r = request.into_inner();
+        let id = self.0.state.read(|s| {
+            s.nodes
+                .values()
+                .find(|n| n.name == r.node)
+                .map(|n| n.id)
+                .or_else(|| r.node.parse().ok().filter(|id| s.nodes.contains_key(id)))
+        });
+        let id = id.ok_or_else(|| Status::not_found(format!("no node named {:?} (see overlayd node ls)", r.node)))?;
+        let is_manager = self.0.state.read(|s| s.nodes.get(&id).is_some_and(|n| n.role == Role::Manager));
+        let ready = self.0.state.read(|s| s.nodes.get(&id).is_some_and(|n| n.status == NodeStatus::Ready));
+        if is_manager && ready && !r.force {
+            return Err(Status::failed_precondition(format!(
+                "{:?} is a running manager: run `overlayd leave` on it, or use --force",
+                r.node
+            )));
+        }
+        self.remove(id).await?;
+        Ok(GrpcResponse::new(pb::Empty {}))
+    }
+
+    async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<GrpcResponse<pb::Empty>, Status> {
+        let (id, _) = caller(&request)?;
+        self.remove(id).await?;
+        Ok(GrpcResponse::new(pb::Empty {}))
+    }
+
+    async fn info(&self, request: Request<pb::Empty>) -> Result<GrpcResponse<pb::ClusterInfo>, Status> {
+        caller(&request)?;
+        let m = &self.0;
+        let (voters, learners) = m.members();
+        let (cluster_id, revision) = m.state.read(|s| (s.cluster_id.clone(), s.revision));
+        Ok(GrpcResponse::new(pb::ClusterInfo {
+            cluster_id,
+            leader_id: m.leader().await.unwrap_or(0),
+            revision,
+            voters: voters.into_iter().collect(),
+            learners: learners.into_iter().collect(),
+        }))
+    }
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The host API, answered from the agent's endpoints.
+pub struct HostService(pub Arc<dyn HostApi>);
+
+#[tonic::async_trait]
+impl pb::host_server::Host for HostService {
+    async fn endpoints(
+        &self,
+        request: Request<pb::EndpointsRequest>,
+    ) -> Result<GrpcResponse<pb::EndpointsReply>, Status> {
+        caller(&request)?;
+        let network = request.get_ref().network.as_str();
+        let endpoints = self.0.endpoints((!network.is_empty()).then_some(network));
+        Ok(GrpcResponse::new(pb::EndpointsReply { endpoints }))
+    }
+}

@@ -1,0 +1,1237 @@
+//! The cluster PKI: the cluster CA, node identities (key + CA-signed certificate), join tokens,
+//! and the rustls/tonic plumbing that makes all control traffic mutual TLS. A joiner has no
+//! certificate yet, so it pins the CA by the digest in its token instead.
+
+use std::fmt;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::stream::{FuturesUnordered, StreamExt as _};
+use rand::{CryptoRng, RngCore};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use sha2::{Digest as _, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer as _;
+use x509_parser::time::ASN1Time;
+
+/// The DNS name every node certificate carries and every client asks for, so nodes can be reached by any address.
+pub const SERVER_NAME: &str = "overlayd";
+
+/// How long the cluster CA is valid.
+const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How long a node certificate is valid.
+const NODE_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Certificates start this long before they are made, so a peer whose clock is a little behind
+/// does not reject a certificate fresh from a manager.
+const CLOCK_SKEW: Duration = Duration::from_secs(3600);
+/// The only application protocol spoken over these TLS connections (gRPC needs HTTP/2).
+const ALPN_H2: &[u8] = b"h2";
+/// A TLS handshake on the server side that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many server-side handshakes run at once; further connections wait in the
+/// kernel's accept queue.
+const MAX_PENDING_HANDSHAKES: usize = 256;
+/// After a failed `accept` (e.g. out of file descriptors), wait this long before the next one.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// File names of a saved [`NodeIdentity`].
+const KEY_FILE: &str = "node.key";
+const CERT_FILE: &str = "node.crt";
+const CA_FILE: &str = "ca.crt";
+
+/// Errors of the cluster PKI.
+#[derive(thiserror::Error, Debug)]
+pub enum PkiError {
+    /// Generating a key, CSR or certificate failed, or a private key PEM could not be parsed.
+    #[error("certificate or key generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// A joiner's certificate signing request could not be parsed or its signature is invalid.
+    #[error("invalid certificate signing request: {0}")]
+    BadCsr(#[source] rcgen::Error),
+    /// A PEM text holds no certificate, or is not valid PEM.
+    #[error("{what}: no PEM certificate found")]
+    NoCertificate {
+        /// Which certificate was expected ("CA certificate", "node certificate").
+        what: &'static str,
+    },
+    /// A certificate's DER could not be parsed as X.509.
+    #[error("{what}: not a valid X.509 certificate: {reason}")]
+    BadCertificate {
+        /// Which certificate it was.
+        what: &'static str,
+        /// What the parser said.
+        reason: String,
+    },
+    /// A CA certificate given to [`ClusterCa::from_pem`] or a node identity is not a CA certificate.
+    #[error("the CA certificate is not a CA (basic constraints CA:TRUE missing)")]
+    NotCa,
+    /// A node certificate was not signed by the cluster CA it was given with.
+    #[error("the node certificate is not signed by the cluster CA")]
+    NotSignedByCa,
+    /// A certificate and a private key that should belong together do not.
+    #[error("the certificate does not match the private key")]
+    KeyMismatch,
+    /// A certificate's subject does not name a node as `CN=node-<id>, OU=<role>`.
+    #[error("not an overlayd node certificate: {reason}")]
+    NotNodeCertificate {
+        /// What is missing or malformed.
+        reason: String,
+    },
+    /// A role string is neither "manager" nor "worker".
+    #[error("unknown node role {role:?} (expected \"manager\" or \"worker\")")]
+    UnknownRole {
+        /// The string that was given.
+        role: String,
+    },
+    /// Building a rustls configuration failed (key rejected, certificate unusable).
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// Building the client certificate verifier of a server configuration failed.
+    #[error("TLS client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// Reading or writing a node identity file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Some but not all of a node identity's files exist in its directory.
+    #[error("{}: incomplete node identity, {missing} is missing (remove the directory's node.key, node.crt and ca.crt to rejoin)", dir.display())]
+    IncompleteIdentity {
+        /// The directory.
+        dir: PathBuf,
+        /// The file that is missing.
+        missing: &'static str,
+    },
+    /// A TCP connection to a manager could not be made.
+    #[error("cannot reach {addr}: {source}")]
+    Unreachable {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server at `addr` presented a certificate we do not trust. While joining, this means
+    /// the manager belongs to another cluster than the token (or the token is mistyped).
+    #[error("{addr} presented a certificate we do not trust: {reason}")]
+    UntrustedServer {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// Why the certificate was refused.
+        reason: String,
+    },
+    /// The TLS handshake with `addr` failed for a reason other than its certificate.
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Handshake {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Opening a gRPC channel to `addr` failed (unreachable, refused, TLS or HTTP/2 failure).
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// Connecting to `addr` took longer than the timeout given.
+    #[error("connecting to {addr} timed out after {timeout:?}")]
+    Timeout {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// The CA certificate a server presented has another SHA-256 digest than the one pinned
+    /// (the join token's).
+    #[error("the server's cluster CA does not match the join token's CA digest (is the token for this cluster?)")]
+    CaDigestMismatch,
+    /// The system clock is before 1970 or so far ahead that a certificate's validity cannot be written.
+    #[error("the system clock is out of the range certificates can express")]
+    ClockOutOfRange,
+    /// A server being pinned by CA digest did not send its CA certificate after its own.
+    #[error("the server did not present its cluster CA certificate")]
+    NoCaPresented,
+}
+
+pub use crate::state::Role;
+
+/// The process-independent crypto provider every config here is built with.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The name a client verifies in a node's certificate.
+pub fn server_name() -> ServerName<'static> {
+    ServerName::try_from(SERVER_NAME).expect("SERVER_NAME is a valid DNS name")
+}
+
+/// `not_before`/`not_after` for a certificate made at `now`, valid for `lifetime`.
+fn validity(params: &mut CertificateParams, now: SystemTime, lifetime: Duration) -> Result<(), PkiError> {
+    let time = |t: SystemTime| {
+        let secs = t.duration_since(UNIX_EPOCH).map_err(|_| PkiError::ClockOutOfRange)?.as_secs();
+        let secs = i64::try_from(secs).map_err(|_| PkiError::ClockOutOfRange)?;
+        ASN1Time::from_timestamp(secs).map(|t| t.to_datetime()).map_err(|_| PkiError::ClockOutOfRange)
+    };
+    params.not_before = time(now.checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH))?;
+    params.not_after = time(now.checked_add(lifetime).ok_or(PkiError::ClockOutOfRange)?)?;
+    Ok(())
+}
+
+/// A random positive 128-bit serial number.
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes[0] &= 0x7f; // DER INTEGER: keep it positive
+    bytes[0] |= 0x01; // and of full length
+    SerialNumber::from_slice(&bytes)
+}
+
+fn parse_x509<'a>(der: &'a [u8], what: &'static str) -> Result<X509Certificate<'a>, PkiError> {
+    X509Certificate::from_der(der)
+        .map(|(_, cert)| cert)
+        .map_err(|e| PkiError::BadCertificate { what, reason: e.to_string() })
+}
+
+/// The first certificate in a PEM text.
+fn first_cert_der(pem: &str, what: &'static str) -> Result<CertificateDer<'static>, PkiError> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .ok_or(PkiError::NoCertificate { what })?
+        .map_err(|e| PkiError::BadCertificate { what, reason: e.to_string() })
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// The node id and role a node certificate names in its subject (`CN=node-<id>, OU=<role>`).
+fn node_of(cert: &X509Certificate<'_>) -> Result<(u64, Role), PkiError> {
+    let bad = |reason: &str| PkiError::NotNodeCertificate { reason: reason.to_owned() };
+    let cn = cert.subject().iter_common_name().next().ok_or_else(|| bad("no common name"))?;
+    let cn = cn.as_str().map_err(|_| bad("common name is not a string"))?;
+    let id = cn.strip_prefix("node-").ok_or_else(|| bad("common name does not start with node-"))?;
+    let id = id.parse::<u64>().map_err(|_| bad("common name node-<id> has no numeric id"))?;
+    let ou = cert.subject().iter_organizational_unit().next().ok_or_else(|| bad("no role (OU)"))?;
+    let ou = ou.as_str().map_err(|_| bad("role (OU) is not a string"))?;
+    let role = ou.parse::<Role>().map_err(|_| bad("role (OU) is neither manager nor worker"))?;
+    Ok((id, role))
+}
+
+/// The cluster's certificate authority. Created by `overlayd init`, its private key is replicated to managers (so any manager can sign joiners' certificates).
+pub struct ClusterCa {
+    cert_der: CertificateDer<'static>,
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterCa").field("digest", &hex::encode(self.digest())).finish_non_exhaustive()
+    }
+}
+
+impl ClusterCa {
+    /// A new self-signed CA: ECDSA P-256, CN "overlayd cluster `cluster_id`", valid 10 years.
+    pub fn generate(cluster_id: &str) -> Result<ClusterCa, PkiError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("overlayd cluster {cluster_id}"));
+        params.distinguished_name = dn;
+        // No intermediates: the CA signs node certificates only.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.serial_number = Some(random_serial());
+        validity(&mut params, SystemTime::now(), CA_LIFETIME)?;
+        let cert = params.self_signed(&key)?;
+        Ok(ClusterCa { cert_pem: cert.pem(), cert_der: cert.der().clone(), issuer: Issuer::new(params, key) })
+    }
+
+    /// The CA from its certificate and private key (as replicated through Raft).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<ClusterCa, PkiError> {
+        let cert_der = first_cert_der(cert_pem, "CA certificate")?;
+        let key = KeyPair::from_pem(key_pem)?;
+        {
+            let cert = parse_x509(&cert_der, "CA certificate")?;
+            if !cert.is_ca() {
+                return Err(PkiError::NotCa);
+            }
+            if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+                return Err(PkiError::KeyMismatch);
+            }
+        }
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
+        Ok(ClusterCa { cert_pem: cert_pem.to_owned(), cert_der, issuer })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> String {
+        self.cert_pem.clone()
+    }
+
+    /// The CA private key, PKCS#8 PEM. A secret: only managers hold it.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> Vec<u8> {
+        self.cert_der.to_vec()
+    }
+
+    /// SHA-256 of the CA certificate's DER: what join tokens carry and joiners pin.
+    pub fn digest(&self) -> [u8; 32] {
+        sha256(&self.cert_der)
+    }
+
+    /// Signs a node's CSR: the certificate gets CN = "node-<node_id>", OU = role ("manager" or "worker"), SAN DNS = SERVER_NAME, 1 year validity, client+server auth EKU. The CSR's own subject/SANs are ignored.
+    pub fn sign_node(&self, csr_der: &[u8], node_id: u64, role: Role) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.into()).map_err(PkiError::BadCsr)?;
+        let params = node_params(node_id, role, SystemTime::now())?;
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+    }
+
+    /// A key and certificate for a node this CA signs directly (used by `init` for the first manager).
+    pub fn issue_node(&self, node_id: u64, role: Role) -> Result<NodeIdentity, PkiError> {
+        let key = NodeKey::generate()?;
+        let cert_pem = self.sign_node(&key.csr_der(&format!("node-{node_id}"))?, node_id, role)?;
+        key.into_identity(&cert_pem, &self.cert_pem)
+    }
+}
+
+/// What every node certificate says; nothing comes from the joiner's CSR but its public key.
+fn node_params(node_id: u64, role: Role, now: SystemTime) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("node-{node_id}"));
+    dn.push(DnType::OrganizationalUnitName, role.as_str());
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::DnsName(SERVER_NAME.try_into()?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    validity(&mut params, now, NODE_LIFETIME)?;
+    Ok(params)
+}
+
+/// A node's key, certificate (signed by the cluster CA) and the CA certificate.
+#[derive(Clone)]
+pub struct NodeIdentity {
+    key_pem: String,
+    cert_pem: String,
+    ca_pem: String,
+    key_der: Vec<u8>,
+    cert_der: CertificateDer<'static>,
+    ca_der: CertificateDer<'static>,
+    node_id: u64,
+    role: Role,
+}
+
+impl fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeIdentity").field("node_id", &self.node_id).field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+impl NodeIdentity {
+    /// An identity from its three PEM texts; checks the certificate is signed by that CA, matches
+    /// the key and names a node.
+    pub fn from_pem(key_pem: &str, cert_pem: &str, ca_pem: &str) -> Result<NodeIdentity, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let cert_der = first_cert_der(cert_pem, "node certificate")?;
+        let ca_der = first_cert_der(ca_pem, "CA certificate")?;
+        let (node_id, role) = {
+            let ca = parse_x509(&ca_der, "CA certificate")?;
+            let cert = parse_x509(&cert_der, "node certificate")?;
+            if !ca.is_ca() {
+                return Err(PkiError::NotCa);
+            }
+            cert.verify_signature(Some(ca.public_key())).map_err(|_| PkiError::NotSignedByCa)?;
+            if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+                return Err(PkiError::KeyMismatch);
+            }
+            node_of(&cert)?
+        };
+        Ok(NodeIdentity {
+            key_pem: key_pem.to_owned(),
+            cert_pem: cert_pem.to_owned(),
+            ca_pem: ca_pem.to_owned(),
+            key_der: key.serialize_der(),
+            cert_der,
+            ca_der,
+            node_id,
+            role,
+        })
+    }
+
+    /// The node's private key, PKCS#8 PEM.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// The node's certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The cluster CA certificate, PEM.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The node id, read back from the certificate.
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// The node's role, read back from the certificate.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// SHA-256 of the cluster CA certificate's DER.
+    pub fn ca_digest(&self) -> [u8; 32] {
+        sha256(&self.ca_der)
+    }
+
+    /// Writes `node.key` (mode 0600), `node.crt` and `ca.crt` into `dir`, creating it. Each file
+    /// is written to a temporary name and renamed, so a crash leaves no half-written file.
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        write_file(&dir.join(CA_FILE), self.ca_pem.as_bytes(), 0o644)?;
+        write_file(&dir.join(CERT_FILE), self.cert_pem.as_bytes(), 0o644)?;
+        write_file(&dir.join(KEY_FILE), self.key_pem.as_bytes(), 0o600)
+    }
+
+    /// The identity saved in `dir` by [`save`](Self::save); `None` if none of its files exist.
+    pub fn load(dir: &Path) -> Result<Option<NodeIdentity>, PkiError> {
+        let mut texts = Vec::with_capacity(3);
+        for name in [KEY_FILE, CERT_FILE, CA_FILE] {
+            let path = dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => texts.push(Some(text)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => texts.push(None),
+                Err(source) => return Err(PkiError::Io { path, source }),
+            }
+        }
+        match (&texts[0], &texts[1], &texts[2]) {
+            (None, None, None) => Ok(None),
+            (Some(key), Some(cert), Some(ca)) => NodeIdentity::from_pem(key, cert, ca).map(Some),
+            _ => {
+                let missing = [KEY_FILE, CERT_FILE, CA_FILE].into_iter().zip(&texts).find(|(_, t)| t.is_none());
+                let missing = missing.map_or(KEY_FILE, |(name, _)| name);
+                Err(PkiError::IncompleteIdentity { dir: dir.to_owned(), missing })
+            }
+        }
+    }
+
+    fn roots(&self) -> Result<Arc<RootCertStore>, PkiError> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca_der.clone())?;
+        Ok(Arc::new(roots))
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+
+    /// A TLS 1.3 server configuration presenting [node cert, CA cert]. Client certificates are
+    /// optional (a joiner has none yet) but, when given, must chain to the CA: a handler that
+    /// needs an authenticated peer checks [`peer_identity`] is `Some`.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, PkiError> {
+        let provider = provider();
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
+            .allow_unauthenticated()
+            .build()?;
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![self.cert_der.clone(), self.ca_der.clone()], self.key())?;
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// A mutual-TLS 1.3 client configuration: trusts only the cluster CA and presents the node
+    /// certificate. Connect with [`server_name`] (`SERVER_NAME`).
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, PkiError> {
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(vec![self.cert_der.clone()], self.key())?;
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file created with `mode`.
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        options.mode(mode);
+        let mut file = options.open(&tmp)?;
+        // A stale temporary file keeps its old mode; set it explicitly.
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = mode;
+        let mut file = options.open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// A key pair and CSR made by a host that wants to join.
+pub struct NodeKey {
+    key: KeyPair,
+}
+
+impl fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeKey").finish_non_exhaustive()
+    }
+}
+
+impl NodeKey {
+    /// A fresh ECDSA P-256 key.
+    pub fn generate() -> Result<NodeKey, PkiError> {
+        Ok(NodeKey { key: KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)? })
+    }
+
+    /// A CSR for this key. `node_name` only labels it: the manager decides the certificate's subject.
+    pub fn csr_der(&self, node_name: &str) -> Result<Vec<u8>, PkiError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node_name);
+        params.distinguished_name = dn;
+        Ok(params.serialize_request(&self.key)?.der().to_vec())
+    }
+
+    /// This key with the certificate a manager signed for it.
+    pub fn into_identity(self, cert_pem: &str, ca_pem: &str) -> Result<NodeIdentity, PkiError> {
+        NodeIdentity::from_pem(&self.key.serialize_pem(), cert_pem, ca_pem)
+    }
+}
+
+/// Accepts a server whose chain ends in the CA certificate with the pinned digest and whose leaf
+/// that CA signed for [`SERVER_NAME`]; used by joiners, which know only the token.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    ca_digest: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+fn cert_error(e: PkiError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let (ca, intermediates) = intermediates.split_last().ok_or(cert_error(PkiError::NoCaPresented))?;
+        if sha256(ca) != self.ca_digest {
+            return Err(cert_error(PkiError::CaDigestMismatch));
+        }
+        // The CA is now trusted as if it had come with the token; the leaf must chain to it.
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// TLS client config for a joiner: no client certificate; accepts the server only if the CA certificate it presents (last in its chain) has SHA-256 = `ca_digest` AND the server's leaf certificate is validly signed by that CA for SERVER_NAME. Anything else fails the handshake (so a wrong-cluster token fails with a certificate error).
+pub fn pinned_client_config(ca_digest: [u8; 32]) -> Arc<ClientConfig> {
+    let provider = provider();
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("the ring provider supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier { ca_digest, provider }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Arc::new(config)
+}
+
+/// From a verified peer certificate chain as tonic reports it (`request.peer_certs()`), the
+/// peer's node id and role; `None` without a client certificate. Only meaningful on chains rustls
+/// has verified (our [`NodeIdentity::server_config`] does): it reads the leaf, it does not check it.
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<(u64, Role)> {
+    let leaf = certs?.first()?;
+    let cert = parse_x509(leaf, "peer certificate").ok()?;
+    node_of(&cert).ok()
+}
+
+/// [`peer_identity`] of the peer that sent a request to a server fed by [`incoming`].
+pub fn request_peer<T>(request: &tonic::Request<T>) -> Option<(u64, Role)> {
+    peer_identity(request.peer_certs().as_deref().map(Vec::as_slice))
+}
+
+/// The lowercase RFC 4648 base32 alphabet used for token secrets.
+const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+/// Random bytes in a token secret.
+const SECRET_BYTES: usize = 16;
+/// Characters of a token secret: base32 of `SECRET_BYTES`, unpadded.
+const SECRET_CHARS: usize = (SECRET_BYTES * 8).div_ceil(5);
+/// What every join token starts with; the digit is the format version.
+const TOKEN_PREFIX: &str = "OVL1-";
+
+fn base32(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity((bytes.len() * 8).div_ceil(5));
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &b in bytes {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(BASE32[((acc >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(BASE32[((acc << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+/// Join tokens, in the style of `docker swarm`: `OVL1-<64 hex: sha256 of the CA cert DER>-<secret>`,
+/// the secret being 26 characters of lowercase base32 (128 random bits).
+#[derive(Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    /// SHA-256 of the cluster CA certificate's DER, which the joiner pins.
+    pub ca_digest: [u8; 32],
+    /// The secret the manager checks against the stored [`JoinToken::secret_hash`].
+    pub secret: String,
+}
+
+impl fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JoinToken").field("ca_digest", &hex::encode(self.ca_digest)).field("secret", &"..").finish()
+    }
+}
+
+impl JoinToken {
+    /// A new token for `ca` with a secret from the OS random source.
+    pub fn generate(ca: &ClusterCa) -> JoinToken {
+        JoinToken::generate_with(ca.digest(), &mut rand::rngs::OsRng)
+    }
+
+    /// A new token for the CA with digest `ca_digest`, its secret drawn from `rng`.
+    pub fn generate_with(ca_digest: [u8; 32], rng: &mut (impl RngCore + CryptoRng)) -> JoinToken {
+        let mut secret = [0u8; SECRET_BYTES];
+        rng.fill_bytes(&mut secret);
+        JoinToken { ca_digest, secret: base32(&secret) }
+    }
+
+    /// Hex SHA-256 of a secret: what the cluster state stores (never the secret itself).
+    pub fn secret_hash(secret: &str) -> String {
+        hex::encode(sha256(secret.as_bytes()))
+    }
+}
+
+impl fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{TOKEN_PREFIX}{}-{}", hex::encode(self.ca_digest), self.secret)
+    }
+}
+
+/// Why a string is not a join token; each message tells the user what to check.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum TokenError {
+    /// The text does not start with `OVL1-`.
+    #[error("a join token starts with {TOKEN_PREFIX} (copy the whole token printed by `overlayd init`)")]
+    MissingPrefix,
+    /// The part after the prefix has no `-` separating the CA digest from the secret.
+    #[error("the join token has no secret after the CA digest (expected OVL1-<CA digest>-<secret>); was it cut off?")]
+    MissingSecret,
+    /// The CA digest is not 64 characters long.
+    #[error("the CA digest must be 64 hex characters, this one has {0}; was the token cut off?")]
+    DigestLength(usize),
+    /// The CA digest has a character that is not a hex digit.
+    #[error("the CA digest must be 64 hex characters (0-9, a-f), this one has other characters")]
+    DigestNotHex,
+    /// The secret is empty.
+    #[error("the join token's secret (after the CA digest) is empty; was the token cut off?")]
+    EmptySecret,
+    /// The secret has the wrong length or characters.
+    #[error(
+        "the join token's secret must be {SECRET_CHARS} characters of a-z and 2-7; was the token cut off or mistyped?"
+    )]
+    BadSecret,
+}
+
+impl FromStr for JoinToken {
+    type Err = TokenError;
+
+    fn from_str(s: &str) -> Result<JoinToken, TokenError> {
+        let rest = s.trim().strip_prefix(TOKEN_PREFIX).ok_or(TokenError::MissingPrefix)?;
+        let (digest, secret) = rest.split_once('-').ok_or(TokenError::MissingSecret)?;
+        if digest.len() != 64 {
+            return Err(TokenError::DigestLength(digest.chars().count()));
+        }
+        let mut ca_digest = [0u8; 32];
+        hex::decode_to_slice(digest, &mut ca_digest).map_err(|_| TokenError::DigestNotHex)?;
+        if secret.is_empty() {
+            return Err(TokenError::EmptySecret);
+        }
+        if secret.len() != SECRET_CHARS || !secret.bytes().all(|b| BASE32.contains(&b)) {
+            return Err(TokenError::BadSecret);
+        }
+        Ok(JoinToken { ca_digest, secret: secret.to_owned() })
+    }
+}
+
+/// A mutual-TLS gRPC channel to the node at `addr` as `identity`; trusts only the cluster CA.
+/// Fails within `timeout` when the node is unreachable (the channel is not lazy).
+///
+/// tonic's own TLS stack makes the connection, set up like [`NodeIdentity::client_config`]
+/// (CA-only trust, node certificate, `SERVER_NAME`): taking a `rustls::ClientConfig` would need a
+/// custom connector, whose I/O type must implement hyper's traits, and `hyper-util` is not a
+/// dependency of this crate. tonic uses the process-wide rustls provider if one is installed,
+/// else ring (the only one compiled in).
+pub async fn connect(addr: SocketAddr, identity: &NodeIdentity, timeout: Duration) -> Result<Channel, PkiError> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(identity.ca_pem()))
+        .identity(tonic::transport::Identity::from_pem(identity.cert_pem(), identity.key_pem()));
+    open_channel(addr, tls, timeout).await
+}
+
+/// A gRPC channel for a joiner, which has only the token's CA digest: it first fetches the CA
+/// certificate through a handshake with [`pinned_client_config`], then opens a channel that trusts
+/// only that CA and presents no client certificate. A manager of another cluster fails with
+/// [`PkiError::UntrustedServer`]. `timeout` bounds each of the two connections.
+pub async fn connect_pinned(addr: SocketAddr, ca_digest: [u8; 32], timeout: Duration) -> Result<Channel, PkiError> {
+    let ca = fetch_pinned_ca(addr, ca_digest, timeout).await?;
+    let mut roots = RootCertStore::empty();
+    roots.add(ca)?;
+    open_channel(addr, ClientTlsConfig::new().trust_anchors(roots.roots), timeout).await
+}
+
+/// The CA certificate the node at `addr` presents, checked against `ca_digest`.
+async fn fetch_pinned_ca(
+    addr: SocketAddr,
+    ca_digest: [u8; 32],
+    timeout: Duration,
+) -> Result<CertificateDer<'static>, PkiError> {
+    let connector = tokio_rustls::TlsConnector::from(pinned_client_config(ca_digest));
+    let handshake = async {
+        let tcp = TcpStream::connect(addr).await.map_err(|source| PkiError::Unreachable { addr, source })?;
+        let tls = connector.connect(server_name(), tcp).await.map_err(|source| handshake_error(addr, source))?;
+        let (_, session) = tls.get_ref();
+        // The verifier accepted the chain only if its last certificate is the pinned CA.
+        let ca = session.peer_certificates().and_then(<[_]>::last).ok_or(PkiError::NoCaPresented)?;
+        // Dropping `tls` closes this probe connection; the channel makes its own.
+        Ok(ca.clone().into_owned())
+    };
+    tokio::time::timeout(timeout, handshake).await.map_err(|_| PkiError::Timeout { addr, timeout })?
+}
+
+/// Tells a refused certificate apart from other handshake failures.
+fn handshake_error(addr: SocketAddr, source: std::io::Error) -> PkiError {
+    match source.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        // Our own verifier's reasons (wrong CA digest, no CA sent) read better without rustls' wrapping.
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(e)))) => {
+            PkiError::UntrustedServer { addr, reason: e.to_string() }
+        }
+        Some(e @ rustls::Error::InvalidCertificate(_)) => PkiError::UntrustedServer { addr, reason: e.to_string() },
+        _ => PkiError::Handshake { addr, source },
+    }
+}
+
+async fn open_channel(addr: SocketAddr, tls: ClientTlsConfig, timeout: Duration) -> Result<Channel, PkiError> {
+    let connect_error = |source| PkiError::Connect { addr, source };
+    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(connect_error)?
+        .tls_config(tls.domain_name(SERVER_NAME).timeout(timeout))
+        .map_err(connect_error)?
+        .connect_timeout(timeout)
+        // A peer that vanishes without closing (a partition, a dropped route) is noticed within
+        // a few seconds instead of when TCP gives up, so a host moves to another manager.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true)
+        .tcp_keepalive(Some(Duration::from_secs(5)));
+    tokio::time::timeout(timeout, endpoint.connect())
+        .await
+        .map_err(|_| PkiError::Timeout { addr, timeout })?
+        .map_err(connect_error)
+}
+
+/// A stream of accepted TLS connections for `tonic::transport::Server::serve_with_incoming`, from
+/// a bound listener. Handshakes run concurrently (at most `MAX_PENDING_HANDSHAKES`, each bounded
+/// by `HANDSHAKE_TIMEOUT`) and only while the stream is polled; failures are logged at debug and
+/// skipped, never ending the stream. tonic reads the client certificates from the yielded
+/// streams, so [`request_peer`] works in handlers.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+) -> impl futures::Stream<Item = Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>> {
+    type Handshake = Pin<Box<dyn Future<Output = Option<tokio_rustls::server::TlsStream<TcpStream>>> + Send>>;
+    struct State {
+        listener: TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        pending: FuturesUnordered<Handshake>,
+        /// Set after a failed accept: no accepting before then.
+        resume_accept: Option<tokio::time::Instant>,
+    }
+    let state = State {
+        listener,
+        acceptor: tokio_rustls::TlsAcceptor::from(config),
+        pending: FuturesUnordered::new(),
+        resume_accept: None,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            let can_accept = st.resume_accept.is_none() && st.pending.len() < MAX_PENDING_HANDSHAKES;
+            tokio::select! {
+                accepted = st.listener.accept(), if can_accept => match accepted {
+                    Ok((tcp, peer)) => {
+                        let accept = st.acceptor.accept(tcp);
+                        st.pending.push(Box::pin(async move {
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                                Ok(Ok(tls)) => Some(tls),
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    None
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    None
+                                }
+                            }
+                        }));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a control connection failed");
+                        st.resume_accept = Some(tokio::time::Instant::now() + ACCEPT_ERROR_BACKOFF);
+                    }
+                },
+                () = tokio::time::sleep_until(st.resume_accept.unwrap_or_else(tokio::time::Instant::now)),
+                    if st.resume_accept.is_some() => st.resume_accept = None,
+                Some(done) = st.pending.next(), if !st.pending.is_empty() => {
+                    if let Some(tls) = done {
+                        return Some((Ok(tls), st));
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use std::task::{Context, Poll};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tonic::codegen::{Service, http};
+
+    fn ca(name: &str) -> ClusterCa {
+        ClusterCa::generate(name).unwrap()
+    }
+
+    /// The outcome of one TLS connection with a ping/pong exchange: what the server saw (the
+    /// client's chain, if any) and whether the client completed.
+    struct Outcome {
+        server: std::io::Result<Option<Vec<CertificateDer<'static>>>>,
+        client: std::io::Result<Vec<CertificateDer<'static>>>,
+    }
+
+    async fn exchange(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> Outcome {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_task = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await?;
+            let mut tls = tokio_rustls::TlsAcceptor::from(server).accept(tcp).await?;
+            let mut ping = [0u8; 4];
+            tls.read_exact(&mut ping).await?;
+            tls.write_all(b"pong").await?;
+            tls.flush().await?;
+            let certs = tls.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+            Ok(certs)
+        });
+        let client = async {
+            let tcp = TcpStream::connect(addr).await?;
+            let mut tls = tokio_rustls::TlsConnector::from(client).connect(server_name(), tcp).await?;
+            tls.write_all(b"ping").await?;
+            tls.flush().await?;
+            let mut pong = [0u8; 4];
+            // In TLS 1.3 the server judges the client certificate after the client's handshake
+            // is done: a refusal shows up here.
+            tls.read_exact(&mut pong).await?;
+            assert_eq!(&pong, b"pong");
+            Ok(tls.get_ref().1.peer_certificates().unwrap_or_default().to_vec())
+        };
+        let client = tokio::time::timeout(Duration::from_secs(10), client).await.expect("client timed out");
+        let server = tokio::time::timeout(Duration::from_secs(10), server_task).await.expect("server timed out");
+        Outcome { server: server.unwrap(), client }
+    }
+
+    /// The rustls error inside a tokio-rustls I/O error.
+    fn tls_error(e: &std::io::Error) -> &rustls::Error {
+        e.get_ref().and_then(|e| e.downcast_ref()).unwrap_or_else(|| panic!("not a TLS error: {e}"))
+    }
+
+    /// The reason our pinning verifier gave, inside a tokio-rustls I/O error.
+    fn verifier_error(e: &std::io::Error) -> &PkiError {
+        match tls_error(e) {
+            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(e))) => {
+                e.downcast_ref().expect("a PkiError")
+            }
+            other => panic!("not our verifier's error: {other}"),
+        }
+    }
+
+    fn peer(certs: &[CertificateDer<'static>]) -> Option<(u64, Role)> {
+        peer_identity(Some(certs))
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_between_nodes_of_one_cluster() {
+        let ca = ca("one");
+        let manager = ca.issue_node(1, Role::Manager).unwrap();
+        let worker = ca.issue_node(7, Role::Worker).unwrap();
+        let out = exchange(manager.server_config().unwrap(), worker.client_config().unwrap()).await;
+        let seen_by_server = out.server.unwrap().expect("server saw a client certificate");
+        assert_eq!(peer(&seen_by_server), Some((7, Role::Worker)));
+        let seen_by_client = out.client.unwrap();
+        assert_eq!(seen_by_client.len(), 2, "server presents [node, CA]");
+        assert_eq!(peer(&seen_by_client), Some((1, Role::Manager)));
+        assert_eq!(sha256(&seen_by_client[1]), ca.digest());
+    }
+
+    #[tokio::test]
+    async fn client_of_another_cluster_is_refused_and_anonymous_client_accepted() {
+        let ours = ca("ours");
+        let theirs = ca("theirs");
+        let server = ours.issue_node(1, Role::Manager).unwrap().server_config().unwrap();
+
+        // A client with a cert from another CA, that (wrongly) trusts our CA: the server refuses it.
+        let stranger = theirs.issue_node(2, Role::Worker).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from(ours.cert_der())).unwrap();
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![stranger.cert_der.clone()], stranger.key())
+            .unwrap();
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let out = exchange(server.clone(), Arc::new(config)).await;
+        let err = out.server.expect_err("server accepted a certificate of another CA");
+        assert_eq!(tls_error(&err), &rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
+        assert!(out.client.is_err());
+
+        // A client without a certificate (a joiner) gets through, and the server can tell.
+        let out = exchange(server, pinned_client_config(ours.digest())).await;
+        assert_eq!(out.server.unwrap(), None);
+        assert!(out.client.is_ok());
+    }
+
+    #[tokio::test]
+    async fn pinned_client_checks_the_ca_digest_and_the_leaf() {
+        let ours = ca("ours");
+        let theirs = ca("theirs");
+        let server = ours.issue_node(1, Role::Manager).unwrap().server_config().unwrap();
+
+        let out = exchange(server.clone(), pinned_client_config(ours.digest())).await;
+        assert_eq!(peer(&out.client.unwrap()), Some((1, Role::Manager)));
+
+        let out = exchange(server, pinned_client_config(theirs.digest())).await;
+        let err = out.client.unwrap_err();
+        assert!(matches!(verifier_error(&err), PkiError::CaDigestMismatch), "{err}");
+
+        // An impostor with a leaf from another CA, appending our (public) CA certificate.
+        let impostor = theirs.issue_node(1, Role::Manager).unwrap();
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![impostor.cert_der.clone(), CertificateDer::from(ours.cert_der())], impostor.key())
+            .unwrap();
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let out = exchange(Arc::new(config), pinned_client_config(ours.digest())).await;
+        let err = out.client.expect_err("pinned client accepted a leaf our CA did not sign");
+        assert_eq!(tls_error(&err), &rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
+
+        // A server that sends no CA certificate at all.
+        let ours_leaf_only = ours.issue_node(3, Role::Manager).unwrap();
+        let config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![ours_leaf_only.cert_der.clone()], ours_leaf_only.key())
+            .unwrap();
+        let out = exchange(Arc::new(config), pinned_client_config(ours.digest())).await;
+        let err = out.client.unwrap_err();
+        assert!(matches!(verifier_error(&err), PkiError::NoCaPresented), "{err}");
+    }
+
+    #[test]
+    fn token_round_trip_and_parse_errors() {
+        let ca = ca("tok");
+        let token = JoinToken::generate(&ca);
+        let text = token.to_string();
+        assert!(text.starts_with("OVL1-"));
+        assert_eq!(token.secret.len(), 26);
+        assert_eq!(text.parse::<JoinToken>().unwrap(), token);
+        assert_eq!(format!("  {text}\n").parse::<JoinToken>().unwrap(), token);
+        assert_ne!(JoinToken::generate(&ca).secret, token.secret);
+        assert!(!format!("{token:?}").contains(&token.secret));
+
+        let digest = hex::encode(ca.digest());
+        let secret = &token.secret;
+        let parse = |s: &str| s.parse::<JoinToken>().unwrap_err();
+        assert_eq!(parse(&format!("{digest}-{secret}")), TokenError::MissingPrefix);
+        assert_eq!(parse(&format!("SWMTKN-1-{digest}-{secret}")), TokenError::MissingPrefix);
+        assert_eq!(parse(&format!("OVL1-{}-{secret}", &digest[..60])), TokenError::DigestLength(60));
+        assert_eq!(parse(&format!("OVL1-{}zz-{secret}", &digest[..62])), TokenError::DigestNotHex);
+        assert_eq!(parse(&format!("OVL1-{digest}-")), TokenError::EmptySecret);
+        assert_eq!(parse(&format!("OVL1-{digest}")), TokenError::MissingSecret);
+        assert_eq!(parse(&format!("OVL1-{digest}-{}", &secret[..20])), TokenError::BadSecret);
+        assert_eq!(parse(&format!("OVL1-{digest}-{}", secret.to_uppercase())), TokenError::BadSecret);
+        assert!(TokenError::MissingPrefix.to_string().contains("a join token starts with OVL1-"));
+        assert!(TokenError::DigestLength(3).to_string().contains("the CA digest must be 64 hex characters"));
+
+        let hash = JoinToken::secret_hash(secret);
+        assert_eq!(hash.len(), 64);
+        assert_ne!(&hash, secret);
+        assert_eq!(hash, JoinToken::secret_hash(secret));
+    }
+
+    #[test]
+    fn base32_matches_rfc4648() {
+        assert_eq!(base32(b""), "");
+        assert_eq!(base32(b"f"), "my");
+        assert_eq!(base32(b"foobar"), "mzxw6ytboi");
+        assert_eq!(base32(&[0xff; 16]).len(), SECRET_CHARS);
+    }
+
+    #[test]
+    fn sign_node_and_from_pem_checks() {
+        let ca = ca("sign");
+        let key = NodeKey::generate().unwrap();
+        let csr = key.csr_der("host-a.example").unwrap();
+        let cert_pem = ca.sign_node(&csr, 42, Role::Worker).unwrap();
+        let key_pem = key.key.serialize_pem();
+        let id = key.into_identity(&cert_pem, &ca.cert_pem()).unwrap();
+        assert_eq!((id.node_id(), id.role()), (42, Role::Worker));
+        assert_eq!(id.ca_digest(), ca.digest());
+        let der = first_cert_der(&cert_pem, "node").unwrap();
+        let cert = parse_x509(&der, "node").unwrap();
+        let sans = cert.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(sans.value.general_names, [x509_parser::extensions::GeneralName::DNSName(SERVER_NAME)]);
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert!(!cert.is_ca());
+
+        // A CSR that is not one.
+        assert!(matches!(ca.sign_node(b"garbage", 1, Role::Worker), Err(PkiError::BadCsr(_))));
+
+        // The same key and certificate with another cluster's CA.
+        let other = ClusterCa::generate("other").unwrap();
+        let err = NodeIdentity::from_pem(&key_pem, &cert_pem, &other.cert_pem()).unwrap_err();
+        assert!(matches!(err, PkiError::NotSignedByCa), "{err}");
+
+        // A certificate of our CA, but for another key.
+        let someone = ca.issue_node(43, Role::Manager).unwrap();
+        let err = NodeIdentity::from_pem(&key_pem, someone.cert_pem(), &ca.cert_pem()).unwrap_err();
+        assert!(matches!(err, PkiError::KeyMismatch), "{err}");
+
+        // The CA survives a PEM round trip and still signs certificates its old self's nodes trust.
+        let again = ClusterCa::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap();
+        assert_eq!(again.digest(), ca.digest());
+        let late = again.issue_node(44, Role::Manager).unwrap();
+        NodeIdentity::from_pem(late.key_pem(), late.cert_pem(), &ca.cert_pem()).unwrap();
+        assert!(matches!(ClusterCa::from_pem(&ca.cert_pem(), &other.key_pem()), Err(PkiError::KeyMismatch)));
+        assert!(matches!(ClusterCa::from_pem(late.cert_pem(), late.key_pem()), Err(PkiError::NotCa)));
+    }
+
+    #[test]
+    fn role_strings() {
+        for role in [Role::Manager, Role::Worker] {
+            assert_eq!(role.as_str().parse::<Role>().unwrap(), role);
+        }
+        assert!("boss".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn save_load_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pki");
+        assert!(NodeIdentity::load(&path).unwrap().is_none());
+        let id = ca("save").issue_node(9, Role::Manager).unwrap();
+        id.save(&path).unwrap();
+        id.save(&path).unwrap(); // saving over an existing identity works
+        let back = NodeIdentity::load(&path).unwrap().expect("saved identity");
+        assert_eq!((back.node_id(), back.role()), (9, Role::Manager));
+        assert_eq!((back.key_pem(), back.cert_pem(), back.ca_pem()), (id.key_pem(), id.cert_pem(), id.ca_pem()));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(path.join(KEY_FILE)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::remove_file(path.join(CERT_FILE)).unwrap();
+        let err = NodeIdentity::load(&path).unwrap_err();
+        assert!(matches!(err, PkiError::IncompleteIdentity { missing: CERT_FILE, .. }), "{err}");
+    }
+
+    /// A gRPC service that answers every call with the caller's identity in a header.
+    #[derive(Clone)]
+    struct Whoami;
+
+    impl tonic::server::NamedService for Whoami {
+        const NAME: &'static str = "overlayd.test.Whoami";
+    }
+
+    impl Service<http::Request<tonic::body::Body>> for Whoami {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = futures::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+            let who = match request_peer(&tonic::Request::from_http(req)) {
+                Some((id, role)) => format!("{id} {role}"),
+                None => "anonymous".to_owned(),
+            };
+            let response = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "0")
+                .header("x-peer", who)
+                .body(tonic::body::Body::empty())
+                .unwrap();
+            futures::future::ready(Ok(response))
+        }
+    }
+
+    async fn whoami(channel: &mut Channel) -> String {
+        futures::future::poll_fn(|cx| channel.poll_ready(cx)).await.unwrap();
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("/overlayd.test.Whoami/Get")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::empty())
+            .unwrap();
+        let resp = channel.call(req).await.unwrap();
+        resp.headers()["x-peer"].to_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn tonic_over_incoming_and_connect() {
+        let ca = ca("grpc");
+        let manager = ca.issue_node(1, Role::Manager).unwrap();
+        let worker = ca.issue_node(7, Role::Worker).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = incoming(listener, manager.server_config().unwrap());
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(tonic::service::Routes::new(Whoami))
+                .serve_with_incoming(stream),
+        );
+        let timeout = Duration::from_secs(5);
+
+        // Junk and a silent connection do not end the stream.
+        let mut junk = TcpStream::connect(addr).await.unwrap();
+        junk.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        drop(junk);
+        let _silent = TcpStream::connect(addr).await.unwrap();
+
+        let mut channel = connect(addr, &worker, timeout).await.unwrap();
+        assert_eq!(whoami(&mut channel).await, "7 worker");
+
+        let mut joiner = connect_pinned(addr, ca.digest(), timeout).await.unwrap();
+        assert_eq!(whoami(&mut joiner).await, "anonymous");
+
+        let err = connect_pinned(addr, ClusterCa::generate("other").unwrap().digest(), timeout).await.unwrap_err();
+        assert!(matches!(err, PkiError::UntrustedServer { .. }), "{err}");
+        assert!(err.to_string().contains("does not match the join token"), "{err}");
+
+        // A node of another cluster cannot open a channel.
+        let stranger = ClusterCa::generate("other").unwrap().issue_node(2, Role::Worker).unwrap();
+        assert!(connect(addr, &stranger, timeout).await.is_err());
+
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn connect_fails_fast_when_unreachable() {
+        let id = ca("down").issue_node(1, Role::Worker).unwrap();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let start = std::time::Instant::now();
+        assert!(connect(addr, &id, Duration::from_secs(5)).await.is_err());
+        let err = connect_pinned(addr, [0; 32], Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(err, PkiError::Unreachable { .. }), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(3));
+    }
+}

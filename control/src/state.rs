@@ -1,0 +1,821 @@
+//! The replicated cluster state and the commands that change it.
+//!
+//! Every manager applies the same commands in Raft log order, so [`ClusterState::apply`] must
+//! be deterministic: no clock, no randomness, no I/O — times and secrets come inside the
+//! command from whoever proposed it. Automatic choices (a network's VNI and subnet, a host's
+//! address block) are the lowest free value, so every replica makes the same one. Each applied
+//! command yields the [`Change`]s it made, which the watch streams to hosts.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cidr::Ipv4Cidr;
+
+/// A node's id in the cluster (also its Raft id, for managers).
+pub type NodeId = u64;
+
+/// The lowest VNI chosen automatically (lower ones are left for static networks).
+pub const FIRST_AUTO_VNI: u32 = 4096;
+
+/// Where automatically chosen subnets come from, a /16 at a time.
+pub const DEFAULT_ADDRESS_POOL: &str = "10.128.0.0/9";
+
+/// Prefix length of automatically chosen subnets.
+pub const AUTO_SUBNET_PREFIX: u8 = 16;
+
+/// What a node does in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A Raft voter: holds the replicated state and answers the manager API.
+    Manager,
+    /// Follows the state from a manager.
+    Worker,
+}
+
+impl Role {
+    /// The role's name as written in certificates (OU), tokens and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Manager => "manager",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "manager" => Ok(Role::Manager),
+            "worker" => Ok(Role::Worker),
+            _ => Err(format!("{s:?} is not a role (manager or worker)")),
+        }
+    }
+}
+
+/// Whether a node is reachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// It reports to the managers.
+    Ready,
+    /// It stopped reporting; its blocks stay leased until it is removed.
+    Down,
+}
+
+/// A host of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Cluster-wide id.
+    pub id: NodeId,
+    /// Unique name (the host name by default).
+    pub name: String,
+    /// Its VTEP address: where other hosts send its VXLAN.
+    pub underlay_addr: IpAddr,
+    /// Where its control API (gRPC over mutual TLS) listens.
+    pub api_addr: SocketAddr,
+    /// Manager or worker.
+    pub role: Role,
+    /// Ready or down.
+    pub status: NodeStatus,
+    /// When it joined (Unix seconds, from the proposer's clock).
+    pub joined_at: u64,
+}
+
+/// An overlay network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    /// Unique name.
+    pub name: String,
+    /// Its VXLAN Network Identifier.
+    pub vni: u32,
+    /// The addresses of its containers.
+    pub subnet: Ipv4Cidr,
+    /// The default gateway containers get (the subnet's first address).
+    pub gateway: Ipv4Addr,
+    /// The MTU of its bridges, TAPs and containers.
+    pub mtu: u32,
+    /// Prefix length of the block each host leases from the subnet.
+    pub block_prefix: u8,
+    /// When it was created (Unix seconds).
+    pub created_at: u64,
+}
+
+/// An address block of one host in one network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    /// The network.
+    pub network: String,
+    /// The host.
+    pub node: NodeId,
+    /// Its addresses.
+    pub cidr: Ipv4Cidr,
+}
+
+/// What only managers may know: the CA key (to sign joiners' certificates) and the hashes of
+/// the join tokens' secrets. Never sent to a watcher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secrets {
+    /// The cluster CA's certificate.
+    pub ca_cert_pem: String,
+    /// The cluster CA's private key.
+    pub ca_key_pem: String,
+    /// SHA-256 (hex) of the worker token's secret.
+    pub worker_token_hash: String,
+    /// SHA-256 (hex) of the manager token's secret.
+    pub manager_token_hash: String,
+}
+
+/// A host that is joining (its id is chosen by the state machine).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewNode {
+    /// Unique name.
+    pub name: String,
+    /// VTEP address.
+    pub underlay_addr: IpAddr,
+    /// Control API address.
+    pub api_addr: SocketAddr,
+    /// Manager or worker.
+    pub role: Role,
+    /// When (Unix seconds).
+    pub joined_at: u64,
+}
+
+/// What `network create` asks for; empty fields are chosen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    /// Unique name.
+    pub name: String,
+    /// VNI, or the lowest free one from [`FIRST_AUTO_VNI`].
+    pub vni: Option<u32>,
+    /// Subnet, or the lowest free /16 of the address pool.
+    pub subnet: Option<Ipv4Cidr>,
+    /// MTU of the network.
+    pub mtu: u32,
+    /// Block prefix length, or subnet prefix + 8 (at most /28).
+    pub block_prefix: Option<u8>,
+    /// When (Unix seconds).
+    pub created_at: u64,
+}
+
+/// A change to the cluster state: the Raft log's entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Makes a new cluster with its first node (a manager).
+    Init {
+        /// Random id of the cluster.
+        cluster_id: String,
+        /// CA and token hashes.
+        secrets: Secrets,
+        /// The first manager.
+        node: NewNode,
+    },
+    /// Adds a node; answers with its record (and id).
+    AddNode(NewNode),
+    /// Removes a node and frees its blocks.
+    RemoveNode {
+        /// Which.
+        id: NodeId,
+    },
+    /// Marks a node ready or down.
+    SetNodeStatus {
+        /// Which.
+        id: NodeId,
+        /// New status.
+        status: NodeStatus,
+    },
+    /// Creates a network.
+    CreateNetwork(NetworkSpec),
+    /// Removes a network that no host holds a block of (or any, with `force`).
+    RemoveNetwork {
+        /// Which.
+        name: String,
+        /// Remove even with blocks leased.
+        force: bool,
+    },
+    /// Leases a block of `network` to `node` (the one it has, if any).
+    LeaseBlock {
+        /// Which network.
+        network: String,
+        /// For which host.
+        node: NodeId,
+    },
+    /// Gives a host's block back (its last container left).
+    ReleaseBlock {
+        /// Which network.
+        network: String,
+        /// Whose.
+        node: NodeId,
+    },
+}
+
+/// Why a command changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// `Init` on a cluster that exists.
+    #[error("this cluster is already initialized")]
+    AlreadyInitialized,
+    /// Anything before `Init`.
+    #[error("the cluster is not initialized")]
+    NotInitialized,
+    /// A node with this name exists.
+    #[error(
+        "a node named {0:?} is already in the cluster: give this host another name with --name, or remove the old node first (overlayd node rm)"
+    )]
+    DuplicateNodeName(String),
+    /// A node with this underlay address exists.
+    #[error("node {0:?} already uses the underlay address {1}")]
+    DuplicateUnderlay(String, IpAddr),
+    /// No such node.
+    #[error("no node with id {0}")]
+    UnknownNode(NodeId),
+    /// A network with this name exists.
+    #[error("a network named {0:?} already exists")]
+    DuplicateNetwork(String),
+    /// A network with this VNI exists.
+    #[error("VNI {vni} is already used by network {network:?}")]
+    DuplicateVni {
+        /// The VNI.
+        vni: u32,
+        /// Who has it.
+        network: String,
+    },
+    /// The subnet overlaps another network's.
+    #[error("subnet {subnet} overlaps network {network:?} ({other}): choose a subnet outside it")]
+    SubnetOverlap {
+        /// Asked for.
+        subnet: Ipv4Cidr,
+        /// Who overlaps.
+        network: String,
+        /// Its subnet.
+        other: Ipv4Cidr,
+    },
+    /// The network name is not acceptable.
+    #[error("{0}")]
+    InvalidName(String),
+    /// The network spec is not acceptable.
+    #[error("{0}")]
+    InvalidSpec(String),
+    /// No /16 of the pool is free.
+    #[error("no free /16 is left in the address pool {0}: give --subnet")]
+    NoFreeSubnet(Ipv4Cidr),
+    /// No VNI is free.
+    #[error("no free VNI is left")]
+    NoFreeVni,
+    /// No such network.
+    #[error("no network named {0:?}")]
+    UnknownNetwork(String),
+    /// Every block of the subnet is leased.
+    #[error(
+        "every {prefix} block of network {network:?} is leased ({count} hosts): use a larger subnet or smaller blocks"
+    )]
+    NoFreeBlock {
+        /// The network.
+        network: String,
+        /// Block size.
+        prefix: String,
+        /// How many there are.
+        count: u64,
+    },
+    /// `network rm` while hosts hold blocks.
+    #[error("network {network:?} is in use on {hosts} host(s): detach its containers first, or use --force")]
+    NetworkInUse {
+        /// Which.
+        network: String,
+        /// How many hosts hold a block.
+        hosts: usize,
+    },
+}
+
+/// What applying a command answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Applied (or nothing to do).
+    Done,
+    /// The node added or changed.
+    Node(NodeRecord),
+    /// The network created.
+    Network(Network),
+    /// The block leased.
+    Block(Block),
+    /// Refused; nothing changed.
+    Rejected(Rejection),
+}
+
+/// One change, as the watch streams it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// A node appeared or changed.
+    NodeUpsert(NodeRecord),
+    /// A node left.
+    NodeRemove(NodeId),
+    /// A network appeared or changed.
+    NetworkUpsert(Network),
+    /// A network went.
+    NetworkRemove(String),
+    /// A block was leased.
+    BlockUpsert(Block),
+    /// A block was freed.
+    BlockRemove {
+        /// Its network.
+        network: String,
+        /// Its host.
+        node: NodeId,
+    },
+}
+
+/// The state every manager holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Random id, set by `Init`.
+    pub cluster_id: String,
+    /// Counts up with every command that changed something.
+    pub revision: u64,
+    /// Managers' secrets, set by `Init`.
+    pub secrets: Option<Secrets>,
+    /// Every node.
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Every network.
+    pub networks: BTreeMap<String, Network>,
+    /// Blocks: network → node → block.
+    pub blocks: BTreeMap<String, BTreeMap<NodeId, Ipv4Cidr>>,
+    /// The id the next node gets.
+    pub next_node_id: NodeId,
+    /// Where automatic subnets come from.
+    pub address_pool: Ipv4Cidr,
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        ClusterState {
+            cluster_id: String::new(),
+            revision: 0,
+            secrets: None,
+            nodes: BTreeMap::new(),
+            networks: BTreeMap::new(),
+            blocks: BTreeMap::new(),
+            next_node_id: 1,
+            address_pool: DEFAULT_ADDRESS_POOL.parse().expect("valid pool"),
+        }
+    }
+}
+
+/// What hosts may see of the state: everything but the secrets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// Random id of the cluster.
+    pub cluster_id: String,
+    /// The revision this view is at.
+    pub revision: u64,
+    /// Every node.
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Every network.
+    pub networks: BTreeMap<String, Network>,
+    /// Blocks: network → node → block.
+    pub blocks: BTreeMap<String, BTreeMap<NodeId, Ipv4Cidr>>,
+}
+
+impl ClusterView {
+    /// Applies changes received from the watch, ending at `revision`.
+    pub fn apply_changes(&mut self, revision: u64, changes: &[Change]) {
+        for c in changes {
+            match c {
+                Change::NodeUpsert(n) => {
+                    self.nodes.insert(n.id, n.clone());
+                }
+                Change::NodeRemove(id) => {
+                    self.nodes.remove(id);
+                    for blocks in self.blocks.values_mut() {
+                        blocks.remove(id);
+                    }
+                }
+                Change::NetworkUpsert(n) => {
+                    self.networks.insert(n.name.clone(), n.clone());
+                }
+                Change::NetworkRemove(name) => {
+                    self.networks.remove(name);
+                    self.blocks.remove(name);
+                }
+                Change::BlockUpsert(b) => {
+                    self.blocks.entry(b.network.clone()).or_default().insert(b.node, b.cidr);
+                }
+                Change::BlockRemove { network, node } => {
+                    if let Some(m) = self.blocks.get_mut(network) {
+                        m.remove(node);
+                        if m.is_empty() {
+                            self.blocks.remove(network);
+                        }
+                    }
+                }
+            }
+        }
+        self.revision = revision;
+    }
+
+    /// The block of `node` in `network`.
+    pub fn block(&self, network: &str, node: NodeId) -> Option<Ipv4Cidr> {
+        self.blocks.get(network)?.get(&node).copied()
+    }
+
+    /// The node with this name.
+    pub fn node_by_name(&self, name: &str) -> Option<&NodeRecord> {
+        self.nodes.values().find(|n| n.name == name)
+    }
+}
+
+/// Checks a network name: 1 to 10 characters of a-z, A-Z, 0-9, '-', '_', '.', so that the
+/// bridge `ovbr-<name>` fits Linux's 15-character interface names.
+pub fn check_network_name(name: &str) -> Result<(), Rejection> {
+    let ok =
+        !name.is_empty() && name.len() <= 10 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Rejection::InvalidName(format!(
+            "{name:?} is not a valid network name: 1 to 10 characters from a-z, A-Z, 0-9, '-', '_', '.'"
+        )))
+    }
+}
+
+impl ClusterState {
+    /// What hosts may see.
+    pub fn view(&self) -> ClusterView {
+        ClusterView {
+            cluster_id: self.cluster_id.clone(),
+            revision: self.revision,
+            nodes: self.nodes.clone(),
+            networks: self.networks.clone(),
+            blocks: self.blocks.clone(),
+        }
+    }
+
+    /// Applies one command: the answer, and what changed (empty if nothing did).
+    pub fn apply(&mut self, cmd: &Command) -> (Response, Vec<Change>) {
+        let initialized = self.secrets.is_some();
+        let result = match cmd {
+            Command::Init { .. } if initialized => Err(Rejection::AlreadyInitialized),
+            Command::Init { cluster_id, secrets, node } => {
+                self.cluster_id = cluster_id.clone();
+                self.secrets = Some(secrets.clone());
+                self.add_node(node)
+            }
+            _ if !initialized => Err(Rejection::NotInitialized),
+            Command::AddNode(node) => self.add_node(node),
+            Command::RemoveNode { id } => self.remove_node(*id),
+            Command::SetNodeStatus { id, status } => match self.nodes.get_mut(id) {
+                None => Err(Rejection::UnknownNode(*id)),
+                Some(n) if n.status == *status => Ok((Response::Node(n.clone()), vec![])),
+                Some(n) => {
+                    n.status = *status;
+                    Ok((Response::Node(n.clone()), vec![Change::NodeUpsert(n.clone())]))
+                }
+            },
+            Command::CreateNetwork(spec) => self.create_network(spec),
+            Command::RemoveNetwork { name, force } => self.remove_network(name, *force),
+            Command::LeaseBlock { network, node } => self.lease_block(network, *node),
+            Command::ReleaseBlock { network, node } => {
+                let freed = self.blocks.get_mut(network).and_then(|m| m.remove(node)).is_some();
+                if self.blocks.get(network).is_some_and(|m| m.is_empty()) {
+                    self.blocks.remove(network);
+                }
+                Ok((
+                    Response::Done,
+                    if freed { vec![Change::BlockRemove { network: network.clone(), node: *node }] } else { vec![] },
+                ))
+            }
+        };
+        match result {
+            Ok((response, changes)) => {
+                if !changes.is_empty() {
+                    self.revision += 1;
+                }
+                (response, changes)
+            }
+            Err(r) => (Response::Rejected(r), vec![]),
+        }
+    }
+
+    fn add_node(&mut self, new: &NewNode) -> Result<(Response, Vec<Change>), Rejection> {
+        if let Some(n) = self.nodes.values().find(|n| n.name == new.name) {
+            return Err(Rejection::DuplicateNodeName(n.name.clone()));
+        }
+        if let Some(n) = self.nodes.values().find(|n| n.underlay_addr == new.underlay_addr) {
+            return Err(Rejection::DuplicateUnderlay(n.name.clone(), n.underlay_addr));
+        }
+        let id = self.next_node_id;
+        self.next_node_id += 1;
+        let node = NodeRecord {
+            id,
+            name: new.name.clone(),
+            underlay_addr: new.underlay_addr,
+            api_addr: new.api_addr,
+            role: new.role,
+            status: NodeStatus::Ready,
+            joined_at: new.joined_at,
+        };
+        self.nodes.insert(id, node.clone());
+        Ok((Response::Node(node.clone()), vec![Change::NodeUpsert(node)]))
+    }
+
+    fn remove_node(&mut self, id: NodeId) -> Result<(Response, Vec<Change>), Rejection> {
+        if self.nodes.remove(&id).is_none() {
+            return Err(Rejection::UnknownNode(id));
+        }
+        let mut changes = Vec::new();
+        for (network, blocks) in &mut self.blocks {
+            if blocks.remove(&id).is_some() {
+                changes.push(Change::BlockRemove { network: network.clone(), node: id });
+            }
+        }
+        self.blocks.retain(|_, m| !m.is_empty());
+        changes.push(Change::NodeRemove(id));
+        Ok((Response::Done, changes))
+    }
+
+    fn create_network(&mut self, spec: &NetworkSpec) -> Result<(Response, Vec<Change>), Rejection> {
+        check_network_name(&spec.name)?;
+        if self.networks.contains_key(&spec.name) {
+            return Err(Rejection::DuplicateNetwork(spec.name.clone()));
+        }
+        if !(576..=9000).contains(&spec.mtu) {
+            return Err(Rejection::InvalidSpec(format!("MTU {} is outside 576..=9000", spec.mtu)));
+        }
+        let vni = match spec.vni {
+            Some(v) => {
+                if v == 0 || v > 0xff_ffff {
+                    return Err(Rejection::InvalidSpec(format!("VNI {v} is outside 1..=16777215")));
+                }
+                if let Some(n) = self.networks.values().find(|n| n.vni == v) {
+                    return Err(Rejection::DuplicateVni { vni: v, network: n.name.clone() });
+                }
+                v
+            }
+            None => (FIRST_AUTO_VNI..=0xff_ffff)
+                .find(|v| !self.networks.values().any(|n| n.vni == *v))
+                .ok_or(Rejection::NoFreeVni)?,
+        };
+        let subnet = match spec.subnet {
+            Some(s) => {
+                if s.prefix() > 28 {
+                    return Err(Rejection::InvalidSpec(format!("subnet {s} is too small: use /28 or larger")));
+                }
+                if let Some(n) = self.networks.values().find(|n| n.subnet.overlaps(&s)) {
+                    return Err(Rejection::SubnetOverlap { subnet: s, network: n.name.clone(), other: n.subnet });
+                }
+                s
+            }
+            None => {
+                let pool = self.address_pool;
+                let count = 1u64 << (AUTO_SUBNET_PREFIX - pool.prefix());
+                (0..count)
+                    .filter_map(|i| pool.subnet(AUTO_SUBNET_PREFIX, i))
+                    .find(|s| !self.networks.values().any(|n| n.subnet.overlaps(s)))
+                    .ok_or(Rejection::NoFreeSubnet(pool))?
+            }
+        };
+        let block_prefix = spec.block_prefix.unwrap_or((subnet.prefix() + 8).min(28));
+        if block_prefix < subnet.prefix() || block_prefix > 30 {
+            return Err(Rejection::InvalidSpec(format!(
+                "block size /{block_prefix} must be within the subnet {subnet} and at most /30"
+            )));
+        }
+        let network = Network {
+            name: spec.name.clone(),
+            vni,
+            subnet,
+            gateway: subnet.nth(1).expect("a /28 or larger has a first address"),
+            mtu: spec.mtu,
+            block_prefix,
+            created_at: spec.created_at,
+        };
+        self.networks.insert(network.name.clone(), network.clone());
+        Ok((Response::Network(network.clone()), vec![Change::NetworkUpsert(network)]))
+    }
+
+    fn remove_network(&mut self, name: &str, force: bool) -> Result<(Response, Vec<Change>), Rejection> {
+        if !self.networks.contains_key(name) {
+            return Err(Rejection::UnknownNetwork(name.to_owned()));
+        }
+        let hosts = self.blocks.get(name).map_or(0, BTreeMap::len);
+        if hosts > 0 && !force {
+            return Err(Rejection::NetworkInUse { network: name.to_owned(), hosts });
+        }
+        self.networks.remove(name);
+        let mut changes: Vec<Change> = self
+            .blocks
+            .remove(name)
+            .into_iter()
+            .flat_map(|m| m.into_keys())
+            .map(|node| Change::BlockRemove { network: name.to_owned(), node })
+            .collect();
+        changes.push(Change::NetworkRemove(name.to_owned()));
+        Ok((Response::Done, changes))
+    }
+
+    fn lease_block(&mut self, network: &str, node: NodeId) -> Result<(Response, Vec<Change>), Rejection> {
+        let net = self.networks.get(network).ok_or_else(|| Rejection::UnknownNetwork(network.to_owned()))?;
+        if !self.nodes.contains_key(&node) {
+            return Err(Rejection::UnknownNode(node));
+        }
+        let taken = self.blocks.entry(network.to_owned()).or_default();
+        if let Some(cidr) = taken.get(&node) {
+            return Ok((Response::Block(Block { network: network.to_owned(), node, cidr: *cidr }), vec![]));
+        }
+        let count = 1u64 << (net.block_prefix - net.subnet.prefix());
+        let cidr = (0..count)
+            .filter_map(|i| net.subnet.subnet(net.block_prefix, i))
+            .find(|b| !taken.values().any(|t| t == b))
+            .ok_or_else(|| Rejection::NoFreeBlock {
+                network: network.to_owned(),
+                prefix: format!("/{}", net.block_prefix),
+                count,
+            })?;
+        taken.insert(node, cidr);
+        let block = Block { network: network.to_owned(), node, cidr };
+        Ok((Response::Block(block.clone()), vec![Change::BlockUpsert(block)]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn secrets() -> Secrets {
+        Secrets {
+            ca_cert_pem: "c".into(),
+            ca_key_pem: "k".into(),
+            worker_token_hash: "w".into(),
+            manager_token_hash: "m".into(),
+        }
+    }
+
+    fn new_node(name: &str, last: u8, role: Role) -> NewNode {
+        NewNode {
+            name: name.into(),
+            underlay_addr: IpAddr::V4(Ipv4Addr::new(198, 18, 0, last)),
+            api_addr: format!("198.18.0.{last}:7947").parse().unwrap(),
+            role,
+            joined_at: 1,
+        }
+    }
+
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        let (r, _) = s.apply(&Command::Init {
+            cluster_id: "c1".into(),
+            secrets: secrets(),
+            node: new_node("m1", 1, Role::Manager),
+        });
+        assert!(matches!(r, Response::Node(NodeRecord { id: 1, .. })));
+        s
+    }
+
+    fn spec(name: &str) -> NetworkSpec {
+        NetworkSpec { name: name.into(), vni: None, subnet: None, mtu: 1450, block_prefix: None, created_at: 2 }
+    }
+
+    #[test]
+    fn init_once_then_nodes_with_unique_names_and_addresses() {
+        let mut s = cluster();
+        assert_eq!(
+            s.apply(&Command::Init {
+                cluster_id: "x".into(),
+                secrets: secrets(),
+                node: new_node("m9", 9, Role::Manager)
+            })
+            .0,
+            Response::Rejected(Rejection::AlreadyInitialized)
+        );
+        let (r, c) = s.apply(&Command::AddNode(new_node("w1", 2, Role::Worker)));
+        assert!(matches!(r, Response::Node(NodeRecord { id: 2, .. })));
+        assert_eq!(c.len(), 1);
+        assert_eq!(s.revision, 2);
+        let (r, c) = s.apply(&Command::AddNode(new_node("w1", 3, Role::Worker)));
+        assert_eq!(r, Response::Rejected(Rejection::DuplicateNodeName("w1".into())));
+        assert!(c.is_empty());
+        assert_eq!(s.revision, 2, "a rejected command changes nothing");
+        assert!(matches!(
+            s.apply(&Command::AddNode(new_node("w2", 2, Role::Worker))).0,
+            Response::Rejected(Rejection::DuplicateUnderlay(..))
+        ));
+        assert_eq!(
+            ClusterState::default().apply(&Command::AddNode(new_node("w", 5, Role::Worker))).0,
+            Response::Rejected(Rejection::NotInitialized)
+        );
+    }
+
+    #[test]
+    fn networks_get_free_vnis_and_subnets_and_refuse_overlaps() {
+        let mut s = cluster();
+        let Response::Network(a) = s.apply(&Command::CreateNetwork(spec("a"))).0 else { panic!() };
+        assert_eq!(
+            (a.vni, a.subnet.to_string(), a.gateway.to_string(), a.block_prefix),
+            (4096, "10.128.0.0/16".into(), "10.128.0.1".into(), 24)
+        );
+        let Response::Network(b) = s.apply(&Command::CreateNetwork(spec("b"))).0 else { panic!() };
+        assert_eq!((b.vni, b.subnet.to_string()), (4097, "10.129.0.0/16".into()));
+        let overlap = NetworkSpec { subnet: Some("10.128.5.0/24".parse().unwrap()), ..spec("c") };
+        assert!(matches!(
+            s.apply(&Command::CreateNetwork(overlap)).0,
+            Response::Rejected(Rejection::SubnetOverlap { .. })
+        ));
+        let dup_vni = NetworkSpec { vni: Some(4096), ..spec("d") };
+        assert!(matches!(
+            s.apply(&Command::CreateNetwork(dup_vni)).0,
+            Response::Rejected(Rejection::DuplicateVni { .. })
+        ));
+        assert_eq!(
+            s.apply(&Command::CreateNetwork(spec("a"))).0,
+            Response::Rejected(Rejection::DuplicateNetwork("a".into()))
+        );
+        assert!(matches!(
+            s.apply(&Command::CreateNetwork(spec("way-too-long-name"))).0,
+            Response::Rejected(Rejection::InvalidName(_))
+        ));
+        let small = NetworkSpec { subnet: Some("192.168.7.0/24".parse().unwrap()), ..spec("small") };
+        let Response::Network(n) = s.apply(&Command::CreateNetwork(small)).0 else { panic!() };
+        assert_eq!(n.block_prefix, 28);
+        assert_eq!(s.revision, 4);
+    }
+
+    #[test]
+    fn blocks_are_leased_once_per_host_and_freed_with_the_host() {
+        let mut s = cluster();
+        s.apply(&Command::AddNode(new_node("w1", 2, Role::Worker)));
+        s.apply(&Command::CreateNetwork(spec("a")));
+        let Response::Block(b1) = s.apply(&Command::LeaseBlock { network: "a".into(), node: 1 }).0 else { panic!() };
+        let Response::Block(b2) = s.apply(&Command::LeaseBlock { network: "a".into(), node: 2 }).0 else { panic!() };
+        assert_eq!((b1.cidr.to_string(), b2.cidr.to_string()), ("10.128.0.0/24".into(), "10.128.1.0/24".into()));
+        let (again, changes) = s.apply(&Command::LeaseBlock { network: "a".into(), node: 2 });
+        assert_eq!(again, Response::Block(b2.clone()));
+        assert!(changes.is_empty(), "leasing twice is idempotent");
+        assert!(matches!(
+            s.apply(&Command::RemoveNetwork { name: "a".into(), force: false }).0,
+            Response::Rejected(Rejection::NetworkInUse { hosts: 2, .. })
+        ));
+        let (_, changes) = s.apply(&Command::RemoveNode { id: 2 });
+        assert_eq!(changes, vec![Change::BlockRemove { network: "a".into(), node: 2 }, Change::NodeRemove(2)]);
+        // The freed block goes to the next host that asks.
+        s.apply(&Command::AddNode(new_node("w3", 3, Role::Worker)));
+        let Response::Block(b3) = s.apply(&Command::LeaseBlock { network: "a".into(), node: 3 }).0 else { panic!() };
+        assert_eq!(b3.cidr, b2.cidr);
+        assert_eq!(
+            s.apply(&Command::LeaseBlock { network: "nope".into(), node: 3 }).0,
+            Response::Rejected(Rejection::UnknownNetwork("nope".into()))
+        );
+    }
+
+    #[test]
+    fn a_full_subnet_says_so() {
+        let mut s = cluster();
+        let tiny = NetworkSpec { subnet: Some("192.168.0.0/27".parse().unwrap()), block_prefix: Some(28), ..spec("t") };
+        s.apply(&Command::CreateNetwork(tiny));
+        for i in 2..=3 {
+            s.apply(&Command::AddNode(new_node(&format!("w{i}"), i, Role::Worker)));
+        }
+        for id in 1..=2 {
+            assert!(matches!(s.apply(&Command::LeaseBlock { network: "t".into(), node: id }).0, Response::Block(_)));
+        }
+        assert!(matches!(
+            s.apply(&Command::LeaseBlock { network: "t".into(), node: 3 }).0,
+            Response::Rejected(Rejection::NoFreeBlock { count: 2, .. })
+        ));
+    }
+
+    proptest! {
+        /// A host following the watch (a view plus the changes) always ends up with exactly
+        /// the managers' state, whatever the commands.
+        #[test]
+        fn views_plus_changes_equal_the_state(ops in proptest::collection::vec((0u8..7, 0u64..5, 0u8..4), 0..60)) {
+            let mut s = cluster();
+            let mut view = s.view();
+            for (op, id, net) in ops {
+                let name = format!("n{net}");
+                let cmd = match op {
+                    0 => Command::AddNode(new_node(&format!("h{id}"), 10 + id as u8, Role::Worker)),
+                    1 => Command::RemoveNode { id },
+                    2 => Command::CreateNetwork(spec(&name)),
+                    3 => Command::RemoveNetwork { name, force: id % 2 == 0 },
+                    4 => Command::LeaseBlock { network: name, node: id },
+                    5 => Command::ReleaseBlock { network: name, node: id },
+                    _ => Command::SetNodeStatus { id, status: if net % 2 == 0 { NodeStatus::Down } else { NodeStatus::Ready } },
+                };
+                let before = s.revision;
+                let (_, changes) = s.apply(&cmd);
+                prop_assert_eq!(s.revision, before + u64::from(!changes.is_empty()));
+                view.apply_changes(s.revision, &changes);
+                prop_assert_eq!(&view, &s.view());
+            }
+        }
+    }
+}

@@ -1,0 +1,802 @@
+//! A manager's Raft storage: openraft's log store and state machine, both in one redb database
+//! (`raft.redb`) that fsyncs on every commit, so a manager killed at any moment restarts with its
+//! log, vote, applied [`ClusterState`] and snapshot intact. [`StateHandle`] lets the rest of the
+//! manager read the applied state without going through Raft.
+
+use std::fmt::Debug;
+use std::io::{self, Cursor};
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::state::{ClusterState, NodeId, Response};
+use crate::types::{RaftNode, StateEvent, TypeConfig};
+
+/// The database file inside the storage directory.
+pub const DB_FILE: &str = "raft.redb";
+
+/// Log entries (JSON), by index.
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+/// The log's pointers (JSON): [`VOTE`], [`COMMITTED`], [`LAST_PURGED`].
+const LOG_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_log_meta");
+/// The state machine (JSON): [`APPLIED`] and the current snapshot.
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state_machine");
+
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const LAST_PURGED: &str = "last_purged";
+const APPLIED: &str = "applied";
+const SNAPSHOT_META: &str = "snapshot_meta";
+const SNAPSHOT_DATA: &str = "snapshot_data";
+/// The last snapshot sequence number handed out, so that snapshot ids stay unique across restarts.
+const SNAPSHOT_SEQ: &str = "snapshot_seq";
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+/// Why the Raft storage could not be opened.
+#[derive(thiserror::Error, Debug)]
+pub enum StoreError {
+    /// The storage directory does not exist and could not be created.
+    #[error("cannot create the Raft storage directory {}: check its parent's permissions", dir.display())]
+    CreateDir {
+        /// The directory.
+        dir: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// redb could not open the database file: another overlayd holds it, it is not a redb file, or
+    /// the disk failed.
+    #[error("cannot open the Raft database {}: is another overlayd running with this data directory?", path.display())]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// What redb said.
+        #[source]
+        source: redb::DatabaseError,
+    },
+    /// A transaction on the opened database failed (I/O error, or a damaged file).
+    #[error("cannot read the Raft database {}", path.display())]
+    Database {
+        /// The database file.
+        path: PathBuf,
+        /// What redb said.
+        #[source]
+        source: redb::Error,
+    },
+    /// A record in the database does not decode: the file was written by an incompatible
+    /// version of overlayd, or damaged.
+    #[error("the Raft database {} holds a record this overlayd cannot read", path.display())]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What the decoder said.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl StoreError {
+    fn from_db(path: &Path, e: DbError) -> Self {
+        let path = path.to_owned();
+        match e {
+            DbError::Redb(source) => StoreError::Database { path, source },
+            DbError::Json(source) => StoreError::Corrupt { path, source },
+        }
+    }
+}
+
+/// Any failure of one storage operation, before openraft gives it a subject and a verb.
+#[derive(thiserror::Error, Debug)]
+enum DbError {
+    #[error(transparent)]
+    Redb(#[from] redb::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+macro_rules! db_error_via_redb {
+    ($($t:ty),*) => {
+        $(impl From<$t> for DbError {
+            fn from(e: $t) -> Self {
+                DbError::Redb(e.into())
+            }
+        })*
+    };
+}
+db_error_via_redb!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError, io::Error);
+
+/// What the state machine holds, in memory and (as one JSON record) on disk. A snapshot is this
+/// record too.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Applied {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, RaftNode>,
+    state: ClusterState,
+}
+
+/// Opens (creating if needed) the Raft storage in `dir`: the log store and the state machine,
+/// sharing one redb database. Sends [`StateEvent::Replaced`] on `events` for the state loaded
+/// from disk, then one event per change the state machine makes.
+pub fn open(
+    dir: &Path,
+    events: UnboundedSender<StateEvent>,
+) -> Result<(LogStore, StateMachineStore, StateHandle), StoreError> {
+    std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir { dir: dir.to_owned(), source })?;
+    let path = dir.join(DB_FILE);
+    let db = Database::create(&path).map_err(|source| StoreError::Open { path: path.clone(), source })?;
+    let (applied, snapshot_seq) = load(&db).map_err(|e| StoreError::from_db(&path, e))?;
+    let revision = applied.state.revision;
+    tracing::debug!(path = %path.display(), revision, last_applied = ?applied.last_applied, "opened the Raft storage");
+
+    let db = Arc::new(db);
+    let applied = Arc::new(RwLock::new(applied));
+    emit(&events, StateEvent::Replaced { revision });
+    Ok((
+        LogStore { db: Arc::clone(&db) },
+        StateMachineStore {
+            db,
+            applied: Arc::clone(&applied),
+            snapshot_seq: Arc::new(AtomicU64::new(snapshot_seq)),
+            events,
+        },
+        StateHandle { applied },
+    ))
+}
+
+/// Creates the tables (so that read transactions find them) and loads the state machine.
+fn load(db: &Database) -> Result<(Applied, u64), DbError> {
+    let txn = db.begin_write()?;
+    txn.open_table(LOG)?;
+    txn.open_table(LOG_META)?;
+    txn.open_table(STATE)?;
+    txn.commit()?;
+    let txn = db.begin_read()?;
+    let applied = read_json(&txn, STATE, APPLIED)?.unwrap_or_default();
+    let seq = read_json(&txn, STATE, SNAPSHOT_SEQ)?.unwrap_or(0);
+    Ok((applied, seq))
+}
+
+/// Tells the rest of the manager what changed.
+fn emit(events: &UnboundedSender<StateEvent>, event: StateEvent) {
+    // The receiver goes away only when the manager shuts down; the state is on disk either way.
+    if events.send(event).is_err() {
+        tracing::trace!("no receiver for state events");
+    }
+}
+
+fn read_json<T: DeserializeOwned>(
+    txn: &ReadTransaction,
+    table: TableDefinition<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>, DbError> {
+    let table = txn.open_table(table)?;
+    let Some(bytes) = table.get(key)? else { return Ok(None) };
+    Ok(Some(serde_json::from_slice(bytes.value())?))
+}
+
+fn put(
+    txn: &WriteTransaction,
+    table: TableDefinition<&'static str, &'static [u8]>,
+    key: &str,
+    bytes: &[u8],
+) -> Result<(), DbError> {
+    txn.open_table(table)?.insert(key, bytes)?;
+    Ok(())
+}
+
+/// Runs `f` in one write transaction on the blocking pool and commits it, which fsyncs: the
+/// caller's task waits, its worker thread does not.
+async fn write_txn<T, F>(db: &Arc<Database>, f: F) -> Result<T, DbError>
+where
+    T: Send + 'static,
+    F: FnOnce(&WriteTransaction) -> Result<T, DbError> + Send + 'static,
+{
+    let db = Arc::clone(db);
+    let task = tokio::task::spawn_blocking(move || {
+        let txn = db.begin_write()?;
+        let out = f(&txn)?;
+        txn.commit()?;
+        Ok(out)
+    });
+    match task.await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(io::Error::other(e).into()),
+    }
+}
+
+fn read_lock(applied: &RwLock<Applied>) -> RwLockReadGuard<'_, Applied> {
+    // Nothing panics while holding the write lock (it only swaps in a finished value), so a
+    // poisoned lock still guards a consistent state.
+    applied.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn replace(applied: &RwLock<Applied>, next: Applied) {
+    *applied.write().unwrap_or_else(PoisonError::into_inner) = next;
+}
+
+/// Reads the log entries with index in `range`; missing ones are skipped.
+fn read_entries(db: &Database, range: impl RangeBounds<u64>) -> Result<Vec<Entry<TypeConfig>>, DbError> {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => match s.checked_add(1) {
+            Some(s) => s,
+            None => return Ok(Vec::new()),
+        },
+        Bound::Unbounded => 0,
+    };
+    // `None`: no end.
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.checked_add(1),
+        Bound::Excluded(&e) => Some(e),
+        Bound::Unbounded => None,
+    };
+    if end.is_some_and(|e| e <= start) {
+        return Ok(Vec::new());
+    }
+    let mut entries = Vec::new();
+    for (_, bytes) in read_rows(db, start, end)? {
+        entries.push(serde_json::from_slice(&bytes)?);
+    }
+    Ok(entries)
+}
+
+/// The raw log rows with index in `start..end` (`None`: no end).
+fn read_rows(db: &Database, start: u64, end: Option<u64>) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(LOG)?;
+    let iter = match end {
+        Some(end) => table.range(start..end)?,
+        None => table.range(start..)?,
+    };
+    let mut rows = Vec::new();
+    for row in iter {
+        let (k, v) = row?;
+        rows.push((k.value(), v.value().to_vec()));
+    }
+    Ok(rows)
+}
+
+/// The entry with the highest index, if any.
+fn last_entry(db: &Database) -> Result<Option<Entry<TypeConfig>>, DbError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(LOG)?;
+    let Some((_, bytes)) = table.last()? else { return Ok(None) };
+    Ok(Some(serde_json::from_slice(bytes.value())?))
+}
+
+/// A snapshot's meta and data, as stored.
+type StoredSnapshot = (SnapshotMeta<NodeId, RaftNode>, Vec<u8>);
+
+/// The current snapshot's meta and data, if there is one.
+fn current_snapshot(db: &Database) -> Result<Option<StoredSnapshot>, DbError> {
+    let txn = db.begin_read()?;
+    let Some(meta) = read_json(&txn, STATE, SNAPSHOT_META)? else { return Ok(None) };
+    let table = txn.open_table(STATE)?;
+    let Some(data) = table.get(SNAPSHOT_DATA)? else { return Ok(None) };
+    Ok(Some((meta, data.value().to_vec())))
+}
+
+/// openraft's log store: entries, vote, committed and last purged log ids, in redb.
+#[derive(Debug)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+/// Reads the log while the [`LogStore`] writes it (replication streams use one each).
+#[derive(Debug, Clone)]
+pub struct LogReader {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    async fn put_meta<T: Serialize>(&self, key: &'static str, value: &T) -> Result<(), DbError> {
+        let bytes = serde_json::to_vec(value)?;
+        write_txn(&self.db, move |txn| put(txn, LOG_META, key, &bytes)).await
+    }
+
+    fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, DbError> {
+        read_json(&self.db.begin_read()?, LOG_META, key)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        Ok(read_entries(&self.db, range).map_err(|e| StorageIOError::read_logs(&e))?)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        Ok(read_entries(&self.db, range).map_err(|e| StorageIOError::read_logs(&e))?)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last = last_entry(&self.db).map_err(|e| StorageIOError::read_logs(&e))?;
+        let last_purged: Option<LogId<NodeId>> =
+            self.get_meta(LAST_PURGED).map_err(|e| StorageIOError::read_logs(&e))?;
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.map(|e| e.log_id).or(last_purged) })
+    }
+
+    async fn get_log_reader(&mut self) -> LogReader {
+        LogReader { db: Arc::clone(&self.db) }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta(VOTE, vote).await.map_err(|e| StorageIOError::write_vote(&e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        Ok(self.get_meta(VOTE).map_err(|e| StorageIOError::read_vote(&e))?)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        self.put_meta(COMMITTED, &committed).await.map_err(|e| StorageIOError::write(&e))?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        // Stored as `Option<LogId>`: a saved `None` reads back as `None` too.
+        let committed: Option<Option<LogId<NodeId>>> =
+            self.get_meta(COMMITTED).map_err(|e| StorageIOError::read(&e))?;
+        Ok(committed.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut rows = Vec::new();
+        for e in entries {
+            let bytes = serde_json::to_vec(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
+            rows.push((e.log_id.index, bytes));
+        }
+        if !rows.is_empty() {
+            write_txn(&self.db, move |txn| {
+                let mut table = txn.open_table(LOG)?;
+                for (index, bytes) in &rows {
+                    table.insert(index, bytes.as_slice())?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        }
+        // Committed with fsync: the entries are durable now.
+        callback.log_io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        write_txn(&self.db, move |txn| Ok(txn.open_table(LOG)?.retain_in(log_id.index.., |_, _| false)?))
+            .await
+            .map_err(|e| StorageIOError::new(ErrorSubject::Logs, ErrorVerb::Delete, &e))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let purged = serde_json::to_vec(&log_id).map_err(|e| StorageIOError::write_logs(&e))?;
+        write_txn(&self.db, move |txn| {
+            put(txn, LOG_META, LAST_PURGED, &purged)?;
+            txn.open_table(LOG)?.retain_in(..=log_id.index, |_, _| false)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageIOError::new(ErrorSubject::Logs, ErrorVerb::Delete, &e))?;
+        Ok(())
+    }
+}
+
+/// openraft's state machine: the [`ClusterState`] with its last applied log id and membership,
+/// persisted on every `apply`, and the current snapshot.
+#[derive(Debug)]
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    applied: Arc<RwLock<Applied>>,
+    snapshot_seq: Arc<AtomicU64>,
+    events: UnboundedSender<StateEvent>,
+}
+
+/// Builds a snapshot of the state machine, concurrently with it.
+#[derive(Debug, Clone)]
+pub struct SnapshotBuilder {
+    db: Arc<Database>,
+    applied: Arc<RwLock<Applied>>,
+    snapshot_seq: Arc<AtomicU64>,
+}
+
+/// A cheap, cloneable view of the applied state for the rest of the manager.
+#[derive(Debug, Clone)]
+pub struct StateHandle {
+    applied: Arc<RwLock<Applied>>,
+}
+
+impl StateHandle {
+    /// Runs `f` on the current applied state (under a read lock: keep `f` short).
+    pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
+        f(&read_lock(&self.applied).state)
+    }
+
+    /// The id of the last log entry applied to the state.
+    pub fn last_applied(&self) -> Option<LogId<NodeId>> {
+        read_lock(&self.applied).last_applied
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let (data, last_log_id, last_membership) = {
+            let applied = read_lock(&self.applied);
+            (serde_json::to_vec(&*applied), applied.last_applied, applied.membership.clone())
+        };
+        let data = data.map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let snapshot_id = match last_log_id {
+            Some(id) => format!("{}-{}-{seq}", id.leader_id.term, id.index),
+            None => format!("0-0-{seq}"),
+        };
+        let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
+        let signature = meta.signature();
+        let meta_bytes =
+            serde_json::to_vec(&meta).map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
+        let stored = data.clone();
+        write_txn(&self.db, move |txn| {
+            // An installed snapshot may have overtaken this one while it was being built: keep
+            // the newer.
+            let current: Option<SnapshotMeta<NodeId, RaftNode>> = {
+                let table = txn.open_table(STATE)?;
+                let bytes = table.get(SNAPSHOT_META)?;
+                bytes.map(|b| serde_json::from_slice(b.value())).transpose()?
+            };
+            if current.is_none_or(|c| c.last_log_id <= last_log_id) {
+                put(txn, STATE, SNAPSHOT_META, &meta_bytes)?;
+                put(txn, STATE, SNAPSHOT_DATA, &stored)?;
+            }
+            put(txn, STATE, SNAPSHOT_SEQ, &serde_json::to_vec(&seq)?)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(signature), &e))?;
+        tracing::debug!(snapshot_id = %meta.snapshot_id, bytes = data.len(), "built a snapshot");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, RaftNode>)> {
+        let applied = read_lock(&self.applied);
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        // Work on a copy, so that the shared state changes only once the batch is on disk.
+        let mut next = read_lock(&self.applied).clone();
+        let mut responses = Vec::new();
+        let mut events = Vec::new();
+        for entry in entries {
+            next.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => responses.push(Response::Done),
+                EntryPayload::Normal(cmd) => {
+                    let (response, changes) = next.state.apply(&cmd);
+                    if !changes.is_empty() {
+                        events.push(StateEvent::Applied { revision: next.state.revision, changes });
+                    }
+                    responses.push(response);
+                }
+                EntryPayload::Membership(m) => {
+                    next.membership = StoredMembership::new(Some(entry.log_id), m);
+                    responses.push(Response::Done);
+                }
+            }
+        }
+        if responses.is_empty() {
+            return Ok(responses);
+        }
+        let bytes = serde_json::to_vec(&next).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        write_txn(&self.db, move |txn| put(txn, STATE, APPLIED, &bytes))
+            .await
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        replace(&self.applied, next);
+        for event in events {
+            emit(&self.events, event);
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        SnapshotBuilder {
+            db: Arc::clone(&self.db),
+            applied: Arc::clone(&self.applied),
+            snapshot_seq: Arc::clone(&self.snapshot_seq),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, RaftNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let signature = meta.signature();
+        let data = snapshot.into_inner();
+        let received: Applied =
+            serde_json::from_slice(&data).map_err(|e| StorageIOError::read_snapshot(Some(signature.clone()), &e))?;
+        // The meta is authoritative for where the snapshot stands.
+        let next =
+            Applied { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), state: received.state };
+        let encoded = serde_json::to_vec(&next).and_then(|applied| Ok((applied, serde_json::to_vec(meta)?)));
+        let (applied_bytes, meta_bytes) =
+            encoded.map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
+        write_txn(&self.db, move |txn| {
+            put(txn, STATE, APPLIED, &applied_bytes)?;
+            put(txn, STATE, SNAPSHOT_META, &meta_bytes)?;
+            put(txn, STATE, SNAPSHOT_DATA, &data)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(signature), &e))?;
+        let revision = next.state.revision;
+        tracing::info!(snapshot_id = %meta.snapshot_id, revision, "installed a snapshot");
+        replace(&self.applied, next);
+        emit(&self.events, StateEvent::Replaced { revision });
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let current = current_snapshot(&self.db).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(current.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::testing::{StoreBuilder, Suite};
+    use openraft::{CommittedLeaderId, Membership};
+    use tempfile::TempDir;
+    use tokio::sync::mpsc::{UnboundedReceiver, error::TryRecvError, unbounded_channel};
+
+    use super::*;
+    use crate::state::{Change, Command, NetworkSpec, NewNode, Rejection, Role, Secrets};
+
+    /// A fresh store in its own temporary directory, removed when the guard drops.
+    struct TempStore;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for TempStore {
+        async fn build(&self) -> StorageResult<(TempDir, LogStore, StateMachineStore)> {
+            let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+            let (events, _) = unbounded_channel();
+            let (log, sm, _) = open(dir.path(), events).map_err(|e| StorageIOError::write(&e))?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    #[test]
+    fn passes_openraft_storage_suite() {
+        Suite::<TypeConfig, LogStore, StateMachineStore, TempStore, TempDir>::test_all(TempStore).unwrap();
+    }
+
+    fn log_id(term: u64, index: u64) -> LogId<NodeId> {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry<TypeConfig> {
+        Entry { log_id: log_id(1, index), payload }
+    }
+
+    fn normal(index: u64, cmd: Command) -> Entry<TypeConfig> {
+        entry(index, EntryPayload::Normal(cmd))
+    }
+
+    fn new_node(name: &str, last: u8, role: Role) -> NewNode {
+        NewNode {
+            name: name.into(),
+            underlay_addr: IpAddr::V4(Ipv4Addr::new(198, 18, 0, last)),
+            api_addr: format!("198.18.0.{last}:7947").parse().unwrap(),
+            role,
+            joined_at: 1,
+        }
+    }
+
+    fn init() -> Command {
+        let secrets = Secrets {
+            ca_cert_pem: "c".into(),
+            ca_key_pem: "k".into(),
+            worker_token_hash: "w".into(),
+            manager_token_hash: "m".into(),
+        };
+        Command::Init { cluster_id: "c1".into(), secrets, node: new_node("m1", 1, Role::Manager) }
+    }
+
+    fn create_network(name: &str) -> Command {
+        Command::CreateNetwork(NetworkSpec {
+            name: name.into(),
+            vni: None,
+            subnet: None,
+            mtu: 1450,
+            block_prefix: None,
+            created_at: 2,
+        })
+    }
+
+    fn membership() -> Membership<NodeId, RaftNode> {
+        Membership::new(
+            vec![BTreeSet::from([1])],
+            BTreeMap::from([(1, RaftNode { api_addr: "198.18.0.1:7947".into() })]),
+        )
+    }
+
+    fn open_in(dir: &Path) -> (LogStore, StateMachineStore, StateHandle, UnboundedReceiver<StateEvent>) {
+        let (tx, rx) = unbounded_channel();
+        let (log, sm, handle) = open(dir, tx).unwrap();
+        (log, sm, handle, rx)
+    }
+
+    #[tokio::test]
+    async fn everything_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = vec![
+            entry(1, EntryPayload::Membership(membership())),
+            normal(2, init()),
+            normal(3, Command::AddNode(new_node("w1", 2, Role::Worker))),
+            normal(4, create_network("a")),
+            entry(5, EntryPayload::Blank),
+        ];
+        let vote = Vote::new_committed(1, 1);
+        let (snapshot, log_state) = {
+            let (mut log, mut sm, handle, mut rx) = open_in(dir.path());
+            assert_eq!(rx.try_recv(), Ok(StateEvent::Replaced { revision: 0 }));
+            log.blocking_append(entries.clone()).await.unwrap();
+            log.save_vote(&vote).await.unwrap();
+            log.save_committed(Some(log_id(1, 5))).await.unwrap();
+            let responses = sm.apply(entries).await.unwrap();
+            assert_eq!(responses.len(), 5);
+            assert_eq!(handle.read(|s| s.revision), 3);
+            let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+            assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 5)));
+            log.purge(log_id(1, 2)).await.unwrap();
+            let log_state = log.get_log_state().await.unwrap();
+            assert_eq!(log_state.last_purged_log_id, Some(log_id(1, 2)));
+            assert_eq!(log_state.last_log_id, Some(log_id(1, 5)));
+            (snapshot, log_state)
+        };
+
+        let (mut log, mut sm, handle, mut rx) = open_in(dir.path());
+        assert_eq!(rx.try_recv(), Ok(StateEvent::Replaced { revision: 3 }));
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
+        assert_eq!(log.get_log_state().await.unwrap(), log_state);
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 5)));
+        let mut reader = log.get_log_reader().await;
+        let indexes: Vec<u64> =
+            reader.try_get_log_entries(0..10).await.unwrap().iter().map(|e| e.log_id.index).collect();
+        assert_eq!(indexes, [3, 4, 5]);
+
+        let (revision, nodes, networks) = handle.read(|s| {
+            (
+                s.revision,
+                s.nodes.values().map(|n| n.name.clone()).collect::<Vec<_>>(),
+                s.networks.keys().cloned().collect::<Vec<_>>(),
+            )
+        });
+        assert_eq!((revision, nodes, networks), (3, vec!["m1".to_owned(), "w1".to_owned()], vec!["a".to_owned()]));
+        assert_eq!(handle.last_applied(), Some(log_id(1, 5)));
+        assert_eq!(
+            sm.applied_state().await.unwrap(),
+            (Some(log_id(1, 5)), StoredMembership::new(Some(log_id(1, 1)), membership()))
+        );
+        let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot");
+        assert_eq!(current.meta, snapshot.meta);
+        assert_eq!(current.snapshot.into_inner(), snapshot.snapshot.into_inner());
+
+        // Ids stay unique across restarts.
+        let again = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_ne!(again.meta.snapshot_id, snapshot.meta.snapshot_id);
+    }
+
+    #[tokio::test]
+    async fn applying_sends_one_event_per_change_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut sm, _handle, mut rx) = open_in(dir.path());
+        assert_eq!(rx.try_recv(), Ok(StateEvent::Replaced { revision: 0 }));
+        let responses = sm
+            .apply([
+                normal(1, init()),
+                normal(2, Command::AddNode(new_node("w1", 2, Role::Worker))),
+                normal(3, create_network("a")),
+                normal(4, create_network("a")),
+                entry(5, EntryPayload::Blank),
+                normal(6, Command::LeaseBlock { network: "a".into(), node: 2 }),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(responses.len(), 6);
+        assert_eq!(responses[3], Response::Rejected(Rejection::DuplicateNetwork("a".into())));
+        assert_eq!(responses[4], Response::Done);
+
+        let mut events = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            events.push(event);
+        }
+        let summary: Vec<(u64, &str)> = events
+            .iter()
+            .map(|e| match e {
+                StateEvent::Applied { revision, changes } => match changes.as_slice() {
+                    [Change::NodeUpsert(n)] => (*revision, if n.name == "m1" { "m1" } else { "other node" }),
+                    [Change::NetworkUpsert(_)] => (*revision, "network"),
+                    [Change::BlockUpsert(b)] if b.node == 2 => (*revision, "block"),
+                    other => panic!("unexpected changes {other:?}"),
+                },
+                StateEvent::Replaced { .. } => panic!("unexpected {e:?}"),
+            })
+            .collect();
+        assert_eq!(summary, [(1, "m1"), (2, "other node"), (3, "network"), (4, "block")]);
+    }
+
+    #[tokio::test]
+    async fn an_installed_snapshot_replaces_the_state_and_survives_a_restart() {
+        let leader_dir = tempfile::tempdir().unwrap();
+        let (_log, mut leader, _handle, _rx) = open_in(leader_dir.path());
+        leader
+            .apply([
+                entry(1, EntryPayload::Membership(membership())),
+                normal(2, init()),
+                normal(3, create_network("a")),
+            ])
+            .await
+            .unwrap();
+        let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_log, mut follower, handle, mut rx) = open_in(dir.path());
+            assert_eq!(rx.try_recv(), Ok(StateEvent::Replaced { revision: 0 }));
+            let mut received = follower.begin_receiving_snapshot().await.unwrap();
+            received.get_mut().extend_from_slice(snapshot.snapshot.get_ref());
+            follower.install_snapshot(&snapshot.meta, received).await.unwrap();
+            assert_eq!(rx.try_recv(), Ok(StateEvent::Replaced { revision: 2 }));
+            assert_eq!(handle.read(|s| s.networks.len()), 1);
+        }
+
+        let (_log, mut follower, handle, mut rx) = open_in(dir.path());
+        assert_eq!(rx.try_recv(), Ok(StateEvent::Replaced { revision: 2 }));
+        assert_eq!(handle.last_applied(), Some(log_id(1, 3)));
+        assert_eq!(follower.applied_state().await.unwrap().1, snapshot.meta.last_membership);
+        assert_eq!(follower.get_current_snapshot().await.unwrap().map(|s| s.meta), Some(snapshot.meta));
+    }
+}
