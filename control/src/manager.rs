@@ -38,6 +38,8 @@ pub const RAFT_ELECTION_MS: (u64, u64) = (1000, 2000);
 pub const HOST_HEARTBEAT: Duration = Duration::from_secs(2);
 /// A host silent for this long is marked down.
 pub const DOWN_AFTER: Duration = Duration::from_secs(10);
+/// How long a manager may be out of touch with a leader before its watchers are sent away.
+pub const OUT_OF_TOUCH: Duration = Duration::from_secs(3);
 /// How long a write may wait for a leader to exist.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 
@@ -368,6 +370,19 @@ impl Manager {
             .add_service(pb::host_server::HostServer::new(HostService(host)))
     }
 
+    /// Whether this manager is in contact with a working leader (or is one with a quorum), so
+    /// that what it serves is current.
+    pub fn in_touch(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        match m.state {
+            openraft::ServerState::Leader => {
+                m.millis_since_quorum_ack.is_some_and(|ms| ms < OUT_OF_TOUCH.as_millis() as u64)
+            }
+            openraft::ServerState::Follower | openraft::ServerState::Learner => m.current_leader.is_some(),
+            openraft::ServerState::Candidate | openraft::ServerState::Shutdown => false,
+        }
+    }
+
     fn view(&self) -> ClusterView {
         self.state.read(|s| s.view())
     }
@@ -538,6 +553,7 @@ impl pb::manager_server::Manager for ManagerService {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let mut head = m.hub.subscribe();
+            let mut out_of_touch: Option<Instant> = None;
             loop {
                 let catchup = m.hub.catchup(revision);
                 let events: Vec<pb::WatchEvent> = match catchup {
@@ -559,8 +575,28 @@ impl pb::manager_server::Manager for ManagerService {
                         })
                         .collect(),
                     Catchup::Wait => {
-                        if head.changed().await.is_err() {
-                            return;
+                        tokio::select! {
+                            changed = head.changed() => {
+                                if changed.is_err() {
+                                    return;
+                                }
+                            }
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                                // A manager cut off from the leader would keep its watchers
+                                // waiting for changes it will never see: send them elsewhere.
+                                match m.in_touch() {
+                                    true => out_of_touch = None,
+                                    false => {
+                                        let since = *out_of_touch.get_or_insert_with(Instant::now);
+                                        if since.elapsed() >= OUT_OF_TOUCH {
+                                            let _ = tx.send(Err(Status::unavailable(
+                                                "this manager has lost contact with the cluster's leader: watch another manager",
+                                            ))).await;
+                                            return;
+                                        }
+                                    }
+                                }
+                            }
                         }
                         continue;
                     }
