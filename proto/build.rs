@@ -3,7 +3,21 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(["overlayd.proto"], ["proto"])?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    let mut b = tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // Every message renders as JSON for the CLI's --json; enum fields by name.
+        .type_attribute(".overlayd.v1", "#[derive(serde::Serialize)]");
+    for field in [
+        "overlayd.v1.Node.role",
+        "overlayd.v1.JoinReply.role",
+        "overlayd.v1.JoinClusterReply.role",
+        "overlayd.v1.ClusterStatus.role",
+    ] {
+        b = b.field_attribute(field, "#[serde(serialize_with = \"crate::json::role\")]");
+    }
+    b = b.field_attribute("overlayd.v1.Node.status", "#[serde(serialize_with = \"crate::json::node_status\")]");
+    b.compile_fds(fds)?;
     println!("cargo:rerun-if-changed=proto/overlayd.proto");
     Ok(())
 }

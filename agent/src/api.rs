@@ -1,221 +1,247 @@
-//! The local API: the running daemon answers the CLI on a Unix socket in its state dir
-//! (`overlayd.sock`, mode 0600), one JSON request line and one JSON response line per
-//! connection, as `docker` talks to `dockerd`. Also the optional Prometheus metrics endpoint.
+//! The local API: the `Agent` gRPC service (see `proto`) on a Unix socket in the state dir
+//! (`overlayd.sock`, mode 0600), which the CLI calls as `docker` calls `dockerd`; and the
+//! optional Prometheus endpoint.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use dataplane::{CountersSnapshot, DropReason, MacAddr, Vni};
-use serde::{Deserialize, Serialize};
+use anyhow::{Context, Result};
+use proto as pb;
+use proto::agent_client::AgentClient;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Request, Response, Status};
+
+use crate::cluster::ClusterRuntime;
+use crate::daemon::{Daemon, Mode};
 
 /// The socket's file name in the state dir.
 pub const SOCKET_NAME: &str = "overlayd.sock";
-
-/// What the CLI can ask.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "command", rename_all = "snake_case")]
-pub enum Request {
-    Status,
-    Fdb,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum Response {
-    Ok(serde_json::Value),
-    Error(String),
-}
-
-/// `overlayd status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StatusReport {
-    pub version: String,
-    pub pid: u32,
-    pub mode: String,
-    pub uptime_secs: u64,
-    pub underlay_addr: IpAddr,
-    pub underlay_interface: String,
-    pub underlay_mtu: u32,
-    pub vxlan_port: u16,
-    pub source_ports: String,
-    /// Whether heap allocations are counted per thread (the `*_loop_allocations` counters).
-    pub allocation_counting: bool,
-    /// Offloads the dataplane uses (UDP GRO off if the kernel refused it).
-    pub offloads: dataplane::linux::Offloads,
-    pub networks: Vec<NetworkStatus>,
-    pub counters: CountersSnapshot,
-}
-
-/// One network in `overlayd status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NetworkStatus {
-    pub name: String,
-    pub vni: Vni,
-    pub bridge: String,
-    pub tap: String,
-    /// What the TAP was opened with: none, or csum,tso(,uso).
-    pub tap_offloads: String,
-    pub mtu: u32,
-    pub learning: bool,
-    pub flood_list: Vec<IpAddr>,
-    pub fdb_entries: usize,
-    pub learned_entries: usize,
-    pub arp_entries: usize,
-}
-
-/// `overlayd fdb`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FdbReport {
-    pub networks: Vec<NetworkFdb>,
-}
-
-/// One network's tables in `overlayd fdb`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NetworkFdb {
-    pub name: String,
-    pub vni: Vni,
-    pub flood_list: Vec<IpAddr>,
-    pub fdb: Vec<FdbEntry>,
-    pub arp: Vec<ArpEntry>,
-}
-
-/// Where a MAC lives, and who said so.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FdbEntry {
-    pub mac: MacAddr,
-    pub vtep: IpAddr,
-    /// `static` (configuration or control plane) or `learned` (from the data plane).
-    pub origin: String,
-    /// Seconds since a learned entry was last refreshed.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub age_secs: Option<u64>,
-}
-
-/// An address the agent answers ARP requests for.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ArpEntry {
-    pub ip: Ipv4Addr,
-    pub mac: MacAddr,
-}
-
-/// Serves requests on `path` until the task is dropped.
-pub async fn serve<F>(path: &Path, handler: F) -> Result<()>
-where
-    F: Fn(Request) -> Result<serde_json::Value> + Send + Sync + 'static,
-{
-    let listener =
-        tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot restrict {} to its owner", path.display()))?;
-    let handler = Arc::new(handler);
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "local API accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let handler = Arc::clone(&handler);
-        tokio::spawn(async move {
-            let (rd, mut wr) = stream.into_split();
-            let mut line = String::new();
-            let mut rd = tokio::io::BufReader::new(rd);
-            let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await;
-            let response = match read {
-                Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => match handler(req) {
-                        Ok(v) => Response::Ok(v),
-                        Err(e) => Response::Error(format!("{e:#}")),
-                    },
-                    Err(e) => Response::Error(format!("malformed request: {e}")),
-                },
-                _ => return,
-            };
-            let mut out = serde_json::to_vec(&response).unwrap_or_default();
-            out.push(b'\n');
-            let _ = wr.write_all(&out).await;
-        });
-    }
-}
-
-/// Asks the daemon whose state dir is `state_dir`.
-pub fn call<T: for<'de> Deserialize<'de>>(state_dir: &Path, req: Request) -> Result<T> {
-    let path = socket_path(state_dir);
-    let mut stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
-        format!(
-            "cannot reach the overlayd daemon at {}: is `overlayd daemon` running with --state-dir {}?",
-            path.display(),
-            state_dir.display()
-        )
-    })?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = serde_json::to_vec(&req)?;
-    line.push(b'\n');
-    stream.write_all(&line).context("cannot send the request to the daemon")?;
-    let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).context("no answer from the daemon")?;
-    match serde_json::from_str::<Response>(&reply).context("the daemon's answer is not valid JSON")? {
-        Response::Ok(v) => {
-            serde_json::from_value(v).context("the daemon's answer has an unexpected shape (different versions?)")
-        }
-        Response::Error(e) => bail!("the daemon refused: {e}"),
-    }
-}
 
 /// Where the daemon of `state_dir` listens.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET_NAME)
 }
 
+/// Serves the local API on `path` until the future is dropped.
+pub async fn serve(path: &Path, daemon: Arc<Daemon>) -> Result<()> {
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {} to its owner", path.display()))?;
+    tonic::transport::Server::builder()
+        .add_service(pb::agent_server::AgentServer::new(AgentService(daemon)))
+        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .await
+        .context("the local API stopped")
+}
+
+/// A client of the daemon whose state dir is `state_dir`.
+pub async fn connect(state_dir: &Path) -> Result<AgentClient<Channel>> {
+    let path = socket_path(state_dir);
+    let p = path.clone();
+    let channel =
+        Endpoint::try_from("http://overlayd.local")?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let p = p.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                }
+            }))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the overlayd daemon at {}: is `overlayd daemon` running with --state-dir {}?",
+                    path.display(),
+                    state_dir.display()
+                )
+            })?;
+    Ok(AgentClient::new(channel))
+}
+
+/// Turns a refusal from the daemon into an error that reads well on the command line.
+pub fn refused(s: Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+struct AgentService(Arc<Daemon>);
+
+fn internal(e: anyhow::Error) -> Status {
+    Status::failed_precondition(format!("{e:#}"))
+}
+
+impl AgentService {
+    async fn cluster(&self) -> Result<Arc<ClusterRuntime>, Status> {
+        match &*self.0.mode.read().await {
+            Mode::Cluster(c) => Ok(Arc::clone(c)),
+            Mode::Idle => Err(Status::failed_precondition(
+                "this host is not in a cluster: run `overlayd init` to start one, or `overlayd join` to join one",
+            )),
+            Mode::Static(_) => Err(Status::failed_precondition(
+                "this daemon runs in static mode (networks from its configuration): cluster commands need a daemon \
+                 started without static networks",
+            )),
+        }
+    }
+
+    async fn manager(&self) -> Result<pb::manager_client::ManagerClient<Channel>, Status> {
+        self.cluster().await?.manager_client().await.map_err(|e| Status::unavailable(format!("{e:#}")))
+    }
+
+    async fn idle_for(&self, what: &str) -> Result<tokio::sync::RwLockWriteGuard<'_, Mode>, Status> {
+        let mode = self.0.mode.write().await;
+        match &*mode {
+            Mode::Idle => Ok(mode),
+            Mode::Cluster(c) => Err(Status::already_exists(format!(
+                "this host is already node {} ({:?}) of cluster {}: run `overlayd leave` before you {what}",
+                c.membership.node_id, c.membership.name, c.membership.cluster_id
+            ))),
+            Mode::Static(_) => Err(Status::failed_precondition(format!(
+                "this daemon runs in static mode: start one without static networks (and its own --state-dir) to {what}"
+            ))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentService {
+    async fn status(&self, _: Request<pb::Empty>) -> Result<Response<pb::StatusReply>, Status> {
+        let mode = self.0.mode.read().await;
+        let reply = match &*mode {
+            Mode::Idle => pb::StatusReply {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                pid: std::process::id(),
+                mode: "idle".into(),
+                uptime_secs: self.0.started.elapsed().as_secs(),
+                allocation_counting: dataplane::alloc_count::is_installed(),
+                ..Default::default()
+            },
+            Mode::Static(h) => h.status("static").await,
+            Mode::Cluster(c) => pb::StatusReply { cluster: Some(c.status().await), ..c.host.status("cluster").await },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn fdb(&self, _: Request<pb::Empty>) -> Result<Response<pb::FdbReply>, Status> {
+        let mode = self.0.mode.read().await;
+        Ok(Response::new(match mode.host() {
+            Some(h) => h.fdb().await,
+            None => pb::FdbReply::default(),
+        }))
+    }
+
+    async fn init(&self, request: Request<pb::InitRequest>) -> Result<Response<pb::InitReply>, Status> {
+        let mut mode = self.idle_for("init a cluster").await?;
+        let (rt, reply) = ClusterRuntime::init(&self.0.ctx, request.into_inner()).await.map_err(internal)?;
+        tracing::info!(cluster = %reply.cluster_id, "initialized a new cluster");
+        *mode = Mode::Cluster(Arc::new(rt));
+        Ok(Response::new(reply))
+    }
+
+    async fn join(&self, request: Request<pb::JoinClusterRequest>) -> Result<Response<pb::JoinClusterReply>, Status> {
+        let mut mode = self.idle_for("join a cluster").await?;
+        let (rt, reply) = ClusterRuntime::join(&self.0.ctx, request.into_inner()).await.map_err(internal)?;
+        tracing::info!(cluster = %reply.cluster_id, node = reply.node_id, "joined the cluster");
+        *mode = Mode::Cluster(Arc::new(rt));
+        Ok(Response::new(reply))
+    }
+
+    async fn leave(&self, _: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
+        let rt = self.cluster().await?;
+        let mut mode = self.0.mode.write().await;
+        rt.leave().await.map_err(internal)?;
+        *mode = Mode::Idle;
+        tracing::info!("left the cluster");
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn node_list(&self, _: Request<pb::Empty>) -> Result<Response<pb::NodeListReply>, Status> {
+        Ok(Response::new(self.cluster().await?.node_list().await))
+    }
+
+    async fn node_remove(&self, request: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::Empty>, Status> {
+        self.manager().await?.remove_node(request.into_inner()).await
+    }
+
+    async fn network_create(
+        &self,
+        request: Request<pb::CreateNetworkRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
+        let c = self.cluster().await?;
+        let net = self.manager().await?.create_network(request.into_inner()).await?.into_inner();
+        // Answer once this host's view has it, so that what follows (attach, ls) sees it.
+        let mut views = c.follower.subscribe();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), views.wait_for(|v| v.networks.contains_key(&net.name))).await;
+        Ok(Response::new(net))
+    }
+
+    async fn network_list(&self, _: Request<pb::Empty>) -> Result<Response<pb::NetworkListReply>, Status> {
+        let view = self.cluster().await?.follower.view();
+        Ok(Response::new(pb::NetworkListReply { networks: view.networks.values().map(pb::Network::from).collect() }))
+    }
+
+    async fn network_inspect(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::NetworkInspectReply>, Status> {
+        let c = self.cluster().await?;
+        c.network_inspect(&request.get_ref().name)
+            .await
+            .map(Response::new)
+            .map_err(|e| Status::not_found(format!("{e:#}")))
+    }
+
+    async fn network_remove(&self, request: Request<pb::RemoveNetworkRequest>) -> Result<Response<pb::Empty>, Status> {
+        let c = self.cluster().await?;
+        let name = request.get_ref().name.clone();
+        self.manager().await?.remove_network(request.into_inner()).await?;
+        let mut views = c.follower.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), views.wait_for(|v| !v.networks.contains_key(&name))).await;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn attach(&self, request: Request<pb::AttachRequest>) -> Result<Response<pb::Endpoint>, Status> {
+        self.cluster().await?.attach(request.into_inner()).await.map(Response::new).map_err(internal)
+    }
+
+    async fn detach(&self, request: Request<pb::DetachRequest>) -> Result<Response<pb::DetachReply>, Status> {
+        self.cluster().await?.detach(request.into_inner()).await.map(Response::new).map_err(internal)
+    }
+}
+
 /// Renders counters as Prometheus text (`overlayd_<what>_total`).
-pub fn prometheus(status: &StatusReport) -> String {
+pub fn prometheus(status: &pb::StatusReply) -> String {
     use std::fmt::Write as _;
-    let c = &status.counters;
     let mut out = String::new();
-    let mut counter = |name: &str, help: &str, v: u64| {
-        let _ = writeln!(out, "# HELP overlayd_{name} {help}\n# TYPE overlayd_{name} counter\noverlayd_{name} {v}");
-    };
-    counter("tx_frames_total", "Frames read from the TAPs.", c.tx_frames);
-    counter("tx_bytes_total", "Bytes of frames read from the TAPs.", c.tx_bytes);
-    counter("tx_unicast_frames_total", "Frames sent to exactly one VTEP.", c.tx_unicast);
-    counter("tx_flooded_frames_total", "Frames replicated to a flood list.", c.tx_flooded);
-    counter("tx_datagrams_total", "Datagrams sent to the underlay.", c.tx_datagrams);
-    counter("arp_replies_total", "ARP requests answered locally.", c.arp_replies);
-    counter("rx_datagrams_total", "Datagrams received on the VXLAN port.", c.rx_datagrams);
-    counter("rx_bytes_total", "Bytes received on the VXLAN port.", c.rx_bytes);
-    counter("rx_delivered_frames_total", "Frames written to a TAP.", c.rx_delivered);
-    counter("learned_entries_total", "FDB entries learned from the data plane.", c.learned);
+    let Some(c) = &status.counters else { return out };
+    for (name, v) in &c.values {
+        if name.ends_with("allocations") {
+            continue;
+        }
+        let _ = writeln!(out, "# TYPE overlayd_{name}_total counter\noverlayd_{name}_total {v}");
+    }
     let _ = writeln!(
         out,
         "# HELP overlayd_dropped_total Frames and datagrams dropped, by reason.\n# TYPE overlayd_dropped_total counter"
     );
-    for r in DropReason::ALL {
-        let _ = writeln!(out, "overlayd_dropped_total{{reason=\"{}\"}} {}", r.name(), c.drops(*r));
+    for (reason, v) in &c.dropped {
+        let _ = writeln!(out, "overlayd_dropped_total{{reason=\"{reason}\"}} {v}");
     }
     out
 }
 
-/// Serves `GET /metrics` on `addr` with whatever `status` returns.
-pub async fn serve_metrics<F>(addr: SocketAddr, status: F) -> Result<()>
-where
-    F: Fn() -> Result<StatusReport> + Send + Sync + 'static,
-{
+/// Serves `GET /metrics` on `addr`, if one is given; else never returns.
+pub async fn serve_metrics(addr: Option<SocketAddr>, daemon: Arc<Daemon>) -> Result<()> {
+    let Some(addr) = addr else { return std::future::pending().await };
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))?;
-    let status = Arc::new(status);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let status = Arc::clone(&status);
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let daemon = Arc::clone(&daemon);
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
             let mut rd = tokio::io::BufReader::new(rd);
@@ -224,10 +250,12 @@ where
                 return;
             }
             let (code, body) = if request_line.starts_with("GET /metrics") {
-                match status() {
-                    Ok(s) => ("200 OK", prometheus(&s)),
-                    Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
-                }
+                let mode = daemon.mode.read().await;
+                let status = match mode.host() {
+                    Some(h) => h.status(mode.name()).await,
+                    None => pb::StatusReply::default(),
+                };
+                ("200 OK", prometheus(&status))
             } else {
                 ("404 Not Found", "try GET /metrics\n".to_owned())
             };

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use dataplane::linux::Offloads;
 use dataplane::{MacAddr, Vni};
 use serde::Deserialize;
@@ -76,10 +76,11 @@ pub struct NetworkConfig {
     pub arp: Vec<(Ipv4Addr, MacAddr)>,
 }
 
-/// The whole validated static configuration.
+/// The whole validated daemon configuration. With networks it is static mode (and the
+/// underlay address is known); without, the daemon waits for `init` or `join` (cluster mode).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StaticConfig {
-    pub underlay_addr: IpAddr,
+    pub underlay_addr: Option<IpAddr>,
     pub underlay_mtu: Option<u32>,
     pub vxlan_port: u16,
     pub source_port_base: u16,
@@ -90,9 +91,14 @@ pub struct StaticConfig {
 }
 
 impl StaticConfig {
+    /// Whether this is static mode.
+    pub fn is_static(&self) -> bool {
+        !self.networks.is_empty()
+    }
+
     /// VXLAN overhead for this underlay's address family.
     pub fn overhead(&self) -> u32 {
-        if self.underlay_addr.is_ipv4() { OVERHEAD_V4 } else { OVERHEAD_V6 }
+        if self.underlay_addr.is_some_and(|a| a.is_ipv6()) { OVERHEAD_V6 } else { OVERHEAD_V4 }
     }
 }
 
@@ -159,14 +165,13 @@ fn valid_ifname(s: &str) -> bool {
 
 /// Merges file and flags and checks everything that can be checked before touching the host.
 pub fn resolve(file: FileConfig, flags: FlagSettings) -> Result<StaticConfig> {
-    let underlay_addr = flags.underlay_addr.or(file.underlay_addr).context(
-        "no underlay address: pass --underlay-addr IP (this host's address that other VTEPs send to), \
-         set OVERLAYD_UNDERLAY_ADDR, or put underlay_addr = \"IP\" in the config file",
-    )?;
-    ensure!(
-        !underlay_addr.is_unspecified() && !underlay_addr.is_multicast(),
-        "the underlay address {underlay_addr} must be a unicast address of this host"
-    );
+    let underlay_addr = flags.underlay_addr.or(file.underlay_addr);
+    if let Some(a) = underlay_addr {
+        ensure!(
+            !a.is_unspecified() && !a.is_multicast(),
+            "the underlay address {a} must be a unicast address of this host"
+        );
+    }
     let (source_port_base, source_port_count) = match (flags.source_ports, &file.source_ports) {
         (Some(r), _) => r,
         (None, Some(s)) => parse_port_range(s).map_err(|e| anyhow::anyhow!("source_ports in the config file: {e}"))?,
@@ -209,10 +214,17 @@ pub fn resolve(file: FileConfig, flags: FlagSettings) -> Result<StaticConfig> {
             "--name, --bridge, --tap, --mtu, --peer, --fdb, --arp and --no-learning describe a network: give its --vni too"
         ),
     }
-    ensure!(
-        !networks.is_empty(),
-        "no network to serve: give one with --vni N --peer IP…, or several as [[network]] tables in a --config file"
-    );
+    match (networks.is_empty(), underlay_addr) {
+        (true, Some(_)) => bail!(
+            "no network to serve: give one with --vni N --peer IP…, or several as [[network]] tables in a --config \
+             file (for cluster mode, leave out --underlay-addr and use `overlayd init` or `overlayd join`)"
+        ),
+        (false, None) => bail!(
+            "no underlay address: pass --underlay-addr IP (this host's address that other VTEPs send to), \
+             set OVERLAYD_UNDERLAY_ADDR, or put underlay_addr = \"IP\" in the config file"
+        ),
+        _ => {}
+    }
 
     let cfg = StaticConfig {
         underlay_addr,
@@ -260,6 +272,7 @@ fn network(
 
 fn validate(cfg: &StaticConfig) -> Result<()> {
     let family = |ip: &IpAddr| ip.is_ipv4();
+    let underlay = cfg.underlay_addr.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let (first, count) = (u32::from(cfg.source_port_base), u32::from(cfg.source_port_count));
     ensure!(
         !(first..first + count).contains(&u32::from(cfg.vxlan_port)) && first + count - 1 <= 65_535,
@@ -294,11 +307,10 @@ fn validate(cfg: &StaticConfig) -> Result<()> {
         }
         for p in n.peers.iter().chain(n.fdb.iter().map(|(_, v)| v)) {
             ensure!(
-                family(p) == family(&cfg.underlay_addr),
-                "{what}: VTEP {p} is not of the underlay's address family ({})",
-                cfg.underlay_addr
+                family(p) == family(&underlay),
+                "{what}: VTEP {p} is not of the underlay's address family ({underlay})"
             );
-            ensure!(*p != cfg.underlay_addr, "{what}: VTEP {p} is this host's own underlay address");
+            ensure!(*p != underlay, "{what}: VTEP {p} is this host's own underlay address");
             ensure!(!p.is_unspecified() && !p.is_multicast(), "{what}: VTEP {p} must be a unicast address");
         }
         for mac in n.fdb.iter().map(|(m, _)| m).chain(n.arp.iter().map(|(_, m)| m)) {
@@ -351,7 +363,7 @@ mod tests {
         )
         .unwrap();
         let c = resolve(file, flags(100, &["198.18.0.2"])).unwrap();
-        assert_eq!(c.underlay_addr, "198.18.0.1".parse::<IpAddr>().unwrap(), "the flag wins");
+        assert_eq!(c.underlay_addr, Some("198.18.0.1".parse::<IpAddr>().unwrap()), "the flag wins");
         assert_eq!(c.vxlan_port, 4790);
         assert_eq!(c.networks.len(), 2);
         assert_eq!(c.networks[0].bridge, "ovbr-blue");
@@ -368,6 +380,8 @@ mod tests {
         let mut no_net = flags(1, &[]);
         no_net.network = FlagNetwork::default();
         assert!(e(FileConfig::default(), no_net).contains("--vni"));
+        let cluster = resolve(FileConfig::default(), FlagSettings::default()).unwrap();
+        assert!(!cluster.is_static(), "nothing static: cluster mode");
         assert!(e(FileConfig::default(), flags(1, &["198.18.0.1"])).contains("own underlay address"));
         assert!(e(FileConfig::default(), flags(1, &["fd00::2"])).contains("address family"));
         let mut dup = FileConfig::default();

@@ -2,10 +2,14 @@
 //! packet work is in the `dataplane` crate.
 
 mod api;
+mod attach;
+mod cluster;
 mod config;
 mod daemon;
+mod host;
 mod netdev;
 mod output;
+mod static_mode;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -15,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use dataplane::alloc_count::CountingAllocator;
 use dataplane::linux::Offloads;
 use dataplane::{MacAddr, Vni};
+use proto as pb;
 
 // Counting allocations per thread is how the zero-allocation hot loop is checked in every
 // build; it costs one thread-local increment per allocation, and the hot loops make none.
@@ -57,11 +62,163 @@ enum Command {
     /// Ctrl-C and it removes the bridges and TAPs it created.
     #[command(long_about = DAEMON_HELP)]
     Daemon(Box<DaemonArgs>),
-    /// Show the running daemon's underlay, networks and counters (drops by reason included).
+    /// Make this host the first manager of a new cluster, and print the join tokens.
+    Init(InitArgs),
+    /// Join the cluster a manager belongs to.
+    #[command(long_about = "Join the cluster the manager at MANAGER belongs to. A worker token makes this host \
+        a worker (it follows the cluster state); a manager token makes it a manager (a Raft voter that holds \
+        the state). The token pins the cluster's CA: a manager of another cluster is refused.")]
+    Join(JoinArgs),
+    /// Leave the cluster: detach every container, remove this node, forget the cluster.
+    Leave(OutputArgs),
+    /// Show the running daemon: cluster, underlay, networks, counters (drops by reason).
     Status(OutputArgs),
-    /// Show the dataplane's tables: flood lists, MAC → VTEP entries (static and learned) and
-    /// the addresses answered by ARP.
+    /// Show the dataplane's tables: flood lists, address blocks, MAC → VTEP entries (static and
+    /// learned) and the addresses answered by ARP.
     Fdb(OutputArgs),
+    /// List or remove the cluster's nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Create, list, inspect or remove overlay networks.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Attach a container (a network namespace) to a network: a veth into it with the next free
+    /// address of this host's block, a MAC derived from the address, the network's MTU and a
+    /// default route via the gateway.
+    Attach(AttachArgs),
+    /// Detach containers: by name, or everything of a namespace (optionally one network only).
+    Detach(DetachArgs),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// The nodes, their role and status, and who leads.
+    Ls(OutputArgs),
+    /// Remove a node (a host that is gone for good): its address blocks are freed.
+    Rm {
+        /// Its name or id.
+        node: String,
+        /// Remove a manager that is still running too.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetworkCommand {
+    /// Create a network; its subnet and VNI are chosen unless given.
+    Create {
+        /// Its name (1 to 10 of a-z, A-Z, 0-9, '-', '_', '.'; the bridge is ovbr-NAME).
+        name: String,
+        /// Its subnet, e.g. 10.20.0.0/16 [default: the next free /16 of 10.128.0.0/9].
+        #[arg(long, value_name = "CIDR")]
+        subnet: Option<String>,
+        /// Its VXLAN Network Identifier [default: the lowest free from 4096].
+        #[arg(long)]
+        vni: Option<u32>,
+        /// Its MTU [default: the manager's underlay MTU - 50].
+        #[arg(long)]
+        mtu: Option<u32>,
+        /// Prefix length of each host's address block [default: subnet prefix + 8, at most 28].
+        #[arg(long, value_name = "LEN")]
+        block_prefix: Option<u32>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// List the networks.
+    Ls(OutputArgs),
+    /// Show a network: subnet, gateway, VNI, each host's block and VTEP, and its containers.
+    Inspect {
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Remove a network that no host uses (or any, with --force).
+    Rm {
+        name: String,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// IP[:PORT] other hosts reach this one's control API at [default: this host's only global
+    /// address, port 7947].
+    #[arg(long, value_name = "ADDR")]
+    advertise_addr: Option<String>,
+    /// This host's VTEP address [default: the advertise address].
+    #[arg(long, value_name = "IP")]
+    underlay_addr: Option<String>,
+    /// This host's name in the cluster [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+#[derive(Args)]
+struct JoinArgs {
+    /// IP[:PORT] of a manager (port 7947 by default).
+    manager: String,
+    /// The join token `overlayd init` printed (worker or manager).
+    #[arg(long, env = "OVERLAYD_TOKEN")]
+    token: String,
+    /// IP[:PORT] other hosts reach this one's control API at [default: this host's only global
+    /// address, port 7947].
+    #[arg(long, value_name = "ADDR")]
+    advertise_addr: Option<String>,
+    /// This host's VTEP address [default: the advertise address].
+    #[arg(long, value_name = "IP")]
+    underlay_addr: Option<String>,
+    /// This host's name in the cluster [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+#[derive(Args)]
+struct AttachArgs {
+    /// The network.
+    #[arg(long)]
+    network: String,
+    /// The container's network namespace (a path such as /run/netns/NAME or /proc/PID/ns/net).
+    #[arg(long, value_name = "PATH", conflicts_with = "pid", required_unless_present = "pid")]
+    netns: Option<String>,
+    /// The PID of a process in the container.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// The endpoint's name [default: the namespace's name, or pidPID].
+    #[arg(long)]
+    name: Option<String>,
+    /// The interface inside the container.
+    #[arg(long, default_value = "eth0")]
+    ifname: String,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+#[derive(Args)]
+struct DetachArgs {
+    /// The endpoint's name.
+    #[arg(long)]
+    name: Option<String>,
+    /// The container's network namespace.
+    #[arg(long, value_name = "PATH", conflicts_with = "pid")]
+    netns: Option<String>,
+    /// The PID of a process in the container.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Only from this network.
+    #[arg(long)]
+    network: Option<String>,
+    #[command(flatten)]
+    out: OutputArgs,
 }
 
 const DAEMON_HELP: &str = "Run the agent in the foreground.\n\n\
@@ -221,21 +378,115 @@ fn run(cli: Cli) -> Result<()> {
                 },
             };
             let cfg = config::resolve(file, flags)?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("overlayd-ctl")
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
-            rt.block_on(daemon::run(cfg, cli.state_dir))
+            runtime(2)?.block_on(daemon::run(cfg, cli.state_dir))
         }
+        command => runtime(1)?.block_on(client(cli.state_dir, command)),
+    }
+}
+
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("overlayd-ctl")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// The CLI side: one call to the daemon, its answer printed.
+async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
+    let mut c = api::connect(&state_dir).await?;
+    let e = api::refused;
+    match command {
+        Command::Daemon(_) => unreachable!("handled by run"),
         Command::Status(o) => {
-            let report: api::StatusReport = api::call(&cli.state_dir, api::Request::Status)?;
-            output::print(o.json, &report, output::status)
+            output::print(o.json, &c.status(pb::Empty {}).await.map_err(e)?.into_inner(), output::status)
         }
-        Command::Fdb(o) => {
-            let report: api::FdbReport = api::call(&cli.state_dir, api::Request::Fdb)?;
-            output::print(o.json, &report, output::fdb)
+        Command::Fdb(o) => output::print(o.json, &c.fdb(pb::Empty {}).await.map_err(e)?.into_inner(), output::fdb),
+        Command::Init(a) => {
+            let r = c
+                .init(pb::InitRequest {
+                    advertise_addr: a.advertise_addr.unwrap_or_default(),
+                    underlay_addr: a.underlay_addr.unwrap_or_default(),
+                    name: a.name.unwrap_or_default(),
+                })
+                .await
+                .map_err(e)?;
+            output::print(a.out.json, &r.into_inner(), output::init)
+        }
+        Command::Join(a) => {
+            let r = c
+                .join(pb::JoinClusterRequest {
+                    manager_addr: a.manager,
+                    token: a.token,
+                    advertise_addr: a.advertise_addr.unwrap_or_default(),
+                    underlay_addr: a.underlay_addr.unwrap_or_default(),
+                    name: a.name.unwrap_or_default(),
+                })
+                .await
+                .map_err(e)?;
+            output::print(a.out.json, &r.into_inner(), output::join)
+        }
+        Command::Leave(o) => {
+            c.leave(pb::Empty {}).await.map_err(e)?;
+            output::print(o.json, &serde_json::json!({"left": true}), |_| "This host left the cluster.\n".into())
+        }
+        Command::Node(NodeCommand::Ls(o)) => {
+            output::print(o.json, &c.node_list(pb::Empty {}).await.map_err(e)?.into_inner(), output::nodes)
+        }
+        Command::Node(NodeCommand::Rm { node, force, out }) => {
+            c.node_remove(pb::RemoveNodeRequest { node: node.clone(), force }).await.map_err(e)?;
+            output::print(out.json, &serde_json::json!({"removed": node}), |_| format!("removed node {node}\n"))
+        }
+        Command::Network(NetworkCommand::Create { name, subnet, vni, mtu, block_prefix, out }) => {
+            let r = c
+                .network_create(pb::CreateNetworkRequest {
+                    name,
+                    subnet: subnet.unwrap_or_default(),
+                    vni: vni.unwrap_or(0),
+                    mtu: mtu.unwrap_or(0),
+                    block_prefix: block_prefix.unwrap_or(0),
+                })
+                .await
+                .map_err(e)?;
+            output::print(out.json, &r.into_inner(), output::network)
+        }
+        Command::Network(NetworkCommand::Ls(o)) => {
+            output::print(o.json, &c.network_list(pb::Empty {}).await.map_err(e)?.into_inner(), output::networks)
+        }
+        Command::Network(NetworkCommand::Inspect { name, out }) => output::print(
+            out.json,
+            &c.network_inspect(pb::NameRequest { name }).await.map_err(e)?.into_inner(),
+            output::inspect,
+        ),
+        Command::Network(NetworkCommand::Rm { name, force, out }) => {
+            c.network_remove(pb::RemoveNetworkRequest { name: name.clone(), force }).await.map_err(e)?;
+            output::print(out.json, &serde_json::json!({"removed": name}), |_| format!("removed network {name}\n"))
+        }
+        Command::Attach(a) => {
+            let r = c
+                .attach(pb::AttachRequest {
+                    network: a.network,
+                    netns: a.netns.unwrap_or_default(),
+                    pid: a.pid.unwrap_or(0),
+                    name: a.name.unwrap_or_default(),
+                    ifname: a.ifname,
+                })
+                .await
+                .map_err(e)?;
+            output::print(a.out.json, &r.into_inner(), output::endpoint)
+        }
+        Command::Detach(a) => {
+            let r = c
+                .detach(pb::DetachRequest {
+                    name: a.name.unwrap_or_default(),
+                    netns: a.netns.unwrap_or_default(),
+                    pid: a.pid.unwrap_or(0),
+                    network: a.network.unwrap_or_default(),
+                })
+                .await
+                .map_err(e)?;
+            output::print(a.out.json, &r.into_inner(), output::detached)
         }
     }
 }

@@ -171,3 +171,66 @@ pub async fn delete_link(h: &Handle, name: &str) -> Result<()> {
 fn disable_ipv6(dev: &str) {
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
 }
+
+/// Puts a cluster network's gateway on its bridge (as /32, with a route to this host's own
+/// block only: the host reaches its containers; the gateway never answers across the overlay).
+pub async fn set_gateway(
+    h: &Handle,
+    bridge: &Bridge,
+    gw: std::net::Ipv4Addr,
+    local_block: control::cidr::Ipv4Cidr,
+) -> Result<()> {
+    ignore_exists(h.address().add(bridge.index, IpAddr::V4(gw), 32).execute().await)
+        .with_context(|| format!("cannot put the gateway {gw} on the bridge {}", bridge.name))?;
+    let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+        .destination_prefix(local_block.addr(), local_block.prefix())
+        .output_interface(bridge.index)
+        .scope(rtnetlink::packet_route::route::RouteScope::Link)
+        .build();
+    ignore_exists(h.route().add(route).execute().await)
+        .with_context(|| format!("cannot route {local_block} to the bridge {}", bridge.name))
+}
+
+/// `Ok` for success and for "already exists".
+pub fn ignore_exists(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
+    match r {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+        other => other,
+    }
+}
+
+/// Whether an interface exists.
+pub async fn link_exists(h: &Handle, name: &str) -> Result<bool> {
+    Ok(link_by_name(h, name).await?.is_some())
+}
+
+/// Puts an existing interface on a bridge with `mtu` and brings it up.
+pub async fn enslave(h: &Handle, name: &str, bridge: &Bridge, mtu: u32) -> Result<()> {
+    let link = link_by_name(h, name).await?.with_context(|| format!("no interface {name}"))?;
+    h.link()
+        .set(LinkUnspec::new_with_index(link.header.index).mtu(mtu).controller(bridge.index).up().build())
+        .execute()
+        .await
+        .with_context(|| format!("cannot put {name} on the bridge {}", bridge.name))
+}
+
+/// The index of an interface.
+pub async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>> {
+    Ok(link_by_name(h, name).await?.map(|l| l.header.index))
+}
+
+/// This host's global unicast IPv4 addresses (not loopback, not link-local), in order.
+pub async fn global_addresses(h: &Handle) -> Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    let mut addrs = h.address().get().execute();
+    while let Some(msg) = addrs.try_next().await.context("cannot list addresses")? {
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                if !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified() && !out.contains(&IpAddr::V4(*ip)) {
+                    out.push(IpAddr::V4(*ip));
+                }
+            }
+        }
+    }
+    Ok(out)
+}

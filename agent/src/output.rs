@@ -1,44 +1,76 @@
-//! Human-readable output of the CLI (JSON is the reports themselves).
+//! What the CLI prints: the daemon's replies as tables, or as JSON with `--json`.
 
 use std::fmt::Write as _;
 
 use anyhow::Result;
+use proto as pb;
 use serde::Serialize;
 
-use crate::api::{FdbReport, StatusReport};
-
-/// Prints `report` as JSON or through `human`.
-pub fn print<T: Serialize>(json: bool, report: &T, human: fn(&T) -> String) -> Result<()> {
-    let text = if json { serde_json::to_string_pretty(report)? + "\n" } else { human(report) };
+/// Prints `reply` as JSON or through `human`.
+pub fn print<T: Serialize>(json: bool, reply: &T, human: impl FnOnce(&T) -> String) -> Result<()> {
+    let text = if json { serde_json::to_string_pretty(reply)? + "\n" } else { human(reply) };
     use std::io::Write as _;
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
 }
 
-pub fn status(s: &StatusReport) -> String {
+fn on(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+fn role(v: i32) -> &'static str {
+    match pb::Role::try_from(v) {
+        Ok(pb::Role::Manager) => "manager",
+        Ok(pb::Role::Worker) => "worker",
+        _ => "?",
+    }
+}
+
+pub fn status(s: &pb::StatusReply) -> String {
     let mut o = String::new();
-    let c = &s.counters;
     let _ = writeln!(o, "overlayd {} (pid {}), {} mode, up {}s", s.version, s.pid, s.mode, s.uptime_secs);
+    if s.mode == "idle" {
+        o.push_str("not in a cluster: run `overlayd init` to start one, or `overlayd join MANAGER --token TOKEN`\n");
+        return o;
+    }
+    if let Some(c) = &s.cluster {
+        let leader = if c.leader_id != 0 { format!(", leader {}", c.leader_id) } else { String::new() };
+        let link =
+            if c.connected { format!("following {}", c.connected_to) } else { "NOT connected to a manager".into() };
+        let _ = writeln!(
+            o,
+            "cluster    {} as node {} ({}, {}), API {}{leader}\nstate      revision {}, {link}",
+            c.cluster_id,
+            c.node_id,
+            c.node_name,
+            role(c.role),
+            c.api_addr,
+            c.revision
+        );
+    }
     let _ = writeln!(
         o,
         "underlay   {} on {} (MTU {}), VXLAN port {}, source ports {}",
         s.underlay_addr, s.underlay_interface, s.underlay_mtu, s.vxlan_port, s.source_ports
     );
-    let f = &s.offloads;
+    if let Some(f) = &s.offloads {
+        let _ = writeln!(
+            o,
+            "offloads   tap {}  udp gso {}  udp gro {}  coalesce {}",
+            on(f.tap),
+            on(f.udp_gso),
+            on(f.udp_gro),
+            on(f.coalesce)
+        );
+    }
     let _ = writeln!(
         o,
-        "offloads   tap {}  udp gso {}  udp gro {}  coalesce {}",
-        on(f.tap),
-        on(f.udp_gso),
-        on(f.udp_gro),
-        on(f.coalesce)
+        "\nNETWORK     VNI       BRIDGE         TAP            MTU    LEARN  FLOOD  FDB    LEARNED  ARP    BLOCKS  LOCAL BLOCK"
     );
-    let _ =
-        writeln!(o, "\nNETWORK     VNI       BRIDGE         TAP            MTU    LEARN  FLOOD  FDB    LEARNED  ARP");
     for n in &s.networks {
         let _ = writeln!(
             o,
-            "{:<11} {:<9} {:<14} {:<14} {:<6} {:<6} {:<6} {:<6} {:<8} {}",
+            "{:<11} {:<9} {:<14} {:<14} {:<6} {:<6} {:<6} {:<6} {:<8} {:<6} {:<7} {}",
             n.name,
             n.vni,
             n.bridge,
@@ -48,61 +80,163 @@ pub fn status(s: &StatusReport) -> String {
             n.flood_list.len(),
             n.fdb_entries,
             n.learned_entries,
-            n.arp_entries
+            n.arp_entries,
+            n.blocks,
+            if n.local_block.is_empty() { "-" } else { &n.local_block }
         );
     }
-    let _ = writeln!(
-        o,
-        "\nTAP -> underlay   frames {}  bytes {}  unicast {}  flooded {}  datagrams {}  arp answered {}",
-        c.tx_frames, c.tx_bytes, c.tx_unicast, c.tx_flooded, c.tx_datagrams, c.arp_replies
-    );
-    let _ = writeln!(
-        o,
-        "underlay -> TAP   datagrams {}  bytes {}  delivered {}  learned {}  aged out {}",
-        c.rx_datagrams, c.rx_bytes, c.rx_delivered, c.learned, c.aged_out
-    );
-    let drops: Vec<String> = c.dropped.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k} {v}")).collect();
-    let _ = writeln!(o, "dropped           {}", if drops.is_empty() { "none".to_owned() } else { drops.join("  ") });
-    if s.allocation_counting {
+    if let Some(c) = &s.counters {
+        let v = |k: &str| c.values.get(k).copied().unwrap_or(0);
         let _ = writeln!(
             o,
-            "hot-loop heap allocations since start: tx {}  rx {}",
-            c.tx_loop_allocations, c.rx_loop_allocations
+            "\nTAP -> underlay   frames {}  bytes {}  unicast {}  flooded {}  datagrams {}  gso sends {}  arp answered {}",
+            v("tx_frames"),
+            v("tx_bytes"),
+            v("tx_unicast"),
+            v("tx_flooded"),
+            v("tx_datagrams"),
+            v("tx_gso_sends"),
+            v("arp_replies")
         );
+        let _ = writeln!(
+            o,
+            "underlay -> TAP   datagrams {}  bytes {}  delivered {}  coalesced {}  learned {}  aged out {}",
+            v("rx_datagrams"),
+            v("rx_bytes"),
+            v("rx_delivered"),
+            v("rx_coalesced"),
+            v("learned"),
+            v("aged_out")
+        );
+        let drops: Vec<String> = c.dropped.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k} {v}")).collect();
+        let _ =
+            writeln!(o, "dropped           {}", if drops.is_empty() { "none".to_owned() } else { drops.join("  ") });
+        if s.allocation_counting {
+            let _ = writeln!(
+                o,
+                "hot-loop heap allocations since start: tx {}  rx {}",
+                v("tx_loop_allocations"),
+                v("rx_loop_allocations")
+            );
+        }
     }
     o
 }
 
-fn on(b: bool) -> &'static str {
-    if b { "on" } else { "off" }
-}
-
-pub fn fdb(r: &FdbReport) -> String {
+pub fn fdb(r: &pb::FdbReply) -> String {
     let mut o = String::new();
     for n in &r.networks {
-        let flood: Vec<String> = n.flood_list.iter().map(ToString::to_string).collect();
-        let _ = writeln!(
-            o,
-            "network {} (vni {})  flood list: {}",
-            n.name,
-            n.vni,
-            if flood.is_empty() { "(empty)".into() } else { flood.join(", ") }
-        );
-        let _ = writeln!(o, "  MAC                 VTEP                                     ORIGIN   AGE");
-        for e in &n.fdb {
-            let age = e.age_secs.map(|a| format!("{a}s")).unwrap_or_else(|| "-".into());
-            let _ = writeln!(o, "  {:<19} {:<40} {:<8} {}", e.mac.to_string(), e.vtep.to_string(), e.origin, age);
+        let flood = if n.flood_list.is_empty() { "(empty)".into() } else { n.flood_list.join(", ") };
+        let _ = writeln!(o, "network {} (vni {})  flood list: {flood}", n.name, n.vni);
+        if !n.blocks.is_empty() {
+            let _ = writeln!(o, "  BLOCK               VTEP");
+            for b in &n.blocks {
+                let _ = writeln!(o, "  {:<19} {}", b.cidr, b.vtep);
+            }
+        }
+        if !n.fdb.is_empty() {
+            let _ = writeln!(o, "  MAC                 VTEP                                     ORIGIN   AGE");
+            for e in &n.fdb {
+                let age = if e.has_age { format!("{}s", e.age_secs) } else { "-".into() };
+                let _ = writeln!(o, "  {:<19} {:<40} {:<8} {}", e.mac, e.vtep, e.origin, age);
+            }
         }
         if !n.arp.is_empty() {
             let _ = writeln!(o, "  ARP answers:");
             for a in &n.arp {
-                let _ = writeln!(o, "  {:<19} is-at {}", a.ip.to_string(), a.mac);
+                let _ = writeln!(o, "  {:<19} is-at {}", a.ip, a.mac);
             }
         }
         o.push('\n');
     }
     if r.networks.is_empty() {
-        o.push_str("no networks\n");
+        o.push_str("no networks on this host\n");
     }
     o
+}
+
+pub fn init(r: &pb::InitReply) -> String {
+    format!(
+        "Cluster {} initialized; this host is node {} and its first manager.\n\n\
+         To add a worker to this cluster, run on it:\n\n    overlayd join {} --token {}\n\n\
+         To add a manager, run on it:\n\n    overlayd join {} --token {}\n",
+        r.cluster_id, r.node_id, r.manager_addr, r.worker_token, r.manager_addr, r.manager_token
+    )
+}
+
+pub fn join(r: &pb::JoinClusterReply) -> String {
+    format!("This host joined cluster {} as node {}, a {}.\n", r.cluster_id, r.node_id, role(r.role))
+}
+
+pub fn nodes(r: &pb::NodeListReply) -> String {
+    let mut o = String::from("ID    NAME                 ROLE      STATUS  UNDERLAY         API                    \n");
+    for n in &r.nodes {
+        let status = match pb::NodeStatus::try_from(n.status) {
+            Ok(pb::NodeStatus::Down) => "down",
+            _ => "ready",
+        };
+        let mut notes = Vec::new();
+        if n.id == r.leader_id {
+            notes.push("leader");
+        }
+        if n.id == r.self_id {
+            notes.push("this host");
+        }
+        let _ = writeln!(
+            o,
+            "{:<5} {:<20} {:<9} {:<7} {:<16} {:<22} {}",
+            n.id,
+            n.name,
+            role(n.role),
+            status,
+            n.underlay_addr,
+            n.api_addr,
+            notes.join(", ")
+        );
+    }
+    o
+}
+
+pub fn network(n: &pb::Network) -> String {
+    format!(
+        "network {}: VNI {}, subnet {}, gateway {}, MTU {}, a /{} block per host\n",
+        n.name, n.vni, n.subnet, n.gateway, n.mtu, n.block_prefix
+    )
+}
+
+pub fn networks(r: &pb::NetworkListReply) -> String {
+    let mut o = String::from("NAME        VNI       SUBNET              GATEWAY           MTU    BLOCK\n");
+    for n in &r.networks {
+        let _ = writeln!(
+            o,
+            "{:<11} {:<9} {:<19} {:<17} {:<6} /{}",
+            n.name, n.vni, n.subnet, n.gateway, n.mtu, n.block_prefix
+        );
+    }
+    o
+}
+
+pub fn inspect(r: &pb::NetworkInspectReply) -> String {
+    let mut o = r.network.as_ref().map(network).unwrap_or_default();
+    let _ = writeln!(o, "\nHOSTS\n  NODE                 VTEP             BLOCK");
+    for p in &r.peers {
+        let _ = writeln!(o, "  {:<20} {:<16} {}", p.node_name, p.vtep, p.block);
+    }
+    let _ = writeln!(o, "\nCONTAINERS\n  NAME                 IP                  MAC                 HOST");
+    for e in &r.endpoints {
+        let _ =
+            writeln!(o, "  {:<20} {:<19} {:<19} {}", e.name, format!("{}/{}", e.ip, e.prefix_len), e.mac, e.node_name);
+    }
+    for u in &r.unreachable {
+        let _ = writeln!(o, "  (could not list the containers of {u})");
+    }
+    o
+}
+
+pub fn endpoint(e: &pb::Endpoint) -> String {
+    format!("attached {} to {}: {}/{} ({}) via {}\n", e.name, e.network, e.ip, e.prefix_len, e.mac, e.host_ifname)
+}
+
+pub fn detached(r: &pb::DetachReply) -> String {
+    r.detached.iter().map(|e| format!("detached {} from {} ({})\n", e.name, e.network, e.ip)).collect()
 }

@@ -15,5 +15,28 @@ mod generated {
 
 pub use generated::*;
 
+/// How enum fields render in JSON: by name, not number.
+pub mod json {
+    use serde::Serializer;
+
+    /// A `Role` field.
+    pub fn role<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match crate::Role::try_from(*v) {
+            Ok(crate::Role::Manager) => "manager",
+            Ok(crate::Role::Worker) => "worker",
+            _ => "unspecified",
+        })
+    }
+
+    /// A `NodeStatus` field.
+    pub fn node_status<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match crate::NodeStatus::try_from(*v) {
+            Ok(crate::NodeStatus::Ready) => "ready",
+            Ok(crate::NodeStatus::Down) => "down",
+            _ => "unspecified",
+        })
+    }
+}
+
 /// The control API's default TCP port.
 pub const DEFAULT_CONTROL_PORT: u16 = 7947;

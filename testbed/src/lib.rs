@@ -408,6 +408,11 @@ impl Node {
         &self.ns
     }
 
+    /// The namespace's path, as `overlayd attach --netns` takes it.
+    pub fn netns_path(&self) -> String {
+        format!("/run/netns/{}", self.ns)
+    }
+
     /// Runs a program inside and fails unless it succeeds.
     pub fn exec<I, S>(&self, program: &str, args: I) -> Result<String>
     where
@@ -608,6 +613,15 @@ impl Host {
         Ok(Container { node: Node { ns, inner: Arc::clone(inner) }, ip: IpAddr::V4(ip), mac })
     }
 
+    /// Adds an empty container namespace (loopback only), for `overlayd attach` to fill.
+    pub fn add_netns(&self, name: &str) -> Result<Node> {
+        let inner = &self.node.inner;
+        let ns = format!("{}-{}-{name}", inner.prefix, self.name);
+        inner.add_namespace(&ns)?;
+        quiet_ipv6(&ns)?;
+        Ok(Node { ns, inner: Arc::clone(inner) })
+    }
+
     /// Makes this host a Linux kernel VTEP instead of running overlayd: a vxlan device
     /// (`dstport 4789`, learning on) on `bridge`, with the peers in its all-zeros FDB entry
     /// (head-end replication), as one would to talk to overlayd.
@@ -742,9 +756,9 @@ impl Agent {
 pub struct Counters(pub Value);
 
 impl Counters {
-    /// A top-level counter (`tx_unicast`, `rx_delivered`, …); 0 if absent.
+    /// A counter (`tx_unicast`, `rx_delivered`, …); 0 if absent.
     pub fn get(&self, name: &str) -> u64 {
-        self.0[name].as_u64().unwrap_or(0)
+        self.0["values"][name].as_u64().unwrap_or(0)
     }
 
     /// Drops for one reason (`not_member`, `bad_flags`, …).

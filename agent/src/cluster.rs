@@ -1,0 +1,717 @@
+//! Cluster mode: this host's membership (kept in the state dir and resumed after a restart),
+//! `init`, `join` and `leave`, the control API it serves, the manager it runs if it is one,
+//! the follower that keeps its view of the state, and the reconciler that turns that view into
+//! bridges, TAPs and dataplane tables.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use control::follower::Follower;
+use control::manager::{HostApi, Manager, ManagerConfig, unix_now};
+use control::pki::{self, ClusterCa, JoinToken, NodeIdentity, NodeKey};
+use control::state::{ClusterView, Command, NewNode, NodeId, Role, Secrets};
+use dataplane::tables::BlockOwner;
+use dataplane::{MacAddr, Vni};
+use proto as pb;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+
+use crate::attach::{self, EndpointRecord, EndpointStore, Netns};
+use crate::host::{DataplaneSettings, Gateway, Host, NetworkSpec};
+
+const MEMBERSHIP_FILE: &str = "cluster.json";
+const PKI_DIR: &str = "pki";
+const RAFT_DIR: &str = "raft";
+const VIEW_FILE: &str = "view.json";
+const ENDPOINTS_FILE: &str = "endpoints.json";
+/// How long `join` waits for a manager to answer.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `join --token <manager token>` waits to become a Raft voter.
+const PROMOTE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a host remembers of its cluster membership (`cluster.json` in the state dir).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Membership {
+    pub cluster_id: String,
+    pub node_id: NodeId,
+    pub name: String,
+    pub role: Role,
+    /// Where other hosts reach this one's control API.
+    pub advertise: SocketAddr,
+    /// Its VTEP address.
+    pub underlay: IpAddr,
+    /// Managers known at join time (more are learned from the state).
+    pub managers: Vec<SocketAddr>,
+}
+
+impl Membership {
+    fn load(dir: &Path) -> Result<Option<Membership>> {
+        match std::fs::read(dir.join(MEMBERSHIP_FILE)) {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).context("cluster.json is corrupt")?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        let tmp = dir.join("cluster.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, dir.join(MEMBERSHIP_FILE))?;
+        Ok(())
+    }
+}
+
+/// Whether `dir` holds a cluster membership.
+pub fn is_member(dir: &Path) -> bool {
+    dir.join(MEMBERSHIP_FILE).exists()
+}
+
+/// What the daemon passes down to cluster mode.
+#[derive(Clone)]
+pub struct ClusterContext {
+    pub state_dir: PathBuf,
+    pub nl: rtnetlink::Handle,
+    pub settings: DataplaneSettings,
+    pub underlay_mtu: Option<u32>,
+}
+
+/// A host in cluster mode.
+pub struct ClusterRuntime {
+    pub membership: Membership,
+    pub host: Arc<Host>,
+    pub manager: Option<Arc<Manager>>,
+    pub follower: Arc<Follower>,
+    endpoints: Arc<Mutex<EndpointStore>>,
+    state_dir: PathBuf,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The endpoints as the host API lists them (a blocking snapshot, for the gRPC handler).
+struct Endpoints {
+    store: Arc<Mutex<EndpointStore>>,
+    node: NodeId,
+    name: String,
+}
+
+impl HostApi for Endpoints {
+    fn endpoints(&self, network: Option<&str>) -> Vec<pb::Endpoint> {
+        let Ok(store) = self.store.try_lock() else { return Vec::new() };
+        store
+            .endpoints
+            .iter()
+            .filter(|e| network.is_none_or(|n| n == e.network))
+            .map(|e| endpoint_pb(e, self.node, &self.name))
+            .collect()
+    }
+}
+
+fn endpoint_pb(e: &EndpointRecord, node: NodeId, node_name: &str) -> pb::Endpoint {
+    pb::Endpoint {
+        network: e.network.clone(),
+        name: e.name.clone(),
+        ip: e.ip.to_string(),
+        prefix_len: u32::from(e.prefix_len),
+        mac: e.mac.to_string(),
+        node_id: node,
+        node_name: node_name.to_owned(),
+        host_ifname: e.host_ifname.clone(),
+        netns: e.netns.clone(),
+    }
+}
+
+/// Picks the address to advertise: the one given, else this host's only global IPv4 address.
+pub async fn advertise_addr(nl: &rtnetlink::Handle, given: &str) -> Result<SocketAddr> {
+    let port = proto::DEFAULT_CONTROL_PORT;
+    if !given.is_empty() {
+        if let Ok(a) = given.parse::<SocketAddr>() {
+            return Ok(a);
+        }
+        let ip: IpAddr =
+            given.parse().map_err(|_| anyhow::anyhow!("--advertise-addr {given:?} is not an IP address or IP:PORT"))?;
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let addrs = crate::netdev::global_addresses(nl).await?;
+    match addrs.as_slice() {
+        [one] => Ok(SocketAddr::new(*one, port)),
+        [] => bail!("this host has no global address to advertise: give one with --advertise-addr"),
+        many => bail!(
+            "this host has several addresses ({}): choose the one other hosts reach it at with --advertise-addr",
+            many.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+fn default_name(given: &str) -> String {
+    if !given.is_empty() {
+        return given.to_owned();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "host".into())
+}
+
+/// Removes what `init`/`join` wrote, after a failure or `leave`.
+fn forget(dir: &Path) {
+    for f in [MEMBERSHIP_FILE, VIEW_FILE, ENDPOINTS_FILE] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let _ = std::fs::remove_dir_all(dir.join(PKI_DIR));
+    let _ = std::fs::remove_dir_all(dir.join(RAFT_DIR));
+}
+
+impl ClusterRuntime {
+    /// `overlayd init`: a new cluster with this host as its first manager.
+    pub async fn init(ctx: &ClusterContext, req: pb::InitRequest) -> Result<(ClusterRuntime, pb::InitReply)> {
+        let advertise = advertise_addr(&ctx.nl, &req.advertise_addr).await?;
+        let underlay = parse_underlay(&req.underlay_addr, advertise)?;
+        let name = default_name(&req.name);
+        let cluster_id = hex::encode(rand::random::<[u8; 8]>());
+        let ca = ClusterCa::generate(&cluster_id)?;
+        let worker = JoinToken::generate(&ca);
+        let manager = JoinToken::generate(&ca);
+        let identity = ca.issue_node(1, Role::Manager)?;
+        let membership = Membership {
+            cluster_id: cluster_id.clone(),
+            node_id: 1,
+            name: name.clone(),
+            role: Role::Manager,
+            advertise,
+            underlay,
+            managers: vec![advertise],
+        };
+        let init = Command::Init {
+            cluster_id: cluster_id.clone(),
+            secrets: Secrets {
+                ca_cert_pem: ca.cert_pem(),
+                ca_key_pem: ca.key_pem(),
+                worker_token_hash: JoinToken::secret_hash(&worker.secret),
+                manager_token_hash: JoinToken::secret_hash(&manager.secret),
+            },
+            node: NewNode {
+                name,
+                underlay_addr: underlay,
+                api_addr: advertise,
+                role: Role::Manager,
+                joined_at: unix_now(),
+            },
+        };
+        identity.save(&ctx.state_dir.join(PKI_DIR))?;
+        membership.save(&ctx.state_dir)?;
+        match Self::start(ctx, membership, Arc::new(identity), Some(init)).await {
+            Ok(rt) => Ok((
+                rt,
+                pb::InitReply {
+                    node_id: 1,
+                    cluster_id,
+                    worker_token: worker.to_string(),
+                    manager_token: manager.to_string(),
+                    manager_addr: advertise.to_string(),
+                },
+            )),
+            Err(e) => {
+                forget(&ctx.state_dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// `overlayd join`: becomes a member of the cluster a manager belongs to.
+    pub async fn join(
+        ctx: &ClusterContext,
+        req: pb::JoinClusterRequest,
+    ) -> Result<(ClusterRuntime, pb::JoinClusterReply)> {
+        let token: JoinToken =
+            req.token.trim().parse().map_err(|e| anyhow::anyhow!("the join token is malformed: {e}"))?;
+        let manager = parse_manager(&req.manager_addr)?;
+        let advertise = advertise_addr(&ctx.nl, &req.advertise_addr).await?;
+        let underlay = parse_underlay(&req.underlay_addr, advertise)?;
+        let name = default_name(&req.name);
+        let key = NodeKey::generate()?;
+        let channel = pki::connect_pinned(manager, token.ca_digest, JOIN_TIMEOUT).await.map_err(|e| match e {
+            pki::PkiError::UntrustedServer { .. } | pki::PkiError::CaDigestMismatch => anyhow::anyhow!(
+                "the manager at {manager} does not belong to the cluster this token is for (its CA does not match the token): \
+                 check the address and the token"
+            ),
+            other => anyhow::anyhow!("cannot reach the manager at {manager}: {other}"),
+        })?;
+        let request = pb::JoinRequest {
+            secret: token.secret.clone(),
+            name: name.clone(),
+            underlay_addr: underlay.to_string(),
+            api_addr: advertise.to_string(),
+            csr_der: key.csr_der(&name)?,
+        };
+        let reply = tokio::time::timeout(JOIN_TIMEOUT, pb::manager_client::ManagerClient::new(channel).join(request))
+            .await
+            .map_err(|_| anyhow::anyhow!("the manager at {manager} did not answer within {JOIN_TIMEOUT:?}"))?
+            .map_err(|s| anyhow::anyhow!("the manager at {manager} refused the join: {}", s.message()))?
+            .into_inner();
+        let identity = key.into_identity(&reply.node_cert_pem, &reply.ca_cert_pem)?;
+        let role = control::convert::role_from_pb(reply.role)?;
+        let managers: Vec<SocketAddr> = reply.managers.iter().filter_map(|m| m.api_addr.parse().ok()).collect();
+        let membership = Membership {
+            cluster_id: reply.cluster_id.clone(),
+            node_id: reply.node_id,
+            name,
+            role,
+            advertise,
+            underlay,
+            managers: if managers.is_empty() { vec![manager] } else { managers },
+        };
+        identity.save(&ctx.state_dir.join(PKI_DIR))?;
+        membership.save(&ctx.state_dir)?;
+        let rt = match Self::start(ctx, membership, Arc::new(identity), None).await {
+            Ok(rt) => rt,
+            Err(e) => {
+                forget(&ctx.state_dir);
+                return Err(e);
+            }
+        };
+        if role == Role::Manager {
+            rt.await_voter().await?;
+        }
+        Ok((
+            rt,
+            pb::JoinClusterReply {
+                node_id: reply.node_id,
+                cluster_id: reply.cluster_id,
+                role: reply.role,
+                managers: reply.managers,
+            },
+        ))
+    }
+
+    /// Resumes the membership the state dir holds, if any.
+    pub async fn resume(ctx: &ClusterContext) -> Result<Option<ClusterRuntime>> {
+        let Some(membership) = Membership::load(&ctx.state_dir)? else { return Ok(None) };
+        let identity = NodeIdentity::load(&ctx.state_dir.join(PKI_DIR))?.context(
+            "the state dir has a cluster membership but no node certificate: run `overlayd leave` and join again",
+        )?;
+        tracing::info!(cluster = %membership.cluster_id, node = membership.node_id, role = %membership.role, "resuming cluster membership");
+        Ok(Some(Self::start(ctx, membership, Arc::new(identity), None).await?))
+    }
+
+    async fn start(
+        ctx: &ClusterContext,
+        membership: Membership,
+        identity: Arc<NodeIdentity>,
+        bootstrap: Option<Command>,
+    ) -> Result<ClusterRuntime> {
+        let host =
+            Arc::new(Host::start(ctx.nl.clone(), membership.underlay, ctx.underlay_mtu, ctx.settings.clone()).await?);
+        let result = async {
+            let store = Arc::new(Mutex::new(EndpointStore::load(&ctx.state_dir.join(ENDPOINTS_FILE))?));
+            let listener = TcpListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), membership.advertise.port()))
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on the control port {} (is another overlayd using it?)",
+                        membership.advertise.port()
+                    )
+                })?;
+            let manager = match membership.role {
+                Role::Manager => {
+                    let config = ManagerConfig {
+                        dir: ctx.state_dir.join(RAFT_DIR),
+                        api_addr: membership.advertise,
+                        default_mtu: host.underlay.mtu - host.overhead(),
+                    };
+                    Some(Manager::open(config, Arc::clone(&identity)).await?)
+                }
+                Role::Worker => None,
+            };
+            let host_api: Arc<dyn HostApi> = Arc::new(Endpoints {
+                store: Arc::clone(&store),
+                node: membership.node_id,
+                name: membership.name.clone(),
+            });
+            let routes = match &manager {
+                Some(m) => m.services(host_api),
+                None => tonic::service::Routes::new(pb::host_server::HostServer::new(control::manager::HostService(
+                    host_api,
+                ))),
+            };
+            let incoming = pki::incoming(listener, identity.server_config()?);
+            let mut tasks = vec![tokio::spawn(async move {
+                if let Err(e) =
+                    tonic::transport::Server::builder().add_routes(routes).serve_with_incoming(incoming).await
+                {
+                    tracing::error!(error = %e, "the control API stopped");
+                }
+            })];
+            if let (Some(m), Some(init)) = (&manager, bootstrap) {
+                m.bootstrap(init).await.context("cannot initialize the cluster's Raft state")?;
+            }
+            let follower =
+                Follower::start(Arc::clone(&identity), membership.managers.clone(), ctx.state_dir.join(VIEW_FILE));
+            let rt = ClusterRuntime {
+                membership,
+                host: Arc::clone(&host),
+                manager,
+                follower,
+                endpoints: store,
+                state_dir: ctx.state_dir.clone(),
+                tasks: Vec::new(),
+            };
+            tasks.push(tokio::spawn(reconcile_loop(
+                Arc::clone(&rt.host),
+                Arc::clone(&rt.follower),
+                Arc::clone(&rt.endpoints),
+                rt.membership.node_id,
+            )));
+            if rt.membership.role == Role::Manager
+                && rt.manager.as_ref().is_some_and(|m| !m.members().0.contains(&rt.membership.node_id))
+            {
+                tasks.push(tokio::spawn(promote_loop(Arc::clone(&rt.follower))));
+            }
+            Ok(ClusterRuntime { tasks, ..rt })
+        }
+        .await;
+        if result.is_err() {
+            host.shutdown().await;
+        }
+        result
+    }
+
+    /// Waits until this (joining) manager is a Raft voter.
+    async fn await_voter(&self) -> Result<()> {
+        let Some(m) = &self.manager else { return Ok(()) };
+        let deadline = tokio::time::Instant::now() + PROMOTE_TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
+            if m.members().0.contains(&self.membership.node_id) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bail!(
+            "joined as a manager, but the leader has not made this host a Raft voter within {PROMOTE_TIMEOUT:?}; it keeps trying"
+        )
+    }
+
+    /// Stops everything this host runs for the cluster (membership stays on disk).
+    pub async fn shutdown(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(m) = &self.manager {
+            let _ = m.raft.shutdown().await;
+        }
+        self.host.shutdown().await;
+    }
+
+    /// `overlayd leave`: detaches every container, leaves the cluster, forgets it.
+    pub async fn leave(&self) -> Result<()> {
+        let mut client = self.follower.manager().await.context("cannot leave")?;
+        client.leave(pb::LeaveRequest {}).await.map_err(|s| anyhow::anyhow!("the cluster refused: {}", s.message()))?;
+        {
+            let mut store = self.endpoints.lock().await;
+            for e in store.endpoints.drain(..) {
+                let _ = attach::unplumb(&self.host.nl, &e.host_ifname).await;
+            }
+        }
+        self.shutdown().await;
+        forget(&self.state_dir);
+        Ok(())
+    }
+
+    /// The cluster part of `overlayd status`.
+    pub async fn status(&self) -> pb::ClusterStatus {
+        let view = self.follower.view();
+        let (connected, to) = self.follower.connection();
+        let leader = match &self.manager {
+            Some(m) => m.leader().await.unwrap_or(0),
+            None => 0,
+        };
+        pb::ClusterStatus {
+            cluster_id: self.membership.cluster_id.clone(),
+            node_id: self.membership.node_id,
+            node_name: self.membership.name.clone(),
+            role: pb::Role::from(self.membership.role) as i32,
+            leader_id: leader,
+            revision: view.revision,
+            connected,
+            connected_to: to.map(|a| a.to_string()).unwrap_or_default(),
+            api_addr: self.membership.advertise.to_string(),
+        }
+    }
+
+    /// `overlayd node ls`.
+    pub async fn node_list(&self) -> pb::NodeListReply {
+        let view = self.follower.view();
+        let leader = match self.follower.manager().await {
+            Ok(mut c) => c.info(pb::Empty {}).await.map(|r| r.into_inner().leader_id).unwrap_or(0),
+            Err(_) => 0,
+        };
+        pb::NodeListReply {
+            nodes: view.nodes.values().map(pb::Node::from).collect(),
+            leader_id: leader,
+            self_id: self.membership.node_id,
+        }
+    }
+
+    /// A client of some manager, or an error saying none answers.
+    pub async fn manager_client(&self) -> Result<pb::manager_client::ManagerClient<tonic::transport::Channel>> {
+        Ok(self.follower.manager().await?)
+    }
+
+    /// `overlayd network inspect`: the network, each host's block, and the endpoints of every
+    /// host that has a block (asked over the host API).
+    pub async fn network_inspect(&self, name: &str) -> Result<pb::NetworkInspectReply> {
+        let view = self.follower.view();
+        let net =
+            view.networks.get(name).with_context(|| format!("no network named {name:?} (see overlayd network ls)"))?;
+        let blocks = view.blocks.get(name).cloned().unwrap_or_default();
+        let peers = blocks
+            .iter()
+            .map(|(id, cidr)| {
+                let n = view.nodes.get(id);
+                pb::NetworkPeer {
+                    node_id: *id,
+                    node_name: n.map(|n| n.name.clone()).unwrap_or_default(),
+                    vtep: n.map(|n| n.underlay_addr.to_string()).unwrap_or_default(),
+                    block: cidr.to_string(),
+                }
+            })
+            .collect();
+        let mut endpoints = Vec::new();
+        let mut unreachable = Vec::new();
+        for id in blocks.keys() {
+            let Some(node) = view.nodes.get(id) else { continue };
+            if *id == self.membership.node_id {
+                let store = self.endpoints.lock().await;
+                endpoints.extend(store.in_network(name).map(|e| endpoint_pb(e, *id, &node.name)));
+                continue;
+            }
+            let ask = async {
+                let mut c = self.follower.host(node.api_addr).await?;
+                anyhow::Ok(c.endpoints(pb::EndpointsRequest { network: name.to_owned() }).await?.into_inner().endpoints)
+            };
+            match tokio::time::timeout(Duration::from_secs(3), ask).await {
+                Ok(Ok(list)) => endpoints.extend(list),
+                Ok(Err(e)) => unreachable.push(format!("{}: {e}", node.name)),
+                Err(_) => unreachable.push(format!("{}: no answer within 3 s", node.name)),
+            }
+        }
+        endpoints.sort_by(|a, b| a.ip.parse::<Ipv4Addr>().ok().cmp(&b.ip.parse::<Ipv4Addr>().ok()));
+        Ok(pb::NetworkInspectReply { network: Some(net.into()), peers, endpoints, unreachable })
+    }
+
+    /// `overlayd attach`.
+    pub async fn attach(&self, req: pb::AttachRequest) -> Result<pb::Endpoint> {
+        let ns = Netns::open((!req.netns.is_empty()).then_some(req.netns.as_str()), (req.pid != 0).then_some(req.pid))?;
+        let name = if req.name.is_empty() { ns.default_name() } else { req.name.clone() };
+        let ifname = if req.ifname.is_empty() { "eth0".to_owned() } else { req.ifname.clone() };
+        if name.is_empty() || name.len() > 64 {
+            bail!("an endpoint name has 1 to 64 characters");
+        }
+        let view = self.follower.view();
+        let net = view
+            .networks
+            .get(&req.network)
+            .with_context(|| format!("no network named {:?} (see overlayd network ls)", req.network))?
+            .clone();
+        let me = self.membership.node_id;
+        // The host's block: leased once (one Raft write), then every attach is local.
+        if view.block(&net.name, me).is_none() {
+            let mut c = self.manager_client().await?;
+            c.lease_block(pb::LeaseBlockRequest { network: net.name.clone() })
+                .await
+                .map_err(|s| anyhow::anyhow!("cannot lease an address block: {}", s.message()))?;
+        }
+        let local = self.wait_network_up(&net.name).await?;
+        let block = local.spec.gateway.map(|g| g.local_block).context("the network has no local block")?;
+        let mut store = self.endpoints.lock().await;
+        if let Some(e) =
+            store.endpoints.iter().find(|e| e.network == net.name && (e.name == name || e.netns_id == ns.id))
+        {
+            bail!(
+                "{:?} is already attached to {:?} as {:?} ({}): detach it first",
+                ns.path.display(),
+                net.name,
+                e.name,
+                e.ip
+            );
+        }
+        let ip = store
+            .allocate(&net.name, block, net.gateway)
+            .with_context(|| format!("every address of this host's block {block} is in use"))?;
+        let (host_ifname, _) = attach::veth_names(&net.name, &name);
+        let record = EndpointRecord {
+            network: net.name.clone(),
+            name,
+            ip,
+            prefix_len: net.subnet.prefix(),
+            mac: MacAddr::from_ipv4(ip),
+            host_ifname,
+            netns: ns.path.to_string_lossy().into_owned(),
+            netns_id: ns.id,
+            ifname,
+        };
+        attach::plumb(&self.host.nl, &ns, &record, &local.bridge, net.mtu, net.gateway).await?;
+        store.endpoints.push(record.clone());
+        store.save(&self.state_dir.join(ENDPOINTS_FILE))?;
+        tracing::info!(network = %record.network, name = %record.name, ip = %record.ip, "attached");
+        Ok(endpoint_pb(&record, me, &self.membership.name))
+    }
+
+    async fn wait_network_up(&self, name: &str) -> Result<crate::host::LocalNetwork> {
+        for _ in 0..100 {
+            if let Some(n) = self.host.networks().await.remove(name) {
+                return Ok(n);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("network {name:?} did not come up on this host within 10 s (is a manager reachable?)")
+    }
+
+    /// `overlayd detach`.
+    pub async fn detach(&self, req: pb::DetachRequest) -> Result<pb::DetachReply> {
+        let ns_id = if req.netns.is_empty() && req.pid == 0 {
+            None
+        } else {
+            Some(
+                Netns::open((!req.netns.is_empty()).then_some(req.netns.as_str()), (req.pid != 0).then_some(req.pid))?
+                    .id,
+            )
+        };
+        if req.name.is_empty() && ns_id.is_none() {
+            bail!("say what to detach: --name NAME, --netns PATH or --pid PID");
+        }
+        let mut store = self.endpoints.lock().await;
+        let matches = |e: &EndpointRecord| {
+            (req.name.is_empty() || e.name == req.name)
+                && ns_id.is_none_or(|id| e.netns_id == id)
+                && (req.network.is_empty() || e.network == req.network)
+        };
+        let (gone, keep): (Vec<_>, Vec<_>) = store.endpoints.drain(..).partition(|e| matches(e));
+        store.endpoints = keep;
+        if gone.is_empty() {
+            bail!("nothing to detach: no endpoint matches (see overlayd network inspect)");
+        }
+        for e in &gone {
+            attach::unplumb(&self.host.nl, &e.host_ifname).await?;
+            tracing::info!(network = %e.network, name = %e.name, ip = %e.ip, "detached");
+        }
+        store.save(&self.state_dir.join(ENDPOINTS_FILE))?;
+        // A network this host no longer uses gives its block back (so it can be removed).
+        let emptied: Vec<String> =
+            gone.iter().map(|e| e.network.clone()).filter(|n| store.in_network(n).next().is_none()).collect();
+        drop(store);
+        for network in emptied.into_iter().collect::<std::collections::BTreeSet<_>>() {
+            if let Ok(mut c) = self.manager_client().await {
+                if let Err(s) = c.release_block(pb::ReleaseBlockRequest { network: network.clone() }).await {
+                    tracing::warn!(%network, error = %s.message(), "could not give the block back");
+                }
+            }
+        }
+        Ok(pb::DetachReply {
+            detached: gone.iter().map(|e| endpoint_pb(e, self.membership.node_id, &self.membership.name)).collect(),
+        })
+    }
+}
+
+fn parse_underlay(given: &str, advertise: SocketAddr) -> Result<IpAddr> {
+    if given.is_empty() {
+        return Ok(advertise.ip());
+    }
+    given.parse().map_err(|_| anyhow::anyhow!("--underlay-addr {given:?} is not an IP address"))
+}
+
+fn parse_manager(given: &str) -> Result<SocketAddr> {
+    if let Ok(a) = given.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let ip: IpAddr =
+        given.parse().map_err(|_| anyhow::anyhow!("{given:?} is not a manager address: give IP or IP:PORT"))?;
+    Ok(SocketAddr::new(ip, proto::DEFAULT_CONTROL_PORT))
+}
+
+/// Keeps asking to be made a voter until it is (a join that was cut short, or a restart).
+async fn promote_loop(follower: Arc<Follower>) {
+    loop {
+        let r = async {
+            let mut c = follower.manager().await?;
+            c.promote(pb::PromoteRequest {}).await?;
+            anyhow::Ok(())
+        }
+        .await;
+        match r {
+            Ok(()) => return,
+            Err(e) => tracing::debug!(error = %e, "promotion to voter not done yet"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Keeps the host's networks and tables equal to what the view says.
+async fn reconcile_loop(host: Arc<Host>, follower: Arc<Follower>, endpoints: Arc<Mutex<EndpointStore>>, me: NodeId) {
+    let mut views = follower.subscribe();
+    loop {
+        let view = views.borrow_and_update().clone();
+        if let Err(e) = reconcile(&host, &view, &endpoints, me).await {
+            tracing::warn!(error = %format!("{e:#}"), "could not bring the host in line with the cluster state; retrying");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
+        }
+        if views.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One pass: networks this host has a block in are up (with every other block's VTEP, the
+/// flood list of the hosts that have one, and the gateway); the others are down.
+async fn reconcile(host: &Host, view: &ClusterView, endpoints: &Mutex<EndpointStore>, me: NodeId) -> Result<()> {
+    let mut wanted: BTreeMap<String, NetworkSpec> = BTreeMap::new();
+    for (name, net) in &view.networks {
+        let Some(local_block) = view.block(name, me) else { continue };
+        let Some(vni) = Vni::new(net.vni) else { continue };
+        wanted.insert(
+            name.clone(),
+            NetworkSpec {
+                name: name.clone(),
+                vni,
+                bridge: format!("ovbr-{name}"),
+                tap: format!("ovt-{name}"),
+                mtu: net.mtu,
+                learning: false,
+                gateway: Some(Gateway { addr: net.gateway, local_block }),
+            },
+        );
+    }
+    for (name, local) in host.networks().await {
+        if wanted.get(&name) != Some(&local.spec) {
+            host.remove_network(&name).await?;
+        }
+    }
+    for (name, spec) in wanted {
+        let fresh = !host.networks().await.contains_key(&name);
+        if fresh {
+            host.add_network(spec.clone()).await?;
+            // Containers attached before (a restart) go back on the new bridge.
+            let local = host.networks().await.remove(&name).context("network vanished")?;
+            for e in endpoints.lock().await.in_network(&name) {
+                if crate::netdev::link_exists(&host.nl, &e.host_ifname).await? {
+                    crate::netdev::enslave(&host.nl, &e.host_ifname, &local.bridge, spec.mtu).await?;
+                }
+            }
+        }
+        let net = &view.networks[&name];
+        let blocks = view.blocks.get(&name).cloned().unwrap_or_default();
+        let mut flood = Vec::new();
+        let mut owners = Vec::new();
+        for (node, cidr) in blocks {
+            if node == me {
+                owners.push((cidr.addr(), BlockOwner::Local));
+            } else if let Some(n) = view.nodes.get(&node) {
+                owners.push((cidr.addr(), BlockOwner::Remote(n.underlay_addr)));
+                flood.push(n.underlay_addr);
+            }
+        }
+        host.program_blocks(spec.vni, flood, net.block_prefix, owners, net.gateway)?;
+    }
+    Ok(())
+}

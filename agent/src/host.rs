@@ -1,0 +1,322 @@
+//! This host's side of the overlay, whatever runs it (static configuration or the cluster):
+//! the dataplane, and per network a bridge and a TAP on it. Reports for `status` and `fdb`
+//! come from here too.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use control::cidr::Ipv4Cidr;
+use dataplane::Vni;
+use dataplane::linux::{Dataplane, DataplaneConfig, Offloads};
+use dataplane::tables::{BlockOwner, NetworkSettings};
+use proto as pb;
+use tokio::sync::Mutex;
+
+use crate::netdev::{self, Bridge};
+
+/// The underlay as this host sees it.
+#[derive(Debug, Clone)]
+pub struct Underlay {
+    pub addr: IpAddr,
+    pub interface: String,
+    pub mtu: u32,
+}
+
+/// Dataplane settings that are not per network.
+#[derive(Debug, Clone)]
+pub struct DataplaneSettings {
+    pub vxlan_port: u16,
+    pub source_port_base: u16,
+    pub source_port_count: u16,
+    pub offloads: Offloads,
+}
+
+/// Where a cluster network's gateway is and which block is this host's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gateway {
+    pub addr: Ipv4Addr,
+    pub local_block: Ipv4Cidr,
+}
+
+/// A network to bring up on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSpec {
+    pub name: String,
+    pub vni: Vni,
+    pub bridge: String,
+    pub tap: String,
+    pub mtu: u32,
+    pub learning: bool,
+    /// Cluster networks: the gateway lives on the bridge of every host.
+    pub gateway: Option<Gateway>,
+}
+
+/// A network that is up.
+#[derive(Debug, Clone)]
+pub struct LocalNetwork {
+    pub spec: NetworkSpec,
+    pub bridge: Bridge,
+}
+
+/// The dataplane and the networks on it.
+pub struct Host {
+    pub nl: rtnetlink::Handle,
+    pub dataplane: Arc<Dataplane>,
+    pub underlay: Underlay,
+    pub settings: DataplaneSettings,
+    networks: Mutex<BTreeMap<String, LocalNetwork>>,
+    started: Instant,
+}
+
+impl Host {
+    /// Starts the dataplane on `underlay_addr` (whose interface and MTU are looked up).
+    pub async fn start(
+        nl: rtnetlink::Handle,
+        underlay_addr: IpAddr,
+        underlay_mtu: Option<u32>,
+        settings: DataplaneSettings,
+    ) -> Result<Host> {
+        let (interface, detected) = netdev::underlay_mtu(&nl, underlay_addr).await?;
+        let mtu = underlay_mtu.unwrap_or(detected);
+        tracing::info!(addr = %underlay_addr, %interface, mtu, "underlay");
+        let mut config = DataplaneConfig::new(underlay_addr);
+        config.port = settings.vxlan_port;
+        config.source_port_base = settings.source_port_base;
+        config.source_port_count = settings.source_port_count;
+        config.offloads = settings.offloads;
+        let dataplane = Dataplane::start(config).with_context(|| {
+            format!(
+                "cannot start the dataplane on {underlay_addr}:{} (is another VXLAN endpoint, overlayd or a kernel vxlan \
+                 device, using this port or the source ports {}-{} on this host?)",
+                settings.vxlan_port,
+                settings.source_port_base,
+                settings.source_port_base + (settings.source_port_count - 1)
+            )
+        })?;
+        Ok(Host {
+            nl,
+            dataplane: Arc::new(dataplane),
+            underlay: Underlay { addr: underlay_addr, interface, mtu },
+            settings,
+            networks: Mutex::new(BTreeMap::new()),
+            started: Instant::now(),
+        })
+    }
+
+    /// VXLAN overhead on this underlay.
+    pub fn overhead(&self) -> u32 {
+        if self.underlay.addr.is_ipv4() { crate::config::OVERHEAD_V4 } else { crate::config::OVERHEAD_V6 }
+    }
+
+    /// Brings a network up: bridge (created or adopted), gateway on it, TAP, dataplane. If a
+    /// step fails, what was made is recorded so that `shutdown` still removes it.
+    pub async fn add_network(&self, spec: NetworkSpec) -> Result<()> {
+        let mut nets = self.networks.lock().await;
+        if nets.contains_key(&spec.name) {
+            return Ok(());
+        }
+        if spec.mtu + self.overhead() > self.underlay.mtu {
+            tracing::warn!(
+                network = %spec.name, mtu = spec.mtu, underlay_mtu = self.underlay.mtu,
+                "MTU + {} bytes of VXLAN overhead exceeds the underlay MTU: full-size frames will be fragmented",
+                self.overhead()
+            );
+        }
+        let bridge = netdev::ensure_bridge(&self.nl, &spec.bridge, spec.mtu).await?;
+        nets.insert(spec.name.clone(), LocalNetwork { spec: spec.clone(), bridge: bridge.clone() });
+        if let Some(gw) = spec.gateway {
+            netdev::set_gateway(&self.nl, &bridge, gw.addr, gw.local_block).await?;
+        }
+        let tap = self.dataplane.open_tap(&spec.tap).map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => {
+                anyhow::anyhow!("the TAP {} is held by another process (another overlayd?): {e}", spec.tap)
+            }
+            Some(libc::EPERM) | Some(libc::EACCES) => {
+                anyhow::anyhow!(
+                    "cannot create the TAP {}: {e}; overlayd needs CAP_NET_ADMIN (run it as root)",
+                    spec.tap
+                )
+            }
+            _ => anyhow::anyhow!("cannot create the TAP {}: {e}", spec.tap),
+        })?;
+        netdev::attach_tap(&self.nl, tap.name(), &bridge, spec.mtu).await?;
+        self.dataplane.add_network(spec.vni, tap, NetworkSettings { learning: spec.learning, mtu: spec.mtu })?;
+        tracing::info!(network = %spec.name, vni = %spec.vni, bridge = %bridge.name, tap = %spec.tap, mtu = spec.mtu, "network up");
+        Ok(())
+    }
+
+    /// Takes a network down: out of the dataplane (its TAP closes), bridge removed if ours.
+    pub async fn remove_network(&self, name: &str) -> Result<()> {
+        let Some(n) = self.networks.lock().await.remove(name) else { return Ok(()) };
+        let _ = self.dataplane.remove_network(n.spec.vni);
+        if n.bridge.owned {
+            netdev::delete_link(&self.nl, &n.bridge.name).await?;
+        }
+        tracing::info!(network = %name, "network down");
+        Ok(())
+    }
+
+    /// The networks that are up.
+    pub async fn networks(&self) -> BTreeMap<String, LocalNetwork> {
+        self.networks.lock().await.clone()
+    }
+
+    /// Programs a cluster network's tables: flood list, blocks, gateway.
+    pub fn program_blocks(
+        &self,
+        vni: Vni,
+        flood: Vec<IpAddr>,
+        block_prefix: u8,
+        blocks: Vec<(Ipv4Addr, BlockOwner)>,
+        gateway: Ipv4Addr,
+    ) -> Result<()> {
+        self.dataplane.update(|tx| {
+            tx.set_flood_list(vni, flood)?;
+            tx.set_blocks(vni, block_prefix, blocks)?;
+            tx.set_gateway(vni, Some(gateway))
+        })?;
+        Ok(())
+    }
+
+    /// Stops the dataplane and removes the bridges this agent created.
+    pub async fn shutdown(&self) {
+        self.dataplane.shutdown();
+        let nets = std::mem::take(&mut *self.networks.lock().await);
+        for n in nets.values().filter(|n| n.bridge.owned) {
+            match netdev::delete_link(&self.nl, &n.bridge.name).await {
+                Ok(()) => tracing::info!(bridge = %n.bridge.name, "removed bridge"),
+                Err(e) => tracing::warn!(bridge = %n.bridge.name, error = %format!("{e:#}"), "could not remove bridge"),
+            }
+        }
+    }
+
+    /// Seconds since the host started.
+    pub fn uptime_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    /// The dataplane part of `overlayd status`.
+    pub async fn status(&self, mode: &str) -> pb::StatusReply {
+        let tables = self.dataplane.tables();
+        let learned = self.dataplane.learned();
+        let nets = self.networks().await;
+        let networks = nets
+            .values()
+            .map(|n| {
+                let t = tables.by_vni(n.spec.vni).map(|(_, t)| t);
+                pb::NetworkStatus {
+                    name: n.spec.name.clone(),
+                    vni: n.spec.vni.get(),
+                    bridge: n.bridge.name.clone(),
+                    tap: n.spec.tap.clone(),
+                    tap_offloads: t
+                        .map(|t| match (t.port().offloads().vnet_hdr, t.port().offloads().uso) {
+                            (false, _) => "none",
+                            (true, false) => "csum,tso",
+                            (true, true) => "csum,tso,uso",
+                        })
+                        .unwrap_or_default()
+                        .to_owned(),
+                    mtu: n.spec.mtu,
+                    learning: n.spec.learning,
+                    flood_list: t.map(|t| t.flood_list().iter().map(ToString::to_string).collect()).unwrap_or_default(),
+                    fdb_entries: t.map_or(0, |t| t.fdb_entries().count() as u64),
+                    learned_entries: learned.entries().filter(|(v, ..)| *v == n.spec.vni).count() as u64,
+                    arp_entries: t.map_or(0, |t| t.arp_entries().count() as u64),
+                    blocks: t.map_or(0, |t| t.block_entries().count() as u64),
+                    local_block: n.spec.gateway.map(|g| g.local_block.to_string()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let s = &self.settings;
+        let o = self.dataplane.config().offloads;
+        pb::StatusReply {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            mode: mode.to_owned(),
+            uptime_secs: self.uptime_secs(),
+            underlay_addr: self.underlay.addr.to_string(),
+            underlay_interface: self.underlay.interface.clone(),
+            underlay_mtu: self.underlay.mtu,
+            vxlan_port: u32::from(s.vxlan_port),
+            source_ports: format!("{}-{}", s.source_port_base, s.source_port_base + (s.source_port_count - 1)),
+            allocation_counting: dataplane::alloc_count::is_installed(),
+            offloads: Some(pb::Offloads { tap: o.tap, udp_gso: o.udp_gso, udp_gro: o.udp_gro, coalesce: o.coalesce }),
+            networks,
+            counters: Some(counters(&self.dataplane.counters().snapshot())),
+            cluster: None,
+        }
+    }
+
+    /// `overlayd fdb`.
+    pub async fn fdb(&self) -> pb::FdbReply {
+        let tables = self.dataplane.tables();
+        let learned = self.dataplane.learned();
+        let now = self.dataplane.now_secs();
+        let nets = self.networks().await;
+        let networks = nets
+            .values()
+            .filter_map(|n| {
+                let (_, t) = tables.by_vni(n.spec.vni)?;
+                let mut fdb: Vec<pb::FdbEntry> = t
+                    .fdb_entries()
+                    .map(|(mac, vtep)| pb::FdbEntry {
+                        mac: mac.to_string(),
+                        vtep: vtep.to_string(),
+                        origin: "static".into(),
+                        ..Default::default()
+                    })
+                    .chain(learned.entries().filter(|(v, ..)| *v == n.spec.vni).map(|(_, mac, vtep, seen)| {
+                        pb::FdbEntry {
+                            mac: mac.to_string(),
+                            vtep: vtep.to_string(),
+                            origin: "learned".into(),
+                            age_secs: now.saturating_sub(seen),
+                            has_age: true,
+                        }
+                    }))
+                    .collect();
+                fdb.sort_by(|a, b| (&a.mac, &a.origin).cmp(&(&b.mac, &b.origin)));
+                let mut arp: Vec<pb::ArpEntry> = t
+                    .arp_entries()
+                    .map(|(ip, mac)| pb::ArpEntry { ip: ip.to_string(), mac: mac.to_string() })
+                    .collect();
+                arp.sort_by_key(|e| e.ip.parse::<Ipv4Addr>().ok());
+                let mut blocks: Vec<(Ipv4Addr, pb::BlockEntry)> = t
+                    .block_entries()
+                    .map(|(base, prefix, owner)| {
+                        let vtep = match owner {
+                            BlockOwner::Local => "local".to_owned(),
+                            BlockOwner::Remote(v) => v.to_string(),
+                        };
+                        (base, pb::BlockEntry { cidr: format!("{base}/{prefix}"), vtep })
+                    })
+                    .collect();
+                blocks.sort_by_key(|(b, _)| *b);
+                Some(pb::NetworkFdb {
+                    name: n.spec.name.clone(),
+                    vni: n.spec.vni.get(),
+                    flood_list: t.flood_list().iter().map(ToString::to_string).collect(),
+                    fdb,
+                    arp,
+                    blocks: blocks.into_iter().map(|(_, b)| b).collect(),
+                    local_block: n.spec.gateway.map(|g| g.local_block.to_string()).unwrap_or_default(),
+                })
+            })
+            .collect();
+        pb::FdbReply { networks }
+    }
+}
+
+/// Counters as the local API carries them.
+pub fn counters(c: &dataplane::CountersSnapshot) -> pb::Counters {
+    let values = serde_json::to_value(c)
+        .ok()
+        .and_then(|v| v.as_object().cloned())
+        .map(|m| m.into_iter().filter_map(|(k, v)| Some((k, v.as_u64()?))).collect())
+        .unwrap_or_default();
+    pb::Counters { values, dropped: c.dropped.clone().into_iter().collect() }
+}

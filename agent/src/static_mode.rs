@@ -1,0 +1,56 @@
+//! Static mode: networks, peers and entries from the configuration, no control plane — for
+//! talking to kernel or hardware VTEPs, or a fixed set of hosts.
+
+use anyhow::{Context, Result};
+
+use crate::config::StaticConfig;
+use crate::host::{DataplaneSettings, Host, NetworkSpec};
+
+/// Starts the dataplane and brings every configured network up. On failure, what was made
+/// is removed again.
+pub async fn start(nl: rtnetlink::Handle, cfg: &StaticConfig, settings: DataplaneSettings) -> Result<Host> {
+    let underlay = cfg.underlay_addr.context("static mode needs an underlay address")?;
+    let host = Host::start(nl, underlay, cfg.underlay_mtu, settings).await?;
+    let result = async {
+        for net in &cfg.networks {
+            let what = format!("network {:?} (vni {})", net.name, net.vni);
+            let overhead = host.overhead();
+            let mtu = match net.mtu {
+                Some(m) => m,
+                None => host.underlay.mtu.checked_sub(overhead).filter(|m| *m >= 68).with_context(|| {
+                    format!(
+                        "{what}: the underlay MTU {} leaves no room for {overhead} bytes of VXLAN overhead; set --mtu",
+                        host.underlay.mtu
+                    )
+                })?,
+            };
+            let spec = NetworkSpec {
+                name: net.name.clone(),
+                vni: net.vni,
+                bridge: net.bridge.clone(),
+                tap: net.tap.clone(),
+                mtu,
+                learning: net.learning,
+                gateway: None,
+            };
+            host.add_network(spec).await.with_context(|| format!("cannot set up {what}"))?;
+            host.dataplane.update(|tx| {
+                tx.set_flood_list(net.vni, net.peers.iter().copied())?;
+                for (mac, vtep) in &net.fdb {
+                    tx.set_fdb(net.vni, *mac, *vtep)?;
+                }
+                for (ip, mac) in &net.arp {
+                    tx.set_arp(net.vni, *ip, *mac)?;
+                }
+                Ok(())
+            })?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        host.shutdown().await;
+        return Err(e);
+    }
+    Ok(host)
+}
