@@ -495,7 +495,7 @@ impl ClusterRuntime {
                 Err(_) => unreachable.push(format!("{}: no answer within 3 s", node.name)),
             }
         }
-        endpoints.sort_by(|a, b| a.ip.parse::<Ipv4Addr>().ok().cmp(&b.ip.parse::<Ipv4Addr>().ok()));
+        endpoints.sort_by_key(|e| e.ip.parse::<Ipv4Addr>().ok());
         Ok(pb::NetworkInspectReply { network: Some(net.into()), peers, endpoints, unreachable })
     }
 

@@ -503,6 +503,22 @@ impl Node {
         out.trim().parse().with_context(|| format!("{dev} {stat}: {out:?}"))
     }
 
+    /// Loads an nftables ruleset (`nft -f -`) inside the namespace.
+    pub fn nft(&self, ruleset: &str) -> Result<()> {
+        use std::io::Write as _;
+        let mut child = netns::command(&self.ns, "nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run nft (install nftables)")?;
+        child.stdin.take().context("no stdin")?.write_all(ruleset.as_bytes())?;
+        let out = child.wait_with_output()?;
+        ensure!(out.status.success(), "nft in {}: {}", self.ns, String::from_utf8_lossy(&out.stderr).trim());
+        Ok(())
+    }
+
     /// Sends UDP `payloads` from `from` (an address of this namespace, port chosen by the
     /// kernel unless given) to `dst`, from inside the namespace.
     pub fn send_udp(&self, from: SocketAddr, dst: SocketAddr, payloads: Vec<Vec<u8>>) -> Result<()> {
@@ -547,19 +563,27 @@ impl Host {
         self.node.inner.dir.join(&self.name)
     }
 
-    /// Starts `overlayd daemon --underlay-addr <addr> <args>` in this host and waits until it
-    /// answers `overlayd status`.
+    /// Starts `overlayd daemon --underlay-addr <addr> <args>` (static mode) in this host and waits
+    /// until it answers `overlayd status`.
     pub fn start_overlayd<S: AsRef<str>>(&self, args: &[S]) -> Result<Agent> {
+        let mut all = vec!["--underlay-addr".to_owned(), self.addr.to_string()];
+        all.extend(args.iter().map(|a| a.as_ref().to_owned()));
+        self.start_daemon(&all)
+    }
+
+    /// Starts `overlayd daemon <args>` in this host (cluster or idle mode without static
+    /// networks; resuming what its state dir holds) and waits until it answers `overlayd status`.
+    pub fn start_daemon<S: AsRef<str>>(&self, args: &[S]) -> Result<Agent> {
         let inner = &self.node.inner;
         let state_dir = self.state_dir();
         let log = inner.dir.join(format!("{}.log", self.name));
         let mut cmd = netns::command(&self.node.ns, &inner.options.overlayd);
-        cmd.arg("--state-dir").arg(&state_dir).args(["daemon", "--underlay-addr", &self.addr.to_string()]);
+        cmd.arg("--state-dir").arg(&state_dir).arg("daemon");
         cmd.args(args.iter().map(AsRef::as_ref));
         cmd.env("OVERLAYD_LOG", std::env::var("OVERLAYD_LOG").unwrap_or_else(|_| "info".into()));
         let pid = inner.spawn(&format!("overlayd on {}", self.name), cmd, Some(&log))?;
         let agent = Agent { inner: Arc::clone(inner), pid, state_dir, log, host: self.name.clone() };
-        let ready = measure::wait_for(Duration::from_secs(20), "overlayd to answer status", || {
+        let ready = measure::wait_for(Duration::from_secs(30), "overlayd to answer status", || {
             if inner.child_exited(pid).is_some() {
                 return Some(false);
             }
@@ -713,6 +737,14 @@ impl Agent {
         all.extend(args.iter().map(|a| a.as_ref().to_owned()));
         let out = netns::run(&self.inner.options.overlayd.to_string_lossy(), all)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs the CLI with `--json` appended and parses the answer.
+    pub fn json<S: AsRef<str>>(&self, args: &[S]) -> Result<Value> {
+        let mut all: Vec<String> = args.iter().map(|a| a.as_ref().to_owned()).collect();
+        all.push("--json".into());
+        let out = self.cli(&all)?;
+        serde_json::from_str(&out).with_context(|| format!("overlayd {all:?} printed no JSON: {out}"))
     }
 
     /// `overlayd status --json`.
