@@ -347,6 +347,11 @@ impl ClusterRuntime {
             }
             let follower =
                 Follower::start(Arc::clone(&identity), membership.managers.clone(), ctx.state_dir.join(VIEW_FILE));
+            // Commands run right after init or join (attach, network ls) must see the state.
+            let mut views = follower.subscribe();
+            if tokio::time::timeout(Duration::from_secs(10), views.wait_for(|v| v.revision > 0)).await.is_err() {
+                tracing::warn!("no cluster state from a manager yet; going on, the view will follow");
+            }
             let rt = ClusterRuntime {
                 membership,
                 host: Arc::clone(&host),

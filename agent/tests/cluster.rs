@@ -10,82 +10,29 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use testbed::cluster::Cluster;
 use testbed::measure::wait_for;
-use testbed::{Agent, Host, Node, Options, Testbed};
+use testbed::{Node, Options, Testbed};
 
 fn bed() -> Testbed {
     Testbed::new(Options::new(env!("CARGO_BIN_EXE_overlayd"))).expect("cannot build the testbed (run as root)")
 }
 
-/// A cluster: `managers` managers (the first made it with `init`) and `workers` workers.
-struct Cluster {
-    hosts: Vec<Host>,
-    agents: Vec<Agent>,
-    worker_token: String,
-    manager_token: String,
+fn form(bed: &Testbed, managers: usize, workers: usize) -> Cluster {
+    Cluster::form(bed, managers, workers).expect("cannot form the cluster")
 }
 
-impl Cluster {
-    fn form(bed: &Testbed, managers: usize, workers: usize) -> Cluster {
-        let hosts = bed.add_hosts(managers + workers).unwrap();
-        let agents: Vec<Agent> = hosts.iter().map(|h| h.start_daemon::<&str>(&[]).unwrap()).collect();
-        let init = agents[0].json(&["init", "--advertise-addr", &hosts[0].addr().to_string(), "--name", "h1"]).unwrap();
-        let worker_token = init["worker_token"].as_str().unwrap().to_owned();
-        let manager_token = init["manager_token"].as_str().unwrap().to_owned();
-        let mut c = Cluster { hosts, agents, worker_token, manager_token };
-        for i in 1..managers + workers {
-            let token = if i < managers { c.manager_token.clone() } else { c.worker_token.clone() };
-            c.join(i, 0, &token).unwrap();
-        }
-        c
-    }
-
-    /// `overlayd join` on host `i` through manager host `via`.
-    fn join(&mut self, i: usize, via: usize, token: &str) -> anyhow::Result<Value> {
-        let (me, manager) = (&self.hosts[i], &self.hosts[via]);
-        self.agents[i].json(&[
-            "join",
-            &manager.addr().to_string(),
-            "--token",
-            token,
-            "--advertise-addr",
-            &me.addr().to_string(),
-            "--name",
-            me.name(),
-        ])
-    }
-
-    /// Waits until every agent but those in `skip` lists `n` ready nodes.
-    fn await_nodes(&self, n: usize, skip: &[usize]) {
-        for (i, a) in self.agents.iter().enumerate().filter(|(i, _)| !skip.contains(i)) {
-            wait_for(Duration::from_secs(20), &format!("{} ready nodes on h{}", n, i + 1), || {
-                let ls = a.json(&["node", "ls"]).ok()?;
-                let nodes = ls["nodes"].as_array()?;
-                (nodes.len() == n && nodes.iter().all(|x| x["status"] == "ready")).then_some(())
-            })
-            .unwrap();
-        }
-    }
-
-    /// The leader's node id as host `i` sees it.
-    fn leader(&self, i: usize) -> Option<u64> {
-        self.agents[i].json(&["node", "ls"]).ok()?["leader_id"].as_u64().filter(|l| *l != 0)
-    }
-}
-
-/// `overlayd attach` of a fresh namespace on host `i`: the namespace and its address.
 fn attach(c: &Cluster, i: usize, network: &str, name: &str) -> (Node, IpAddr) {
-    let ns = c.hosts[i].add_netns(name).unwrap();
-    let ep = c.agents[i].json(&["attach", "--network", network, "--netns", &ns.netns_path(), "--name", name]).unwrap();
-    (ns, ep["ip"].as_str().unwrap().parse().unwrap())
+    c.attach(i, network, name).unwrap()
 }
+
+const T: Duration = Duration::from_secs(20);
 
 #[test]
 fn three_managers_and_two_workers_form_a_cluster_with_init_and_join() {
     let bed = bed();
-    let c = Cluster::form(&bed, 3, 2);
-    c.await_nodes(5, &[]);
+    let c = form(&bed, 3, 2);
+    c.await_nodes(5, &[], T).unwrap();
     let ls = c.agents[4].json(&["node", "ls"]).unwrap();
     let roles: Vec<&str> = ls["nodes"].as_array().unwrap().iter().map(|n| n["role"].as_str().unwrap()).collect();
     assert_eq!(roles, ["manager", "manager", "manager", "worker", "worker"]);
@@ -99,8 +46,8 @@ fn three_managers_and_two_workers_form_a_cluster_with_init_and_join() {
 #[test]
 fn containers_attached_on_every_host_reach_each_other() {
     let bed = bed();
-    let c = Cluster::form(&bed, 3, 2);
-    c.await_nodes(5, &[]);
+    let c = form(&bed, 3, 2);
+    c.await_nodes(5, &[], T).unwrap();
     let net = c.agents[3].json(&["network", "create", "blue"]).unwrap();
     assert_eq!(net["subnet"], "10.128.0.0/16");
     assert_eq!(net["gateway"], "10.128.0.1");
@@ -139,12 +86,12 @@ fn containers_attached_on_every_host_reach_each_other() {
 #[test]
 fn the_leader_can_die_and_come_back() {
     let bed = bed();
-    let mut c = Cluster::form(&bed, 3, 2);
-    c.await_nodes(5, &[]);
+    let mut c = form(&bed, 3, 2);
+    c.await_nodes(5, &[], T).unwrap();
     c.agents[0].json(&["network", "create", "blue"]).unwrap();
     let containers: Vec<(Node, IpAddr)> = (0..5).map(|i| attach(&c, i, "blue", &format!("c{}", i + 1))).collect();
     let leader = c.leader(3).unwrap();
-    let dead = (leader - 1) as usize; // node ids follow the join order here
+    let dead = c.host_of(leader);
     assert!(dead < 3, "the leader is a manager");
     c.agents[dead].kill().unwrap();
     let other = (0..3).find(|i| *i != dead).unwrap();
@@ -172,7 +119,7 @@ fn the_leader_can_die_and_come_back() {
         (s["cluster"]["revision"].as_u64()? >= want && nets["networks"].as_array()?.len() == 2).then_some(())
     })
     .unwrap();
-    c.await_nodes(5, &[]);
+    c.await_nodes(5, &[], T).unwrap();
     for &a in &alive {
         containers[dead].0.ping_ok(containers[a].1, 1).unwrap();
     }
@@ -181,8 +128,8 @@ fn the_leader_can_die_and_come_back() {
 #[test]
 fn twenty_concurrent_attaches_get_distinct_addresses_and_a_detached_address_is_reused() {
     let bed = bed();
-    let c = Cluster::form(&bed, 1, 3);
-    c.await_nodes(4, &[]);
+    let c = form(&bed, 1, 3);
+    c.await_nodes(4, &[], T).unwrap();
     c.agents[0].json(&["network", "create", "blue"]).unwrap();
     let namespaces: Vec<(usize, Node)> =
         (0..20).map(|k| (k % 4, c.hosts[k % 4].add_netns(&format!("p{k}")).unwrap())).collect();
@@ -213,15 +160,12 @@ fn twenty_concurrent_attaches_get_distinct_addresses_and_a_detached_address_is_r
 #[test]
 fn mistakes_get_a_clear_error_and_change_nothing() {
     let bed = bed();
-    let mut c = Cluster::form(&bed, 1, 1);
-    c.await_nodes(2, &[]);
+    let mut c = form(&bed, 1, 1);
+    c.await_nodes(2, &[], T).unwrap();
     c.agents[0].json(&["network", "create", "blue", "--subnet", "10.20.0.0/16"]).unwrap();
-    let extra = bed.add_hosts(2).unwrap();
-    c.agents.push(extra[0].start_daemon::<&str>(&[]).unwrap());
-    c.hosts.push(extra[0].clone());
-    c.agents.push(extra[1].start_daemon::<&str>(&[]).unwrap());
-    c.hosts.push(extra[1].clone());
-    let err = |r: anyhow::Result<Value>| r.unwrap_err().to_string();
+    c.add_host(&bed).unwrap();
+    c.add_host(&bed).unwrap();
+    let err = |r: anyhow::Result<serde_json::Value>| r.unwrap_err().to_string();
 
     // A token with the right CA digest but a wrong secret.
     let (digest, _) = c.worker_token.rsplit_once('-').unwrap();
@@ -277,14 +221,14 @@ fn mistakes_get_a_clear_error_and_change_nothing() {
     assert_eq!(c.agents[2].status().unwrap()["mode"], "idle", "the refused host is still outside any cluster");
     // And the refused host can still join with the right token.
     c.join(2, 0, &c.worker_token.clone()).unwrap();
-    c.await_nodes(3, &[3]);
+    c.await_nodes(3, &[3], T).unwrap();
 }
 
 #[test]
 fn a_worker_cut_off_from_the_managers_keeps_forwarding_and_catches_up() {
     let bed = bed();
-    let c = Cluster::form(&bed, 1, 2);
-    c.await_nodes(3, &[]);
+    let c = form(&bed, 1, 2);
+    c.await_nodes(3, &[], T).unwrap();
     c.agents[0].json(&["network", "create", "blue"]).unwrap();
     let a = attach(&c, 1, "blue", "a");
     let b = attach(&c, 2, "blue", "b");
@@ -320,5 +264,5 @@ fn a_worker_cut_off_from_the_managers_keeps_forwarding_and_catches_up() {
     .unwrap();
     eprintln!("caught up {:?} after the partition healed", healed.elapsed());
     a.0.ping_ok(c3.1, 2).unwrap();
-    c.await_nodes(3, &[]);
+    c.await_nodes(3, &[], T).unwrap();
 }

@@ -18,6 +18,7 @@
 //!
 //! **What it is not.** Production code, or a mock: nothing here stands in for overlayd.
 
+pub mod cluster;
 pub mod measure;
 pub mod netns;
 pub mod scenario;

@@ -1,6 +1,8 @@
 //! `testbed`: the demo (a 3-host overlayd mesh in namespaces, containers pinging and iperf3
 //! across hosts, then overlayd against the Linux kernel's VXLAN) and cleanup of leftovers.
 
+use std::net::IpAddr;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use testbed::scenario::{self, Path};
@@ -52,55 +54,78 @@ fn main() -> Result<()> {
     }
 }
 
+fn show(host: &str, args: &[&str], out: &str) {
+    say(&format!("== {host}# overlayd {}", args.join(" ")));
+    for line in out.lines() {
+        say(&format!("   {line}"));
+    }
+}
+
 fn demo(options: &Options, seconds: u32) -> Result<()> {
-    say("== overlayd demo: 3 hosts in network namespaces, one overlay network (VNI 42)");
+    say("== overlayd demo: 3 hosts in network namespaces, each running `overlayd daemon`");
     let bed = Testbed::new(options.clone())?;
     let hosts = bed.add_hosts(3)?;
-    let mut agents = Vec::new();
-    for h in &hosts {
-        let mut args = vec!["--vni".to_owned(), "42".to_owned(), "--name".into(), "demo".into()];
-        for p in hosts.iter().filter(|p| p.addr() != h.addr()) {
-            args.extend(["--peer".to_owned(), p.addr().to_string()]);
-        }
-        agents.push(h.start_overlayd(&args)?);
-        say(&format!(
-            "   {}: overlayd (pid {}) on underlay {}, bridge ovbr-demo",
-            h.name(),
-            agents.last().map_or(0, |a| a.pid()),
-            h.addr()
-        ));
+    let agents = hosts.iter().map(|h| h.start_daemon::<&str>(&[])).collect::<Result<Vec<_>>>()?;
+    for (h, a) in hosts.iter().zip(&agents) {
+        say(&format!("   {}: underlay {}, overlayd pid {} (idle: not in a cluster yet)", h.name(), h.addr(), a.pid()));
     }
+    let h1 = hosts[0].addr().to_string();
+    let init = agents[0].json(&["init", "--advertise-addr", &h1, "--name", "h1"])?;
+    let token = |k: &str| init[k].as_str().unwrap_or_default().to_owned();
+    let (worker, manager) = (token("worker_token"), token("manager_token"));
+    show(
+        "h1",
+        &["init", "--advertise-addr", &h1, "--name", "h1"],
+        &format!(
+            "cluster {} initialized; this host is its first manager\nworker token:  {worker}\nmanager token: {manager}",
+            init["cluster_id"].as_str().unwrap_or_default()
+        ),
+    );
+    for (i, tok, kind) in [(1usize, &manager, "manager"), (2, &worker, "worker")] {
+        let me = hosts[i].addr().to_string();
+        let name = hosts[i].name();
+        let out = agents[i].cli(&["join", &h1, "--token", tok, "--advertise-addr", &me, "--name", name])?;
+        let shown = format!("<{kind} token>");
+        show(name, &["join", &h1, "--token", &shown, "--advertise-addr", &me, "--name", name], &out);
+    }
+    show("h3", &["node", "ls"], &agents[2].cli(&["node", "ls"])?);
+    show("h2", &["network", "create", "demo"], &agents[1].cli(&["network", "create", "demo"])?);
     let mut containers = Vec::new();
-    for (i, h) in hosts.iter().enumerate() {
-        let c = h.add_container(&format!("c{}", i + 1), "ovbr-demo", &format!("10.42.0.{}/24", i + 1))?;
-        say(&format!("   container c{} on {}: {} ({})", i + 1, h.name(), c.ip(), c.mac()));
-        containers.push(c);
+    for (i, (h, a)) in hosts.iter().zip(&agents).enumerate() {
+        let name = format!("c{}", i + 1);
+        let ns = h.add_netns(&name)?;
+        let path = ns.netns_path();
+        let args = ["attach", "--network", "demo", "--netns", &path, "--name", &name];
+        let ep = a.json(&args)?;
+        let shown = format!(
+            "attached {name}: {}/{} ({})",
+            ep["ip"].as_str().unwrap_or_default(),
+            ep["prefix_len"],
+            ep["mac"].as_str().unwrap_or_default()
+        );
+        show(h.name(), &args, &shown);
+        let ip: IpAddr = ep["ip"].as_str().unwrap_or_default().parse()?;
+        containers.push((ns, ip));
     }
-    say("== every container pings every other");
-    for a in &containers {
-        for b in &containers {
-            if a.ip() != b.ip() {
-                let p = a.ping_ok(b.ip(), 3)?;
+    say("== every container pings every other (ARP answered by the agents: nothing flooded)");
+    for (a, ipa) in &containers {
+        for (_, ipb) in &containers {
+            if ipa != ipb {
+                let p = a.ping_ok(*ipb, 3)?;
                 say(&format!(
-                    "   {} -> {}: {}/{} replies, rtt {:.3} ms",
-                    a.ip(),
-                    b.ip(),
-                    p.received,
-                    p.transmitted,
-                    p.rtt_avg_ms
+                    "   {ipa} -> {ipb}: {}/{} replies, rtt {:.3} ms",
+                    p.received, p.transmitted, p.rtt_avg_ms
                 ));
             }
         }
     }
     say(&format!("== iperf3 across hosts ({seconds} s each)"));
     for (a, b) in [(0usize, 1usize), (2, 0)] {
-        let r = containers[a].iperf3_to(&containers[b], containers[b].ip(), seconds, 1)?;
-        say(&format!("   {} -> {}: {:.2} Gbit/s", containers[a].ip(), containers[b].ip(), r.bits_per_second / 1e9));
+        let r = containers[a].0.iperf3_to(&containers[b].0, containers[b].1, seconds, 1)?;
+        say(&format!("   {} -> {}: {:.2} Gbit/s", containers[a].1, containers[b].1, r.bits_per_second / 1e9));
     }
-    say("== what the agent on h1 saw (overlayd status)");
-    for line in agents[0].cli(&["status"])?.lines() {
-        say(&format!("   {line}"));
-    }
+    show("h3", &["network", "inspect", "demo"], &agents[2].cli(&["network", "inspect", "demo"])?);
+    show("h1", &["status"], &agents[0].cli(&["status"])?);
     drop(agents);
     bed.cleanup();
 
