@@ -266,3 +266,52 @@ fn a_worker_cut_off_from_the_managers_keeps_forwarding_and_catches_up() {
     a.0.ping_ok(c3.1, 2).unwrap();
     c.await_nodes(3, &[], T).unwrap();
 }
+
+#[test]
+fn leave_node_rm_and_network_rm_clean_up_after_themselves() {
+    let bed = bed();
+    let c = form(&bed, 1, 3);
+    c.await_nodes(4, &[], T).unwrap();
+    c.agents[0].json(&["network", "create", "blue"]).unwrap();
+    let (a, _) = attach(&c, 1, "blue", "a");
+    let (_, b_ip) = attach(&c, 2, "blue", "b");
+    a.ping_ok(b_ip, 1).unwrap();
+
+    // A network in use is not removed; once its containers are gone it is, everywhere.
+    let e = c.agents[0].json(&["network", "rm", "blue"]).unwrap_err().to_string();
+    assert!(e.contains("in use on 2 host(s)"), "{e}");
+    c.agents[1].json(&["detach", "--name", "a"]).unwrap();
+    c.agents[2].json(&["detach", "--name", "b"]).unwrap();
+    c.agents[0].json(&["network", "rm", "blue"]).unwrap();
+    for (i, agent) in c.agents.iter().enumerate() {
+        wait_for(T, "the network to go", || (agent.json(&["network", "ls"]).ok()?["networks"].as_array()?.is_empty()).then_some(())).unwrap();
+        let links = c.hosts[i].exec("ip", ["-o", "link", "show"]).unwrap();
+        wait_for(T, "its bridge to go", || (!c.hosts[i].exec("ip", ["-o", "link", "show"]).ok()?.contains("ovbr-blue")).then_some(()))
+            .unwrap_or_else(|e| panic!("{e}: {links}"));
+    }
+
+    // A worker leaves: it is idle again, and the others no longer list it.
+    c.agents[3].json(&["leave"]).unwrap();
+    assert_eq!(c.agents[3].status().unwrap()["mode"], "idle");
+    c.await_nodes(3, &[3], T).unwrap();
+    // It can join again, under its old name.
+    c.join(3, 0, &c.worker_token.clone()).unwrap();
+    c.await_nodes(4, &[], T).unwrap();
+
+    // A host that dies is marked down, and `node rm` removes it for good.
+    c.agents[2].kill().unwrap();
+    wait_for(Duration::from_secs(30), "the dead host to be marked down", || {
+        let ls = c.agents[0].json(&["node", "ls"]).ok()?;
+        ls["nodes"].as_array()?.iter().any(|n| n["name"] == "h3" && n["status"] == "down").then_some(())
+    })
+    .unwrap();
+    c.agents[0].json(&["node", "rm", "h3"]).unwrap();
+    let ls = c.agents[1].json(&["node", "ls"]).unwrap();
+    wait_for(T, "h3 to be gone everywhere", || {
+        let ls = c.agents[1].json(&["node", "ls"]).ok()?;
+        (!ls["nodes"].as_array()?.iter().any(|n| n["name"] == "h3")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {ls}"));
+    let e = c.agents[0].json(&["node", "rm", "h1"]).unwrap_err().to_string();
+    assert!(e.contains("running manager"), "{e}");
+}
