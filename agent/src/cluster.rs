@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use control::follower::Follower;
 use control::manager::{HostApi, Manager, ManagerConfig, unix_now};
 use control::pki::{self, ClusterCa, JoinToken, NodeIdentity, NodeKey};
-use control::state::{ClusterView, Command, NewNode, NodeId, Role, Secrets};
+use control::state::{ClusterView, Command, NewNode, NodeId, Role};
 use dataplane::tables::BlockOwner;
 use dataplane::{MacAddr, Vni};
 use proto as pb;
@@ -184,12 +184,7 @@ impl ClusterRuntime {
         };
         let init = Command::Init {
             cluster_id: cluster_id.clone(),
-            secrets: Secrets {
-                ca_cert_pem: ca.cert_pem(),
-                ca_key_pem: ca.key_pem(),
-                worker_token_hash: JoinToken::secret_hash(&worker.secret),
-                manager_token_hash: JoinToken::secret_hash(&manager.secret),
-            },
+            secrets: pki::cluster_secrets(&ca, &worker, &manager),
             node: NewNode {
                 name,
                 underlay_addr: underlay,

@@ -145,8 +145,9 @@ enum NetworkCommand {
     },
 }
 
+/// How this host presents itself to the cluster (init and join).
 #[derive(Args)]
-struct InitArgs {
+struct HostArgs {
     /// IP[:PORT] other hosts reach this one's control API at [default: this host's only global
     /// address, port 7947].
     #[arg(long, value_name = "ADDR")]
@@ -157,6 +158,12 @@ struct InitArgs {
     /// This host's name in the cluster [default: the host name].
     #[arg(long)]
     name: Option<String>,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    #[command(flatten)]
+    me: HostArgs,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -168,16 +175,8 @@ struct JoinArgs {
     /// The join token `overlayd init` printed (worker or manager).
     #[arg(long, env = "OVERLAYD_TOKEN")]
     token: String,
-    /// IP[:PORT] other hosts reach this one's control API at [default: this host's only global
-    /// address, port 7947].
-    #[arg(long, value_name = "ADDR")]
-    advertise_addr: Option<String>,
-    /// This host's VTEP address [default: the advertise address].
-    #[arg(long, value_name = "IP")]
-    underlay_addr: Option<String>,
-    /// This host's name in the cluster [default: the host name].
-    #[arg(long)]
-    name: Option<String>,
+    #[command(flatten)]
+    me: HostArgs,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -406,9 +405,9 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
         Command::Init(a) => {
             let r = c
                 .init(pb::InitRequest {
-                    advertise_addr: a.advertise_addr.unwrap_or_default(),
-                    underlay_addr: a.underlay_addr.unwrap_or_default(),
-                    name: a.name.unwrap_or_default(),
+                    advertise_addr: a.me.advertise_addr.unwrap_or_default(),
+                    underlay_addr: a.me.underlay_addr.unwrap_or_default(),
+                    name: a.me.name.unwrap_or_default(),
                 })
                 .await
                 .map_err(e)?;
@@ -419,9 +418,9 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
                 .join(pb::JoinClusterRequest {
                     manager_addr: a.manager,
                     token: a.token,
-                    advertise_addr: a.advertise_addr.unwrap_or_default(),
-                    underlay_addr: a.underlay_addr.unwrap_or_default(),
-                    name: a.name.unwrap_or_default(),
+                    advertise_addr: a.me.advertise_addr.unwrap_or_default(),
+                    underlay_addr: a.me.underlay_addr.unwrap_or_default(),
+                    name: a.me.name.unwrap_or_default(),
                 })
                 .await
                 .map_err(e)?;

@@ -284,10 +284,15 @@ fn leave_node_rm_and_network_rm_clean_up_after_themselves() {
     c.agents[2].json(&["detach", "--name", "b"]).unwrap();
     c.agents[0].json(&["network", "rm", "blue"]).unwrap();
     for (i, agent) in c.agents.iter().enumerate() {
-        wait_for(T, "the network to go", || (agent.json(&["network", "ls"]).ok()?["networks"].as_array()?.is_empty()).then_some(())).unwrap();
+        wait_for(T, "the network to go", || {
+            (agent.json(&["network", "ls"]).ok()?["networks"].as_array()?.is_empty()).then_some(())
+        })
+        .unwrap();
         let links = c.hosts[i].exec("ip", ["-o", "link", "show"]).unwrap();
-        wait_for(T, "its bridge to go", || (!c.hosts[i].exec("ip", ["-o", "link", "show"]).ok()?.contains("ovbr-blue")).then_some(()))
-            .unwrap_or_else(|e| panic!("{e}: {links}"));
+        wait_for(T, "its bridge to go", || {
+            (!c.hosts[i].exec("ip", ["-o", "link", "show"]).ok()?.contains("ovbr-blue")).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {links}"));
     }
 
     // A worker leaves: it is idle again, and the others no longer list it.

@@ -693,6 +693,17 @@ impl JoinToken {
     }
 }
 
+/// What the cluster state keeps of a new cluster's CA and tokens: the CA (its key included, for
+/// managers to sign joiners' certificates) and the hashes of the tokens' secrets.
+pub fn cluster_secrets(ca: &ClusterCa, worker: &JoinToken, manager: &JoinToken) -> crate::state::Secrets {
+    crate::state::Secrets {
+        ca_cert_pem: ca.cert_pem(),
+        ca_key_pem: ca.key_pem(),
+        worker_token_hash: JoinToken::secret_hash(&worker.secret),
+        manager_token_hash: JoinToken::secret_hash(&manager.secret),
+    }
+}
+
 impl fmt::Display for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{TOKEN_PREFIX}{}-{}", hex::encode(self.ca_digest), self.secret)

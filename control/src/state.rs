@@ -645,12 +645,12 @@ impl ClusterState {
     }
 }
 
+/// Builders shared by this crate's tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use proptest::prelude::*;
 
-    fn secrets() -> Secrets {
+    pub(crate) fn secrets() -> Secrets {
         Secrets {
             ca_cert_pem: "c".into(),
             ca_key_pem: "k".into(),
@@ -659,7 +659,7 @@ mod tests {
         }
     }
 
-    fn new_node(name: &str, last: u8, role: Role) -> NewNode {
+    pub(crate) fn new_node(name: &str, last: u8, role: Role) -> NewNode {
         NewNode {
             name: name.into(),
             underlay_addr: IpAddr::V4(Ipv4Addr::new(198, 18, 0, last)),
@@ -668,6 +668,13 @@ mod tests {
             joined_at: 1,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{new_node, secrets};
+    use super::*;
+    use proptest::prelude::*;
 
     fn cluster() -> ClusterState {
         let mut s = ClusterState::default();

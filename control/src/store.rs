@@ -582,8 +582,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
 #[cfg(test)]
 mod tests {
+    use crate::state::testing::{new_node, secrets};
     use std::collections::{BTreeMap, BTreeSet};
-    use std::net::{IpAddr, Ipv4Addr};
 
     use openraft::storage::RaftLogStorageExt;
     use openraft::testing::{StoreBuilder, Suite};
@@ -592,7 +592,7 @@ mod tests {
     use tokio::sync::mpsc::{UnboundedReceiver, error::TryRecvError, unbounded_channel};
 
     use super::*;
-    use crate::state::{Change, Command, NetworkSpec, NewNode, Rejection, Role, Secrets};
+    use crate::state::{Change, Command, NetworkSpec, Rejection, Role};
 
     /// A fresh store in its own temporary directory, removed when the guard drops.
     struct TempStore;
@@ -623,24 +623,8 @@ mod tests {
         entry(index, EntryPayload::Normal(cmd))
     }
 
-    fn new_node(name: &str, last: u8, role: Role) -> NewNode {
-        NewNode {
-            name: name.into(),
-            underlay_addr: IpAddr::V4(Ipv4Addr::new(198, 18, 0, last)),
-            api_addr: format!("198.18.0.{last}:7947").parse().unwrap(),
-            role,
-            joined_at: 1,
-        }
-    }
-
     fn init() -> Command {
-        let secrets = Secrets {
-            ca_cert_pem: "c".into(),
-            ca_key_pem: "k".into(),
-            worker_token_hash: "w".into(),
-            manager_token_hash: "m".into(),
-        };
-        Command::Init { cluster_id: "c1".into(), secrets, node: new_node("m1", 1, Role::Manager) }
+        Command::Init { cluster_id: "c1".into(), secrets: secrets(), node: new_node("m1", 1, Role::Manager) }
     }
 
     fn create_network(name: &str) -> Command {

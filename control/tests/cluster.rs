@@ -9,7 +9,7 @@ use std::time::Duration;
 use control::follower::Follower;
 use control::manager::{HostApi, Manager, ManagerConfig, unix_now};
 use control::pki::{self, ClusterCa, JoinToken, NodeKey};
-use control::state::{Command, NewNode, Role, Secrets};
+use control::state::{Command, NewNode, Role};
 use proto as pb;
 use tokio::net::TcpListener;
 
@@ -95,12 +95,7 @@ async fn three_managers_and_a_worker_agree_and_survive_the_leader() {
     let m1 = start_manager(ca.issue_node(1, Role::Manager).unwrap(), l1).await;
     let init = Command::Init {
         cluster_id: "test".into(),
-        secrets: Secrets {
-            ca_cert_pem: ca.cert_pem(),
-            ca_key_pem: ca.key_pem(),
-            worker_token_hash: JoinToken::secret_hash(&worker_token.secret),
-            manager_token_hash: JoinToken::secret_hash(&manager_token.secret),
-        },
+        secrets: pki::cluster_secrets(&ca, &worker_token, &manager_token),
         node: NewNode {
             name: "m1".into(),
             underlay_addr: "198.18.0.1".parse().unwrap(),
