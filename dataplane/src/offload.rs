@@ -329,6 +329,13 @@ impl Coalescer {
         ok
     }
 
+    /// Whether `next` (from `next_frame`) belongs to the same TCP flow as the run begun by
+    /// `first_frame`, whether or not it can extend it.
+    pub fn same_flow(&self, first_frame: &[u8], next_frame: &[u8], next: &TcpSegment) -> bool {
+        let f = &self.first;
+        next.ipv4 == f.ipv4 && next.l3 == f.l3 && next.payload == f.payload && same_flow(first_frame, next_frame, f)
+    }
+
     /// Rewrites the first segment's headers (in `first_frame`) to describe the whole run and
     /// returns the virtio-net header to write in front. A run of one needs no header flags.
     pub fn finish(&self, first_frame: &mut [u8]) -> VirtioNetHdr {

@@ -24,7 +24,7 @@ use crate::learn::Learner;
 use crate::offload::{self, Coalescer, TcpSegment, VNET_HDR_LEN};
 use crate::segment::SuperFrame;
 use crate::switch::{self, UnderlayVerdict};
-use crate::tables::TablesReader;
+use crate::tables::{Tables, TablesReader};
 use crate::wire::{ethernet, vxlan};
 
 /// Messages taken per `recvmmsg`.
@@ -34,8 +34,23 @@ const MESSAGE_CAP: usize = 65_536;
 /// Most datagrams in one GRO run (`UDP_MAX_SEGMENTS`; a smaller stride is refused below).
 const MAX_RUN: usize = 64;
 /// Most pieces of one coalesced write: the virtio-net header, the first frame, and a payload
-/// per further segment.
-const MAX_PIECES: usize = MAX_RUN + 2;
+/// per further segment (a 64 KB super-frame at an MSS of 512 has 128).
+const MAX_PIECES: usize = 256;
+
+/// How many TCP flows a batch coalesces at once.
+const FLOWS: usize = 8;
+
+/// A coalesced super-frame in the making: its network, its first segment (message, offset and
+/// length in that message's buffer), the pieces of its write, and the rest of its state.
+struct PendingRun {
+    port: usize,
+    coalescer: Coalescer,
+    msg: usize,
+    start: usize,
+    len: usize,
+    pieces: Box<[libc::iovec]>,
+    npieces: usize,
+}
 
 const NO_VNET_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 
@@ -51,8 +66,12 @@ pub(crate) struct RxLoop {
     bufs: Box<[Box<[u8]>]>,
     /// Verdicts of the datagrams of the message being handled.
     verdicts: Box<[Option<UnderlayVerdict>]>,
-    /// Pieces of one coalesced write.
-    pieces: Box<[libc::iovec]>,
+    /// The coalesced super-frames being built, one per TCP flow (up to [`FLOWS`]); each may
+    /// take segments from several messages of a batch (a 64 KB TSO frame arrives as two GSO
+    /// runs, and flows interleave).
+    runs: Box<[Option<PendingRun>]>,
+    /// Piece arrays not in use by a run (allocated once, passed between runs).
+    spare: Vec<Box<[libc::iovec]>>,
     /// Where segments of an oversized frame are written when the TAP cannot take it whole.
     scratch: Box<[u8]>,
 }
@@ -82,7 +101,10 @@ impl RxLoop {
             cmsgs: (0..BATCH).map(|_| CmsgBuf::new()).collect(),
             bufs,
             verdicts: (0..MAX_RUN).map(|_| None).collect(),
-            pieces: (0..MAX_PIECES).map(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }).collect(),
+            runs: (0..FLOWS).map(|_| None).collect(),
+            spare: (0..FLOWS)
+                .map(|_| (0..MAX_PIECES).map(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }).collect())
+                .collect(),
             scratch: vec![0u8; MESSAGE_CAP].into_boxed_slice(),
             shared,
         }
@@ -127,6 +149,9 @@ impl RxLoop {
             for i in 0..n {
                 self.message(i, now, c);
             }
+            // The buffers are refilled by the next receive: what they hold goes out now.
+            let tables = Arc::clone(self.tables.load());
+            self.flush(&tables, c);
         }
     }
 
@@ -164,40 +189,94 @@ impl RxLoop {
         self.learner.end_batch(now, c);
 
         let coalesce = self.shared.config.offloads.coalesce;
-        let mut run: Option<(usize, Coalescer, usize, usize)> = None; // (port, run, first offset, first len)
-        let mut pieces = 0usize;
         for k in 0..count {
             let Some(UnderlayVerdict::Deliver { port, inner, segment_mss }) = self.verdicts[k].take() else { continue };
             let Some(net) = tables.network(port) else { continue };
             let tap = net.port();
-            let start = k * stride + inner.start;
-            let end = k * stride + inner.end;
-            let vnet = tap.offloads().vnet_hdr;
+            let (start, end) = (k * stride + inner.start, k * stride + inner.end);
             if let Some(mss) = segment_mss {
-                flush(&mut run, &mut pieces, &mut self.pieces, buf, &tables, c);
-                deliver_oversized(tap, &mut buf[start..end], mss, &mut self.scratch, c);
+                self.flush(&tables, c);
+                deliver_oversized(tap, &mut self.bufs[i][HEADROOM + start..HEADROOM + end], mss, &mut self.scratch, c);
                 continue;
             }
-            if vnet && coalesce {
-                if let Some(seg) = TcpSegment::parse(&buf[start..end]) {
-                    if let Some((p, r, first, first_len)) = &mut run {
-                        let (head, rest) = buf.split_at(start);
-                        if *p == port && r.try_push(&head[*first..*first + *first_len], &rest[..end - start], &seg) {
-                            self.pieces[pieces] = piece(&buf[start + seg.payload_offset()..end]);
-                            pieces += 1;
-                            continue;
-                        }
-                    }
-                    flush(&mut run, &mut pieces, &mut self.pieces, buf, &tables, c);
-                    run = Some((port, Coalescer::new(seg), start, end - start));
-                    pieces = 2; // the header and the first frame go in front
+            if tap.offloads().vnet_hdr && coalesce {
+                let frame = &self.bufs[i][HEADROOM + start..HEADROOM + end];
+                if let Some(seg) = TcpSegment::parse(frame) {
+                    self.coalesce(&tables, c, port, i, start, end, seg);
                     continue;
                 }
             }
-            flush(&mut run, &mut pieces, &mut self.pieces, buf, &tables, c);
-            write_frame(tap, &buf[start..end], c);
+            // Anything else may belong to a flow with a pending run: keep the order.
+            self.flush(&tables, c);
+            write_frame(tap, &self.bufs[i][HEADROOM + start..HEADROOM + end], c);
         }
-        flush(&mut run, &mut pieces, &mut self.pieces, buf, &tables, c);
+    }
+
+    /// Adds a TCP segment to its flow's pending super-frame, or starts one.
+    #[allow(clippy::too_many_arguments)]
+    fn coalesce(
+        &mut self,
+        tables: &Tables<Port>,
+        c: &Counters,
+        port: usize,
+        msg: usize,
+        start: usize,
+        end: usize,
+        seg: TcpSegment,
+    ) {
+        let frame = &self.bufs[msg][HEADROOM + start..HEADROOM + end];
+        let mut same_flow = None;
+        for (slot, run) in self.runs.iter_mut().enumerate() {
+            let Some(r) = run else { continue };
+            if r.port != port {
+                continue;
+            }
+            let first = &self.bufs[r.msg][HEADROOM + r.start..HEADROOM + r.start + r.len];
+            if r.npieces < MAX_PIECES && r.coalescer.try_push(first, frame, &seg) {
+                r.pieces[r.npieces] = piece(&frame[seg.payload_offset()..]);
+                r.npieces += 1;
+                return;
+            }
+            if r.coalescer.same_flow(first, frame, &seg) {
+                same_flow = Some(slot);
+                break;
+            }
+        }
+        // A segment that cannot extend its flow's run ends it (order within a flow is kept);
+        // a new flow takes a free slot, or the first slot's run goes out to make room.
+        let slot = same_flow.or_else(|| self.runs.iter().position(Option::is_none)).unwrap_or(0);
+        self.flush_slot(tables, c, slot);
+        let pieces = self.spare.pop().expect("a piece array per slot");
+        self.runs[slot] =
+            Some(PendingRun { port, coalescer: Coalescer::new(seg), msg, start, len: end - start, pieces, npieces: 2 });
+    }
+
+    /// Writes every pending coalesced super-frame.
+    fn flush(&mut self, tables: &Tables<Port>, c: &Counters) {
+        for slot in 0..FLOWS {
+            self.flush_slot(tables, c, slot);
+        }
+    }
+
+    /// Writes the pending super-frame of one slot, if any.
+    fn flush_slot(&mut self, tables: &Tables<Port>, c: &Counters, slot: usize) {
+        let Some(mut r) = self.runs[slot].take() else { return };
+        if let Some(net) = tables.network(r.port) {
+            let first = &mut self.bufs[r.msg][HEADROOM + r.start..HEADROOM + r.start + r.len];
+            let hdr = r.coalescer.finish(first).to_bytes();
+            r.pieces[0] = piece(&hdr);
+            r.pieces[1] = piece(first);
+            match net.port().writev(&r.pieces[..r.npieces]) {
+                Ok(_) => {
+                    bump(&c.rx.delivered, r.coalescer.count() as u64);
+                    if r.coalescer.count() > 1 {
+                        bump(&c.rx.coalesced, 1);
+                    }
+                }
+                Err(_) => c.dropped(DropReason::TapWriteFailed),
+            }
+        }
+        self.spare.push(r.pieces);
     }
 }
 
@@ -220,32 +299,6 @@ fn is_run(buf: &[u8], stride: usize) -> bool {
 fn piece(b: &[u8]) -> libc::iovec {
     // The kernel only reads through this pointer.
     libc::iovec { iov_base: b.as_ptr().cast_mut().cast(), iov_len: b.len() }
-}
-
-/// Writes the pending coalesced run, if any.
-fn flush(
-    run: &mut Option<(usize, Coalescer, usize, usize)>,
-    pieces: &mut usize,
-    slots: &mut [libc::iovec],
-    buf: &mut [u8],
-    tables: &crate::tables::Tables<Port>,
-    c: &Counters,
-) {
-    let Some((port, r, first, first_len)) = run.take() else { return };
-    let Some(net) = tables.network(port) else { return };
-    let hdr = r.finish(&mut buf[first..first + first_len]).to_bytes();
-    slots[0] = piece(&hdr);
-    slots[1] = piece(&buf[first..first + first_len]);
-    match net.port().writev(&slots[..*pieces]) {
-        Ok(_) => {
-            bump(&c.rx.delivered, r.count() as u64);
-            if r.count() > 1 {
-                bump(&c.rx.coalesced, 1);
-            }
-        }
-        Err(_) => c.dropped(DropReason::TapWriteFailed),
-    }
-    *pieces = 0;
 }
 
 /// Writes one frame as it is.
