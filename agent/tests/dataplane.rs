@@ -379,3 +379,20 @@ fn the_plain_path_without_offloads_works_alone_and_against_an_offloading_peer() 
         assert_eq!(a.counters().unwrap().total_dropped(), 0, "{:?}", a.counters().unwrap().0["dropped"]);
     }
 }
+
+#[test]
+fn when_the_kernel_refuses_udp_gso_the_agent_falls_back_and_loses_nothing() {
+    let bed = bed();
+    let (a1, _a2, c1, c2) = two_hosts(&bed);
+    // The underlay MTU shrinks below the datagrams' size after the agent started (a changed
+    // link): the kernel refuses UDP_SEGMENT (EINVAL); single datagrams still go (fragmented).
+    let h1 = c1.ns().rsplit_once("-c1").unwrap().0.to_owned();
+    testbed::netns::ip(["-n", &h1, "link", "set", "ul0", "mtu", "1400"]).unwrap();
+    c1.ping_ok(c2.ip(), 2).unwrap();
+    let r = c1.iperf3_to(&c2, c2.ip(), 3, 1).unwrap();
+    assert!(r.bytes > 10_000_000, "iperf3 moved only {} bytes", r.bytes);
+    let c = a1.counters().unwrap();
+    assert_eq!(c.get("tx_gso_disabled"), 1, "GSO was refused once and switched off: {:?}", c.0);
+    assert!(c.get("tx_segmented") > 0, "super-frames were still cut");
+    assert_eq!(c.dropped("send_failed"), 0, "the refused runs were resent datagram by datagram");
+}
