@@ -7,7 +7,9 @@
 //! [`Host::start_overlayd`] runs the real binary there; [`Host::add_container`] adds a
 //! container namespace with a veth on a bridge of the host; [`Host::add_kernel_vxlan`] builds
 //! the kernel's VTEP instead. [`measure`] reads ping, iperf3 and /proc; [`scenario`] builds
-//! the two-host overlayd / kernel VXLAN / plain veth comparisons the demo and the benchmark use.
+//! the two-host overlayd / kernel VXLAN / plain veth comparisons the demo and the benchmark use;
+//! [`peers`] sets up the userspace tunnels users pick instead (tinc, n2n, nebula, vpncloud) as
+//! further paths of those comparisons.
 //!
 //! **Safety.** Every namespace carries a prefix unique to this process and testbed
 //! (`ovtb-<pid>-<n>`); the switch has no uplink and no namespace has a default route, so all
@@ -21,6 +23,7 @@
 pub mod cluster;
 pub mod measure;
 pub mod netns;
+pub mod peers;
 pub mod scenario;
 
 use std::collections::HashMap;
@@ -54,12 +57,15 @@ pub struct Options {
     pub overlayd: PathBuf,
     /// MTU of the underlay links.
     pub underlay_mtu: u32,
+    /// The `vpncloud` binary for [`scenario::Path::Vpncloud`] (None: looked up, see
+    /// [`peers::vpncloud_binary`]).
+    pub vpncloud: Option<PathBuf>,
 }
 
 impl Options {
     /// Defaults for the given binary.
     pub fn new(overlayd: impl Into<PathBuf>) -> Options {
-        Options { overlayd: overlayd.into(), underlay_mtu: 1500 }
+        Options { overlayd: overlayd.into(), underlay_mtu: 1500, vpncloud: None }
     }
 }
 
@@ -597,6 +603,29 @@ impl Host {
         Ok(agent)
     }
 
+    /// Starts `program args` in this host's namespace as a long-running daemon, its output
+    /// appended to `log`; like overlayd, it is stopped by PID when the testbed goes. For the
+    /// tunnel daemons of [`peers`]: the handle serves for its PID, CPU time and log only.
+    pub(crate) fn spawn_daemon<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        label: &str,
+        program: &Path,
+        args: &[S],
+        log: &Path,
+    ) -> Result<Agent> {
+        let inner = &self.node.inner;
+        let mut cmd = netns::command(&self.node.ns, program);
+        cmd.args(args);
+        let pid = inner.spawn(label, cmd, Some(log))?;
+        Ok(Agent {
+            inner: Arc::clone(inner),
+            pid,
+            state_dir: inner.dir.clone(),
+            log: log.to_owned(),
+            host: self.name.clone(),
+        })
+    }
+
     /// Adds a container: a namespace whose `eth0` (address `cidr`, MAC derived from it as
     /// overlayd derives MACs, MTU of the bridge) is a veth on `bridge` of this host.
     pub fn add_container(&self, name: &str, bridge: &str, cidr: &str) -> Result<Container> {
@@ -712,7 +741,7 @@ impl Container {
     }
 }
 
-/// A running overlayd.
+/// A running overlayd (or one of the tunnel daemons of [`peers`]).
 pub struct Agent {
     inner: Arc<Inner>,
     pid: u32,
@@ -771,6 +800,11 @@ impl Agent {
     /// Sends SIGKILL and reaps it.
     pub fn kill(&self) -> Result<ExitStatus> {
         self.inner.stop_child(self.pid, libc::SIGKILL, Duration::from_secs(5)).context("overlayd was not running")
+    }
+
+    /// How it exited, if it has.
+    pub(crate) fn exited(&self) -> Option<ExitStatus> {
+        self.inner.child_exited(self.pid)
     }
 
     /// CPU seconds it has used.

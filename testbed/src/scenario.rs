@@ -1,13 +1,14 @@
 //! The two-host comparisons shared by the demo and the end-to-end benchmark: a container on
-//! each of two hosts talking over overlayd, over the Linux kernel's vxlan device, or (the
-//! ceiling) the two hosts talking directly over their underlay veths.
+//! each of two hosts talking over overlayd, over the Linux kernel's vxlan device, or over one of
+//! the userspace tunnels of [`peers`], or (the ceiling) the two hosts talking directly over their
+//! underlay veths.
 
 use std::net::IpAddr;
 
 use anyhow::Result;
 
 use crate::measure::{self, IperfStats, MachineCpu};
-use crate::{Agent, Node, Options, Testbed};
+use crate::{Agent, Node, Options, Testbed, peers};
 
 /// What carries the traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -18,6 +19,14 @@ pub enum Path {
     KernelVxlan,
     /// Container to container over overlayd.
     Overlayd,
+    /// Container to container over tinc 1.0 in switch mode, without encryption ([`peers`]).
+    Tinc,
+    /// Container to container over n2n 1.x edges (Twofish: 1.x cannot turn it off) ([`peers`]).
+    N2n,
+    /// Host to host over nebula (L3, AES-256-GCM) ([`peers`]).
+    Nebula,
+    /// Container to container over vpncloud in TAP switch mode, unencrypted ([`peers`]).
+    Vpncloud,
 }
 
 impl Path {
@@ -27,6 +36,10 @@ impl Path {
             Path::Veth => "plain veth (ceiling)",
             Path::KernelVxlan => "Linux kernel VXLAN",
             Path::Overlayd => "overlayd",
+            Path::Tinc => "tinc 1.0 (switch, Cipher = none, Digest = none, MTU 1450)",
+            Path::N2n => "n2n 1.3 (TAP, Twofish: no off switch in 1.x, MTU 1360)",
+            Path::Nebula => "nebula (L3, host to host, AES-256-GCM, MTU 1440)",
+            Path::Vpncloud => "vpncloud 2 (TAP switch, --algorithm plain, MTU 1450)",
         }
     }
 }
@@ -42,6 +55,7 @@ pub struct Pair {
     pub client: Node,
     pub server: Node,
     pub server_ip: IpAddr,
+    /// The overlayd agents; on a [`peers`] path, the tunnel daemons (for their CPU time).
     pub agents: Vec<Agent>,
     // Declared last: dropped after the handles above.
     pub bed: Testbed,
@@ -78,6 +92,10 @@ pub fn build_with(path: Path, options: &Options, label: &str, overlayd_args: &[S
             let c1 = h[0].add_container("c1", &bridge, "10.100.0.1/24")?;
             let c2 = h[1].add_container("c2", &bridge, "10.100.0.2/24")?;
             (c1.node.clone(), c2.node.clone(), c2.ip(), vec![a1, a2])
+        }
+        Path::Tinc | Path::N2n | Path::Nebula | Path::Vpncloud => {
+            let b = peers::build(path, &h[0], &h[1], options)?;
+            (b.client, b.server, b.server_ip, b.daemons)
         }
     };
     // Resolve ARP and warm up the path before anything is measured.

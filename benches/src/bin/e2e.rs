@@ -4,22 +4,38 @@
 //! - the Linux kernel's VXLAN (vxlan device on a bridge),
 //! - overlayd (and, with `--variants`, overlayd with some offloads turned off, to measure what
 //!   each technique gives on its own),
+//! - with `--peers`, the userspace tunnels users pick instead: tinc 1.0 (switch mode), n2n,
+//!   nebula (L3, measured host to host) and vpncloud, each as fast as it can be set (no
+//!   encryption where the tool can turn it off; the row's label says its mode, cipher and MTU;
+//!   see `testbed::peers`),
 //!
 //! all in the same two-host namespace topology. Rounds are interleaved (every path once per
 //! round) so that drift in the machine's load hits each alike; the table shows medians and the
-//! ratio of every row to kernel VXLAN. Needs root.
+//! ratio of every row to kernel VXLAN. For a peer, "agents' CPU" is its two tunnel daemons'.
+//! Needs root.
 //!
 //! `sudo cargo run --release -p overlayd-benches --bin e2e -- --runs 3 --seconds 10`
+//!
+//! The peers are optional and not needed by the test suite. Install them with
+//! `apt-get install tinc n2n nebula` (Debian 12: tinc 1.0.36, n2n 1.3.2, nebula 1.6.1) and
+//! `cargo install vpncloud --root target/vpncloud-install` (found there, on `$PATH`, in
+//! `~/.cargo/bin`, or where `--vpncloud PATH` says), then add `--peers all` (or a list such as
+//! `--peers tinc,vpncloud`). A peer that cannot be set up — not installed, its daemon exits, no
+//! ping through it within 20 s, or no TCP stream through it in a one-second iperf3 probe — is
+//! listed under the table with the reason, and the run goes on without it.
 
 use std::io::Write as _;
 
 use anyhow::{Context, Result};
-use clap::Parser;
-use testbed::scenario::{self, Path};
-use testbed::{Options, overlayd_next_to_me};
+use clap::{Parser, ValueEnum};
+use testbed::scenario::{self, Pair, Path};
+use testbed::{Options, overlayd_next_to_me, peers};
 
 #[derive(Parser)]
-#[command(name = "e2e", about = "overlayd vs Linux kernel VXLAN vs plain veth, container to container, one run")]
+#[command(
+    name = "e2e",
+    about = "overlayd vs Linux kernel VXLAN vs plain veth (and userspace tunnels with --peers), container to container, one run"
+)]
 struct Cli {
     /// Rounds; medians are taken over them.
     #[arg(long, default_value_t = 3)]
@@ -40,6 +56,63 @@ struct Cli {
     /// The overlayd binary [default: next to this one, or $OVERLAYD_BIN].
     #[arg(long)]
     overlayd: Option<std::path::PathBuf>,
+    /// Userspace tunnels to measure as well (optional installs, see the module doc).
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<Peer>,
+    /// The vpncloud binary for `--peers vpncloud` [default: on $PATH, in
+    /// target/vpncloud-install/bin, or in ~/.cargo/bin].
+    #[arg(long)]
+    vpncloud: Option<std::path::PathBuf>,
+}
+
+/// A userspace tunnel `--peers` can add.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Peer {
+    Tinc,
+    N2n,
+    Nebula,
+    Vpncloud,
+    /// All of the above.
+    All,
+}
+
+impl Peer {
+    fn path(self) -> Option<Path> {
+        match self {
+            Peer::Tinc => Some(Path::Tinc),
+            Peer::N2n => Some(Path::N2n),
+            Peer::Nebula => Some(Path::Nebula),
+            Peer::Vpncloud => Some(Path::Vpncloud),
+            Peer::All => None,
+        }
+    }
+}
+
+/// A peer path that could not be set up, listed under the table.
+struct Skipped {
+    label: String,
+    reason: String,
+}
+
+/// Table rows (same columns as `scenario::table`) for the peers that were not measured.
+fn skipped_rows(skipped: &[Skipped]) -> String {
+    let mut o = String::new();
+    for s in skipped {
+        let mut reason: String = s.reason.replace('|', "\\|").split_whitespace().collect::<Vec<_>>().join(" ");
+        if reason.chars().count() > 300 {
+            reason = reason.chars().take(300).collect::<String>() + "…";
+        }
+        o.push_str(&format!("| {} | not run: {reason} |{}\n", s.label, " - |".repeat(10)));
+    }
+    o
+}
+
+/// Builds a peer path and checks that a TCP stream gets through, so that a tunnel that pings
+/// but cannot carry iperf3 is skipped here rather than aborting the measured rounds.
+fn build_peer(path: Path, options: &Options, label: &str) -> Result<Pair> {
+    let pair = scenario::build_with(path, options, label, &[])?;
+    pair.throughput(1, 1).context("one-second iperf3 probe")?;
+    Ok(pair)
 }
 
 #[allow(clippy::print_stdout)]
@@ -71,7 +144,8 @@ fn main() -> Result<()> {
         Some(p) => p,
         None => overlayd_next_to_me()?,
     };
-    let options = Options::new(overlayd);
+    let mut options = Options::new(overlayd);
+    options.vpncloud = cli.vpncloud.clone();
     say(&format!("machine: {}", machine()));
     say(&format!("{} rounds of {} s iperf3 runs (1 and 4 streams) and 100 pings per path", cli.runs, cli.seconds));
 
@@ -85,16 +159,33 @@ fn main() -> Result<()> {
         let list = v.replace('+', ",");
         plan.push((Path::Overlayd, format!("overlayd --offloads {list}"), vec!["--offloads".into(), list]));
     }
-    let pairs = plan
+    let mut pairs = plan
         .iter()
         .map(|(path, label, args)| {
             scenario::build_with(*path, &options, label, args).with_context(|| format!("building {label}"))
         })
         .collect::<Result<Vec<_>>>()?;
+    let all = [Peer::Tinc, Peer::N2n, Peer::Nebula, Peer::Vpncloud];
+    let mut skipped = Vec::new();
+    for peer in all.into_iter().filter(|p| cli.peers.contains(p) || cli.peers.contains(&Peer::All)) {
+        let path = peer.path().context("`all` is not a peer")?;
+        let label = path.label();
+        match peers::version(path, &options) {
+            Ok(v) => say(&format!("{label}: {v}")),
+            Err(e) => say(&format!("{label}: {e:#}")),
+        }
+        match build_peer(path, &options, label) {
+            Ok(pair) => pairs.push(pair),
+            Err(e) => {
+                say(&format!("  {label}: not measured: {e:#}"));
+                skipped.push(Skipped { label: label.to_owned(), reason: format!("{e:#}") });
+            }
+        }
+    }
     let summaries = scenario::compare(&pairs, cli.seconds, cli.runs, |l| say(&format!("  {l}")))?;
     drop(pairs);
     say("");
-    say(&scenario::table(&summaries));
+    say(&format!("{}{}", scenario::table(&summaries), skipped_rows(&skipped)));
     if let Some(path) = cli.json {
         std::fs::write(&path, serde_json::to_string_pretty(&summaries)?)
             .with_context(|| format!("writing {}", path.display()))?;
