@@ -211,6 +211,10 @@ impl pb::agent_server::Agent for AgentService {
     async fn detach(&self, request: Request<pb::DetachRequest>) -> Result<Response<pb::DetachReply>, Status> {
         self.cluster().await?.detach(request.into_inner()).await.map(Response::new).map_err(internal)
     }
+
+    async fn peers(&self, _: Request<pb::Empty>) -> Result<Response<pb::PeersReply>, Status> {
+        self.cluster().await?.peers().await.map(Response::new).map_err(internal)
+    }
 }
 
 /// Renders counters as Prometheus text (`overlayd_<what>_total`).

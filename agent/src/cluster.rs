@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
 use crate::attach::{self, EndpointRecord, EndpointStore, Netns};
+use crate::gossip::{self, Gossip, GossipKeys, GossipView};
 use crate::host::{DataplaneSettings, Gateway, Host, NetworkSpec};
 
 const MEMBERSHIP_FILE: &str = "cluster.json";
@@ -47,6 +48,8 @@ pub struct Membership {
     pub underlay: IpAddr,
     /// Managers known at join time (more are learned from the state).
     pub managers: Vec<SocketAddr>,
+    /// Where its gossip socket is (UDP; the advertise address's IP).
+    pub gossip: SocketAddr,
 }
 
 impl Membership {
@@ -86,6 +89,7 @@ pub struct ClusterRuntime {
     pub host: Arc<Host>,
     pub manager: Option<Arc<Manager>>,
     pub follower: Arc<Follower>,
+    pub gossip: Arc<Gossip>,
     endpoints: Arc<Mutex<EndpointStore>>,
     state_dir: PathBuf,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -173,6 +177,7 @@ impl ClusterRuntime {
         let worker = JoinToken::generate(&ca);
         let manager = JoinToken::generate(&ca);
         let identity = ca.issue_node(1, Role::Manager)?;
+        let gossip_addr = gossip::gossip_addr(advertise, parse_port(req.gossip_port)?);
         let membership = Membership {
             cluster_id: cluster_id.clone(),
             node_id: 1,
@@ -181,19 +186,28 @@ impl ClusterRuntime {
             advertise,
             underlay,
             managers: vec![advertise],
+            gossip: gossip_addr,
+        };
+        let secrets = pki::cluster_secrets(&ca, &worker, &manager);
+        let keys = GossipKeys {
+            cluster: hex::decode(&secrets.gossip_key)?.try_into().map_err(|_| anyhow::anyhow!("bad gossip key"))?,
+            signer: control::gossip::Signer::generate(),
         };
         let init = Command::Init {
             cluster_id: cluster_id.clone(),
-            secrets: pki::cluster_secrets(&ca, &worker, &manager),
             node: NewNode {
                 name,
                 underlay_addr: underlay,
                 api_addr: advertise,
                 role: Role::Manager,
                 joined_at: unix_now(),
+                gossip_addr,
+                gossip_public_key: keys.signer.public_key(),
             },
+            secrets,
         };
         identity.save(&ctx.state_dir.join(PKI_DIR))?;
+        keys.save(&ctx.state_dir.join(PKI_DIR))?;
         membership.save(&ctx.state_dir)?;
         match Self::start(ctx, membership, Arc::new(identity), Some(init)).await {
             Ok(rt) => Ok((
@@ -224,6 +238,8 @@ impl ClusterRuntime {
         let advertise = advertise_addr(&ctx.nl, &req.advertise_addr).await?;
         let underlay = parse_underlay(&req.underlay_addr, advertise)?;
         let name = default_name(&req.name);
+        let gossip_addr = gossip::gossip_addr(advertise, parse_port(req.gossip_port)?);
+        let signer = control::gossip::Signer::generate();
         let key = NodeKey::generate()?;
         let channel = pki::connect_pinned(manager, token.ca_digest, JOIN_TIMEOUT).await.map_err(|e| match e {
             pki::PkiError::UntrustedServer { .. } | pki::PkiError::CaDigestMismatch => anyhow::anyhow!(
@@ -238,6 +254,8 @@ impl ClusterRuntime {
             underlay_addr: underlay.to_string(),
             api_addr: advertise.to_string(),
             csr_der: key.csr_der(&name)?,
+            gossip_addr: gossip_addr.to_string(),
+            gossip_public_key: signer.public_key().to_vec(),
         };
         let reply = tokio::time::timeout(JOIN_TIMEOUT, pb::manager_client::ManagerClient::new(channel).join(request))
             .await
@@ -255,8 +273,18 @@ impl ClusterRuntime {
             advertise,
             underlay,
             managers: if managers.is_empty() { vec![manager] } else { managers },
+            gossip: gossip_addr,
+        };
+        let keys = GossipKeys {
+            cluster: reply
+                .gossip_key
+                .as_slice()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("the manager sent no valid gossip key (is it an older overlayd?)"))?,
+            signer,
         };
         identity.save(&ctx.state_dir.join(PKI_DIR))?;
+        keys.save(&ctx.state_dir.join(PKI_DIR))?;
         membership.save(&ctx.state_dir)?;
         let rt = match Self::start(ctx, membership, Arc::new(identity), None).await {
             Ok(rt) => rt,
@@ -340,6 +368,16 @@ impl ClusterRuntime {
             if let (Some(m), Some(init)) = (&manager, bootstrap) {
                 m.bootstrap(init).await.context("cannot initialize the cluster's Raft state")?;
             }
+            let keys = GossipKeys::load(&ctx.state_dir.join(PKI_DIR))?;
+            let me = control::gossip::Peer {
+                node: membership.node_id,
+                addr: membership.gossip,
+                generation: gossip::next_epoch(&ctx.state_dir)?,
+            };
+            let gossip = Arc::new(Gossip::start(me, &keys, control::gossip::GossipConfig::default()).await?);
+            if let Some(m) = &manager {
+                m.follow_liveness(gossip.liveness());
+            }
             let follower =
                 Follower::start(Arc::clone(&identity), membership.managers.clone(), ctx.state_dir.join(VIEW_FILE));
             // Commands run right after init or join (attach, network ls) must see the state.
@@ -352,6 +390,7 @@ impl ClusterRuntime {
                 host: Arc::clone(&host),
                 manager,
                 follower,
+                gossip,
                 endpoints: store,
                 state_dir: ctx.state_dir.clone(),
                 tasks: Vec::new(),
@@ -360,6 +399,7 @@ impl ClusterRuntime {
                 Arc::clone(&rt.host),
                 Arc::clone(&rt.follower),
                 Arc::clone(&rt.endpoints),
+                Arc::clone(&rt.gossip),
                 rt.membership.node_id,
             )));
             if rt.membership.role == Role::Manager
@@ -405,6 +445,8 @@ impl ClusterRuntime {
     /// `overlayd leave`: detaches every container, leaves the cluster, forgets it.
     pub async fn leave(&self) -> Result<()> {
         let mut client = self.follower.manager().await.context("cannot leave")?;
+        // Gossip first: every host withdraws this one's endpoints at once.
+        self.gossip.leave().await;
         client.leave(pb::LeaveRequest {}).await.map_err(|s| anyhow::anyhow!("the cluster refused: {}", s.message()))?;
         {
             let mut store = self.endpoints.lock().await;
@@ -450,6 +492,54 @@ impl ClusterRuntime {
             leader_id: leader,
             self_id: self.membership.node_id,
         }
+    }
+
+    /// `overlayd peers`: every host of the view (and any other SWIM member) as gossip sees it.
+    pub async fn peers(&self) -> Result<pb::PeersReply> {
+        let snap = self.gossip.snapshot().await?;
+        let view = self.follower.view();
+        let raft = |id: NodeId| match view.nodes.get(&id).map(|n| n.status) {
+            Some(control::state::NodeStatus::Ready) => "ready",
+            Some(control::state::NodeStatus::Down) => "down",
+            None => "-",
+        };
+        let mut peers: Vec<pb::PeerInfo> = snap
+            .peers
+            .iter()
+            .map(|p| pb::PeerInfo {
+                node_id: p.node,
+                name: view.nodes.get(&p.node).map(|n| n.name.clone()).unwrap_or_default(),
+                state: p.state.to_owned(),
+                gossip_addr: view.nodes.get(&p.node).map(|n| n.gossip_addr.to_string()).unwrap_or_default(),
+                generation: p.generation,
+                incarnation: u32::from(p.incarnation),
+                table_epoch: p.table.map_or(0, |t| t.epoch),
+                table_version: p.table.map_or(0, |t| t.watermark),
+                endpoints: p.endpoints as u32,
+                raft_status: raft(p.node).to_owned(),
+            })
+            .collect();
+        let me = self.membership.node_id;
+        let own = self.endpoints.lock().await.endpoints.len();
+        peers.push(pb::PeerInfo {
+            node_id: me,
+            name: self.membership.name.clone(),
+            state: "self".into(),
+            gossip_addr: snap.me.addr.to_string(),
+            generation: snap.me.generation,
+            incarnation: 0,
+            table_epoch: snap.me.generation,
+            table_version: 0,
+            endpoints: own as u32,
+            raft_status: raft(me).to_owned(),
+        });
+        peers.sort_by_key(|p| p.node_id);
+        let counters = serde_json::to_value(&snap.counters)
+            .ok()
+            .and_then(|v| v.as_object().cloned())
+            .map(|m| m.into_iter().filter_map(|(k, v)| Some((k, v.as_u64()?))).collect())
+            .unwrap_or_default();
+        Ok(pb::PeersReply { peers, self_id: me, counters })
     }
 
     /// A client of some manager, or an error saying none answers.
@@ -553,6 +643,7 @@ impl ClusterRuntime {
         attach::plumb(&self.host.nl, &ns, &record, &local.bridge, net.mtu, net.gateway).await?;
         store.endpoints.push(record.clone());
         store.save(&self.state_dir.join(ENDPOINTS_FILE))?;
+        self.gossip.publish_local(local_endpoints(&self.follower.view(), &store));
         tracing::info!(network = %record.network, name = %record.name, ip = %record.ip, "attached");
         Ok(endpoint_pb(&record, me, &self.membership.name))
     }
@@ -596,6 +687,7 @@ impl ClusterRuntime {
             tracing::info!(network = %e.network, name = %e.name, ip = %e.ip, "detached");
         }
         store.save(&self.state_dir.join(ENDPOINTS_FILE))?;
+        self.gossip.publish_local(local_endpoints(&self.follower.view(), &store));
         // A network this host no longer uses gives its block back (so it can be removed).
         let emptied: Vec<String> =
             gone.iter().map(|e| e.network.clone()).filter(|n| store.in_network(n).next().is_none()).collect();
@@ -618,6 +710,10 @@ fn parse_underlay(given: &str, advertise: SocketAddr) -> Result<IpAddr> {
         return Ok(advertise.ip());
     }
     given.parse().map_err(|_| anyhow::anyhow!("--underlay-addr {given:?} is not an IP address"))
+}
+
+fn parse_port(port: u32) -> Result<u16> {
+    u16::try_from(port).map_err(|_| anyhow::anyhow!("--gossip-port {port} is not a UDP port (1-65535)"))
 }
 
 fn parse_manager(given: &str) -> Result<SocketAddr> {
@@ -646,25 +742,68 @@ async fn promote_loop(follower: Arc<Follower>) {
     }
 }
 
-/// Keeps the host's networks and tables equal to what the view says.
-async fn reconcile_loop(host: Arc<Host>, follower: Arc<Follower>, endpoints: Arc<Mutex<EndpointStore>>, me: NodeId) {
+/// Keeps the host's networks and tables equal to what the Raft view and gossip say, gossip's
+/// directory equal to the view's hosts, and this host's published endpoints equal to its own.
+async fn reconcile_loop(
+    host: Arc<Host>,
+    follower: Arc<Follower>,
+    endpoints: Arc<Mutex<EndpointStore>>,
+    gossip: Arc<Gossip>,
+    me: NodeId,
+) {
     let mut views = follower.subscribe();
+    let mut heard = gossip.subscribe();
+    let mut directory = None;
     loop {
         let view = views.borrow_and_update().clone();
-        if let Err(e) = reconcile(&host, &view, &endpoints, me).await {
+        let g = heard.borrow_and_update().clone();
+        let dir = gossip::directory(&view);
+        if directory.as_ref() != Some(&dir) {
+            gossip.set_directory(dir.clone());
+            directory = Some(dir);
+        }
+        gossip.publish_local(local_endpoints(&view, &*endpoints.lock().await));
+        if let Err(e) = reconcile(&host, &view, &g, &endpoints, me).await {
             tracing::warn!(error = %format!("{e:#}"), "could not bring the host in line with the cluster state; retrying");
             tokio::time::sleep(Duration::from_secs(2)).await;
             continue;
         }
-        if views.changed().await.is_err() {
-            return;
+        tokio::select! {
+            r = views.changed() => if r.is_err() { return },
+            r = heard.changed() => if r.is_err() { return },
         }
     }
 }
 
-/// One pass: networks this host has a block in are up (with every other block's VTEP, the
-/// flood list of the hosts that have one, and the gateway); the others are down.
-async fn reconcile(host: &Host, view: &ClusterView, endpoints: &Mutex<EndpointStore>, me: NodeId) -> Result<()> {
+/// This host's endpoints as gossip carries them (those of networks the view knows).
+fn local_endpoints(
+    view: &ClusterView,
+    store: &EndpointStore,
+) -> Vec<(control::gossip::EndpointKey, control::gossip::Endpoint)> {
+    store
+        .endpoints
+        .iter()
+        .filter_map(|e| {
+            let vni = view.networks.get(&e.network)?.vni;
+            Some((
+                control::gossip::EndpointKey { vni, ip: e.ip },
+                control::gossip::Endpoint { mac: e.mac.0, name: e.name.clone() },
+            ))
+        })
+        .collect()
+}
+
+/// One pass: networks this host has a block in are up; the others are down. An up network's
+/// tables: every other block's VTEP (dropped while its host is down), the flood list of the
+/// live hosts that have a block, the gateway, and the endpoints of the live hosts (each only
+/// within its owner's block: a host cannot claim another's addresses).
+async fn reconcile(
+    host: &Host,
+    view: &ClusterView,
+    heard: &GossipView,
+    endpoints: &Mutex<EndpointStore>,
+    me: NodeId,
+) -> Result<()> {
     let mut wanted: BTreeMap<String, NetworkSpec> = BTreeMap::new();
     for (name, net) in &view.networks {
         let Some(local_block) = view.block(name, me) else { continue };
@@ -703,15 +842,27 @@ async fn reconcile(host: &Host, view: &ClusterView, endpoints: &Mutex<EndpointSt
         let blocks = view.blocks.get(&name).cloned().unwrap_or_default();
         let mut flood = Vec::new();
         let mut owners = Vec::new();
+        let mut remote = Vec::new();
         for (node, cidr) in blocks {
             if node == me {
                 owners.push((cidr.addr(), BlockOwner::Local));
-            } else if let Some(n) = view.nodes.get(&node) {
-                owners.push((cidr.addr(), BlockOwner::Remote(n.underlay_addr)));
-                flood.push(n.underlay_addr);
+                continue;
+            }
+            let Some(n) = view.nodes.get(&node) else { continue };
+            if !heard.alive.contains(&node) {
+                owners.push((cidr.addr(), BlockOwner::Down(n.underlay_addr)));
+                continue;
+            }
+            owners.push((cidr.addr(), BlockOwner::Remote(n.underlay_addr)));
+            flood.push(n.underlay_addr);
+            for (k, e) in heard.endpoints.get(&node).into_iter().flatten() {
+                let mac = MacAddr(e.mac);
+                if k.vni == net.vni && cidr.contains(k.ip) && !mac.is_multicast() {
+                    remote.push((k.ip, mac, n.underlay_addr));
+                }
             }
         }
-        host.program_blocks(spec.vni, flood, net.block_prefix, owners, net.gateway)?;
+        host.program_network(spec.vni, flood, net.block_prefix, owners, net.gateway, remote)?;
     }
     Ok(())
 }

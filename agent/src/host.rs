@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use control::cidr::Ipv4Cidr;
-use dataplane::Vni;
 use dataplane::linux::{Dataplane, DataplaneConfig, Offloads};
 use dataplane::tables::{BlockOwner, NetworkSettings};
+use dataplane::{MacAddr, Vni};
 use proto as pb;
 use tokio::sync::Mutex;
 
@@ -164,19 +164,22 @@ impl Host {
         self.networks.lock().await.clone()
     }
 
-    /// Programs a cluster network's tables: flood list, blocks, gateway.
-    pub fn program_blocks(
+    /// Programs a cluster network's tables (one transaction): flood list, blocks, gateway and
+    /// the remote endpoints (address, MAC, VTEP).
+    pub fn program_network(
         &self,
         vni: Vni,
         flood: Vec<IpAddr>,
         block_prefix: u8,
         blocks: Vec<(Ipv4Addr, BlockOwner)>,
         gateway: Ipv4Addr,
+        endpoints: Vec<(Ipv4Addr, MacAddr, IpAddr)>,
     ) -> Result<()> {
         self.dataplane.update(|tx| {
             tx.set_flood_list(vni, flood)?;
             tx.set_blocks(vni, block_prefix, blocks)?;
-            tx.set_gateway(vni, Some(gateway))
+            tx.set_gateway(vni, Some(gateway))?;
+            tx.set_endpoints(vni, endpoints)
         })?;
         Ok(())
     }
@@ -288,11 +291,12 @@ impl Host {
                 let mut blocks: Vec<(Ipv4Addr, pb::BlockEntry)> = t
                     .block_entries()
                     .map(|(base, prefix, owner)| {
-                        let vtep = match owner {
-                            BlockOwner::Local => "local".to_owned(),
-                            BlockOwner::Remote(v) => v.to_string(),
+                        let (vtep, down) = match owner {
+                            BlockOwner::Local => ("local".to_owned(), false),
+                            BlockOwner::Remote(v) => (v.to_string(), false),
+                            BlockOwner::Down(v) => (v.to_string(), true),
                         };
-                        (base, pb::BlockEntry { cidr: format!("{base}/{prefix}"), vtep })
+                        (base, pb::BlockEntry { cidr: format!("{base}/{prefix}"), vtep, down })
                     })
                     .collect();
                 blocks.sort_by_key(|(b, _)| *b);

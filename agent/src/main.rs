@@ -6,6 +6,7 @@ mod attach;
 mod cluster;
 mod config;
 mod daemon;
+mod gossip;
 mod host;
 mod netdev;
 mod output;
@@ -73,9 +74,13 @@ enum Command {
     Leave(OutputArgs),
     /// Show the running daemon: cluster, underlay, networks, counters (drops by reason).
     Status(OutputArgs),
-    /// Show the dataplane's tables: flood lists, address blocks, MAC → VTEP entries (static and
-    /// learned) and the addresses answered by ARP.
+    /// Show the dataplane's tables: flood lists, address blocks (and whose host is down), MAC →
+    /// VTEP entries (static, from gossip, learned) and the addresses answered by ARP.
     Fdb(OutputArgs),
+    /// Show every host as this one sees it through gossip: alive, suspect or down, its identity
+    /// generation and SWIM incarnation, and how far this host's copy of its endpoint table is;
+    /// with the gossip counters (refused datagrams by reason, forged records, repairs).
+    Peers(OutputArgs),
     /// List or remove the cluster's nodes.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -158,6 +163,11 @@ struct HostArgs {
     /// This host's name in the cluster [default: the host name].
     #[arg(long)]
     name: Option<String>,
+    /// UDP port of this host's gossip socket, on the advertise address (every host of a
+    /// cluster may use its own).
+    #[arg(long, value_name = "PORT", default_value_t = control::gossip::DEFAULT_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    gossip_port: u16,
 }
 
 #[derive(Args)]
@@ -402,12 +412,16 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
             output::print(o.json, &c.status(pb::Empty {}).await.map_err(e)?.into_inner(), output::status)
         }
         Command::Fdb(o) => output::print(o.json, &c.fdb(pb::Empty {}).await.map_err(e)?.into_inner(), output::fdb),
+        Command::Peers(o) => {
+            output::print(o.json, &c.peers(pb::Empty {}).await.map_err(e)?.into_inner(), output::peers)
+        }
         Command::Init(a) => {
             let r = c
                 .init(pb::InitRequest {
                     advertise_addr: a.me.advertise_addr.unwrap_or_default(),
                     underlay_addr: a.me.underlay_addr.unwrap_or_default(),
                     name: a.me.name.unwrap_or_default(),
+                    gossip_port: u32::from(a.me.gossip_port),
                 })
                 .await
                 .map_err(e)?;
@@ -421,6 +435,7 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
                     advertise_addr: a.me.advertise_addr.unwrap_or_default(),
                     underlay_addr: a.me.underlay_addr.unwrap_or_default(),
                     name: a.me.name.unwrap_or_default(),
+                    gossip_port: u32::from(a.me.gossip_port),
                 })
                 .await
                 .map_err(e)?;

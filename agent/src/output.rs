@@ -131,7 +131,8 @@ pub fn fdb(r: &pb::FdbReply) -> String {
         if !n.blocks.is_empty() {
             let _ = writeln!(o, "  BLOCK               VTEP");
             for b in &n.blocks {
-                let _ = writeln!(o, "  {:<19} {}", b.cidr, b.vtep);
+                let note = if b.down { "  (host down: nothing sent)" } else { "" };
+                let _ = writeln!(o, "  {:<19} {}{note}", b.cidr, b.vtep);
             }
         }
         if !n.fdb.is_empty() {
@@ -152,6 +153,38 @@ pub fn fdb(r: &pb::FdbReply) -> String {
     if r.networks.is_empty() {
         o.push_str("no networks on this host\n");
     }
+    o
+}
+
+pub fn peers(r: &pb::PeersReply) -> String {
+    let mut o = String::from(
+        "ID    NAME                 GOSSIP                 STATE    RAFT    GENERATION        INC  TABLE (EPOCH:VERSION)  ENDPOINTS\n",
+    );
+    for p in &r.peers {
+        let table = if p.table_epoch == 0 { "-".to_owned() } else { format!("{}:{}", p.table_epoch, p.table_version) };
+        let _ = writeln!(
+            o,
+            "{:<5} {:<20} {:<22} {:<8} {:<7} {:<17} {:<4} {:<22} {}",
+            p.node_id, p.name, p.gossip_addr, p.state, p.raft_status, p.generation, p.incarnation, table, p.endpoints
+        );
+    }
+    let c = &r.counters;
+    let get = |k: &str| c.get(k).copied().unwrap_or(0);
+    let _ = writeln!(
+        o,
+        "\ngossip: {} datagrams in, {} out; refused: {} not gossip, {} bad key, {} malformed; \
+         records: {} applied, {} forged, {} of unknown hosts, {} malformed; {} repaired by anti-entropy",
+        get("rx_datagrams"),
+        get("tx_datagrams"),
+        get("rx_not_gossip"),
+        get("rx_bad_auth"),
+        get("rx_malformed"),
+        get("records_applied"),
+        get("records_forged"),
+        get("records_unknown_owner"),
+        get("records_malformed"),
+        get("sync_repaired"),
+    );
     o
 }
 

@@ -55,6 +55,8 @@ impl From<&NodeRecord> for pb::Node {
                 NodeStatus::Down => pb::NodeStatus::Down,
             } as i32,
             joined_at_unix: n.joined_at,
+            gossip_addr: n.gossip_addr.to_string(),
+            gossip_public_key: n.gossip_public_key.to_vec(),
         }
     }
 }
@@ -73,6 +75,12 @@ impl TryFrom<&pb::Node> for NodeRecord {
                 _ => NodeStatus::Ready,
             },
             joined_at: n.joined_at_unix,
+            gossip_addr: parse::<SocketAddr>("node", &n.gossip_addr)?,
+            gossip_public_key: n
+                .gossip_public_key
+                .as_slice()
+                .try_into()
+                .map_err(|_| Malformed { what: "node", why: "a gossip public key has 32 bytes".into() })?,
         })
     }
 }
@@ -194,24 +202,13 @@ impl TryFrom<&pb::Change> for Change {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{ClusterState, Command, NetworkSpec, NewNode, Secrets};
+    use crate::state::{ClusterState, Command, NetworkSpec, NewNode};
 
     #[test]
     fn a_view_and_its_changes_survive_the_wire() {
         let mut s = ClusterState::default();
-        let secrets = Secrets {
-            ca_cert_pem: String::new(),
-            ca_key_pem: String::new(),
-            worker_token_hash: String::new(),
-            manager_token_hash: String::new(),
-        };
-        let node = NewNode {
-            name: "m1".into(),
-            underlay_addr: "198.18.0.1".parse().unwrap(),
-            api_addr: "198.18.0.1:7947".parse().unwrap(),
-            role: Role::Manager,
-            joined_at: 5,
-        };
+        let secrets = crate::state::testing::secrets();
+        let node = NewNode { joined_at: 5, ..crate::state::testing::new_node("m1", 1, Role::Manager) };
         let (_, mut changes) = s.apply(&Command::Init { cluster_id: "c".into(), secrets, node });
         changes.extend(
             s.apply(&Command::CreateNetwork(NetworkSpec {

@@ -16,6 +16,7 @@
 pub mod cidr;
 pub mod convert;
 pub mod follower;
+pub mod gossip;
 pub mod manager;
 pub mod pki;
 pub mod raft_net;

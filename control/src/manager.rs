@@ -41,6 +41,8 @@ pub const RAFT_ELECTION_MS: (u64, u64) = (700, 1000);
 pub const HOST_HEARTBEAT: Duration = Duration::from_secs(2);
 /// A host silent for this long is marked down.
 pub const DOWN_AFTER: Duration = Duration::from_secs(10);
+/// How long a new leader that follows gossip waits before it marks hosts down.
+pub const LIVENESS_GRACE: Duration = Duration::from_secs(3);
 /// How long a manager may be out of touch with a leader before its watchers are sent away.
 pub const OUT_OF_TOUCH: Duration = Duration::from_secs(3);
 /// How long a write may wait for a leader to exist.
@@ -72,7 +74,7 @@ pub fn unix_now() -> u64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum LeaderOp {
     /// A state command.
-    Command(Command),
+    Command(Box<Command>),
     /// Make a joined manager a voter (learner first, then voter).
     AddVoter {
         /// Its id.
@@ -171,6 +173,7 @@ pub struct Manager {
     config: ManagerConfig,
     heartbeats: Mutex<HashMap<NodeId, Instant>>,
     leader_since: Mutex<Option<Instant>>,
+    liveness: Mutex<Option<tokio::sync::watch::Receiver<std::collections::BTreeSet<NodeId>>>>,
 }
 
 impl Manager {
@@ -192,6 +195,7 @@ impl Manager {
             config,
             heartbeats: Mutex::new(HashMap::new()),
             leader_since: Mutex::new(None),
+            liveness: Mutex::new(None),
         });
         tokio::spawn(Arc::clone(&m).leader_duties());
         Ok(m)
@@ -206,7 +210,7 @@ impl Manager {
     pub async fn bootstrap(&self, init: Command) -> Result<Response, ProposeError> {
         let me = BTreeMap::from([(self.node_id(), RaftNode { api_addr: self.config.api_addr.to_string() })]);
         self.raft.initialize(me).await.map_err(|e| ProposeError::Raft(e.to_string()))?;
-        match self.propose(LeaderOp::Command(init)).await? {
+        match self.propose(LeaderOp::Command(Box::new(init))).await? {
             LeaderReply::Response(r) => Ok(r),
             LeaderReply::Done => Ok(Response::Done),
         }
@@ -227,7 +231,7 @@ impl Manager {
 
     /// Applies a command through the leader and unwraps the state machine's answer.
     pub async fn command(&self, cmd: Command) -> Result<Response, ProposeError> {
-        match self.propose(LeaderOp::Command(cmd)).await? {
+        match self.propose(LeaderOp::Command(Box::new(cmd))).await? {
             LeaderReply::Response(Response::Rejected(r)) => Err(ProposeError::Rejected(r)),
             LeaderReply::Response(r) => Ok(r),
             LeaderReply::Done => Ok(Response::Done),
@@ -264,7 +268,7 @@ impl Manager {
         };
         match op {
             LeaderOp::Command(cmd) => {
-                let r = self.raft.client_write(cmd).await.map_err(write_err)?;
+                let r = self.raft.client_write(*cmd).await.map_err(write_err)?;
                 Ok(LeaderReply::Response(r.data))
             }
             LeaderOp::AddVoter { id, node } => {
@@ -322,6 +326,12 @@ impl Manager {
         result.map_err(Retry)
     }
 
+    /// From now on host status follows this set of live hosts (gossip's), instead of
+    /// heartbeats: the leader marks a host down once it leaves the set, ready when it is back.
+    pub fn follow_liveness(&self, alive: tokio::sync::watch::Receiver<std::collections::BTreeSet<NodeId>>) {
+        *self.liveness.lock().unwrap_or_else(|p| p.into_inner()) = Some(alive);
+    }
+
     /// The leader marks hosts that stopped reporting down, and back up when they return.
     async fn leader_duties(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -339,7 +349,25 @@ impl Manager {
             };
             let Some(since) = since else { continue };
             let now = Instant::now();
-            let changes: Vec<(NodeId, NodeStatus)> = {
+            let alive = self.liveness.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|rx| rx.borrow().clone());
+            let changes: Vec<(NodeId, NodeStatus)> = if let Some(alive) = alive {
+                // A new leader's gossip knows who is alive already; a short grace covers a
+                // leader that just started.
+                let settled = now.duration_since(since) > LIVENESS_GRACE;
+                let joined_before = unix_now().saturating_sub(LIVENESS_GRACE.as_secs());
+                self.state.read(|s| {
+                    s.nodes
+                        .values()
+                        .filter_map(|n| match (n.status, alive.contains(&n.id)) {
+                            (NodeStatus::Ready, false) if settled && n.joined_at < joined_before => {
+                                Some((n.id, NodeStatus::Down))
+                            }
+                            (NodeStatus::Down, true) => Some((n.id, NodeStatus::Ready)),
+                            _ => None,
+                        })
+                        .collect()
+                })
+            } else {
                 let hb = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
                 self.state.read(|s| {
                     s.nodes
@@ -515,7 +543,25 @@ impl pb::manager_server::Manager for ManagerService {
         // Check the CSR before the node is recorded, so a bad request changes nothing.
         ca.sign_node(&req.csr_der, 0, role)
             .map_err(|e| Status::invalid_argument(format!("bad certificate request: {e}")))?;
-        let new = NewNode { name: req.name.clone(), underlay_addr, api_addr, role, joined_at: unix_now() };
+        let gossip_addr = req
+            .gossip_addr
+            .parse()
+            .map_err(|_| Status::invalid_argument(format!("bad gossip address {:?}", req.gossip_addr)))?;
+        let gossip_public_key = req
+            .gossip_public_key
+            .as_slice()
+            .try_into()
+            .map_err(|_| Status::invalid_argument("a gossip public key has 32 bytes"))?;
+        let gossip_key = hex::decode(&secrets.gossip_key).map_err(|e| Status::internal(e.to_string()))?;
+        let new = NewNode {
+            name: req.name.clone(),
+            underlay_addr,
+            api_addr,
+            role,
+            joined_at: unix_now(),
+            gossip_addr,
+            gossip_public_key,
+        };
         let node = match m.command(Command::AddNode(new)).await? {
             Response::Node(n) => n,
             other => return Err(Status::internal(format!("unexpected answer {other:?}"))),
@@ -530,6 +576,7 @@ impl pb::manager_server::Manager for ManagerService {
             ca_cert_pem: secrets.ca_cert_pem,
             node_cert_pem: cert,
             managers: view.nodes.values().filter(|n| n.role == Role::Manager).map(pb::Node::from).collect(),
+            gossip_key,
         }))
     }
 

@@ -701,6 +701,7 @@ pub fn cluster_secrets(ca: &ClusterCa, worker: &JoinToken, manager: &JoinToken) 
         ca_key_pem: ca.key_pem(),
         worker_token_hash: JoinToken::secret_hash(&worker.secret),
         manager_token_hash: JoinToken::secret_hash(&manager.secret),
+        gossip_key: hex::encode(crate::gossip::GossipKey::generate()),
     }
 }
 

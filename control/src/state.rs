@@ -89,6 +89,10 @@ pub struct NodeRecord {
     pub status: NodeStatus,
     /// When it joined (Unix seconds, from the proposer's clock).
     pub joined_at: u64,
+    /// Where its gossip socket is (UDP).
+    pub gossip_addr: SocketAddr,
+    /// The public half of its gossip signing key: its endpoint records must verify under it.
+    pub gossip_public_key: [u8; 32],
 }
 
 /// An overlay network.
@@ -133,6 +137,8 @@ pub struct Secrets {
     pub worker_token_hash: String,
     /// SHA-256 (hex) of the manager token's secret.
     pub manager_token_hash: String,
+    /// The gossip key (hex, 32 bytes) every host seals its gossip datagrams with.
+    pub gossip_key: String,
 }
 
 /// A host that is joining (its id is chosen by the state machine).
@@ -148,6 +154,10 @@ pub struct NewNode {
     pub role: Role,
     /// When (Unix seconds).
     pub joined_at: u64,
+    /// Gossip socket.
+    pub gossip_addr: SocketAddr,
+    /// Public half of its gossip signing key.
+    pub gossip_public_key: [u8; 32],
 }
 
 /// What `network create` asks for; empty fields are chosen.
@@ -521,6 +531,8 @@ impl ClusterState {
             role: new.role,
             status: NodeStatus::Ready,
             joined_at: new.joined_at,
+            gossip_addr: new.gossip_addr,
+            gossip_public_key: new.gossip_public_key,
         };
         self.nodes.insert(id, node.clone());
         Ok((Response::Node(node.clone()), vec![Change::NodeUpsert(node)]))
@@ -656,6 +668,7 @@ pub(crate) mod testing {
             ca_key_pem: "k".into(),
             worker_token_hash: "w".into(),
             manager_token_hash: "m".into(),
+            gossip_key: "00".repeat(32),
         }
     }
 
@@ -666,6 +679,8 @@ pub(crate) mod testing {
             api_addr: format!("198.18.0.{last}:7947").parse().unwrap(),
             role,
             joined_at: 1,
+            gossip_addr: format!("198.18.0.{last}:7946").parse().unwrap(),
+            gossip_public_key: [last; 32],
         }
     }
 }

@@ -65,6 +65,8 @@ async fn join(
             underlay_addr: format!("198.18.0.{last}"),
             api_addr: listener.local_addr().unwrap().to_string(),
             csr_der: key.csr_der(name).unwrap(),
+            gossip_addr: format!("198.18.0.{last}:7946"),
+            gossip_public_key: vec![last; 32],
         })
         .await
         .unwrap()
@@ -102,6 +104,8 @@ async fn three_managers_and_a_worker_agree_and_survive_the_leader() {
             api_addr: a1,
             role: Role::Manager,
             joined_at: unix_now(),
+            gossip_addr: "198.18.0.1:7946".parse().unwrap(),
+            gossip_public_key: [1; 32],
         },
     };
     m1.manager.bootstrap(init).await.unwrap();
@@ -141,6 +145,8 @@ async fn three_managers_and_a_worker_agree_and_survive_the_leader() {
             underlay_addr: "198.18.0.9".into(),
             api_addr: "127.0.0.1:1".into(),
             csr_der: key.csr_der("x").unwrap(),
+            gossip_addr: "198.18.0.9:7946".into(),
+            gossip_public_key: vec![9; 32],
         })
         .await
         .unwrap_err();
@@ -152,6 +158,8 @@ async fn three_managers_and_a_worker_agree_and_survive_the_leader() {
             underlay_addr: "198.18.0.9".into(),
             api_addr: "127.0.0.1:1".into(),
             csr_der: key.csr_der("w1").unwrap(),
+            gossip_addr: "198.18.0.9:7946".into(),
+            gossip_public_key: vec![9; 32],
         })
         .await
         .unwrap_err();

@@ -55,6 +55,12 @@ drop_reasons! {
     /// TAP: an ARP request for an address of this host's own block or the gateway: its owner
     /// on this host answers, so it is not flooded.
     ArpForLocal = "arp_for_local_address",
+    /// TAP: an ARP request, on a cluster network, for an address no endpoint holds: not
+    /// flooded (every endpoint is known), answered by nobody.
+    ArpUnknownTarget = "arp_for_unknown_address",
+    /// TAP: a frame for an address of a host confirmed down: its block stays leased, but
+    /// nothing is sent to it until it is back.
+    DestinationDown = "destination_host_down",
     /// TAP: the frame must be flooded but the network's flood list is empty, or it is for an
     /// address of this host's own block that no container here holds.
     NoDestination = "no_destination",
@@ -85,6 +91,8 @@ pub struct TxCounters {
     pub unicast: AtomicU64,
     /// Frames replicated to a flood list (broadcast, multicast, unknown unicast).
     pub flooded: AtomicU64,
+    /// Of those, ARP requests (a cluster network never floods one).
+    pub arp_flooded: AtomicU64,
     /// Datagrams handed to the kernel (one per unicast frame, one per flood-list member).
     pub datagrams: AtomicU64,
     /// ARP requests answered locally instead of flooded.
@@ -164,6 +172,7 @@ impl Counters {
             tx_bytes: t.bytes.load(Relaxed),
             tx_unicast: t.unicast.load(Relaxed),
             tx_flooded: t.flooded.load(Relaxed),
+            tx_arp_flooded: t.arp_flooded.load(Relaxed),
             tx_datagrams: t.datagrams.load(Relaxed),
             tx_send_calls: t.send_calls.load(Relaxed),
             tx_segmented: t.segmented.load(Relaxed),
@@ -198,6 +207,8 @@ pub struct CountersSnapshot {
     pub tx_unicast: u64,
     /// Frames replicated to a flood list.
     pub tx_flooded: u64,
+    /// See [`TxCounters::arp_flooded`].
+    pub tx_arp_flooded: u64,
     /// Datagrams sent to the underlay.
     pub tx_datagrams: u64,
     /// Send system calls.

@@ -16,7 +16,6 @@ use crate::counters::{Counters, DropReason, bump};
 use crate::learn::{LearnedFdb, Learner};
 use crate::segment::SuperFrame;
 use crate::tables::{BlockOwner, NetworkTable, Tables};
-use crate::wire::MacAddr;
 use crate::wire::arp;
 use crate::wire::checksum::{self, Completion};
 use crate::wire::ethernet;
@@ -81,30 +80,27 @@ pub fn from_tap<'t, P>(
                 counters.dropped(DropReason::NoDestination);
                 return TapVerdict::Drop(DropReason::NoDestination);
             }
+            Some(BlockOwner::Down(_)) => {
+                counters.dropped(DropReason::DestinationDown);
+                return TapVerdict::Drop(DropReason::DestinationDown);
+            }
             None => {}
         }
     } else if dst.is_broadcast() {
         if let Some(req) = arp::parse_request(frame) {
-            let answer = net.arp(&req.target_ip).map(Ok).or_else(|| {
-                if net.gateway() == Some(req.target_ip) {
-                    return Some(Err(()));
-                }
-                match net.block(req.target_ip)? {
-                    BlockOwner::Remote(_) => Some(Ok(MacAddr::from_ipv4(req.target_ip))),
-                    BlockOwner::Local => Some(Err(())),
-                }
-            });
-            match answer {
-                Some(Ok(mac)) => {
-                    let n = arp::write_reply(frame, &req, mac, reply);
-                    bump(&counters.tx.arp_replies, 1);
-                    return TapVerdict::ArpReply(n);
-                }
-                Some(Err(())) => {
-                    counters.dropped(DropReason::ArpForLocal);
-                    return TapVerdict::Drop(DropReason::ArpForLocal);
-                }
-                None => {}
+            if let Some(mac) = net.arp(&req.target_ip) {
+                let n = arp::write_reply(frame, &req, mac, reply);
+                bump(&counters.tx.arp_replies, 1);
+                return TapVerdict::ArpReply(n);
+            }
+            // A cluster network knows every endpoint: what it cannot answer, nobody holds
+            // (or its owner here answers itself), and flooding would not change that.
+            if net.has_blocks() {
+                let local =
+                    net.gateway() == Some(req.target_ip) || matches!(net.block(req.target_ip), Some(BlockOwner::Local));
+                let reason = if local { DropReason::ArpForLocal } else { DropReason::ArpUnknownTarget };
+                counters.dropped(reason);
+                return TapVerdict::Drop(reason);
             }
         }
     }
@@ -114,6 +110,9 @@ pub fn from_tap<'t, P>(
         return TapVerdict::Drop(DropReason::NoDestination);
     }
     bump(&counters.tx.flooded, 1);
+    if dst.is_broadcast() && arp::parse_request(frame).is_some() {
+        bump(&counters.tx.arp_flooded, 1);
+    }
     TapVerdict::Flood(flood)
 }
 
@@ -201,6 +200,7 @@ mod tests {
     const REMOTE: MacAddr = MacAddr([2, 0, 0, 0, 0, 2]);
     const B: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
     const C: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 3));
+    const DOWN: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 4));
     const ROGUE: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 99));
 
     fn vni() -> Vni {
@@ -288,10 +288,10 @@ mod tests {
         };
         assert_eq!(ethernet::destination(&reply[..n]), LOCAL);
         assert_eq!(&reply[14 + 8..14 + 14], &REMOTE.0, "sender hardware address is the answer");
-        // An address nobody listed is flooded as usual.
+        // On a static network, an address nobody listed is flooded as usual (and counted).
         let other = request(LOCAL, Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 3));
         assert_eq!(from_tap(net, &LearnedFdb::default(), &other, &mut reply, &c), TapVerdict::Flood(&[B, C]));
-        assert_eq!(c.snapshot().arp_replies, 1);
+        assert_eq!((c.snapshot().arp_replies, c.snapshot().tx_arp_flooded), (1, 1));
     }
 
     #[test]
@@ -399,7 +399,7 @@ mod tests {
     }
 
     #[test]
-    fn blocks_resolve_derived_macs_and_answer_arp_for_remote_addresses() {
+    fn blocks_resolve_derived_macs_and_arp_is_answered_for_known_endpoints_only() {
         let t = tables(false);
         t.update(|tx| {
             tx.set_gateway(vni(), Some(Ipv4Addr::new(10, 128, 0, 1)))?;
@@ -409,8 +409,10 @@ mod tests {
                 [
                     (Ipv4Addr::new(10, 128, 0, 0), BlockOwner::Local),
                     (Ipv4Addr::new(10, 128, 1, 0), BlockOwner::Remote(C)),
+                    (Ipv4Addr::new(10, 128, 2, 0), BlockOwner::Down(DOWN)),
                 ],
-            )
+            )?;
+            tx.set_arp(vni(), Ipv4Addr::new(10, 128, 1, 9), MacAddr::from_ipv4(Ipv4Addr::new(10, 128, 1, 9)))
         })
         .unwrap();
         let snap = t.load();
@@ -425,11 +427,23 @@ mod tests {
             from_tap(net, &learned, &frame(MacAddr::from_ipv4(remote), me), &mut reply, &c),
             TapVerdict::Unicast(C)
         );
-        // ARP for any remote address is answered with the derived MAC.
+        // ARP for a remote endpoint that gossip reported is answered.
         let req = request(me, Ipv4Addr::new(10, 128, 0, 5), remote);
         let TapVerdict::ArpReply(n) = from_tap(net, &learned, &req, &mut reply, &c) else { panic!("not answered") };
         assert_eq!(&reply[14 + 8..14 + 14], &MacAddr::from_ipv4(remote).0);
         assert!(n >= 42);
+        // ARP for an address nobody holds (in a remote block, a dead host's block, or no block)
+        // is neither answered nor flooded.
+        for target in [Ipv4Addr::new(10, 128, 1, 10), Ipv4Addr::new(10, 128, 2, 3), Ipv4Addr::new(10, 128, 9, 3)] {
+            let req = request(me, Ipv4Addr::new(10, 128, 0, 5), target);
+            assert_eq!(from_tap(net, &learned, &req, &mut reply, &c), TapVerdict::Drop(DropReason::ArpUnknownTarget));
+        }
+        // Frames for a dead host's addresses go nowhere.
+        assert_eq!(
+            from_tap(net, &learned, &frame(MacAddr::from_ipv4(Ipv4Addr::new(10, 128, 2, 3)), me), &mut reply, &c),
+            TapVerdict::Drop(DropReason::DestinationDown)
+        );
+        assert!(!net.is_member(&DOWN), "a dead host's VTEP is no member");
         // ARP for a local address or the gateway is left to this host: dropped, not flooded.
         for target in [Ipv4Addr::new(10, 128, 0, 7), Ipv4Addr::new(10, 128, 0, 1)] {
             let req = request(me, Ipv4Addr::new(10, 128, 0, 5), target);

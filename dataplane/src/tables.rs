@@ -62,14 +62,18 @@ pub enum BlockOwner {
     Local,
     /// The host behind this VTEP.
     Remote(IpAddr),
+    /// The host behind this VTEP, confirmed down: its block stays leased, frames for it are
+    /// dropped (and counted) until it is back.
+    Down(IpAddr),
 }
 
 /// The tables of one overlay network (one VNI), and the port (TAP) it is attached to.
 ///
 /// Besides exact entries, a cluster network knows where each host's address *block* is:
 /// a container's MAC is derived from its IP (`02:4f` + IPv4, see [`MacAddr::from_ipv4`]), so
-/// any address of a remote block resolves to that block's VTEP, and ARP for it is answered
-/// here, with no flooding and no learning.
+/// any address of a remote block resolves to that block's VTEP, with no flooding and no
+/// learning. ARP is answered from the exact entries (the endpoints gossip reports); a cluster
+/// network never floods an ARP request.
 #[derive(Debug, Clone)]
 pub struct NetworkTable<P> {
     vni: Vni,
@@ -191,7 +195,7 @@ impl<P> NetworkTable<P> {
         self.members.extend(self.fdb.values().copied());
         self.members.extend(self.blocks.values().filter_map(|o| match o {
             BlockOwner::Remote(v) => Some(*v),
-            BlockOwner::Local => None,
+            BlockOwner::Local | BlockOwner::Down(_) => None,
         }));
     }
 }
@@ -406,6 +410,26 @@ impl<P: Clone> Transaction<P> {
             return Err(TableError::GroupMac(mac));
         }
         self.net(vni)?.arp.insert(ip, mac);
+        Ok(())
+    }
+
+    /// Replaces every FDB and ARP entry of the network with `endpoints`: (address, MAC, VTEP)
+    /// of each remote endpoint (a cluster network's endpoints, as gossip reports them).
+    pub fn set_endpoints(
+        &mut self,
+        vni: Vni,
+        endpoints: impl IntoIterator<Item = (Ipv4Addr, MacAddr, IpAddr)>,
+    ) -> Result<(), TableError> {
+        let net = self.net(vni)?;
+        net.fdb.clear();
+        net.arp.clear();
+        for (ip, mac, vtep) in endpoints {
+            if mac.is_multicast() {
+                return Err(TableError::GroupMac(mac));
+            }
+            net.fdb.insert(mac, vtep);
+            net.arp.insert(ip, mac);
+        }
         Ok(())
     }
 

@@ -1,0 +1,339 @@
+//! The gossip shell: runs control's sans-IO [`GossipNode`] on this host's gossip socket (UDP,
+//! 7946 by default) with tokio timers. It takes the directory of hosts from the Raft view and
+//! this host's endpoints from attach and detach; it publishes which hosts are alive and every
+//! host's endpoints for the reconciler (which programs the dataplane) and the leader (which
+//! records host status in Raft), and answers `overlayd peers`.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use control::gossip::record::{Endpoint, EndpointKey, Signer};
+use control::gossip::{DirectoryEntry, Event, GossipConfig, GossipCounters, GossipKey, GossipNode, Output, Peer};
+use control::gossip::{PeerStatus, Timer};
+use control::state::NodeId;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+const CLUSTER_KEY_FILE: &str = "gossip.key";
+const SIGNER_FILE: &str = "gossip-signing.pk8";
+const EPOCH_FILE: &str = "gossip-epoch";
+/// Receive buffer of the gossip socket.
+const RECV_BUFFER: usize = 2 << 20;
+/// Shortest gap between two publications of the view (bursts of events coalesce).
+const PUBLISH_EVERY: Duration = Duration::from_millis(20);
+
+/// This host's gossip secrets: the cluster's key and its own signing key.
+pub struct GossipKeys {
+    pub cluster: [u8; 32],
+    pub signer: Signer,
+}
+
+impl GossipKeys {
+    /// Saves both into `dir` (mode 0600).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        write_secret(&dir.join(CLUSTER_KEY_FILE), hex::encode(self.cluster).as_bytes())?;
+        write_secret(&dir.join(SIGNER_FILE), self.signer.pkcs8())
+    }
+
+    /// Loads what [`GossipKeys::save`] wrote.
+    pub fn load(dir: &Path) -> Result<GossipKeys> {
+        let path = dir.join(CLUSTER_KEY_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let cluster = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .with_context(|| format!("{} is not a 32-byte hex key", path.display()))?;
+        let path = dir.join(SIGNER_FILE);
+        let doc = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let signer = Signer::from_pkcs8(&doc).with_context(|| format!("{} is not a signing key", path.display()))?;
+        Ok(GossipKeys { cluster, signer })
+    }
+}
+
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The epoch (and identity generation) of this start of the agent: above every earlier one
+/// even if the clock went back (the last is kept in the state dir).
+pub fn next_epoch(state_dir: &Path) -> Result<u64> {
+    let path = state_dir.join(EPOCH_FILE);
+    let last = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+    // Room above for the rejoins of this life (each one is a generation).
+    let epoch = now.max(last + 1_000_000);
+    write_secret(&path, epoch.to_string().as_bytes())?;
+    Ok(epoch)
+}
+
+/// What gossip says, for the reconciler and the leader.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GossipView {
+    /// The other hosts alive (or suspected, not yet confirmed down).
+    pub alive: BTreeSet<NodeId>,
+    /// Every host's live endpoints (alive or not: the reconciler installs the alive ones').
+    pub endpoints: BTreeMap<NodeId, Vec<(EndpointKey, Endpoint)>>,
+}
+
+/// `overlayd peers`' material.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub me: Peer,
+    pub peers: Vec<PeerStatus>,
+    pub counters: GossipCounters,
+}
+
+enum Cmd {
+    Put(EndpointKey, Endpoint),
+    Delete(EndpointKey),
+    Directory(Vec<(NodeId, DirectoryEntry)>),
+    Snapshot(oneshot::Sender<Snapshot>),
+    Leave(oneshot::Sender<()>),
+}
+
+/// The running gossip of this host.
+pub struct Gossip {
+    tx: mpsc::UnboundedSender<Cmd>,
+    view: watch::Receiver<Arc<GossipView>>,
+    alive: watch::Receiver<BTreeSet<NodeId>>,
+    published: Mutex<HashMap<EndpointKey, Endpoint>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Gossip {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Gossip {
+    /// Binds the gossip socket and starts. `me.addr` is where others reach it.
+    pub async fn start(me: Peer, keys: &GossipKeys, config: GossipConfig) -> Result<Gossip> {
+        let socket = bind(me.addr).with_context(|| {
+            format!("cannot bind the gossip socket {} (is another overlayd using it? see --gossip-port)", me.addr)
+        })?;
+        let signer = Signer::from_pkcs8(keys.signer.pkcs8()).context("the signing key")?;
+        let seed = rand::random();
+        let epoch = me.generation;
+        let node = GossipNode::new(me.clone(), config, GossipKey::new(&keys.cluster), signer, epoch, seed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (view_tx, view) = watch::channel(Arc::new(GossipView::default()));
+        let (alive_tx, alive) = watch::channel(BTreeSet::from([me.node]));
+        let task = tokio::spawn(run(socket, node, rx, view_tx, alive_tx));
+        tracing::info!(addr = %me.addr, generation = me.generation, "gossip started");
+        Ok(Gossip { tx, view, alive, published: Mutex::new(HashMap::new()), task })
+    }
+
+    /// What gossip says now, and changes to come.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<GossipView>> {
+        self.view.clone()
+    }
+
+    /// The hosts alive, this one included, and changes to come (for the leader).
+    pub fn liveness(&self) -> watch::Receiver<BTreeSet<NodeId>> {
+        self.alive.clone()
+    }
+
+    /// The hosts of the cluster, from the Raft view.
+    pub fn set_directory(&self, entries: Vec<(NodeId, DirectoryEntry)>) {
+        let _ = self.tx.send(Cmd::Directory(entries));
+    }
+
+    /// Makes this host's published endpoints `wanted`: what changed goes out as records.
+    pub fn publish_local(&self, wanted: impl IntoIterator<Item = (EndpointKey, Endpoint)>) {
+        let wanted: HashMap<EndpointKey, Endpoint> = wanted.into_iter().collect();
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, e) in &wanted {
+            if published.get(k) != Some(e) {
+                let _ = self.tx.send(Cmd::Put(*k, e.clone()));
+            }
+        }
+        for k in published.keys().filter(|k| !wanted.contains_key(k)) {
+            let _ = self.tx.send(Cmd::Delete(*k));
+        }
+        *published = wanted;
+    }
+
+    /// Peers and counters as the node sees them now.
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Cmd::Snapshot(tx)).ok().context("gossip is not running")?;
+        rx.await.context("gossip is not running")
+    }
+
+    /// Tells a few members this host is leaving (they withdraw it at once, and tell others).
+    pub async fn leave(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Leave(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), rx).await;
+        }
+    }
+}
+
+/// The gossip socket, with room for bursts (a flood of garbage must not crowd out the
+/// cluster's messages before they are read).
+fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)?;
+    let _ = s.set_recv_buffer_size(RECV_BUFFER);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+async fn run(
+    socket: UdpSocket,
+    mut node: GossipNode,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+    view_tx: watch::Sender<Arc<GossipView>>,
+    alive_tx: watch::Sender<BTreeSet<NodeId>>,
+) {
+    let origin = Instant::now();
+    let me = node.identity().node;
+    let mut out = Output::default();
+    let mut timers: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
+    let mut armed: HashMap<u64, Timer> = HashMap::new();
+    let mut seq = 0u64;
+    let mut buf = vec![0u8; 65536];
+    let mut view = GossipView::default();
+    let (mut dirty, mut last_publish) = (false, Instant::now());
+    let mut leaving: Option<oneshot::Sender<()>> = None;
+    node.start(&mut out);
+    loop {
+        let next_timer = timers.peek().map(|Reverse((at, _))| *at);
+        let publish_at = dirty.then(|| last_publish + PUBLISH_EVERY);
+        let wake = [next_timer, publish_at].into_iter().flatten().min();
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok((n, from)) => node.handle_datagram(origin.elapsed(), from, &mut buf[..n], &mut out),
+                Err(e) => tracing::debug!(error = %e, "gossip receive failed"),
+            },
+            () = sleep_until(wake) => {
+                let now = Instant::now();
+                while let Some(Reverse((at, id))) = timers.peek().copied() {
+                    if at > now {
+                        break;
+                    }
+                    timers.pop();
+                    if let Some(t) = armed.remove(&id) {
+                        node.handle_timer(origin.elapsed(), t, &mut out);
+                    }
+                }
+            }
+            cmd = rx.recv() => match cmd {
+                None => return,
+                Some(Cmd::Put(k, e)) => node.put(k, e, &mut out),
+                Some(Cmd::Delete(k)) => node.delete(k, &mut out),
+                Some(Cmd::Directory(entries)) => {
+                    let directory: Vec<NodeId> = entries.iter().map(|(n, _)| *n).collect();
+                    node.set_directory(entries, &mut out);
+                    // Hosts that left the cluster leave the view too.
+                    view.endpoints.retain(|o, _| directory.contains(o));
+                    view.alive.retain(|o| directory.contains(o));
+                    for owner in directory.iter().copied().filter(|o| *o != me) {
+                        refresh(&node, &mut view, owner);
+                    }
+                    dirty = true;
+                }
+                Some(Cmd::Snapshot(reply)) => {
+                    let _ = reply.send(Snapshot { me: node.identity().clone(), peers: node.peers(), counters: node.counters() });
+                }
+                Some(Cmd::Leave(done)) => {
+                    node.leave(&mut out);
+                    leaving = Some(done);
+                }
+            },
+        }
+        for (to, datagram) in out.datagrams.drain(..) {
+            if let Err(e) = socket.send_to(&datagram, to).await {
+                tracing::debug!(%to, error = %e, "gossip send failed");
+            }
+        }
+        if let Some(done) = leaving.take() {
+            let _ = done.send(());
+        }
+        let now = Instant::now();
+        for (after, t) in out.timers.drain(..) {
+            seq += 1;
+            armed.insert(seq, t);
+            timers.push(Reverse((now + after, seq)));
+        }
+        for ev in out.events.drain(..) {
+            dirty = true;
+            match ev {
+                Event::PeerUp(n) if n != me => {
+                    view.alive.insert(n);
+                    tracing::info!(node = n, "host alive");
+                }
+                Event::PeerDown(n) => {
+                    view.alive.remove(&n);
+                    tracing::info!(node = n, "host down");
+                }
+                Event::Endpoints(owner) if owner != me => refresh(&node, &mut view, owner),
+                _ => {}
+            }
+        }
+        if dirty && now >= last_publish + PUBLISH_EVERY {
+            dirty = false;
+            last_publish = now;
+            let mut alive = view.alive.clone();
+            alive.insert(me);
+            alive_tx.send_if_modified(|a| std::mem::replace(a, alive) != *a);
+            view_tx.send_if_modified(|v| {
+                let changed = **v != view;
+                if changed {
+                    *v = Arc::new(view.clone());
+                }
+                changed
+            });
+        }
+    }
+}
+
+/// Re-reads one owner's endpoints into the view.
+fn refresh(node: &GossipNode, view: &mut GossipView, owner: NodeId) {
+    let mut list = Vec::new();
+    node.for_each_endpoint(owner, |k, e| list.push((*k, e.clone())));
+    if list.is_empty() {
+        view.endpoints.remove(&owner);
+    } else {
+        view.endpoints.insert(owner, list);
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The directory entries of a Raft view.
+pub fn directory(view: &control::state::ClusterView) -> Vec<(NodeId, DirectoryEntry)> {
+    view.nodes
+        .values()
+        .map(|n| (n.id, DirectoryEntry { public_key: n.gossip_public_key, addr: n.gossip_addr }))
+        .collect()
+}
+
+/// The gossip address of a host that advertises its control API at `advertise`.
+pub fn gossip_addr(advertise: SocketAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(advertise.ip(), if port == 0 { control::gossip::DEFAULT_PORT } else { port })
+}

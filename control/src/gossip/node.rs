@@ -1,0 +1,973 @@
+//! One host's gossip: SWIM membership (foca) with endpoint records piggybacked on its
+//! messages, anti-entropy rounds, and the seal on every datagram. Sans-IO: datagrams,
+//! timer expiries and local changes go in with the current time; datagrams to send, timers
+//! to arm and [`Event`]s come out in an [`Output`]. The agent drives it from a UDP socket
+//! and tokio timers; the simulation (see [`super::sim`]) from an in-memory network and a
+//! simulated clock.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::num::{NonZeroU8, NonZeroUsize};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use foca::{BroadcastHandler, Config, Foca, Invalidates, Member, OwnedNotification, PostcardCodec, State};
+use rand10::rngs::SmallRng;
+use rand10::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::record::{Change, Endpoint, EndpointKey, PUBLIC_KEY_LEN, Record, RecordError, Signer};
+use super::seal::{GossipKey, Kind, OVERHEAD, SealError};
+use super::sync::{self, Summary, SyncMessage, Want, serde_bytes_vec::Bytes};
+use super::tables::{Applied, EndpointTables, Position, bucket};
+use crate::state::NodeId;
+
+/// A host's identity in SWIM. `generation` grows with every agent start and every rejoin
+/// after being declared down, so a restarted host is a new incarnation that wins over the
+/// old one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Peer {
+    /// The host's cluster node id.
+    pub node: NodeId,
+    /// Where its gossip socket is.
+    pub addr: SocketAddr,
+    /// Which life of the host this is.
+    pub generation: u64,
+}
+
+impl foca::Identity for Peer {
+    type Addr = NodeId;
+
+    fn renew(&self) -> Option<Self> {
+        Some(Peer { generation: self.generation + 1, ..self.clone() })
+    }
+
+    fn addr(&self) -> NodeId {
+        self.node
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.generation > adversary.generation
+    }
+}
+
+/// Timings and sizes.
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    /// How often each host probes one member.
+    pub probe_period: Duration,
+    /// How long a direct probe waits before asking others to probe.
+    pub probe_rtt: Duration,
+    /// How long a suspect has to refute before it is declared down.
+    pub suspect_to_down: Duration,
+    /// How long a down identity is remembered (then it may come back as it was).
+    pub remove_down_after: Duration,
+    /// How often pending updates are gossiped, and to how many members.
+    pub gossip_interval: Duration,
+    /// Members per gossip message burst.
+    pub gossip_fanout: usize,
+    /// After news arrives, the shortest wait before passing it on (eager push).
+    pub eager_delay: Duration,
+    /// How often a host starts an anti-entropy round.
+    pub sync_interval: Duration,
+    /// Most record bytes one anti-entropy answer carries.
+    pub sync_budget: usize,
+    /// Largest datagram (sealed).
+    pub max_datagram: usize,
+    /// Hosts the cluster is sized for (sets how often each update is retransmitted).
+    pub cluster_size: u32,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig {
+            probe_period: Duration::from_millis(500),
+            probe_rtt: Duration::from_millis(200),
+            suspect_to_down: Duration::from_millis(1500),
+            remove_down_after: Duration::from_secs(15),
+            gossip_interval: Duration::from_millis(200),
+            gossip_fanout: 3,
+            eager_delay: Duration::from_millis(5),
+            sync_interval: Duration::from_secs(1),
+            sync_budget: 32 * 1024,
+            max_datagram: 1400,
+            cluster_size: 1000,
+        }
+    }
+}
+
+impl GossipConfig {
+    fn foca(&self) -> Config {
+        let mut c = Config::new_lan(std::num::NonZeroU32::new(self.cluster_size.max(2)).expect("at least 2"));
+        c.probe_period = self.probe_period;
+        c.probe_rtt = self.probe_rtt;
+        c.suspect_to_down_after = self.suspect_to_down;
+        c.remove_down_after = Some(self.remove_down_after);
+        c.max_packet_size = NonZeroUsize::new(self.max_datagram - OVERHEAD).expect("room for a payload");
+        c.num_indirect_probes = NonZeroUsize::new(self.gossip_fanout.max(1)).expect("non-zero");
+        c.max_transmissions = c.max_transmissions.max(NonZeroU8::new(6).expect("non-zero"));
+        c.periodic_gossip = Some(foca::PeriodicParams {
+            frequency: self.gossip_interval,
+            num_members: NonZeroUsize::new(self.gossip_fanout.max(1)).expect("non-zero"),
+        });
+        c.periodic_announce = Some(foca::PeriodicParams {
+            frequency: Duration::from_secs(10),
+            num_members: NonZeroUsize::new(1).expect("non-zero"),
+        });
+        c.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+            frequency: Duration::from_secs(3),
+            num_members: NonZeroUsize::new(2).expect("non-zero"),
+        });
+        c
+    }
+}
+
+/// What the agent knows of a host from Raft: how to verify its records, where it gossips.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryEntry {
+    /// Its gossip signing key's public half.
+    pub public_key: [u8; PUBLIC_KEY_LEN],
+    /// Its gossip address.
+    pub addr: SocketAddr,
+}
+
+/// A timer to arm; give it back to [`GossipNode::handle_timer`] when it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timer(TimerKind);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TimerKind {
+    Swim(foca::Timer<Peer>),
+    Sync,
+    Eager,
+}
+
+/// What changed, for the agent to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The host is alive (joined, came back, refuted a suspicion that had gone to down).
+    PeerUp(NodeId),
+    /// The host is confirmed down (or left).
+    PeerDown(NodeId),
+    /// The host's endpoint table changed.
+    Endpoints(NodeId),
+}
+
+/// What one call produced.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Sealed datagrams to send.
+    pub datagrams: Vec<(SocketAddr, Vec<u8>)>,
+    /// Timers to arm: fire after the duration.
+    pub timers: Vec<(Duration, Timer)>,
+    /// What changed.
+    pub events: Vec<Event>,
+}
+
+impl Output {
+    /// Empties it (keeping the allocations).
+    pub fn clear(&mut self) {
+        self.datagrams.clear();
+        self.timers.clear();
+        self.events.clear();
+    }
+}
+
+/// Everything counted, for `overlayd peers` and the metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipCounters {
+    /// Datagrams received.
+    pub rx_datagrams: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Datagrams sent.
+    pub tx_datagrams: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Refused: not an overlayd gossip datagram.
+    pub rx_not_gossip: u64,
+    /// Refused: does not authenticate under the cluster key.
+    pub rx_bad_auth: u64,
+    /// Authenticated but malformed (or a kind this version does not know).
+    pub rx_malformed: u64,
+    /// Endpoint records applied.
+    pub records_applied: u64,
+    /// Endpoint records that were already known.
+    pub records_stale: u64,
+    /// Endpoint records whose signature is not their owner's.
+    pub records_forged: u64,
+    /// Endpoint records of a host that is not in the cluster (yet).
+    pub records_unknown_owner: u64,
+    /// Endpoint records that did not parse.
+    pub records_malformed: u64,
+    /// Anti-entropy rounds started.
+    pub sync_rounds: u64,
+    /// Records received through anti-entropy that were new (repairs).
+    pub sync_repaired: u64,
+    /// Records sent in anti-entropy answers.
+    pub sync_records_sent: u64,
+}
+
+/// How this host sees another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// The host.
+    pub node: NodeId,
+    /// `alive`, `suspect`, `down`, or `unknown` (never heard from, or long down).
+    pub state: &'static str,
+    /// The identity generation (grows with restarts and rejoins).
+    pub generation: u64,
+    /// SWIM incarnation (grows with every refuted suspicion).
+    pub incarnation: u16,
+    /// Where this host's replica of its endpoint table stands.
+    pub table: Option<Position>,
+    /// Endpoints in that table.
+    pub endpoints: usize,
+}
+
+/// Identifies a piggybacked record in foca's broadcast queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ItemKey {
+    owner: NodeId,
+    epoch: u64,
+    version: u64,
+}
+
+impl Invalidates for ItemKey {
+    // Every version travels (none replaces another in the queue): receivers' watermarks
+    // then advance without anti-entropy in the common case.
+    fn invalidates(&self, other: &Self) -> bool {
+        self == other
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("never")]
+enum Never {}
+
+/// State the broadcast handler (owned by foca) and the node share.
+#[derive(Debug)]
+struct Shared {
+    tables: EndpointTables,
+    directory: HashMap<NodeId, DirectoryEntry>,
+    counters: GossipCounters,
+    changed: BTreeSet<NodeId>,
+    fresh: bool,
+}
+
+impl Shared {
+    /// Checks and applies record bytes from a peer. `Ok(true)`: new.
+    fn accept(&mut self, wire: &[u8]) -> Result<(Record, bool), ()> {
+        let record = match Record::decode(wire) {
+            Ok(r) => r,
+            Err(_) => {
+                self.counters.records_malformed += 1;
+                return Err(());
+            }
+        };
+        if record.owner == self.tables.me() || self.tables.knows(record.owner, record.epoch, record.version) {
+            self.counters.records_stale += 1;
+            return Ok((record, false));
+        }
+        let Some(entry) = self.directory.get(&record.owner) else {
+            self.counters.records_unknown_owner += 1;
+            return Err(());
+        };
+        if let Err(e) = record.verify(&entry.public_key) {
+            debug_assert_eq!(e, RecordError::Forged);
+            self.counters.records_forged += 1;
+            return Err(());
+        }
+        let owner = record.owner;
+        match self.tables.apply(record.clone()) {
+            Applied::New => {
+                self.counters.records_applied += 1;
+                self.changed.insert(owner);
+                Ok((record, true))
+            }
+            Applied::Stale => {
+                self.counters.records_stale += 1;
+                Ok((record, false))
+            }
+        }
+    }
+}
+
+struct Handler(Arc<Mutex<Shared>>);
+
+impl BroadcastHandler<Peer> for Handler {
+    type Key = ItemKey;
+    type Error = Never;
+
+    fn receive_item(&mut self, data: &[u8], sender: Option<&Peer>) -> Result<Option<ItemKey>, Never> {
+        let mut s = lock(&self.0);
+        if sender.is_none() {
+            // Our own record, just applied by `publish`.
+            return Ok(Record::decode(data).ok().map(|r| ItemKey {
+                owner: r.owner,
+                epoch: r.epoch,
+                version: r.version,
+            }));
+        }
+        Ok(match s.accept(data) {
+            Ok((r, true)) => {
+                s.fresh = true;
+                Some(ItemKey { owner: r.owner, epoch: r.epoch, version: r.version })
+            }
+            _ => None,
+        })
+    }
+}
+
+fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What foca asks of its runtime, collected.
+#[derive(Default)]
+struct Outbox {
+    sends: Vec<(Peer, Vec<u8>)>,
+    timers: Vec<(Duration, foca::Timer<Peer>)>,
+    notes: Vec<OwnedNotification<Peer>>,
+}
+
+impl foca::Runtime<Peer> for Outbox {
+    fn notify(&mut self, n: foca::Notification<'_, Peer>) {
+        self.notes.push(n.to_owned());
+    }
+
+    fn send_to(&mut self, to: Peer, data: &[u8]) {
+        self.sends.push((to, data.to_vec()));
+    }
+
+    fn submit_after(&mut self, event: foca::Timer<Peer>, after: Duration) {
+        self.timers.push((after, event));
+    }
+}
+
+/// Most Digest datagrams one Hello is answered with.
+const MAX_DIGESTS: usize = 4;
+
+type Swim = Foca<Peer, PostcardCodec, SmallRng, Handler>;
+
+/// One host's gossip.
+pub struct GossipNode {
+    swim: Swim,
+    shared: Arc<Mutex<Shared>>,
+    key: GossipKey,
+    signer: Signer,
+    config: GossipConfig,
+    epoch: u64,
+    version: u64,
+    live: HashMap<NodeId, Peer>,
+    outbox: Outbox,
+    rng: SmallRng,
+    last_eager: Option<Duration>,
+    eager_armed: bool,
+    scratch: Vec<u8>,
+    pending_sends: Vec<(SocketAddr, Vec<u8>)>,
+    pending_timers: Vec<(Duration, Timer)>,
+}
+
+impl std::fmt::Debug for GossipNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GossipNode").field("me", self.swim.identity()).field("epoch", &self.epoch).finish()
+    }
+}
+
+impl GossipNode {
+    /// A host's gossip, with an empty endpoint table in `epoch` (which must grow with every
+    /// start of the agent). `seed` seeds its random choices.
+    pub fn new(me: Peer, config: GossipConfig, key: GossipKey, signer: Signer, epoch: u64, seed: u64) -> GossipNode {
+        let shared = Arc::new(Mutex::new(Shared {
+            tables: EndpointTables::new(me.node),
+            directory: HashMap::new(),
+            counters: GossipCounters::default(),
+            changed: BTreeSet::new(),
+            fresh: false,
+        }));
+        let swim = Foca::with_custom_broadcast(
+            me,
+            config.foca(),
+            SmallRng::seed_from_u64(seed),
+            PostcardCodec,
+            Handler(Arc::clone(&shared)),
+        );
+        GossipNode {
+            swim,
+            shared,
+            key,
+            signer,
+            config,
+            epoch,
+            version: 0,
+            live: HashMap::new(),
+            outbox: Outbox::default(),
+            rng: SmallRng::seed_from_u64(seed ^ 0x5eed),
+            last_eager: None,
+            eager_armed: false,
+            scratch: Vec::new(),
+            pending_sends: Vec::new(),
+            pending_timers: Vec::new(),
+        }
+    }
+
+    /// This host's identity now.
+    pub fn identity(&self) -> &Peer {
+        self.swim.identity()
+    }
+
+    /// Starts: opens the endpoint table's epoch and arms the anti-entropy timer (whose
+    /// rounds also announce the host while it knows no member). Give it the directory next.
+    pub fn start(&mut self, out: &mut Output) {
+        self.record(Change::Epoch, out);
+        let first = self.config.sync_interval.mul_f64(self.rng.random_range(0.1..1.0));
+        out.timers.push((first, Timer(TimerKind::Sync)));
+    }
+
+    /// The hosts of the cluster (from Raft). Tables of hosts no longer in it are dropped.
+    pub fn set_directory(&mut self, entries: impl IntoIterator<Item = (NodeId, DirectoryEntry)>, out: &mut Output) {
+        let me = self.identity().node;
+        let gone: Vec<Peer> = {
+            let mut s = lock(&self.shared);
+            s.directory = entries.into_iter().filter(|(n, _)| *n != me).collect();
+            let stale: Vec<NodeId> = s.tables.owners().filter(|o| *o != me && !s.directory.contains_key(o)).collect();
+            for o in stale {
+                s.tables.forget(o);
+                s.changed.insert(o);
+            }
+            let dir = &s.directory;
+            self.swim.iter_members().map(|m| m.id().clone()).filter(|p| !dir.contains_key(&p.node)).collect()
+        };
+        if !gone.is_empty() {
+            let _ = self.swim.apply_many(gone.into_iter().map(Member::down), true, &mut self.outbox);
+        }
+        if self.swim.num_members() == 0 {
+            self.announce(3);
+        }
+        self.flush(out);
+    }
+
+    /// Adds or replaces one of this host's endpoints.
+    pub fn put(&mut self, key: EndpointKey, endpoint: Endpoint, out: &mut Output) {
+        self.record(Change::Put(key, endpoint), out);
+    }
+
+    /// Removes one of this host's endpoints (a tombstone goes out).
+    pub fn delete(&mut self, key: EndpointKey, out: &mut Output) {
+        self.record(Change::Delete(key), out);
+    }
+
+    /// Leaves: tells a few members this identity is down, at once.
+    pub fn leave(&mut self, out: &mut Output) {
+        let _ = self.swim.leave_cluster(&mut self.outbox);
+        self.flush(out);
+    }
+
+    fn record(&mut self, change: Change, out: &mut Output) {
+        self.version += 1;
+        let r = Record::sign(&self.signer, self.identity().node, self.epoch, self.version, change);
+        {
+            let mut s = lock(&self.shared);
+            s.tables.apply(r.clone());
+            s.changed.insert(r.owner);
+        }
+        // Our own item: the handler accepts it (it cannot be refused).
+        let _ = self.swim.add_broadcast(r.wire());
+        if self.swim.num_members() > 0 {
+            let _ = self.swim.gossip(&mut self.outbox);
+        }
+        self.flush(out);
+    }
+
+    /// A datagram arrived on the gossip socket.
+    pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, datagram: &mut [u8], out: &mut Output) {
+        let updates_before = self.swim.updates_backlog();
+        {
+            let mut s = lock(&self.shared);
+            s.counters.rx_datagrams += 1;
+            s.counters.rx_bytes += datagram.len() as u64;
+        }
+        match self.key.open(datagram) {
+            Err(e) => {
+                let mut s = lock(&self.shared);
+                match e {
+                    SealError::NotGossip => s.counters.rx_not_gossip += 1,
+                    SealError::BadAuth => s.counters.rx_bad_auth += 1,
+                    SealError::UnknownKind(_) => s.counters.rx_malformed += 1,
+                }
+            }
+            Ok((Kind::Swim, payload)) => {
+                if let Err(e) = self.swim.handle_data(payload, &mut self.outbox) {
+                    if !matches!(e, foca::Error::DataFromOurselves) {
+                        lock(&self.shared).counters.rx_malformed += 1;
+                    }
+                }
+            }
+            Ok((Kind::Sync, payload)) => match SyncMessage::decode(payload) {
+                Some(m) => self.handle_sync(from, m),
+                None => lock(&self.shared).counters.rx_malformed += 1,
+            },
+        }
+        let fresh = std::mem::take(&mut lock(&self.shared).fresh) || self.swim.updates_backlog() > updates_before;
+        if fresh {
+            self.eager(now);
+        }
+        self.flush(out);
+    }
+
+    /// A timer this node armed expired.
+    pub fn handle_timer(&mut self, now: Duration, timer: Timer, out: &mut Output) {
+        match timer.0 {
+            TimerKind::Swim(t) => {
+                let _ = self.swim.handle_timer(t, &mut self.outbox);
+            }
+            TimerKind::Sync => {
+                let jitter = self.rng.random_range(0.8..1.2);
+                out.timers.push((self.config.sync_interval.mul_f64(jitter), Timer(TimerKind::Sync)));
+                if self.swim.num_members() == 0 {
+                    self.announce(3);
+                } else {
+                    self.sync_round();
+                }
+            }
+            TimerKind::Eager => {
+                self.eager_armed = false;
+                self.eager(now);
+            }
+        }
+        self.flush(out);
+    }
+
+    /// Passes news on now, or as soon as `eager_delay` since the last push allows.
+    fn eager(&mut self, now: Duration) {
+        if self.eager_armed {
+            return;
+        }
+        match self.last_eager {
+            Some(t) if now < t + self.config.eager_delay => {
+                self.eager_armed = true;
+                self.outbox_timer(t + self.config.eager_delay - now, TimerKind::Eager);
+            }
+            _ => {
+                self.last_eager = Some(now);
+                if self.swim.num_members() > 0 {
+                    let _ = self.swim.gossip(&mut self.outbox);
+                }
+            }
+        }
+    }
+
+    fn outbox_timer(&mut self, after: Duration, kind: TimerKind) {
+        self.pending_timers.push((after, Timer(kind)));
+    }
+
+    /// Announces this host to up to `n` random hosts of the directory.
+    fn announce(&mut self, n: usize) {
+        let seeds: Vec<Peer> = {
+            let s = lock(&self.shared);
+            let all: Vec<(&NodeId, &DirectoryEntry)> = s.directory.iter().collect();
+            let mut chosen = Vec::new();
+            for _ in 0..n.min(all.len()) {
+                let (node, e) = all[self.rng.random_range(0..all.len())];
+                chosen.push(Peer { node: *node, addr: e.addr, generation: 0 });
+            }
+            chosen
+        };
+        for p in seeds {
+            let _ = self.swim.announce(p, &mut self.outbox);
+        }
+    }
+
+    fn sync_round(&mut self) {
+        let members: Vec<SocketAddr> = self.swim.iter_members().map(|m| m.id().addr).collect();
+        if members.is_empty() {
+            return;
+        }
+        let to = members[self.rng.random_range(0..members.len())];
+        let hashes = {
+            let mut s = lock(&self.shared);
+            s.counters.sync_rounds += 1;
+            let owners = s.tables.owners().count();
+            s.tables.bucket_hashes(sync::buckets_for(owners))
+        };
+        self.send_sync(to, &SyncMessage::Hello { hashes });
+    }
+
+    fn handle_sync(&mut self, from: SocketAddr, m: SyncMessage) {
+        match m {
+            SyncMessage::Hello { hashes } => self.on_hello(from, &hashes),
+            SyncMessage::Digest { buckets, covered, summaries } => self.on_digest(from, buckets, &covered, &summaries),
+            SyncMessage::Pull { wants } => self.on_pull(from, &wants),
+            SyncMessage::Records { owner, epoch, from: start, upto, items } => {
+                self.on_records(owner, epoch, start, upto, &items)
+            }
+        }
+    }
+
+    fn payload_max(&self) -> usize {
+        self.config.max_datagram - OVERHEAD
+    }
+
+    fn on_hello(&mut self, from: SocketAddr, hashes: &[u64]) {
+        let Ok(buckets) = u16::try_from(hashes.len()) else {
+            lock(&self.shared).counters.rx_malformed += 1;
+            return;
+        };
+        if buckets == 0 || buckets > 128 {
+            lock(&self.shared).counters.rx_malformed += 1;
+            return;
+        }
+        let room = self.payload_max() - 64 - 2 * usize::from(buckets);
+        let digests: Vec<SyncMessage> = {
+            let s = lock(&self.shared);
+            let mine = s.tables.bucket_hashes(buckets);
+            let differ: Vec<u16> = (0..buckets).filter(|b| mine[usize::from(*b)] != hashes[usize::from(*b)]).collect();
+            if differ.is_empty() {
+                return;
+            }
+            let mut by_bucket: HashMap<u16, Vec<Summary>> = HashMap::new();
+            for (owner, position) in s.tables.positions() {
+                let b = bucket(owner, buckets) as u16;
+                if differ.contains(&b) {
+                    by_bucket.entry(b).or_default().push(Summary { owner, position });
+                }
+            }
+            // Start at a random differing bucket, so that all get their turn.
+            let start = self.rng.random_range(0..differ.len());
+            let mut msgs = Vec::new();
+            let (mut covered, mut summaries, mut size) = (Vec::new(), Vec::new(), 0usize);
+            for i in 0..differ.len() {
+                let b = differ[(start + i) % differ.len()];
+                let list = by_bucket.remove(&b).unwrap_or_default();
+                let len: usize = list.iter().map(sync::summary_len).sum();
+                if len > room {
+                    continue; // more owners in one bucket than a datagram holds (> ~10,000 hosts)
+                }
+                if size + len > room {
+                    msgs.push(SyncMessage::Digest {
+                        buckets,
+                        covered: std::mem::take(&mut covered),
+                        summaries: std::mem::take(&mut summaries),
+                    });
+                    size = 0;
+                    if msgs.len() == MAX_DIGESTS {
+                        break;
+                    }
+                }
+                covered.push(b);
+                summaries.extend(list);
+                size += len;
+            }
+            if !covered.is_empty() && msgs.len() < MAX_DIGESTS {
+                msgs.push(SyncMessage::Digest { buckets, covered, summaries });
+            }
+            msgs
+        };
+        for d in digests {
+            self.send_sync(from, &d);
+        }
+    }
+
+    fn on_digest(&mut self, from: SocketAddr, buckets: u16, covered: &[u16], summaries: &[Summary]) {
+        if buckets == 0 || buckets > 128 || covered.iter().any(|b| *b >= buckets) {
+            lock(&self.shared).counters.rx_malformed += 1;
+            return;
+        }
+        let (wants, pushes) = {
+            let s = lock(&self.shared);
+            let theirs: HashMap<NodeId, Position> = summaries
+                .iter()
+                .filter(|x| covered.contains(&(bucket(x.owner, buckets) as u16)))
+                .map(|x| (x.owner, x.position))
+                .collect();
+            let me = s.tables.me();
+            let known = |o: &NodeId| *o == me || s.directory.contains_key(o);
+            let mut wants = Vec::new();
+            let mut pushes = Vec::new();
+            for (&owner, &t) in theirs.iter().filter(|(o, _)| known(o)) {
+                match s.tables.position(owner) {
+                    None => wants.push(Want { owner, epoch: t.epoch, from: 0 }),
+                    Some(m) if m.epoch < t.epoch => wants.push(Want { owner, epoch: t.epoch, from: 0 }),
+                    Some(m) if m.epoch == t.epoch && m.watermark < t.watermark => {
+                        wants.push(Want { owner, epoch: t.epoch, from: m.watermark })
+                    }
+                    Some(m) if m.epoch > t.epoch => pushes.push((owner, m.epoch, 0)),
+                    Some(m) if m.epoch == t.epoch && m.watermark > t.watermark => {
+                        pushes.push((owner, m.epoch, t.watermark))
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (owner, m) in s.tables.positions() {
+                if covered.contains(&(bucket(owner, buckets) as u16)) && !theirs.contains_key(&owner) && known(&owner) {
+                    pushes.push((owner, m.epoch, 0));
+                }
+            }
+            (wants, pushes)
+        };
+        let per = (self.payload_max() - 16) / 32;
+        for chunk in wants.chunks(per.max(1)) {
+            self.send_sync(from, &SyncMessage::Pull { wants: chunk.to_vec() });
+        }
+        let mut budget = self.config.sync_budget;
+        for (owner, epoch, start) in pushes {
+            budget = self.send_records(from, owner, epoch, start, budget);
+        }
+    }
+
+    fn on_pull(&mut self, from: SocketAddr, wants: &[Want]) {
+        let mut budget = self.config.sync_budget;
+        for w in wants.iter().take(512) {
+            let Some(m) = lock(&self.shared).tables.position(w.owner) else { continue };
+            if m.epoch == w.epoch && m.watermark > w.from {
+                budget = self.send_records(from, w.owner, m.epoch, w.from, budget);
+            } else if m.epoch > w.epoch {
+                budget = self.send_records(from, w.owner, m.epoch, 0, budget);
+            }
+        }
+    }
+
+    /// Sends `owner`'s records of `epoch` above `start`, in Records messages that each vouch
+    /// for their stretch. Returns the budget left.
+    fn send_records(&mut self, to: SocketAddr, owner: NodeId, epoch: u64, start: u64, mut budget: usize) -> usize {
+        let room = self.payload_max() - sync::RECORDS_OVERHEAD;
+        let msgs: Vec<SyncMessage> = {
+            let mut s = lock(&self.shared);
+            let Some((records, watermark)) = s.tables.since(owner, epoch, start) else { return budget };
+            let mut msgs = Vec::new();
+            let (mut from, mut items, mut size, mut last) = (start, Vec::new(), 0usize, start);
+            let (mut sent, mut complete) = (0u64, true);
+            for r in records.into_iter().filter(|r| r.version <= watermark) {
+                let len = r.wire().len() + 2;
+                if size + len > room && !items.is_empty() {
+                    msgs.push(SyncMessage::Records {
+                        owner,
+                        epoch,
+                        from,
+                        upto: last,
+                        items: std::mem::take(&mut items),
+                    });
+                    from = last;
+                    size = 0;
+                }
+                if budget < len {
+                    complete = false;
+                    break;
+                }
+                budget -= len;
+                size += len;
+                last = r.version;
+                sent += 1;
+                items.push(Bytes(r.wire().to_vec()));
+            }
+            // Past the last record sent, the stretch up to the watermark holds only versions
+            // that later ones superseded: vouch for it too, if everything went.
+            let upto = if complete { watermark } else { last };
+            if upto > from || !items.is_empty() {
+                msgs.push(SyncMessage::Records { owner, epoch, from, upto, items });
+            }
+            s.counters.sync_records_sent += sent;
+            msgs
+        };
+        for m in msgs {
+            self.send_sync(to, &m);
+        }
+        budget
+    }
+
+    fn on_records(&mut self, owner: NodeId, epoch: u64, start: u64, upto: u64, items: &[Bytes]) {
+        let mut s = lock(&self.shared);
+        if owner != s.tables.me() && !s.directory.contains_key(&owner) {
+            s.counters.records_unknown_owner += items.len() as u64;
+            return;
+        }
+        if upto < start {
+            s.counters.rx_malformed += 1;
+            return;
+        }
+        let mut sound = true;
+        for item in items {
+            match Record::decode(&item.0) {
+                Ok(r) if r.owner == owner && r.epoch == epoch && r.version > start && r.version <= upto => {}
+                Ok(_) => {
+                    s.counters.records_malformed += 1;
+                    sound = false;
+                    continue;
+                }
+                Err(_) => {
+                    s.counters.records_malformed += 1;
+                    sound = false;
+                    continue;
+                }
+            }
+            match s.accept(&item.0) {
+                Ok((_, true)) => {
+                    s.counters.sync_repaired += 1;
+                    s.fresh = true;
+                }
+                Ok((_, false)) => {}
+                Err(()) => sound = false,
+            }
+        }
+        // A stretch with a bad record in it vouches for nothing.
+        if sound && owner != s.tables.me() {
+            s.tables.complete(owner, epoch, start, upto);
+        }
+    }
+
+    fn send_sync(&mut self, to: SocketAddr, m: &SyncMessage) {
+        let mut payload = std::mem::take(&mut self.scratch);
+        m.encode(&mut payload);
+        let mut sealed = Vec::new();
+        self.key.seal(Kind::Sync, &payload, &mut sealed);
+        self.scratch = payload;
+        self.pending_sends.push((to, sealed));
+    }
+
+    /// Moves what foca and the sync code produced into `out`, sealed; turns notifications
+    /// into events.
+    fn flush(&mut self, out: &mut Output) {
+        let first = out.datagrams.len();
+        for (to, data) in self.outbox.sends.drain(..) {
+            let mut sealed = Vec::with_capacity(data.len() + OVERHEAD);
+            self.key.seal(Kind::Swim, &data, &mut sealed);
+            out.datagrams.push((to.addr, sealed));
+        }
+        out.datagrams.append(&mut self.pending_sends);
+        out.timers.extend(self.outbox.timers.drain(..).map(|(d, t)| (d, Timer(TimerKind::Swim(t)))));
+        out.timers.append(&mut self.pending_timers);
+        for n in self.outbox.notes.drain(..) {
+            match n {
+                OwnedNotification::MemberUp(p) if !self.live.contains_key(&p.node) => {
+                    out.events.push(Event::PeerUp(p.node));
+                    self.live.insert(p.node, p);
+                }
+                OwnedNotification::MemberUp(p) => {
+                    self.live.insert(p.node, p);
+                }
+                OwnedNotification::MemberDown(p) if self.live.get(&p.node) == Some(&p) => {
+                    self.live.remove(&p.node);
+                    out.events.push(Event::PeerDown(p.node));
+                }
+                OwnedNotification::Rename(old, new) if self.live.get(&old.node) == Some(&old) => {
+                    self.live.insert(new.node, new);
+                }
+                _ => {}
+            }
+        }
+        let mut s = lock(&self.shared);
+        out.events.extend(std::mem::take(&mut s.changed).into_iter().map(Event::Endpoints));
+        let sent = &out.datagrams[first..];
+        s.counters.tx_datagrams += sent.len() as u64;
+        s.counters.tx_bytes += sent.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+    }
+
+    /// Starts as part of a cluster that has converged: `members` are known alive and
+    /// `records` (other hosts' signed records) are already in the replicas, nothing queued
+    /// to gossip. For simulations that measure a running cluster, not its formation.
+    pub fn warm_start(&mut self, members: &[Peer], records: &[Record], out: &mut Output) {
+        let me = self.identity().node;
+        let peers = members.iter().filter(|p| p.node != me).cloned().map(Member::alive);
+        let _ = self.swim.apply_many(peers, false, &mut self.outbox);
+        {
+            let mut s = lock(&self.shared);
+            for r in records.iter().filter(|r| r.owner != me) {
+                s.tables.apply(r.clone());
+            }
+            s.changed.clear();
+        }
+        self.flush(out);
+    }
+
+    /// Adds one of this host's endpoints without gossiping it (see [`GossipNode::warm_start`]).
+    pub fn put_quietly(&mut self, key: EndpointKey, endpoint: Endpoint) -> Record {
+        self.version += 1;
+        let r = Record::sign(&self.signer, self.identity().node, self.epoch, self.version, Change::Put(key, endpoint));
+        lock(&self.shared).tables.apply(r.clone());
+        r
+    }
+
+    /// This host's own records (its table as others should hold it).
+    pub fn own_records(&self) -> Vec<Record> {
+        let s = lock(&self.shared);
+        let me = self.identity().node;
+        s.tables.since(me, self.epoch, 0).map(|(r, _)| r.into_iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Whether `node` is alive (or suspected, not yet confirmed down) as this host sees it.
+    pub fn is_alive(&self, node: NodeId) -> bool {
+        node == self.identity().node || self.live.contains_key(&node)
+    }
+
+    /// The hosts alive as this host sees it (itself not included).
+    pub fn alive(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.live.keys().copied()
+    }
+
+    /// Calls `f` with each live endpoint of `owner`'s table.
+    pub fn for_each_endpoint(&self, owner: NodeId, mut f: impl FnMut(&EndpointKey, &Endpoint)) {
+        let s = lock(&self.shared);
+        for (k, e) in s.tables.endpoints(owner) {
+            f(k, e);
+        }
+    }
+
+    /// Where this host's replica of `owner`'s table stands.
+    pub fn position(&self, owner: NodeId) -> Option<Position> {
+        lock(&self.shared).tables.position(owner)
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> GossipCounters {
+        lock(&self.shared).counters.clone()
+    }
+
+    /// Every host of the directory (and any other member SWIM knows), as this host sees it.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let s = lock(&self.shared);
+        let mut seen: HashMap<NodeId, PeerStatus> = HashMap::new();
+        for m in self.swim.iter_membership_state() {
+            let p = m.id();
+            let state = match m.state() {
+                State::Alive => "alive",
+                State::Suspect => "suspect",
+                State::Down => "down",
+            };
+            let newer = seen.get(&p.node).is_none_or(|old| old.generation < p.generation);
+            if newer {
+                seen.insert(
+                    p.node,
+                    PeerStatus {
+                        node: p.node,
+                        state,
+                        generation: p.generation,
+                        incarnation: m.incarnation(),
+                        table: None,
+                        endpoints: 0,
+                    },
+                );
+            }
+        }
+        for node in s.directory.keys() {
+            seen.entry(*node).or_insert(PeerStatus {
+                node: *node,
+                state: "unknown",
+                generation: 0,
+                incarnation: 0,
+                table: None,
+                endpoints: 0,
+            });
+        }
+        let mut out: Vec<PeerStatus> = seen
+            .into_values()
+            .map(|mut p| {
+                p.table = s.tables.position(p.node);
+                p.endpoints = s.tables.endpoints(p.node).count();
+                p
+            })
+            .collect();
+        out.sort_by_key(|p| p.node);
+        out
+    }
+}

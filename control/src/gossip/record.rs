@@ -1,0 +1,254 @@
+//! Endpoint records: one change to one host's endpoint table, signed by that host.
+//!
+//! A host is the only writer of its table. Each change gets the next version of the table's
+//! epoch (a new epoch starts each time the agent starts) and an Ed25519 signature under the
+//! host's gossip signing key, whose public half the host registered in Raft when it joined.
+//! Records travel as they were signed — piggybacked on SWIM messages, relayed by any host,
+//! served in anti-entropy — and every receiver checks the signature against the owner's
+//! registered key, so a host can neither add to nor delete from another host's table.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use ring::rand::SystemRandom;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+
+use crate::state::NodeId;
+
+/// Length of a record's signature.
+pub const SIGNATURE_LEN: usize = 64;
+/// Length of a public key.
+pub const PUBLIC_KEY_LEN: usize = 32;
+/// Longest endpoint name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Where an endpoint is: its network (by VNI) and address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EndpointKey {
+    /// The network's VNI.
+    pub vni: u32,
+    /// The container's address.
+    pub ip: Ipv4Addr,
+}
+
+/// What is known of an endpoint besides its key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// The container interface's MAC.
+    pub mac: [u8; 6],
+    /// The endpoint's name (as given at attach).
+    pub name: String,
+}
+
+/// The change a record makes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// The first record of an epoch: the owner (re)started its table; older epochs are void.
+    Epoch,
+    /// The endpoint exists.
+    Put(EndpointKey, Endpoint),
+    /// The endpoint is gone (a tombstone).
+    Delete(EndpointKey),
+}
+
+/// The table slot a record fills: later versions of the same slot replace earlier ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Slot {
+    /// The epoch marker.
+    Epoch,
+    /// An endpoint (present or deleted).
+    Endpoint(EndpointKey),
+}
+
+#[derive(Serialize)]
+struct BodyRef<'c> {
+    owner: NodeId,
+    epoch: u64,
+    version: u64,
+    change: &'c Change,
+}
+
+#[derive(Deserialize)]
+struct Body {
+    owner: NodeId,
+    epoch: u64,
+    version: u64,
+    change: Change,
+}
+
+/// Why record bytes were refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// Not a record (bad encoding, trailing bytes, too short for a signature).
+    #[error("malformed endpoint record")]
+    Malformed,
+    /// An endpoint name longer than [`MAX_NAME_LEN`], or version 0.
+    #[error("endpoint record out of bounds")]
+    OutOfBounds,
+    /// The signature does not verify under the owner's key.
+    #[error("endpoint record not signed by its owner")]
+    Forged,
+}
+
+/// A host's gossip signing key.
+pub struct Signer {
+    pair: Ed25519KeyPair,
+    pkcs8: Vec<u8>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Signer").field(&hex::encode(self.public_key())).finish()
+    }
+}
+
+impl Signer {
+    /// A fresh key.
+    pub fn generate() -> Signer {
+        let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("the system random source works");
+        Signer::from_pkcs8(doc.as_ref()).expect("a freshly generated key parses")
+    }
+
+    /// A key from its PKCS#8 document (as [`Signer::pkcs8`] gives it).
+    pub fn from_pkcs8(doc: &[u8]) -> Result<Signer, RecordError> {
+        let pair = Ed25519KeyPair::from_pkcs8(doc).map_err(|_| RecordError::Malformed)?;
+        Ok(Signer { pair, pkcs8: doc.to_vec() })
+    }
+
+    /// The PKCS#8 document, to store.
+    pub fn pkcs8(&self) -> &[u8] {
+        &self.pkcs8
+    }
+
+    /// The public key others verify with.
+    pub fn public_key(&self) -> [u8; PUBLIC_KEY_LEN] {
+        self.pair.public_key().as_ref().try_into().expect("an Ed25519 public key has 32 bytes")
+    }
+}
+
+/// A signed record, with the bytes it travels as. Cheap to clone (shared).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record(Arc<RecordData>);
+
+/// What a record says.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RecordData {
+    /// The host whose table this is.
+    pub owner: NodeId,
+    /// The table's epoch.
+    pub epoch: u64,
+    /// The change's version within the epoch (from 1).
+    pub version: u64,
+    /// The change.
+    pub change: Change,
+    wire: Box<[u8]>,
+}
+
+impl std::ops::Deref for Record {
+    type Target = RecordData;
+
+    fn deref(&self) -> &RecordData {
+        &self.0
+    }
+}
+
+impl Record {
+    /// Signs a change.
+    pub fn sign(signer: &Signer, owner: NodeId, epoch: u64, version: u64, change: Change) -> Record {
+        let body = BodyRef { owner, epoch, version, change: &change };
+        let mut wire = postcard::to_stdvec(&body).expect("a record always encodes");
+        let sig = signer.pair.sign(&wire);
+        wire.extend_from_slice(sig.as_ref());
+        Record(Arc::new(RecordData { owner, epoch, version, change, wire: wire.into() }))
+    }
+
+    /// Parses record bytes; the signature is not checked yet (see [`Record::verify`]).
+    pub fn decode(wire: &[u8]) -> Result<Record, RecordError> {
+        let body_len = wire.len().checked_sub(SIGNATURE_LEN).ok_or(RecordError::Malformed)?;
+        let (body, rest): (Body, _) =
+            postcard::take_from_bytes(&wire[..body_len]).map_err(|_| RecordError::Malformed)?;
+        if !rest.is_empty() {
+            return Err(RecordError::Malformed);
+        }
+        let change = body.change;
+        if body.version == 0 || matches!(&change, Change::Put(_, e) if e.name.len() > MAX_NAME_LEN) {
+            return Err(RecordError::OutOfBounds);
+        }
+        Ok(Record(Arc::new(RecordData {
+            owner: body.owner,
+            epoch: body.epoch,
+            version: body.version,
+            change,
+            wire: wire.into(),
+        })))
+    }
+
+    /// Checks the signature against the owner's public key.
+    pub fn verify(&self, public_key: &[u8; PUBLIC_KEY_LEN]) -> Result<(), RecordError> {
+        let (body, sig) = self.wire.split_at(self.wire.len() - SIGNATURE_LEN);
+        UnparsedPublicKey::new(&ED25519, public_key).verify(body, sig).map_err(|_| RecordError::Forged)
+    }
+
+    /// The bytes it travels as (body and signature).
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+
+    /// The slot it fills.
+    pub fn slot(&self) -> Slot {
+        match &self.change {
+            Change::Epoch => Slot::Epoch,
+            Change::Put(k, _) | Change::Delete(k) => Slot::Endpoint(*k),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put() -> Change {
+        Change::Put(
+            EndpointKey { vni: 4096, ip: Ipv4Addr::new(10, 128, 1, 2) },
+            Endpoint { mac: [2, 0x4f, 10, 128, 1, 2], name: "web-1".into() },
+        )
+    }
+
+    #[test]
+    fn a_record_round_trips_and_verifies_under_its_owners_key_only() {
+        let (a, b) = (Signer::generate(), Signer::generate());
+        let r = Record::sign(&a, 7, 3, 12, put());
+        let back = Record::decode(r.wire()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.verify(&a.public_key()), Ok(()));
+        assert_eq!(back.verify(&b.public_key()), Err(RecordError::Forged));
+        assert_eq!(back.slot(), Slot::Endpoint(EndpointKey { vni: 4096, ip: Ipv4Addr::new(10, 128, 1, 2) }));
+        let again = Signer::from_pkcs8(a.pkcs8()).unwrap();
+        assert_eq!(again.public_key(), a.public_key());
+    }
+
+    #[test]
+    fn tampering_is_caught_and_garbage_is_refused() {
+        let a = Signer::generate();
+        let r = Record::sign(&a, 7, 3, 12, Change::Delete(EndpointKey { vni: 1, ip: Ipv4Addr::new(10, 0, 0, 9) }));
+        for i in 0..r.wire().len() {
+            let mut w = r.wire().to_vec();
+            w[i] ^= 1;
+            match Record::decode(&w) {
+                Ok(t) => assert_eq!(t.verify(&a.public_key()), Err(RecordError::Forged), "byte {i}"),
+                Err(e) => assert!(matches!(e, RecordError::Malformed | RecordError::OutOfBounds), "byte {i}: {e}"),
+            }
+        }
+        assert_eq!(Record::decode(&[1, 2, 3]), Err(RecordError::Malformed));
+        let mut long = r.wire().to_vec();
+        long.insert(0, 0);
+        assert!(Record::decode(&long).is_err() || Record::decode(&long).unwrap().verify(&a.public_key()).is_err());
+        let big = Change::Put(
+            EndpointKey { vni: 1, ip: Ipv4Addr::new(10, 0, 0, 9) },
+            Endpoint { mac: [0; 6], name: "x".repeat(65) },
+        );
+        assert_eq!(Record::decode(Record::sign(&a, 1, 1, 1, big).wire()), Err(RecordError::OutOfBounds));
+        assert_eq!(Record::decode(Record::sign(&a, 1, 1, 0, put()).wire()), Err(RecordError::OutOfBounds));
+    }
+}
