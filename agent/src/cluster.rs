@@ -548,7 +548,7 @@ impl ClusterRuntime {
     }
 
     /// `overlayd network inspect`: the network, each host's block, and the endpoints of every
-    /// host that has a block (asked over the host API).
+    /// host that has a block (this host's own, the others' as gossip reports them).
     pub async fn network_inspect(&self, name: &str) -> Result<pb::NetworkInspectReply> {
         let view = self.follower.view();
         let net =
@@ -566,23 +566,36 @@ impl ClusterRuntime {
                 }
             })
             .collect();
+        // Other hosts' endpoints come from gossip: no host is asked, however many there are.
+        let heard = self.gossip.subscribe().borrow().clone();
         let mut endpoints = Vec::new();
         let mut unreachable = Vec::new();
-        for id in blocks.keys() {
+        for (id, cidr) in &blocks {
             let Some(node) = view.nodes.get(id) else { continue };
             if *id == self.membership.node_id {
                 let store = self.endpoints.lock().await;
                 endpoints.extend(store.in_network(name).map(|e| endpoint_pb(e, *id, &node.name)));
                 continue;
             }
-            let ask = async {
-                let mut c = self.follower.host(node.api_addr).await?;
-                anyhow::Ok(c.endpoints(pb::EndpointsRequest { network: name.to_owned() }).await?.into_inner().endpoints)
-            };
-            match tokio::time::timeout(Duration::from_secs(3), ask).await {
-                Ok(Ok(list)) => endpoints.extend(list),
-                Ok(Err(e)) => unreachable.push(format!("{}: {e}", node.name)),
-                Err(_) => unreachable.push(format!("{}: no answer within 3 s", node.name)),
+            if !heard.alive.contains(id) {
+                unreachable.push(format!("{}: down (its endpoints are withdrawn until it is back)", node.name));
+                continue;
+            }
+            for (k, e) in heard.endpoints.get(id).into_iter().flatten() {
+                if k.vni != net.vni || !cidr.contains(k.ip) {
+                    continue;
+                }
+                endpoints.push(pb::Endpoint {
+                    network: name.to_owned(),
+                    name: e.name.clone(),
+                    ip: k.ip.to_string(),
+                    prefix_len: u32::from(net.subnet.prefix()),
+                    mac: MacAddr(e.mac).to_string(),
+                    node_id: *id,
+                    node_name: node.name.clone(),
+                    host_ifname: String::new(),
+                    netns: String::new(),
+                });
             }
         }
         endpoints.sort_by_key(|e| e.ip.parse::<Ipv4Addr>().ok());

@@ -239,8 +239,14 @@ async fn run(
             }
             cmd = rx.recv() => match cmd {
                 None => return,
-                Some(Cmd::Put(k, e)) => node.put(k, e, &mut out),
-                Some(Cmd::Delete(k)) => node.delete(k, &mut out),
+                Some(Cmd::Put(k, e)) => {
+                    tracing::debug!(vni = k.vni, ip = %k.ip, "endpoint published");
+                    node.put(k, e, &mut out);
+                }
+                Some(Cmd::Delete(k)) => {
+                    tracing::debug!(vni = k.vni, ip = %k.ip, "endpoint withdrawn");
+                    node.delete(k, &mut out);
+                }
                 Some(Cmd::Directory(entries)) => {
                     let directory: Vec<NodeId> = entries.iter().map(|(n, _)| *n).collect();
                     node.set_directory(entries, &mut out);
@@ -311,6 +317,10 @@ async fn run(
 fn refresh(node: &GossipNode, view: &mut GossipView, owner: NodeId) {
     let mut list = Vec::new();
     node.for_each_endpoint(owner, |k, e| list.push((*k, e.clone())));
+    if tracing::enabled!(tracing::Level::DEBUG) && view.endpoints.get(&owner).map_or(!list.is_empty(), |l| *l != list) {
+        let ips: Vec<String> = list.iter().map(|(k, _)| k.ip.to_string()).collect();
+        tracing::debug!(owner, endpoints = %ips.join(","), "endpoints changed");
+    }
     if list.is_empty() {
         view.endpoints.remove(&owner);
     } else {

@@ -324,3 +324,26 @@ fn gossip_refuses_wrong_keys_forgeries_and_garbage_and_counts_them() {
     assert!(p["peers"].as_array().unwrap().iter().all(|x| x["state"] == "alive" || x["state"] == "self"), "{p}");
     containers[victim].0.ping_ok(eps[owner].1, 2).unwrap();
 }
+
+#[test]
+fn a_graceful_leave_is_withdrawn_everywhere_at_once() {
+    let bed = bed();
+    let c = form(&bed, 1, 3);
+    c.agents[0].json(&["network", "create", "blue"]).unwrap();
+    let eps: Vec<(usize, IpAddr)> = (0..4).map(|i| (i, c.attach(i, "blue", &format!("c{i}")).unwrap().1)).collect();
+    await_tables(&c, &eps, &[], T);
+    let leaving = 3;
+    let vtep = c.hosts[leaving].addr().to_string();
+    let started = Instant::now();
+    c.agents[leaving].json(&["leave"]).unwrap();
+    let left = started.elapsed();
+    let remaining: Vec<(usize, IpAddr)> = eps.iter().copied().filter(|(h, _)| *h != leaving).collect();
+    let took = await_tables(&c, &remaining, &[leaving], Duration::from_secs(5));
+    for i in 0..leaving {
+        let fdb = c.agents[i].fdb().unwrap();
+        let flood = fdb["networks"][0]["flood_list"].as_array().unwrap();
+        assert!(!flood.iter().any(|v| v == &vtep), "host {i} still floods to the host that left: {fdb}");
+    }
+    eprintln!("`overlayd leave` took {left:?}; withdrawn everywhere {took:?} after it returned");
+    assert!(took < Duration::from_secs(1), "a graceful leave took {took:?} to be withdrawn everywhere");
+}

@@ -60,12 +60,14 @@ pub struct Options {
     /// The `vpncloud` binary for [`scenario::Path::Vpncloud`] (None: looked up, see
     /// [`peers::vpncloud_binary`]).
     pub vpncloud: Option<PathBuf>,
+    /// The daemons' log filter (`OVERLAYD_LOG`; None: `$OVERLAYD_LOG`, else `info`).
+    pub log_filter: Option<String>,
 }
 
 impl Options {
     /// Defaults for the given binary.
     pub fn new(overlayd: impl Into<PathBuf>) -> Options {
-        Options { overlayd: overlayd.into(), underlay_mtu: 1500, vpncloud: None }
+        Options { overlayd: overlayd.into(), underlay_mtu: 1500, vpncloud: None, log_filter: None }
     }
 }
 
@@ -587,7 +589,8 @@ impl Host {
         let mut cmd = netns::command(&self.node.ns, &inner.options.overlayd);
         cmd.arg("--state-dir").arg(&state_dir).arg("daemon");
         cmd.args(args.iter().map(AsRef::as_ref));
-        cmd.env("OVERLAYD_LOG", std::env::var("OVERLAYD_LOG").unwrap_or_else(|_| "info".into()));
+        let filter = inner.options.log_filter.clone().or_else(|| std::env::var("OVERLAYD_LOG").ok());
+        cmd.env("OVERLAYD_LOG", filter.unwrap_or_else(|| "info".into()));
         let pid = inner.spawn(&format!("overlayd on {}", self.name), cmd, Some(&log))?;
         let agent = Agent { inner: Arc::clone(inner), pid, state_dir, log, host: self.name.clone() };
         let ready = measure::wait_for(Duration::from_secs(30), "overlayd to answer status", || {

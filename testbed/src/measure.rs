@@ -113,6 +113,13 @@ pub fn process_cpu_seconds(pid: u32) -> Result<f64> {
     Ok((utime + stime) as f64 / ticks_per_second())
 }
 
+/// A process's resident set size, KiB (`VmRSS` of /proc/PID/status).
+pub fn process_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("no process {pid}"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    line.split_whitespace().nth(1).context("bad VmRSS")?.parse().context("bad VmRSS")
+}
+
 /// The median of some values (NaN for none).
 pub fn median(values: &[f64]) -> f64 {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
