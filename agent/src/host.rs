@@ -264,12 +264,14 @@ impl Host {
             .values()
             .filter_map(|n| {
                 let (_, t) = tables.by_vni(n.spec.vni)?;
+                // A cluster network's entries are the endpoints gossip reports.
+                let origin = if n.spec.gateway.is_some() { "gossip" } else { "static" };
                 let mut fdb: Vec<pb::FdbEntry> = t
                     .fdb_entries()
                     .map(|(mac, vtep)| pb::FdbEntry {
                         mac: mac.to_string(),
                         vtep: vtep.to_string(),
-                        origin: "static".into(),
+                        origin: origin.into(),
                         ..Default::default()
                     })
                     .chain(learned.entries().filter(|(v, ..)| *v == n.spec.vni).map(|(_, mac, vtep, seen)| {

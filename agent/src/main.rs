@@ -38,14 +38,22 @@ const DEFAULT_STATE_DIR: &str = "/var/lib/overlayd";
         `overlayd daemon`: it creates a bridge and a TAP device per network, and carries the \
         containers' Ethernet frames to other hosts inside VXLAN (RFC 7348, UDP port 4789, \
         interoperable with Linux's vxlan device) from a userspace dataplane.\n\n\
-        Today the daemon runs in static mode: you tell it its underlay address, the networks \
-        (VNI) and the peer VTEPs. The other commands talk to the running daemon over the Unix \
-        socket in its state dir.",
-    after_help = "Example: two hosts, 198.18.0.1 and 198.18.0.2, one network with VNI 100\n  \
+        Hosts form a cluster as with `docker swarm`: `overlayd init` on the first, `overlayd join` \
+        with the printed token on the others; managers keep the shared state with Raft, and every \
+        host learns which hosts are alive and where every container is by gossip (UDP 7946). \
+        Without a cluster the daemon runs in static mode: you give it its underlay address, the \
+        networks (VNI) and the peer VTEPs. The other commands talk to the running daemon over the \
+        Unix socket in its state dir.",
+    after_help = "A cluster of three hosts:\n  \
+        every host# overlayd daemon\n  \
+        h1# overlayd init --advertise-addr 198.18.0.1      (prints the join tokens)\n  \
+        h2# overlayd join 198.18.0.1 --token OVL1-… --advertise-addr 198.18.0.2\n  \
+        h1# overlayd network create web\n  \
+        h2# overlayd attach --network web --netns /run/netns/app1\n  \
+        h2# overlayd peers; overlayd fdb; overlayd status\n\n\
+        Static mode, two hosts, one network with VNI 100:\n  \
         host1# overlayd daemon --underlay-addr 198.18.0.1 --vni 100 --peer 198.18.0.2\n  \
-        host2# overlayd daemon --underlay-addr 198.18.0.2 --vni 100 --peer 198.18.0.1\n  \
-        then attach containers' veths to the bridge ovbr-100 on each host, and:\n  \
-        host1# overlayd status"
+        host2# overlayd daemon --underlay-addr 198.18.0.2 --vni 100 --peer 198.18.0.1"
 )]
 struct Cli {
     /// Where the daemon keeps its socket (and, later, its cluster state). Several daemons on

@@ -253,7 +253,8 @@ fn install_signal_cleanup() {
 
 static WAKE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
-/// Removes namespaces left by testbed processes that are gone, and whatever runs inside them.
+/// Removes namespaces (and whatever runs inside them) and directories left by testbed
+/// processes that are gone.
 fn sweep_stale() {
     for ns in netns::list() {
         let Some(rest) = ns.strip_prefix(&format!("{PREFIX}-")) else {
@@ -271,6 +272,20 @@ fn sweep_stale() {
             unsafe { libc::kill(p, libc::SIGKILL) };
         }
         netns::delete(&ns);
+    }
+    // And the directories (state, logs) of testbeds whose process is gone: kept after a
+    // failure for a look at the logs, removed by the next run.
+    for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&format!("{PREFIX}-"))) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 //! and tokio timers; the simulation (see [`super::sim`]) from an in-memory network and a
 //! simulated clock.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::num::{NonZeroU8, NonZeroUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::record::{Change, Endpoint, EndpointKey, PUBLIC_KEY_LEN, Record, RecordError, Signer};
 use super::seal::{GossipKey, Kind, OVERHEAD, SealError};
-use super::sync::{self, Summary, SyncMessage, Want, serde_bytes_vec::Bytes};
+use super::sync::{self, MemberInfo, Summary, SyncMessage, Want, serde_bytes_vec::Bytes};
 use super::tables::{Applied, EndpointTables, Position, bucket};
 use crate::state::NodeId;
 
@@ -74,8 +74,11 @@ pub struct GossipConfig {
     pub sync_budget: usize,
     /// Largest datagram (sealed).
     pub max_datagram: usize,
-    /// Hosts the cluster is sized for (sets how often each update is retransmitted).
+    /// Hosts the cluster is sized for (sets SWIM's defaults).
     pub cluster_size: u32,
+    /// How many times each host passes on each update and record it learns (anti-entropy
+    /// repairs what this misses).
+    pub max_transmissions: u8,
 }
 
 impl Default for GossipConfig {
@@ -92,6 +95,7 @@ impl Default for GossipConfig {
             sync_budget: 32 * 1024,
             max_datagram: 1400,
             cluster_size: 1000,
+            max_transmissions: 6,
         }
     }
 }
@@ -105,7 +109,7 @@ impl GossipConfig {
         c.remove_down_after = Some(self.remove_down_after);
         c.max_packet_size = NonZeroUsize::new(self.max_datagram - OVERHEAD).expect("room for a payload");
         c.num_indirect_probes = NonZeroUsize::new(self.gossip_fanout.max(1)).expect("non-zero");
-        c.max_transmissions = c.max_transmissions.max(NonZeroU8::new(6).expect("non-zero"));
+        c.max_transmissions = NonZeroU8::new(self.max_transmissions.max(1)).expect("non-zero");
         c.periodic_gossip = Some(foca::PeriodicParams {
             frequency: self.gossip_interval,
             num_members: NonZeroUsize::new(self.gossip_fanout.max(1)).expect("non-zero"),
@@ -137,7 +141,7 @@ pub struct Timer(TimerKind);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum TimerKind {
-    Swim(foca::Timer<Peer>),
+    Swim(u32, foca::Timer<Peer>),
     Sync,
     Eager,
 }
@@ -202,6 +206,8 @@ pub struct GossipCounters {
     pub records_malformed: u64,
     /// Anti-entropy rounds started.
     pub sync_rounds: u64,
+    /// Times this host came back from a silence as a new incarnation (cut off, or stalled).
+    pub rebirths: u64,
     /// Records received through anti-entropy that were new (repairs).
     pub sync_repaired: u64,
     /// Records sent in anti-entropy answers.
@@ -249,7 +255,7 @@ enum Never {}
 #[derive(Debug)]
 struct Shared {
     tables: EndpointTables,
-    directory: HashMap<NodeId, DirectoryEntry>,
+    directory: BTreeMap<NodeId, DirectoryEntry>,
     counters: GossipCounters,
     changed: BTreeSet<NodeId>,
     fresh: bool,
@@ -347,6 +353,8 @@ impl foca::Runtime<Peer> for Outbox {
 
 /// Most Digest datagrams one Hello is answered with.
 const MAX_DIGESTS: usize = 4;
+/// Most suspects told per anti-entropy round.
+const MAX_TOLD_SUSPECTS: usize = 16;
 
 type Swim = Foca<Peer, PostcardCodec, SmallRng, Handler>;
 
@@ -367,6 +375,11 @@ pub struct GossipNode {
     scratch: Vec<u8>,
     pending_sends: Vec<(SocketAddr, Vec<u8>)>,
     pending_timers: Vec<(Duration, Timer)>,
+    /// When an authenticated datagram last arrived (see `heard`).
+    last_heard: Option<Duration>,
+    /// Which SWIM instance this is (timers carry it).
+    life: u32,
+    pending_events: Vec<Event>,
 }
 
 impl std::fmt::Debug for GossipNode {
@@ -381,7 +394,7 @@ impl GossipNode {
     pub fn new(me: Peer, config: GossipConfig, key: GossipKey, signer: Signer, epoch: u64, seed: u64) -> GossipNode {
         let shared = Arc::new(Mutex::new(Shared {
             tables: EndpointTables::new(me.node),
-            directory: HashMap::new(),
+            directory: BTreeMap::new(),
             counters: GossipCounters::default(),
             changed: BTreeSet::new(),
             fresh: false,
@@ -409,6 +422,9 @@ impl GossipNode {
             scratch: Vec::new(),
             pending_sends: Vec::new(),
             pending_timers: Vec::new(),
+            last_heard: None,
+            life: 0,
+            pending_events: Vec::new(),
         }
     }
 
@@ -482,6 +498,7 @@ impl GossipNode {
 
     /// A datagram arrived on the gossip socket.
     pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, datagram: &mut [u8], out: &mut Output) {
+        self.check_silence(now);
         let updates_before = self.swim.updates_backlog();
         {
             let mut s = lock(&self.shared);
@@ -498,6 +515,7 @@ impl GossipNode {
                 }
             }
             Ok((Kind::Swim, payload)) => {
+                self.heard(now);
                 if let Err(e) = self.swim.handle_data(payload, &mut self.outbox) {
                     if !matches!(e, foca::Error::DataFromOurselves) {
                         lock(&self.shared).counters.rx_malformed += 1;
@@ -505,7 +523,10 @@ impl GossipNode {
                 }
             }
             Ok((Kind::Sync, payload)) => match SyncMessage::decode(payload) {
-                Some(m) => self.handle_sync(from, m),
+                Some(m) => {
+                    self.heard(now);
+                    self.handle_sync(from, m)
+                }
                 None => lock(&self.shared).counters.rx_malformed += 1,
             },
         }
@@ -518,9 +539,13 @@ impl GossipNode {
 
     /// A timer this node armed expired.
     pub fn handle_timer(&mut self, now: Duration, timer: Timer, out: &mut Output) {
+        self.check_silence(now);
         match timer.0 {
-            TimerKind::Swim(t) => {
-                let _ = self.swim.handle_timer(t, &mut self.outbox);
+            TimerKind::Swim(life, t) => {
+                // A timer of a SWIM instance since replaced (see `rebirth`) is void.
+                if life == self.life {
+                    let _ = self.swim.handle_timer(t, &mut self.outbox);
+                }
             }
             TimerKind::Sync => {
                 let jitter = self.rng.random_range(0.8..1.2);
@@ -529,6 +554,7 @@ impl GossipNode {
                     self.announce(3);
                 } else {
                     self.sync_round();
+                    self.tell_suspects();
                 }
             }
             TimerKind::Eager => {
@@ -537,6 +563,62 @@ impl GossipNode {
             }
         }
         self.flush(out);
+    }
+
+    /// An authenticated datagram arrived.
+    fn heard(&mut self, now: Duration) {
+        self.last_heard = Some(now);
+    }
+
+    /// A host that has heard nothing for longer than a suspicion lasts is cut off (or was
+    /// stalled), or alone: what its SWIM instance concludes meanwhile — every member it cannot
+    /// reach suspected, then declared down, those verdicts queued to be gossiped — is about
+    /// itself, not them, and spreading it once the cut heals would take healthy hosts down
+    /// everywhere. So it withdraws everyone locally and starts over as a new incarnation that
+    /// announces itself until it is heard again (see `rebirth`).
+    fn check_silence(&mut self, now: Duration) {
+        if self.last_heard.is_some_and(|t| now.saturating_sub(t) > self.config.suspect_to_down) {
+            self.last_heard = None;
+            self.rebirth();
+        }
+    }
+
+    /// Replaces the SWIM instance with a fresh one under a renewed identity, which announces
+    /// itself; the endpoint tables stay (anti-entropy brings them up to date). Every member is
+    /// down until heard from again.
+    fn rebirth(&mut self) {
+        let next = foca::Identity::renew(self.identity()).expect("a Peer always renews");
+        self.life += 1;
+        let seed = self.rng.random();
+        self.swim = Foca::with_custom_broadcast(
+            next,
+            self.config.foca(),
+            SmallRng::seed_from_u64(seed),
+            PostcardCodec,
+            Handler(Arc::clone(&self.shared)),
+        );
+        for (node, _) in self.live.drain() {
+            self.pending_events.push(Event::PeerDown(node));
+        }
+        lock(&self.shared).counters.rebirths += 1;
+        self.announce(3);
+    }
+
+    /// Tells each member this host suspects so, directly: a suspicion's gossip may have been
+    /// spent while the member was unreachable, and a member that never learns it is suspected
+    /// cannot refute it.
+    fn tell_suspects(&mut self) {
+        let me = self.identity().node;
+        let suspects: Vec<(SocketAddr, u16)> = self
+            .swim
+            .iter_membership_state()
+            .filter(|m| m.state() == State::Suspect)
+            .take(MAX_TOLD_SUSPECTS)
+            .map(|m| (m.id().addr, m.incarnation()))
+            .collect();
+        for (addr, incarnation) in suspects {
+            self.send_sync(addr, &SyncMessage::Suspected { by: me, incarnation });
+        }
     }
 
     /// Passes news on now, or as soon as `eager_delay` since the last push allows.
@@ -591,18 +673,75 @@ impl GossipNode {
             let owners = s.tables.owners().count();
             s.tables.bucket_hashes(sync::buckets_for(owners))
         };
-        self.send_sync(to, &SyncMessage::Hello { hashes });
+        let members = self.swim.num_members() as u32;
+        self.send_sync(to, &SyncMessage::Hello { hashes, members });
     }
 
     fn handle_sync(&mut self, from: SocketAddr, m: SyncMessage) {
         match m {
-            SyncMessage::Hello { hashes } => self.on_hello(from, &hashes),
+            SyncMessage::Hello { hashes, members } => {
+                self.on_hello(from, &hashes);
+                if (members as usize) < self.swim.num_members() {
+                    self.send_members(from);
+                }
+            }
+            SyncMessage::Members { members } => self.on_members(&members),
+            SyncMessage::Suspected { by, incarnation } => self.on_suspected(from, by, incarnation),
             SyncMessage::Digest { buckets, covered, summaries } => self.on_digest(from, buckets, &covered, &summaries),
             SyncMessage::Pull { wants } => self.on_pull(from, &wants),
             SyncMessage::Records { owner, epoch, from: start, upto, items } => {
                 self.on_records(owner, epoch, start, upto, &items)
             }
         }
+    }
+
+    /// Sends the members this host holds active to a host that knows fewer (one that just
+    /// started or rejoined): SWIM alone would introduce them only as they happen to call.
+    fn send_members(&mut self, to: SocketAddr) {
+        let room = self.payload_max() - 16;
+        let mut msgs = Vec::new();
+        let (mut batch, mut size, mut total) = (Vec::new(), 0usize, 0usize);
+        for m in self.swim.iter_members() {
+            let info = MemberInfo { peer: m.id().clone(), incarnation: m.incarnation() };
+            let len = postcard::to_stdvec(&info).map_or(usize::MAX, |v| v.len());
+            if size + len > room && !batch.is_empty() {
+                msgs.push(SyncMessage::Members { members: std::mem::take(&mut batch) });
+                size = 0;
+            }
+            total += len;
+            if total > self.config.sync_budget {
+                break;
+            }
+            size += len;
+            batch.push(info);
+        }
+        if !batch.is_empty() {
+            msgs.push(SyncMessage::Members { members: batch });
+        }
+        for m in msgs {
+            self.send_sync(to, &m);
+        }
+    }
+
+    fn on_members(&mut self, members: &[MemberInfo]) {
+        let me = self.identity().node;
+        let known: Vec<Member<Peer>> = {
+            let s = lock(&self.shared);
+            members
+                .iter()
+                .filter(|m| m.peer.node != me && s.directory.contains_key(&m.peer.node))
+                .map(|m| Member::new(m.peer.clone(), m.incarnation, State::Alive))
+                .collect()
+        };
+        let _ = self.swim.apply_many(known.into_iter(), false, &mut self.outbox);
+    }
+
+    /// Another host suspects this one: refute (a higher incarnation), and tell it at once.
+    fn on_suspected(&mut self, from: SocketAddr, by: NodeId, incarnation: u16) {
+        let me = self.identity().clone();
+        let _ =
+            self.swim.apply_many(std::iter::once(Member::new(me, incarnation, State::Suspect)), true, &mut self.outbox);
+        let _ = self.swim.announce(Peer { node: by, addr: from, generation: 0 }, &mut self.outbox);
     }
 
     fn payload_max(&self) -> usize {
@@ -835,7 +974,9 @@ impl GossipNode {
             out.datagrams.push((to.addr, sealed));
         }
         out.datagrams.append(&mut self.pending_sends);
-        out.timers.extend(self.outbox.timers.drain(..).map(|(d, t)| (d, Timer(TimerKind::Swim(t)))));
+        let life = self.life;
+        out.timers.extend(self.outbox.timers.drain(..).map(|(d, t)| (d, Timer(TimerKind::Swim(life, t)))));
+        out.events.append(&mut self.pending_events);
         out.timers.append(&mut self.pending_timers);
         for n in self.outbox.notes.drain(..) {
             match n {

@@ -23,6 +23,15 @@ pub struct Summary {
     pub position: Position,
 }
 
+/// A member as a [`SyncMessage::Members`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// Its identity.
+    pub peer: super::node::Peer,
+    /// Its SWIM incarnation.
+    pub incarnation: u16,
+}
+
 /// A request for an owner's records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Want {
@@ -41,6 +50,20 @@ pub enum SyncMessage {
     Hello {
         /// One fingerprint per bucket (see [`super::tables::bucket`]).
         hashes: Vec<u64>,
+        /// How many members the sender knows alive: a receiver that knows more sends them.
+        members: u32,
+    },
+    /// Members the sender holds alive, for a host that knows fewer.
+    Members {
+        /// Each with its incarnation.
+        members: Vec<MemberInfo>,
+    },
+    /// The sender suspects the receiver (which should refute at once).
+    Suspected {
+        /// The sender's node id.
+        by: NodeId,
+        /// The receiver's incarnation the suspicion is about.
+        incarnation: u16,
     },
     /// The sender's positions for some buckets that differ from the Hello's.
     Digest {
@@ -147,7 +170,8 @@ mod tests {
     #[test]
     fn messages_round_trip_and_garbage_does_not_decode() {
         let msgs = [
-            SyncMessage::Hello { hashes: vec![1, u64::MAX] },
+            SyncMessage::Hello { hashes: vec![1, u64::MAX], members: 3 },
+            SyncMessage::Suspected { by: 4, incarnation: 2 },
             SyncMessage::Digest {
                 buckets: 4,
                 covered: vec![1, 3],

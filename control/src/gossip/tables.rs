@@ -92,7 +92,13 @@ impl EndpointTables {
         if record.epoch > r.epoch {
             *r = Replica { epoch: record.epoch, ..Replica::default() };
         }
-        r.above.insert(record.version);
+        // In order (the common case): no detour through `above`, which would leave an empty
+        // tree node behind in every replica.
+        if record.version == r.watermark + 1 && r.above.is_empty() {
+            r.watermark += 1;
+        } else {
+            r.above.insert(record.version);
+        }
         match r.slots.binary_search_by_key(&record.slot(), Record::slot) {
             Ok(i) if r.slots[i].version >= record.version => {}
             Ok(i) => r.slots[i] = record,
