@@ -260,12 +260,14 @@ fn run(cli: &Cli, hosts: usize) -> Result<serde_json::Value> {
     let per_change = (churn.wire - steady.wire) * CHANGE_EVERY.as_secs_f64();
     say(&format!(
         "each endpoint change costs every host {per_change:.0} B sent (with headers); warm start {:.1} s; \
-         {:.0} s simulated in {:.1} s wall; peak RSS {rss_text}; anti-entropy repaired {} records in {} rounds",
+         {:.0} s simulated in {:.1} s wall; peak RSS {rss_text}; anti-entropy repaired {} records in {} rounds; \
+         {} hosts started over after a silence",
         built.as_secs_f64(),
         simulated.as_secs_f64(),
         wall.as_secs_f64(),
         counters.sync_repaired,
         counters.sync_rounds,
+        counters.rebirths,
     ));
     say("");
     Ok(json!({

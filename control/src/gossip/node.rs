@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::num::{NonZeroU8, NonZeroUsize};
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -74,18 +74,17 @@ pub struct GossipConfig {
     pub sync_budget: usize,
     /// Largest datagram (sealed).
     pub max_datagram: usize,
-    /// Hosts the cluster is sized for (sets SWIM's defaults).
+    /// Hosts the cluster is sized for: each host passes every update and record it learns on
+    /// 4·log10(N+1) times (SWIM's rule, which lets a rumour reach all N hosts). The agent
+    /// follows the directory's size.
     pub cluster_size: u32,
-    /// How many times each host passes on each update and record it learns (anti-entropy
-    /// repairs what this misses).
-    pub max_transmissions: u8,
 }
 
 impl Default for GossipConfig {
     fn default() -> Self {
         GossipConfig {
-            probe_period: Duration::from_millis(500),
-            probe_rtt: Duration::from_millis(200),
+            probe_period: Duration::from_millis(400),
+            probe_rtt: Duration::from_millis(150),
             suspect_to_down: Duration::from_millis(1500),
             remove_down_after: Duration::from_secs(15),
             gossip_interval: Duration::from_millis(200),
@@ -95,7 +94,6 @@ impl Default for GossipConfig {
             sync_budget: 32 * 1024,
             max_datagram: 1400,
             cluster_size: 1000,
-            max_transmissions: 6,
         }
     }
 }
@@ -109,7 +107,6 @@ impl GossipConfig {
         c.remove_down_after = Some(self.remove_down_after);
         c.max_packet_size = NonZeroUsize::new(self.max_datagram - OVERHEAD).expect("room for a payload");
         c.num_indirect_probes = NonZeroUsize::new(self.gossip_fanout.max(1)).expect("non-zero");
-        c.max_transmissions = NonZeroU8::new(self.max_transmissions.max(1)).expect("non-zero");
         c.periodic_gossip = Some(foca::PeriodicParams {
             frequency: self.gossip_interval,
             num_members: NonZeroUsize::new(self.gossip_fanout.max(1)).expect("non-zero"),
@@ -457,6 +454,12 @@ impl GossipNode {
         };
         if !gone.is_empty() {
             let _ = self.swim.apply_many(gone.into_iter().map(Member::down), true, &mut self.outbox);
+        }
+        let size = lock(&self.shared).directory.len() as u32 + 1;
+        if size != self.config.cluster_size {
+            self.config.cluster_size = size;
+            // Only the retransmission count follows the size; foca accepts that at run time.
+            let _ = self.swim.set_config(self.config.foca());
         }
         if self.swim.num_members() == 0 {
             self.announce(3);

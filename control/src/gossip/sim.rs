@@ -363,6 +363,7 @@ impl Simulation {
             t.sync_rounds += c.sync_rounds;
             t.sync_repaired += c.sync_repaired;
             t.sync_records_sent += c.sync_records_sent;
+            t.rebirths += c.rebirths;
         }
         t
     }
