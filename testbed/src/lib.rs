@@ -82,6 +82,8 @@ struct Inner {
 #[derive(Default)]
 struct State {
     namespaces: Vec<String>,
+    /// Every host's namespace, underlay address and underlay MAC, for the pinned neighbours.
+    underlay: Vec<(String, Ipv4Addr, String)>,
     children: HashMap<u32, (String, Child)>,
     hosts: u32,
     logs: Vec<(String, PathBuf)>,
@@ -175,8 +177,11 @@ impl Testbed {
             &mtu,
         ])?;
         netns::ip(["-n", &self.inner.switch, "link", "set", &name, "master", "br0", "up"])?;
+        let mac = format!("02:18:00:{:02x}:{:02x}:{:02x}", index >> 16 & 0xff, index >> 8 & 0xff, index & 0xff);
+        netns::ip(["-n", &ns, "link", "set", "ul0", "address", &mac])?;
         netns::ip(["-n", &ns, "addr", "add", &format!("{addr}/{UNDERLAY_PREFIX_LEN}"), "dev", "ul0"])?;
         netns::ip(["-n", &ns, "link", "set", "ul0", "up"])?;
+        self.inner.pin_neighbours(&ns, addr, mac)?;
         Ok(Host { node: Node { ns, inner: Arc::clone(&self.inner) }, name, addr: IpAddr::V4(addr) })
     }
 
@@ -299,6 +304,42 @@ fn quiet_ipv6(ns: &str) -> Result<()> {
 impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pins the new host's underlay neighbours, and it in every other host, as permanent
+    /// entries. The kernel's ARP table is one for all namespaces, and its dynamic entries are
+    /// capped machine-wide (`gc_thresh3`, 1024 by default): a cluster of a few dozen hosts that
+    /// all talk to each other fills it, and then new resolutions fail with ENOBUFS. Permanent
+    /// entries do not count against the cap and need no ARP at all.
+    fn pin_neighbours(&self, ns: &str, addr: Ipv4Addr, mac: String) -> Result<()> {
+        let others = {
+            let mut st = self.lock();
+            let others = st.underlay.clone();
+            st.underlay.push((ns.to_owned(), addr, mac.clone()));
+            others
+        };
+        if others.is_empty() {
+            return Ok(());
+        }
+        let mine: String =
+            others.iter().map(|(_, a, m)| format!("neigh replace {a} lladdr {m} dev ul0 nud permanent\n")).collect();
+        netns::ip_batch(ns, &mine)?;
+        for (other, _, _) in &others {
+            netns::ip([
+                "-n",
+                other,
+                "neigh",
+                "replace",
+                &addr.to_string(),
+                "lladdr",
+                &mac,
+                "dev",
+                "ul0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        Ok(())
     }
 
     fn add_namespace(&self, ns: &str) -> Result<()> {

@@ -35,6 +35,30 @@ where
     run("ip", args)
 }
 
+/// `ip -n <ns> -batch -` with `commands` (one `ip` command per line, without the `ip`) on
+/// standard input: many changes for the price of one process.
+pub fn ip_batch(ns: &str, commands: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run `ip` (is iproute2 installed?)")?;
+    child
+        .stdin
+        .take()
+        .context("ip's standard input")?
+        .write_all(commands.as_bytes())
+        .context("writing to `ip -batch`")?;
+    let out = child.wait_with_output().context("waiting for `ip -batch`")?;
+    if !out.status.success() {
+        bail!("`ip -n {ns} -batch -` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
 /// Creates a namespace with its loopback up.
 pub fn add(name: &str) -> Result<()> {
     ip(["netns", "add", name])?;
