@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use dataplane::linux::Offloads;
+use dataplane::linux::{LoopThreads, Offloads};
 use dataplane::{MacAddr, Vni};
 use serde::Deserialize;
 
@@ -29,6 +29,7 @@ pub struct FileConfig {
     pub source_ports: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
     pub offloads: Option<String>,
+    pub dataplane_threads: Option<u8>,
     #[serde(default, rename = "network")]
     pub networks: Vec<FileNetwork>,
 }
@@ -87,6 +88,7 @@ pub struct StaticConfig {
     pub source_port_count: u16,
     pub metrics_addr: Option<SocketAddr>,
     pub offloads: Offloads,
+    pub dataplane_threads: LoopThreads,
     pub networks: Vec<NetworkConfig>,
 }
 
@@ -156,6 +158,7 @@ pub struct FlagSettings {
     pub source_ports: Option<(u16, u16)>,
     pub metrics_addr: Option<SocketAddr>,
     pub offloads: Option<Offloads>,
+    pub dataplane_threads: Option<LoopThreads>,
     pub network: FlagNetwork,
 }
 
@@ -237,6 +240,12 @@ pub fn resolve(file: FileConfig, flags: FlagSettings) -> Result<StaticConfig> {
             (Some(o), _) => o,
             (None, Some(s)) => Offloads::parse(s).map_err(|e| anyhow::anyhow!("offloads in the config file: {e}"))?,
             (None, None) => Offloads::default(),
+        },
+        dataplane_threads: match (flags.dataplane_threads, file.dataplane_threads) {
+            (Some(t), _) => t,
+            (None, Some(n)) => LoopThreads::parse(&n.to_string())
+                .map_err(|e| anyhow::anyhow!("dataplane_threads in the config file: {e}"))?,
+            (None, None) => LoopThreads::default(),
         },
         networks,
     };
@@ -396,5 +405,19 @@ mod tests {
         assert_eq!(parse_port_range("61000-61015"), Ok((61_000, 16)));
         assert!(parse_fdb_entry("02:4f:0a:00:00:02").unwrap_err().contains("MAC=VTEP"));
         assert!(parse_arp_entry("10.0.0.2=zz").is_err());
+        let three = FileConfig { dataplane_threads: Some(3), ..Default::default() };
+        assert!(e(three, flags(1, &[])).contains("dataplane_threads in the config file"));
+    }
+
+    #[test]
+    fn hot_loop_threads_come_from_the_flag_then_the_file() {
+        let file = FileConfig { dataplane_threads: Some(2), ..Default::default() };
+        let c = resolve(FileConfig::default(), flags(1, &[])).unwrap();
+        assert_eq!(c.dataplane_threads, LoopThreads::One, "one thread by default");
+        assert_eq!(resolve(file, flags(1, &[])).unwrap().dataplane_threads, LoopThreads::PerDirection);
+        let file = FileConfig { dataplane_threads: Some(2), ..Default::default() };
+        let mut one = flags(1, &[]);
+        one.dataplane_threads = Some(LoopThreads::One);
+        assert_eq!(resolve(file, one).unwrap().dataplane_threads, LoopThreads::One, "the flag wins");
     }
 }

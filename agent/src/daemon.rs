@@ -88,6 +88,7 @@ pub async fn run(config: StaticConfig, state_dir: PathBuf) -> Result<()> {
         source_port_base: config.source_port_base,
         source_port_count: config.source_port_count,
         offloads: config.offloads,
+        threads: config.dataplane_threads,
     };
     let ctx = ClusterContext {
         state_dir: state_dir.clone(),

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use control::cidr::Ipv4Cidr;
-use dataplane::linux::{Dataplane, DataplaneConfig, Offloads};
+use dataplane::linux::{Dataplane, DataplaneConfig, LoopThreads, Offloads};
 use dataplane::tables::{BlockOwner, NetworkSettings};
 use dataplane::{MacAddr, Vni};
 use proto as pb;
@@ -32,6 +32,7 @@ pub struct DataplaneSettings {
     pub source_port_base: u16,
     pub source_port_count: u16,
     pub offloads: Offloads,
+    pub threads: LoopThreads,
 }
 
 /// Where a cluster network's gateway is and which block is this host's.
@@ -87,6 +88,7 @@ impl Host {
         config.source_port_base = settings.source_port_base;
         config.source_port_count = settings.source_port_count;
         config.offloads = settings.offloads;
+        config.threads = settings.threads;
         let dataplane = Dataplane::start(config).with_context(|| {
             format!(
                 "cannot start the dataplane on {underlay_addr}:{} (is another VXLAN endpoint, overlayd or a kernel vxlan \
@@ -251,6 +253,7 @@ impl Host {
             networks,
             counters: Some(counters(&self.dataplane.counters().snapshot())),
             cluster: None,
+            dataplane_threads: u32::from(self.dataplane.config().threads.count()),
         }
     }
 

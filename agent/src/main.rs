@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dataplane::alloc_count::CountingAllocator;
-use dataplane::linux::Offloads;
+use dataplane::linux::{LoopThreads, Offloads};
 use dataplane::{MacAddr, Vni};
 use proto as pb;
 
@@ -251,7 +251,9 @@ Config file example:\n\n\
   # underlay_mtu = 1500             # default: the MTU of the interface holding underlay_addr\n\
   # vxlan_port = 4789\n\
   # source_ports = \"61000-61015\"    # outer UDP source ports, picked by inner-flow hash\n\
-  # metrics_addr = \"127.0.0.1:9477\" # Prometheus text at GET /metrics\n\n\
+  # metrics_addr = \"127.0.0.1:9477\" # Prometheus text at GET /metrics\n\
+  # offloads = \"all\"               # or none, or some of tap,gso,gro,coalesce\n\
+  # dataplane_threads = 1           # 2: a hot-loop thread per direction\n\n\
   [[network]]\n\
   name = \"blue\"                     # bridge ovbr-blue, TAP ovt-blue (name: up to 10 characters)\n\
   vni = 100\n\
@@ -295,6 +297,13 @@ struct DaemonArgs {
     /// and for measuring each on its own.
     #[arg(long, env = "OVERLAYD_OFFLOADS", value_name = "LIST", value_parser = Offloads::parse)]
     offloads: Option<Offloads>,
+
+    /// Threads of the hot loops: 1 runs both directions on one thread (the default: what the
+    /// kernel answers while the thread writes to a TAP, a ping's reply or a TCP ACK, leaves
+    /// without waking another thread), 2 gives each direction its own thread (for heavy traffic
+    /// both ways on a host with cores to spare).
+    #[arg(long, env = "OVERLAYD_DATAPLANE_THREADS", value_name = "1|2", value_parser = LoopThreads::parse)]
+    dataplane_threads: Option<LoopThreads>,
 
     /// Log filter (tracing syntax: error, warn, info, debug, or per-module).
     #[arg(long, env = "OVERLAYD_LOG", default_value = "info", value_name = "FILTER")]
@@ -382,6 +391,7 @@ fn run(cli: Cli) -> Result<()> {
                 source_ports: args.source_ports,
                 metrics_addr: args.metrics_addr,
                 offloads: args.offloads,
+                dataplane_threads: args.dataplane_threads,
                 network: config::FlagNetwork {
                     vni: n.vni,
                     name: n.name,

@@ -63,6 +63,13 @@ pub fn status(s: &pb::StatusReply) -> String {
             on(f.coalesce)
         );
     }
+    if s.dataplane_threads > 0 {
+        let _ = writeln!(
+            o,
+            "hot loops  {}",
+            if s.dataplane_threads == 1 { "1 thread for both directions" } else { "a thread per direction" }
+        );
+    }
     let _ = writeln!(
         o,
         "\nNETWORK     VNI       BRIDGE         TAP            MTU    LEARN  FLOOD  FDB    LEARNED  ARP    BLOCKS  LOCAL BLOCK"

@@ -9,8 +9,8 @@
 //!   writer API that programs them, and data-plane learning as a fallback;
 //! - [`counters`]: what was forwarded and every drop by reason;
 //! - `linux` (Linux only): the I/O shell — TAP devices opened with ioctls, the UDP sockets,
-//!   and one hot-loop thread per direction with batched system calls and no per-packet
-//!   allocation, lock or log line.
+//!   and the hot loops (one thread for both directions, or one per direction) with batched
+//!   system calls and no per-packet allocation, lock or log line.
 //!
 //! **What it is not.** It does not talk to other agents, decide which networks exist or which
 //! hosts are peers, or create bridges: that is `control` (cluster state) and `agent` (the

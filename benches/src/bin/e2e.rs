@@ -43,8 +43,9 @@ struct Cli {
     /// Seconds per iperf3 test.
     #[arg(long, default_value_t = 10)]
     seconds: u32,
-    /// overlayd offload variants to measure besides the default (all), each an --offloads
-    /// value: e.g. none,tap,tap+gso,tap+gso+gro (`+` separates, as `,` separates variants).
+    /// overlayd variants to measure besides the default, each an --offloads value (e.g.
+    /// none,tap,tap+gso,tap+gso+gro: `+` separates, as `,` separates variants) or
+    /// `threads=N` for `--dataplane-threads N`.
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
     /// Skip the plain-veth ceiling.
@@ -156,8 +157,13 @@ fn main() -> Result<()> {
     plan.push((Path::KernelVxlan, Path::KernelVxlan.label().into(), vec![]));
     plan.push((Path::Overlayd, "overlayd".into(), vec![]));
     for v in &cli.variants {
-        let list = v.replace('+', ",");
-        plan.push((Path::Overlayd, format!("overlayd --offloads {list}"), vec!["--offloads".into(), list]));
+        if let Some(n) = v.strip_prefix("threads=") {
+            let label = format!("overlayd --dataplane-threads {n}");
+            plan.push((Path::Overlayd, label, vec!["--dataplane-threads".into(), n.into()]));
+        } else {
+            let list = v.replace('+', ",");
+            plan.push((Path::Overlayd, format!("overlayd --offloads {list}"), vec!["--offloads".into(), list]));
+        }
     }
     let mut pairs = plan
         .iter()

@@ -1,5 +1,6 @@
-//! The Linux I/O shell around the switching core: TAP devices, the underlay sockets, and one
-//! hot-loop thread per direction (TAP → underlay in `tx`, underlay → TAP in `rx`).
+//! The Linux I/O shell around the switching core: TAP devices, the underlay sockets, and the
+//! hot loops (TAP → underlay in `tx`, underlay → TAP in `rx`), both on one thread by default
+//! or a thread per direction ([`LoopThreads`]).
 //!
 //! [`Dataplane`] is the handle the agent holds: it starts the loops, attaches a TAP per
 //! network, exposes the table writer API and the counters, and stops the loops on shutdown.
@@ -84,6 +85,40 @@ impl Offloads {
     }
 }
 
+/// How the hot loops are spread over threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum LoopThreads {
+    /// One thread runs both directions from one epoll: a frame that the kernel answers while
+    /// the thread writes to a TAP (a ping's reply, a TCP ACK) is picked up by the thread that
+    /// is already awake, with no cross-thread wake-up.
+    #[default]
+    One,
+    /// A thread per direction (TAP → underlay, underlay → TAP): two cores for one agent's
+    /// heavy traffic in both directions, at the price of a wake-up per turnaround.
+    PerDirection,
+}
+
+impl LoopThreads {
+    /// Parses `1` or `2`.
+    pub fn parse(s: &str) -> Result<LoopThreads, String> {
+        match s.trim() {
+            "1" => Ok(LoopThreads::One),
+            "2" => Ok(LoopThreads::PerDirection),
+            other => Err(format!(
+                "{other:?} is not a thread count for the hot loops: write 1 (one thread for both directions) or 2 (one per direction)"
+            )),
+        }
+    }
+
+    /// How many threads.
+    pub fn count(self) -> u8 {
+        match self {
+            LoopThreads::One => 1,
+            LoopThreads::PerDirection => 2,
+        }
+    }
+}
+
 /// Settings of the dataplane.
 #[derive(Debug, Clone)]
 pub struct DataplaneConfig {
@@ -103,6 +138,8 @@ pub struct DataplaneConfig {
     pub ageing_secs: u64,
     /// Offloads to use.
     pub offloads: Offloads,
+    /// Threads of the hot loops.
+    pub threads: LoopThreads,
 }
 
 impl DataplaneConfig {
@@ -117,6 +154,7 @@ impl DataplaneConfig {
             max_learned: learn::DEFAULT_MAX_ENTRIES,
             ageing_secs: learn::DEFAULT_AGEING_SECS,
             offloads: Offloads::default(),
+            threads: LoopThreads::default(),
         }
     }
 }
@@ -160,7 +198,7 @@ impl Shared {
     }
 }
 
-/// A running dataplane: two hot-loop threads and the handle to program them.
+/// A running dataplane: its hot-loop thread(s) and the handle to program them.
 pub struct Dataplane {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -231,8 +269,18 @@ impl Dataplane {
             })
         };
         let mut threads = dp.threads.lock().unwrap_or_else(|p| p.into_inner());
-        threads.push(spawn("overlayd-tx", Box::new(move || tx_loop.run())).map_err(DataplaneError::Start)?);
-        threads.push(spawn("overlayd-rx", Box::new(move || rx_loop.run())).map_err(DataplaneError::Start)?);
+        match dp.shared.config.threads {
+            LoopThreads::One => {
+                threads.push(
+                    spawn("overlayd-dp", Box::new(move || tx_loop.run(Some(rx_loop))))
+                        .map_err(DataplaneError::Start)?,
+                );
+            }
+            LoopThreads::PerDirection => {
+                threads.push(spawn("overlayd-tx", Box::new(move || tx_loop.run(None))).map_err(DataplaneError::Start)?);
+                threads.push(spawn("overlayd-rx", Box::new(move || rx_loop.run())).map_err(DataplaneError::Start)?);
+            }
+        }
         drop(threads);
         Ok(dp)
     }

@@ -126,33 +126,48 @@ impl RxLoop {
         }
     }
 
+    /// Runs on a thread of its own: receives until the dataplane stops.
     pub(crate) fn run(mut self) {
         let shared = Arc::clone(&self.shared);
-        let c = &shared.counters;
         while !shared.stop.load(Ordering::Acquire) {
-            c.rx.loop_allocations.store(alloc_count::thread_allocations(), Ordering::Relaxed);
-            self.arm();
-            // SAFETY: `arm` pointed every header at this loop's boxed iovecs (each covering
-            // MESSAGE_CAP bytes of its own buffer), address slots and control buffers, none of
-            // which move or are otherwise borrowed during the call.
-            let n = match unsafe { sys::recvmmsg_nowait(self.fd, &mut self.msgs) } {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.learner.end_batch(shared.now_secs(), c);
-                    sys::poll_either(self.fd, shared.rx_wake.fd(), 1000);
-                    continue;
-                }
-                Err(_) => continue, // EINTR, or an ICMP error queued on the socket: try again
-            };
-            bump(&c.rx.recv_calls, 1);
-            let now = shared.now_secs();
-            for i in 0..n {
-                self.message(i, now, c);
+            shared.counters.rx.loop_allocations.store(alloc_count::thread_allocations(), Ordering::Relaxed);
+            if !self.receive() {
+                sys::poll_either(self.fd, shared.rx_wake.fd(), 1000);
             }
-            // The buffers are refilled by the next receive: what they hold goes out now.
-            let tables = Arc::clone(self.tables.load());
-            self.flush(&tables, c);
         }
+    }
+
+    /// The socket this loop receives from.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// One `recvmmsg` of up to [`BATCH`] messages, handled and delivered. Returns false when
+    /// nothing was waiting (what was learned is published then).
+    pub(crate) fn receive(&mut self) -> bool {
+        let shared = Arc::clone(&self.shared);
+        let c = &shared.counters;
+        self.arm();
+        // SAFETY: `arm` pointed every header at this loop's boxed iovecs (each covering
+        // MESSAGE_CAP bytes of its own buffer), address slots and control buffers, none of
+        // which move or are otherwise borrowed during the call.
+        let n = match unsafe { sys::recvmmsg_nowait(self.fd, &mut self.msgs) } {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.learner.end_batch(shared.now_secs(), c);
+                return false;
+            }
+            Err(_) => return true, // EINTR, or an ICMP error queued on the socket: try again
+        };
+        bump(&c.rx.recv_calls, 1);
+        let now = shared.now_secs();
+        for i in 0..n {
+            self.message(i, now, c);
+        }
+        // The buffers are refilled by the next receive: what they hold goes out now.
+        let tables = Arc::clone(self.tables.load());
+        self.flush(&tables, c);
+        true
     }
 
     /// Handles message `i`: one datagram, or a GRO run of them.

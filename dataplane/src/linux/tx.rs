@@ -16,6 +16,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use super::rx::RxLoop;
 use super::sys::{self, CmsgBuf, Epoll, SockAddr};
 use super::{Port, Shared};
 use crate::alloc_count;
@@ -51,6 +52,8 @@ const MAX_SEGMENTS: usize = 128;
 const SEG_HDR_CAP: usize = 160;
 /// epoll data value of the wake-up eventfd.
 const WAKE: u64 = u64::MAX;
+/// epoll data value of the underlay socket, when this loop also receives.
+const UNDERLAY: u64 = u64::MAX - 1;
 
 /// Datagrams waiting for one socket's `sendmmsg`.
 struct SendQueue {
@@ -219,21 +222,39 @@ impl TxLoop {
         })
     }
 
-    pub(crate) fn run(mut self) {
+    /// Runs until the dataplane stops; with `rx`, this one thread also runs the receive
+    /// loop, woken by the same epoll.
+    pub(crate) fn run(mut self, mut rx: Option<RxLoop>) {
+        if let Some(r) = &rx {
+            if let Err(e) = self.epoll.add(r.fd(), UNDERLAY) {
+                panic!("cannot watch the underlay socket: {e}");
+            }
+        }
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
         while !self.shared.stop.load(Ordering::Acquire) {
-            self.shared.counters.tx.loop_allocations.store(alloc_count::thread_allocations(), Ordering::Relaxed);
+            let allocations = alloc_count::thread_allocations();
+            self.shared.counters.tx.loop_allocations.store(allocations, Ordering::Relaxed);
+            if rx.is_some() {
+                self.shared.counters.rx.loop_allocations.store(allocations, Ordering::Relaxed);
+            }
             let tables = Arc::clone(self.tables.load());
             if tables.generation() != self.registered_generation {
                 self.sync_ports(&tables);
             }
             let n = self.epoll.wait(&mut events, 1000).unwrap_or(0);
             for ev in &events[..n] {
-                let data = ev.u64;
-                if data == WAKE {
-                    self.shared.tx_wake.drain();
-                } else {
-                    self.drain_port(&tables, data as usize);
+                match ev.u64 {
+                    WAKE => self.shared.tx_wake.drain(),
+                    UNDERLAY => {
+                        if let Some(rx) = rx.as_mut() {
+                            for _ in 0..ROUNDS_PER_WAKEUP {
+                                if !rx.receive() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    slot => self.drain_port(&tables, slot as usize),
                 }
             }
         }
