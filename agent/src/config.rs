@@ -411,13 +411,13 @@ mod tests {
 
     #[test]
     fn hot_loop_threads_come_from_the_flag_then_the_file() {
-        let file = FileConfig { dataplane_threads: Some(2), ..Default::default() };
+        let file = FileConfig { dataplane_threads: Some(1), ..Default::default() };
         let c = resolve(FileConfig::default(), flags(1, &[])).unwrap();
-        assert_eq!(c.dataplane_threads, LoopThreads::One, "one thread by default");
-        assert_eq!(resolve(file, flags(1, &[])).unwrap().dataplane_threads, LoopThreads::PerDirection);
-        let file = FileConfig { dataplane_threads: Some(2), ..Default::default() };
-        let mut one = flags(1, &[]);
-        one.dataplane_threads = Some(LoopThreads::One);
-        assert_eq!(resolve(file, one).unwrap().dataplane_threads, LoopThreads::One, "the flag wins");
+        assert_eq!(c.dataplane_threads, LoopThreads::PerDirection, "a thread per direction by default");
+        assert_eq!(resolve(file, flags(1, &[])).unwrap().dataplane_threads, LoopThreads::One);
+        let file = FileConfig { dataplane_threads: Some(1), ..Default::default() };
+        let mut two = flags(1, &[]);
+        two.dataplane_threads = Some(LoopThreads::PerDirection);
+        assert_eq!(resolve(file, two).unwrap().dataplane_threads, LoopThreads::PerDirection, "the flag wins");
     }
 }

@@ -253,7 +253,7 @@ Config file example:\n\n\
   # source_ports = \"61000-61015\"    # outer UDP source ports, picked by inner-flow hash\n\
   # metrics_addr = \"127.0.0.1:9477\" # Prometheus text at GET /metrics\n\
   # offloads = \"all\"               # or none, or some of tap,gso,gro,coalesce\n\
-  # dataplane_threads = 1           # 2: a hot-loop thread per direction\n\n\
+  # dataplane_threads = 2           # 1: both directions on one thread (lower latency)\n\n\
   [[network]]\n\
   name = \"blue\"                     # bridge ovbr-blue, TAP ovt-blue (name: up to 10 characters)\n\
   vni = 100\n\
@@ -298,10 +298,10 @@ struct DaemonArgs {
     #[arg(long, env = "OVERLAYD_OFFLOADS", value_name = "LIST", value_parser = Offloads::parse)]
     offloads: Option<Offloads>,
 
-    /// Threads of the hot loops: 1 runs both directions on one thread (the default: what the
-    /// kernel answers while the thread writes to a TAP, a ping's reply or a TCP ACK, leaves
-    /// without waking another thread), 2 gives each direction its own thread (for heavy traffic
-    /// both ways on a host with cores to spare).
+    /// Threads of the hot loops: 2 gives each direction its own thread (the default: the most
+    /// throughput), 1 runs both directions on one thread (lower latency: what the kernel answers
+    /// while the thread writes to a TAP, a ping's reply or a TCP ACK, leaves without waking
+    /// another thread; about 10 % less round-trip time, 10-20 % less throughput).
     #[arg(long, env = "OVERLAYD_DATAPLANE_THREADS", value_name = "1|2", value_parser = LoopThreads::parse)]
     dataplane_threads: Option<LoopThreads>,
 

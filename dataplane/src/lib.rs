@@ -9,7 +9,7 @@
 //!   writer API that programs them, and data-plane learning as a fallback;
 //! - [`counters`]: what was forwarded and every drop by reason;
 //! - `linux` (Linux only): the I/O shell — TAP devices opened with ioctls, the UDP sockets,
-//!   and the hot loops (one thread for both directions, or one per direction) with batched
+//!   and the hot loops (a thread per direction, or one for both) with batched
 //!   system calls and no per-packet allocation, lock or log line.
 //!
 //! **What it is not.** It does not talk to other agents, decide which networks exist or which

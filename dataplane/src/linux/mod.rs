@@ -1,6 +1,6 @@
 //! The Linux I/O shell around the switching core: TAP devices, the underlay sockets, and the
-//! hot loops (TAP → underlay in `tx`, underlay → TAP in `rx`), both on one thread by default
-//! or a thread per direction ([`LoopThreads`]).
+//! hot loops (TAP → underlay in `tx`, underlay → TAP in `rx`), a thread per direction by
+//! default or both on one thread ([`LoopThreads`]).
 //!
 //! [`Dataplane`] is the handle the agent holds: it starts the loops, attaches a TAP per
 //! network, exposes the table writer API and the counters, and stops the loops on shutdown.
@@ -90,11 +90,12 @@ impl Offloads {
 pub enum LoopThreads {
     /// One thread runs both directions from one epoll: a frame that the kernel answers while
     /// the thread writes to a TAP (a ping's reply, a TCP ACK) is picked up by the thread that
-    /// is already awake, with no cross-thread wake-up.
-    #[default]
+    /// is already awake, with no cross-thread wake-up. Lower latency, less throughput.
     One,
-    /// A thread per direction (TAP → underlay, underlay → TAP): two cores for one agent's
-    /// heavy traffic in both directions, at the price of a wake-up per turnaround.
+    /// A thread per direction (TAP → underlay, underlay → TAP), the default: more throughput
+    /// (the receiving side's copies and the sending side's run on two cores), at the price of
+    /// a wake-up per turnaround (see BENCHMARKS.md).
+    #[default]
     PerDirection,
 }
 
