@@ -272,6 +272,7 @@ impl Dataplane {
         let mut threads = dp.threads.lock().unwrap_or_else(|p| p.into_inner());
         match dp.shared.config.threads {
             LoopThreads::One => {
+                tx_loop.watch_underlay(rx_loop.fd()).map_err(DataplaneError::Start)?;
                 threads.push(
                     spawn("overlayd-dp", Box::new(move || tx_loop.run(Some(rx_loop))))
                         .map_err(DataplaneError::Start)?,

@@ -222,14 +222,14 @@ impl TxLoop {
         })
     }
 
-    /// Runs until the dataplane stops; with `rx`, this one thread also runs the receive
-    /// loop, woken by the same epoll.
+    /// Watches the underlay socket `fd` too, for running the receive loop on this thread.
+    pub(crate) fn watch_underlay(&self, fd: RawFd) -> io::Result<()> {
+        self.epoll.add(fd, UNDERLAY)
+    }
+
+    /// Runs until the dataplane stops; with `rx` (whose socket [`TxLoop::watch_underlay`]
+    /// added), this one thread also runs the receive loop, woken by the same epoll.
     pub(crate) fn run(mut self, mut rx: Option<RxLoop>) {
-        if let Some(r) = &rx {
-            if let Err(e) = self.epoll.add(r.fd(), UNDERLAY) {
-                panic!("cannot watch the underlay socket: {e}");
-            }
-        }
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
         while !self.shared.stop.load(Ordering::Acquire) {
             let allocations = alloc_count::thread_allocations();
