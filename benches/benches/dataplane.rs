@@ -496,14 +496,7 @@ fn offload(c: &mut Criterion) {
             }
         })
     });
-    let segments: Vec<Vec<u8>> = (0..n)
-        .map(|i| {
-            let mut out = vec![0u8; sf.header_len() + mss];
-            let len = sf.write_segment(i, mss, &mut out);
-            out.truncate(len);
-            out
-        })
-        .collect();
+    let segments = sf.to_segments(mss);
     let mut first = segments[0].clone();
     group.bench_function("coalesce_64k", |b| {
         b.iter(|| {

@@ -388,15 +388,7 @@ mod tests {
 
     /// Cuts a super-frame into segments the way a sender would.
     fn cut(frame: &[u8], mss: usize) -> Vec<Vec<u8>> {
-        let sf = SuperFrame::parse(frame).unwrap();
-        (0..sf.segment_count(mss))
-            .map(|i| {
-                let mut out = vec![0u8; sf.header_len() + mss];
-                let n = sf.write_segment(i, mss, &mut out);
-                out.truncate(n);
-                out
-            })
-            .collect()
+        SuperFrame::parse(frame).unwrap().to_segments(mss)
     }
 
     /// Coalesces segments the way the RX side does and returns the rebuilt frame and header.

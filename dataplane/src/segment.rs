@@ -213,6 +213,19 @@ impl<'a> SuperFrame<'a> {
         out[h..h + len].copy_from_slice(&self.frame[payload]);
         h + len
     }
+
+    /// Every segment of `mss` payload bytes, each in its own buffer: what a sender's frames
+    /// look like, for tests, fuzzing and benchmarks. Allocates; the hot loops cut in place.
+    pub fn to_segments(&self, mss: usize) -> Vec<Vec<u8>> {
+        (0..self.segment_count(mss))
+            .map(|i| {
+                let mut out = vec![0u8; self.header_len() + mss];
+                let n = self.write_segment(i, mss, &mut out);
+                out.truncate(n);
+                out
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -23,15 +23,7 @@ fn super_frame(payload: &[u8], options: usize, psh: bool, seq: u32) -> Vec<u8> {
 }
 
 fn cut(frame: &[u8], mss: usize) -> Vec<Vec<u8>> {
-    let sf = SuperFrame::parse(frame).unwrap();
-    (0..sf.segment_count(mss))
-        .map(|i| {
-            let mut out = vec![0u8; sf.header_len() + mss];
-            let n = sf.write_segment(i, mss, &mut out);
-            out.truncate(n);
-            out
-        })
-        .collect()
+    SuperFrame::parse(frame).unwrap().to_segments(mss)
 }
 
 fuzz_target!(|data: &[u8]| {
