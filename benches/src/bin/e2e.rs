@@ -45,7 +45,8 @@ struct Cli {
     seconds: u32,
     /// overlayd variants to measure besides the default, each an --offloads value (e.g.
     /// none,tap,tap+gso,tap+gso+gro: `+` separates, as `,` separates variants) or
-    /// `threads=N` for `--dataplane-threads N`.
+    /// `threads=N` for `--dataplane-threads N`, or `bin=PATH` for another overlayd binary with
+    /// the defaults (to compare two builds in one run).
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
     /// Skip the plain-veth ceiling.
@@ -150,25 +151,29 @@ fn main() -> Result<()> {
     say(&format!("machine: {}", machine()));
     say(&format!("{} rounds of {} s iperf3 runs (1 and 4 streams) and 100 pings per path", cli.runs, cli.seconds));
 
-    let mut plan: Vec<(Path, String, Vec<String>)> = Vec::new();
+    let mut plan: Vec<(Path, String, Vec<String>, Options)> = Vec::new();
     if !cli.no_veth {
-        plan.push((Path::Veth, Path::Veth.label().into(), vec![]));
+        plan.push((Path::Veth, Path::Veth.label().into(), vec![], options.clone()));
     }
-    plan.push((Path::KernelVxlan, Path::KernelVxlan.label().into(), vec![]));
-    plan.push((Path::Overlayd, "overlayd".into(), vec![]));
+    plan.push((Path::KernelVxlan, Path::KernelVxlan.label().into(), vec![], options.clone()));
+    plan.push((Path::Overlayd, "overlayd".into(), vec![], options.clone()));
     for v in &cli.variants {
         if let Some(n) = v.strip_prefix("threads=") {
             let label = format!("overlayd --dataplane-threads {n}");
-            plan.push((Path::Overlayd, label, vec!["--dataplane-threads".into(), n.into()]));
+            plan.push((Path::Overlayd, label, vec!["--dataplane-threads".into(), n.into()], options.clone()));
+        } else if let Some(bin) = v.strip_prefix("bin=") {
+            let other = Options { overlayd: bin.into(), ..options.clone() };
+            plan.push((Path::Overlayd, format!("overlayd ({bin})"), vec![], other));
         } else {
             let list = v.replace('+', ",");
-            plan.push((Path::Overlayd, format!("overlayd --offloads {list}"), vec!["--offloads".into(), list]));
+            let label = format!("overlayd --offloads {list}");
+            plan.push((Path::Overlayd, label, vec!["--offloads".into(), list], options.clone()));
         }
     }
     let mut pairs = plan
         .iter()
-        .map(|(path, label, args)| {
-            scenario::build_with(*path, &options, label, args).with_context(|| format!("building {label}"))
+        .map(|(path, label, args, options)| {
+            scenario::build_with(*path, options, label, args).with_context(|| format!("building {label}"))
         })
         .collect::<Result<Vec<_>>>()?;
     let all = [Peer::Tinc, Peer::N2n, Peer::Nebula, Peer::Vpncloud];
