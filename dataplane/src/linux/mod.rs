@@ -193,6 +193,23 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A dataplane's shared state without sockets or loops, for unit tests of the loops' parts.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Shared {
+        Shared {
+            config: DataplaneConfig::new(IpAddr::from([127, 0, 0, 1])),
+            tables: SharedTables::default(),
+            learned: learn::shared_learned(),
+            counters: Counters::default(),
+            stop: AtomicBool::new(false),
+            tx_wake: sys::EventFd::new().expect("an eventfd"),
+            rx_wake: sys::EventFd::new().expect("an eventfd"),
+            gso_ok: AtomicBool::new(true),
+            failure: Mutex::new(None),
+            clock_base: Instant::now(),
+        }
+    }
+
     /// Seconds since the dataplane started: the clock of learning and ageing.
     pub(crate) fn now_secs(&self) -> u64 {
         self.clock_base.elapsed().as_secs()
