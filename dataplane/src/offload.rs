@@ -329,11 +329,13 @@ impl Coalescer {
         ok
     }
 
-    /// Whether `next` (from `next_frame`) belongs to the same TCP flow as the run begun by
-    /// `first_frame`, whether or not it can extend it.
-    pub fn same_flow(&self, first_frame: &[u8], next_frame: &[u8], next: &TcpSegment) -> bool {
+    /// Whether `next` (from `next_frame`) belongs to the same TCP connection (addresses and
+    /// ports) as the run begun by `first_frame`, whether or not it can extend it: if it cannot,
+    /// the run must be written before it, or the receiver sees the connection's bytes out of
+    /// order (a new timestamp, window or ACK number starts a new run of the same connection).
+    pub fn same_connection(&self, first_frame: &[u8], next_frame: &[u8], next: &TcpSegment) -> bool {
         let f = &self.first;
-        next.ipv4 == f.ipv4 && next.l3 == f.l3 && next.payload == f.payload && same_flow(first_frame, next_frame, f)
+        next.ipv4 == f.ipv4 && connection(first_frame, f) == connection(next_frame, next)
     }
 
     /// Rewrites the first segment's headers (in `first_frame`) to describe the whole run and
@@ -358,6 +360,12 @@ impl Coalescer {
             csum_offset: (field - f.l4) as u16,
         }
     }
+}
+
+/// A TCP segment's addresses and ports, as they lie in its frame.
+fn connection<'a>(frame: &'a [u8], s: &TcpSegment) -> (Option<&'a [u8]>, Option<&'a [u8]>) {
+    let ips = if s.ipv4 { s.l3 + 12..s.l3 + 20 } else { s.l3 + 8..s.l3 + 40 };
+    (frame.get(ips), frame.get(s.l4..s.l4 + 4))
 }
 
 /// Whether `b` belongs to the flow of `a` (whose shape `f` describes) for coalescing: same
@@ -455,6 +463,35 @@ mod tests {
         assert!(!run.try_push(&first, &other, &TcpSegment::parse(&other).unwrap()));
         assert!(run.try_push(&first, &segs[1], &TcpSegment::parse(&segs[1]).unwrap()));
         assert_eq!(run.finish(&mut first).gso_type, GSO_TCPV4);
+    }
+
+    #[test]
+    fn a_segment_of_the_same_connection_that_cannot_extend_a_run_is_told_apart_from_another_connection() {
+        let segs = cut(&tcp4_super(&[5u8; 3000], 0, 0x10, 0), 1000);
+        let first = segs[0].clone();
+        let mut run = Coalescer::new(TcpSegment::parse(&first).unwrap());
+        // The next segment with another window: same connection, but not the same run.
+        let mut other_window = segs[1].clone();
+        other_window[34 + 14] ^= 0x01;
+        rechecksum(&mut other_window);
+        let seg = TcpSegment::parse(&other_window).expect("still a valid segment");
+        assert!(run.same_connection(&first, &other_window, &seg));
+        assert!(!run.try_push(&first, &other_window, &seg), "a new window starts a new run");
+        // Another source port: another connection.
+        let mut other_port = segs[1].clone();
+        other_port[34] ^= 0x01;
+        rechecksum(&mut other_port);
+        let seg = TcpSegment::parse(&other_port).expect("still a valid segment");
+        assert!(!run.same_connection(&first, &other_port, &seg));
+    }
+
+    /// Recomputes the TCP checksum of an IPv4 frame without options.
+    fn rechecksum(f: &mut [u8]) {
+        f[34 + 16..34 + 18].fill(0);
+        let pseudo =
+            checksum::pseudo_v4(f[26..30].try_into().unwrap(), f[30..34].try_into().unwrap(), 6, (f.len() - 34) as u16);
+        let c = !checksum::fold(checksum::sum(&f[34..], pseudo));
+        f[34 + 16..34 + 18].copy_from_slice(&c.to_be_bytes());
     }
 
     #[test]

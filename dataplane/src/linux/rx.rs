@@ -47,12 +47,15 @@ const MAX_PIECES: usize = 256;
 /// How many TCP flows a batch coalesces at once.
 const FLOWS: usize = 8;
 
-/// A coalesced super-frame in the making: its network, its first segment (message, offset and
-/// length in that message's buffer), the pieces of its write, and the rest of its state.
+/// A coalesced super-frame in the making: its network, its first segment (buffer, offset and
+/// length in it), the pieces of its write, the buffers those point into, and the rest of its
+/// state.
 struct PendingRun {
     port: usize,
     coalescer: Coalescer,
-    msg: usize,
+    buf: usize,
+    /// Bit `b` set: a piece points into buffer `b`, which must not be refilled before the write.
+    holds: u32,
     start: usize,
     len: usize,
     pieces: Box<[libc::iovec]>,
@@ -71,6 +74,8 @@ pub(crate) struct RxLoop {
     addrs: Box<[SockAddr]>,
     cmsgs: Box<[CmsgBuf]>,
     bufs: Box<[Box<[u8]>]>,
+    /// The buffer each message of the current batch is received into.
+    slots: [usize; BATCH],
     /// Verdicts of the datagrams of the message being handled.
     verdicts: Box<[Option<UnderlayVerdict>]>,
     /// The coalesced super-frames being built, one per TCP flow (up to [`FLOWS`]); each may
@@ -109,6 +114,7 @@ impl RxLoop {
             addrs: (0..BATCH).map(|_| SockAddr::zeroed()).collect(),
             cmsgs: (0..BATCH).map(|_| CmsgBuf::new()).collect(),
             bufs,
+            slots: std::array::from_fn(|i| i),
             verdicts: (0..MAX_RUN).map(|_| None).collect(),
             runs: (0..FLOWS).map(|_| None).collect(),
             spare: (0..FLOWS)
@@ -120,10 +126,22 @@ impl RxLoop {
         }
     }
 
-    /// Points every header at its buffer, address and control slots again (the kernel
-    /// overwrites lengths and flags).
-    fn arm(&mut self) {
-        for (i, m) in self.msgs.iter_mut().enumerate() {
+    /// Picks a buffer for each of the next batch's messages among those no pending run holds
+    /// (writing the pending runs first if too few are free), and points every header at its
+    /// buffer, address and control slots again (the kernel overwrites lengths and flags).
+    fn arm(&mut self, tables: &Tables<Port>, c: &Counters) {
+        let mut held = self.held();
+        if (BATCH as u32 - held.count_ones()) < self.batch as u32 {
+            self.flush(tables, c);
+            held = 0;
+        }
+        let free = (0..BATCH).filter(|b| held & (1 << b) == 0);
+        for (slot, b) in self.slots.iter_mut().take(self.batch).zip(free) {
+            *slot = b;
+        }
+        for (i, m) in self.msgs.iter_mut().enumerate().take(self.batch) {
+            let buf = &mut self.bufs[self.slots[i]];
+            self.iovs[i] = libc::iovec { iov_base: buf[HEADROOM..].as_mut_ptr().cast(), iov_len: MESSAGE_CAP };
             let h = &mut m.msg_hdr;
             h.msg_name = (&raw mut self.addrs[i]).cast();
             h.msg_namelen = SockAddr::CAPACITY;
@@ -153,17 +171,23 @@ impl RxLoop {
     }
 
     /// One `recvmmsg` of up to [`BATCH`] messages, handled and delivered. Returns false when
-    /// nothing was waiting (what was learned is published then).
+    /// nothing was waiting: then everything is written and what was learned is published. A
+    /// full batch may leave coalesced super-frames pending for the next call to extend (their
+    /// buffers are not refilled meanwhile); call [`RxLoop::finish`] before sleeping.
     pub(crate) fn receive(&mut self) -> bool {
         let shared = Arc::clone(&self.shared);
         let c = &shared.counters;
-        self.arm();
-        // SAFETY: `arm` pointed every header at this loop's boxed iovecs (each covering
-        // MESSAGE_CAP bytes of its own buffer), address slots and control buffers, none of
-        // which move or are otherwise borrowed during the call.
-        let n = match unsafe { sys::recvmmsg_nowait(self.fd, &mut self.msgs[..self.batch]) } {
+        let tables = Arc::clone(self.tables.load());
+        self.arm(&tables, c);
+        let asked = self.batch;
+        // SAFETY: `arm` pointed the first `asked` headers at this loop's boxed iovecs (each
+        // covering MESSAGE_CAP bytes of its own buffer, none of which a pending run holds),
+        // address slots and control buffers, none of which move or are otherwise borrowed
+        // during the call.
+        let n = match unsafe { sys::recvmmsg_nowait(self.fd, &mut self.msgs[..asked]) } {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.flush(&tables, c);
                 self.learner.end_batch(shared.now_secs(), c);
                 return false;
             }
@@ -176,10 +200,24 @@ impl RxLoop {
         for i in 0..n {
             self.message(i, now, c);
         }
-        // The buffers are refilled by the next receive: what they hold goes out now.
-        let tables = Arc::clone(self.tables.load());
-        self.flush(&tables, c);
+        if n < asked {
+            // The socket was drained: nothing is coming right away to extend a pending run.
+            self.flush(&tables, c);
+        }
         true
+    }
+
+    /// Writes whatever is pending; for a caller that stops calling [`RxLoop::receive`] before
+    /// it said nothing was waiting.
+    pub(crate) fn finish(&mut self) {
+        let shared = Arc::clone(&self.shared);
+        let tables = Arc::clone(self.tables.load());
+        self.flush(&tables, &shared.counters);
+    }
+
+    /// The buffers that pending runs hold.
+    fn held(&self) -> u32 {
+        self.runs.iter().flatten().fold(0, |m, r| m | r.holds)
     }
 
     /// Handles message `i`: one datagram, or a GRO run of them.
@@ -195,7 +233,8 @@ impl RxLoop {
         let gro = unsafe { sys::udp_gro_size(&m.msg_hdr) };
         let Some(src) = self.addrs[i].ip() else { return };
         let tables = Arc::clone(self.tables.load());
-        let buf = &mut self.bufs[i][HEADROOM..HEADROOM + len];
+        let b = self.slots[i];
+        let buf = &mut self.bufs[b][HEADROOM..HEADROOM + len];
         let stride = match gro {
             Some(s) if s < len && is_run(buf, s) => s,
             _ => len.max(1), // an empty datagram is one (truncated) datagram
@@ -223,19 +262,19 @@ impl RxLoop {
             let (start, end) = (k * stride + inner.start, k * stride + inner.end);
             if let Some(mss) = segment_mss {
                 self.flush(&tables, c);
-                deliver_oversized(tap, &mut self.bufs[i][HEADROOM + start..HEADROOM + end], mss, &mut self.scratch, c);
+                deliver_oversized(tap, &mut self.bufs[b][HEADROOM + start..HEADROOM + end], mss, &mut self.scratch, c);
                 continue;
             }
             if tap.offloads().vnet_hdr && coalesce {
-                let frame = &self.bufs[i][HEADROOM + start..HEADROOM + end];
+                let frame = &self.bufs[b][HEADROOM + start..HEADROOM + end];
                 if let Some(seg) = TcpSegment::parse(frame) {
-                    self.coalesce(&tables, c, port, i, start, end, seg);
+                    self.coalesce(&tables, c, port, b, start, end, seg);
                     continue;
                 }
             }
             // Anything else may belong to a flow with a pending run: keep the order.
             self.flush(&tables, c);
-            write_frame(tap, &self.bufs[i][HEADROOM + start..HEADROOM + end], c);
+            write_frame(tap, &self.bufs[b][HEADROOM + start..HEADROOM + end], c);
         }
     }
 
@@ -246,36 +285,46 @@ impl RxLoop {
         tables: &Tables<Port>,
         c: &Counters,
         port: usize,
-        msg: usize,
+        buf: usize,
         start: usize,
         end: usize,
         seg: TcpSegment,
     ) {
-        let frame = &self.bufs[msg][HEADROOM + start..HEADROOM + end];
-        let mut same_flow = None;
+        let frame = &self.bufs[buf][HEADROOM + start..HEADROOM + end];
+        let mut same_conn = None;
         for (slot, run) in self.runs.iter_mut().enumerate() {
             let Some(r) = run else { continue };
             if r.port != port {
                 continue;
             }
-            let first = &self.bufs[r.msg][HEADROOM + r.start..HEADROOM + r.start + r.len];
+            let first = &self.bufs[r.buf][HEADROOM + r.start..HEADROOM + r.start + r.len];
             if r.npieces < MAX_PIECES && r.coalescer.try_push(first, frame, &seg) {
                 r.pieces[r.npieces] = piece(&frame[seg.payload_offset()..]);
                 r.npieces += 1;
+                r.holds |= 1 << buf;
                 return;
             }
-            if r.coalescer.same_flow(first, frame, &seg) {
-                same_flow = Some(slot);
+            if r.coalescer.same_connection(first, frame, &seg) {
+                same_conn = Some(slot);
                 break;
             }
         }
-        // A segment that cannot extend its flow's run ends it (order within a flow is kept);
-        // a new flow takes a free slot, or the first slot's run goes out to make room.
-        let slot = same_flow.or_else(|| self.runs.iter().position(Option::is_none)).unwrap_or(0);
+        // A segment that cannot extend its connection's run ends it (the connection's order is
+        // kept); a new connection takes a free slot, or the first slot's run goes out to make
+        // room.
+        let slot = same_conn.or_else(|| self.runs.iter().position(Option::is_none)).unwrap_or(0);
         self.flush_slot(tables, c, slot);
         let pieces = self.spare.pop().expect("a piece array per slot");
-        self.runs[slot] =
-            Some(PendingRun { port, coalescer: Coalescer::new(seg), msg, start, len: end - start, pieces, npieces: 2 });
+        self.runs[slot] = Some(PendingRun {
+            port,
+            coalescer: Coalescer::new(seg),
+            buf,
+            holds: 1 << buf,
+            start,
+            len: end - start,
+            pieces,
+            npieces: 2,
+        });
     }
 
     /// Writes every pending coalesced super-frame.
@@ -289,7 +338,7 @@ impl RxLoop {
     fn flush_slot(&mut self, tables: &Tables<Port>, c: &Counters, slot: usize) {
         let Some(mut r) = self.runs[slot].take() else { return };
         if let Some(net) = tables.network(r.port) {
-            let first = &mut self.bufs[r.msg][HEADROOM + r.start..HEADROOM + r.start + r.len];
+            let first = &mut self.bufs[r.buf][HEADROOM + r.start..HEADROOM + r.start + r.len];
             let hdr = r.coalescer.finish(first).to_bytes();
             r.pieces[0] = piece(&hdr);
             r.pieces[1] = piece(first);

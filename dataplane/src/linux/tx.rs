@@ -311,10 +311,16 @@ impl TxLoop {
                     WAKE => self.shared.tx_wake.drain(),
                     UNDERLAY => {
                         if let Some(rx) = rx.as_mut() {
+                            let mut drained = false;
                             for _ in 0..ROUNDS_PER_WAKEUP {
                                 if !rx.receive() {
+                                    drained = true;
                                     break;
                                 }
+                            }
+                            if !drained {
+                                // Back to the TAPs: nothing may wait in a pending run meanwhile.
+                                rx.finish();
                             }
                         }
                     }
