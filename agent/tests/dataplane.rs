@@ -72,6 +72,17 @@ fn tcp_stat(c: &Container, name: &str) -> u64 {
     panic!("no TCP counter {name} in {}", c.ns());
 }
 
+/// The bulk went the offload way through every agent: TSO super-frames cut and sent as GSO
+/// runs, received as runs and coalesced again; and nothing was dropped on the way.
+fn offloaded_without_drops(agents: &[&Agent]) {
+    for a in agents {
+        let c = a.counters().unwrap();
+        assert!(c.get("tx_segmented") > 0 && c.get("tx_gso_sends") > 0, "{:?}", c.0);
+        assert!(c.get("rx_coalesced") > 0, "{:?}", c.0);
+        assert_eq!(c.total_dropped(), 0, "{:?}", c.0["dropped"]);
+    }
+}
+
 #[test]
 fn two_hosts_ping_both_ways_and_iperf3_moves_data() {
     let bed = bed();
@@ -86,14 +97,7 @@ fn two_hosts_ping_both_ways_and_iperf3_moves_data() {
     assert!(ofo * 200 < segs, "{ofo} of {segs} segments arrived out of order");
     let r = c2.iperf3_to(&c1, c1.ip(), 2, 1).unwrap();
     assert!(r.bytes > 10_000_000, "iperf3 back moved only {} bytes", r.bytes);
-    // The bulk went the offload way: TSO super-frames cut and sent as GSO runs, received as
-    // runs and coalesced again; and nothing was dropped on the way.
-    for a in [&a1, &a2] {
-        let c = a.counters().unwrap();
-        assert!(c.get("tx_segmented") > 0 && c.get("tx_gso_sends") > 0, "{:?}", c.0);
-        assert!(c.get("rx_coalesced") > 0, "{:?}", c.0);
-        assert_eq!(c.total_dropped(), 0, "{:?}", c.0["dropped"]);
-    }
+    offloaded_without_drops(&[&a1, &a2]);
 }
 
 #[test]
@@ -133,14 +137,22 @@ fn broadcast_reaches_every_host_then_unicast_goes_to_the_owner_only() {
     assert_eq!(c3.rx_packets().unwrap(), c3_rx, "c3 received no frame");
 }
 
+/// Host 1 runs overlayd for `vni`, host 2 is a Linux kernel VTEP (bridge `brk`); a container
+/// on each, 10.<vni % 256>.0.1 and .2.
+fn overlayd_and_a_kernel_vtep(bed: &Testbed, vni: u32) -> (Agent, Container, Container) {
+    let h = bed.add_hosts(2).unwrap();
+    let a1 = start(&h[0], vni, &[&h[1]], &[]);
+    h[1].add_kernel_vxlan(vni, "brk", &[h[0].addr()]).unwrap();
+    let net = vni % 256;
+    let c1 = h[0].add_container("c1", &format!("ovbr-{vni}"), &format!("10.{net}.0.1/24")).unwrap();
+    let c2 = h[1].add_container("c2", "brk", &format!("10.{net}.0.2/24")).unwrap();
+    (a1, c1, c2)
+}
+
 #[test]
 fn interop_with_the_linux_kernel_vxlan_both_ways() {
     let bed = bed();
-    let h = bed.add_hosts(2).unwrap();
-    let a1 = start(&h[0], 4242, &[&h[1]], &[]);
-    h[1].add_kernel_vxlan(4242, "brk", &[h[0].addr()]).unwrap();
-    let c1 = h[0].add_container("c1", "ovbr-4242", "10.42.0.1/24").unwrap();
-    let c2 = h[1].add_container("c2", "brk", "10.42.0.2/24").unwrap();
+    let (a1, c1, c2) = overlayd_and_a_kernel_vtep(&bed, 4242);
     c1.ping_ok(c2.ip(), 3).unwrap();
     c2.ping_ok(c1.ip(), 3).unwrap();
     let r = c1.iperf3_to(&c2, c2.ip(), 3, 1).unwrap();
@@ -392,11 +404,7 @@ fn one_thread_for_both_directions_forwards_like_a_thread_per_direction() {
         let r = a.iperf3_to(b, b.ip(), 2, 2).unwrap();
         assert!(r.bytes > 5_000_000, "{} -> {}: only {} bytes", a.ip(), b.ip(), r.bytes);
     }
-    for a in [&a1, &a2] {
-        let c = a.counters().unwrap();
-        assert!(c.get("tx_gso_sends") > 0 && c.get("rx_coalesced") > 0, "{:?}", c.0);
-        assert_eq!(c.total_dropped(), 0, "{:?}", c.0["dropped"]);
-    }
+    offloaded_without_drops(&[&a1, &a2]);
 }
 
 #[test]
@@ -585,22 +593,13 @@ fn bulk_tcp_arrives_byte_for_byte_through_segmentation_and_coalescing() {
     // Both agents cut super-frames into GSO runs and coalesce what they receive, with data and
     // ACKs of four flows interleaved.
     streams_both_ways_arrive_intact(&c1, &c2);
-    for a in [&a1, &a2] {
-        let c = a.counters().unwrap();
-        assert!(c.get("tx_segmented") > 0 && c.get("tx_gso_sends") > 0, "{:?}", c.0);
-        assert!(c.get("rx_coalesced") > 0, "{:?}", c.0);
-        assert_eq!(c.total_dropped(), 0, "{:?}", c.0["dropped"]);
-    }
+    offloaded_without_drops(&[&a1, &a2]);
 }
 
 #[test]
 fn bulk_tcp_arrives_byte_for_byte_between_overlayd_and_a_kernel_vtep() {
     let bed = bed();
-    let h = bed.add_hosts(2).unwrap();
-    let a1 = start(&h[0], 4343, &[&h[1]], &[]);
-    h[1].add_kernel_vxlan(4343, "brk", &[h[0].addr()]).unwrap();
-    let c1 = h[0].add_container("c1", "ovbr-4343", "10.43.0.1/24").unwrap();
-    let c2 = h[1].add_container("c2", "brk", "10.43.0.2/24").unwrap();
+    let (a1, c1, c2) = overlayd_and_a_kernel_vtep(&bed, 4343);
     // The kernel VTEP sends UDP-tunnel GSO packets and zero UDP checksums; overlayd's segments
     // and coalesced frames meet the kernel's own GRO and segmentation.
     streams_both_ways_arrive_intact(&c1, &c2);
