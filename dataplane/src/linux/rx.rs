@@ -6,9 +6,12 @@
 //! here whole, never split into packets. Each datagram is checked by the switching core; then,
 //! on a TAP with offloads, consecutive TCP segments of one inner flow are joined into one
 //! super-frame ([`crate::offload::Coalescer`]) and written with one `writev`: the rewritten
-//! headers of the first segment, then every segment's payload where it lies. Learning is
-//! published before anything of a message is delivered, so a container's answer never finds
-//! its sender unknown. Nothing is allocated per datagram.
+//! headers of the first segment, then every segment's payload where it lies. A connection has
+//! at most one such run pending, so its bytes reach the container in order. When a batch came
+//! back full, its pending runs wait for the next `recvmmsg` to extend them (that call receives
+//! into buffers no pending run holds); they are written as soon as the socket is found drained.
+//! Learning is published before anything of a message is delivered, so a container's answer
+//! never finds its sender unknown. Nothing is allocated per datagram.
 
 use std::io;
 use std::os::fd::RawFd;
