@@ -305,15 +305,7 @@ pub(crate) mod tests {
 
     fn cut(frame: &[u8], mtu: usize) -> Vec<Vec<u8>> {
         let s = SuperFrame::parse(frame).unwrap();
-        let mss = s.mss_for_mtu(mtu).unwrap();
-        (0..s.segment_count(mss))
-            .map(|i| {
-                let mut out = vec![0u8; s.header_len() + mss];
-                let n = s.write_segment(i, mss, &mut out);
-                out.truncate(n);
-                out
-            })
-            .collect()
+        s.to_segments(s.mss_for_mtu(mtu).unwrap())
     }
 
     #[test]
