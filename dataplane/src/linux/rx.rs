@@ -102,12 +102,10 @@ impl RxLoop {
     pub(crate) fn new(shared: Arc<Shared>, fd: RawFd) -> RxLoop {
         let cfg = &shared.config;
         let learner = Learner::new(Arc::clone(&shared.learned), cfg.max_learned, cfg.ageing_secs);
-        let mut bufs: Box<[Box<[u8]>]> =
-            (0..BATCH).map(|_| vec![0u8; HEADROOM + MESSAGE_CAP].into_boxed_slice()).collect();
-        let iovs: Box<[libc::iovec]> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec { iov_base: b[HEADROOM..].as_mut_ptr().cast(), iov_len: MESSAGE_CAP })
-            .collect();
+        let bufs: Box<[Box<[u8]>]> = (0..BATCH).map(|_| vec![0u8; HEADROOM + MESSAGE_CAP].into_boxed_slice()).collect();
+        // Pointed at the buffers by `arm` before every receive.
+        let iovs: Box<[libc::iovec]> =
+            (0..BATCH).map(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }).collect();
         RxLoop {
             tables: shared.tables.reader(),
             learner,
@@ -201,7 +199,7 @@ impl RxLoop {
         self.batch = (BATCH_BYTES * n / bytes.max(1)).clamp(MIN_BATCH, BATCH);
         let now = shared.now_secs();
         for i in 0..n {
-            self.message(i, now, c);
+            self.message(&tables, i, now, c);
         }
         if n < asked {
             // The socket was drained: nothing is coming right away to extend a pending run.
@@ -224,7 +222,7 @@ impl RxLoop {
     }
 
     /// Handles message `i`: one datagram, or a GRO run of them.
-    fn message(&mut self, i: usize, now: u64, c: &Counters) {
+    fn message(&mut self, tables: &Tables<Port>, i: usize, now: u64, c: &Counters) {
         let m = &self.msgs[i];
         let len = m.msg_len as usize;
         if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
@@ -235,7 +233,6 @@ impl RxLoop {
         // SAFETY: the kernel wrote this message's control data, bounded by msg_controllen.
         let gro = unsafe { sys::udp_gro_size(&m.msg_hdr) };
         let Some(src) = self.addrs[i].ip() else { return };
-        let tables = Arc::clone(self.tables.load());
         let b = self.slots[i];
         let buf = &mut self.bufs[b][HEADROOM..HEADROOM + len];
         let stride = match gro {
@@ -253,7 +250,7 @@ impl RxLoop {
             let d = &mut buf[k * stride..len.min((k + 1) * stride)];
             bump(&c.rx.datagrams, 1);
             bump(&c.rx.bytes, d.len() as u64);
-            *v = Some(switch::from_underlay(&tables, &mut self.learner, src, d, now, c));
+            *v = Some(switch::from_underlay(tables, &mut self.learner, src, d, now, c));
         }
         self.learner.end_batch(now, c);
 
@@ -264,19 +261,19 @@ impl RxLoop {
             let tap = net.port();
             let (start, end) = (k * stride + inner.start, k * stride + inner.end);
             if let Some(mss) = segment_mss {
-                self.flush(&tables, c);
+                self.flush(tables, c);
                 deliver_oversized(tap, &mut self.bufs[b][HEADROOM + start..HEADROOM + end], mss, &mut self.scratch, c);
                 continue;
             }
             if tap.offloads().vnet_hdr && coalesce {
                 let frame = &self.bufs[b][HEADROOM + start..HEADROOM + end];
                 if let Some(seg) = TcpSegment::parse(frame) {
-                    self.coalesce(&tables, c, port, b, start, end, seg);
+                    self.coalesce(tables, c, port, b, start, end, seg);
                     continue;
                 }
             }
             // Anything else may belong to a flow with a pending run: keep the order.
-            self.flush(&tables, c);
+            self.flush(tables, c);
             write_frame(tap, &self.bufs[b][HEADROOM + start..HEADROOM + end], c);
         }
     }
