@@ -449,9 +449,7 @@ impl TxLoop {
                         let arena = &mut self.arena;
                         if arena.used + MAX_SEGMENTS > ARENA_SEGMENTS {
                             // Everything queued points into the arena: send it, then reuse it.
-                            for q in self.queues.iter_mut().filter(|q| q.len > 0) {
-                                q.flush(&shared);
-                            }
+                            flush_all(&mut self.queues, &shared);
                             arena.used = 0;
                         }
                         let queue = &mut self.queues[port_index(flow_hash(frame), self.queues.len())];
@@ -464,13 +462,18 @@ impl TxLoop {
                     }
                 }
             }
-            for q in self.queues.iter_mut().filter(|q| q.len > 0) {
-                q.flush(&shared);
-            }
+            flush_all(&mut self.queues, &shared);
             if drained {
                 break;
             }
         }
+    }
+}
+
+/// Sends what every queue holds.
+fn flush_all(queues: &mut [SendQueue], shared: &Shared) {
+    for q in queues.iter_mut().filter(|q| q.len > 0) {
+        q.flush(shared);
     }
 }
 
