@@ -33,6 +33,10 @@ pub const NEBULA_MTU: u32 = 1440;
 /// outer headers, so up to 1457 fits; 1450 as for kernel VXLAN.
 pub const VPNCLOUD_MTU: u32 = 1450;
 
+/// Inner MTU of `tap-floor`: the same as kernel VXLAN's, so that the containers' TCP sees the
+/// same MSS (its chunks are cut to fit a 1500-byte underlay whatever the frame size).
+pub const TAP_FLOOR_MTU: u32 = 1450;
+
 /// How long a tunnel may take to carry its first ping.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -58,6 +62,7 @@ pub(crate) fn build(path: Path, h1: &Host, h2: &Host, options: &Options) -> Resu
         Path::N2n => n2n(h1, h2),
         Path::Nebula => nebula(h1, h2),
         Path::Vpncloud => vpncloud(h1, h2, &vpncloud_binary(options)?),
+        Path::TapFloor => tap_floor(h1, h2, &tap_floor_binary()?),
         Path::Veth | Path::KernelVxlan | Path::Overlayd => bail!("{path:?} is not a peer tunnel"),
     }
 }
@@ -69,6 +74,7 @@ pub fn version(path: Path, options: &Options) -> Result<String> {
         Path::N2n => (find("edge", "apt-get install n2n")?, &["-h"]),
         Path::Nebula => (find("nebula", "apt-get install nebula")?, &["-version"]),
         Path::Vpncloud => (vpncloud_binary(options)?, &["--version"]),
+        Path::TapFloor => return Ok(format!("tap-floor at {} (this repository)", tap_floor_binary()?.display())),
         Path::Veth | Path::KernelVxlan | Path::Overlayd => bail!("{path:?} is not a peer tunnel"),
     };
     // n2n's edge prints its version in the usage text and exits with 1; any output will do.
@@ -318,6 +324,25 @@ fn vpncloud(h1: &Host, h2: &Host, vpncloud: &FsPath) -> Result<Built> {
         ];
         let log = h.node.inner.dir.join(format!("vpncloud-{}.log", h.name()));
         h.spawn_daemon(&format!("vpncloud on {}", h.name()), vpncloud, &args, &log)
+    })
+}
+
+/// `tap-floor`, built next to the running benchmark (`cargo build --release -p
+/// overlayd-benches` builds both).
+pub fn tap_floor_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let p = exe.with_file_name("tap-floor");
+    ensure!(p.is_file(), "tap-floor: not next to {} (cargo build --release -p overlayd-benches)", exe.display());
+    Ok(p)
+}
+
+/// `tap-floor` on each host: a TAP on the bridge, UDP port 4790 to the other host.
+fn tap_floor(h1: &Host, h2: &Host, program: &FsPath) -> Result<Built> {
+    l2_pair(h1, h2, "brfl", "fl0", TAP_FLOOR_MTU, |i, h| {
+        let peer = if i == 0 { h2 } else { h1 };
+        let args = ["fl0".to_owned(), format!("{}:4790", h.addr()), format!("{}:4790", peer.addr())];
+        let log = h.node.inner.dir.join(format!("tap-floor-{}.log", h.name()));
+        h.spawn_daemon(&format!("tap-floor on {}", h.name()), program, &args, &log)
     })
 }
 

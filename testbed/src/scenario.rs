@@ -27,6 +27,10 @@ pub enum Path {
     Nebula,
     /// Container to container over vpncloud in TAP switch mode, unencrypted ([`peers`]).
     Vpncloud,
+    /// Container to container over `tap-floor`, the bare TAP + UDP-socket forwarder (TAP
+    /// offloads, UDP GSO and GRO, no segmentation, checksums or tables; not VXLAN): the floor
+    /// under any TAP-based userspace dataplane ([`peers`]).
+    TapFloor,
 }
 
 impl Path {
@@ -40,6 +44,7 @@ impl Path {
             Path::N2n => "n2n 1.3 (TAP, Twofish: no off switch in 1.x, MTU 1360)",
             Path::Nebula => "nebula (L3, host to host, AES-256-GCM, MTU 1440)",
             Path::Vpncloud => "vpncloud 2 (TAP switch, --algorithm plain, MTU 1450)",
+            Path::TapFloor => "tap-floor (bare TAP + UDP GSO/GRO forwarder, not VXLAN; the floor)",
         }
     }
 }
@@ -93,7 +98,7 @@ pub fn build_with(path: Path, options: &Options, label: &str, overlayd_args: &[S
             let c2 = h[1].add_container("c2", &bridge, "10.100.0.2/24")?;
             (c1.node.clone(), c2.node.clone(), c2.ip(), vec![a1, a2])
         }
-        Path::Tinc | Path::N2n | Path::Nebula | Path::Vpncloud => {
+        Path::Tinc | Path::N2n | Path::Nebula | Path::Vpncloud | Path::TapFloor => {
             let b = peers::build(path, &h[0], &h[1], options)?;
             (b.client, b.server, b.server_ip, b.daemons)
         }

@@ -8,6 +8,8 @@
 //!   nebula (L3, measured host to host) and vpncloud, each as fast as it can be set (no
 //!   encryption where the tool can turn it off; the row's label says its mode, cipher and MTU;
 //!   see `testbed::peers`),
+//! - with `--floor`, `tap-floor` (this crate's bare TAP + UDP GSO/GRO forwarder, not VXLAN),
+//!   the floor under any TAP-based userspace dataplane,
 //!
 //! all in the same two-host namespace topology. Rounds are interleaved (every path once per
 //! round) so that drift in the machine's load hits each alike; the table shows medians and the
@@ -52,6 +54,10 @@ struct Cli {
     /// Skip the plain-veth ceiling.
     #[arg(long)]
     no_veth: bool,
+    /// Also measure `tap-floor`, the bare TAP + UDP GSO/GRO forwarder (not VXLAN): what the
+    /// mechanism under overlayd costs without overlayd's own work.
+    #[arg(long)]
+    floor: bool,
     /// Also write the summaries as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -157,6 +163,10 @@ fn main() -> Result<()> {
     }
     plan.push((Path::KernelVxlan, Path::KernelVxlan.label().into(), vec![], options.clone()));
     plan.push((Path::Overlayd, "overlayd".into(), vec![], options.clone()));
+    if cli.floor {
+        say(&peers::version(Path::TapFloor, &options)?);
+        plan.push((Path::TapFloor, Path::TapFloor.label().into(), vec![], options.clone()));
+    }
     for v in &cli.variants {
         if let Some(n) = v.strip_prefix("threads=") {
             let label = format!("overlayd --dataplane-threads {n}");
