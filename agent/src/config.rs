@@ -19,6 +19,23 @@ pub const OVERHEAD_V6: u32 = 70;
 /// Longest network name, so that `ovbr-<name>` fits Linux's 15-character interface names.
 pub const MAX_NAME_LEN: usize = 10;
 
+/// `dataplane_threads` in the file: `1`, `2` or `"auto"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ThreadsSetting {
+    Count(i64),
+    Word(String),
+}
+
+impl ThreadsSetting {
+    fn resolve(&self) -> Result<LoopThreads, String> {
+        match self {
+            ThreadsSetting::Count(n) => LoopThreads::parse(&n.to_string()),
+            ThreadsSetting::Word(w) => LoopThreads::parse(w),
+        }
+    }
+}
+
 /// The file format (see `overlayd daemon --help`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,7 +46,7 @@ pub struct FileConfig {
     pub source_ports: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
     pub offloads: Option<String>,
-    pub dataplane_threads: Option<u8>,
+    pub dataplane_threads: Option<ThreadsSetting>,
     #[serde(default, rename = "network")]
     pub networks: Vec<FileNetwork>,
 }
@@ -243,8 +260,7 @@ pub fn resolve(file: FileConfig, flags: FlagSettings) -> Result<StaticConfig> {
         },
         dataplane_threads: match (flags.dataplane_threads, file.dataplane_threads) {
             (Some(t), _) => t,
-            (None, Some(n)) => LoopThreads::parse(&n.to_string())
-                .map_err(|e| anyhow::anyhow!("dataplane_threads in the config file: {e}"))?,
+            (None, Some(n)) => n.resolve().map_err(|e| anyhow::anyhow!("dataplane_threads in the config file: {e}"))?,
             (None, None) => LoopThreads::default(),
         },
         networks,
@@ -405,17 +421,23 @@ mod tests {
         assert_eq!(parse_port_range("61000-61015"), Ok((61_000, 16)));
         assert!(parse_fdb_entry("02:4f:0a:00:00:02").unwrap_err().contains("MAC=VTEP"));
         assert!(parse_arp_entry("10.0.0.2=zz").is_err());
-        let three = FileConfig { dataplane_threads: Some(3), ..Default::default() };
+        let three = FileConfig { dataplane_threads: Some(ThreadsSetting::Count(3)), ..Default::default() };
         assert!(e(three, flags(1, &[])).contains("dataplane_threads in the config file"));
     }
 
     #[test]
     fn hot_loop_threads_come_from_the_flag_then_the_file() {
-        let file = FileConfig { dataplane_threads: Some(1), ..Default::default() };
+        let file = FileConfig { dataplane_threads: Some(ThreadsSetting::Count(1)), ..Default::default() };
         let c = resolve(FileConfig::default(), flags(1, &[])).unwrap();
-        assert_eq!(c.dataplane_threads, LoopThreads::PerDirection, "a thread per direction by default");
+        assert_eq!(c.dataplane_threads, LoopThreads::Auto, "one thread while idle, two under load, by default");
+        let auto: FileConfig = toml::from_str("dataplane_threads = \"auto\"").unwrap();
+        assert_eq!(resolve(auto, flags(1, &[])).unwrap().dataplane_threads, LoopThreads::Auto);
+        let two: FileConfig = toml::from_str("dataplane_threads = 2").unwrap();
+        assert_eq!(resolve(two, flags(1, &[])).unwrap().dataplane_threads, LoopThreads::PerDirection);
+        let word: FileConfig = toml::from_str("dataplane_threads = \"many\"").unwrap();
+        assert!(format!("{:#}", resolve(word, flags(1, &[])).unwrap_err()).contains("write auto"));
         assert_eq!(resolve(file, flags(1, &[])).unwrap().dataplane_threads, LoopThreads::One);
-        let file = FileConfig { dataplane_threads: Some(1), ..Default::default() };
+        let file = FileConfig { dataplane_threads: Some(ThreadsSetting::Count(1)), ..Default::default() };
         let mut two = flags(1, &[]);
         two.dataplane_threads = Some(LoopThreads::PerDirection);
         assert_eq!(resolve(file, two).unwrap().dataplane_threads, LoopThreads::PerDirection, "the flag wins");

@@ -253,7 +253,9 @@ impl Host {
             networks,
             counters: Some(counters(&self.dataplane.counters().snapshot())),
             cluster: None,
-            dataplane_threads: u32::from(self.dataplane.config().threads.count()),
+            dataplane_threads: if self.dataplane.loops().0 { 2 } else { 1 },
+            dataplane_threads_setting: self.dataplane.config().threads.as_str().into(),
+            dataplane_loop_switches: self.dataplane.loops().1,
         }
     }
 

@@ -64,11 +64,16 @@ pub fn status(s: &pb::StatusReply) -> String {
         );
     }
     if s.dataplane_threads > 0 {
-        let _ = writeln!(
-            o,
-            "hot loops  {}",
-            if s.dataplane_threads == 1 { "1 thread for both directions" } else { "a thread per direction" }
-        );
+        let now = if s.dataplane_threads == 1 { "1 thread for both directions" } else { "a thread per direction" };
+        if s.dataplane_threads_setting == "auto" {
+            let _ = writeln!(
+                o,
+                "hot loops  auto: {now} now (one while idle, one per direction under load; {} switches)",
+                s.dataplane_loop_switches
+            );
+        } else {
+            let _ = writeln!(o, "hot loops  {now}");
+        }
     }
     let _ = writeln!(
         o,

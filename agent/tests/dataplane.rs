@@ -394,16 +394,63 @@ fn one_thread_for_both_directions_forwards_like_a_thread_per_direction() {
     let bed = bed();
     let h = bed.add_hosts(2).unwrap();
     let a1 = start(&h[0], 7, &[&h[1]], &["--dataplane-threads", "1"]);
-    let a2 = start(&h[1], 7, &[&h[0]], &[]);
+    let a2 = start(&h[1], 7, &[&h[0]], &["--dataplane-threads", "2"]);
     let c1 = h[0].add_container("c1", "ovbr-7", "10.7.0.1/24").unwrap();
     let c2 = h[1].add_container("c2", "ovbr-7", "10.7.0.2/24").unwrap();
     assert_eq!(a1.status().unwrap()["dataplane_threads"], 1);
-    assert_eq!(a2.status().unwrap()["dataplane_threads"], 2, "a thread per direction by default");
+    assert_eq!(a2.status().unwrap()["dataplane_threads"], 2);
     for (a, b) in [(&c1, &c2), (&c2, &c1)] {
         a.ping_ok(b.ip(), 3).unwrap();
         let r = a.iperf3_to(b, b.ip(), 2, 2).unwrap();
         assert!(r.bytes > 5_000_000, "{} -> {}: only {} bytes", a.ip(), b.ip(), r.bytes);
     }
+    offloaded_without_drops(&[&a1, &a2]);
+}
+
+#[test]
+fn auto_threads_split_under_load_and_join_again_when_idle() {
+    let bed = bed();
+    let h = bed.add_hosts(2).unwrap();
+    let a1 = start(&h[0], 8, &[&h[1]], &[]);
+    let a2 = start(&h[1], 8, &[&h[0]], &[]);
+    let c1 = h[0].add_container("c1", "ovbr-8", "10.8.0.1/24").unwrap();
+    let c2 = h[1].add_container("c2", "ovbr-8", "10.8.0.2/24").unwrap();
+    let loops = |a: &Agent| {
+        let s = a.status().unwrap();
+        assert_eq!(s["dataplane_threads_setting"], "auto", "auto is the default");
+        (s["dataplane_threads"].as_u64().unwrap(), s["dataplane_loop_switches"].as_u64().unwrap_or(0))
+    };
+    c1.ping_ok(c2.ip(), 3).unwrap();
+    for a in [&a1, &a2] {
+        assert_eq!(loops(a), (1, 0), "pings keep both directions on one thread");
+    }
+    for (a, b) in [(&c1, &c2), (&c2, &c1)] {
+        let r = a.iperf3_to(b, b.ip(), 2, 1).unwrap();
+        assert!(r.bytes > 50_000_000, "{} -> {}: only {} bytes", a.ip(), b.ip(), r.bytes);
+    }
+    for a in [&a1, &a2] {
+        let (_, switches) = loops(a);
+        assert!(switches >= 1, "the loops split under load (switches: {switches})");
+    }
+    // Idle again: both agents hand the receive loop back to one thread within a few windows.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while [&a1, &a2].iter().any(|a| loops(a).0 != 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still split 5 s after the load: {:?} {:?}",
+            loops(&a1),
+            loops(&a2)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for a in [&a1, &a2] {
+        let (_, switches) = loops(a);
+        assert!(switches >= 2 && switches % 2 == 0, "split and joined (switches: {switches})");
+    }
+    // And everything still flows, in both directions, on one thread again and across a split.
+    c2.ping_ok(c1.ip(), 3).unwrap();
+    let r = c1.iperf3_to(&c2, c2.ip(), 1, 2).unwrap();
+    assert!(r.bytes > 20_000_000, "only {} bytes after joining", r.bytes);
     offloaded_without_drops(&[&a1, &a2]);
 }
 

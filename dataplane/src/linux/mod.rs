@@ -15,7 +15,7 @@ mod udp;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -92,30 +92,48 @@ pub enum LoopThreads {
     /// the thread writes to a TAP (a ping's reply, a TCP ACK) is picked up by the thread that
     /// is already awake, with no cross-thread wake-up. Lower latency, less throughput.
     One,
-    /// A thread per direction (TAP → underlay, underlay → TAP), the default: more throughput
-    /// (the receiving side's copies and the sending side's run on two cores), at the price of
-    /// a wake-up per turnaround (see BENCHMARKS.md).
-    #[default]
+    /// A thread per direction (TAP → underlay, underlay → TAP): more throughput (the
+    /// receiving side's copies and the sending side's run on two cores), at the price of a
+    /// wake-up per turnaround (see BENCHMARKS.md).
     PerDirection,
+    /// The default: one thread while the loops are mostly idle (the low latency of [`One`]),
+    /// split into a thread per direction as soon as that thread is busy more than half the
+    /// time (the throughput of [`PerDirection`]), joined again when the load has gone. The
+    /// receive loop moves between the threads at these switches only, never per packet.
+    ///
+    /// [`One`]: LoopThreads::One
+    /// [`PerDirection`]: LoopThreads::PerDirection
+    #[default]
+    Auto,
 }
 
 impl LoopThreads {
-    /// Parses `1` or `2`.
+    /// Parses `auto`, `1` or `2`.
     pub fn parse(s: &str) -> Result<LoopThreads, String> {
         match s.trim() {
             "1" => Ok(LoopThreads::One),
             "2" => Ok(LoopThreads::PerDirection),
+            "auto" => Ok(LoopThreads::Auto),
             other => Err(format!(
-                "{other:?} is not a thread count for the hot loops: write 1 (one thread for both directions) or 2 (one per direction)"
+                "{other:?} is not a setting for the hot loops' threads: write auto (one thread while idle, a thread per direction under load; the default), 1 (one thread for both directions) or 2 (one per direction)"
             )),
         }
     }
 
-    /// How many threads.
+    /// How many threads are started.
     pub fn count(self) -> u8 {
         match self {
             LoopThreads::One => 1,
-            LoopThreads::PerDirection => 2,
+            LoopThreads::PerDirection | LoopThreads::Auto => 2,
+        }
+    }
+
+    /// The setting as written on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoopThreads::One => "1",
+            LoopThreads::PerDirection => "2",
+            LoopThreads::Auto => "auto",
         }
     }
 }
@@ -187,6 +205,14 @@ pub(crate) struct Shared {
     pub(crate) rx_wake: sys::EventFd,
     /// UDP GSO is wanted and the kernel has not refused it yet.
     pub(crate) gso_ok: AtomicBool,
+    /// The receive loop runs on a thread of its own (always with [`LoopThreads::PerDirection`],
+    /// under load with [`LoopThreads::Auto`]).
+    pub(crate) split: AtomicBool,
+    /// How often [`LoopThreads::Auto`] split or joined the loops.
+    pub(crate) loop_switches: AtomicU64,
+    /// Nanoseconds the transmit thread of [`LoopThreads::Auto`] has spent working (not
+    /// waiting), for the receive thread's decision to join.
+    pub(crate) tx_busy_ns: AtomicU64,
     /// Set when a hot loop died.
     failure: Mutex<Option<String>>,
     clock_base: Instant,
@@ -205,6 +231,9 @@ impl Shared {
             tx_wake: sys::EventFd::new().expect("an eventfd"),
             rx_wake: sys::EventFd::new().expect("an eventfd"),
             gso_ok: AtomicBool::new(true),
+            split: AtomicBool::new(false),
+            loop_switches: AtomicU64::new(0),
+            tx_busy_ns: AtomicU64::new(0),
             failure: Mutex::new(None),
             clock_base: Instant::now(),
         }
@@ -255,6 +284,7 @@ impl Dataplane {
             config.offloads.coalesce = false;
         }
         let udp_gso = config.offloads.udp_gso;
+        let per_direction = config.threads == LoopThreads::PerDirection;
         let shared = Arc::new(Shared {
             config,
             tables: SharedTables::default(),
@@ -264,6 +294,9 @@ impl Dataplane {
             tx_wake: sys::EventFd::new().map_err(DataplaneError::Start)?,
             rx_wake: sys::EventFd::new().map_err(DataplaneError::Start)?,
             gso_ok: AtomicBool::new(udp_gso),
+            split: AtomicBool::new(per_direction),
+            loop_switches: AtomicU64::new(0),
+            tx_busy_ns: AtomicU64::new(0),
             failure: Mutex::new(None),
             clock_base: Instant::now(),
         });
@@ -292,6 +325,21 @@ impl Dataplane {
                 tx_loop.watch_underlay(rx_loop.fd()).map_err(DataplaneError::Start)?;
                 threads.push(
                     spawn("overlayd-dp", Box::new(move || tx_loop.run(Some(rx_loop))))
+                        .map_err(DataplaneError::Start)?,
+                );
+            }
+            LoopThreads::Auto => {
+                let rx_fd = rx_loop.fd();
+                tx_loop.watch_underlay(rx_fd).map_err(DataplaneError::Start)?;
+                let epoll = tx_loop.epoll();
+                let rx_loop = Arc::new(Mutex::new(rx_loop));
+                let rx_for_tx = Arc::clone(&rx_loop);
+                threads.push(
+                    spawn("overlayd-dp", Box::new(move || tx_loop.run_auto(&rx_for_tx)))
+                        .map_err(DataplaneError::Start)?,
+                );
+                threads.push(
+                    spawn("overlayd-rx", Box::new(move || rx::RxLoop::run_auto(&rx_loop, &epoll)))
                         .map_err(DataplaneError::Start)?,
                 );
             }
@@ -355,6 +403,12 @@ impl Dataplane {
     /// The counters.
     pub fn counters(&self) -> &Counters {
         &self.shared.counters
+    }
+
+    /// Whether the receive loop runs on a thread of its own right now, and how often
+    /// [`LoopThreads::Auto`] has split or joined the loops.
+    pub fn loops(&self) -> (bool, u64) {
+        (self.shared.split.load(Ordering::Relaxed), self.shared.loop_switches.load(Ordering::Relaxed))
     }
 
     /// Seconds on the dataplane's clock (the time base of learned entries' `last_seen`).

@@ -15,11 +15,12 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use super::sys::{self, CmsgBuf, SockAddr};
-use super::tx::HEADROOM;
+use super::sys::{self, CmsgBuf, Epoll, SockAddr};
+use super::tx::{HEADROOM, UNDERLAY};
 use super::{Port, Shared, Tap};
 use crate::alloc_count;
 use crate::counters::{Counters, DropReason, bump};
@@ -46,6 +47,13 @@ const MAX_RUN: usize = 64;
 /// Most pieces of one coalesced write: the virtio-net header, the first frame, and a payload
 /// per further segment (a 64 KB super-frame at an MSS of 512 has 128).
 const MAX_PIECES: usize = 256;
+
+/// How long the split loops of [`LoopThreads::Auto`](super::LoopThreads::Auto) are watched
+/// before the receive thread decides whether to join them again.
+const JOIN_WINDOW: Duration = Duration::from_millis(200);
+/// Busy share of both threads together (percent of one thread over [`JOIN_WINDOW`]) under
+/// which the receive loop goes back to the transmit thread.
+const JOIN_BUSY_PERCENT: u32 = 20;
 
 /// How many TCP flows a batch coalesces at once.
 const FLOWS: usize = 8;
@@ -162,6 +170,54 @@ impl RxLoop {
             shared.counters.rx.loop_allocations.store(alloc_count::thread_allocations(), Ordering::Relaxed);
             if !self.receive() {
                 sys::poll_either(self.fd, shared.rx_wake.fd(), 1000);
+            }
+        }
+    }
+
+    /// [`LoopThreads::Auto`](super::LoopThreads::Auto)'s receive thread: waits until the
+    /// transmit thread splits the loops, then runs the receive loop on its own until both
+    /// threads together were busy less than [`JOIN_BUSY_PERCENT`] of a [`JOIN_WINDOW`]; then
+    /// writes what is pending, puts the socket back into the transmit thread's `epoll` set
+    /// and waits again.
+    pub(crate) fn run_auto(this: &Mutex<RxLoop>, epoll: &Epoll) {
+        let shared = Arc::clone(&this.lock().unwrap_or_else(|p| p.into_inner()).shared);
+        while !shared.stop.load(Ordering::Acquire) {
+            if !shared.split.load(Ordering::Acquire) {
+                sys::poll_either(shared.rx_wake.fd(), shared.rx_wake.fd(), 1000);
+                shared.rx_wake.drain();
+                continue;
+            }
+            let mut rx = this.lock().unwrap_or_else(|p| p.into_inner());
+            shared.rx_wake.drain();
+            let mut window = Instant::now();
+            let mut busy = Duration::ZERO;
+            let mut tx_busy_at = shared.tx_busy_ns.load(Ordering::Relaxed);
+            while !shared.stop.load(Ordering::Acquire) {
+                shared.counters.rx.loop_allocations.store(alloc_count::thread_allocations(), Ordering::Relaxed);
+                let start = Instant::now();
+                let more = rx.receive();
+                busy += start.elapsed();
+                if more {
+                    continue;
+                }
+                let watched = window.elapsed();
+                if watched >= JOIN_WINDOW {
+                    let tx_busy_now = shared.tx_busy_ns.load(Ordering::Relaxed);
+                    let tx_busy = Duration::from_nanos(tx_busy_now.saturating_sub(tx_busy_at));
+                    if (busy + tx_busy) * 100 < watched * JOIN_BUSY_PERCENT {
+                        rx.finish();
+                        shared.split.store(false, Ordering::Release);
+                        if epoll.add(rx.fd, UNDERLAY).is_ok() {
+                            shared.loop_switches.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        shared.split.store(true, Ordering::Release);
+                    }
+                    window = Instant::now();
+                    busy = Duration::ZERO;
+                    tx_busy_at = tx_busy_now;
+                }
+                sys::poll_either(rx.fd, shared.rx_wake.fd(), JOIN_WINDOW.as_millis() as i32);
             }
         }
     }

@@ -17,8 +17,9 @@
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::rx::RxLoop;
 use super::sys::{self, CmsgBuf, Epoll, SockAddr};
@@ -65,7 +66,13 @@ const SEG_HDR_CAP: usize = 160;
 /// epoll data value of the wake-up eventfd.
 const WAKE: u64 = u64::MAX;
 /// epoll data value of the underlay socket, when this loop also receives.
-const UNDERLAY: u64 = u64::MAX - 1;
+pub(crate) const UNDERLAY: u64 = u64::MAX - 1;
+
+/// How long [`LoopThreads::Auto`](super::LoopThreads::Auto)'s one thread is watched before
+/// it decides whether to split.
+const SPLIT_WINDOW: Duration = Duration::from_millis(50);
+/// Busy share (percent of [`SPLIT_WINDOW`]) above which the one thread splits in two.
+const SPLIT_BUSY_PERCENT: u32 = 50;
 
 /// Datagrams waiting for one socket's `sendmmsg`.
 struct SendQueue {
@@ -253,7 +260,7 @@ pub(crate) struct TxLoop {
     shared: Arc<Shared>,
     tables: TablesReader<Port>,
     learned: LearnedReader,
-    epoll: Epoll,
+    epoll: Arc<Epoll>,
     /// TAPs registered with epoll: (slot, TAP). Capacity reserved up front.
     registered: Vec<(usize, Port)>,
     registered_generation: u64,
@@ -270,7 +277,7 @@ unsafe impl Send for TxLoop {}
 
 impl TxLoop {
     pub(crate) fn new(shared: Arc<Shared>, tx_fds: &[RawFd]) -> io::Result<TxLoop> {
-        let epoll = Epoll::new()?;
+        let epoll = Arc::new(Epoll::new()?);
         epoll.add(shared.tx_wake.fd(), WAKE)?;
         Ok(TxLoop {
             tables: shared.tables.reader(),
@@ -289,6 +296,65 @@ impl TxLoop {
     /// Watches the underlay socket `fd` too, for running the receive loop on this thread.
     pub(crate) fn watch_underlay(&self, fd: RawFd) -> io::Result<()> {
         self.epoll.add(fd, UNDERLAY)
+    }
+
+    /// The epoll set this loop waits on (the receive loop of
+    /// [`LoopThreads::Auto`](super::LoopThreads::Auto) adds its socket back when it joins).
+    pub(crate) fn epoll(&self) -> Arc<Epoll> {
+        Arc::clone(&self.epoll)
+    }
+
+    /// [`LoopThreads::Auto`](super::LoopThreads::Auto): runs both directions (the receive loop
+    /// through `rx`, whose socket [`TxLoop::watch_underlay`] added) until this thread is busy
+    /// more than [`SPLIT_BUSY_PERCENT`] of a [`SPLIT_WINDOW`]; then takes the socket out of its
+    /// epoll set and wakes the receive thread ([`RxLoop::run_auto`]), which runs the receive
+    /// loop until the load falls and hands it back. `rx` is locked once per wake-up while this
+    /// thread receives, never per packet, and not at all while the loops are split.
+    pub(crate) fn run_auto(mut self, rx: &Mutex<RxLoop>) {
+        let rx_fd = rx.lock().unwrap_or_else(|p| p.into_inner()).fd();
+        let shared = Arc::clone(&self.shared);
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
+        let mut window = Instant::now();
+        let mut busy = Duration::ZERO;
+        while !shared.stop.load(Ordering::Acquire) {
+            let split = shared.split.load(Ordering::Acquire);
+            let allocations = alloc_count::thread_allocations();
+            shared.counters.tx.loop_allocations.store(allocations, Ordering::Relaxed);
+            let tables = Arc::clone(self.tables.load());
+            if tables.generation() != self.registered_generation {
+                self.sync_ports(&tables);
+            }
+            let n = self.epoll.wait(&mut events, 1000).unwrap_or(0);
+            let start = Instant::now();
+            for ev in &events[..n] {
+                match ev.u64 {
+                    WAKE => shared.tx_wake.drain(),
+                    UNDERLAY => {
+                        // A readiness reported before the socket left the set is the receive
+                        // thread's now.
+                        if !shared.split.load(Ordering::Acquire) {
+                            let mut rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                            shared.counters.rx.loop_allocations.store(allocations, Ordering::Relaxed);
+                            receive_rounds(&mut rx);
+                        }
+                    }
+                    slot => self.drain_port(&tables, slot as usize),
+                }
+            }
+            let spent = start.elapsed();
+            busy += spent;
+            shared.tx_busy_ns.fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
+            let watched = window.elapsed();
+            if watched >= SPLIT_WINDOW {
+                if !split && busy * 100 > watched * SPLIT_BUSY_PERCENT && self.epoll.delete(rx_fd).is_ok() {
+                    shared.split.store(true, Ordering::Release);
+                    shared.loop_switches.fetch_add(1, Ordering::Relaxed);
+                    shared.rx_wake.notify();
+                }
+                window = Instant::now();
+                busy = Duration::ZERO;
+            }
+        }
     }
 
     /// Runs until the dataplane stops; with `rx` (whose socket [`TxLoop::watch_underlay`]
@@ -311,17 +377,7 @@ impl TxLoop {
                     WAKE => self.shared.tx_wake.drain(),
                     UNDERLAY => {
                         if let Some(rx) = rx.as_mut() {
-                            let mut drained = false;
-                            for _ in 0..ROUNDS_PER_WAKEUP {
-                                if !rx.receive() {
-                                    drained = true;
-                                    break;
-                                }
-                            }
-                            if !drained {
-                                // Back to the TAPs: nothing may wait in a pending run meanwhile.
-                                rx.finish();
-                            }
+                            receive_rounds(rx);
                         }
                     }
                     slot => self.drain_port(&tables, slot as usize),
@@ -468,6 +524,17 @@ impl TxLoop {
             }
         }
     }
+}
+
+/// Up to [`ROUNDS_PER_WAKEUP`] receive calls on a thread that also reads the TAPs, with
+/// nothing left pending when it turns back to them.
+fn receive_rounds(rx: &mut RxLoop) {
+    for _ in 0..ROUNDS_PER_WAKEUP {
+        if !rx.receive() {
+            return;
+        }
+    }
+    rx.finish();
 }
 
 /// Sends what every queue holds.
