@@ -320,32 +320,26 @@ impl Dataplane {
             })
         };
         let mut threads = dp.threads.lock().unwrap_or_else(|p| p.into_inner());
-        match dp.shared.config.threads {
-            LoopThreads::One => {
-                tx_loop.watch_underlay(rx_loop.fd()).map_err(DataplaneError::Start)?;
-                threads.push(
-                    spawn("overlayd-dp", Box::new(move || tx_loop.run(Some(rx_loop))))
-                        .map_err(DataplaneError::Start)?,
-                );
-            }
-            LoopThreads::Auto => {
-                let rx_fd = rx_loop.fd();
-                tx_loop.watch_underlay(rx_fd).map_err(DataplaneError::Start)?;
-                let epoll = tx_loop.epoll();
-                let rx_loop = Arc::new(Mutex::new(rx_loop));
-                let rx_for_tx = Arc::clone(&rx_loop);
-                threads.push(
-                    spawn("overlayd-dp", Box::new(move || tx_loop.run_auto(&rx_for_tx)))
-                        .map_err(DataplaneError::Start)?,
-                );
+        let threads_setting = dp.shared.config.threads;
+        if threads_setting == LoopThreads::PerDirection {
+            threads
+                .push(spawn("overlayd-tx", Box::new(move || tx_loop.run(None, false))).map_err(DataplaneError::Start)?);
+            threads.push(spawn("overlayd-rx", Box::new(move || rx_loop.run())).map_err(DataplaneError::Start)?);
+        } else {
+            tx_loop.watch_underlay(rx_loop.fd()).map_err(DataplaneError::Start)?;
+            let epoll = tx_loop.epoll();
+            let rx_loop = Arc::new(Mutex::new(rx_loop));
+            let rx_for_tx = Arc::clone(&rx_loop);
+            let may_split = threads_setting == LoopThreads::Auto;
+            threads.push(
+                spawn("overlayd-dp", Box::new(move || tx_loop.run(Some(&rx_for_tx), may_split)))
+                    .map_err(DataplaneError::Start)?,
+            );
+            if may_split {
                 threads.push(
                     spawn("overlayd-rx", Box::new(move || rx::RxLoop::run_auto(&rx_loop, &epoll)))
                         .map_err(DataplaneError::Start)?,
                 );
-            }
-            LoopThreads::PerDirection => {
-                threads.push(spawn("overlayd-tx", Box::new(move || tx_loop.run(None))).map_err(DataplaneError::Start)?);
-                threads.push(spawn("overlayd-rx", Box::new(move || rx_loop.run())).map_err(DataplaneError::Start)?);
             }
         }
         drop(threads);

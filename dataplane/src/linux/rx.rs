@@ -169,7 +169,7 @@ impl RxLoop {
         while !shared.stop.load(Ordering::Acquire) {
             shared.counters.rx.loop_allocations.store(alloc_count::thread_allocations(), Ordering::Relaxed);
             if !self.receive() {
-                sys::poll_either(self.fd, shared.rx_wake.fd(), 1000);
+                sys::poll_readable([self.fd, shared.rx_wake.fd()], 1000);
             }
         }
     }
@@ -183,7 +183,7 @@ impl RxLoop {
         let shared = Arc::clone(&this.lock().unwrap_or_else(|p| p.into_inner()).shared);
         while !shared.stop.load(Ordering::Acquire) {
             if !shared.split.load(Ordering::Acquire) {
-                sys::poll_either(shared.rx_wake.fd(), shared.rx_wake.fd(), 1000);
+                sys::poll_readable([shared.rx_wake.fd()], 1000);
                 shared.rx_wake.drain();
                 continue;
             }
@@ -217,7 +217,7 @@ impl RxLoop {
                     busy = Duration::ZERO;
                     tx_busy_at = tx_busy_now;
                 }
-                sys::poll_either(rx.fd, shared.rx_wake.fd(), JOIN_WINDOW.as_millis() as i32);
+                sys::poll_readable([rx.fd, shared.rx_wake.fd()], JOIN_WINDOW.as_millis() as i32);
             }
         }
     }

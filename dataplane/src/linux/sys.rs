@@ -80,15 +80,12 @@ impl Epoll {
     }
 }
 
-/// Waits until `a` or `b` is readable, or the timeout passes. Errors count as a wake-up: the
-/// caller's next non-blocking read tells what happened.
-pub(crate) fn poll_either(a: RawFd, b: RawFd, timeout_ms: i32) {
-    let mut fds = [
-        libc::pollfd { fd: a, events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: b, events: libc::POLLIN, revents: 0 },
-    ];
-    // SAFETY: `fds` holds exactly 2 valid pollfd entries for the duration of the call.
-    let _ = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+/// Waits until one of `fds` is readable, or the timeout passes. Errors count as a wake-up:
+/// the caller's next non-blocking read tells what happened.
+pub(crate) fn poll_readable<const N: usize>(fds: [RawFd; N], timeout_ms: i32) {
+    let mut polls = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+    // SAFETY: `polls` holds exactly N valid pollfd entries for the duration of the call.
+    let _ = unsafe { libc::poll(polls.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
 }
 
 /// A socket address in C form, big enough for IPv4 and IPv6.

@@ -304,14 +304,16 @@ impl TxLoop {
         Arc::clone(&self.epoll)
     }
 
-    /// [`LoopThreads::Auto`](super::LoopThreads::Auto): runs both directions (the receive loop
-    /// through `rx`, whose socket [`TxLoop::watch_underlay`] added) until this thread is busy
-    /// more than [`SPLIT_BUSY_PERCENT`] of a [`SPLIT_WINDOW`]; then takes the socket out of its
+    /// Runs until the dataplane stops. Without `rx`, this thread only transmits (the receive
+    /// loop has a thread of its own). With `rx` (whose socket [`TxLoop::watch_underlay`]
+    /// added), this thread also runs the receive loop, woken by the same epoll; and with
+    /// `may_split` ([`LoopThreads::Auto`](super::LoopThreads::Auto)), once this thread is busy
+    /// more than [`SPLIT_BUSY_PERCENT`] of a [`SPLIT_WINDOW`] it takes the socket out of its
     /// epoll set and wakes the receive thread ([`RxLoop::run_auto`]), which runs the receive
-    /// loop until the load falls and hands it back. `rx` is locked once per wake-up while this
-    /// thread receives, never per packet, and not at all while the loops are split.
-    pub(crate) fn run_auto(mut self, rx: &Mutex<RxLoop>) {
-        let rx_fd = rx.lock().unwrap_or_else(|p| p.into_inner()).fd();
+    /// loop until the load falls and hands it back. `rx` is locked once per wake-up while
+    /// this thread receives, never per packet, and not at all while the loops are split.
+    pub(crate) fn run(mut self, rx: Option<&Mutex<RxLoop>>, may_split: bool) {
+        let rx_fd = rx.map(|rx| rx.lock().unwrap_or_else(|p| p.into_inner()).fd());
         let shared = Arc::clone(&self.shared);
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
         let mut window = Instant::now();
@@ -332,7 +334,9 @@ impl TxLoop {
                     UNDERLAY => {
                         // A readiness reported before the socket left the set is the receive
                         // thread's now.
-                        if !shared.split.load(Ordering::Acquire) {
+                        if let Some(rx) = rx
+                            && !shared.split.load(Ordering::Acquire)
+                        {
                             let mut rx = rx.lock().unwrap_or_else(|p| p.into_inner());
                             shared.counters.rx.loop_allocations.store(allocations, Ordering::Relaxed);
                             receive_rounds(&mut rx);
@@ -341,47 +345,25 @@ impl TxLoop {
                     slot => self.drain_port(&tables, slot as usize),
                 }
             }
+            if !may_split {
+                continue;
+            }
             let spent = start.elapsed();
             busy += spent;
             shared.tx_busy_ns.fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
             let watched = window.elapsed();
             if watched >= SPLIT_WINDOW {
-                if !split && busy * 100 > watched * SPLIT_BUSY_PERCENT && self.epoll.delete(rx_fd).is_ok() {
+                if let Some(fd) = rx_fd
+                    && !split
+                    && busy * 100 > watched * SPLIT_BUSY_PERCENT
+                    && self.epoll.delete(fd).is_ok()
+                {
                     shared.split.store(true, Ordering::Release);
                     shared.loop_switches.fetch_add(1, Ordering::Relaxed);
                     shared.rx_wake.notify();
                 }
                 window = Instant::now();
                 busy = Duration::ZERO;
-            }
-        }
-    }
-
-    /// Runs until the dataplane stops; with `rx` (whose socket [`TxLoop::watch_underlay`]
-    /// added), this one thread also runs the receive loop, woken by the same epoll.
-    pub(crate) fn run(mut self, mut rx: Option<RxLoop>) {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
-        while !self.shared.stop.load(Ordering::Acquire) {
-            let allocations = alloc_count::thread_allocations();
-            self.shared.counters.tx.loop_allocations.store(allocations, Ordering::Relaxed);
-            if rx.is_some() {
-                self.shared.counters.rx.loop_allocations.store(allocations, Ordering::Relaxed);
-            }
-            let tables = Arc::clone(self.tables.load());
-            if tables.generation() != self.registered_generation {
-                self.sync_ports(&tables);
-            }
-            let n = self.epoll.wait(&mut events, 1000).unwrap_or(0);
-            for ev in &events[..n] {
-                match ev.u64 {
-                    WAKE => self.shared.tx_wake.drain(),
-                    UNDERLAY => {
-                        if let Some(rx) = rx.as_mut() {
-                            receive_rounds(rx);
-                        }
-                    }
-                    slot => self.drain_port(&tables, slot as usize),
-                }
             }
         }
     }
