@@ -320,27 +320,28 @@ impl Dataplane {
             })
         };
         let mut threads = dp.threads.lock().unwrap_or_else(|p| p.into_inner());
+        // The receive loop runs on the receive thread while the loops are split (always with
+        // a thread per direction), on the transmit thread otherwise.
         let threads_setting = dp.shared.config.threads;
-        if threads_setting == LoopThreads::PerDirection {
-            threads
-                .push(spawn("overlayd-tx", Box::new(move || tx_loop.run(None, false))).map_err(DataplaneError::Start)?);
-            threads.push(spawn("overlayd-rx", Box::new(move || rx_loop.run())).map_err(DataplaneError::Start)?);
-        } else {
-            tx_loop.watch_underlay(rx_loop.fd()).map_err(DataplaneError::Start)?;
-            let epoll = tx_loop.epoll();
-            let rx_loop = Arc::new(Mutex::new(rx_loop));
-            let rx_for_tx = Arc::clone(&rx_loop);
-            let may_split = threads_setting == LoopThreads::Auto;
+        let may_split = threads_setting == LoopThreads::Auto;
+        let rx_fd = rx_loop.fd();
+        let rx_loop = Arc::new(Mutex::new(rx_loop));
+        let epoll = tx_loop.epoll();
+        let tx_receives = threads_setting != LoopThreads::PerDirection;
+        if tx_receives {
+            tx_loop.watch_underlay(rx_fd).map_err(DataplaneError::Start)?;
+        }
+        let rx_for_tx = Arc::clone(&rx_loop);
+        let name = if tx_receives { "overlayd-dp" } else { "overlayd-tx" };
+        threads.push(
+            spawn(name, Box::new(move || tx_loop.run(tx_receives.then_some(&*rx_for_tx), may_split)))
+                .map_err(DataplaneError::Start)?,
+        );
+        if threads_setting != LoopThreads::One {
             threads.push(
-                spawn("overlayd-dp", Box::new(move || tx_loop.run(Some(&rx_for_tx), may_split)))
+                spawn("overlayd-rx", Box::new(move || rx::RxLoop::run(&rx_loop, may_split.then_some(&*epoll))))
                     .map_err(DataplaneError::Start)?,
             );
-            if may_split {
-                threads.push(
-                    spawn("overlayd-rx", Box::new(move || rx::RxLoop::run_auto(&rx_loop, &epoll)))
-                        .map_err(DataplaneError::Start)?,
-                );
-            }
         }
         drop(threads);
         Ok(dp)

@@ -163,24 +163,15 @@ impl RxLoop {
         }
     }
 
-    /// Runs on a thread of its own: receives until the dataplane stops.
-    pub(crate) fn run(mut self) {
-        let shared = Arc::clone(&self.shared);
-        while !shared.stop.load(Ordering::Acquire) {
-            shared.counters.rx.loop_allocations.store(alloc_count::thread_allocations(), Ordering::Relaxed);
-            if !self.receive() {
-                sys::poll_readable([self.fd, shared.rx_wake.fd()], 1000);
-            }
-        }
-    }
-
-    /// [`LoopThreads::Auto`](super::LoopThreads::Auto)'s receive thread: waits until the
-    /// transmit thread splits the loops, then runs the receive loop on its own until both
-    /// threads together were busy less than [`JOIN_BUSY_PERCENT`] of a [`JOIN_WINDOW`]; then
-    /// writes what is pending, puts the socket back into the transmit thread's `epoll` set
-    /// and waits again.
-    pub(crate) fn run_auto(this: &Mutex<RxLoop>, epoll: &Epoll) {
+    /// The receive thread: runs the receive loop whenever the loops are split, until the
+    /// dataplane stops. With a thread per direction they always are (`join` is `None`). With
+    /// [`LoopThreads::Auto`](super::LoopThreads::Auto) (`join` is the transmit thread's `epoll`
+    /// set) it waits until the transmit thread splits them, runs the receive loop until both
+    /// threads together were busy less than [`JOIN_BUSY_PERCENT`] of a [`JOIN_WINDOW`], then
+    /// writes what is pending, puts the socket back into that `epoll` set and waits again.
+    pub(crate) fn run(this: &Mutex<RxLoop>, join: Option<&Epoll>) {
         let shared = Arc::clone(&this.lock().unwrap_or_else(|p| p.into_inner()).shared);
+        let wait_ms = if join.is_some() { JOIN_WINDOW.as_millis() as i32 } else { 1000 };
         while !shared.stop.load(Ordering::Acquire) {
             if !shared.split.load(Ordering::Acquire) {
                 sys::poll_readable([shared.rx_wake.fd()], 1000);
@@ -201,7 +192,9 @@ impl RxLoop {
                     continue;
                 }
                 let watched = window.elapsed();
-                if watched >= JOIN_WINDOW {
+                if let Some(epoll) = join
+                    && watched >= JOIN_WINDOW
+                {
                     let tx_busy_now = shared.tx_busy_ns.load(Ordering::Relaxed);
                     let tx_busy = Duration::from_nanos(tx_busy_now.saturating_sub(tx_busy_at));
                     if (busy + tx_busy) * 100 < watched * JOIN_BUSY_PERCENT {
@@ -217,7 +210,7 @@ impl RxLoop {
                     busy = Duration::ZERO;
                     tx_busy_at = tx_busy_now;
                 }
-                sys::poll_readable([rx.fd, shared.rx_wake.fd()], JOIN_WINDOW.as_millis() as i32);
+                sys::poll_readable([rx.fd, shared.rx_wake.fd()], wait_ms);
             }
         }
     }

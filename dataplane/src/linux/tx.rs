@@ -309,7 +309,7 @@ impl TxLoop {
     /// added), this thread also runs the receive loop, woken by the same epoll; and with
     /// `may_split` ([`LoopThreads::Auto`](super::LoopThreads::Auto)), once this thread is busy
     /// more than [`SPLIT_BUSY_PERCENT`] of a [`SPLIT_WINDOW`] it takes the socket out of its
-    /// epoll set and wakes the receive thread ([`RxLoop::run_auto`]), which runs the receive
+    /// epoll set and wakes the receive thread ([`RxLoop::run`]), which runs the receive
     /// loop until the load falls and hands it back. `rx` is locked once per wake-up while
     /// this thread receives, never per packet, and not at all while the loops are split.
     pub(crate) fn run(mut self, rx: Option<&Mutex<RxLoop>>, may_split: bool) {
