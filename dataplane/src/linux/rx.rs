@@ -185,9 +185,11 @@ impl RxLoop {
             let mut tx_busy_at = shared.tx_busy_ns.load(Ordering::Relaxed);
             while !shared.stop.load(Ordering::Acquire) {
                 shared.counters.rx.loop_allocations.store(alloc_count::thread_allocations(), Ordering::Relaxed);
-                let start = Instant::now();
+                let start = join.map(|_| Instant::now());
                 let more = rx.receive();
-                busy += start.elapsed();
+                if let Some(start) = start {
+                    busy += start.elapsed();
+                }
                 if more {
                     continue;
                 }

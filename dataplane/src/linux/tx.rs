@@ -327,7 +327,7 @@ impl TxLoop {
                 self.sync_ports(&tables);
             }
             let n = self.epoll.wait(&mut events, 1000).unwrap_or(0);
-            let start = Instant::now();
+            let start = may_split.then(Instant::now);
             for ev in &events[..n] {
                 match ev.u64 {
                     WAKE => shared.tx_wake.drain(),
@@ -345,9 +345,7 @@ impl TxLoop {
                     slot => self.drain_port(&tables, slot as usize),
                 }
             }
-            if !may_split {
-                continue;
-            }
+            let Some(start) = start else { continue };
             let spent = start.elapsed();
             busy += spent;
             shared.tx_busy_ns.fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
