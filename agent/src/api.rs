@@ -235,6 +235,14 @@ pub fn prometheus(status: &pb::StatusReply) -> String {
     for (reason, v) in &c.dropped {
         let _ = writeln!(out, "overlayd_dropped_total{{reason=\"{reason}\"}} {v}");
     }
+    let _ = writeln!(
+        out,
+        "# HELP overlayd_dataplane_threads Hot-loop threads running now (1: both directions on one, 2: one per direction).\n\
+         # TYPE overlayd_dataplane_threads gauge\noverlayd_dataplane_threads {}\n\
+         # HELP overlayd_dataplane_loop_switches_total Times --dataplane-threads auto split or joined the hot loops.\n\
+         # TYPE overlayd_dataplane_loop_switches_total counter\noverlayd_dataplane_loop_switches_total {}",
+        status.dataplane_threads, status.dataplane_loop_switches
+    );
     out
 }
 
@@ -270,5 +278,37 @@ pub async fn serve_metrics(addr: Option<SocketAddr>, daemon: Arc<Daemon>) -> Res
             let _ = wr.write_all(head.as_bytes()).await;
             let _ = wr.write_all(body.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_has_counters_drops_and_the_hot_loop_threads() {
+        let status = pb::StatusReply {
+            counters: Some(pb::Counters {
+                values: [("tx_frames".to_owned(), 7), ("tx_loop_allocations".to_owned(), 2)].into(),
+                dropped: [("runt_frame".to_owned(), 3)].into(),
+            }),
+            dataplane_threads: 2,
+            dataplane_threads_setting: "auto".into(),
+            dataplane_loop_switches: 5,
+            ..Default::default()
+        };
+        let text = prometheus(&status);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines,
+            [
+                "overlayd_tx_frames_total 7",
+                "overlayd_dropped_total{reason=\"runt_frame\"} 3",
+                "overlayd_dataplane_threads 2",
+                "overlayd_dataplane_loop_switches_total 5"
+            ],
+            "allocation counters are for tests, not for Prometheus:\n{text}"
+        );
+        assert!(text.contains("# TYPE overlayd_dataplane_threads gauge"), "{text}");
     }
 }
