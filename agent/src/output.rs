@@ -68,7 +68,7 @@ pub fn status(s: &pb::StatusReply) -> String {
         if s.dataplane_threads_setting == "auto" {
             let _ = writeln!(
                 o,
-                "hot loops  auto: {now} now (one while idle, one per direction under load; {} switches)",
+                "hot loops  auto: {now} now (one while idle, one per direction under load; switches so far: {})",
                 s.dataplane_loop_switches
             );
         } else {
