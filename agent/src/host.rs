@@ -207,6 +207,7 @@ impl Host {
     pub async fn status(&self, mode: &str) -> pb::StatusReply {
         let tables = self.dataplane.tables();
         let learned = self.dataplane.learned();
+        let (split, switches) = self.dataplane.loops();
         let nets = self.networks().await;
         let networks = nets
             .values()
@@ -253,9 +254,9 @@ impl Host {
             networks,
             counters: Some(counters(&self.dataplane.counters().snapshot())),
             cluster: None,
-            dataplane_threads: if self.dataplane.loops().0 { 2 } else { 1 },
+            dataplane_threads: if split { 2 } else { 1 },
             dataplane_threads_setting: self.dataplane.config().threads.as_str().into(),
-            dataplane_loop_switches: self.dataplane.loops().1,
+            dataplane_loop_switches: switches,
         }
     }
 

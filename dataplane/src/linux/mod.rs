@@ -123,14 +123,6 @@ impl LoopThreads {
         }
     }
 
-    /// How many threads are started.
-    pub fn count(self) -> u8 {
-        match self {
-            LoopThreads::One => 1,
-            LoopThreads::PerDirection | LoopThreads::Auto => 2,
-        }
-    }
-
     /// The setting as written on the command line.
     pub fn as_str(self) -> &'static str {
         match self {
