@@ -1,77 +1,19 @@
-//! Attaching containers: a veth whose host end is on the network's bridge and whose other end
-//! becomes the container's interface, with the next free address of this host's block, a MAC
-//! derived from that address, the network's MTU and a default route via the gateway. No Raft
-//! write: the address comes from the host's own block, and the endpoints are recorded here.
+//! Plumbing a container into a network: a veth whose host end is on the network's bridge and
+//! whose other end becomes the container's interface, with its address, MAC, MTU and a
+//! default route via the gateway. Which address, and the records, are `endpoints`' business.
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use control::cidr::Ipv4Cidr;
-use dataplane::MacAddr;
 use futures::TryStreamExt;
 use rtnetlink::{LinkUnspec, LinkVeth};
-use serde::{Deserialize, Serialize};
 
+use crate::endpoints::LocalEndpoint;
 use crate::netdev::{self, Bridge};
-
-/// One container attached to one network on this host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EndpointRecord {
-    pub network: String,
-    pub name: String,
-    pub ip: Ipv4Addr,
-    /// The network's prefix length (the container sees the whole subnet on-link).
-    pub prefix_len: u8,
-    pub mac: MacAddr,
-    /// The veth end on the bridge.
-    pub host_ifname: String,
-    /// The container's namespace as given (path).
-    pub netns: String,
-    /// The namespace's identity (device, inode), to recognise it under another path.
-    pub netns_id: (u64, u64),
-    /// The interface inside the namespace.
-    pub ifname: String,
-}
-
-/// The endpoints of this host, persisted in the state dir.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct EndpointStore {
-    pub endpoints: Vec<EndpointRecord>,
-}
-
-impl EndpointStore {
-    /// Loads the store (empty if the file does not exist).
-    pub fn load(path: &Path) -> Result<EndpointStore> {
-        match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EndpointStore::default()),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-        }
-    }
-
-    /// Saves it (atomically: written aside, then renamed).
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-    }
-
-    /// The lowest free address of `block` for `network`: not the block's first or last
-    /// address, not the gateway, not held by an endpoint.
-    pub fn allocate(&self, network: &str, block: Ipv4Cidr, gateway: Ipv4Addr) -> Option<Ipv4Addr> {
-        let taken = |ip: Ipv4Addr| ip == gateway || self.endpoints.iter().any(|e| e.network == network && e.ip == ip);
-        (1..block.size().saturating_sub(1)).filter_map(|n| block.nth(n)).find(|ip| !taken(*ip))
-    }
-
-    /// Endpoints of one network.
-    pub fn in_network<'a>(&'a self, network: &'a str) -> impl Iterator<Item = &'a EndpointRecord> + 'a {
-        self.endpoints.iter().filter(move |e| e.network == network)
-    }
-}
 
 /// A container's network namespace, opened.
 pub struct Netns {
@@ -147,7 +89,7 @@ pub fn veth_names(network: &str, name: &str) -> (String, String) {
 pub async fn plumb(
     nl: &rtnetlink::Handle,
     ns: &Netns,
-    ep: &EndpointRecord,
+    ep: &LocalEndpoint,
     bridge: &Bridge,
     mtu: u32,
     gateway: Ipv4Addr,
@@ -179,7 +121,7 @@ pub async fn plumb(
 async fn configure_inside(
     h: &rtnetlink::Handle,
     tmp: &str,
-    ep: &EndpointRecord,
+    ep: &LocalEndpoint,
     mtu: u32,
     gateway: Ipv4Addr,
 ) -> Result<()> {
@@ -225,44 +167,6 @@ pub async fn unplumb(nl: &rtnetlink::Handle, host_ifname: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ep(network: &str, ip: [u8; 4]) -> EndpointRecord {
-        EndpointRecord {
-            network: network.into(),
-            name: format!("{ip:?}"),
-            ip: ip.into(),
-            prefix_len: 16,
-            mac: MacAddr::from_ipv4(ip.into()),
-            host_ifname: String::new(),
-            netns: String::new(),
-            netns_id: (0, 0),
-            ifname: "eth0".into(),
-        }
-    }
-
-    #[test]
-    fn allocation_skips_the_edges_the_gateway_and_what_is_taken_and_reuses_freed_addresses() {
-        let block: Ipv4Cidr = "10.128.0.0/24".parse().unwrap();
-        let gw = Ipv4Addr::new(10, 128, 0, 1);
-        let mut s = EndpointStore::default();
-        assert_eq!(s.allocate("a", block, gw), Some(Ipv4Addr::new(10, 128, 0, 2)), "not .0, not the gateway");
-        s.endpoints.push(ep("a", [10, 128, 0, 2]));
-        s.endpoints.push(ep("a", [10, 128, 0, 3]));
-        s.endpoints.push(ep("b", [10, 128, 0, 4]));
-        assert_eq!(
-            s.allocate("a", block, gw),
-            Some(Ipv4Addr::new(10, 128, 0, 4)),
-            "another network's address does not count"
-        );
-        s.endpoints.remove(0);
-        assert_eq!(s.allocate("a", block, gw), Some(Ipv4Addr::new(10, 128, 0, 2)), "a freed address is reused");
-        let tiny: Ipv4Cidr = "10.0.0.0/30".parse().unwrap();
-        let mut t = EndpointStore::default();
-        t.endpoints.push(ep("a", [10, 0, 0, 1]));
-        assert_eq!(t.allocate("a", tiny, gw), Some(Ipv4Addr::new(10, 0, 0, 2)));
-        t.endpoints.push(ep("a", [10, 0, 0, 2]));
-        assert_eq!(t.allocate("a", tiny, gw), None, "full");
-    }
 
     #[test]
     fn names_fit_linux_limits() {

@@ -10,12 +10,6 @@ use dataplane::linux::{LoopThreads, Offloads};
 use dataplane::{MacAddr, Vni};
 use serde::Deserialize;
 
-/// Bytes VXLAN adds in front of a frame on an IPv4 underlay: IPv4 20 + UDP 8 + VXLAN 8 +
-/// inner Ethernet 14.
-pub const OVERHEAD_V4: u32 = 50;
-/// The same on an IPv6 underlay (IPv6 header 40).
-pub const OVERHEAD_V6: u32 = 70;
-
 /// Longest network name, so that `ovbr-<name>` fits Linux's 15-character interface names.
 pub const MAX_NAME_LEN: usize = 10;
 
@@ -117,7 +111,7 @@ impl StaticConfig {
 
     /// VXLAN overhead for this underlay's address family.
     pub fn overhead(&self) -> u32 {
-        if self.underlay_addr.is_some_and(|a| a.is_ipv6()) { OVERHEAD_V6 } else { OVERHEAD_V4 }
+        crate::host::overhead(self.underlay_addr.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)))
     }
 }
 

@@ -17,6 +17,12 @@ use tokio::sync::Mutex;
 
 use crate::netdev::{self, Bridge};
 
+/// Bytes VXLAN adds in front of a frame on an underlay of `addr`'s family: outer IPv4 20 (or
+/// IPv6 40) + UDP 8 + VXLAN 8 + inner Ethernet 14.
+pub fn overhead(addr: IpAddr) -> u32 {
+    if addr.is_ipv4() { 50 } else { 70 }
+}
+
 /// The underlay as this host sees it.
 #[derive(Debug, Clone)]
 pub struct Underlay {
@@ -53,6 +59,21 @@ pub struct NetworkSpec {
     pub learning: bool,
     /// Cluster networks: the gateway lives on the bridge of every host.
     pub gateway: Option<Gateway>,
+}
+
+/// What a cluster network's dataplane tables hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkTables {
+    /// The VTEPs broadcast and unknown frames are replicated to.
+    pub flood: Vec<IpAddr>,
+    /// Prefix length of every host's block.
+    pub block_prefix: u8,
+    /// Each block's first address and who holds it.
+    pub blocks: Vec<(Ipv4Addr, BlockOwner)>,
+    /// The network's gateway (on every host's bridge).
+    pub gateway: Ipv4Addr,
+    /// Other hosts' endpoints: address, MAC, VTEP.
+    pub endpoints: Vec<(Ipv4Addr, MacAddr, IpAddr)>,
 }
 
 /// A network that is up.
@@ -110,7 +131,7 @@ impl Host {
 
     /// VXLAN overhead on this underlay.
     pub fn overhead(&self) -> u32 {
-        if self.underlay.addr.is_ipv4() { crate::config::OVERHEAD_V4 } else { crate::config::OVERHEAD_V6 }
+        overhead(self.underlay.addr)
     }
 
     /// Brings a network up: bridge (created or adopted), gateway on it, TAP, dataplane. If a
@@ -166,22 +187,13 @@ impl Host {
         self.networks.lock().await.clone()
     }
 
-    /// Programs a cluster network's tables (one transaction): flood list, blocks, gateway and
-    /// the remote endpoints (address, MAC, VTEP).
-    pub fn program_network(
-        &self,
-        vni: Vni,
-        flood: Vec<IpAddr>,
-        block_prefix: u8,
-        blocks: Vec<(Ipv4Addr, BlockOwner)>,
-        gateway: Ipv4Addr,
-        endpoints: Vec<(Ipv4Addr, MacAddr, IpAddr)>,
-    ) -> Result<()> {
+    /// Programs a cluster network's tables, in one transaction.
+    pub fn program_network(&self, vni: Vni, t: &NetworkTables) -> Result<()> {
         self.dataplane.update(|tx| {
-            tx.set_flood_list(vni, flood)?;
-            tx.set_blocks(vni, block_prefix, blocks)?;
-            tx.set_gateway(vni, Some(gateway))?;
-            tx.set_endpoints(vni, endpoints)
+            tx.set_flood_list(vni, t.flood.iter().copied())?;
+            tx.set_blocks(vni, t.block_prefix, t.blocks.iter().copied())?;
+            tx.set_gateway(vni, Some(t.gateway))?;
+            tx.set_endpoints(vni, t.endpoints.iter().copied())
         })?;
         Ok(())
     }

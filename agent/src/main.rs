@@ -6,6 +6,7 @@ mod attach;
 mod cluster;
 mod config;
 mod daemon;
+mod endpoints;
 mod gossip;
 mod host;
 mod netdev;

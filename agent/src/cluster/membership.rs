@@ -1,0 +1,300 @@
+//! What a host is in its cluster and how it becomes it: `cluster.json` and the key files in
+//! the state dir, written by `init` and `join`, read back by `resume`, removed by `leave` (or
+//! by a failed `init`/`join`, which leaves nothing half-done behind).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use control::manager::unix_now;
+use control::pki::{self, ClusterCa, JoinToken, NodeIdentity, NodeKey};
+use control::state::{Command, NewNode, NodeId, Role};
+use control::transport::{self, TransportError};
+use proto as pb;
+use serde::{Deserialize, Serialize};
+
+use super::{ClusterContext, ClusterRuntime, ENDPOINTS_FILE, PKI_DIR, RAFT_DIR, VIEW_FILE};
+use crate::attach;
+use crate::gossip::{self, GossipKeys};
+
+const MEMBERSHIP_FILE: &str = "cluster.json";
+/// How long `join` waits for a manager to answer.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a host remembers of its cluster membership (`cluster.json` in the state dir).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Membership {
+    pub cluster_id: String,
+    pub node_id: NodeId,
+    pub name: String,
+    pub role: Role,
+    /// Where other hosts reach this one's control API.
+    pub advertise: SocketAddr,
+    /// Its VTEP address.
+    pub underlay: IpAddr,
+    /// Managers known at join time (more are learned from the state).
+    pub managers: Vec<SocketAddr>,
+    /// Where its gossip socket is (UDP; the advertise address's IP).
+    pub gossip: SocketAddr,
+}
+
+impl Membership {
+    fn load(dir: &Path) -> Result<Option<Membership>> {
+        match std::fs::read(dir.join(MEMBERSHIP_FILE)) {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).context("cluster.json is corrupt")?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        let tmp = dir.join("cluster.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, dir.join(MEMBERSHIP_FILE))?;
+        Ok(())
+    }
+}
+
+/// Whether `dir` holds a cluster membership.
+pub fn is_member(dir: &Path) -> bool {
+    dir.join(MEMBERSHIP_FILE).exists()
+}
+
+/// Removes what `init`/`join` wrote, after a failure or `leave`.
+fn forget(dir: &Path) {
+    for f in [MEMBERSHIP_FILE, VIEW_FILE, ENDPOINTS_FILE] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let _ = std::fs::remove_dir_all(dir.join(PKI_DIR));
+    let _ = std::fs::remove_dir_all(dir.join(RAFT_DIR));
+}
+
+/// `IP` or `IP:PORT` (`what` names the flag or argument in the error).
+pub fn socket_addr(given: &str, default_port: u16, what: &str) -> Result<SocketAddr> {
+    if let Ok(a) = given.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let ip: IpAddr = given.parse().map_err(|_| anyhow::anyhow!("{what} {given:?} is not an IP address or IP:PORT"))?;
+    Ok(SocketAddr::new(ip, default_port))
+}
+
+/// Picks the address to advertise: the one given, else this host's only global IPv4 address.
+async fn advertise_addr(nl: &rtnetlink::Handle, given: &str) -> Result<SocketAddr> {
+    let port = proto::DEFAULT_CONTROL_PORT;
+    if !given.is_empty() {
+        return socket_addr(given, port, "--advertise-addr");
+    }
+    let addrs = crate::netdev::global_addresses(nl).await?;
+    match addrs.as_slice() {
+        [one] => Ok(SocketAddr::new(*one, port)),
+        [] => bail!("this host has no global address to advertise: give one with --advertise-addr"),
+        many => bail!(
+            "this host has several addresses ({}): choose the one other hosts reach it at with --advertise-addr",
+            many.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+fn default_name(given: &str) -> String {
+    if !given.is_empty() {
+        return given.to_owned();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "host".into())
+}
+
+fn parse_underlay(given: &str, advertise: SocketAddr) -> Result<IpAddr> {
+    if given.is_empty() {
+        return Ok(advertise.ip());
+    }
+    given.parse().map_err(|_| anyhow::anyhow!("--underlay-addr {given:?} is not an IP address"))
+}
+
+fn parse_port(port: u32) -> Result<u16> {
+    u16::try_from(port).map_err(|_| anyhow::anyhow!("--gossip-port {port} is not a UDP port (1-65535)"))
+}
+
+impl ClusterRuntime {
+    /// `overlayd init`: a new cluster with this host as its first manager.
+    pub async fn init(ctx: &ClusterContext, req: pb::InitRequest) -> Result<(ClusterRuntime, pb::InitReply)> {
+        let advertise = advertise_addr(&ctx.nl, &req.advertise_addr).await?;
+        let underlay = parse_underlay(&req.underlay_addr, advertise)?;
+        let name = default_name(&req.name);
+        let cluster_id = hex::encode(rand::random::<[u8; 8]>());
+        let ca = ClusterCa::generate(&cluster_id)?;
+        let worker = JoinToken::generate(&ca);
+        let manager = JoinToken::generate(&ca);
+        let identity = ca.issue_node(1, Role::Manager)?;
+        let gossip_addr = gossip::gossip_addr(advertise, parse_port(req.gossip_port)?);
+        let membership = Membership {
+            cluster_id: cluster_id.clone(),
+            node_id: 1,
+            name: name.clone(),
+            role: Role::Manager,
+            advertise,
+            underlay,
+            managers: vec![advertise],
+            gossip: gossip_addr,
+        };
+        let secrets = pki::cluster_secrets(&ca, &worker, &manager);
+        let keys = GossipKeys {
+            cluster: hex::decode(&secrets.gossip_key)?.try_into().map_err(|_| anyhow::anyhow!("bad gossip key"))?,
+            signer: control::gossip::Signer::generate(),
+        };
+        let init = Command::Init {
+            cluster_id: cluster_id.clone(),
+            node: NewNode {
+                name,
+                underlay_addr: underlay,
+                api_addr: advertise,
+                role: Role::Manager,
+                joined_at: unix_now(),
+                gossip_addr,
+                gossip_public_key: keys.signer.public_key(),
+            },
+            secrets,
+        };
+        identity.save(&ctx.state_dir.join(PKI_DIR))?;
+        keys.save(&ctx.state_dir.join(PKI_DIR))?;
+        membership.save(&ctx.state_dir)?;
+        match Self::start(ctx, membership, Arc::new(identity), Some(init)).await {
+            Ok(rt) => Ok((
+                rt,
+                pb::InitReply {
+                    node_id: 1,
+                    cluster_id,
+                    worker_token: worker.to_string(),
+                    manager_token: manager.to_string(),
+                    manager_addr: advertise.to_string(),
+                },
+            )),
+            Err(e) => {
+                forget(&ctx.state_dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// `overlayd join`: becomes a member of the cluster a manager belongs to.
+    pub async fn join(
+        ctx: &ClusterContext,
+        req: pb::JoinClusterRequest,
+    ) -> Result<(ClusterRuntime, pb::JoinClusterReply)> {
+        let token: JoinToken =
+            req.token.trim().parse().map_err(|e| anyhow::anyhow!("the join token is malformed: {e}"))?;
+        let manager = socket_addr(&req.manager_addr, proto::DEFAULT_CONTROL_PORT, "the manager address")?;
+        let advertise = advertise_addr(&ctx.nl, &req.advertise_addr).await?;
+        let underlay = parse_underlay(&req.underlay_addr, advertise)?;
+        let name = default_name(&req.name);
+        let gossip_addr = gossip::gossip_addr(advertise, parse_port(req.gossip_port)?);
+        let signer = control::gossip::Signer::generate();
+        let key = NodeKey::generate()?;
+        let channel = transport::connect_pinned(manager, token.ca_digest, JOIN_TIMEOUT).await.map_err(|e| match e {
+            TransportError::UntrustedServer { .. } | TransportError::CaDigestMismatch => anyhow::anyhow!(
+                "the manager at {manager} does not belong to the cluster this token is for (its CA does not match the token): \
+                 check the address and the token"
+            ),
+            other => anyhow::anyhow!("cannot reach the manager at {manager}: {other}"),
+        })?;
+        let request = pb::JoinRequest {
+            secret: token.secret.clone(),
+            name: name.clone(),
+            underlay_addr: underlay.to_string(),
+            api_addr: advertise.to_string(),
+            csr_der: key.csr_der(&name)?,
+            gossip_addr: gossip_addr.to_string(),
+            gossip_public_key: signer.public_key().to_vec(),
+        };
+        let reply = tokio::time::timeout(JOIN_TIMEOUT, pb::manager_client::ManagerClient::new(channel).join(request))
+            .await
+            .map_err(|_| anyhow::anyhow!("the manager at {manager} did not answer within {JOIN_TIMEOUT:?}"))?
+            .map_err(|s| anyhow::anyhow!("the manager at {manager} refused the join: {}", s.message()))?
+            .into_inner();
+        let identity = key.into_identity(&reply.node_cert_pem, &reply.ca_cert_pem)?;
+        let role = control::convert::role_from_pb(reply.role)?;
+        let managers: Vec<SocketAddr> = reply.managers.iter().filter_map(|m| m.api_addr.parse().ok()).collect();
+        let membership = Membership {
+            cluster_id: reply.cluster_id.clone(),
+            node_id: reply.node_id,
+            name,
+            role,
+            advertise,
+            underlay,
+            managers: if managers.is_empty() { vec![manager] } else { managers },
+            gossip: gossip_addr,
+        };
+        let keys = GossipKeys {
+            cluster: reply
+                .gossip_key
+                .as_slice()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("the manager sent no valid gossip key (is it an older overlayd?)"))?,
+            signer,
+        };
+        identity.save(&ctx.state_dir.join(PKI_DIR))?;
+        keys.save(&ctx.state_dir.join(PKI_DIR))?;
+        membership.save(&ctx.state_dir)?;
+        let rt = match Self::start(ctx, membership, Arc::new(identity), None).await {
+            Ok(rt) => rt,
+            Err(e) => {
+                forget(&ctx.state_dir);
+                return Err(e);
+            }
+        };
+        if role == Role::Manager {
+            rt.await_voter().await?;
+        }
+        Ok((
+            rt,
+            pb::JoinClusterReply {
+                node_id: reply.node_id,
+                cluster_id: reply.cluster_id,
+                role: reply.role,
+                managers: reply.managers,
+            },
+        ))
+    }
+
+    /// Resumes the membership the state dir holds, if any.
+    pub async fn resume(ctx: &ClusterContext) -> Result<Option<ClusterRuntime>> {
+        let Some(membership) = Membership::load(&ctx.state_dir)? else { return Ok(None) };
+        let identity = NodeIdentity::load(&ctx.state_dir.join(PKI_DIR))?.context(
+            "the state dir has a cluster membership but no node certificate: run `overlayd leave` and join again",
+        )?;
+        tracing::info!(cluster = %membership.cluster_id, node = membership.node_id, role = %membership.role, "resuming cluster membership");
+        Ok(Some(Self::start(ctx, membership, Arc::new(identity), None).await?))
+    }
+
+    /// `overlayd leave`: detaches every container, leaves the cluster, forgets it.
+    pub async fn leave(&self) -> Result<()> {
+        let mut client = self.follower.manager().await.context("cannot leave")?;
+        // Gossip first: every host withdraws this one's endpoints at once.
+        self.gossip.leave().await;
+        client.leave(pb::LeaveRequest {}).await.map_err(|s| anyhow::anyhow!("the cluster refused: {}", s.message()))?;
+        {
+            let mut store = self.endpoints.lock().await;
+            for e in store.endpoints.drain(..) {
+                let _ = attach::unplumb(&self.host.nl, &e.host_ifname).await;
+            }
+        }
+        self.shutdown().await;
+        forget(&self.state_dir);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_with_or_without_a_port() {
+        assert_eq!(socket_addr("198.18.0.1", 7947, "x").unwrap(), "198.18.0.1:7947".parse().unwrap());
+        assert_eq!(socket_addr("198.18.0.1:9000", 7947, "x").unwrap(), "198.18.0.1:9000".parse().unwrap());
+        assert_eq!(socket_addr("[fd00::1]:9000", 7947, "x").unwrap(), "[fd00::1]:9000".parse().unwrap());
+        assert_eq!(socket_addr("fd00::1", 7947, "x").unwrap(), "[fd00::1]:7947".parse().unwrap());
+        let e = socket_addr("manager-1", 7947, "--advertise-addr").unwrap_err().to_string();
+        assert!(e.contains("--advertise-addr \"manager-1\" is not an IP address or IP:PORT"), "{e}");
+    }
+}

@@ -1,0 +1,206 @@
+//! Cluster mode: a host that has run `init` or `join`. This module wires its runtime — the
+//! control API it serves, the manager it runs if it is one, the follower of the state, gossip
+//! and the reconciler — and stops it; `membership` is what the host is in the cluster and how
+//! it becomes it, `reports` answers the CLI, `reconcile` keeps the host in line with the state.
+
+mod membership;
+mod reconcile;
+mod reports;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use control::follower::Follower;
+use control::manager::{HostApi, Manager, ManagerConfig};
+use control::pki::NodeIdentity;
+use control::state::{Command, Role};
+use control::transport;
+use proto as pb;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+
+pub use membership::{Membership, is_member};
+
+use crate::endpoints::{self, EndpointStore};
+use crate::gossip::{self, Gossip, GossipKeys};
+use crate::host::{DataplaneSettings, Host};
+
+pub(crate) const PKI_DIR: &str = "pki";
+pub(crate) const RAFT_DIR: &str = "raft";
+pub(crate) const VIEW_FILE: &str = "view.json";
+pub(crate) const ENDPOINTS_FILE: &str = "endpoints.json";
+/// How long `join --token <manager token>` waits to become a Raft voter.
+const PROMOTE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the daemon passes down to cluster mode.
+#[derive(Clone)]
+pub struct ClusterContext {
+    pub state_dir: PathBuf,
+    pub nl: rtnetlink::Handle,
+    pub settings: DataplaneSettings,
+    pub underlay_mtu: Option<u32>,
+}
+
+/// A host in cluster mode.
+pub struct ClusterRuntime {
+    pub membership: Membership,
+    pub host: Arc<Host>,
+    pub manager: Option<Arc<Manager>>,
+    pub follower: Arc<Follower>,
+    pub gossip: Arc<Gossip>,
+    pub(crate) endpoints: Arc<Mutex<EndpointStore>>,
+    pub(crate) state_dir: PathBuf,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ClusterRuntime {
+    async fn start(
+        ctx: &ClusterContext,
+        membership: Membership,
+        identity: Arc<NodeIdentity>,
+        bootstrap: Option<Command>,
+    ) -> Result<ClusterRuntime> {
+        let host =
+            Arc::new(Host::start(ctx.nl.clone(), membership.underlay, ctx.underlay_mtu, ctx.settings.clone()).await?);
+        let result = async {
+            let store = Arc::new(Mutex::new(EndpointStore::load(&ctx.state_dir.join(ENDPOINTS_FILE))?));
+            let listener = TcpListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), membership.advertise.port()))
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on the control port {} (is another overlayd using it?)",
+                        membership.advertise.port()
+                    )
+                })?;
+            let manager = match membership.role {
+                Role::Manager => {
+                    let config = ManagerConfig {
+                        dir: ctx.state_dir.join(RAFT_DIR),
+                        api_addr: membership.advertise,
+                        default_mtu: host.underlay.mtu - host.overhead(),
+                    };
+                    Some(Manager::open(config, Arc::clone(&identity)).await?)
+                }
+                Role::Worker => None,
+            };
+            let host_api: Arc<dyn HostApi> = Arc::new(endpoints::Lister {
+                store: Arc::clone(&store),
+                node: membership.node_id,
+                name: membership.name.clone(),
+            });
+            let routes = match &manager {
+                Some(m) => m.services(host_api),
+                None => tonic::service::Routes::new(pb::host_server::HostServer::new(control::manager::HostService(
+                    host_api,
+                ))),
+            };
+            let incoming = transport::incoming(listener, identity.server_config()?);
+            let mut tasks = vec![tokio::spawn(async move {
+                if let Err(e) =
+                    tonic::transport::Server::builder().add_routes(routes).serve_with_incoming(incoming).await
+                {
+                    tracing::error!(error = %e, "the control API stopped");
+                }
+            })];
+            if let (Some(m), Some(init)) = (&manager, bootstrap) {
+                m.bootstrap(init).await.context("cannot initialize the cluster's Raft state")?;
+            }
+            let keys = GossipKeys::load(&ctx.state_dir.join(PKI_DIR))?;
+            let me = control::gossip::Peer {
+                node: membership.node_id,
+                addr: membership.gossip,
+                generation: gossip::next_epoch(&ctx.state_dir)?,
+            };
+            let gossip = Arc::new(Gossip::start(me, &keys, control::gossip::GossipConfig::default()).await?);
+            if let Some(m) = &manager {
+                m.follow_liveness(gossip.liveness());
+            }
+            let follower =
+                Follower::start(Arc::clone(&identity), membership.managers.clone(), ctx.state_dir.join(VIEW_FILE));
+            // Commands run right after init or join (attach, network ls) must see the state.
+            let mut views = follower.subscribe();
+            if tokio::time::timeout(Duration::from_secs(10), views.wait_for(|v| v.revision > 0)).await.is_err() {
+                tracing::warn!("no cluster state from a manager yet; going on, the view will follow");
+            }
+            let rt = ClusterRuntime {
+                membership,
+                host: Arc::clone(&host),
+                manager,
+                follower,
+                gossip,
+                endpoints: store,
+                state_dir: ctx.state_dir.clone(),
+                tasks: Vec::new(),
+            };
+            tasks.push(tokio::spawn(reconcile::run(
+                Arc::clone(&rt.host),
+                Arc::clone(&rt.follower),
+                Arc::clone(&rt.endpoints),
+                Arc::clone(&rt.gossip),
+                rt.membership.node_id,
+            )));
+            if rt.membership.role == Role::Manager
+                && rt.manager.as_ref().is_some_and(|m| !m.members().0.contains(&rt.membership.node_id))
+            {
+                tasks.push(tokio::spawn(promote_loop(Arc::clone(&rt.follower))));
+            }
+            Ok(ClusterRuntime { tasks, ..rt })
+        }
+        .await;
+        if result.is_err() {
+            host.shutdown().await;
+        }
+        result
+    }
+
+    /// Waits until this (joining) manager is a Raft voter.
+    async fn await_voter(&self) -> Result<()> {
+        let Some(m) = &self.manager else { return Ok(()) };
+        let deadline = tokio::time::Instant::now() + PROMOTE_TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
+            if m.members().0.contains(&self.membership.node_id) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bail!(
+            "joined as a manager, but the leader has not made this host a Raft voter within {PROMOTE_TIMEOUT:?}; it keeps trying"
+        )
+    }
+
+    /// Stops everything this host runs for the cluster (membership stays on disk).
+    pub async fn shutdown(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(m) = &self.manager {
+            let _ = m.raft.shutdown().await;
+        }
+        self.host.shutdown().await;
+    }
+
+    /// A client of some manager, or an error saying none answers.
+    pub async fn manager_client(&self) -> Result<pb::manager_client::ManagerClient<tonic::transport::Channel>> {
+        Ok(self.follower.manager().await?)
+    }
+}
+
+/// Keeps asking to be made a voter until it is (a join that was cut short, or a restart).
+async fn promote_loop(follower: Arc<Follower>) {
+    loop {
+        let r = async {
+            let mut c = follower.manager().await?;
+            c.promote(pb::PromoteRequest {}).await?;
+            anyhow::Ok(())
+        }
+        .await;
+        match r {
+            Ok(()) => return,
+            Err(e) => tracing::debug!(error = %e, "promotion to voter not done yet"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,284 @@
+//! The reconciler: keeps this host's networks and dataplane tables equal to what the Raft view
+//! and gossip say. [`plan`] is pure (view, what gossip heard, this host → the wanted networks
+//! and their tables); [`apply`] makes the host match a plan.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use control::follower::Follower;
+use control::state::{ClusterView, NodeId};
+use dataplane::tables::BlockOwner;
+use dataplane::{MacAddr, Vni};
+use tokio::sync::Mutex;
+
+use crate::endpoints::{self, EndpointStore};
+use crate::gossip::{self, Gossip, GossipView};
+use crate::host::{Gateway, Host, NetworkSpec, NetworkTables};
+
+/// What one network should look like on this host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedNetwork {
+    /// The bridge, TAP and gateway.
+    pub spec: NetworkSpec,
+    /// What its dataplane tables hold.
+    pub tables: NetworkTables,
+}
+
+/// The networks this host should have up (every other one goes down), by name.
+pub type Plan = BTreeMap<String, PlannedNetwork>;
+
+/// The networks this host has a block in, each with: every other block's VTEP (marked down
+/// while its host is down), the flood list of the live hosts that have a block, the gateway,
+/// and the endpoints of the live hosts (each only within its owner's block: a host cannot
+/// claim another's addresses, nor a group MAC).
+pub fn plan(view: &ClusterView, heard: &GossipView, me: NodeId) -> Plan {
+    let mut wanted = Plan::new();
+    for (name, net) in &view.networks {
+        let Some(local_block) = view.block(name, me) else { continue };
+        let Some(vni) = Vni::new(net.vni) else { continue };
+        let mut tables = NetworkTables {
+            flood: Vec::new(),
+            block_prefix: net.block_prefix,
+            blocks: Vec::new(),
+            gateway: net.gateway,
+            endpoints: Vec::new(),
+        };
+        for (&node, cidr) in view.blocks.get(name).into_iter().flatten() {
+            if node == me {
+                tables.blocks.push((cidr.addr(), BlockOwner::Local));
+                continue;
+            }
+            let Some(n) = view.nodes.get(&node) else { continue };
+            if !heard.alive.contains(&node) {
+                tables.blocks.push((cidr.addr(), BlockOwner::Down(n.underlay_addr)));
+                continue;
+            }
+            tables.blocks.push((cidr.addr(), BlockOwner::Remote(n.underlay_addr)));
+            tables.flood.push(n.underlay_addr);
+            for (k, e) in heard.endpoints.get(&node).into_iter().flatten() {
+                let mac = MacAddr(e.mac);
+                if k.vni == net.vni && cidr.contains(k.ip) && !mac.is_multicast() {
+                    tables.endpoints.push((k.ip, mac, n.underlay_addr));
+                }
+            }
+        }
+        let spec = NetworkSpec {
+            name: name.clone(),
+            vni,
+            bridge: format!("ovbr-{name}"),
+            tap: format!("ovt-{name}"),
+            mtu: net.mtu,
+            learning: false,
+            gateway: Some(Gateway { addr: net.gateway, local_block }),
+        };
+        wanted.insert(name.clone(), PlannedNetwork { spec, tables });
+    }
+    wanted
+}
+
+/// Makes the host match `plan`: networks not in it (or changed) go down, new ones come up
+/// (with the containers attached before a restart put back on the new bridge), and every
+/// planned network's tables are programmed.
+pub async fn apply(host: &Host, plan: &Plan, endpoints: &Mutex<EndpointStore>) -> Result<()> {
+    for (name, local) in host.networks().await {
+        if plan.get(&name).map(|p| &p.spec) != Some(&local.spec) {
+            host.remove_network(&name).await?;
+        }
+    }
+    for (name, planned) in plan {
+        if !host.networks().await.contains_key(name) {
+            host.add_network(planned.spec.clone()).await?;
+            let local = host.networks().await.remove(name).context("network vanished")?;
+            for e in endpoints.lock().await.in_network(name) {
+                if crate::netdev::link_exists(&host.nl, &e.host_ifname).await? {
+                    crate::netdev::enslave(&host.nl, &e.host_ifname, &local.bridge, planned.spec.mtu).await?;
+                }
+            }
+        }
+        host.program_network(planned.spec.vni, &planned.tables)?;
+    }
+    Ok(())
+}
+
+/// Keeps the host's networks and tables equal to what the Raft view and gossip say, gossip's
+/// directory equal to the view's hosts, and this host's published endpoints equal to its own.
+pub async fn run(
+    host: Arc<Host>,
+    follower: Arc<Follower>,
+    store: Arc<Mutex<EndpointStore>>,
+    gossip: Arc<Gossip>,
+    me: NodeId,
+) {
+    let mut views = follower.subscribe();
+    let mut heard = gossip.subscribe();
+    let mut directory = None;
+    loop {
+        let view = views.borrow_and_update().clone();
+        let g = heard.borrow_and_update().clone();
+        let dir = gossip::directory(&view);
+        if directory.as_ref() != Some(&dir) {
+            gossip.set_directory(dir.clone());
+            directory = Some(dir);
+        }
+        gossip.publish_local(endpoints::gossiped(&view, &*store.lock().await));
+        if let Err(e) = apply(&host, &plan(&view, &g, me), &store).await {
+            tracing::warn!(error = %format!("{e:#}"), "could not bring the host in line with the cluster state; retrying");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
+        }
+        tokio::select! {
+            r = views.changed() => if r.is_err() { return },
+            r = heard.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    use control::cidr::Ipv4Cidr;
+    use control::gossip::{Endpoint, EndpointKey};
+    use control::state::{Network, NodeRecord, NodeStatus, Role};
+
+    use super::*;
+
+    const VNI: u32 = 4096;
+
+    fn vtep(id: NodeId) -> IpAddr {
+        IpAddr::from([198, 18, 0, id as u8])
+    }
+
+    fn block(id: NodeId) -> Ipv4Cidr {
+        format!("10.128.{id}.0/24").parse().unwrap()
+    }
+
+    /// Network "web" (10.128.0.0/16), hosts 1..=n each with block 10.128.ID.0/24.
+    fn view(n: NodeId) -> ClusterView {
+        let mut v = ClusterView { revision: 1, ..Default::default() };
+        for id in 1..=n {
+            v.nodes.insert(
+                id,
+                NodeRecord {
+                    id,
+                    name: format!("h{id}"),
+                    underlay_addr: vtep(id),
+                    api_addr: SocketAddr::new(vtep(id), 7947),
+                    role: Role::Worker,
+                    status: NodeStatus::Ready,
+                    joined_at: 0,
+                    gossip_addr: SocketAddr::new(vtep(id), 7946),
+                    gossip_public_key: [0; 32],
+                },
+            );
+            v.blocks.entry("web".into()).or_default().insert(id, block(id));
+        }
+        v.networks.insert(
+            "web".into(),
+            Network {
+                name: "web".into(),
+                vni: VNI,
+                subnet: "10.128.0.0/16".parse().unwrap(),
+                gateway: Ipv4Addr::new(10, 128, 0, 1),
+                mtu: 1450,
+                block_prefix: 24,
+                created_at: 0,
+            },
+        );
+        v
+    }
+
+    fn endpoint(ip: [u8; 4]) -> (EndpointKey, Endpoint) {
+        let ip = Ipv4Addr::from(ip);
+        (EndpointKey { vni: VNI, ip }, Endpoint { mac: MacAddr::from_ipv4(ip).0, name: format!("c{ip}") })
+    }
+
+    fn heard(alive: &[NodeId], endpoints: &[(NodeId, (EndpointKey, Endpoint))]) -> GossipView {
+        let mut g = GossipView { alive: alive.iter().copied().collect::<BTreeSet<_>>(), ..Default::default() };
+        for (node, e) in endpoints {
+            g.endpoints.entry(*node).or_default().push(e.clone());
+        }
+        g
+    }
+
+    #[test]
+    fn a_network_is_up_only_where_this_host_has_a_block() {
+        let v = view(2);
+        let p = plan(&v, &heard(&[2], &[]), 1);
+        let web = &p["web"];
+        assert_eq!((web.spec.bridge.as_str(), web.spec.tap.as_str()), ("ovbr-web", "ovt-web"));
+        assert_eq!(web.spec.gateway, Some(Gateway { addr: Ipv4Addr::new(10, 128, 0, 1), local_block: block(1) }));
+        assert!(!web.spec.learning, "a cluster network learns nothing from the data plane");
+        assert!(plan(&v, &heard(&[1, 2], &[]), 3).is_empty(), "host 3 has no block: no network up");
+    }
+
+    #[test]
+    fn a_host_that_is_down_is_not_flooded_to_and_its_block_and_endpoints_are_withdrawn() {
+        let v = view(3);
+        let eps = [(2, endpoint([10, 128, 2, 5])), (3, endpoint([10, 128, 3, 5]))];
+        let t = &plan(&v, &heard(&[2], &eps), 1)["web"].tables;
+        assert_eq!(t.flood, [vtep(2)], "host 3 is down: only host 2 is flooded to");
+        assert_eq!(
+            t.blocks,
+            [
+                (Ipv4Addr::new(10, 128, 1, 0), BlockOwner::Local),
+                (Ipv4Addr::new(10, 128, 2, 0), BlockOwner::Remote(vtep(2))),
+                (Ipv4Addr::new(10, 128, 3, 0), BlockOwner::Down(vtep(3))),
+            ]
+        );
+        let ip = Ipv4Addr::new(10, 128, 2, 5);
+        assert_eq!(t.endpoints, [(ip, MacAddr::from_ipv4(ip), vtep(2))], "host 3's endpoint is not installed");
+        let back = &plan(&v, &heard(&[2, 3], &eps), 1)["web"].tables;
+        assert_eq!(back.flood, [vtep(2), vtep(3)], "host 3 is back");
+        assert_eq!(back.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn an_endpoint_outside_its_owners_block_a_group_mac_or_another_vni_is_ignored() {
+        let v = view(3);
+        let mut group = endpoint([10, 128, 2, 7]);
+        group.1.mac = [0x01, 0, 0x5e, 0, 0, 1];
+        let mut other_vni = endpoint([10, 128, 2, 8]);
+        other_vni.0.vni = VNI + 1;
+        let eps = [
+            (2, endpoint([10, 128, 2, 6])),
+            (2, endpoint([10, 128, 3, 6])), // host 2 claims an address of host 3's block
+            (2, endpoint([10, 128, 1, 6])), // … and one of this host's
+            (2, group),
+            (2, other_vni),
+        ];
+        let t = &plan(&v, &heard(&[2, 3], &eps), 1)["web"].tables;
+        let ip = Ipv4Addr::new(10, 128, 2, 6);
+        assert_eq!(t.endpoints, [(ip, MacAddr::from_ipv4(ip), vtep(2))]);
+    }
+
+    #[test]
+    fn a_block_that_changes_owner_follows_its_new_owner() {
+        let mut v = view(3);
+        let eps = [(2, endpoint([10, 128, 3, 9])), (3, endpoint([10, 128, 3, 9]))];
+        let before = &plan(&v, &heard(&[2, 3], &eps), 1)["web"].tables;
+        let ip = Ipv4Addr::new(10, 128, 3, 9);
+        assert_eq!(before.endpoints, [(ip, MacAddr::from_ipv4(ip), vtep(3))], "the block is host 3's");
+        // Host 3 is removed and its block leased again, to host 2.
+        v.nodes.remove(&3);
+        let web = v.blocks.get_mut("web").unwrap();
+        web.remove(&3);
+        web.insert(2, block(3));
+        let after = &plan(&v, &heard(&[2], &eps), 1)["web"].tables;
+        assert!(after.blocks.contains(&(Ipv4Addr::new(10, 128, 3, 0), BlockOwner::Remote(vtep(2)))));
+        assert_eq!(after.endpoints, [(ip, MacAddr::from_ipv4(ip), vtep(2))], "now host 2's endpoint");
+        assert_eq!(after.flood, [vtep(2)]);
+    }
+
+    #[test]
+    fn a_block_of_a_host_the_view_does_not_know_is_skipped() {
+        let mut v = view(2);
+        v.nodes.remove(&2);
+        let t = &plan(&v, &heard(&[2], &[(2, endpoint([10, 128, 2, 5]))]), 1)["web"].tables;
+        assert_eq!(t.blocks, [(Ipv4Addr::new(10, 128, 1, 0), BlockOwner::Local)]);
+        assert!(t.flood.is_empty() && t.endpoints.is_empty());
+    }
+}
