@@ -12,6 +12,7 @@
 mod rx;
 mod sys;
 mod tap;
+mod threads;
 mod tx;
 mod udp;
 
@@ -33,6 +34,15 @@ use crate::wire::Vni;
 
 /// What the tables hold per network in the Linux shell: its TAP.
 pub type Port = Arc<Tap>;
+
+/// Room in front of each frame read from a TAP for headers written in place (the virtio-net
+/// header on read, then the VXLAN header). Received datagrams are read at the same offset.
+const HEADROOM: usize = 64;
+
+/// epoll data value of the transmit loop's wake-up eventfd (table slots are the TAPs' values).
+const WAKE: u64 = u64::MAX;
+/// epoll data value of the underlay socket, while the transmit loop's thread also receives.
+const UNDERLAY: u64 = u64::MAX - 1;
 
 /// Which offloads the dataplane uses. All on by default; each can be turned off to diagnose or
 /// to measure what it gives.

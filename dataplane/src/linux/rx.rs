@@ -17,11 +17,11 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::sys::{self, CmsgBuf, Epoll, SockAddr};
-use super::tx::{HEADROOM, UNDERLAY};
-use super::{Port, Shared, Tap};
+use super::threads::{JOIN_WINDOW, JoinMeter};
+use super::{HEADROOM, Port, Shared, Tap, UNDERLAY};
 use crate::alloc_count;
 use crate::counters::{Counters, DropReason, bump};
 use crate::learn::Learner;
@@ -47,13 +47,6 @@ const MAX_RUN: usize = 64;
 /// Most pieces of one coalesced write: the virtio-net header, the first frame, and a payload
 /// per further segment (a 64 KB super-frame at an MSS of 512 has 128).
 const MAX_PIECES: usize = 256;
-
-/// How long the split loops of [`LoopThreads::Auto`](super::LoopThreads::Auto) are watched
-/// before the receive thread decides whether to join them again.
-const JOIN_WINDOW: Duration = Duration::from_millis(200);
-/// Busy share of both threads together (percent of one thread over [`JOIN_WINDOW`]) under
-/// which the receive loop goes back to the transmit thread.
-const JOIN_BUSY_PERCENT: u32 = 20;
 
 /// How many TCP flows a batch coalesces at once.
 const FLOWS: usize = 8;
@@ -166,9 +159,9 @@ impl RxLoop {
     /// The receive thread: runs the receive loop whenever the loops are split, until the
     /// dataplane stops. With a thread per direction they always are (`join` is `None`). With
     /// [`LoopThreads::Auto`](super::LoopThreads::Auto) (`join` is the transmit thread's `epoll`
-    /// set) it waits until the transmit thread splits them, runs the receive loop until both
-    /// threads together were busy less than [`JOIN_BUSY_PERCENT`] of a [`JOIN_WINDOW`], then
-    /// writes what is pending, puts the socket back into that `epoll` set and waits again.
+    /// set) it waits until the transmit thread splits them, runs the receive loop until its
+    /// [`JoinMeter`] finds both threads together mostly idle, then writes what is pending, puts
+    /// the socket back into that `epoll` set and waits again.
     pub(crate) fn run(this: &Mutex<RxLoop>, join: Option<&Epoll>) {
         let shared = Arc::clone(&this.lock().unwrap_or_else(|p| p.into_inner()).shared);
         let wait_ms = if join.is_some() { JOIN_WINDOW.as_millis() as i32 } else { 1000 };
@@ -180,37 +173,27 @@ impl RxLoop {
             }
             let mut rx = this.lock().unwrap_or_else(|p| p.into_inner());
             shared.rx_wake.drain();
-            let mut window = Instant::now();
-            let mut busy = Duration::ZERO;
-            let mut tx_busy_at = shared.tx_busy_ns.load(Ordering::Relaxed);
+            let mut meter = JoinMeter::new(Instant::now(), shared.tx_busy_ns.load(Ordering::Relaxed));
             while !shared.stop.load(Ordering::Acquire) {
                 shared.counters.rx.loop_allocations.store(alloc_count::thread_allocations(), Ordering::Relaxed);
                 let start = join.map(|_| Instant::now());
                 let more = rx.receive();
                 if let Some(start) = start {
-                    busy += start.elapsed();
+                    meter.add_busy(start.elapsed());
                 }
                 if more {
                     continue;
                 }
-                let watched = window.elapsed();
                 if let Some(epoll) = join
-                    && watched >= JOIN_WINDOW
+                    && meter.poll(Instant::now(), shared.tx_busy_ns.load(Ordering::Relaxed)) == Some(true)
                 {
-                    let tx_busy_now = shared.tx_busy_ns.load(Ordering::Relaxed);
-                    let tx_busy = Duration::from_nanos(tx_busy_now.saturating_sub(tx_busy_at));
-                    if (busy + tx_busy) * 100 < watched * JOIN_BUSY_PERCENT {
-                        rx.finish();
-                        shared.split.store(false, Ordering::Release);
-                        if epoll.add(rx.fd, UNDERLAY).is_ok() {
-                            shared.loop_switches.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
-                        shared.split.store(true, Ordering::Release);
+                    rx.finish();
+                    shared.split.store(false, Ordering::Release);
+                    if epoll.add(rx.fd, UNDERLAY).is_ok() {
+                        shared.loop_switches.fetch_add(1, Ordering::Relaxed);
+                        break;
                     }
-                    window = Instant::now();
-                    busy = Duration::ZERO;
-                    tx_busy_at = tx_busy_now;
+                    shared.split.store(true, Ordering::Release);
                 }
                 sys::poll_readable([rx.fd, shared.rx_wake.fd()], wait_ms);
             }

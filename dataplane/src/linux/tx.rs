@@ -19,11 +19,12 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::rx::RxLoop;
 use super::sys::{self, CmsgBuf, Epoll, SockAddr};
-use super::{Port, Shared};
+use super::threads::SplitMeter;
+use super::{HEADROOM, Port, Shared, UNDERLAY, WAKE};
 use crate::alloc_count;
 use crate::counters::{Counters, DropReason, bump};
 use crate::learn::LearnedReader;
@@ -46,9 +47,6 @@ const BATCH_BYTES: usize = 256 * 1024;
 const ROUNDS_PER_WAKEUP: usize = 8;
 /// Messages per `sendmmsg` call (a flood to many VTEPs may need several calls).
 const MMSG_CAP: usize = 512;
-/// Room in front of each frame for headers written in place (virtio-net header on read,
-/// then the VXLAN header).
-pub(crate) const HEADROOM: usize = 64;
 /// Largest frame read from a TAP (a 64 KB super-frame and its Ethernet header).
 pub(crate) const FRAME_CAP: usize = 65_536 + 64;
 /// Largest UDP payload on IPv4 (65535 − 20 − 8), for one datagram or one GSO run.
@@ -63,16 +61,6 @@ const ARENA_SEGMENTS: usize = 1024;
 /// Room per segment in the header arena: VXLAN, Ethernet with two VLAN tags, IPv6 or IPv4
 /// with options, TCP with options.
 const SEG_HDR_CAP: usize = 160;
-/// epoll data value of the wake-up eventfd.
-const WAKE: u64 = u64::MAX;
-/// epoll data value of the underlay socket, when this loop also receives.
-pub(crate) const UNDERLAY: u64 = u64::MAX - 1;
-
-/// How long [`LoopThreads::Auto`](super::LoopThreads::Auto)'s one thread is watched before
-/// it decides whether to split.
-const SPLIT_WINDOW: Duration = Duration::from_millis(50);
-/// Busy share (percent of [`SPLIT_WINDOW`]) above which the one thread splits in two.
-const SPLIT_BUSY_PERCENT: u32 = 50;
 
 /// Datagrams waiting for one socket's `sendmmsg`.
 struct SendQueue {
@@ -307,8 +295,8 @@ impl TxLoop {
     /// Runs until the dataplane stops. Without `rx`, this thread only transmits (the receive
     /// loop has a thread of its own). With `rx` (whose socket [`TxLoop::watch_underlay`]
     /// added), this thread also runs the receive loop, woken by the same epoll; and with
-    /// `may_split` ([`LoopThreads::Auto`](super::LoopThreads::Auto)), once this thread is busy
-    /// more than [`SPLIT_BUSY_PERCENT`] of a [`SPLIT_WINDOW`] it takes the socket out of its
+    /// `may_split` ([`LoopThreads::Auto`](super::LoopThreads::Auto)), once its [`SplitMeter`]
+    /// finds this thread busy more than half the time, it takes the socket out of its
     /// epoll set and wakes the receive thread ([`RxLoop::run`]), which runs the receive
     /// loop until the load falls and hands it back. `rx` is locked once per wake-up while
     /// this thread receives, never per packet, and not at all while the loops are split.
@@ -316,8 +304,7 @@ impl TxLoop {
         let rx_fd = rx.map(|rx| rx.lock().unwrap_or_else(|p| p.into_inner()).fd());
         let shared = Arc::clone(&self.shared);
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
-        let mut window = Instant::now();
-        let mut busy = Duration::ZERO;
+        let mut meter = SplitMeter::new(Instant::now());
         while !shared.stop.load(Ordering::Acquire) {
             let split = shared.split.load(Ordering::Acquire);
             let allocations = alloc_count::thread_allocations();
@@ -346,22 +333,18 @@ impl TxLoop {
                 }
             }
             let Some(start) = start else { continue };
-            let spent = start.elapsed();
-            busy += spent;
+            let now = Instant::now();
+            let spent = now.saturating_duration_since(start);
+            meter.add_busy(spent);
             shared.tx_busy_ns.fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
-            let watched = window.elapsed();
-            if watched >= SPLIT_WINDOW {
-                if let Some(fd) = rx_fd
-                    && !split
-                    && busy * 100 > watched * SPLIT_BUSY_PERCENT
-                    && self.epoll.delete(fd).is_ok()
-                {
-                    shared.split.store(true, Ordering::Release);
-                    shared.loop_switches.fetch_add(1, Ordering::Relaxed);
-                    shared.rx_wake.notify();
-                }
-                window = Instant::now();
-                busy = Duration::ZERO;
+            if meter.poll(now) == Some(true)
+                && let Some(fd) = rx_fd
+                && !split
+                && self.epoll.delete(fd).is_ok()
+            {
+                shared.split.store(true, Ordering::Release);
+                shared.loop_switches.fetch_add(1, Ordering::Relaxed);
+                shared.rx_wake.notify();
             }
         }
     }
