@@ -202,7 +202,7 @@ impl TryFrom<&pb::Change> for Change {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{ClusterState, Command, NetworkSpec, NewNode};
+    use crate::state::{ClusterState, Command, NewNetwork, NewNode};
 
     #[test]
     fn a_view_and_its_changes_survive_the_wire() {
@@ -211,7 +211,7 @@ mod tests {
         let node = NewNode { joined_at: 5, ..crate::state::testing::new_node("m1", 1, Role::Manager) };
         let (_, mut changes) = s.apply(&Command::Init { cluster_id: "c".into(), secrets, node });
         changes.extend(
-            s.apply(&Command::CreateNetwork(NetworkSpec {
+            s.apply(&Command::CreateNetwork(NewNetwork {
                 name: "a".into(),
                 vni: None,
                 subnet: None,

@@ -24,7 +24,7 @@ use tonic::{Request, Response as GrpcResponse, Status};
 use crate::pki::{self, ClusterCa, JoinToken, NodeIdentity};
 use crate::raft_net::{self, NetworkFactory};
 use crate::state::{
-    ClusterView, Command, NetworkSpec, NewNode, NodeId, NodeStatus, Rejection, Response, Role, check_network_name,
+    ClusterView, Command, NewNetwork, NewNode, NodeId, NodeStatus, Rejection, Response, Role, check_network_name,
 };
 use crate::store::{self, StateHandle};
 use crate::types::{RaftNode, TypeConfig};
@@ -676,7 +676,7 @@ impl pb::manager_server::Manager for ManagerService {
             0 => None,
             p => Some(u8::try_from(p).map_err(|_| Status::invalid_argument("block prefix above 32"))?),
         };
-        let spec = NetworkSpec {
+        let spec = NewNetwork {
             name: r.name,
             vni: (r.vni != 0).then_some(r.vni),
             subnet,

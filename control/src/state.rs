@@ -160,9 +160,9 @@ pub struct NewNode {
     pub gossip_public_key: [u8; 32],
 }
 
-/// What `network create` asks for; empty fields are chosen.
+/// A network that `network create` asks for (its VNI, subnet and block size chosen when not given).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkSpec {
+pub struct NewNetwork {
     /// Unique name.
     pub name: String,
     /// VNI, or the lowest free one from [`FIRST_AUTO_VNI`].
@@ -204,7 +204,7 @@ pub enum Command {
         status: NodeStatus,
     },
     /// Creates a network.
-    CreateNetwork(NetworkSpec),
+    CreateNetwork(NewNetwork),
     /// Removes a network that no host holds a block of (or any, with `force`).
     RemoveNetwork {
         /// Which.
@@ -553,7 +553,7 @@ impl ClusterState {
         Ok((Response::Done, changes))
     }
 
-    fn create_network(&mut self, spec: &NetworkSpec) -> Result<(Response, Vec<Change>), Rejection> {
+    fn create_network(&mut self, spec: &NewNetwork) -> Result<(Response, Vec<Change>), Rejection> {
         check_network_name(&spec.name)?;
         if self.networks.contains_key(&spec.name) {
             return Err(Rejection::DuplicateNetwork(spec.name.clone()));
@@ -702,8 +702,8 @@ mod tests {
         s
     }
 
-    fn spec(name: &str) -> NetworkSpec {
-        NetworkSpec { name: name.into(), vni: None, subnet: None, mtu: 1450, block_prefix: None, created_at: 2 }
+    fn spec(name: &str) -> NewNetwork {
+        NewNetwork { name: name.into(), vni: None, subnet: None, mtu: 1450, block_prefix: None, created_at: 2 }
     }
 
     #[test]
@@ -746,12 +746,12 @@ mod tests {
         );
         let Response::Network(b) = s.apply(&Command::CreateNetwork(spec("b"))).0 else { panic!() };
         assert_eq!((b.vni, b.subnet.to_string()), (4097, "10.129.0.0/16".into()));
-        let overlap = NetworkSpec { subnet: Some("10.128.5.0/24".parse().unwrap()), ..spec("c") };
+        let overlap = NewNetwork { subnet: Some("10.128.5.0/24".parse().unwrap()), ..spec("c") };
         assert!(matches!(
             s.apply(&Command::CreateNetwork(overlap)).0,
             Response::Rejected(Rejection::SubnetOverlap { .. })
         ));
-        let dup_vni = NetworkSpec { vni: Some(4096), ..spec("d") };
+        let dup_vni = NewNetwork { vni: Some(4096), ..spec("d") };
         assert!(matches!(
             s.apply(&Command::CreateNetwork(dup_vni)).0,
             Response::Rejected(Rejection::DuplicateVni { .. })
@@ -764,7 +764,7 @@ mod tests {
             s.apply(&Command::CreateNetwork(spec("way-too-long-name"))).0,
             Response::Rejected(Rejection::InvalidName(_))
         ));
-        let small = NetworkSpec { subnet: Some("192.168.7.0/24".parse().unwrap()), ..spec("small") };
+        let small = NewNetwork { subnet: Some("192.168.7.0/24".parse().unwrap()), ..spec("small") };
         let Response::Network(n) = s.apply(&Command::CreateNetwork(small)).0 else { panic!() };
         assert_eq!(n.block_prefix, 28);
         assert_eq!(s.revision, 4);
@@ -800,7 +800,7 @@ mod tests {
     #[test]
     fn a_full_subnet_says_so() {
         let mut s = cluster();
-        let tiny = NetworkSpec { subnet: Some("192.168.0.0/27".parse().unwrap()), block_prefix: Some(28), ..spec("t") };
+        let tiny = NewNetwork { subnet: Some("192.168.0.0/27".parse().unwrap()), block_prefix: Some(28), ..spec("t") };
         s.apply(&Command::CreateNetwork(tiny));
         for i in 2..=3 {
             s.apply(&Command::AddNode(new_node(&format!("w{i}"), i, Role::Worker)));

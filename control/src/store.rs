@@ -592,7 +592,7 @@ mod tests {
     use tokio::sync::mpsc::{UnboundedReceiver, error::TryRecvError, unbounded_channel};
 
     use super::*;
-    use crate::state::{Change, Command, NetworkSpec, Rejection, Role};
+    use crate::state::{Change, Command, NewNetwork, Rejection, Role};
 
     /// A fresh store in its own temporary directory, removed when the guard drops.
     struct TempStore;
@@ -628,7 +628,7 @@ mod tests {
     }
 
     fn create_network(name: &str) -> Command {
-        Command::CreateNetwork(NetworkSpec {
+        Command::CreateNetwork(NewNetwork {
             name: name.into(),
             vni: None,
             subnet: None,
