@@ -15,9 +15,10 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::manager::HOST_HEARTBEAT;
-use crate::pki::{self, NodeIdentity};
+use crate::pki::NodeIdentity;
 use crate::raft_net::CONNECT_TIMEOUT;
 use crate::state::{Change, ClusterView, Role};
+use crate::transport::{self, TransportError};
 
 /// Pause between rounds of reconnection attempts.
 const RETRY: Duration = Duration::from_millis(500);
@@ -105,7 +106,7 @@ impl Follower {
         let candidates = self.candidates();
         let mut last = String::from("no manager known");
         for addr in &candidates {
-            match pki::connect(*addr, &self.identity, CONNECT_TIMEOUT).await {
+            match transport::connect(*addr, &self.identity, CONNECT_TIMEOUT).await {
                 Ok(ch) => {
                     *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(*addr);
                     return Ok(ManagerClient::new(ch));
@@ -118,8 +119,8 @@ impl Follower {
     }
 
     /// A client of another host's API.
-    pub async fn host(&self, addr: SocketAddr) -> Result<pb::host_client::HostClient<Channel>, pki::PkiError> {
-        Ok(pb::host_client::HostClient::new(pki::connect(addr, &self.identity, CONNECT_TIMEOUT).await?))
+    pub async fn host(&self, addr: SocketAddr) -> Result<pb::host_client::HostClient<Channel>, TransportError> {
+        Ok(pb::host_client::HostClient::new(transport::connect(addr, &self.identity, CONNECT_TIMEOUT).await?))
     }
 
     async fn watch_loop(self: Arc<Self>) {
@@ -136,7 +137,7 @@ impl Follower {
     }
 
     async fn watch_from(&self, addr: SocketAddr) -> anyhow::Result<()> {
-        let channel = pki::connect(addr, &self.identity, CONNECT_TIMEOUT).await?;
+        let channel = transport::connect(addr, &self.identity, CONNECT_TIMEOUT).await?;
         let from = self.view().revision;
         let mut stream =
             ManagerClient::new(channel).watch(pb::WatchRequest { from_revision: from }).await?.into_inner();

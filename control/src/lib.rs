@@ -22,5 +22,6 @@ pub mod pki;
 pub mod raft_net;
 pub mod state;
 pub mod store;
+pub mod transport;
 pub mod types;
 pub mod watch;

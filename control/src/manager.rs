@@ -21,12 +21,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tonic::{Request, Response as GrpcResponse, Status};
 
-use crate::pki::{self, ClusterCa, JoinToken, NodeIdentity};
+use crate::pki::{ClusterCa, JoinToken, NodeIdentity};
 use crate::raft_net::{self, NetworkFactory};
 use crate::state::{
     ClusterView, Command, NewNetwork, NewNode, NodeId, NodeStatus, Rejection, Response, Role, check_network_name,
 };
 use crate::store::{self, StateHandle};
+use crate::transport;
 use crate::types::{RaftNode, TypeConfig};
 use crate::watch::{Catchup, WatchHub};
 
@@ -313,8 +314,9 @@ impl Manager {
         };
         let addr: SocketAddr =
             addr.and_then(|a| a.parse().ok()).ok_or_else(|| Retry(format!("no address for leader {leader}")))?;
-        let channel =
-            pki::connect(addr, &self.identity, raft_net::CONNECT_TIMEOUT).await.map_err(|e| Retry(e.to_string()))?;
+        let channel = transport::connect(addr, &self.identity, raft_net::CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| Retry(e.to_string()))?;
         let payload = serde_json::to_vec(op).map_err(|e| Retry(e.to_string()))?;
         let mut client = pb::raft_client::RaftClient::new(channel);
         let reply = tokio::time::timeout(LEADER_WAIT, client.propose(pb::RaftMessage { payload }))
@@ -423,7 +425,7 @@ struct Retry(String);
 
 /// Who is calling, from its client certificate.
 fn caller<T>(request: &Request<T>) -> Result<(NodeId, Role), Status> {
-    pki::request_peer(request)
+    transport::request_peer(request)
         .ok_or_else(|| Status::unauthenticated("this call needs a cluster node certificate (join the cluster first)"))
 }
 

@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 
 use crate::pki;
 use crate::state::NodeId;
+use crate::transport;
 use crate::types::{RaftNode, TypeConfig};
 
 /// How long to wait for a TCP+TLS connection to a peer.
@@ -60,7 +61,8 @@ impl PeerClient {
             return Ok(c.clone());
         }
         let addr = self.addr.parse().map_err(|e| Unreachable::new(&AddrError(format!("{}: {e}", self.addr))))?;
-        let channel = pki::connect(addr, &self.identity, CONNECT_TIMEOUT).await.map_err(|e| Unreachable::new(&e))?;
+        let channel =
+            transport::connect(addr, &self.identity, CONNECT_TIMEOUT).await.map_err(|e| Unreachable::new(&e))?;
         let c = RaftClient::new(channel);
         self.client = Some(c.clone());
         Ok(c)

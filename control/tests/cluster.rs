@@ -10,6 +10,7 @@ use control::follower::Follower;
 use control::manager::{HostApi, Manager, ManagerConfig, unix_now};
 use control::pki::{self, ClusterCa, JoinToken, NodeKey};
 use control::state::{Command, NewNode, Role};
+use control::transport;
 use proto as pb;
 use tokio::net::TcpListener;
 
@@ -33,7 +34,7 @@ async fn serve(
     listener: TcpListener,
 ) -> tokio::task::JoinHandle<()> {
     let routes = manager.services(Arc::new(NoEndpoints));
-    let incoming = pki::incoming(listener, identity.server_config().unwrap());
+    let incoming = transport::incoming(listener, identity.server_config().unwrap());
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder().add_routes(routes).serve_with_incoming(incoming).await;
     })
@@ -57,7 +58,7 @@ async fn join(
     listener: &TcpListener,
 ) -> (pki::NodeIdentity, pb::JoinReply) {
     let key = NodeKey::generate().unwrap();
-    let channel = pki::connect_pinned(manager, token.ca_digest, Duration::from_secs(3)).await.unwrap();
+    let channel = transport::connect_pinned(manager, token.ca_digest, Duration::from_secs(3)).await.unwrap();
     let reply = pb::manager_client::ManagerClient::new(channel)
         .join(pb::JoinRequest {
             secret: token.secret.clone(),
@@ -117,7 +118,7 @@ async fn three_managers_and_a_worker_agree_and_survive_the_leader() {
         let (identity, reply) = join(a1, &manager_token, name, last, &listener).await;
         assert_eq!(reply.role, pb::Role::Manager as i32);
         let id = identity.node_id();
-        let ch = pki::connect(a1, &identity, Duration::from_secs(3)).await.unwrap();
+        let ch = transport::connect(a1, &identity, Duration::from_secs(3)).await.unwrap();
         let running = start_manager(identity, listener).await;
         pb::manager_client::ManagerClient::new(ch).promote(pb::PromoteRequest {}).await.unwrap();
         let (voters, _) = managers[0].manager.members();
@@ -137,7 +138,7 @@ async fn three_managers_and_a_worker_agree_and_survive_the_leader() {
     // A wrong secret and a duplicate name are refused and change nothing.
     let bad = JoinToken { ca_digest: ca.digest(), secret: "a".repeat(26) };
     let key = NodeKey::generate().unwrap();
-    let ch = pki::connect_pinned(a1, ca.digest(), Duration::from_secs(3)).await.unwrap();
+    let ch = transport::connect_pinned(a1, ca.digest(), Duration::from_secs(3)).await.unwrap();
     let err = pb::manager_client::ManagerClient::new(ch.clone())
         .join(pb::JoinRequest {
             secret: bad.secret,
