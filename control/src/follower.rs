@@ -14,6 +14,7 @@ use proto::manager_client::ManagerClient;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use crate::convert::Malformed;
 use crate::manager::HOST_HEARTBEAT;
 use crate::pki::NodeIdentity;
 use crate::raft_net::CONNECT_TIMEOUT;
@@ -31,6 +32,32 @@ pub struct Unreachable {
     pub tried: String,
     /// The last error.
     pub last: String,
+}
+
+/// Why a watch stream from a manager ended in error, or a heartbeat failed. The follower
+/// tries another manager (or beats again) after each.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowerError {
+    /// The manager could not be reached.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// No manager could be reached (a heartbeat tries them all).
+    #[error(transparent)]
+    Unreachable(#[from] Unreachable),
+    /// The manager refused the call, or the stream broke off.
+    #[error("the manager answered {:?}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// A watch event did not convert to cluster state (a manager of another version).
+    #[error(transparent)]
+    Malformed(#[from] Malformed),
+    /// A change set that does not follow the revision this host has: the manager skipped one.
+    #[error("revision {got} does not follow {have}")]
+    RevisionGap {
+        /// The revision of the change set received.
+        got: u64,
+        /// The revision of the view this host has.
+        have: u64,
+    },
 }
 
 /// A host's live copy of the cluster state.
@@ -136,7 +163,7 @@ impl Follower {
         }
     }
 
-    async fn watch_from(&self, addr: SocketAddr) -> anyhow::Result<()> {
+    async fn watch_from(&self, addr: SocketAddr) -> Result<(), FollowerError> {
         let channel = transport::connect(addr, &self.identity, CONNECT_TIMEOUT).await?;
         let from = self.view().revision;
         let mut stream =
@@ -154,7 +181,7 @@ impl Follower {
                 }
                 Some(pb::watch_event::Body::Changes(set)) => {
                     if event.revision != view.revision + 1 {
-                        anyhow::bail!("revision {} does not follow {}", event.revision, view.revision);
+                        return Err(FollowerError::RevisionGap { got: event.revision, have: view.revision });
                     }
                     let changes = set.changes.iter().map(Change::try_from).collect::<Result<Vec<_>, _>>()?;
                     view.apply_changes(event.revision, &changes);
@@ -185,7 +212,7 @@ impl Follower {
             let beat = async {
                 let mut m = self.manager().await?;
                 m.heartbeat(pb::HeartbeatRequest {}).await?;
-                anyhow::Ok(())
+                Ok::<(), FollowerError>(())
             };
             match tokio::time::timeout(HOST_HEARTBEAT * 2, beat).await {
                 Ok(Ok(())) => {}

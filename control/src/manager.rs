@@ -26,7 +26,7 @@ use crate::raft_net::{self, NetworkFactory};
 use crate::state::{
     ClusterView, Command, NewNetwork, NewNode, NodeId, NodeStatus, Rejection, Response, Role, check_network_name,
 };
-use crate::store::{self, StateHandle};
+use crate::store::{self, StateHandle, StoreError};
 use crate::transport;
 use crate::types::{RaftNode, TypeConfig};
 use crate::watch::{Catchup, WatchHub};
@@ -104,6 +104,21 @@ pub enum LeaderReply {
     Done,
 }
 
+/// Why a manager could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// The Raft log and state machine could not be opened (see [`StoreError`]).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// openraft refused the configuration of [`raft_config`] (a bug: the configuration is fixed).
+    #[error("invalid Raft configuration: {0}")]
+    Config(#[from] openraft::ConfigError),
+    /// The Raft node stopped while starting, typically because its storage failed as it loaded
+    /// the log or the state machine.
+    #[error("the Raft node could not start: {0}")]
+    Raft(#[from] openraft::error::Fatal<NodeId>),
+}
+
 /// Why a write did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum ProposeError {
@@ -179,8 +194,8 @@ pub struct Manager {
 
 impl Manager {
     /// Opens the Raft storage in `config.dir` and starts the Raft node with this identity's id.
-    pub async fn open(config: ManagerConfig, identity: Arc<NodeIdentity>) -> anyhow::Result<Arc<Manager>> {
-        std::fs::create_dir_all(&config.dir)?;
+    pub async fn open(config: ManagerConfig, identity: Arc<NodeIdentity>) -> Result<Arc<Manager>, ManagerError> {
+        // `store::open` creates the directory.
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let hub = WatchHub::start(events_rx);
         let (log_store, sm_store, state) = store::open(&config.dir, events_tx)?;
