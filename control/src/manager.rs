@@ -161,9 +161,11 @@ pub fn rejection_status(r: &Rejection) -> Status {
 }
 
 /// What the agent answers about its own endpoints, for the host API.
+#[tonic::async_trait]
 pub trait HostApi: Send + Sync + 'static {
-    /// The endpoints attached on this host (of one network, or all).
-    fn endpoints(&self, network: Option<&str>) -> Vec<pb::Endpoint>;
+    /// The endpoints attached on this host (of one network, or all). Waits for the agent's
+    /// endpoint table when an attach or detach holds it, rather than answer without it.
+    async fn endpoints(&self, network: Option<&str>) -> Vec<pb::Endpoint>;
 }
 
 /// Settings of a manager.
@@ -799,7 +801,7 @@ impl pb::host_server::Host for HostService {
     ) -> Result<GrpcResponse<pb::EndpointsReply>, Status> {
         caller(&request)?;
         let network = request.get_ref().network.as_str();
-        let endpoints = self.0.endpoints((!network.is_empty()).then_some(network));
+        let endpoints = self.0.endpoints((!network.is_empty()).then_some(network)).await;
         Ok(GrpcResponse::new(pb::EndpointsReply { endpoints }))
     }
 }

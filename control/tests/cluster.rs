@@ -15,8 +15,9 @@ use proto as pb;
 use tokio::net::TcpListener;
 
 struct NoEndpoints;
+#[tonic::async_trait]
 impl HostApi for NoEndpoints {
-    fn endpoints(&self, _: Option<&str>) -> Vec<pb::Endpoint> {
+    async fn endpoints(&self, _: Option<&str>) -> Vec<pb::Endpoint> {
         Vec::new()
     }
 }
