@@ -102,6 +102,15 @@ fn endpoint_puts_and_deletes_reach_every_host_within_a_second() {
         (0, 0, 0, 0, 0),
         "{c:?}"
     );
+    let swim_refused = (
+        c.probe_cycles_incomplete,
+        c.probe_timers_disconnected,
+        c.swim_unencodable,
+        c.records_not_piggybacked,
+        c.cluster_size_refused,
+        c.swim_unexpected,
+    );
+    assert_eq!(swim_refused, (0, 0, 0, 0, 0, 0), "SWIM refused nothing in a healthy cluster: {c:?}");
     assert!(sim.log.is_empty(), "no host went down or came up: {:?}", sim.log);
 }
 

@@ -209,6 +209,97 @@ pub struct GossipCounters {
     pub sync_repaired: u64,
     /// Records sent in anti-entropy answers.
     pub sync_records_sent: u64,
+    /// SWIM probe cycles that ended before all their steps had run: timers fired late (a
+    /// stalled or overloaded host). SWIM goes on with the next cycle.
+    pub probe_cycles_incomplete: u64,
+    /// SWIM probe timers that fired while SWIM counted itself cut off from every member;
+    /// ignored (foca voids such timers, so this points at a bug).
+    pub probe_timers_disconnected: u64,
+    /// SWIM messages that could not be encoded, so were not sent (a member identity or an
+    /// update that does not fit a datagram).
+    pub swim_unencodable: u64,
+    /// This host's own records too large to piggyback on SWIM messages: only anti-entropy
+    /// carries them.
+    pub records_not_piggybacked: u64,
+    /// Changes of the cluster size that SWIM refused to apply at run time (its
+    /// retransmission count stays as it was).
+    pub cluster_size_refused: u64,
+    /// SWIM errors that none of the calls made outside datagram handling returns (counted
+    /// so that a foca upgrade that starts returning them shows).
+    pub swim_unexpected: u64,
+}
+
+impl GossipCounters {
+    /// Counts an error of a SWIM call other than `handle_data` (whose errors are about the
+    /// datagram, counted as `rx_malformed`).
+    fn swim_error(&mut self, e: &foca::Error) {
+        use foca::Error as E;
+        let counter = match e {
+            E::IncompleteProbeCycle => &mut self.probe_cycles_incomplete,
+            E::NotConnected => &mut self.probe_timers_disconnected,
+            E::Encode(_) => &mut self.swim_unencodable,
+            E::InvalidConfig => &mut self.cluster_size_refused,
+            E::DataTooBig
+            | E::MalformedPacket
+            | E::Decode(_)
+            | E::DataFromOurselves
+            | E::IndirectForOurselves
+            | E::CustomBroadcast(_)
+            | E::NotUndead
+            | E::SameIdentity => &mut self.swim_unexpected,
+        };
+        *counter += 1;
+    }
+
+    /// Adds `other`'s counts to these (the simulation sums its hosts').
+    pub(crate) fn add(&mut self, other: &GossipCounters) {
+        let GossipCounters {
+            rx_datagrams,
+            rx_bytes,
+            tx_datagrams,
+            tx_bytes,
+            rx_not_gossip,
+            rx_bad_auth,
+            rx_malformed,
+            records_applied,
+            records_stale,
+            records_forged,
+            records_unknown_owner,
+            records_malformed,
+            sync_rounds,
+            rebirths,
+            sync_repaired,
+            sync_records_sent,
+            probe_cycles_incomplete,
+            probe_timers_disconnected,
+            swim_unencodable,
+            records_not_piggybacked,
+            cluster_size_refused,
+            swim_unexpected,
+        } = other;
+        self.rx_datagrams += rx_datagrams;
+        self.rx_bytes += rx_bytes;
+        self.tx_datagrams += tx_datagrams;
+        self.tx_bytes += tx_bytes;
+        self.rx_not_gossip += rx_not_gossip;
+        self.rx_bad_auth += rx_bad_auth;
+        self.rx_malformed += rx_malformed;
+        self.records_applied += records_applied;
+        self.records_stale += records_stale;
+        self.records_forged += records_forged;
+        self.records_unknown_owner += records_unknown_owner;
+        self.records_malformed += records_malformed;
+        self.sync_rounds += sync_rounds;
+        self.rebirths += rebirths;
+        self.sync_repaired += sync_repaired;
+        self.sync_records_sent += sync_records_sent;
+        self.probe_cycles_incomplete += probe_cycles_incomplete;
+        self.probe_timers_disconnected += probe_timers_disconnected;
+        self.swim_unencodable += swim_unencodable;
+        self.records_not_piggybacked += records_not_piggybacked;
+        self.cluster_size_refused += cluster_size_refused;
+        self.swim_unexpected += swim_unexpected;
+    }
 }
 
 /// How this host sees another.
@@ -324,6 +415,14 @@ impl BroadcastHandler<Peer> for Handler {
 
 fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts what a SWIM call refused. Its errors are not the caller's to act on: each says a
+/// message was not sent or a step did not run, and SWIM's next round repairs that.
+fn counted<T>(shared: &Mutex<Shared>, result: Result<T, foca::Error>) {
+    if let Err(e) = result {
+        lock(shared).counters.swim_error(&e);
+    }
 }
 
 /// What foca asks of its runtime, collected.
@@ -453,13 +552,13 @@ impl GossipNode {
             self.swim.iter_members().map(|m| m.id().clone()).filter(|p| !dir.contains_key(&p.node)).collect()
         };
         if !gone.is_empty() {
-            let _ = self.swim.apply_many(gone.into_iter().map(Member::down), true, &mut self.outbox);
+            counted(&self.shared, self.swim.apply_many(gone.into_iter().map(Member::down), true, &mut self.outbox));
         }
         let size = lock(&self.shared).directory.len() as u32 + 1;
         if size != self.config.cluster_size {
             self.config.cluster_size = size;
             // Only the retransmission count follows the size; foca accepts that at run time.
-            let _ = self.swim.set_config(self.config.foca());
+            counted(&self.shared, self.swim.set_config(self.config.foca()));
         }
         if self.swim.num_members() == 0 {
             self.announce(3);
@@ -479,7 +578,7 @@ impl GossipNode {
 
     /// Leaves: tells a few members this identity is down, at once.
     pub fn leave(&mut self, out: &mut Output) {
-        let _ = self.swim.leave_cluster(&mut self.outbox);
+        counted(&self.shared, self.swim.leave_cluster(&mut self.outbox));
         self.flush(out);
     }
 
@@ -491,10 +590,14 @@ impl GossipNode {
             s.tables.apply(r.clone());
             s.changed.insert(r.owner);
         }
-        // Our own item: the handler accepts it (it cannot be refused).
-        let _ = self.swim.add_broadcast(r.wire());
+        // Our own item: the handler accepts it; only its size can be refused.
+        match self.swim.add_broadcast(r.wire()) {
+            Ok(_) => {}
+            Err(foca::Error::DataTooBig) => lock(&self.shared).counters.records_not_piggybacked += 1,
+            Err(e) => lock(&self.shared).counters.swim_error(&e),
+        }
         if self.swim.num_members() > 0 {
-            let _ = self.swim.gossip(&mut self.outbox);
+            counted(&self.shared, self.swim.gossip(&mut self.outbox));
         }
         self.flush(out);
     }
@@ -547,7 +650,7 @@ impl GossipNode {
             TimerKind::Swim(life, t) => {
                 // A timer of a SWIM instance since replaced (see `rebirth`) is void.
                 if life == self.life {
-                    let _ = self.swim.handle_timer(t, &mut self.outbox);
+                    counted(&self.shared, self.swim.handle_timer(t, &mut self.outbox));
                 }
             }
             TimerKind::Sync => {
@@ -637,7 +740,7 @@ impl GossipNode {
             _ => {
                 self.last_eager = Some(now);
                 if self.swim.num_members() > 0 {
-                    let _ = self.swim.gossip(&mut self.outbox);
+                    counted(&self.shared, self.swim.gossip(&mut self.outbox));
                 }
             }
         }
@@ -660,7 +763,7 @@ impl GossipNode {
             chosen
         };
         for p in seeds {
-            let _ = self.swim.announce(p, &mut self.outbox);
+            counted(&self.shared, self.swim.announce(p, &mut self.outbox));
         }
     }
 
@@ -736,15 +839,16 @@ impl GossipNode {
                 .map(|m| Member::new(m.peer.clone(), m.incarnation, State::Alive))
                 .collect()
         };
-        let _ = self.swim.apply_many(known.into_iter(), false, &mut self.outbox);
+        counted(&self.shared, self.swim.apply_many(known.into_iter(), false, &mut self.outbox));
     }
 
     /// Another host suspects this one: refute (a higher incarnation), and tell it at once.
     fn on_suspected(&mut self, from: SocketAddr, by: NodeId, incarnation: u16) {
         let me = self.identity().clone();
-        let _ =
+        let refute =
             self.swim.apply_many(std::iter::once(Member::new(me, incarnation, State::Suspect)), true, &mut self.outbox);
-        let _ = self.swim.announce(Peer { node: by, addr: from, generation: 0 }, &mut self.outbox);
+        counted(&self.shared, refute);
+        counted(&self.shared, self.swim.announce(Peer { node: by, addr: from, generation: 0 }, &mut self.outbox));
     }
 
     fn payload_max(&self) -> usize {
@@ -1013,7 +1117,7 @@ impl GossipNode {
     pub fn warm_start(&mut self, members: &[Peer], records: &[Record], out: &mut Output) {
         let me = self.identity().node;
         let peers = members.iter().filter(|p| p.node != me).cloned().map(Member::alive);
-        let _ = self.swim.apply_many(peers, false, &mut self.outbox);
+        counted(&self.shared, self.swim.apply_many(peers, false, &mut self.outbox));
         {
             let mut s = lock(&self.shared);
             for r in records.iter().filter(|r| r.owner != me) {
@@ -1113,5 +1217,26 @@ impl GossipNode {
             .collect();
         out.sort_by_key(|p| p.node);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_too_big_to_piggyback_are_counted() {
+        let me = Peer { node: 1, addr: "127.0.0.1:7946".parse().unwrap(), generation: 0 };
+        // Datagrams with room for SWIM's own messages but not for a signed record.
+        let config = GossipConfig { max_datagram: OVERHEAD + 64, ..GossipConfig::default() };
+        let mut node = GossipNode::new(me, config, GossipKey::new(&GossipKey::generate()), Signer::generate(), 1, 7);
+        let mut out = Output::default();
+        node.start(&mut out);
+        let key = EndpointKey { vni: 4096, ip: "10.0.0.2".parse().unwrap() };
+        node.put(key, Endpoint { mac: [2, 0, 0, 0, 0, 2], name: "web".into() }, &mut out);
+        let c = node.counters();
+        assert_eq!(c.records_not_piggybacked, 2, "the epoch record and the put: {c:?}");
+        assert_eq!(c.swim_unexpected, 0, "{c:?}");
+        assert_eq!(node.own_records().len(), 2, "both stay in the table, for anti-entropy");
     }
 }

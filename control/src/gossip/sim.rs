@@ -348,22 +348,7 @@ impl Simulation {
     pub fn counters(&self) -> GossipCounters {
         let mut t = GossipCounters::default();
         for c in self.hosts.iter().filter_map(|h| h.node.as_ref()).map(GossipNode::counters) {
-            t.rx_datagrams += c.rx_datagrams;
-            t.rx_bytes += c.rx_bytes;
-            t.tx_datagrams += c.tx_datagrams;
-            t.tx_bytes += c.tx_bytes;
-            t.rx_not_gossip += c.rx_not_gossip;
-            t.rx_bad_auth += c.rx_bad_auth;
-            t.rx_malformed += c.rx_malformed;
-            t.records_applied += c.records_applied;
-            t.records_stale += c.records_stale;
-            t.records_forged += c.records_forged;
-            t.records_unknown_owner += c.records_unknown_owner;
-            t.records_malformed += c.records_malformed;
-            t.sync_rounds += c.sync_rounds;
-            t.sync_repaired += c.sync_repaired;
-            t.sync_records_sent += c.sync_records_sent;
-            t.rebirths += c.rebirths;
+            t.add(&c);
         }
         t
     }
