@@ -658,9 +658,12 @@ impl pb::manager_server::Manager for ManagerService {
                                     false => {
                                         let since = *out_of_touch.get_or_insert_with(Instant::now);
                                         if since.elapsed() >= OUT_OF_TOUCH {
-                                            let _ = tx.send(Err(Status::unavailable(
+                                            let away = Status::unavailable(
                                                 "this manager has lost contact with the cluster's leader: watch another manager",
-                                            ))).await;
+                                            );
+                                            if tx.send(Err(away)).await.is_err() {
+                                                tracing::debug!("the watcher left before it was sent away");
+                                            }
                                             return;
                                         }
                                     }
