@@ -231,7 +231,7 @@ impl Host {
                     bridge: n.bridge.name.clone(),
                     tap: n.spec.tap.clone(),
                     tap_offloads: t
-                        .map(|t| match (t.port().offloads().vnet_hdr, t.port().offloads().uso) {
+                        .map(|t| match (t.tap().offloads().vnet_hdr, t.tap().offloads().uso) {
                             (false, _) => "none",
                             (true, false) => "csum,tso",
                             (true, true) => "csum,tso,uso",

@@ -351,7 +351,7 @@ fn decap(c: &mut Criterion) {
     let counters = Counters::default();
     let (src, dst) = (learned_ip(0), LOCAL_IP);
     let mut datagram = vxlan_datagram(VNI, &tcp_ipv4_frame(src, dst));
-    let deliver = UnderlayVerdict::Deliver { port: 0, inner: vxlan::HEADER_LEN..datagram.len(), segment_mss: None };
+    let deliver = UnderlayVerdict::Deliver { slot: 0, inner: vxlan::HEADER_LEN..datagram.len(), segment_mss: None };
     let mut bad_flags = datagram.clone();
     bad_flags[0] = 0x0c; // the G bit of the group-policy extension, which we do not speak
     // The same segment as a kernel VTEP over veth sends it: the TCP checksum field holds only

@@ -37,10 +37,10 @@ pub enum TapVerdict<'t> {
 /// What to do with a datagram received on the VXLAN port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UnderlayVerdict {
-    /// Write `datagram[inner]` to the TAP of the network in slot `port`.
+    /// Write `datagram[inner]` to the TAP of the network in `slot`.
     Deliver {
         /// The network's slot in the tables.
-        port: usize,
+        slot: usize,
         /// Where the inner Ethernet frame is in the datagram.
         inner: Range<usize>,
         /// `Some(mss)`: the frame is a TCP/UDP super-frame larger than the network's MTU, to
@@ -54,8 +54,8 @@ pub enum UnderlayVerdict {
 /// Decides where a frame read from `net`'s TAP goes. `reply` receives an ARP answer when the
 /// verdict is [`TapVerdict::ArpReply`].
 #[inline]
-pub fn from_tap<'t, P>(
-    net: &'t NetworkTable<P>,
+pub fn from_tap<'t, T>(
+    net: &'t NetworkTable<T>,
     learned: &LearnedFdb,
     frame: &[u8],
     reply: &mut [u8; arp::MAX_REPLY_LEN],
@@ -120,8 +120,8 @@ pub fn from_tap<'t, P>(
 /// stamps what the learner learns. A frame to deliver whose TCP/UDP checksum the sender left
 /// partial (see [`checksum`]) is completed in place.
 #[inline]
-pub fn from_underlay<P>(
-    tables: &Tables<P>,
+pub fn from_underlay<T>(
+    tables: &Tables<T>,
     learner: &mut Learner,
     src: IpAddr,
     datagram: &mut [u8],
@@ -142,7 +142,7 @@ pub fn from_underlay<P>(
         Err(VxlanError::ReservedBits) => return drop(DropReason::ReservedBits),
         Err(VxlanError::Truncated) => return drop(DropReason::Truncated),
     }
-    let Some((port, net)) = tables.by_vni(packet.vni()) else {
+    let Some((slot, net)) = tables.by_vni(packet.vni()) else {
         return drop(DropReason::UnknownVni);
     };
     if !net.is_member(&src) {
@@ -170,7 +170,7 @@ pub fn from_underlay<P>(
     } else if checksum::complete_partial(&mut datagram[vxlan::HEADER_LEN..]) == Completion::Completed {
         bump(&counters.rx.checksums_completed, 1);
     }
-    UnderlayVerdict::Deliver { port, inner: vxlan::HEADER_LEN..datagram.len(), segment_mss }
+    UnderlayVerdict::Deliver { slot, inner: vxlan::HEADER_LEN..datagram.len(), segment_mss }
 }
 
 /// For a frame longer than `mtu` plus an untagged Ethernet header: `Ok(None)` if its IP packet
@@ -304,7 +304,7 @@ mod tests {
         let good = datagram(vni(), &inner);
         assert_eq!(
             from_underlay(&snap, &mut l, B, &mut good.clone(), 0, &c),
-            UnderlayVerdict::Deliver { port: 0, inner: 8..good.len(), segment_mss: None }
+            UnderlayVerdict::Deliver { slot: 0, inner: 8..good.len(), segment_mss: None }
         );
 
         let cases: [(Vec<u8>, IpAddr, DropReason); 6] = [
@@ -369,7 +369,7 @@ mod tests {
         let tcp = crate::segment::tests::tcp4_super(&[9u8; 5000], 12, 0x18, 1);
         let mut d = datagram(vni(), &tcp);
         let v = from_underlay(&snap, &mut l, B, &mut d, 0, &c);
-        assert_eq!(v, UnderlayVerdict::Deliver { port: 0, inner: 8..d.len(), segment_mss: Some(1450 - 20 - 32) });
+        assert_eq!(v, UnderlayVerdict::Deliver { slot: 0, inner: 8..d.len(), segment_mss: Some(1450 - 20 - 32) });
         let mut icmp = tcp.clone();
         icmp[23] = 1; // protocol ICMP: no way to cut it
         let mut d = datagram(vni(), &icmp);

@@ -67,7 +67,8 @@ pub enum BlockOwner {
     Down(IpAddr),
 }
 
-/// The tables of one overlay network (one VNI), and the port (TAP) it is attached to.
+/// The tables of one overlay network (one VNI), and the TAP it is attached to: `T` is the
+/// TAP's handle (`Arc<Tap>` in the Linux shell, `()` or a number in tests).
 ///
 /// Besides exact entries, a cluster network knows where each host's address *block* is:
 /// a container's MAC is derived from its IP (`02:4f` + IPv4, see [`MacAddr::from_ipv4`]), so
@@ -75,9 +76,9 @@ pub enum BlockOwner {
 /// learning. ARP is answered from the exact entries (the endpoints gossip reports); a cluster
 /// network never floods an ARP request.
 #[derive(Debug, Clone)]
-pub struct NetworkTable<P> {
+pub struct NetworkTable<T> {
     vni: Vni,
-    port: P,
+    tap: T,
     learning: bool,
     mtu: u32,
     fdb: FastMap<MacAddr, IpAddr>,
@@ -90,11 +91,11 @@ pub struct NetworkTable<P> {
     gateway: Option<Ipv4Addr>,
 }
 
-impl<P> NetworkTable<P> {
-    fn new(vni: Vni, port: P, settings: NetworkSettings) -> Self {
+impl<T> NetworkTable<T> {
+    fn new(vni: Vni, tap: T, settings: NetworkSettings) -> Self {
         NetworkTable {
             vni,
-            port,
+            tap,
             learning: settings.learning,
             mtu: settings.mtu,
             fdb: FastMap::default(),
@@ -112,9 +113,9 @@ impl<P> NetworkTable<P> {
         self.vni
     }
 
-    /// The port (for the Linux shell, the TAP) this network's frames come from and go to.
-    pub fn port(&self) -> &P {
-        &self.port
+    /// The TAP this network's frames come from and go to.
+    pub fn tap(&self) -> &T {
+        &self.tap
     }
 
     /// Whether frames from member VTEPs teach us where their source MACs are.
@@ -202,43 +203,43 @@ impl<P> NetworkTable<P> {
 
 /// One immutable snapshot of every network's tables.
 ///
-/// A network keeps its slot (its *port index*) for as long as it exists, so the index a hot
-/// loop got from one snapshot names the same network in the next.
+/// A network keeps its slot (its index here) for as long as it exists, so the slot a hot loop
+/// got from one snapshot names the same network in the next.
 #[derive(Debug)]
-pub struct Tables<P> {
-    networks: Vec<Option<Arc<NetworkTable<P>>>>,
+pub struct Tables<T> {
+    networks: Vec<Option<Arc<NetworkTable<T>>>>,
     by_vni: FastMap<Vni, usize>,
     generation: u64,
 }
 
-impl<P> Default for Tables<P> {
+impl<T> Default for Tables<T> {
     fn default() -> Self {
         Tables { networks: Vec::new(), by_vni: FastMap::default(), generation: 0 }
     }
 }
 
-impl<P> Clone for Tables<P> {
+impl<T> Clone for Tables<T> {
     fn clone(&self) -> Self {
         Tables { networks: self.networks.clone(), by_vni: self.by_vni.clone(), generation: self.generation }
     }
 }
 
-impl<P> Tables<P> {
-    /// The network in slot `port`.
+impl<T> Tables<T> {
+    /// The network in `slot`.
     #[inline]
-    pub fn network(&self, port: usize) -> Option<&NetworkTable<P>> {
-        self.networks.get(port)?.as_deref()
+    pub fn network(&self, slot: usize) -> Option<&NetworkTable<T>> {
+        self.networks.get(slot)?.as_deref()
     }
 
     /// The network with `vni`, and its slot.
     #[inline]
-    pub fn by_vni(&self, vni: Vni) -> Option<(usize, &NetworkTable<P>)> {
-        let port = *self.by_vni.get(&vni)?;
-        Some((port, self.network(port)?))
+    pub fn by_vni(&self, vni: Vni) -> Option<(usize, &NetworkTable<T>)> {
+        let slot = *self.by_vni.get(&vni)?;
+        Some((slot, self.network(slot)?))
     }
 
     /// Every network with its slot.
-    pub fn networks(&self) -> impl Iterator<Item = (usize, &NetworkTable<P>)> {
+    pub fn networks(&self) -> impl Iterator<Item = (usize, &NetworkTable<T>)> {
         self.networks.iter().enumerate().filter_map(|(i, n)| Some((i, n.as_deref()?)))
     }
 
@@ -255,37 +256,37 @@ impl<P> Tables<P> {
 
 /// The shared, swappable tables: one writer at a time, any number of lock-free readers.
 #[derive(Debug)]
-pub struct SharedTables<P> {
-    current: Arc<ArcSwap<Tables<P>>>,
+pub struct SharedTables<T> {
+    current: Arc<ArcSwap<Tables<T>>>,
     writer: Mutex<()>,
 }
 
-impl<P> Default for SharedTables<P> {
+impl<T> Default for SharedTables<T> {
     fn default() -> Self {
         SharedTables { current: Arc::new(ArcSwap::from_pointee(Tables::default())), writer: Mutex::new(()) }
     }
 }
 
 /// A hot loop's handle on the tables: `load()` is one atomic load unless they changed.
-pub type TablesReader<P> = Cache<Arc<ArcSwap<Tables<P>>>, Arc<Tables<P>>>;
+pub type TablesReader<T> = Cache<Arc<ArcSwap<Tables<T>>>, Arc<Tables<T>>>;
 
-impl<P: Clone> SharedTables<P> {
+impl<T: Clone> SharedTables<T> {
     /// The current snapshot (for control-side readers; hot loops use a [`TablesReader`]).
-    pub fn load(&self) -> Arc<Tables<P>> {
+    pub fn load(&self) -> Arc<Tables<T>> {
         self.current.load_full()
     }
 
     /// Applies `f`'s changes and publishes them as one new snapshot. Writers are serialized;
     /// readers never wait. If `f` fails, nothing is published.
-    pub fn update<R, E>(&self, f: impl FnOnce(&mut Transaction<P>) -> Result<R, E>) -> Result<R, E> {
+    pub fn update<R, E>(&self, f: impl FnOnce(&mut Transaction<T>) -> Result<R, E>) -> Result<R, E> {
         let _one_writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut tx = Transaction { tables: Tables::clone(&self.current.load()), touched: Vec::new() };
         let out = f(&mut tx)?;
         if tx.touched.is_empty() {
             return Ok(out);
         }
-        for port in std::mem::take(&mut tx.touched) {
-            if let Some(Some(net)) = tx.tables.networks.get_mut(port) {
+        for slot in std::mem::take(&mut tx.touched) {
+            if let Some(Some(net)) = tx.tables.networks.get_mut(slot) {
                 Arc::make_mut(net).recompute_members();
             }
         }
@@ -295,41 +296,41 @@ impl<P: Clone> SharedTables<P> {
     }
 }
 
-impl<P> SharedTables<P> {
+impl<T> SharedTables<T> {
     /// A reader for one hot-loop thread.
-    pub fn reader(&self) -> TablesReader<P> {
+    pub fn reader(&self) -> TablesReader<T> {
         Cache::new(Arc::clone(&self.current))
     }
 }
 
 /// Changes to the tables, published together when the closure given to
 /// [`SharedTables::update`] returns `Ok`.
-pub struct Transaction<P> {
-    tables: Tables<P>,
+pub struct Transaction<T> {
+    tables: Tables<T>,
     touched: Vec<usize>,
 }
 
-impl<P: Clone> Transaction<P> {
-    fn net(&mut self, vni: Vni) -> Result<&mut NetworkTable<P>, TableError> {
-        let port = *self.tables.by_vni.get(&vni).ok_or(TableError::UnknownVni(vni))?;
-        if !self.touched.contains(&port) {
-            self.touched.push(port);
+impl<T: Clone> Transaction<T> {
+    fn net(&mut self, vni: Vni) -> Result<&mut NetworkTable<T>, TableError> {
+        let slot = *self.tables.by_vni.get(&vni).ok_or(TableError::UnknownVni(vni))?;
+        if !self.touched.contains(&slot) {
+            self.touched.push(slot);
         }
-        let slot = self.tables.networks[port].as_mut().ok_or(TableError::UnknownVni(vni))?;
-        Ok(Arc::make_mut(slot))
+        let net = self.tables.networks[slot].as_mut().ok_or(TableError::UnknownVni(vni))?;
+        Ok(Arc::make_mut(net))
     }
 
     /// The tables as they will be published (for reads inside the transaction).
-    pub fn tables(&self) -> &Tables<P> {
+    pub fn tables(&self) -> &Tables<T> {
         &self.tables
     }
 
-    /// Adds a network attached to `port`; returns its slot.
-    pub fn add_network(&mut self, vni: Vni, port: P, settings: NetworkSettings) -> Result<usize, TableError> {
+    /// Adds a network attached to `tap`; returns its slot.
+    pub fn add_network(&mut self, vni: Vni, tap: T, settings: NetworkSettings) -> Result<usize, TableError> {
         if self.tables.by_vni.contains_key(&vni) {
             return Err(TableError::DuplicateVni(vni));
         }
-        let net = Some(Arc::new(NetworkTable::new(vni, port, settings)));
+        let net = Some(Arc::new(NetworkTable::new(vni, tap, settings)));
         let slot = match self.tables.networks.iter().position(Option::is_none) {
             Some(free) => {
                 self.tables.networks[free] = net;
@@ -345,14 +346,14 @@ impl<P: Clone> Transaction<P> {
         Ok(slot)
     }
 
-    /// Removes a network and gives its port back.
-    pub fn remove_network(&mut self, vni: Vni) -> Result<P, TableError> {
-        let port = self.tables.by_vni.remove(&vni).ok_or(TableError::UnknownVni(vni))?;
-        let net = self.tables.networks[port].take().ok_or(TableError::UnknownVni(vni))?;
-        self.touched.retain(|&p| p != port);
-        // Mark the change for publication even though no slot is left to recompute.
-        self.touched.push(port);
-        Ok(net.port.clone())
+    /// Removes a network and gives its TAP back.
+    pub fn remove_network(&mut self, vni: Vni) -> Result<T, TableError> {
+        let slot = self.tables.by_vni.remove(&vni).ok_or(TableError::UnknownVni(vni))?;
+        let net = self.tables.networks[slot].take().ok_or(TableError::UnknownVni(vni))?;
+        self.touched.retain(|&s| s != slot);
+        // Mark the change for publication even though no network is left to recompute.
+        self.touched.push(slot);
+        Ok(net.tap.clone())
     }
 
     /// Turns data-plane learning on or off for a network.
@@ -493,9 +494,9 @@ mod tests {
         .unwrap();
         let snap = reader.load();
         assert_eq!(snap.generation(), 1);
-        let (port, net) = snap.by_vni(vni(100)).unwrap();
-        assert_eq!(port, 0);
-        assert_eq!(*net.port(), 1);
+        let (slot, net) = snap.by_vni(vni(100)).unwrap();
+        assert_eq!(slot, 0);
+        assert_eq!(*net.tap(), 1);
         assert_eq!(net.flood_list(), &[A]);
         assert!(net.is_member(&A) && net.is_member(&B));
         assert_eq!(net.fdb(&M), Some(B));

@@ -32,9 +32,6 @@ use crate::learn::{self, LearnedFdb, SharedLearned};
 use crate::tables::{NetworkSettings, SharedTables, TableError, Tables, Transaction};
 use crate::wire::Vni;
 
-/// What the tables hold per network in the Linux shell: its TAP.
-pub type Port = Arc<Tap>;
-
 /// Room in front of each frame read from a TAP for headers written in place (the virtio-net
 /// header on read, then the VXLAN header). Received datagrams are read at the same offset.
 const HEADROOM: usize = 64;
@@ -202,7 +199,7 @@ pub enum DataplaneError {
 
 pub(crate) struct Shared {
     pub(crate) config: DataplaneConfig,
-    pub(crate) tables: SharedTables<Port>,
+    pub(crate) tables: SharedTables<Arc<Tap>>,
     pub(crate) learned: SharedLearned,
     pub(crate) counters: Counters,
     pub(crate) stop: AtomicBool,
@@ -384,14 +381,17 @@ impl Dataplane {
     }
 
     /// The writer API: applies `f`'s FDB, ARP and flood-list changes as one update.
-    pub fn update<R>(&self, f: impl FnOnce(&mut Transaction<Port>) -> Result<R, TableError>) -> Result<R, TableError> {
+    pub fn update<R>(
+        &self,
+        f: impl FnOnce(&mut Transaction<Arc<Tap>>) -> Result<R, TableError>,
+    ) -> Result<R, TableError> {
         let out = self.shared.tables.update(f)?;
         self.shared.tx_wake.notify();
         Ok(out)
     }
 
     /// The current tables.
-    pub fn tables(&self) -> Arc<Tables<Port>> {
+    pub fn tables(&self) -> Arc<Tables<Arc<Tap>>> {
         self.shared.tables.load()
     }
 

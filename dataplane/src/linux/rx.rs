@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use super::sys::{self, CmsgBuf, Epoll, SockAddr};
 use super::threads::{JOIN_WINDOW, JoinMeter};
-use super::{HEADROOM, Port, Shared, Tap, UNDERLAY};
+use super::{HEADROOM, Shared, Tap, UNDERLAY};
 use crate::alloc_count;
 use crate::counters::{Counters, DropReason, bump};
 use crate::learn::Learner;
@@ -51,11 +51,11 @@ const MAX_PIECES: usize = 256;
 /// How many TCP flows a batch coalesces at once.
 const FLOWS: usize = 8;
 
-/// A coalesced super-frame in the making: its network, its first segment (buffer, offset and
-/// length in it), the pieces of its write, the buffers those point into, and the rest of its
-/// state.
+/// A coalesced super-frame in the making: its network's slot, its first segment (buffer, offset
+/// and length in it), the pieces of its write, the buffers those point into, and the rest of
+/// its state.
 struct PendingRun {
-    port: usize,
+    slot: usize,
     coalescer: Coalescer,
     buf: usize,
     /// Bit `b` set: a piece points into buffer `b`, which must not be refilled before the write.
@@ -71,7 +71,7 @@ const NO_VNET_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 pub(crate) struct RxLoop {
     shared: Arc<Shared>,
     fd: RawFd,
-    tables: TablesReader<Port>,
+    tables: TablesReader<Arc<Tap>>,
     learner: Learner,
     msgs: Box<[libc::mmsghdr]>,
     iovs: Box<[libc::iovec]>,
@@ -79,7 +79,7 @@ pub(crate) struct RxLoop {
     cmsgs: Box<[CmsgBuf]>,
     bufs: Box<[Box<[u8]>]>,
     /// The buffer each message of the current batch is received into.
-    slots: [usize; BATCH],
+    message_buf: [usize; BATCH],
     /// Verdicts of the datagrams of the message being handled.
     verdicts: Box<[Option<UnderlayVerdict>]>,
     /// The coalesced super-frames being built, one per TCP flow (up to [`FLOWS`]); each may
@@ -116,7 +116,7 @@ impl RxLoop {
             addrs: (0..BATCH).map(|_| SockAddr::zeroed()).collect(),
             cmsgs: (0..BATCH).map(|_| CmsgBuf::new()).collect(),
             bufs,
-            slots: std::array::from_fn(|i| i),
+            message_buf: std::array::from_fn(|i| i),
             verdicts: (0..MAX_RUN).map(|_| None).collect(),
             runs: (0..FLOWS).map(|_| None).collect(),
             spare: (0..FLOWS)
@@ -130,19 +130,19 @@ impl RxLoop {
 
     /// Picks a buffer for each of the next batch's messages among those no pending run holds
     /// (writing the pending runs first if too few are free), and points every header at its
-    /// buffer, address and control slots again (the kernel overwrites lengths and flags).
-    fn arm(&mut self, tables: &Tables<Port>, c: &Counters) {
+    /// buffer, address and control buffer again (the kernel overwrites lengths and flags).
+    fn arm(&mut self, tables: &Tables<Arc<Tap>>, c: &Counters) {
         let mut held = self.held();
         if (BATCH as u32 - held.count_ones()) < self.batch as u32 {
             self.flush(tables, c);
             held = 0;
         }
         let free = (0..BATCH).filter(|b| held & (1 << b) == 0);
-        for (slot, b) in self.slots.iter_mut().take(self.batch).zip(free) {
-            *slot = b;
+        for (m, b) in self.message_buf.iter_mut().take(self.batch).zip(free) {
+            *m = b;
         }
         for (i, m) in self.msgs.iter_mut().enumerate().take(self.batch) {
-            let buf = &mut self.bufs[self.slots[i]];
+            let buf = &mut self.bufs[self.message_buf[i]];
             self.iovs[i] = libc::iovec { iov_base: buf[HEADROOM..].as_mut_ptr().cast(), iov_len: MESSAGE_CAP };
             let h = &mut m.msg_hdr;
             h.msg_name = (&raw mut self.addrs[i]).cast();
@@ -217,7 +217,7 @@ impl RxLoop {
         let asked = self.batch;
         // SAFETY: `arm` pointed the first `asked` headers at this loop's boxed iovecs (each
         // covering MESSAGE_CAP bytes of its own buffer, none of which a pending run holds),
-        // address slots and control buffers, none of which move or are otherwise borrowed
+        // addresses and control buffers, none of which move or are otherwise borrowed
         // during the call.
         let n = match unsafe { sys::recvmmsg_nowait(self.fd, &mut self.msgs[..asked]) } {
             Ok(n) => n,
@@ -256,7 +256,7 @@ impl RxLoop {
     }
 
     /// Handles message `i`: one datagram, or a GRO run of them.
-    fn message(&mut self, tables: &Tables<Port>, i: usize, now: u64, c: &Counters) {
+    fn message(&mut self, tables: &Tables<Arc<Tap>>, i: usize, now: u64, c: &Counters) {
         let m = &self.msgs[i];
         let len = m.msg_len as usize;
         if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
@@ -267,7 +267,7 @@ impl RxLoop {
         // SAFETY: the kernel wrote this message's control data, bounded by msg_controllen.
         let gro = unsafe { sys::udp_gro_size(&m.msg_hdr) };
         let Some(src) = self.addrs[i].ip() else { return };
-        let b = self.slots[i];
+        let b = self.message_buf[i];
         let buf = &mut self.bufs[b][HEADROOM..HEADROOM + len];
         let stride = match gro {
             Some(s) if s < len && is_run(buf, s) => s,
@@ -290,9 +290,9 @@ impl RxLoop {
 
         let coalesce = self.shared.config.offloads.coalesce;
         for k in 0..count {
-            let Some(UnderlayVerdict::Deliver { port, inner, segment_mss }) = self.verdicts[k].take() else { continue };
-            let Some(net) = tables.network(port) else { continue };
-            let tap = net.port();
+            let Some(UnderlayVerdict::Deliver { slot, inner, segment_mss }) = self.verdicts[k].take() else { continue };
+            let Some(net) = tables.network(slot) else { continue };
+            let tap = net.tap();
             let (start, end) = (k * stride + inner.start, k * stride + inner.end);
             if let Some(mss) = segment_mss {
                 self.flush(tables, c);
@@ -302,7 +302,7 @@ impl RxLoop {
             if tap.offloads().vnet_hdr && coalesce {
                 let frame = &self.bufs[b][HEADROOM + start..HEADROOM + end];
                 if let Some(seg) = TcpSegment::parse(frame) {
-                    self.coalesce(tables, c, port, b, start, end, seg);
+                    self.coalesce(tables, c, slot, b, start, end, seg);
                     continue;
                 }
             }
@@ -316,9 +316,9 @@ impl RxLoop {
     #[allow(clippy::too_many_arguments)]
     fn coalesce(
         &mut self,
-        tables: &Tables<Port>,
+        tables: &Tables<Arc<Tap>>,
         c: &Counters,
-        port: usize,
+        slot: usize,
         buf: usize,
         start: usize,
         end: usize,
@@ -326,9 +326,9 @@ impl RxLoop {
     ) {
         let frame = &self.bufs[buf][HEADROOM + start..HEADROOM + end];
         let mut same_conn = None;
-        for (slot, run) in self.runs.iter_mut().enumerate() {
+        for (i, run) in self.runs.iter_mut().enumerate() {
             let Some(r) = run else { continue };
-            if r.port != port {
+            if r.slot != slot {
                 continue;
             }
             let first = &self.bufs[r.buf][HEADROOM + r.start..HEADROOM + r.start + r.len];
@@ -339,18 +339,17 @@ impl RxLoop {
                 return;
             }
             if r.coalescer.same_connection(first, frame, &seg) {
-                same_conn = Some(slot);
+                same_conn = Some(i);
                 break;
             }
         }
         // A segment that cannot extend its connection's run ends it (the connection's order is
-        // kept); a new connection takes a free slot, or the first slot's run goes out to make
-        // room.
-        let slot = same_conn.or_else(|| self.runs.iter().position(Option::is_none)).unwrap_or(0);
-        self.flush_slot(tables, c, slot);
-        let pieces = self.spare.pop().expect("a piece array per slot");
-        self.runs[slot] = Some(PendingRun {
-            port,
+        // kept); a new connection takes a free place, or the first run goes out to make room.
+        let i = same_conn.or_else(|| self.runs.iter().position(Option::is_none)).unwrap_or(0);
+        self.flush_run(tables, c, i);
+        let pieces = self.spare.pop().expect("a piece array per run");
+        self.runs[i] = Some(PendingRun {
+            slot,
             coalescer: Coalescer::new(seg),
             buf,
             holds: 1 << buf,
@@ -362,21 +361,21 @@ impl RxLoop {
     }
 
     /// Writes every pending coalesced super-frame.
-    fn flush(&mut self, tables: &Tables<Port>, c: &Counters) {
-        for slot in 0..FLOWS {
-            self.flush_slot(tables, c, slot);
+    fn flush(&mut self, tables: &Tables<Arc<Tap>>, c: &Counters) {
+        for i in 0..FLOWS {
+            self.flush_run(tables, c, i);
         }
     }
 
-    /// Writes the pending super-frame of one slot, if any.
-    fn flush_slot(&mut self, tables: &Tables<Port>, c: &Counters, slot: usize) {
-        let Some(mut r) = self.runs[slot].take() else { return };
-        if let Some(net) = tables.network(r.port) {
+    /// Writes the pending super-frame `runs[i]`, if any.
+    fn flush_run(&mut self, tables: &Tables<Arc<Tap>>, c: &Counters, i: usize) {
+        let Some(mut r) = self.runs[i].take() else { return };
+        if let Some(net) = tables.network(r.slot) {
             let first = &mut self.bufs[r.buf][HEADROOM + r.start..HEADROOM + r.start + r.len];
             let hdr = r.coalescer.finish(first).to_bytes();
             r.pieces[0] = piece(&hdr);
             r.pieces[1] = piece(first);
-            match net.port().writev(&r.pieces[..r.npieces]) {
+            match net.tap().writev(&r.pieces[..r.npieces]) {
                 Ok(_) => {
                     bump(&c.rx.delivered, r.coalescer.count() as u64);
                     if r.coalescer.count() > 1 {

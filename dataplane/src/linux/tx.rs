@@ -24,7 +24,7 @@ use std::time::Instant;
 use super::rx::RxLoop;
 use super::sys::{self, CmsgBuf, Epoll, SockAddr};
 use super::threads::SplitMeter;
-use super::{HEADROOM, Port, Shared, UNDERLAY, WAKE};
+use super::{HEADROOM, Shared, Tap, UNDERLAY, WAKE};
 use crate::alloc_count;
 use crate::counters::{Counters, DropReason, bump};
 use crate::learn::LearnedReader;
@@ -246,11 +246,11 @@ impl SegmentArena {
 
 pub(crate) struct TxLoop {
     shared: Arc<Shared>,
-    tables: TablesReader<Port>,
+    tables: TablesReader<Arc<Tap>>,
     learned: LearnedReader,
     epoll: Arc<Epoll>,
     /// TAPs registered with epoll: (slot, TAP). Capacity reserved up front.
-    registered: Vec<(usize, Port)>,
+    registered: Vec<(usize, Arc<Tap>)>,
     registered_generation: u64,
     queues: Box<[SendQueue]>,
     bufs: Box<[Box<[u8]>]>,
@@ -311,7 +311,7 @@ impl TxLoop {
             shared.counters.tx.loop_allocations.store(allocations, Ordering::Relaxed);
             let tables = Arc::clone(self.tables.load());
             if tables.generation() != self.registered_generation {
-                self.sync_ports(&tables);
+                self.sync_taps(&tables);
             }
             let n = self.epoll.wait(&mut events, 1000).unwrap_or(0);
             let start = may_split.then(Instant::now);
@@ -329,7 +329,7 @@ impl TxLoop {
                             receive_rounds(&mut rx);
                         }
                     }
-                    slot => self.drain_port(&tables, slot as usize),
+                    slot => self.drain_tap(&tables, slot as usize),
                 }
             }
             let Some(start) = start else { continue };
@@ -351,28 +351,27 @@ impl TxLoop {
 
     /// Makes the epoll set match the tables' networks. Allocates nothing unless a network
     /// appeared beyond the reserved capacity.
-    fn sync_ports(&mut self, tables: &Tables<Port>) {
+    fn sync_taps(&mut self, tables: &Tables<Arc<Tap>>) {
         let epoll = &self.epoll;
         self.registered.retain(|(slot, tap)| {
-            let keep = tables.network(*slot).is_some_and(|n| Arc::ptr_eq(n.port(), tap));
+            let keep = tables.network(*slot).is_some_and(|n| Arc::ptr_eq(n.tap(), tap));
             if !keep {
                 let _ = epoll.delete(tap.as_raw_fd());
             }
             keep
         });
         for (slot, net) in tables.networks() {
-            if !self.registered.iter().any(|(s, _)| *s == slot)
-                && epoll.add(net.port().as_raw_fd(), slot as u64).is_ok()
+            if !self.registered.iter().any(|(s, _)| *s == slot) && epoll.add(net.tap().as_raw_fd(), slot as u64).is_ok()
             {
-                self.registered.push((slot, Arc::clone(net.port())));
+                self.registered.push((slot, Arc::clone(net.tap())));
             }
         }
         self.registered_generation = tables.generation();
     }
 
-    fn drain_port(&mut self, tables: &Tables<Port>, slot: usize) {
+    fn drain_tap(&mut self, tables: &Tables<Arc<Tap>>, slot: usize) {
         let Some(net) = tables.network(slot) else { return };
-        let tap = net.port();
+        let tap = net.tap();
         let vnet = tap.offloads().vnet_hdr;
         let read_at = if vnet { HEADROOM - VNET_HDR_LEN } else { HEADROOM };
         let learned = Arc::clone(self.learned.load());
