@@ -9,6 +9,7 @@
 //! one thread that runs both directions, held across wake-ups by the receive thread; handed
 //! over only when the loops split or join).
 
+mod batch;
 mod rx;
 mod sys;
 mod tap;

@@ -1,25 +1,18 @@
-//! The underlay → TAP hot loop: receive datagrams in batches, check and decapsulate, write the
-//! inner frames to their networks' TAPs from the receive buffers.
-//!
-//! With `UDP_GRO` on the socket, one received message holds a run of datagrams of one outer
-//! flow cut at a stride (the `UDP_GRO` control message); over veth, a peer's GSO send arrives
-//! here whole, never split into packets. Each datagram is checked by the switching core; then,
-//! on a TAP with offloads, consecutive TCP segments of one inner flow are joined into one
-//! super-frame ([`crate::offload::Coalescer`]) and written with one `writev`: the rewritten
-//! headers of the first segment, then every segment's payload where it lies. A connection has
-//! at most one such run pending, so its bytes reach the container in order. When a batch came
-//! back full, its pending runs wait for the next `recvmmsg` to extend them (that call receives
-//! into buffers no pending run holds); they are written as soon as the socket is found drained.
-//! Learning is published before anything of a message is delivered, so a container's answer
-//! never finds its sender unknown. Nothing is allocated per datagram.
+//! The underlay → TAP hot loop: receive datagrams in batches of `recvmmsg`, check and
+//! decapsulate them, and write the inner frames to their TAPs from the receive buffers,
+//! consecutive TCP segments joined into one super-frame. Nothing is allocated per datagram.
 
-use std::io;
-use std::os::fd::RawFd;
+// Raw pointers and system calls stay in `batch` and `sys`.
+#![forbid(unsafe_code)]
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::sys::{self, CmsgBuf, Epoll, SockAddr};
+use super::batch::{Gather, RecvBatch, RecvMeta};
+use super::sys::{self, Epoll};
 use super::threads::{JOIN_WINDOW, JoinMeter};
 use super::{HEADROOM, Shared, Tap, UNDERLAY};
 use crate::alloc_count;
@@ -37,8 +30,7 @@ pub(crate) const BATCH: usize = 32;
 const MIN_BATCH: usize = 4;
 /// Bytes one `recvmmsg` aims at: the next call asks for as many messages as the last call's
 /// average size fits in this (4 GRO runs of 64 KB, or [`BATCH`] single datagrams), so that a
-/// batch is still in the cache when it is checked, coalesced and written to the TAP
-/// (measured: fewer retransmits and up to 7 % less CPU per GB than 32 runs of 64 KB).
+/// batch is still in the cache when it is checked, coalesced and written to the TAP.
 const BATCH_BYTES: usize = 256 * 1024;
 /// Largest message: a GRO run of up to 64 datagrams, or one datagram of up to 64 KB.
 const MESSAGE_CAP: usize = 65_536;
@@ -51,19 +43,31 @@ const MAX_PIECES: usize = 256;
 /// How many TCP flows a batch coalesces at once.
 const FLOWS: usize = 8;
 
-/// A coalesced super-frame in the making: its network's slot, its first segment (buffer, offset
-/// and length in it), the pieces of its write, the buffers those point into, and the rest of
-/// its state.
+// A run's `holds` has a bit per receive buffer.
+const _: () = assert!(BATCH <= u32::BITS as usize);
+
+/// A coalesced super-frame in the making, written with one `writev`: the rewritten headers of
+/// its first segment, then every segment's payload where it lies. Its network's slot, its first
+/// segment (buffer, offset and length in it), where the further segments' payloads lie, the
+/// buffers it holds, and the rest of its state.
 struct PendingRun {
     slot: usize,
     coalescer: Coalescer,
     buf: usize,
-    /// Bit `b` set: a piece points into buffer `b`, which must not be refilled before the write.
+    /// Bit `b` set: a payload lies in buffer `b`, which must not be refilled before the write.
     holds: u32,
     start: usize,
     len: usize,
-    pieces: Box<[libc::iovec]>,
-    npieces: usize,
+    /// At most [`MAX_PIECES`] − 2 (the virtio-net header and the first segment come first).
+    payloads: Vec<Piece>,
+}
+
+/// Bytes `start..end` of receive buffer `buf`.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    buf: usize,
+    start: usize,
+    end: usize,
 }
 
 const NO_VNET_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
@@ -73,87 +77,54 @@ pub(crate) struct RxLoop {
     fd: RawFd,
     tables: TablesReader<Arc<Tap>>,
     learner: Learner,
-    msgs: Box<[libc::mmsghdr]>,
-    iovs: Box<[libc::iovec]>,
-    addrs: Box<[SockAddr]>,
-    cmsgs: Box<[CmsgBuf]>,
+    batch: RecvBatch,
+    /// The receive buffers; a datagram lies behind [`HEADROOM`] bytes.
     bufs: Box<[Box<[u8]>]>,
-    /// The buffer each message of the current batch is received into.
-    message_buf: [usize; BATCH],
     /// Verdicts of the datagrams of the message being handled.
     verdicts: Box<[Option<UnderlayVerdict>]>,
     /// The coalesced super-frames being built, one per TCP flow (up to [`FLOWS`]); each may
     /// take segments from several messages of a batch (a 64 KB TSO frame arrives as two GSO
     /// runs, and flows interleave).
     runs: Box<[Option<PendingRun>]>,
-    /// Piece arrays not in use by a run (allocated once, passed between runs).
-    spare: Vec<Box<[libc::iovec]>>,
+    /// Payload lists not in use by a run (allocated once, passed between runs).
+    spare: Vec<Vec<Piece>>,
+    /// The iovecs of a coalesced write.
+    gather: Gather,
     /// Where segments of an oversized frame are written when the TAP cannot take it whole.
     scratch: Box<[u8]>,
     /// Messages the next `recvmmsg` asks for (see [`BATCH_BYTES`]).
-    batch: usize,
+    asked: usize,
 }
-
-// SAFETY: the raw pointers in `msgs`, `iovs` and `pieces` point only into `addrs`, `cmsgs`,
-// `iovs` and `bufs`, heap allocations owned by this same struct that move with it; nothing else
-// refers to them, so handing the whole loop to another thread is sound.
-unsafe impl Send for RxLoop {}
 
 impl RxLoop {
     pub(crate) fn new(shared: Arc<Shared>, fd: RawFd) -> RxLoop {
         let cfg = &shared.config;
         let learner = Learner::new(Arc::clone(&shared.learned), cfg.max_learned, cfg.ageing_secs);
-        let bufs: Box<[Box<[u8]>]> = (0..BATCH).map(|_| vec![0u8; HEADROOM + MESSAGE_CAP].into_boxed_slice()).collect();
-        // Pointed at the buffers by `arm` before every receive.
-        let iovs: Box<[libc::iovec]> =
-            (0..BATCH).map(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }).collect();
         RxLoop {
             tables: shared.tables.reader(),
             learner,
             fd,
-            msgs: (0..BATCH).map(|_| sys::empty_mmsghdr()).collect(),
-            iovs,
-            addrs: (0..BATCH).map(|_| SockAddr::zeroed()).collect(),
-            cmsgs: (0..BATCH).map(|_| CmsgBuf::new()).collect(),
-            bufs,
-            message_buf: std::array::from_fn(|i| i),
+            batch: RecvBatch::new(BATCH),
+            bufs: (0..BATCH).map(|_| vec![0u8; HEADROOM + MESSAGE_CAP].into_boxed_slice()).collect(),
             verdicts: (0..MAX_RUN).map(|_| None).collect(),
             runs: (0..FLOWS).map(|_| None).collect(),
-            spare: (0..FLOWS)
-                .map(|_| (0..MAX_PIECES).map(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }).collect())
-                .collect(),
+            spare: (0..FLOWS).map(|_| Vec::with_capacity(MAX_PIECES - 2)).collect(),
+            gather: Gather::new(MAX_PIECES),
             scratch: vec![0u8; MESSAGE_CAP].into_boxed_slice(),
-            batch: BATCH,
+            asked: BATCH,
             shared,
         }
     }
 
-    /// Picks a buffer for each of the next batch's messages among those no pending run holds
-    /// (writing the pending runs first if too few are free), and points every header at its
-    /// buffer, address and control buffer again (the kernel overwrites lengths and flags).
-    fn arm(&mut self, tables: &Tables<Arc<Tap>>, c: &Counters) {
-        let mut held = self.held();
-        if (BATCH as u32 - held.count_ones()) < self.batch as u32 {
+    /// The buffers the next batch may be received into: those no pending run holds (after
+    /// writing the pending runs, if too few are free).
+    fn free_bufs(&mut self, tables: &Tables<Arc<Tap>>, c: &Counters) -> u32 {
+        let held = self.held();
+        if (BATCH as u32 - held.count_ones()) < self.asked as u32 {
             self.flush(tables, c);
-            held = 0;
+            return u32::MAX;
         }
-        let free = (0..BATCH).filter(|b| held & (1 << b) == 0);
-        for (m, b) in self.message_buf.iter_mut().take(self.batch).zip(free) {
-            *m = b;
-        }
-        for (i, m) in self.msgs.iter_mut().enumerate().take(self.batch) {
-            let buf = &mut self.bufs[self.message_buf[i]];
-            self.iovs[i] = libc::iovec { iov_base: buf[HEADROOM..].as_mut_ptr().cast(), iov_len: MESSAGE_CAP };
-            let h = &mut m.msg_hdr;
-            h.msg_name = (&raw mut self.addrs[i]).cast();
-            h.msg_namelen = SockAddr::CAPACITY;
-            h.msg_iov = &raw mut self.iovs[i];
-            h.msg_iovlen = 1;
-            h.msg_control = self.cmsgs[i].as_mut_ptr();
-            h.msg_controllen = CmsgBuf::CAPACITY as _;
-            h.msg_flags = 0;
-            m.msg_len = 0;
-        }
+        !held
     }
 
     /// The receive thread: runs the receive loop whenever the loops are split, until the
@@ -206,20 +177,21 @@ impl RxLoop {
     }
 
     /// One `recvmmsg` of up to [`BATCH`] messages, handled and delivered. Returns false when
-    /// nothing was waiting: then everything is written and what was learned is published. A
-    /// full batch may leave coalesced super-frames pending for the next call to extend (their
-    /// buffers are not refilled meanwhile); call [`RxLoop::finish`] before sleeping.
+    /// nothing was waiting: then everything is written and what was learned is published.
+    ///
+    /// With `UDP_GRO`, a message holds a run of datagrams of one outer flow (over veth, a
+    /// peer's GSO send arrives whole). When a batch came back full, its pending coalesced
+    /// super-frames wait for the next call to extend them (their buffers are not refilled
+    /// meanwhile); they are written as soon as the socket is found drained. Call
+    /// [`RxLoop::finish`] before sleeping.
     pub(crate) fn receive(&mut self) -> bool {
         let shared = Arc::clone(&self.shared);
         let c = &shared.counters;
         let tables = Arc::clone(self.tables.load());
-        self.arm(&tables, c);
-        let asked = self.batch;
-        // SAFETY: `arm` pointed the first `asked` headers at this loop's boxed iovecs (each
-        // covering MESSAGE_CAP bytes of its own buffer, none of which a pending run holds),
-        // addresses and control buffers, none of which move or are otherwise borrowed
-        // during the call.
-        let n = match unsafe { sys::recvmmsg_nowait(self.fd, &mut self.msgs[..asked]) } {
+        let free = self.free_bufs(&tables, c);
+        let asked = self.asked;
+        let received = self.batch.recv(self.fd, &mut self.bufs, HEADROOM, asked, |b| free & (1 << b) != 0);
+        let n = match received {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.flush(&tables, c);
@@ -229,11 +201,12 @@ impl RxLoop {
             Err(_) => return true, // EINTR, or an ICMP error queued on the socket: try again
         };
         bump(&c.rx.recv_calls, 1);
-        let bytes: usize = self.msgs[..n].iter().map(|m| m.msg_len as usize).sum();
-        self.batch = (BATCH_BYTES * n / bytes.max(1)).clamp(MIN_BATCH, BATCH);
+        let bytes: usize = (0..n).map(|i| self.batch.len_of(i)).sum();
+        self.asked = (BATCH_BYTES * n / bytes.max(1)).clamp(MIN_BATCH, BATCH);
         let now = shared.now_secs();
         for i in 0..n {
-            self.message(&tables, i, now, c);
+            let meta = self.batch.meta(i);
+            self.message(&tables, meta, now, c);
         }
         if n < asked {
             // The socket was drained: nothing is coming right away to extend a pending run.
@@ -255,21 +228,20 @@ impl RxLoop {
         self.runs.iter().flatten().fold(0, |m, r| m | r.holds)
     }
 
-    /// Handles message `i`: one datagram, or a GRO run of them.
-    fn message(&mut self, tables: &Tables<Arc<Tap>>, i: usize, now: u64, c: &Counters) {
-        let m = &self.msgs[i];
-        let len = m.msg_len as usize;
-        if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+    /// Handles a received message: one datagram, or a GRO run of them cut at a stride. Each
+    /// datagram is checked by the switching core, and what they taught is published before
+    /// anything is delivered, so a container's answer never finds its sender unknown.
+    fn message(&mut self, tables: &Tables<Arc<Tap>>, m: RecvMeta, now: u64, c: &Counters) {
+        let len = m.len;
+        if m.truncated {
             bump(&c.rx.datagrams, 1);
             c.dropped(DropReason::Oversized);
             return;
         }
-        // SAFETY: the kernel wrote this message's control data, bounded by msg_controllen.
-        let gro = unsafe { sys::udp_gro_size(&m.msg_hdr) };
-        let Some(src) = self.addrs[i].ip() else { return };
-        let b = self.message_buf[i];
+        let Some(src) = m.source else { return };
+        let b = m.buf;
         let buf = &mut self.bufs[b][HEADROOM..HEADROOM + len];
-        let stride = match gro {
+        let stride = match m.gro_size {
             Some(s) if s < len && is_run(buf, s) => s,
             _ => len.max(1), // an empty datagram is one (truncated) datagram
         };
@@ -312,7 +284,8 @@ impl RxLoop {
         }
     }
 
-    /// Adds a TCP segment to its flow's pending super-frame, or starts one.
+    /// Adds a TCP segment to its flow's pending super-frame ([`Coalescer`]), or starts one. A
+    /// connection has at most one pending run, so its bytes reach the container in order.
     #[allow(clippy::too_many_arguments)]
     fn coalesce(
         &mut self,
@@ -332,9 +305,9 @@ impl RxLoop {
                 continue;
             }
             let first = &self.bufs[r.buf][HEADROOM + r.start..HEADROOM + r.start + r.len];
-            if r.npieces < MAX_PIECES && r.coalescer.try_push(first, frame, &seg) {
-                r.pieces[r.npieces] = piece(&frame[seg.payload_offset()..]);
-                r.npieces += 1;
+            if r.payloads.len() < MAX_PIECES - 2 && r.coalescer.try_push(first, frame, &seg) {
+                let payload_start = HEADROOM + start + seg.payload_offset();
+                r.payloads.push(Piece { buf, start: payload_start, end: HEADROOM + end });
                 r.holds |= 1 << buf;
                 return;
             }
@@ -347,7 +320,7 @@ impl RxLoop {
         // kept); a new connection takes a free place, or the first run goes out to make room.
         let i = same_conn.or_else(|| self.runs.iter().position(Option::is_none)).unwrap_or(0);
         self.flush_run(tables, c, i);
-        let pieces = self.spare.pop().expect("a piece array per run");
+        let payloads = self.spare.pop().expect("a payload list per run");
         self.runs[i] = Some(PendingRun {
             slot,
             coalescer: Coalescer::new(seg),
@@ -355,8 +328,7 @@ impl RxLoop {
             holds: 1 << buf,
             start,
             len: end - start,
-            pieces,
-            npieces: 2,
+            payloads,
         });
     }
 
@@ -371,11 +343,12 @@ impl RxLoop {
     fn flush_run(&mut self, tables: &Tables<Arc<Tap>>, c: &Counters, i: usize) {
         let Some(mut r) = self.runs[i].take() else { return };
         if let Some(net) = tables.network(r.slot) {
-            let first = &mut self.bufs[r.buf][HEADROOM + r.start..HEADROOM + r.start + r.len];
-            let hdr = r.coalescer.finish(first).to_bytes();
-            r.pieces[0] = piece(&hdr);
-            r.pieces[1] = piece(first);
-            match net.tap().writev(&r.pieces[..r.npieces]) {
+            let first = HEADROOM + r.start..HEADROOM + r.start + r.len;
+            let hdr = r.coalescer.finish(&mut self.bufs[r.buf][first.clone()]).to_bytes();
+            let bufs = &self.bufs;
+            let payloads = r.payloads.iter().map(|p| &bufs[p.buf][p.start..p.end]);
+            let pieces = [&hdr[..], &bufs[r.buf][first]].into_iter().chain(payloads);
+            match self.gather.writev(net.tap().as_raw_fd(), pieces) {
                 Ok(_) => {
                     bump(&c.rx.delivered, r.coalescer.count() as u64);
                     if r.coalescer.count() > 1 {
@@ -385,7 +358,8 @@ impl RxLoop {
                 Err(_) => c.dropped(DropReason::TapWriteFailed),
             }
         }
-        self.spare.push(r.pieces);
+        r.payloads.clear();
+        self.spare.push(r.payloads);
     }
 }
 
@@ -405,15 +379,14 @@ fn is_run(buf: &[u8], stride: usize) -> bool {
     }
 }
 
-fn piece(b: &[u8]) -> libc::iovec {
-    // The kernel only reads through this pointer.
-    libc::iovec { iov_base: b.as_ptr().cast_mut().cast(), iov_len: b.len() }
-}
-
 /// Writes one frame as it is.
 #[inline]
 fn write_frame(tap: &Tap, frame: &[u8], c: &Counters) {
-    let r = if tap.offloads().vnet_hdr { tap.writev(&[piece(&NO_VNET_HDR), piece(frame)]) } else { tap.write(frame) };
+    let r = if tap.offloads().vnet_hdr {
+        tap.writev(&[IoSlice::new(&NO_VNET_HDR), IoSlice::new(frame)])
+    } else {
+        tap.write(frame)
+    };
     match r {
         Ok(_) => bump(&c.rx.delivered, 1),
         Err(_) => c.dropped(DropReason::TapWriteFailed),
@@ -427,7 +400,7 @@ fn deliver_oversized(tap: &Tap, frame: &mut [u8], mss: usize, scratch: &mut [u8]
     let o = tap.offloads();
     if o.vnet_hdr {
         if let Some(hdr) = offload::gso_for_oversized(frame, mss, o.uso) {
-            match tap.writev(&[piece(&hdr.to_bytes()), piece(frame)]) {
+            match tap.writev(&[IoSlice::new(&hdr.to_bytes()), IoSlice::new(frame)]) {
                 Ok(_) => bump(&c.rx.delivered, 1),
                 Err(_) => c.dropped(DropReason::TapWriteFailed),
             }

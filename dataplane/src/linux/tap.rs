@@ -3,7 +3,7 @@
 //! so a crashed agent leaves no TAP behind.
 
 use std::ffi::CStr;
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use super::sys;
@@ -94,7 +94,7 @@ impl Tap {
 
     /// Writes one frame from several pieces (virtio-net header first, if offloading).
     #[inline]
-    pub fn writev(&self, pieces: &[libc::iovec]) -> io::Result<usize> {
+    pub fn writev(&self, pieces: &[IoSlice<'_>]) -> io::Result<usize> {
         sys::writev(self.fd.as_raw_fd(), pieces)
     }
 

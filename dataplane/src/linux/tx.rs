@@ -1,32 +1,25 @@
-//! The TAP → underlay hot loop: read frames from the TAPs, decide, encapsulate, send in batches.
-//!
-//! A frame is read behind [`HEADROOM`] bytes so that the VXLAN header is written in front of it
-//! in place. With TAP offloads the kernel hands over TCP/UDP super-frames of up to 64 KB; each
-//! is cut without copying its payload: only the headers of every segment (VXLAN, Ethernet, IP,
-//! TCP, with checksums computed over the payload where it lies) are written, into a per-frame
-//! header arena, and the datagrams are described by iovecs alternating header and payload. The
-//! whole run goes to the kernel as one `sendmsg` with `UDP_SEGMENT` (UDP GSO), so one system
-//! call and one pass through the UDP stack carry up to 64 datagrams; a run whose last segment
-//! is full is continued by the next super-frame to the same VTEP, so a stream of 64 KB
-//! super-frames leaves as runs of 64 KB, not as a long and a short run per super-frame.
-//! Everything of a batch — plain datagrams, GSO runs, copies for each flood-list member —
-//! leaves in one `sendmmsg` per source-port socket. A batch stops at [`BATCH_BYTES`], so
-//! that what was read is still in the cache when it is cut and sent. Nothing is allocated per
-//! frame.
+//! The TAP → underlay hot loop: read frames from the TAPs, decide, encapsulate them in place
+//! and send them in batches of `sendmmsg`, a super-frame cut into GSO runs without copying its
+//! payload. Nothing is allocated per frame.
+
+// Raw pointers and system calls stay in `batch` and `sys`.
+#![forbid(unsafe_code)]
 
 use std::io;
 use std::net::IpAddr;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use super::batch::{SegmentArena, SendBatch};
 use super::rx::RxLoop;
-use super::sys::{self, CmsgBuf, Epoll, SockAddr};
+use super::sys::Epoll;
 use super::threads::SplitMeter;
 use super::{HEADROOM, Shared, Tap, UNDERLAY, WAKE};
 use crate::alloc_count;
-use crate::counters::{Counters, DropReason, bump};
+use crate::counters::{DropReason, bump};
 use crate::learn::LearnedReader;
 use crate::offload::{self, TxShape, VNET_HDR_LEN, VirtioNetHdr};
 use crate::segment::SuperFrame;
@@ -40,15 +33,14 @@ use crate::wire::vxlan;
 pub(crate) const BATCH: usize = 64;
 /// Bytes read from one TAP before their datagrams are sent: four 64 KB super-frames. Reading
 /// a whole [`BATCH`] of super-frames (4 MB) first would push them out of a core's L2 cache
-/// before the checksums and the kernel's copy in `sendmsg` read them again (measured: up to
-/// 7 % less CPU per GB with this bound, and fewer retransmits).
+/// before the checksums and the kernel's copy in `sendmsg` read them again.
 const BATCH_BYTES: usize = 256 * 1024;
 /// Rounds of [`BATCH`] frames taken from one TAP before looking at the others.
 const ROUNDS_PER_WAKEUP: usize = 8;
 /// Messages per `sendmmsg` call (a flood to many VTEPs may need several calls).
 const MMSG_CAP: usize = 512;
 /// Largest frame read from a TAP (a 64 KB super-frame and its Ethernet header).
-pub(crate) const FRAME_CAP: usize = 65_536 + 64;
+const FRAME_CAP: usize = 65_536 + 64;
 /// Largest UDP payload on IPv4 (65535 − 20 − 8), for one datagram or one GSO run.
 const MAX_UDP_PAYLOAD: usize = 65_507;
 /// The kernel's limit of segments per GSO send (`UDP_MAX_SEGMENTS`).
@@ -62,136 +54,93 @@ const ARENA_SEGMENTS: usize = 1024;
 /// with options, TCP with options.
 const SEG_HDR_CAP: usize = 160;
 
-/// Datagrams waiting for one socket's `sendmmsg`.
+/// The datagrams of a batch for one source-port socket: plain datagrams, GSO runs and copies
+/// for each flood-list member leave in one `sendmmsg` (more if there are more than
+/// [`MMSG_CAP`]).
 struct SendQueue {
     fd: RawFd,
-    len: usize,
-    msgs: Box<[libc::mmsghdr]>,
-    /// One iovec per message for datagrams in a single piece.
-    iovs: Box<[libc::iovec]>,
-    addrs: Box<[SockAddr]>,
-    cmsgs: Box<[CmsgBuf]>,
+    batch: SendBatch,
     /// The last message queued, when it is a run of segments that the next ones may continue.
     open: Option<OpenRun>,
 }
 
 /// A run of equal segments at the end of a send queue that may still grow: its last segment
-/// is full-sized and its iovecs end at `iov_end` in the header arena.
+/// is full-sized, and it ends at segment `end` of the arena.
 #[derive(Clone, Copy)]
 struct OpenRun {
     dst: IpAddr,
     seg_size: usize,
     segments: usize,
-    iov_end: *const libc::iovec,
+    end: usize,
 }
 
 impl SendQueue {
     fn new(fd: RawFd) -> SendQueue {
-        SendQueue {
-            fd,
-            len: 0,
-            msgs: (0..MMSG_CAP).map(|_| sys::empty_mmsghdr()).collect(),
-            iovs: (0..MMSG_CAP).map(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }).collect(),
-            addrs: (0..MMSG_CAP).map(|_| SockAddr::zeroed()).collect(),
-            cmsgs: (0..MMSG_CAP).map(|_| CmsgBuf::new()).collect(),
-            open: None,
-        }
+        SendQueue { fd, batch: SendBatch::new(MMSG_CAP), open: None }
     }
 
-    fn is_full(&self) -> bool {
-        self.len == MMSG_CAP
-    }
-
-    /// Queues a datagram in one piece. `data` must stay valid until the next `flush`.
+    /// Queues bytes `range` of frame buffer `frame` as one datagram.
     #[inline]
-    fn push(&mut self, data: *mut u8, len: usize, dst: IpAddr, port: u16) {
-        let i = self.len;
-        self.iovs[i] = libc::iovec { iov_base: data.cast(), iov_len: len };
-        let iov = &raw mut self.iovs[i];
-        self.push_iovecs(iov, 1, dst, port, 0);
-    }
-
-    /// Queues a message made of `iovlen` iovecs at `iov`; with `gso_size > 0` it is a GSO run
-    /// of datagrams of that size. The iovecs and what they point at must stay valid until the
-    /// next `flush`.
-    #[inline]
-    fn push_iovecs(&mut self, iov: *mut libc::iovec, iovlen: usize, dst: IpAddr, port: u16, gso_size: u16) {
-        let i = self.len;
+    fn push_datagram(&mut self, frame: usize, range: Range<usize>, dst: IpAddr, port: u16) {
         self.open = None;
-        let addr_len = self.addrs[i].set(dst, port);
-        let h = &mut self.msgs[i].msg_hdr;
-        h.msg_name = (&raw mut self.addrs[i]).cast();
-        h.msg_namelen = addr_len;
-        h.msg_iov = iov;
-        h.msg_iovlen = iovlen as _;
-        if gso_size > 0 {
-            let n = self.cmsgs[i].set_udp_segment(gso_size);
-            h.msg_control = self.cmsgs[i].as_mut_ptr();
-            h.msg_controllen = n as _;
-        } else {
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
-        }
-        self.len += 1;
+        self.batch.push_datagram(frame, range, dst, port);
     }
 
-    /// Continues the open run with `segments` more segments whose iovecs follow its own in the
-    /// arena; the caller checked [`SendQueue::open_for`].
-    /// Returns whether the message became a GSO run only now.
-    fn extend_open(&mut self, segments: usize, full_last: bool, max_run: usize) -> bool {
-        let Some(mut open) = self.open.take() else { return false };
-        let i = self.len - 1;
+    /// Queues `segments` of the arena as one message; with `gso_size > 0` it is a GSO run of
+    /// datagrams of that size.
+    #[inline]
+    fn push_segments(&mut self, segments: Range<usize>, dst: IpAddr, port: u16, gso_size: u16) {
+        self.open = None;
+        self.batch.push_segments(segments, dst, port, gso_size);
+    }
+
+    /// Continues the open run with the `segments` that follow it in the arena; the caller
+    /// checked [`SendQueue::open_for`]. Returns whether the message became a GSO run only now,
+    /// or `None` if nothing was continued.
+    fn extend_open(&mut self, segments: usize, full_last: bool, max_run: usize) -> Option<bool> {
+        let mut open = self.open.take()?;
+        // A run of one went as a plain datagram so far; it needs UDP_SEGMENT now.
+        let became_gso = self.batch.extend_last(segments, open.seg_size as u16)?;
         open.segments += segments;
-        // SAFETY: the caller checked that these iovecs lie in the arena right after the run's.
-        open.iov_end = unsafe { open.iov_end.add(2 * segments) };
-        let h = &mut self.msgs[i].msg_hdr;
-        h.msg_iovlen += 2 * segments as libc::size_t;
-        let became_gso = h.msg_control.is_null();
-        if became_gso {
-            // A run of one went as a plain datagram so far; it needs UDP_SEGMENT now.
-            let n = self.cmsgs[i].set_udp_segment(open.seg_size as u16);
-            h.msg_control = self.cmsgs[i].as_mut_ptr();
-            h.msg_controllen = n as _;
-        }
+        open.end += segments;
         if full_last && open.segments < max_run {
             self.open = Some(open);
         }
-        became_gso
+        Some(became_gso)
     }
 
     /// How many segments the open run can still take, if it goes to `dst` in datagrams of
-    /// `seg_size` and its iovecs end at `iov`.
-    fn open_for(&self, dst: IpAddr, seg_size: usize, iov: *const libc::iovec, max_run: usize) -> usize {
+    /// `seg_size` and ends where arena segment `next` begins.
+    fn open_for(&self, dst: IpAddr, seg_size: usize, next: usize, max_run: usize) -> usize {
         match self.open {
-            Some(o) if o.dst == dst && o.seg_size == seg_size && std::ptr::eq(o.iov_end, iov) => max_run - o.segments,
+            Some(o) if o.dst == dst && o.seg_size == seg_size && o.end == next => max_run - o.segments,
             _ => 0,
         }
     }
 
-    fn flush(&mut self, shared: &Shared) {
+    /// Sends everything queued, its bytes read from `frames` and `arena`.
+    fn flush(&mut self, shared: &Shared, frames: &[Box<[u8]>], arena: &mut SegmentArena) {
         self.open = None;
         let c = &shared.counters;
         let mut sent = 0;
-        while sent < self.len {
-            // SAFETY: headers 0..len were filled by `push_iovecs`, pointing at this queue's
-            // boxed addresses and control buffers and at iovecs and buffers that the loop
-            // leaves untouched until this flush returns.
-            match unsafe { sys::sendmmsg(self.fd, &mut self.msgs[sent..self.len]) } {
+        while sent < self.batch.len() {
+            match self.batch.send(self.fd, sent, frames, arena) {
                 Ok(n) => {
                     sent += n.max(1);
                     bump(&c.tx.send_calls, 1);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
+                Err(_) => {
                     // The first unsent message is the one the kernel refused.
-                    let m = self.msgs[sent].msg_hdr;
-                    if !m.msg_control.is_null() {
+                    if self.batch.is_gso(sent) {
                         // UDP GSO refused (EIO without checksum offload on the route, EINVAL,
                         // EMSGSIZE …): stop using it and send this run datagram by datagram.
                         if shared.gso_ok.swap(false, Ordering::Relaxed) {
                             bump(&c.tx.gso_disabled, 1);
                         }
-                        resend_without_gso(self.fd, &m, c, &e);
+                        for _ in 0..self.batch.send_each_segment(self.fd, sent, frames, arena) {
+                            c.dropped(DropReason::SendFailed);
+                        }
                     } else {
                         c.dropped(DropReason::SendFailed);
                     }
@@ -199,48 +148,7 @@ impl SendQueue {
                 }
             }
         }
-        self.len = 0;
-    }
-}
-
-/// Sends a refused GSO run as separate datagrams: its iovecs alternate header and payload.
-#[cold]
-fn resend_without_gso(fd: RawFd, m: &libc::msghdr, c: &Counters, _why: &io::Error) {
-    #[allow(clippy::unnecessary_cast)] // msg_iovlen is not usize on every libc
-    let iovlen = m.msg_iovlen as usize;
-    for pair in (0..iovlen).step_by(2) {
-        let mut one = *m;
-        // SAFETY: `pair` and `pair + 1` are within the message's iovec array (runs always have
-        // an even count), which the caller keeps alive.
-        one.msg_iov = unsafe { m.msg_iov.add(pair) };
-        one.msg_iovlen = 2.min(iovlen - pair) as _;
-        one.msg_control = std::ptr::null_mut();
-        one.msg_controllen = 0;
-        let mut mm = sys::empty_mmsghdr();
-        mm.msg_hdr = one;
-        // SAFETY: as for the GSO message: name, iovecs and buffers are live for the call.
-        if unsafe { sys::sendmmsg(fd, std::slice::from_mut(&mut mm)) }.is_err() {
-            c.dropped(DropReason::SendFailed);
-        }
-    }
-}
-
-/// Where the segments of a batch's super-frames are described, one after the other: their
-/// headers and the iovecs (header, payload) of each, so that a run may span super-frames.
-struct SegmentArena {
-    headers: Box<[u8]>,
-    iovs: Box<[libc::iovec]>,
-    /// Segments in use since the last reset.
-    used: usize,
-}
-
-impl SegmentArena {
-    fn new() -> SegmentArena {
-        SegmentArena {
-            headers: vec![0u8; ARENA_SEGMENTS * SEG_HDR_CAP].into_boxed_slice(),
-            iovs: (0..2 * ARENA_SEGMENTS).map(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }).collect(),
-            used: 0,
-        }
+        self.batch.clear();
     }
 }
 
@@ -253,15 +161,12 @@ pub(crate) struct TxLoop {
     registered: Vec<(usize, Arc<Tap>)>,
     registered_generation: u64,
     queues: Box<[SendQueue]>,
+    /// A frame per buffer, read behind [`HEADROOM`] bytes so that the VXLAN header is written
+    /// in front of it in place.
     bufs: Box<[Box<[u8]>]>,
     arena: SegmentArena,
     reply: [u8; VNET_HDR_LEN + arp::MAX_REPLY_LEN],
 }
-
-// SAFETY: the raw pointers in the send queues and arenas point only into boxed arrays owned by
-// this same struct (queues, arenas, `bufs`); they are rewritten before each use, and nothing
-// else refers to them, so handing the whole loop to another thread is sound.
-unsafe impl Send for TxLoop {}
 
 impl TxLoop {
     pub(crate) fn new(shared: Arc<Shared>, tx_fds: &[RawFd]) -> io::Result<TxLoop> {
@@ -275,7 +180,7 @@ impl TxLoop {
             registered_generation: u64::MAX,
             queues: tx_fds.iter().map(|&fd| SendQueue::new(fd)).collect(),
             bufs: (0..BATCH).map(|_| vec![0u8; HEADROOM + FRAME_CAP].into_boxed_slice()).collect(),
-            arena: SegmentArena::new(),
+            arena: SegmentArena::new(ARENA_SEGMENTS, SEG_HDR_CAP),
             reply: [0; VNET_HDR_LEN + arp::MAX_REPLY_LEN],
             shared,
         })
@@ -400,7 +305,7 @@ impl TxLoop {
                     }
                 }
             }
-            self.arena.used = 0;
+            self.arena.clear();
             for (i, &len) in lens.iter().enumerate().take(count) {
                 bump(&c.tx.frames, 1);
                 bump(&c.tx.bytes, len as u64);
@@ -428,11 +333,7 @@ impl TxLoop {
                     TapVerdict::ArpReply(n) => {
                         reply_hdr.fill(0);
                         let start = if vnet { 0 } else { VNET_HDR_LEN };
-                        let piece = libc::iovec {
-                            iov_base: self.reply[start..].as_mut_ptr().cast(),
-                            iov_len: VNET_HDR_LEN + n - start,
-                        };
-                        if tap.writev(std::slice::from_ref(&piece)).is_err() {
+                        if tap.write(&self.reply[start..VNET_HDR_LEN + n]).is_err() {
                             c.dropped(DropReason::ArpReplyFailed);
                         }
                         continue;
@@ -443,7 +344,7 @@ impl TxLoop {
                     }
                     TapVerdict::Flood(list) => list,
                 };
-                let queue = &mut self.queues[port_index(flow_hash(frame), self.queues.len())];
+                let q = port_index(flow_hash(frame), self.queues.len());
                 match shape {
                     TxShape::Whole => {
                         if len + vxlan::HEADER_LEN > MAX_UDP_PAYLOAD {
@@ -453,34 +354,36 @@ impl TxLoop {
                         let header: &mut [u8; vxlan::HEADER_LEN] =
                             (&mut buf[HEADROOM - vxlan::HEADER_LEN..HEADROOM]).try_into().expect("8 bytes");
                         vxlan::write_header(header, net.vni());
-                        let datagram = buf[HEADROOM - vxlan::HEADER_LEN..].as_mut_ptr();
+                        let datagram = HEADROOM - vxlan::HEADER_LEN..HEADROOM + len;
+                        let queue = &mut self.queues[q];
                         for &dst in dsts {
-                            if queue.is_full() {
-                                queue.flush(&shared);
+                            if queue.batch.is_full() {
+                                queue.flush(&shared, &self.bufs, &mut self.arena);
                             }
-                            queue.push(datagram, len + vxlan::HEADER_LEN, dst, udp_port);
+                            queue.push_datagram(i, datagram.clone(), dst, udp_port);
                             bump(&c.tx.datagrams, 1);
                         }
                     }
                     TxShape::Segment { mss } => {
-                        let frame = &buf[HEADROOM..HEADROOM + len];
-                        let arena = &mut self.arena;
-                        if arena.used + MAX_SEGMENTS > ARENA_SEGMENTS {
-                            // Everything queued points into the arena: send it, then reuse it.
-                            flush_all(&mut self.queues, &shared);
-                            arena.used = 0;
+                        if self.arena.room() < MAX_SEGMENTS {
+                            // Everything queued may name segments of the arena: send it, then
+                            // reuse the arena.
+                            flush_all(&mut self.queues, &shared, &self.bufs, &mut self.arena);
+                            self.arena.clear();
                         }
-                        let queue = &mut self.queues[port_index(flow_hash(frame), self.queues.len())];
-                        let Some(cut) = cut(frame, mss, net.vni(), arena) else {
+                        let Some(cut) =
+                            cut(&self.bufs[i][HEADROOM..HEADROOM + len], i, mss, net.vni(), &mut self.arena)
+                        else {
                             c.dropped(DropReason::UnsupportedOffload);
                             continue;
                         };
                         bump(&c.tx.segmented, 1);
-                        send_segments(queue, &shared, arena, cut, dsts, udp_port, gso);
+                        let queue = &mut self.queues[q];
+                        send_segments(queue, &shared, &self.bufs, &mut self.arena, cut, dsts, udp_port, gso);
                     }
                 }
             }
-            flush_all(&mut self.queues, &shared);
+            flush_all(&mut self.queues, &shared, &self.bufs, &mut self.arena);
             if drained {
                 break;
             }
@@ -500,9 +403,9 @@ fn receive_rounds(rx: &mut RxLoop) {
 }
 
 /// Sends what every queue holds.
-fn flush_all(queues: &mut [SendQueue], shared: &Shared) {
-    for q in queues.iter_mut().filter(|q| q.len > 0) {
-        q.flush(shared);
+fn flush_all(queues: &mut [SendQueue], shared: &Shared, frames: &[Box<[u8]>], arena: &mut SegmentArena) {
+    for q in queues.iter_mut().filter(|q| q.batch.len() > 0) {
+        q.flush(shared, frames, arena);
     }
 }
 
@@ -518,39 +421,42 @@ struct Cut {
     full_last: bool,
 }
 
-/// Cuts a super-frame into `arena` after the segments already there: VXLAN + segment headers
-/// in the header arena, iovecs alternating those headers and the payload where it lies.
-/// `None` if the frame cannot be cut here. The caller made room for [`MAX_SEGMENTS`].
-fn cut(frame: &[u8], mss: usize, vni: crate::Vni, arena: &mut SegmentArena) -> Option<Cut> {
+/// Cuts `frame`, a super-frame read into buffer `buf` (behind [`HEADROOM`] bytes), into
+/// `arena` after the segments already there, without copying its payload: only the headers of
+/// every segment (VXLAN, Ethernet, IP, TCP or UDP, with checksums computed over the payload
+/// where it lies) are written, and each segment's datagram is that header followed by its
+/// payload in `buf`. `None` if the frame cannot be cut here. The caller made room for
+/// [`MAX_SEGMENTS`].
+fn cut(frame: &[u8], buf: usize, mss: usize, vni: crate::Vni, arena: &mut SegmentArena) -> Option<Cut> {
     let sf = SuperFrame::parse(frame).ok()?;
     let n = sf.segment_count(mss);
     let hdr_len = vxlan::HEADER_LEN + sf.header_len();
-    if n > MAX_SEGMENTS || hdr_len > SEG_HDR_CAP || hdr_len + mss > MAX_UDP_PAYLOAD {
+    if n > MAX_SEGMENTS || hdr_len > SEG_HDR_CAP || hdr_len + mss > MAX_UDP_PAYLOAD || arena.room() < n {
         return None;
     }
-    let first = arena.used;
+    let first = arena.len();
     let mut full_last = false;
     for s in 0..n {
-        let a = first + s;
-        let h = &mut arena.headers[a * SEG_HDR_CAP..a * SEG_HDR_CAP + hdr_len];
+        let payload = sf.segment_payload(s, mss);
+        full_last = payload.len() == mss;
+        let h = arena.push(buf, HEADROOM + payload.start..HEADROOM + payload.end, hdr_len)?;
         let (vx, rest) = h.split_at_mut(vxlan::HEADER_LEN);
         vxlan::write_header(vx.try_into().expect("8 bytes"), vni);
-        let payload = sf.write_segment_headers(s, mss, rest);
-        full_last = payload.len() == mss;
-        arena.iovs[2 * a] = libc::iovec { iov_base: h.as_mut_ptr().cast(), iov_len: hdr_len };
-        // The kernel only reads through this pointer.
-        arena.iovs[2 * a + 1] =
-            libc::iovec { iov_base: frame[payload.clone()].as_ptr().cast_mut().cast(), iov_len: payload.len() };
+        sf.write_segment_headers(s, mss, rest);
     }
-    arena.used += n;
     Some(Cut { first, segments: n, seg_size: hdr_len + mss, full_last })
 }
 
-/// Queues the segments of `cut` to every destination: as GSO runs when allowed (a unicast
-/// super-frame first continues the run its queue left open), else one datagram per segment.
+/// Queues the segments of `cut` to every destination: as GSO runs when allowed, so that one
+/// system call and one pass through the UDP stack carry up to [`MAX_GSO_SEGMENTS`] datagrams,
+/// else one datagram per segment. A unicast super-frame first continues the run its queue left
+/// open (one whose last segment was full), so a stream of 64 KB super-frames leaves as runs of
+/// 64 KB, not as a long and a short run per super-frame.
+#[allow(clippy::too_many_arguments)]
 fn send_segments(
     queue: &mut SendQueue,
     shared: &Shared,
+    frames: &[Box<[u8]>],
     arena: &mut SegmentArena,
     cut: Cut,
     dsts: &[IpAddr],
@@ -562,25 +468,28 @@ fn send_segments(
     let per_run = if gso { MAX_GSO_SEGMENTS.min(MAX_UDP_PAYLOAD / seg_size).max(1) } else { 1 };
     let mut first = 0;
     if let [dst] = dsts {
-        let room = queue.open_for(*dst, seg_size, &raw const arena.iovs[2 * base], per_run);
+        let room = queue.open_for(*dst, seg_size, base, per_run);
         if room > 0 {
-            first = room.min(segments);
-            if queue.extend_open(first, full_last || first < segments, per_run) {
-                bump(&c.tx.gso_sends, 1);
+            let taken = room.min(segments);
+            if let Some(became_gso) = queue.extend_open(taken, full_last || taken < segments, per_run) {
+                first = taken;
+                if became_gso {
+                    bump(&c.tx.gso_sends, 1);
+                }
+                bump(&c.tx.datagrams, first as u64);
             }
-            bump(&c.tx.datagrams, first as u64);
         }
     }
     while first < segments {
         let run = per_run.min(segments - first);
-        let iov = &raw mut arena.iovs[2 * (base + first)];
+        let run_segments = base + first..base + first + run;
         for &dst in dsts {
-            if queue.is_full() {
-                queue.flush(shared);
+            if queue.batch.is_full() {
+                queue.flush(shared, frames, arena);
             }
             // A run of one is sent as a plain datagram (no GSO needed).
             let gso_size = if run > 1 { seg_size as u16 } else { 0 };
-            queue.push_iovecs(iov, 2 * run, dst, port, gso_size);
+            queue.push_segments(run_segments.clone(), dst, port, gso_size);
             bump(&c.tx.datagrams, run as u64);
             if run > 1 {
                 bump(&c.tx.gso_sends, 1);
@@ -589,13 +498,7 @@ fn send_segments(
         first += run;
         let ends_full = full_last || first < segments;
         if gso && dsts.len() == 1 && ends_full && run < per_run {
-            queue.open = Some(OpenRun {
-                dst: dsts[0],
-                seg_size,
-                segments: run,
-                // One past this run's iovecs (at most one past the arena's end).
-                iov_end: iov.wrapping_add(2 * run),
-            });
+            queue.open = Some(OpenRun { dst: dsts[0], seg_size, segments: run, end: run_segments.end });
         }
     }
 }
@@ -607,24 +510,30 @@ mod tests {
     use std::net::UdpSocket;
     use std::time::Duration;
 
-    #[allow(clippy::unnecessary_cast)] // msg_iovlen is not usize on every libc
     fn iovlen(q: &SendQueue, i: usize) -> usize {
-        q.msgs[i].msg_hdr.msg_iovlen as usize
+        q.batch.iovecs(i)
     }
 
-    /// Cuts a super-frame into the arena and queues its segments to `dst`.
+    /// Frame buffers as the loop reads them: each frame behind [`HEADROOM`] bytes.
+    fn frame_bufs(frames: &[Vec<u8>]) -> Vec<Box<[u8]>> {
+        frames.iter().map(|f| [&[0u8; HEADROOM][..], f].concat().into_boxed_slice()).collect()
+    }
+
+    /// Cuts the super-frame in buffer `i` into the arena and queues its segments to `dst`.
+    #[allow(clippy::too_many_arguments)]
     fn queue_frame(
         q: &mut SendQueue,
         shared: &Shared,
+        bufs: &[Box<[u8]>],
         arena: &mut SegmentArena,
-        frame: &[u8],
+        i: usize,
         mss: usize,
         dst: IpAddr,
         port: u16,
     ) {
         let vni = crate::Vni::new(100).unwrap();
-        let cut = cut(frame, mss, vni, arena).expect("a frame that can be cut");
-        send_segments(q, shared, arena, cut, &[dst], port, true);
+        let cut = cut(&bufs[i][HEADROOM..], i, mss, vni, arena).expect("a frame that can be cut");
+        send_segments(q, shared, bufs, arena, cut, &[dst], port, true);
     }
 
     #[test]
@@ -635,7 +544,7 @@ mod tests {
         let (dst, port) = (receiver.local_addr().unwrap().ip(), receiver.local_addr().unwrap().port());
         let shared = Shared::for_tests();
         let mut q = SendQueue::new(sender.as_raw_fd());
-        let mut arena = SegmentArena::new();
+        let mut arena = SegmentArena::new(ARENA_SEGMENTS, SEG_HDR_CAP);
         let mss = 1000;
         // Three super-frames of one flow: 47 full segments; 10 full and a short one; 5 full.
         let frames: Vec<Vec<u8>> = [(47 * mss, 0u32), (10 * mss + 500, 47_000), (5 * mss, 57_500)]
@@ -645,18 +554,19 @@ mod tests {
                 tcp4_super(&payload, 0, 0x10, seq)
             })
             .collect();
-        for f in &frames {
-            queue_frame(&mut q, &shared, &mut arena, f, mss, dst, port);
+        let bufs = frame_bufs(&frames);
+        for i in 0..frames.len() {
+            queue_frame(&mut q, &shared, &bufs, &mut arena, i, mss, dst, port);
         }
         // The second frame continues the first's run (all its 11 segments fit: 58 of at most
         // 61 datagrams of 1062 bytes in 64 KB); its short last segment ends that run, so the
         // third starts a run of its own.
-        assert_eq!(q.len, 2, "two runs for three super-frames");
+        assert_eq!(q.batch.len(), 2, "two runs for three super-frames");
         assert_eq!(iovlen(&q, 0), 2 * 58);
         assert_eq!(iovlen(&q, 1), 2 * 5);
         assert_eq!(shared.counters.tx.gso_sends.load(Ordering::Relaxed), 2);
         assert_eq!(shared.counters.tx.datagrams.load(Ordering::Relaxed), 63);
-        q.flush(&shared);
+        q.flush(&shared, &bufs, &mut arena);
 
         // On the wire: every segment of every frame, in order, each behind its VXLAN header.
         let expected: Vec<Vec<u8>> = frames
@@ -676,18 +586,18 @@ mod tests {
         let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
         let shared = Shared::for_tests();
         let mut q = SendQueue::new(sender.as_raw_fd());
-        let mut arena = SegmentArena::new();
+        let mut arena = SegmentArena::new(ARENA_SEGMENTS, SEG_HDR_CAP);
         let mss = 1000;
-        let full = tcp4_super(&vec![7u8; 40 * mss], 0, 0x10, 0);
+        let bufs = frame_bufs(&[tcp4_super(&vec![7u8; 40 * mss], 0, 0x10, 0)]);
         let (a, b): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
-        queue_frame(&mut q, &shared, &mut arena, &full, mss, a, 9);
-        queue_frame(&mut q, &shared, &mut arena, &full, mss, b, 9);
-        assert_eq!(q.len, 2, "another VTEP, another run");
-        queue_frame(&mut q, &shared, &mut arena, &full, mss, b, 9);
+        queue_frame(&mut q, &shared, &bufs, &mut arena, 0, mss, a, 9);
+        queue_frame(&mut q, &shared, &bufs, &mut arena, 0, mss, b, 9);
+        assert_eq!(q.batch.len(), 2, "another VTEP, another run");
+        queue_frame(&mut q, &shared, &bufs, &mut arena, 0, mss, b, 9);
         // 40 + 40 segments to b: the open run takes 21 (up to 61), the rest starts a new one.
-        assert_eq!(q.len, 3);
+        assert_eq!(q.batch.len(), 3);
         assert_eq!(iovlen(&q, 1), 2 * 61);
         assert_eq!(iovlen(&q, 2), 2 * 19);
-        q.len = 0; // nothing is sent: the addresses are not ours
+        q.batch.clear(); // nothing is sent: the addresses are not ours
     }
 }
