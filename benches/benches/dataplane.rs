@@ -30,8 +30,9 @@ use dataplane::alloc_count::{self, CountingAllocator};
 use dataplane::learn::{DEFAULT_AGEING_SECS, DEFAULT_MAX_ENTRIES, LearnedFdb, Learner, shared_learned};
 use dataplane::switch::{self, TapVerdict, UnderlayVerdict};
 use dataplane::tables::{NetworkSettings, SharedTables, TableError, Tables};
+use dataplane::wire::arp;
 use dataplane::wire::flow::{flow_hash, port_index};
-use dataplane::wire::{arp, vxlan};
+use dataplane::wire::vxlan::{self, VxlanPacket, VxlanRepr};
 use dataplane::{Counters, DropReason, MacAddr, Vni};
 
 // Counts this process's allocations, so that "the measured routine does not allocate" is
@@ -237,9 +238,10 @@ fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
 
 /// A datagram as the RX loop receives it on the VXLAN port: header and inner frame.
 fn vxlan_datagram(vni: Vni, inner: &[u8]) -> Vec<u8> {
-    let mut header = [0u8; vxlan::HEADER_LEN];
-    vxlan::write_header(&mut header, vni);
-    [&header[..], inner].concat()
+    let mut datagram = [&[0u8; vxlan::HEADER_LEN][..], inner].concat();
+    let mut packet = VxlanPacket::new_checked(&mut datagram[..]).expect("room for the header");
+    VxlanRepr { vni }.emit(&mut packet);
+    datagram
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -321,14 +323,14 @@ fn encap(c: &mut Criterion) {
     let frame = tcp_ipv4_frame(LOCAL_IP, remote_ip(0));
     let mut buf = vec![0u8; HEADROOM + frame.len()];
     buf[HEADROOM..].copy_from_slice(&frame);
-    let (headroom, frame) = buf.split_at_mut(HEADROOM);
-    let header: &mut [u8; vxlan::HEADER_LEN] = headroom.last_chunk_mut().expect("headroom holds a VXLAN header");
-    let frame: &[u8] = frame;
+    // The datagram: the headroom's last bytes, for the VXLAN header, and the frame behind them.
+    let (_, datagram) = buf.split_at_mut(HEADROOM - vxlan::HEADER_LEN);
 
     let mut g = c.benchmark_group("encap");
     bench_frame(&mut g, "ipv4_tcp_1450", || {
-        let sock = port_index(flow_hash(black_box(frame)), black_box(SOURCE_PORTS));
-        vxlan::write_header(black_box(&mut *header), black_box(VNI));
+        let mut packet = VxlanPacket::new_checked(black_box(&mut *datagram)).expect("room for the header");
+        let sock = port_index(flow_hash(black_box(packet.payload())), black_box(SOURCE_PORTS));
+        VxlanRepr { vni: black_box(VNI) }.emit(&mut packet);
         sock
     });
     g.finish();

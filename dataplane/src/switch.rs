@@ -19,7 +19,7 @@ use crate::tables::{BlockOwner, NetworkTable, Tables};
 use crate::wire::arp;
 use crate::wire::checksum::{self, Completion};
 use crate::wire::ethernet;
-use crate::wire::vxlan::{self, VxlanError, VxlanPacket};
+use crate::wire::vxlan::{self, VxlanError, VxlanPacket, VxlanRepr};
 
 /// What to do with a frame read from a network's TAP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,17 +132,18 @@ pub fn from_underlay<T>(
         counters.dropped(reason);
         UnderlayVerdict::Drop(reason)
     };
-    if datagram.len() < vxlan::HEADER_LEN + ethernet::HEADER_LEN {
-        return drop(DropReason::Truncated);
-    }
-    let packet = VxlanPacket::new_unchecked(&*datagram);
-    match packet.check() {
-        Ok(()) => {}
+    let len = datagram.len();
+    let mut packet = match VxlanPacket::new_checked(datagram) {
+        Ok(p) if p.payload().len() >= ethernet::HEADER_LEN => p,
+        _ => return drop(DropReason::Truncated), // no room for the VXLAN and Ethernet headers
+    };
+    let vni = match VxlanRepr::parse(&packet) {
+        Ok(VxlanRepr { vni }) => vni,
         Err(VxlanError::BadFlags(_)) => return drop(DropReason::BadFlags),
         Err(VxlanError::ReservedBits) => return drop(DropReason::ReservedBits),
         Err(VxlanError::Truncated) => return drop(DropReason::Truncated),
-    }
-    let Some((slot, net)) = tables.by_vni(packet.vni()) else {
+    };
+    let Some((slot, net)) = tables.by_vni(vni) else {
         return drop(DropReason::UnknownVni);
     };
     if !net.is_member(&src) {
@@ -167,10 +168,10 @@ pub fn from_underlay<T>(
     }
     if segment_mss.is_some() {
         bump(&counters.rx.resegmented, 1);
-    } else if checksum::complete_partial(&mut datagram[vxlan::HEADER_LEN..]) == Completion::Completed {
+    } else if checksum::complete_partial(packet.payload_mut()) == Completion::Completed {
         bump(&counters.rx.checksums_completed, 1);
     }
-    UnderlayVerdict::Deliver { slot, inner: vxlan::HEADER_LEN..datagram.len(), segment_mss }
+    UnderlayVerdict::Deliver { slot, inner: vxlan::HEADER_LEN..len, segment_mss }
 }
 
 /// For a frame longer than `mtu` plus an untagged Ethernet header: `Ok(None)` if its IP packet
@@ -191,7 +192,6 @@ mod tests {
     use crate::learn::{Learner, shared_learned};
     use crate::tables::{NetworkSettings, SharedTables};
     use crate::wire::arp::tests::request;
-    use crate::wire::vxlan::write_header;
     use crate::wire::{MacAddr, Vni};
     use std::net::Ipv4Addr;
     use std::sync::Arc;
@@ -226,9 +226,9 @@ mod tests {
     }
 
     fn datagram(vni: Vni, inner: &[u8]) -> Vec<u8> {
-        let mut h = [0u8; 8];
-        write_header(&mut h, vni);
-        [&h[..], inner].concat()
+        let mut d = [&[0u8; vxlan::HEADER_LEN][..], inner].concat();
+        VxlanRepr { vni }.emit(&mut VxlanPacket::new_checked(&mut d[..]).unwrap());
+        d
     }
 
     #[test]

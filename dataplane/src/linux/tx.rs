@@ -27,7 +27,7 @@ use crate::switch::{self, TapVerdict};
 use crate::tables::{Tables, TablesReader};
 use crate::wire::arp;
 use crate::wire::flow::{flow_hash, port_index};
-use crate::wire::vxlan;
+use crate::wire::vxlan::{self, VxlanPacket, VxlanRepr};
 
 /// Frames (or super-frames) read from one TAP before their datagrams are sent.
 pub(crate) const BATCH: usize = 64;
@@ -351,10 +351,10 @@ impl TxLoop {
                             c.dropped(DropReason::FrameTooLarge);
                             continue;
                         }
-                        let header: &mut [u8; vxlan::HEADER_LEN] =
-                            (&mut buf[HEADROOM - vxlan::HEADER_LEN..HEADROOM]).try_into().expect("8 bytes");
-                        vxlan::write_header(header, net.vni());
                         let datagram = HEADROOM - vxlan::HEADER_LEN..HEADROOM + len;
+                        let mut packet =
+                            VxlanPacket::new_checked(&mut buf[datagram.clone()]).expect("headroom for the header");
+                        VxlanRepr { vni: net.vni() }.emit(&mut packet);
                         let queue = &mut self.queues[q];
                         for &dst in dsts {
                             if queue.batch.is_full() {
@@ -439,10 +439,10 @@ fn cut(frame: &[u8], buf: usize, mss: usize, vni: crate::Vni, arena: &mut Segmen
     for s in 0..n {
         let payload = sf.segment_payload(s, mss);
         full_last = payload.len() == mss;
-        let h = arena.push(buf, HEADROOM + payload.start..HEADROOM + payload.end, hdr_len)?;
-        let (vx, rest) = h.split_at_mut(vxlan::HEADER_LEN);
-        vxlan::write_header(vx.try_into().expect("8 bytes"), vni);
-        sf.write_segment_headers(s, mss, rest);
+        let header = arena.push(buf, HEADROOM + payload.start..HEADROOM + payload.end, hdr_len)?;
+        let mut packet = VxlanPacket::new_checked(header).ok()?;
+        VxlanRepr { vni }.emit(&mut packet);
+        sf.write_segment_headers(s, mss, packet.payload_mut());
     }
     Some(Cut { first, segments: n, seg_size: hdr_len + mss, full_last })
 }

@@ -15,14 +15,6 @@ use core::fmt;
 use core::str::FromStr;
 use std::net::Ipv4Addr;
 
-/// A buffer was too short for the header it should hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum WireError {
-    /// Fewer bytes than the header needs.
-    #[error("buffer too short for the header")]
-    Truncated,
-}
-
 /// A 24-bit VXLAN Network Identifier: one overlay network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "u32", into = "u32")]

@@ -1,19 +1,7 @@
-//! The VXLAN header of RFC 7348 §5, as a view over bytes.
-//!
-//! ```text
-//!  0               1               2               3
-//! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-//! |R|R|R|R|I|R|R|R|            Reserved                           |
-//! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-//! |                VXLAN Network Identifier (VNI) |   Reserved    |
-//! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-//! ```
-//!
-//! Linux drops any packet whose flags are not exactly `0x08` or whose reserved bits are not
-//! zero (stricter than the RFC's "ignore on receipt"); we do the same, so that an overlayd VTEP
-//! and a kernel VTEP accept exactly the same packets.
+//! The VXLAN header of RFC 7348 §5, as a view over bytes ([`VxlanPacket`]) and as a typed value
+//! ([`VxlanRepr`]): what the TX loop writes in front of a frame and the RX loop checks.
 
-use super::{Vni, WireError};
+use super::Vni;
 
 mod field {
     pub const FLAGS: usize = 0;
@@ -43,30 +31,38 @@ pub enum VxlanError {
     ReservedBits,
 }
 
-/// A read/write view of a VXLAN header followed by its payload (the inner Ethernet frame).
+/// A read/write view of a VXLAN header followed by its payload (the inner Ethernet frame):
 ///
-/// `new_checked` validates the length once, so no accessor can panic afterwards.
+/// ```text
+///  0               1               2               3
+/// +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+/// |R|R|R|R|I|R|R|R|            Reserved                           |
+/// +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+/// |                VXLAN Network Identifier (VNI) |   Reserved    |
+/// +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+/// ```
+///
+/// [`VxlanPacket::new_checked`], the only constructor, validates the length once, so no
+/// accessor can panic afterwards.
 #[derive(Debug, Clone, Copy)]
 pub struct VxlanPacket<T: AsRef<[u8]>> {
     buffer: T,
 }
 
 impl<T: AsRef<[u8]>> VxlanPacket<T> {
-    /// Wraps a buffer without checking its length. Accessors panic if it is shorter than
-    /// [`HEADER_LEN`]; use [`VxlanPacket::new_checked`] unless the length is known.
-    pub const fn new_unchecked(buffer: T) -> Self {
-        VxlanPacket { buffer }
-    }
-
     /// Wraps a buffer after checking that it holds at least a full header.
-    pub fn new_checked(buffer: T) -> Result<Self, WireError> {
+    #[inline]
+    pub fn new_checked(buffer: T) -> Result<Self, VxlanError> {
         if buffer.as_ref().len() < HEADER_LEN {
-            return Err(WireError::Truncated);
+            return Err(VxlanError::Truncated);
         }
         Ok(VxlanPacket { buffer })
     }
 
     /// Checks the fields the way Linux's `vxlan_rcv` does: flags exactly 0x08, reserved zero.
+    /// That is stricter than the RFC's "ignore on receipt", so that an overlayd VTEP and a
+    /// kernel VTEP accept exactly the same packets.
+    #[inline]
     pub fn check(&self) -> Result<(), VxlanError> {
         let flags = self.flags();
         if flags != FLAGS_VNI_VALID {
@@ -79,45 +75,47 @@ impl<T: AsRef<[u8]>> VxlanPacket<T> {
     }
 
     /// The flags byte.
+    #[inline]
     pub fn flags(&self) -> u8 {
         self.buffer.as_ref()[field::FLAGS]
     }
 
     /// Whether both reserved fields are zero.
+    #[inline]
     pub fn reserved_is_zero(&self) -> bool {
         let b = self.buffer.as_ref();
         b[field::RESERVED_1] == [0, 0, 0] && b[field::RESERVED_2] == 0
     }
 
     /// The 24-bit VXLAN Network Identifier.
+    #[inline]
     pub fn vni(&self) -> Vni {
         let b = &self.buffer.as_ref()[field::VNI];
         Vni::from_be_bytes([b[0], b[1], b[2]])
     }
 
     /// The inner Ethernet frame.
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         &self.buffer.as_ref()[field::PAYLOAD..]
-    }
-
-    /// Gives the buffer back.
-    pub fn into_inner(self) -> T {
-        self.buffer
     }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> VxlanPacket<T> {
     /// Sets the flags byte.
+    #[inline]
     pub fn set_flags(&mut self, flags: u8) {
         self.buffer.as_mut()[field::FLAGS] = flags;
     }
 
     /// Sets the VNI.
+    #[inline]
     pub fn set_vni(&mut self, vni: Vni) {
         self.buffer.as_mut()[field::VNI].copy_from_slice(&vni.to_be_bytes());
     }
 
     /// Zeroes both reserved fields.
+    #[inline]
     pub fn clear_reserved(&mut self) {
         let b = self.buffer.as_mut();
         b[field::RESERVED_1].fill(0);
@@ -125,6 +123,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> VxlanPacket<T> {
     }
 
     /// The inner Ethernet frame, writable.
+    #[inline]
     pub fn payload_mut(&mut self) -> &mut [u8] {
         &mut self.buffer.as_mut()[field::PAYLOAD..]
     }
@@ -138,30 +137,21 @@ pub struct VxlanRepr {
 }
 
 impl VxlanRepr {
-    /// Parses and validates a header.
+    /// Parses and validates a header (see [`VxlanPacket::check`]).
+    #[inline]
     pub fn parse<T: AsRef<[u8]>>(packet: &VxlanPacket<T>) -> Result<VxlanRepr, VxlanError> {
         packet.check()?;
         Ok(VxlanRepr { vni: packet.vni() })
     }
 
-    /// Writes this header (flags 0x08, reserved zero, the VNI) into the first 8 bytes.
+    /// Writes this header (flags 0x08, reserved zero, the VNI) in front of the payload: the
+    /// hot path's encapsulation in place.
+    #[inline]
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, packet: &mut VxlanPacket<T>) {
         packet.set_flags(FLAGS_VNI_VALID);
         packet.clear_reserved();
         packet.set_vni(self.vni);
     }
-
-    /// The header's length on the wire.
-    pub const fn header_len(&self) -> usize {
-        HEADER_LEN
-    }
-}
-
-/// Writes a VXLAN header into `header` (exactly 8 bytes): the hot path's in-place encapsulation.
-#[inline]
-pub fn write_header(header: &mut [u8; HEADER_LEN], vni: Vni) {
-    let v = vni.to_be_bytes();
-    *header = [FLAGS_VNI_VALID, 0, 0, 0, v[0], v[1], v[2], 0];
 }
 
 #[cfg(test)]
@@ -182,18 +172,15 @@ mod tests {
     #[test]
     fn emit_matches_the_kernel_bytes() {
         let mut buf = [0xffu8; 8];
-        let mut p = VxlanPacket::new_unchecked(&mut buf[..]);
+        let mut p = VxlanPacket::new_checked(&mut buf[..]).unwrap();
         VxlanRepr { vni: Vni::new(4242).unwrap() }.emit(&mut p);
         assert_eq!(buf, KERNEL_HEADER);
-        let mut fast = [0xffu8; 8];
-        write_header(&mut fast, Vni::new(4242).unwrap());
-        assert_eq!(fast, KERNEL_HEADER);
     }
 
     #[test]
     fn refuses_what_linux_refuses() {
         let short = VxlanPacket::new_checked(&KERNEL_HEADER[..7]);
-        assert_eq!(short.err(), Some(WireError::Truncated));
+        assert_eq!(short.err(), Some(VxlanError::Truncated));
         let mut g = KERNEL_HEADER;
         g[0] = 0x0c; // G bit (group policy extension): not ours
         let p = VxlanPacket::new_checked(&g[..]).unwrap();
