@@ -1,10 +1,4 @@
 //! A counting global allocator, so that "the hot loop does not allocate" is a measured fact.
-//!
-//! A binary opts in with `#[global_allocator] static A: CountingAllocator = CountingAllocator;`.
-//! Every allocation then adds one to a counter of the calling thread; the hot loops publish
-//! their thread's count in [`crate::Counters`] (`tx_loop_allocations`, `rx_loop_allocations`),
-//! and a test reads it before and after pushing traffic. Without the allocator installed the
-//! counts stay at zero, which is why the tests check that it is installed.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -16,6 +10,12 @@ thread_local! {
 }
 
 /// The system allocator, counting allocations per thread.
+///
+/// A binary opts in with `#[global_allocator] static A: CountingAllocator = CountingAllocator;`.
+/// Every allocation then adds one to a counter of the calling thread; the hot loops publish
+/// their thread's count in [`crate::Counters`] (`tx_loop_allocations`, `rx_loop_allocations`),
+/// and a test reads it before and after pushing traffic. Without the allocator installed the
+/// counts stay at zero, which is why the tests check [`is_installed`].
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CountingAllocator;
 

@@ -1,14 +1,14 @@
-//! Per-agent counters: what was forwarded, and every drop by its reason.
-//!
-//! Each counter has exactly one writer thread (the TX loop writes `tx` and the TAP-side drop
-//! reasons, the RX loop writes `rx` and the underlay-side ones), so [`bump`] is a relaxed load
-//! and store, not a locked read-modify-write; readers see a value at most one increment old.
-//! The two directions sit on separate cache lines so the hot loops do not share one.
+//! Per-agent counters: what was forwarded, and every drop by its reason, written by the hot
+//! loops without locks and read as a [`CountersSnapshot`].
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Adds `n` to a counter that only the calling thread writes.
+///
+/// Each counter has exactly one writer thread (the TX loop writes `tx` and the TAP-side drop
+/// reasons, the RX loop writes `rx` and the underlay-side ones), so this is a relaxed load and
+/// store, not a locked read-modify-write; readers see a value at most one increment old.
 #[inline]
 pub fn bump(counter: &AtomicU64, n: u64) {
     counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
@@ -137,7 +137,8 @@ pub struct RxCounters {
     pub loop_allocations: AtomicU64,
 }
 
-/// All counters of one dataplane.
+/// All counters of one dataplane. The two directions sit on separate cache lines so the hot
+/// loops do not share one.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// TAP → underlay.

@@ -1,11 +1,6 @@
 //! Data-plane learning, the fallback for MACs the control plane has not told us about:
 //! a frame from a member VTEP teaches "inner source MAC lives behind the outer source
 //! address", and an entry not refreshed for the ageing time (300 s, as Linux's vxlan) goes.
-//!
-//! The RX loop is the only writer. Refreshing a known entry stores a timestamp in place (an
-//! atomic in the published snapshot, so no copy and no allocation); a new or moved MAC is
-//! queued and published with the rest of its batch as a new snapshot, which the TX loop reads
-//! lock-free like the other tables.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -84,7 +79,11 @@ pub fn shared_learned() -> SharedLearned {
     Arc::new(ArcSwap::from_pointee(LearnedFdb::default()))
 }
 
-/// The writer side, owned by the RX loop.
+/// The writer side, owned by the RX loop, the only writer.
+///
+/// Refreshing a known entry stores a timestamp in place (an atomic in the published snapshot,
+/// so no copy and no allocation); a new or moved MAC is queued and published with the rest of
+/// its batch as a new snapshot, which the TX loop reads lock-free like the other tables.
 #[derive(Debug)]
 pub struct Learner {
     shared: SharedLearned,

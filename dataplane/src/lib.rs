@@ -7,7 +7,11 @@
 //! - [`switch`]: the sans-IO switching core, frame in → decision out;
 //! - [`tables`] and [`learn`]: the forwarding tables the hot loops read without locks, the
 //!   writer API that programs them, and data-plane learning as a fallback;
+//! - [`offload`] and [`segment`]: the virtio-net header of a TAP with offloads, TCP segments
+//!   joined into super-frames, and super-frames cut into segments (sans-IO as well);
 //! - [`counters`]: what was forwarded and every drop by reason;
+//! - [`alloc_count`]: a counting global allocator, so that "no per-packet allocation" is
+//!   measured by tests and benchmarks;
 //! - `linux` (Linux only): the I/O shell — TAP devices opened with ioctls, the UDP sockets,
 //!   and the hot loops (a thread per direction, or one for both) with batched
 //!   system calls and no per-packet allocation, lock or log line.

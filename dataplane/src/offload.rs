@@ -1,14 +1,6 @@
 //! Offloads between a TAP and the agent: the virtio-net header a TAP opened with
 //! `IFF_VNET_HDR` puts in front of every frame, what the TX side does with the metadata it
-//! carries, and how the RX side coalesces TCP segments back into one super-frame.
-//!
-//! TX: with `TUNSETOFFLOAD` the kernel hands over TCP (and UDP) super-frames of up to 64 KB and
-//! frames whose checksum it left for us ([`prepare_tx`]); [`crate::segment`] cuts them.
-//! RX: consecutive segments of one TCP flow — same Ethernet and IP headers, same ports, ACK,
-//! window and options, contiguous sequence numbers, equal sizes but for the last, checksums
-//! verified — become one super-frame ([`Coalescer`]), written to the TAP with a header that
-//! says `NEEDS_CSUM` and `GSO_TCPV4/6`, as wireguard-go's TCP GRO does; on a TAP the Ethernet
-//! header counts in every offset. Sans-IO: frames in, headers and decisions out.
+//! carries ([`prepare_tx`]), and how the RX side coalesces TCP segments ([`Coalescer`]). Sans-IO.
 
 use etherparse::{EtherType, IpNumber};
 
@@ -110,8 +102,9 @@ pub enum TxShape {
 }
 
 /// Completes a checksum the kernel left (`F_NEEDS_CSUM` without GSO) and says whether the
-/// frame must be segmented. Super-frames keep their partial checksum: segmentation computes
-/// every segment's in full.
+/// frame must be segmented. With `TUNSETOFFLOAD` the kernel hands over TCP (and UDP)
+/// super-frames of up to 64 KB, which [`crate::segment`] cuts; they keep their partial checksum
+/// here, as segmentation computes every segment's in full.
 pub fn prepare_tx(hdr: &VirtioNetHdr, frame: &mut [u8]) -> Result<TxShape, OffloadError> {
     match hdr.gso_type & !GSO_ECN {
         GSO_NONE => {
@@ -285,7 +278,11 @@ impl TcpSegment {
 /// Largest IP packet a coalesced super-frame may become.
 const MAX_SUPER_IP_LEN: usize = 65_535;
 
-/// Builds one super-frame out of consecutive segments of a TCP flow.
+/// Builds one super-frame out of consecutive segments of a TCP flow: same Ethernet and IP
+/// headers, same ports, ACK, window and options, contiguous sequence numbers, equal sizes but
+/// for the last, checksums verified. It is written to the TAP with a header that says
+/// `NEEDS_CSUM` and `GSO_TCPV4/6`, as wireguard-go's TCP GRO does; on a TAP the Ethernet
+/// header counts in every offset.
 ///
 /// Feed segments with [`Coalescer::try_push`]; when it refuses one (or the run ends),
 /// [`Coalescer::finish`] rewrites the first segment's headers for the whole run and gives the

@@ -1,12 +1,5 @@
 //! Splitting TCP and UDP super-frames into frames that fit the MTU, as a NIC's TSO and USO do.
-//!
-//! A super-frame is one Ethernet frame carrying up to 64 KB of TCP (or UDP) payload behind a
-//! single set of headers, the way a Linux stack with segmentation offload hands data to a
-//! device. [`SuperFrame::write_segment`] writes segment *i* — the headers copied, then
-//! `mss` bytes of payload — into a caller's buffer and fixes what differs per segment: IPv4
-//! total length, identification and header checksum (IPv6 payload length); TCP sequence
-//! number, the flags only the first or last segment may carry, and a full checksum; UDP length
-//! and checksum. Sans-IO: the caller decides where segments go.
+//! Sans-IO: the caller decides where segments go.
 
 use std::ops::Range;
 
@@ -46,7 +39,14 @@ const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_CWR: u8 = 0x80;
 
-/// A parsed super-frame, ready to be cut.
+/// A parsed super-frame, ready to be cut: one Ethernet frame carrying up to 64 KB of TCP (or
+/// UDP) payload behind a single set of headers, the way a Linux stack with segmentation
+/// offload hands data to a device.
+///
+/// [`SuperFrame::write_segment`] writes segment *i* — the headers copied, then `mss` bytes of
+/// payload — into a caller's buffer and fixes what differs per segment: IPv4 total length,
+/// identification and header checksum (IPv6 payload length); TCP sequence number, the flags
+/// only the first or last segment may carry, and a full checksum; UDP length and checksum.
 #[derive(Debug, Clone, Copy)]
 pub struct SuperFrame<'a> {
     frame: &'a [u8],

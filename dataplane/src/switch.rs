@@ -1,13 +1,6 @@
 //! The switching core: a frame (or datagram) in, a decision out. No I/O, no clock, no
-//! allocation; the Linux shell (or a test) carries the decision out.
-//!
-//! From the TAP side a frame goes to the one VTEP that owns its destination MAC, to the flood
-//! list of its network (broadcast, multicast, unknown unicast: head-end replication), or, if it
-//! is an ARP request the tables can answer, nowhere: the answer is written for the shell to
-//! hand back to the TAP. From the underlay side a datagram must carry a valid VXLAN header, a
-//! VNI this host serves, and come from a member VTEP of that network; then it may teach the
-//! learner where its source MAC lives, and its inner frame goes to the network's TAP.
-//! Every refusal is counted under its [`DropReason`].
+//! allocation; the Linux shell (or a test) carries the decision out. Every refusal is counted
+//! under its [`DropReason`].
 
 use std::net::IpAddr;
 use std::ops::Range;
@@ -51,8 +44,10 @@ pub enum UnderlayVerdict {
     Drop(DropReason),
 }
 
-/// Decides where a frame read from `net`'s TAP goes. `reply` receives an ARP answer when the
-/// verdict is [`TapVerdict::ArpReply`].
+/// Decides where a frame read from `net`'s TAP goes: to the one VTEP that owns its destination
+/// MAC, to the network's flood list (broadcast, multicast, unknown unicast: head-end
+/// replication), or, if it is an ARP request the tables can answer, nowhere: `reply` then
+/// receives the answer ([`TapVerdict::ArpReply`]) for the shell to hand back to the TAP.
 #[inline]
 pub fn from_tap<'t, T>(
     net: &'t NetworkTable<T>,
@@ -116,9 +111,11 @@ pub fn from_tap<'t, T>(
     TapVerdict::Flood(flood)
 }
 
-/// Decides what to do with a datagram from `src` received on the VXLAN port. `now` (seconds)
-/// stamps what the learner learns. A frame to deliver whose TCP/UDP checksum the sender left
-/// partial (see [`checksum`]) is completed in place.
+/// Decides what to do with a datagram from `src` received on the VXLAN port. It must carry a
+/// valid VXLAN header and a VNI this host serves, and come from a member VTEP of that network;
+/// then it may teach the learner where its source MAC lives (`now`, in seconds, stamps what is
+/// learned), and its inner frame goes to the network's TAP. A frame to deliver whose TCP/UDP
+/// checksum the sender left partial (see [`checksum`]) is completed in place.
 #[inline]
 pub fn from_underlay<T>(
     tables: &Tables<T>,

@@ -1,16 +1,6 @@
 //! Forwarding tables: what the hot loops read, without locks or allocation, and the writer API
-//! the control plane (or the static configuration) programs them with.
-//!
-//! The tables are an immutable snapshot behind an [`ArcSwap`]. A reader keeps an
-//! [`arc_swap::Cache`], so looking at the current snapshot costs one atomic load when nothing
-//! changed. A writer opens a [`Transaction`], which copies only the networks it touches
-//! (each network is its own `Arc`), and publishes all its changes at once on commit; the old
-//! snapshot is freed when the last hot loop lets go of it, which is also what keeps a removed
-//! network's TAP open until no loop can still be writing to it.
-//!
-//! Keys: (VNI, MAC) → VTEP (the FDB), (VNI, IPv4) → MAC (ARP answers), and per VNI the flood
-//! list. A network's member VTEPs, the only senders accepted for it, are derived: the flood
-//! list plus every FDB destination.
+//! the control plane (or the static configuration) programs them with: per VNI the FDB
+//! (MAC → VTEP), ARP answers (IPv4 → MAC), the flood list and the address blocks.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -174,7 +164,8 @@ impl<T> NetworkTable<T> {
         &self.flood
     }
 
-    /// Whether `vtep` may send frames of this network (flood list or FDB destination).
+    /// Whether `vtep` may send frames of this network: the member VTEPs, the only senders
+    /// accepted, are derived from the flood list, the FDB destinations and the remote blocks.
     #[inline]
     pub fn is_member(&self, vtep: &IpAddr) -> bool {
         self.members.contains(vtep)
@@ -255,6 +246,13 @@ impl<T> Tables<T> {
 }
 
 /// The shared, swappable tables: one writer at a time, any number of lock-free readers.
+///
+/// The tables are an immutable snapshot behind an [`ArcSwap`]. A reader keeps an
+/// [`arc_swap::Cache`], so looking at the current snapshot costs one atomic load when nothing
+/// changed. A writer opens a [`Transaction`], which copies only the networks it touches
+/// (each network is its own `Arc`), and publishes all its changes at once on commit; the old
+/// snapshot is freed when the last hot loop lets go of it, which is also what keeps a removed
+/// network's TAP open until no loop can still be writing to it.
 #[derive(Debug)]
 pub struct SharedTables<T> {
     current: Arc<ArcSwap<Tables<T>>>,

@@ -1,13 +1,6 @@
 //! The Linux I/O shell around the switching core: TAP devices, the underlay sockets, and the
-//! hot loops (TAP → underlay in `tx`, underlay → TAP in `rx`): by default on one thread while
-//! idle and a thread per direction under load, or always one way ([`LoopThreads`]).
-//!
-//! [`Dataplane`] is the handle the agent holds: it starts the loops, attaches a TAP per
-//! network, exposes the table writer API and the counters, and stops the loops on shutdown.
-//! The loops share nothing mutable but atomics, the swapped table snapshots, and the receive
-//! loop itself, which the thread running it holds behind a mutex (taken per wake-up by the
-//! one thread that runs both directions, held across wake-ups by the receive thread; handed
-//! over only when the loops split or join).
+//! hot loops (TAP → underlay in `tx`, underlay → TAP in `rx`), on one thread while idle and a
+//! thread per direction under load, or always one way ([`LoopThreads`]).
 
 mod batch;
 mod rx;
@@ -248,7 +241,13 @@ impl Shared {
     }
 }
 
-/// A running dataplane: its hot-loop thread(s) and the handle to program them.
+/// A running dataplane, the handle the agent holds: it starts the hot loops, attaches a TAP per
+/// network, exposes the table writer API and the counters, and stops the loops on shutdown.
+///
+/// The loops share nothing mutable but atomics, the swapped table snapshots, and the receive
+/// loop itself, which the thread running it holds behind a mutex (taken per wake-up by the
+/// one thread that runs both directions, held across wake-ups by the receive thread; handed
+/// over only when the loops split or join).
 pub struct Dataplane {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,

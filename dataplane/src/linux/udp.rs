@@ -1,11 +1,5 @@
 //! The underlay sockets: one bound to the VXLAN port that receives everything, and one per
 //! outer source port that sends.
-//!
-//! A UDP socket sends from the port it is bound to, and the outer source port must follow the
-//! inner flow (ECMP/RSS entropy, as Linux's vxlan does), so the agent binds a small range of
-//! source ports and picks the socket by flow hash. Keeping them real UDP sockets (rather than a
-//! raw socket that writes its own UDP header) keeps the kernel's UDP checksum offload and, later,
-//! UDP GSO.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -21,6 +15,11 @@ const SO_SNDBUFFORCE: libc::c_int = 32;
 const SO_RCVBUFFORCE: libc::c_int = 33;
 
 /// The bound sockets.
+///
+/// A UDP socket sends from the port it is bound to, and the outer source port must follow the
+/// inner flow (ECMP/RSS entropy, as Linux's vxlan does), so a small range of source ports is
+/// bound and the socket picked by flow hash. Real UDP sockets (rather than a raw socket that
+/// writes its own UDP header) keep the kernel's UDP checksum offload and UDP GSO.
 #[derive(Debug)]
 pub(crate) struct UnderlaySockets {
     pub(crate) rx: Socket,

@@ -1,8 +1,5 @@
-//! ARP requests the agent answers itself, and the replies it writes.
-//!
-//! Requests are read with etherparse's [`ArpPacketSlice`]; the reply is the fixed 28-byte
-//! Ethernet/IPv4 form, written straight into a caller's buffer behind the request's own
-//! Ethernet header (VLAN tags included), so answering needs no allocation.
+//! ARP requests the agent answers itself (read with etherparse's [`ArpPacketSlice`]), and the
+//! replies it writes into a caller's buffer, so answering needs no allocation.
 
 use std::net::Ipv4Addr;
 
@@ -57,8 +54,9 @@ pub fn parse_request(frame: &[u8]) -> Option<ArpRequest> {
 }
 
 /// Writes the reply to `request` (read from `frame`) saying `target_ip` is at `answer`, and
-/// returns its length. The reply goes to the asker's MAC from the asker's Ethernet header, with
-/// the same VLAN tags. `out` must hold at least [`MAX_REPLY_LEN`] bytes.
+/// returns its length: the fixed 28-byte Ethernet/IPv4 form behind the request's own Ethernet
+/// header, to the asker's MAC, with the same VLAN tags. `out` must hold at least
+/// [`MAX_REPLY_LEN`] bytes.
 pub fn write_reply(frame: &[u8], request: &ArpRequest, answer: MacAddr, out: &mut [u8]) -> usize {
     let l2 = request.arp_offset;
     let len = l2 + ARP_ETH_IPV4_LEN;

@@ -1,13 +1,5 @@
 //! The Internet checksum (RFC 1071), and completing the inner TCP/UDP checksums that a sender
 //! left partial.
-//!
-//! A Linux sender hands its NIC a frame with `CHECKSUM_PARTIAL`: the checksum field holds only
-//! the pseudo-header sum and the NIC finishes it. On a real wire every frame arrives finished.
-//! Between namespaces over veth nobody finishes it, so a kernel VTEP on the same machine sends
-//! VXLAN whose inner TCP checksums are partial; the kernel's own receiver trusts the metadata,
-//! but a UDP socket only sees the bytes. [`complete_partial`] recognises such a frame (the field
-//! equals the pseudo-header sum and the full sum does not verify; a genuine checksum equals the
-//! pseudo-header sum once in 65,536) and finishes it, so a container's stack accepts it.
 
 use etherparse::{EtherType, IpNumber, Ipv4HeaderSlice, Ipv6HeaderSlice};
 
@@ -86,6 +78,14 @@ pub enum Completion {
 }
 
 /// Finishes the TCP or UDP checksum of `frame` if the sender left it partial.
+///
+/// A Linux sender hands its NIC a frame with `CHECKSUM_PARTIAL`: the checksum field holds only
+/// the pseudo-header sum and the NIC finishes it. On a real wire every frame arrives finished.
+/// Between namespaces over veth nobody finishes it, so a kernel VTEP on the same machine sends
+/// VXLAN whose inner TCP checksums are partial; the kernel's own receiver trusts the metadata,
+/// but a UDP socket only sees the bytes. Such a frame is recognised (the field equals the
+/// pseudo-header sum and the full sum does not verify; a genuine checksum equals the
+/// pseudo-header sum once in 65,536) and finished, so a container's stack accepts it.
 pub fn complete_partial(frame: &mut [u8]) -> Completion {
     let Some((ether_type, l3)) = ethernet::network_layer(frame) else { return Completion::Untouched };
     let (l4, l4_len, proto, pseudo) = match ether_type {

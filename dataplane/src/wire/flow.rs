@@ -1,11 +1,6 @@
 //! The inner-flow hash that picks the outer UDP source port, so that routers and NICs that
 //! spread load by 5-tuple (ECMP, RSS) keep each inner flow on one path, as Linux's
 //! `udp_flow_src_port()` does.
-//!
-//! Like the kernel's flow dissector, the hash covers the inner IP addresses, protocol and
-//! ports (ports only for unfragmented TCP, UDP, UDP-Lite and SCTP), orders both endpoints the
-//! same way so that the two directions of a flow hash alike, and falls back to the MAC
-//! addresses and EtherType for anything that is not IP.
 
 use etherparse::{EtherType, IpNumber, Ipv4HeaderSlice, Ipv6HeaderSlice};
 
@@ -48,6 +43,11 @@ fn consistent<A: Ord>(src: A, dst: A, sport: u16, dport: u16) -> (A, A, u32) {
 }
 
 /// The flow hash of an Ethernet frame. Never panics, whatever the bytes.
+///
+/// Like the kernel's flow dissector, the hash covers the inner IP addresses, protocol and
+/// ports (ports only for unfragmented TCP, UDP, UDP-Lite and SCTP), orders both endpoints the
+/// same way so that the two directions of a flow hash alike, and falls back to the MAC
+/// addresses and EtherType for anything that is not IP.
 pub fn flow_hash(frame: &[u8]) -> u32 {
     let Some((ether_type, off)) = ethernet::network_layer(frame) else {
         return mac_hash(frame, 0);

@@ -1,9 +1,6 @@
-//! Wire formats as zero-copy views over caller-owned bytes.
-//!
-//! Ethernet, 802.1Q, ARP, IPv4, IPv6 and UDP are read with etherparse's slices; what we add is
-//! the VXLAN header ([`vxlan`]), the two or three questions the hot path asks of an Ethernet
-//! frame ([`ethernet`]), the ARP answer ([`arp`]) and the outer source-port hash ([`flow`]).
-//! Nothing here allocates; every parser validates lengths before it reads.
+//! Wire formats as zero-copy views over caller-owned bytes, beyond etherparse's slices (which
+//! read Ethernet, 802.1Q, ARP, IPv4, IPv6 and UDP). Nothing here allocates; every parser
+//! validates lengths before it reads.
 
 pub mod arp;
 pub mod checksum;
