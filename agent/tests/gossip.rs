@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use control::gossip::record::{Change, Endpoint, EndpointKey, Record, Signer};
-use control::gossip::seal::{GossipKey, Kind};
+use control::gossip::seal::{GossipKey, Header, Kind};
 use control::gossip::sync::{SyncMessage, serde_bytes_vec::Bytes};
 use serde_json::Value;
 use testbed::cluster::Cluster;
@@ -258,11 +258,18 @@ fn gossip_refuses_wrong_keys_forgeries_and_garbage_and_counts_them() {
         (x["table_epoch"].as_u64().unwrap(), x["table_version"].as_u64().unwrap())
     };
     let (epoch, version) = table(victim, 1);
+    // A holder of the cluster key seals under any sender it likes: here one outside the
+    // cluster (claiming the attacker's own id would advance the victim's window for it past
+    // what its daemon sends), numbering its datagrams as a sender does.
+    let victim_id = peers(&c.agents[victim])["self_id"].as_u64().unwrap();
+    let counter = std::cell::Cell::new(0u64);
     let sealed = |m: &SyncMessage, key: &GossipKey| {
         let mut payload = Vec::new();
         m.encode(&mut payload);
         let mut d = Vec::new();
-        key.seal(Kind::Sync, &payload, &mut d);
+        let header =
+            Header { sender: 1000, generation: 1, counter: counter.replace(counter.get() + 1), receiver: victim_id };
+        key.seal(&header, Kind::Sync, &payload, &mut d);
         d
     };
     // 1. A tombstone for the owner's endpoint, signed by another member of the cluster and

@@ -2,17 +2,18 @@
 //! network of `control::gossip::sim`, asserting the convergence bounds the `gossip` benchmark
 //! measures at 1,000 and 5,000 hosts — an endpoint change reaches every host within 1 s
 //! (p99), a killed host is withdrawn everywhere within 5 s, under 10 KB/s of gossip per host —
-//! and that partitions, loss, restarts and forgeries leave every table as its owner has it.
+//! and that partitions, loss, restarts, forgeries and replays leave every table as its owner
+//! has it.
 //!
 //! Each test prints what it measured (`cargo test --test gossip_sim -- --nocapture`).
 
 use std::time::Duration;
 
 use control::gossip::record::{Change, Record};
-use control::gossip::seal::Kind;
+use control::gossip::seal::{Header, Kind};
 use control::gossip::sim::{SimConfig, Simulation, UDP_IPV4_HEADERS, WatchId, endpoint_key, percentiles};
 use control::gossip::sync::{SyncMessage, serde_bytes_vec::Bytes};
-use control::gossip::{GossipConfig, GossipKey, Signer};
+use control::gossip::{GossipConfig, GossipCounters, GossipKey, Signer};
 
 const HOSTS: usize = 200;
 /// The issue's goals.
@@ -339,7 +340,8 @@ fn forged_records_and_foreign_datagrams_change_nothing_and_are_counted() {
     }
     // A datagram sealed under another cluster's key, and line noise.
     let mut foreign = Vec::new();
-    GossipKey::new(&GossipKey::generate()).seal(Kind::Sync, b"anything", &mut foreign);
+    let header = Header { sender: sim.id(b), generation: 1, counter: 0, receiver: sim.id(v) };
+    GossipKey::new(&GossipKey::generate()).seal(&header, Kind::Sync, b"anything", &mut foreign);
     sim.inject_raw(sim.addr(b), v, foreign);
     sim.inject_raw(sim.addr(b), v, vec![0x5a; 120]);
 
@@ -360,4 +362,67 @@ fn forged_records_and_foreign_datagrams_change_nothing_and_are_counted() {
     assert_eq!(missing, 0);
     sim.tables_agree().unwrap();
     assert_eq!(sim.counters().records_forged, 2, "only the host it was sent to saw the forgery");
+}
+
+/// Issue 12, item 7: everything one host sent for five seconds, captured on the wire and
+/// replayed twenty times over, to each datagram's own receiver and to another host: nothing
+/// is answered, nothing changes, and every replay is counted.
+#[test]
+fn captured_gossip_replayed_is_refused_counted_and_never_answered() {
+    let mut sim = cluster(HOSTS, 0.0, 10);
+    let s = 11;
+    sim.capture(s);
+    churn(&mut sim, s, 20, secs(0.1));
+    sim.run_for(secs(3.0));
+    let captured = sim.captured();
+    println!("captured {} datagrams host {s} sent", captured.len());
+    assert!(captured.len() > 50, "{}", captured.len());
+    sim.tables_agree().unwrap();
+    let t0 = sim.now();
+    let before = sim.counters();
+    let sent = sim.sent_total();
+    let from = sim.addr(s);
+    let elsewhere = |to: usize| (1..HOSTS).map(|k| (to + k) % HOSTS).find(|j| *j != s).expect("another host");
+    for _ in 0..20 {
+        for (to, d) in &captured {
+            sim.inject_raw(from, *to, d.clone());
+            sim.inject_raw(from, elsewhere(*to), d.clone());
+        }
+    }
+    let replays = 40 * captured.len() as u64;
+    let (b0, n0) = sent;
+    let (b1, n1) = sim.sent_total();
+    println!("{replays} replays answered with {} datagrams ({} bytes)", n1 - n0, b1 - b0);
+    assert_eq!((n1 - n0, b1 - b0), (0, 0), "replays were answered");
+    let after = sim.counters();
+    assert_eq!(after.rx_datagrams - before.rx_datagrams, replays);
+    let refused = |c: &GossipCounters| (c.rx_replayed, c.rx_misdirected, c.rx_stale_generation, c.rx_bad_auth);
+    let (r0, r1) = (refused(&before), refused(&after));
+    assert_eq!((r1.0 - r0.0, r1.1 - r0.1, r1.2 - r0.2, r1.3 - r0.3), (replays / 2, replays / 2, 0, 0), "{after:?}");
+    let applied = |c: &GossipCounters| (c.records_applied, c.records_stale, c.sync_repaired, c.rx_malformed);
+    assert_eq!(applied(&after), applied(&before), "{after:?}");
+    sim.run_for(secs(3.0));
+    sim.tables_agree().unwrap();
+    assert!(sim.log.iter().all(|(t, _, _)| *t < t0), "no host went down or came up: {:?}", sim.log);
+
+    // The sender restarts: what it sent in its previous life stays refused, as of an older
+    // generation wherever its new life has been heard.
+    sim.kill(s);
+    sim.restart(s);
+    sim.run_for(secs(5.0));
+    let before = sim.counters();
+    let (_, n0) = sim.sent_total();
+    for (to, d) in &captured {
+        sim.inject_raw(from, *to, d.clone());
+    }
+    let after = sim.counters();
+    let (_, n1) = sim.sent_total();
+    let (replayed, stale) =
+        (after.rx_replayed - before.rx_replayed, after.rx_stale_generation - before.rx_stale_generation);
+    println!("after the restart: {replayed} refused as replays, {stale} as of the previous life");
+    assert_eq!(n1 - n0, 0, "replays were answered");
+    assert_eq!(replayed + stale, captured.len() as u64);
+    assert!(stale > 0, "{after:?}");
+    sim.run_for(secs(3.0));
+    sim.tables_agree().unwrap();
 }

@@ -1,9 +1,10 @@
 //! The gossip layer: which hosts are alive, and every host's endpoints.
 //!
 //! **What it is.** SWIM membership among all hosts (the `foca` crate) on its own UDP port,
-//! each datagram sealed under the cluster's gossip key; per-host endpoint tables that only
-//! their owner writes, as owner-signed, versioned records piggybacked on SWIM messages;
-//! anti-entropy rounds that repair whatever a host missed. Sans-IO: [`node::GossipNode`]
+//! each datagram sealed under the cluster's gossip key for one receiver, which takes it only
+//! once ([`seal`], [`replay`]); per-host endpoint tables that only their owner writes, as
+//! owner-signed, versioned records piggybacked on SWIM messages; anti-entropy rounds that
+//! repair whatever a host missed. Sans-IO: [`node::GossipNode`]
 //! takes datagrams, timer expiries and local changes and returns datagrams, timers and
 //! events, so the same code runs behind a UDP socket in the agent and over an in-memory
 //! network with a simulated clock in [`sim`].
@@ -17,6 +18,7 @@
 
 pub mod node;
 pub mod record;
+pub mod replay;
 pub mod seal;
 pub mod sim;
 pub mod sync;

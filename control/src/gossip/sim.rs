@@ -87,6 +87,13 @@ struct Watch {
     seen: Vec<Option<Duration>>,
 }
 
+/// Datagrams one host sent, recorded as they went on the wire.
+struct Capture {
+    from: usize,
+    /// (the host it was sent to, the datagram).
+    sent: Vec<(usize, Vec<u8>)>,
+}
+
 /// Identifies a watch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WatchId(usize);
@@ -105,6 +112,8 @@ pub struct Simulation {
     rng: SmallRng,
     out: Output,
     watches: Vec<Watch>,
+    /// What one host sent, recorded (see [`Simulation::capture`]).
+    capture: Option<Capture>,
     /// Liveness events as they happened: (time, host that saw it, event).
     pub log: Vec<(Duration, usize, Event)>,
 }
@@ -175,6 +184,7 @@ impl Simulation {
             rng,
             out: Output::default(),
             watches: Vec::new(),
+            capture: None,
             log: Vec::new(),
         };
         if sim.config.warm {
@@ -358,12 +368,14 @@ impl Simulation {
         self.hosts.iter().fold((0, 0), |(b, d), h| (b + h.tx_bytes, d + h.tx_datagrams))
     }
 
-    /// Seals `payload` as a datagram of `kind` under the cluster key and hands it to host
-    /// `to` at once, as if host `from` had sent it: what a host holding the key (a member,
-    /// or one turned hostile) can put on the wire. Loss and cuts do not apply.
+    /// Seals `payload` as a datagram of `kind` as host `from` seals (its key, its next
+    /// counter) and hands it to host `to` at once: what a host holding the key (a member, or
+    /// one turned hostile) can put on the wire. Loss and cuts do not apply. Host `from` must
+    /// be running.
     pub fn inject(&mut self, from: usize, to: usize, kind: Kind, payload: &[u8]) {
-        let mut datagram = Vec::new();
-        GossipKey::new(&self.key).seal(kind, payload, &mut datagram);
+        let receiver = self.hosts[to].id;
+        let node = self.hosts[from].node.as_mut().expect("a running host to inject from");
+        let datagram = node.seal(receiver, kind, payload);
         self.inject_raw(self.hosts[from].addr, to, datagram);
     }
 
@@ -377,6 +389,18 @@ impl Simulation {
         }
         self.dispatch(to, &mut out);
         self.out = out;
+    }
+
+    /// Starts recording every datagram host `from` sends, as it goes on the wire (sealed,
+    /// before loss): what an eavesdropper on the underlay captures. Replaces an earlier
+    /// recording.
+    pub fn capture(&mut self, from: usize) {
+        self.capture = Some(Capture { from, sent: Vec::new() });
+    }
+
+    /// Stops recording; returns what was recorded: (the host it was sent to, the datagram).
+    pub fn captured(&mut self) -> Vec<(usize, Vec<u8>)> {
+        self.capture.take().map(|c| c.sent).unwrap_or_default()
     }
 
     fn schedule(&mut self, at: Duration, p: Pending) {
@@ -395,6 +419,9 @@ impl Simulation {
             self.hosts[i].tx_bytes += data.len() as u64;
             self.hosts[i].tx_datagrams += 1;
             let Some(&j) = self.by_addr.get(&to) else { continue };
+            if let Some(c) = self.capture.as_mut().filter(|c| c.from == i) {
+                c.sent.push((j, data.clone()));
+            }
             if self.hosts[i].cut || self.hosts[j].cut || self.rng.random_bool(self.config.loss) {
                 continue;
             }
