@@ -1,51 +1,112 @@
-//! The static configuration: the local VTEP and each network's peers and static entries,
-//! from a TOML file and command-line flags (flags win), validated before anything is created.
+//! The daemon's configuration: its settings ([`DaemonSettings`]: one type, from flags and
+//! environment over the config file over the defaults) and, in static mode, its networks
+//! (from flags or `[[network]]` tables), validated before anything is created.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use dataplane::linux::{LoopThreads, Offloads};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
+use dataplane::linux::DataplaneSettings;
 use dataplane::{MacAddr, Vni};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 /// Longest network name, so that `ovbr-<name>` fits Linux's 15-character interface names.
 pub const MAX_NAME_LEN: usize = 10;
 
-/// `dataplane_threads` in the file: `1`, `2` or `"auto"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum ThreadsSetting {
-    Count(i64),
-    Word(String),
+/// The daemon's settings, whatever its mode. Each is a flag, an `OVERLAYD_*` variable and a
+/// key of the config file, by the same name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Args)]
+#[serde(default)]
+pub struct DaemonSettings {
+    /// This host's underlay address in static mode: where other VTEPs send VXLAN to, and the
+    /// source of ours (a cluster host's is given to `init` or `join`).
+    #[arg(long, env = "OVERLAYD_UNDERLAY_ADDR", value_name = "IP")]
+    pub underlay_addr: Option<IpAddr>,
+
+    /// Underlay MTU [default: the MTU of the interface that holds the underlay address].
+    #[arg(long, env = "OVERLAYD_UNDERLAY_MTU", value_name = "BYTES")]
+    pub underlay_mtu: Option<u32>,
+
+    /// Cluster mode: IP[:PORT] other hosts reach this one's control API at, for `init` and
+    /// `join` that do not give --advertise-addr [default: this host's only global address,
+    /// port 7947].
+    #[arg(long, env = "OVERLAYD_ADVERTISE_ADDR", value_name = "ADDR")]
+    pub advertise_addr: Option<String>,
+
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+    #[arg(long, env = "OVERLAYD_METRICS_ADDR", value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Log filter (tracing syntax: error, warn, info, debug, or per-module).
+    #[arg(long, env = "OVERLAYD_LOG", default_value = "info", value_name = "FILTER")]
+    pub log: String,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub dataplane: DataplaneSettings,
 }
 
-impl ThreadsSetting {
-    fn resolve(&self) -> Result<LoopThreads, String> {
-        match self {
-            ThreadsSetting::Count(n) => LoopThreads::parse(&n.to_string()),
-            ThreadsSetting::Word(w) => LoopThreads::parse(w),
+impl Default for DaemonSettings {
+    fn default() -> DaemonSettings {
+        DaemonSettings {
+            underlay_addr: None,
+            underlay_mtu: None,
+            advertise_addr: None,
+            metrics_addr: None,
+            log: "info".into(),
+            dataplane: DataplaneSettings::default(),
         }
     }
 }
 
-/// The file format (see `overlayd daemon --help`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub underlay_addr: Option<IpAddr>,
-    pub underlay_mtu: Option<u32>,
-    pub vxlan_port: Option<u16>,
-    pub source_ports: Option<String>,
-    pub metrics_addr: Option<SocketAddr>,
-    pub offloads: Option<String>,
-    pub dataplane_threads: Option<ThreadsSetting>,
-    #[serde(default, rename = "network")]
-    pub networks: Vec<FileNetwork>,
+/// One network given by flags rather than the file.
+#[derive(Debug, Default, Clone, Args)]
+#[command(next_help_heading = "One network from flags (use --config for several)")]
+pub struct FlagNetwork {
+    /// The network's VXLAN Network Identifier (0-16777215).
+    #[arg(long, value_name = "VNI")]
+    pub vni: Option<Vni>,
+
+    /// Network name, used in device names [default: the VNI].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Bridge the containers attach to [default: ovbr-<name>]. An existing bridge is used and
+    /// left in place on exit.
+    #[arg(long, value_name = "IFNAME")]
+    pub bridge: Option<String>,
+
+    /// TAP device name [default: ovt-<name>].
+    #[arg(long, value_name = "IFNAME")]
+    pub tap: Option<String>,
+
+    /// MTU of the bridge and TAP [default: underlay MTU - 50 (IPv4) or - 70 (IPv6)].
+    #[arg(long, value_name = "BYTES")]
+    pub mtu: Option<u32>,
+
+    /// A peer VTEP: receives this network's broadcast and unknown frames, and may send to it.
+    /// Repeat for each peer.
+    #[arg(long = "peer", value_name = "IP")]
+    pub peers: Vec<IpAddr>,
+
+    /// A static MAC → VTEP entry. Repeatable.
+    #[arg(long = "fdb", value_name = "MAC=VTEP", value_parser = parse_fdb_entry)]
+    pub fdb: Vec<(MacAddr, IpAddr)>,
+
+    /// Answer ARP requests for IP with MAC, locally. Repeatable.
+    #[arg(long = "arp", value_name = "IP=MAC", value_parser = parse_arp_entry)]
+    pub arp: Vec<(Ipv4Addr, MacAddr)>,
+
+    /// Do not learn MAC locations from the peers' traffic (static entries and flooding only).
+    #[arg(long)]
+    pub no_learning: bool,
 }
 
-/// One `[[network]]` table.
+/// One `[[network]]` table of the config file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileNetwork {
@@ -65,14 +126,6 @@ pub struct FileNetwork {
     pub arp: BTreeMap<Ipv4Addr, String>,
 }
 
-impl FileConfig {
-    pub fn load(path: &Path) -> Result<FileConfig> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-    }
-}
-
 /// A network ready to be created.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct NetworkConfig {
@@ -90,20 +143,13 @@ pub struct NetworkConfig {
 
 /// The whole validated daemon configuration. With networks it is static mode (and the
 /// underlay address is known); without, the daemon waits for `init` or `join` (cluster mode).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct StaticConfig {
-    pub underlay_addr: Option<IpAddr>,
-    pub underlay_mtu: Option<u32>,
-    pub vxlan_port: u16,
-    pub source_port_base: u16,
-    pub source_port_count: u16,
-    pub metrics_addr: Option<SocketAddr>,
-    pub offloads: Offloads,
-    pub dataplane_threads: LoopThreads,
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    pub settings: DaemonSettings,
     pub networks: Vec<NetworkConfig>,
 }
 
-impl StaticConfig {
+impl DaemonConfig {
     /// Whether this is static mode.
     pub fn is_static(&self) -> bool {
         !self.networks.is_empty()
@@ -111,24 +157,60 @@ impl StaticConfig {
 
     /// VXLAN overhead for this underlay's address family.
     pub fn overhead(&self) -> u32 {
-        crate::host::overhead(self.underlay_addr.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)))
+        crate::host::overhead(self.settings.underlay_addr.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)))
     }
 }
 
-/// Parses `FIRST-LAST` into (first, count).
-pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
-    let bad = || format!("{s:?} is not a port range; write FIRST-LAST, e.g. 61000-61015");
-    let (a, b) = s.split_once('-').ok_or_else(bad)?;
-    let a: u16 = a.trim().parse().map_err(|_| bad())?;
-    let b: u16 = b.trim().parse().map_err(|_| bad())?;
-    if a == 0 || b < a {
-        return Err(format!("{s:?}: the first port must be 1 or more and not above the last"));
+/// Reads the config file at `path` (if any) under the settings of the command line, whose
+/// matches say which were given there or in the environment.
+pub fn load(path: Option<&Path>, cli: DaemonSettings, given: &ArgMatches, flags: FlagNetwork) -> Result<DaemonConfig> {
+    let Some(path) = path else { return resolve(cli, Vec::new(), flags) };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+    from_text(&text, cli, given, flags).with_context(|| format!("in the config file {}", path.display()))
+}
+
+/// [`load`] with the file's text.
+fn from_text(text: &str, cli: DaemonSettings, given: &ArgMatches, flags: FlagNetwork) -> Result<DaemonConfig> {
+    let mut table: toml::Table = toml::from_str(text)?;
+    let networks: Vec<FileNetwork> = match table.remove("network") {
+        Some(n) => n.try_into().context("[[network]]")?,
+        None => Vec::new(),
+    };
+    resolve(layered(&cli, given, &table)?, networks, flags)
+}
+
+/// `cli` with each setting of `file` that was not given on the command line or in the
+/// environment. A key that is not a setting, or a value of the wrong kind, is refused by name.
+fn layered<T: Args + Serialize + DeserializeOwned>(cli: &T, given: &ArgMatches, file: &toml::Table) -> Result<T> {
+    let command = T::augment_args(clap::Command::new("settings"));
+    let known: Vec<&str> = command.get_arguments().map(|a| a.get_id().as_str()).collect();
+    let serde_json::Value::Object(mut merged) = serde_json::to_value(cli)? else { bail!("settings are not a table") };
+    for (key, value) in file {
+        ensure!(
+            known.contains(&key.as_str()),
+            "unknown field {key:?}: the file takes {} and [[network]] tables",
+            known.join(", ")
+        );
+        if matches!(given.value_source(key), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+            continue;
+        }
+        let mut one = merged.clone();
+        one.insert(key.clone(), serde_json::to_value(value)?);
+        serde_json::from_value::<T>(serde_json::Value::Object(one.clone()))
+            .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        merged = one;
     }
-    let count = b - a + 1;
-    if count > 1024 {
-        return Err(format!("{s:?}: at most 1024 source ports (one socket each)"));
+    Ok(serde_json::from_value(serde_json::Value::Object(merged))?)
+}
+
+/// `IP` or `IP:PORT` (`what` names the flag or argument in the error).
+pub fn socket_addr(given: &str, default_port: u16, what: &str) -> Result<SocketAddr> {
+    if let Ok(a) = given.parse::<SocketAddr>() {
+        return Ok(a);
     }
-    Ok((a, count))
+    let ip: IpAddr = given.parse().map_err(|_| anyhow::anyhow!("{what} {given:?} is not an IP address or IP:PORT"))?;
+    Ok(SocketAddr::new(ip, default_port))
 }
 
 /// Parses `MAC=VTEP`.
@@ -146,57 +228,24 @@ pub fn parse_arp_entry(s: &str) -> Result<(Ipv4Addr, MacAddr), String> {
     Ok((ip, m.parse()?))
 }
 
-/// One network given by flags rather than the file.
-#[derive(Debug, Default, Clone)]
-pub struct FlagNetwork {
-    pub vni: Option<Vni>,
-    pub name: Option<String>,
-    pub bridge: Option<String>,
-    pub tap: Option<String>,
-    pub mtu: Option<u32>,
-    pub peers: Vec<IpAddr>,
-    pub no_learning: bool,
-    pub fdb: Vec<(MacAddr, IpAddr)>,
-    pub arp: Vec<(Ipv4Addr, MacAddr)>,
-}
-
-/// Top-level settings given by flags (or their environment variables).
-#[derive(Debug, Default, Clone)]
-pub struct FlagSettings {
-    pub underlay_addr: Option<IpAddr>,
-    pub underlay_mtu: Option<u32>,
-    pub vxlan_port: Option<u16>,
-    pub source_ports: Option<(u16, u16)>,
-    pub metrics_addr: Option<SocketAddr>,
-    pub offloads: Option<Offloads>,
-    pub dataplane_threads: Option<LoopThreads>,
-    pub network: FlagNetwork,
-}
-
 fn valid_ifname(s: &str) -> bool {
     !s.is_empty() && s.len() <= 15 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-/// Merges file and flags and checks everything that can be checked before touching the host.
-pub fn resolve(file: FileConfig, flags: FlagSettings) -> Result<StaticConfig> {
-    let underlay_addr = flags.underlay_addr.or(file.underlay_addr);
-    if let Some(a) = underlay_addr {
+/// The settings with the networks of the file and of the flags, checked as far as they can be
+/// before touching the host.
+pub fn resolve(settings: DaemonSettings, file_networks: Vec<FileNetwork>, flags: FlagNetwork) -> Result<DaemonConfig> {
+    if let Some(a) = settings.underlay_addr {
         ensure!(
             !a.is_unspecified() && !a.is_multicast(),
             "the underlay address {a} must be a unicast address of this host"
         );
     }
-    let (source_port_base, source_port_count) = match (flags.source_ports, &file.source_ports) {
-        (Some(r), _) => r,
-        (None, Some(s)) => parse_port_range(s).map_err(|e| anyhow::anyhow!("source_ports in the config file: {e}"))?,
-        (None, None) => (61_000, 16),
-    };
-    let vxlan_port = flags.vxlan_port.or(file.vxlan_port).unwrap_or(4789);
-    ensure!(vxlan_port != 0, "the VXLAN port cannot be 0");
-    let underlay_mtu = flags.underlay_mtu.or(file.underlay_mtu);
-
+    if let Some(a) = &settings.advertise_addr {
+        socket_addr(a, proto::DEFAULT_CONTROL_PORT, "the advertise address")?;
+    }
     let mut networks = Vec::new();
-    for (i, n) in file.networks.into_iter().enumerate() {
+    for (i, n) in file_networks.into_iter().enumerate() {
         let what = format!("[[network]] #{} (vni {})", i + 1, n.vni);
         let vni = Vni::try_from(n.vni).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
         let fdb = n
@@ -211,7 +260,7 @@ pub fn resolve(file: FileConfig, flags: FlagSettings) -> Result<StaticConfig> {
             .collect::<Result<Vec<_>>>()?;
         networks.push(network(vni, n.name, n.bridge, n.tap, n.mtu, n.peers, n.learning.unwrap_or(true), fdb, arp));
     }
-    let f = flags.network;
+    let f = flags;
     match f.vni {
         Some(vni) => {
             networks.push(network(vni, f.name, f.bridge, f.tap, f.mtu, f.peers, !f.no_learning, f.fdb, f.arp));
@@ -228,7 +277,7 @@ pub fn resolve(file: FileConfig, flags: FlagSettings) -> Result<StaticConfig> {
             "--name, --bridge, --tap, --mtu, --peer, --fdb, --arp and --no-learning describe a network: give its --vni too"
         ),
     }
-    match (networks.is_empty(), underlay_addr) {
+    match (networks.is_empty(), settings.underlay_addr) {
         (true, Some(_)) => bail!(
             "no network to serve: give one with --vni N --peer IP…, or several as [[network]] tables in a --config \
              file (for cluster mode, leave out --underlay-addr and use `overlayd init` or `overlayd join`)"
@@ -240,25 +289,7 @@ pub fn resolve(file: FileConfig, flags: FlagSettings) -> Result<StaticConfig> {
         _ => {}
     }
 
-    let cfg = StaticConfig {
-        underlay_addr,
-        underlay_mtu,
-        vxlan_port,
-        source_port_base,
-        source_port_count,
-        metrics_addr: flags.metrics_addr.or(file.metrics_addr),
-        offloads: match (flags.offloads, &file.offloads) {
-            (Some(o), _) => o,
-            (None, Some(s)) => Offloads::parse(s).map_err(|e| anyhow::anyhow!("offloads in the config file: {e}"))?,
-            (None, None) => Offloads::default(),
-        },
-        dataplane_threads: match (flags.dataplane_threads, file.dataplane_threads) {
-            (Some(t), _) => t,
-            (None, Some(n)) => n.resolve().map_err(|e| anyhow::anyhow!("dataplane_threads in the config file: {e}"))?,
-            (None, None) => LoopThreads::default(),
-        },
-        networks,
-    };
+    let cfg = DaemonConfig { settings, networks };
     validate(&cfg)?;
     Ok(cfg)
 }
@@ -289,15 +320,16 @@ fn network(
     }
 }
 
-fn validate(cfg: &StaticConfig) -> Result<()> {
+fn validate(cfg: &DaemonConfig) -> Result<()> {
     let family = |ip: &IpAddr| ip.is_ipv4();
-    let underlay = cfg.underlay_addr.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let (first, count) = (u32::from(cfg.source_port_base), u32::from(cfg.source_port_count));
+    let underlay = cfg.settings.underlay_addr.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let dp = &cfg.settings.dataplane;
+    ensure!(dp.vxlan_port != 0, "the VXLAN port cannot be 0");
     ensure!(
-        !(first..first + count).contains(&u32::from(cfg.vxlan_port)) && first + count - 1 <= 65_535,
-        "the source ports {first}-{} must not include the VXLAN port {} and must end at 65535 or below",
-        first + count - 1,
-        cfg.vxlan_port
+        !dp.source_ports.contains(dp.vxlan_port),
+        "the source ports {} must not include the VXLAN port {}",
+        dp.source_ports,
+        dp.vxlan_port
     );
     let mut vnis = HashSet::new();
     let mut names = HashSet::new();
@@ -341,25 +373,45 @@ fn validate(cfg: &StaticConfig) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use clap::{CommandFactory, FromArgMatches};
+    use dataplane::linux::{LoopThreads, PortRange};
+
     use super::*;
 
-    fn flags(vni: u32, peers: &[&str]) -> FlagSettings {
-        FlagSettings {
-            underlay_addr: Some("198.18.0.1".parse().unwrap()),
-            network: FlagNetwork {
-                vni: Some(Vni::new(vni).unwrap()),
-                peers: peers.iter().map(|p| p.parse().unwrap()).collect(),
-                ..Default::default()
-            },
-            ..Default::default()
+    /// The configuration `overlayd daemon ARGS…` loads with a config file holding `file`.
+    fn daemon(args: &[&str], file: &str) -> Result<DaemonConfig> {
+        let argv = ["overlayd", "daemon"].into_iter().chain(args.iter().copied());
+        let matches = crate::Cli::command().try_get_matches_from(argv)?;
+        let crate::Command::Daemon(a) = crate::Cli::from_arg_matches(&matches)?.command else { unreachable!() };
+        let given = matches.subcommand_matches("daemon").expect("the daemon's matches");
+        from_text(file, a.settings, given, a.network)
+    }
+
+    fn static_flags(vni: &str, peers: &[&str]) -> Vec<String> {
+        let mut v = vec!["--underlay-addr".to_owned(), "198.18.0.1".into(), "--vni".into(), vni.into()];
+        for p in peers {
+            v.extend(["--peer".to_owned(), (*p).to_owned()]);
         }
+        v
+    }
+
+    fn with(v: &[String], more: &[&str]) -> Vec<String> {
+        v.iter().cloned().chain(more.iter().map(|s| (*s).to_owned())).collect()
+    }
+
+    fn run(args: &[String], file: &str) -> Result<DaemonConfig> {
+        daemon(&args.iter().map(String::as_str).collect::<Vec<_>>(), file)
+    }
+
+    fn err(args: &[String], file: &str) -> String {
+        format!("{:#}", run(args, file).unwrap_err())
     }
 
     #[test]
     fn flags_alone_make_one_network_with_defaults() {
-        let c = resolve(FileConfig::default(), flags(100, &["198.18.0.2"])).unwrap();
-        assert_eq!(c.vxlan_port, 4789);
-        assert_eq!((c.source_port_base, c.source_port_count), (61_000, 16));
+        let c = run(&static_flags("100", &["198.18.0.2"]), "").unwrap();
+        assert_eq!(c.settings.dataplane.vxlan_port, 4789);
+        assert_eq!(c.settings.dataplane.source_ports, PortRange { first: 61_000, count: 16 });
         let n = &c.networks[0];
         assert_eq!((n.name.as_str(), n.bridge.as_str(), n.tap.as_str()), ("100", "ovbr-100", "ovt-100"));
         assert!(n.learning);
@@ -367,8 +419,7 @@ mod tests {
 
     #[test]
     fn the_file_and_flags_combine() {
-        let file: FileConfig = toml::from_str(
-            r#"
+        let file = r#"
             underlay_addr = "198.18.0.9"
             vxlan_port = 4790
             [[network]]
@@ -378,12 +429,10 @@ mod tests {
             learning = false
             fdb = { "02:4f:0a:00:00:03" = "198.18.0.3" }
             arp = { "10.0.0.3" = "02:4f:0a:00:00:03" }
-            "#,
-        )
-        .unwrap();
-        let c = resolve(file, flags(100, &["198.18.0.2"])).unwrap();
-        assert_eq!(c.underlay_addr, Some("198.18.0.1".parse::<IpAddr>().unwrap()), "the flag wins");
-        assert_eq!(c.vxlan_port, 4790);
+            "#;
+        let c = run(&static_flags("100", &["198.18.0.2"]), file).unwrap();
+        assert_eq!(c.settings.underlay_addr, Some("198.18.0.1".parse::<IpAddr>().unwrap()), "the flag wins");
+        assert_eq!(c.settings.dataplane.vxlan_port, 4790);
         assert_eq!(c.networks.len(), 2);
         assert_eq!(c.networks[0].bridge, "ovbr-blue");
         assert_eq!(c.networks[0].fdb.len(), 1);
@@ -391,49 +440,84 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_host_takes_its_daemon_settings_from_the_file() {
+        let file = r#"
+            log = "debug"
+            advertise_addr = "198.18.0.7"
+            metrics_addr = "127.0.0.1:9477"
+            underlay_mtu = 9000
+            offloads = "tap,gso"
+            source_ports = "62000-62003"
+            "#;
+        let c = daemon(&[], file).unwrap();
+        assert!(!c.is_static(), "no networks: cluster mode");
+        assert_eq!(c.settings.log, "debug", "the file's value over the flag's default");
+        assert_eq!(c.settings.advertise_addr.as_deref(), Some("198.18.0.7"));
+        assert_eq!(c.settings.metrics_addr, Some("127.0.0.1:9477".parse().unwrap()));
+        assert_eq!(c.settings.underlay_mtu, Some(9000));
+        assert_eq!(c.settings.dataplane.source_ports, PortRange { first: 62_000, count: 4 });
+        let o = c.settings.dataplane.offloads;
+        assert!(o.tap && o.udp_gso && !o.udp_gro && !o.coalesce);
+        let flag = daemon(&["--log", "info", "--offloads", "all"], file).unwrap();
+        assert_eq!(flag.settings.log, "info", "a flag given wins even when it says the default");
+        assert!(flag.settings.dataplane.offloads.coalesce);
+    }
+
+    #[test]
     fn mistakes_are_refused_with_what_to_fix() {
-        let e = |f: FileConfig, s: FlagSettings| resolve(f, s).unwrap_err().to_string();
-        let mut no_addr = flags(1, &[]);
-        no_addr.underlay_addr = None;
-        assert!(e(FileConfig::default(), no_addr).contains("--underlay-addr"));
-        let mut no_net = flags(1, &[]);
-        no_net.network = FlagNetwork::default();
-        assert!(e(FileConfig::default(), no_net).contains("--vni"));
-        let cluster = resolve(FileConfig::default(), FlagSettings::default()).unwrap();
+        let no_addr = static_flags("1", &[])[2..].to_vec();
+        assert!(err(&no_addr, "").contains("--underlay-addr"));
+        let no_net = static_flags("1", &[])[..2].to_vec();
+        assert!(err(&no_net, "").contains("--vni"));
+        let cluster = daemon(&[], "").unwrap();
         assert!(!cluster.is_static(), "nothing static: cluster mode");
-        assert!(e(FileConfig::default(), flags(1, &["198.18.0.1"])).contains("own underlay address"));
-        assert!(e(FileConfig::default(), flags(1, &["fd00::2"])).contains("address family"));
-        let mut dup = FileConfig::default();
-        dup.networks.push(FileNetwork { vni: 1, name: Some("x".into()), ..Default::default() });
-        assert!(e(dup, flags(1, &[])).contains("configured twice"));
-        let mut long = flags(1, &[]);
-        long.network.name = Some("averyverylongname".into());
-        assert!(e(FileConfig::default(), long).contains("1 to 10 characters"));
-        let unknown = toml::from_str::<FileConfig>("underlay_adr = \"1.2.3.4\"").unwrap_err().to_string();
-        assert!(unknown.contains("unknown field"), "{unknown}");
-        assert!(parse_port_range("5-1").is_err() && parse_port_range("x").is_err());
-        assert_eq!(parse_port_range("61000-61015"), Ok((61_000, 16)));
+        assert!(err(&static_flags("1", &["198.18.0.1"]), "").contains("own underlay address"));
+        assert!(err(&static_flags("1", &["fd00::2"]), "").contains("address family"));
+        let dup = "[[network]]\nvni = 1\nname = \"x\"\n";
+        assert!(err(&static_flags("1", &[]), dup).contains("configured twice"));
+        let long = with(&static_flags("1", &[]), &["--name", "averyverylongname"]);
+        assert!(err(&long, "").contains("1 to 10 characters"));
+        let unknown = format!("{:#}", daemon(&[], "underlay_adr = \"1.2.3.4\"").unwrap_err());
+        assert!(unknown.contains("unknown field \"underlay_adr\"") && unknown.contains("advertise_addr"), "{unknown}");
+        let in_network = format!("{:#}", daemon(&[], "[[network]]\nvni = 1\npeer = []").unwrap_err());
+        assert!(in_network.contains("unknown field `peer`"), "{in_network}");
+        let wrong_kind = format!("{:#}", daemon(&[], "vxlan_port = \"x\"").unwrap_err());
+        assert!(wrong_kind.contains("vxlan_port"), "the setting is named: {wrong_kind}");
+        assert!(err(&with(&static_flags("1", &[]), &["--source-ports", "5-1"]), "").contains("not above the last"));
+        assert!(err(&with(&static_flags("1", &[]), &["--source-ports", "x"]), "").contains("FIRST-LAST"));
+        let into_vxlan = with(&static_flags("1", &[]), &["--source-ports", "4780-4790"]);
+        assert!(err(&into_vxlan, "").contains("must not include the VXLAN port 4789"));
         assert!(parse_fdb_entry("02:4f:0a:00:00:02").unwrap_err().contains("MAC=VTEP"));
         assert!(parse_arp_entry("10.0.0.2=zz").is_err());
-        let three = FileConfig { dataplane_threads: Some(ThreadsSetting::Count(3)), ..Default::default() };
-        assert!(e(three, flags(1, &[])).contains("dataplane_threads in the config file"));
+        let three = err(&static_flags("1", &[]), "dataplane_threads = 3");
+        assert!(three.contains("dataplane_threads") && three.contains("write auto"), "{three}");
+    }
+
+    #[test]
+    fn an_address_with_or_without_a_port() {
+        assert_eq!(socket_addr("198.18.0.1", 7947, "x").unwrap(), "198.18.0.1:7947".parse().unwrap());
+        assert_eq!(socket_addr("198.18.0.1:9000", 7947, "x").unwrap(), "198.18.0.1:9000".parse().unwrap());
+        assert_eq!(socket_addr("[fd00::1]:9000", 7947, "x").unwrap(), "[fd00::1]:9000".parse().unwrap());
+        assert_eq!(socket_addr("fd00::1", 7947, "x").unwrap(), "[fd00::1]:7947".parse().unwrap());
+        let e = socket_addr("manager-1", 7947, "--advertise-addr").unwrap_err().to_string();
+        assert!(e.contains("--advertise-addr \"manager-1\" is not an IP address or IP:PORT"), "{e}");
     }
 
     #[test]
     fn hot_loop_threads_come_from_the_flag_then_the_file() {
-        let file = FileConfig { dataplane_threads: Some(ThreadsSetting::Count(1)), ..Default::default() };
-        let c = resolve(FileConfig::default(), flags(1, &[])).unwrap();
-        assert_eq!(c.dataplane_threads, LoopThreads::Auto, "one thread while idle, two under load, by default");
-        let auto: FileConfig = toml::from_str("dataplane_threads = \"auto\"").unwrap();
-        assert_eq!(resolve(auto, flags(1, &[])).unwrap().dataplane_threads, LoopThreads::Auto);
-        let two: FileConfig = toml::from_str("dataplane_threads = 2").unwrap();
-        assert_eq!(resolve(two, flags(1, &[])).unwrap().dataplane_threads, LoopThreads::PerDirection);
-        let word: FileConfig = toml::from_str("dataplane_threads = \"many\"").unwrap();
-        assert!(format!("{:#}", resolve(word, flags(1, &[])).unwrap_err()).contains("write auto"));
-        assert_eq!(resolve(file, flags(1, &[])).unwrap().dataplane_threads, LoopThreads::One);
-        let file = FileConfig { dataplane_threads: Some(ThreadsSetting::Count(1)), ..Default::default() };
-        let mut two = flags(1, &[]);
-        two.dataplane_threads = Some(LoopThreads::PerDirection);
-        assert_eq!(resolve(file, two).unwrap().dataplane_threads, LoopThreads::PerDirection, "the flag wins");
+        let threads = |args: &[&str], file: &str| {
+            run(&with(&static_flags("1", &[]), args), file).unwrap().settings.dataplane.dataplane_threads
+        };
+        assert_eq!(threads(&[], ""), LoopThreads::Auto, "one thread while idle, two under load, by default");
+        assert_eq!(threads(&[], "dataplane_threads = \"auto\""), LoopThreads::Auto);
+        assert_eq!(threads(&[], "dataplane_threads = 2"), LoopThreads::PerDirection);
+        let word = err(&static_flags("1", &[]), "dataplane_threads = \"many\"");
+        assert!(word.contains("write auto"), "{word}");
+        assert_eq!(threads(&[], "dataplane_threads = 1"), LoopThreads::One);
+        assert_eq!(
+            threads(&["--dataplane-threads", "2"], "dataplane_threads = 1"),
+            LoopThreads::PerDirection,
+            "the flag wins"
+        );
     }
 }

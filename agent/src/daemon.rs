@@ -14,8 +14,8 @@ use tokio::sync::RwLock;
 
 use crate::api;
 use crate::cluster::{self, ClusterContext, ClusterRuntime};
-use crate::config::StaticConfig;
-use crate::host::{DataplaneSettings, Host};
+use crate::config::DaemonConfig;
+use crate::host::Host;
 use crate::netdev;
 use crate::static_mode;
 
@@ -77,25 +77,13 @@ fn claim_state_dir(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: StaticConfig, state_dir: PathBuf) -> Result<()> {
+pub async fn run(config: DaemonConfig, state_dir: PathBuf) -> Result<()> {
     // Watch the signals first: from here on SIGTERM means "clean up and leave", even mid-setup.
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let sock = claim_state_dir(&state_dir)?;
     let nl = netdev::connect()?;
-    let settings = DataplaneSettings {
-        vxlan_port: config.vxlan_port,
-        source_port_base: config.source_port_base,
-        source_port_count: config.source_port_count,
-        offloads: config.offloads,
-        threads: config.dataplane_threads,
-    };
-    let ctx = ClusterContext {
-        state_dir: state_dir.clone(),
-        nl: nl.clone(),
-        settings: settings.clone(),
-        underlay_mtu: config.underlay_mtu,
-    };
+    let ctx = ClusterContext { state_dir: state_dir.clone(), nl: nl.clone(), settings: config.settings.clone() };
     let start = async {
         if config.is_static() {
             if cluster::is_member(&state_dir) {
@@ -104,7 +92,7 @@ pub async fn run(config: StaticConfig, state_dir: PathBuf) -> Result<()> {
                     state_dir.display()
                 );
             }
-            return Ok(Mode::Static(Arc::new(static_mode::start(nl.clone(), &config, settings.clone()).await?)));
+            return Ok(Mode::Static(Arc::new(static_mode::start(nl.clone(), &config).await?)));
         }
         match ClusterRuntime::resume(&ctx).await? {
             Some(rt) => Ok(Mode::Cluster(Arc::new(rt))),
@@ -121,7 +109,7 @@ pub async fn run(config: StaticConfig, state_dir: PathBuf) -> Result<()> {
 
     let result = tokio::select! {
         r = api::serve(&sock, Arc::clone(&daemon)) => r,
-        r = api::serve_metrics(config.metrics_addr, Arc::clone(&daemon)) => r,
+        r = api::serve_metrics(config.settings.metrics_addr, Arc::clone(&daemon)) => r,
         r = watchdog(Arc::clone(&daemon)) => r,
         _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
         _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }

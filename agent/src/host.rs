@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use control::cidr::Ipv4Cidr;
-use dataplane::linux::{Dataplane, DataplaneConfig, LoopThreads, Offloads};
+use dataplane::linux::{Dataplane, DataplaneSettings};
 use dataplane::tables::{BlockOwner, NetworkSettings};
 use dataplane::{MacAddr, Vni};
 use proto as pb;
@@ -29,16 +29,6 @@ pub struct Underlay {
     pub addr: IpAddr,
     pub interface: String,
     pub mtu: u32,
-}
-
-/// Dataplane settings that are not per network.
-#[derive(Debug, Clone)]
-pub struct DataplaneSettings {
-    pub vxlan_port: u16,
-    pub source_port_base: u16,
-    pub source_port_count: u16,
-    pub offloads: Offloads,
-    pub threads: LoopThreads,
 }
 
 /// Where a cluster network's gateway is and which block is this host's.
@@ -88,7 +78,6 @@ pub struct Host {
     pub nl: rtnetlink::Handle,
     pub dataplane: Arc<Dataplane>,
     pub underlay: Underlay,
-    pub settings: DataplaneSettings,
     networks: Mutex<BTreeMap<String, LocalNetwork>>,
     started: Instant,
 }
@@ -104,26 +93,18 @@ impl Host {
         let (interface, detected) = netdev::underlay_mtu(&nl, underlay_addr).await?;
         let mtu = underlay_mtu.unwrap_or(detected);
         tracing::info!(addr = %underlay_addr, %interface, mtu, "underlay");
-        let mut config = DataplaneConfig::new(underlay_addr);
-        config.port = settings.vxlan_port;
-        config.source_port_base = settings.source_port_base;
-        config.source_port_count = settings.source_port_count;
-        config.offloads = settings.offloads;
-        config.threads = settings.threads;
-        let dataplane = Dataplane::start(config).with_context(|| {
+        let ports = (settings.vxlan_port, settings.source_ports);
+        let dataplane = Dataplane::start(underlay_addr, settings).with_context(|| {
             format!(
                 "cannot start the dataplane on {underlay_addr}:{} (is another VXLAN endpoint, overlayd or a kernel vxlan \
-                 device, using this port or the source ports {}-{} on this host?)",
-                settings.vxlan_port,
-                settings.source_port_base,
-                settings.source_port_base + (settings.source_port_count - 1)
+                 device, using this port or the source ports {} on this host?)",
+                ports.0, ports.1
             )
         })?;
         Ok(Host {
             nl,
             dataplane: Arc::new(dataplane),
             underlay: Underlay { addr: underlay_addr, interface, mtu },
-            settings,
             networks: Mutex::new(BTreeMap::new()),
             started: Instant::now(),
         })
@@ -249,8 +230,8 @@ impl Host {
                 }
             })
             .collect();
-        let s = &self.settings;
-        let o = self.dataplane.config().offloads;
+        let s = self.dataplane.settings();
+        let o = s.offloads;
         pb::StatusReply {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
@@ -260,14 +241,14 @@ impl Host {
             underlay_interface: self.underlay.interface.clone(),
             underlay_mtu: self.underlay.mtu,
             vxlan_port: u32::from(s.vxlan_port),
-            source_ports: format!("{}-{}", s.source_port_base, s.source_port_base + (s.source_port_count - 1)),
+            source_ports: s.source_ports.to_string(),
             allocation_counting: dataplane::alloc_count::is_installed(),
             offloads: Some(pb::Offloads { tap: o.tap, udp_gso: o.udp_gso, udp_gro: o.udp_gro, coalesce: o.coalesce }),
             networks,
             counters: Some(counters(&self.dataplane.counters().snapshot())),
             cluster: None,
             dataplane_threads: if split { 2 } else { 1 },
-            dataplane_threads_setting: self.dataplane.config().threads.as_str().into(),
+            dataplane_threads_setting: s.dataplane_threads.as_str().into(),
             dataplane_loop_switches: switches,
         }
     }

@@ -13,14 +13,11 @@ mod netdev;
 mod output;
 mod static_mode;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use dataplane::alloc_count::CountingAllocator;
-use dataplane::linux::{LoopThreads, Offloads};
-use dataplane::{MacAddr, Vni};
 use proto as pb;
 
 // Counting allocations per thread is how the zero-allocation hot loop is checked in every
@@ -240,21 +237,29 @@ struct DetachArgs {
 }
 
 const DAEMON_HELP: &str = "Run the agent in the foreground.\n\n\
+Every setting is a flag, an OVERLAYD_* environment variable and a key of the TOML file given \
+with --config, by the same name; a flag or variable wins over the file, the file over the \
+default.\n\n\
+Cluster mode (no networks configured): the daemon resumes the membership its state dir holds, \
+or waits for `overlayd init` or `overlayd join`.\n\n\
 Static mode: the networks, their peer VTEPs and any static entries come from flags (one network) \
-or a TOML file given with --config (any number of networks); flags override the file, and the \
-file's settings override defaults. For each network the daemon creates the bridge ovbr-<name> \
-and the TAP ovt-<name> on it (MTU = underlay MTU - 50 on IPv4, - 70 on IPv6, unless --mtu), \
-floods broadcast and unknown frames to the peers, answers ARP for the static IP=MAC entries, \
-and learns where other MACs live from the peers' traffic (ageing 300 s). It accepts VXLAN only \
-from the peers and static FDB VTEPs of each network; everything else is dropped and counted.\n\n\
-Config file example:\n\n\
-  underlay_addr = \"198.18.0.1\"      # this host's VTEP address (required)\n\
-  # underlay_mtu = 1500             # default: the MTU of the interface holding underlay_addr\n\
+or [[network]] tables in the file (any number). For each network the daemon creates the bridge \
+ovbr-<name> and the TAP ovt-<name> on it (MTU = underlay MTU - 50 on IPv4, - 70 on IPv6, unless \
+--mtu), floods broadcast and unknown frames to the peers, answers ARP for the static IP=MAC \
+entries, and learns where other MACs live from the peers' traffic (ageing 300 s). It accepts \
+VXLAN only from the peers and static FDB VTEPs of each network; everything else is dropped and \
+counted.\n\n\
+Config file example, cluster mode:\n\n\
+  advertise_addr = \"198.18.0.1\"     # for init and join [default: the only global address]\n\
+  log = \"info\"\n\
+  # metrics_addr = \"127.0.0.1:9477\" # Prometheus text at GET /metrics\n\
+  # underlay_mtu = 1500             # default: the MTU of the interface holding the VTEP address\n\
   # vxlan_port = 4789\n\
   # source_ports = \"61000-61015\"    # outer UDP source ports, picked by inner-flow hash\n\
-  # metrics_addr = \"127.0.0.1:9477\" # Prometheus text at GET /metrics\n\
   # offloads = \"all\"               # or none, or some of tap,gso,gro,coalesce\n\
   # dataplane_threads = \"auto\"      # one thread while idle, one per direction under load; or 1, 2\n\n\
+Config file example, static mode (the same settings, and):\n\n\
+  underlay_addr = \"198.18.0.1\"      # this host's VTEP address (required)\n\n\
   [[network]]\n\
   name = \"blue\"                     # bridge ovbr-blue, TAP ovt-blue (name: up to 10 characters)\n\
   vni = 100\n\
@@ -268,96 +273,16 @@ port is 8472).";
 
 #[derive(Args)]
 struct DaemonArgs {
-    /// TOML file with the settings and any number of [[network]] tables (see above).
+    /// TOML file with any of the settings below (by the same names: `vxlan_port = 4789`) and,
+    /// for static mode, any number of [[network]] tables (see above).
     #[arg(short, long, env = "OVERLAYD_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// This host's underlay address: where other VTEPs send VXLAN to, and the source of ours.
-    #[arg(long, env = "OVERLAYD_UNDERLAY_ADDR", value_name = "IP")]
-    underlay_addr: Option<IpAddr>,
-
-    /// Underlay MTU [default: the MTU of the interface that holds --underlay-addr].
-    #[arg(long, env = "OVERLAYD_UNDERLAY_MTU", value_name = "BYTES")]
-    underlay_mtu: Option<u32>,
-
-    /// VXLAN UDP port, on this host and on the peers [default: 4789].
-    #[arg(long, env = "OVERLAYD_VXLAN_PORT", value_name = "PORT")]
-    vxlan_port: Option<u16>,
-
-    /// Outer UDP source ports; each inner flow keeps one, chosen by hash, for ECMP and RSS
-    /// [default: 61000-61015].
-    #[arg(long, env = "OVERLAYD_SOURCE_PORTS", value_name = "FIRST-LAST", value_parser = config::parse_port_range)]
-    source_ports: Option<(u16, u16)>,
-
-    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
-    #[arg(long, env = "OVERLAYD_METRICS_ADDR", value_name = "ADDR:PORT")]
-    metrics_addr: Option<SocketAddr>,
-
-    /// Offloads: all, none, or a list of tap (TSO super-frames from the TAP), gso (UDP_SEGMENT
-    /// sends), gro (UDP_GRO receives), coalesce (TCP segments joined for the TAP). For diagnosis
-    /// and for measuring each on its own.
-    #[arg(long, env = "OVERLAYD_OFFLOADS", value_name = "LIST", value_parser = Offloads::parse)]
-    offloads: Option<Offloads>,
-
-    /// Threads of the hot loops. `auto` (the default) runs both directions on one thread while
-    /// that thread is busy less than half the time, and gives each direction its own thread as
-    /// soon as it is busier (joining them again when the load has gone): the round-trip time of
-    /// one thread at low load, the throughput of two under load. `1` always runs both
-    /// directions on one thread (what the kernel answers while the thread writes to a TAP, a
-    /// ping's reply or a TCP ACK, leaves without waking another thread; 10-25 % less round-trip
-    /// time, 10-20 % less throughput than `2`); `2` always gives each direction its own thread.
-    #[arg(long, env = "OVERLAYD_DATAPLANE_THREADS", value_name = "auto|1|2", value_parser = LoopThreads::parse)]
-    dataplane_threads: Option<LoopThreads>,
-
-    /// Log filter (tracing syntax: error, warn, info, debug, or per-module).
-    #[arg(long, env = "OVERLAYD_LOG", default_value = "info", value_name = "FILTER")]
-    log: String,
+    #[command(flatten)]
+    settings: config::DaemonSettings,
 
     #[command(flatten)]
-    network: NetworkFlags,
-}
-
-/// One network from flags.
-#[derive(Args)]
-#[command(next_help_heading = "One network from flags (use --config for several)")]
-struct NetworkFlags {
-    /// The network's VXLAN Network Identifier (0-16777215).
-    #[arg(long, value_name = "VNI")]
-    vni: Option<Vni>,
-
-    /// Network name, used in device names [default: the VNI].
-    #[arg(long, value_name = "NAME")]
-    name: Option<String>,
-
-    /// Bridge the containers attach to [default: ovbr-<name>]. An existing bridge is used and
-    /// left in place on exit.
-    #[arg(long, value_name = "IFNAME")]
-    bridge: Option<String>,
-
-    /// TAP device name [default: ovt-<name>].
-    #[arg(long, value_name = "IFNAME")]
-    tap: Option<String>,
-
-    /// MTU of the bridge and TAP [default: underlay MTU - 50 (IPv4) or - 70 (IPv6)].
-    #[arg(long, value_name = "BYTES")]
-    mtu: Option<u32>,
-
-    /// A peer VTEP: receives this network's broadcast and unknown frames, and may send to it.
-    /// Repeat for each peer.
-    #[arg(long = "peer", value_name = "IP")]
-    peers: Vec<IpAddr>,
-
-    /// A static MAC → VTEP entry. Repeatable.
-    #[arg(long = "fdb", value_name = "MAC=VTEP", value_parser = config::parse_fdb_entry)]
-    fdb: Vec<(MacAddr, IpAddr)>,
-
-    /// Answer ARP requests for IP with MAC, locally. Repeatable.
-    #[arg(long = "arp", value_name = "IP=MAC", value_parser = config::parse_arp_entry)]
-    arp: Vec<(Ipv4Addr, MacAddr)>,
-
-    /// Do not learn MAC locations from the peers' traffic (static entries and flooding only).
-    #[arg(long)]
-    no_learning: bool,
+    network: config::FlagNetwork,
 }
 
 #[derive(Args)]
@@ -368,8 +293,9 @@ struct OutputArgs {
 }
 
 fn main() {
-    let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Err(e) = run(cli, &matches) {
         #[allow(clippy::print_stderr)] // the CLI's last word; tracing may not be set up yet
         {
             eprintln!("overlayd: {e:#}");
@@ -378,37 +304,13 @@ fn main() {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     match cli.command {
         Command::Daemon(args) => {
             let args = *args;
-            init_logging(&args.log)?;
-            let file = match &args.config {
-                Some(path) => config::FileConfig::load(path)?,
-                None => config::FileConfig::default(),
-            };
-            let n = args.network;
-            let flags = config::FlagSettings {
-                underlay_addr: args.underlay_addr,
-                underlay_mtu: args.underlay_mtu,
-                vxlan_port: args.vxlan_port,
-                source_ports: args.source_ports,
-                metrics_addr: args.metrics_addr,
-                offloads: args.offloads,
-                dataplane_threads: args.dataplane_threads,
-                network: config::FlagNetwork {
-                    vni: n.vni,
-                    name: n.name,
-                    bridge: n.bridge,
-                    tap: n.tap,
-                    mtu: n.mtu,
-                    peers: n.peers,
-                    no_learning: n.no_learning,
-                    fdb: n.fdb,
-                    arp: n.arp,
-                },
-            };
-            let cfg = config::resolve(file, flags)?;
+            let given = matches.subcommand_matches("daemon").context("no daemon arguments")?;
+            let cfg = config::load(args.config.as_deref(), args.settings, given, args.network)?;
+            init_logging(&cfg.settings.log)?;
             runtime(2)?.block_on(daemon::run(cfg, cli.state_dir))
         }
         command => runtime(1)?.block_on(client(cli.state_dir, command)),

@@ -3,14 +3,15 @@
 
 use anyhow::{Context, Result};
 
-use crate::config::StaticConfig;
-use crate::host::{DataplaneSettings, Host, NetworkSpec};
+use crate::config::DaemonConfig;
+use crate::host::{Host, NetworkSpec};
 
 /// Starts the dataplane and brings every configured network up. On failure, what was made
 /// is removed again.
-pub async fn start(nl: rtnetlink::Handle, cfg: &StaticConfig, settings: DataplaneSettings) -> Result<Host> {
-    let underlay = cfg.underlay_addr.context("static mode needs an underlay address")?;
-    let host = Host::start(nl, underlay, cfg.underlay_mtu, settings).await?;
+pub async fn start(nl: rtnetlink::Handle, cfg: &DaemonConfig) -> Result<Host> {
+    let s = &cfg.settings;
+    let underlay = s.underlay_addr.context("static mode needs an underlay address")?;
+    let host = Host::start(nl, underlay, s.underlay_mtu, s.dataplane.clone()).await?;
     let result = async {
         for net in &cfg.networks {
             let what = format!("network {:?} (vni {})", net.name, net.vni);

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ClusterContext, ClusterRuntime, ENDPOINTS_FILE, PKI_DIR, RAFT_DIR, VIEW_FILE};
 use crate::attach;
+use crate::config::socket_addr;
 use crate::gossip::{self, GossipKeys};
 
 const MEMBERSHIP_FILE: &str = "cluster.json";
@@ -71,22 +72,17 @@ fn forget(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir.join(RAFT_DIR));
 }
 
-/// `IP` or `IP:PORT` (`what` names the flag or argument in the error).
-pub fn socket_addr(given: &str, default_port: u16, what: &str) -> Result<SocketAddr> {
-    if let Ok(a) = given.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    let ip: IpAddr = given.parse().map_err(|_| anyhow::anyhow!("{what} {given:?} is not an IP address or IP:PORT"))?;
-    Ok(SocketAddr::new(ip, default_port))
-}
-
-/// Picks the address to advertise: the one given, else this host's only global IPv4 address.
-async fn advertise_addr(nl: &rtnetlink::Handle, given: &str) -> Result<SocketAddr> {
+/// Picks the address to advertise: the one given to `init`/`join`, else the daemon's setting,
+/// else this host's only global address.
+async fn advertise_addr(ctx: &ClusterContext, given: &str) -> Result<SocketAddr> {
     let port = proto::DEFAULT_CONTROL_PORT;
     if !given.is_empty() {
         return socket_addr(given, port, "--advertise-addr");
     }
-    let addrs = crate::netdev::global_addresses(nl).await?;
+    if let Some(setting) = &ctx.settings.advertise_addr {
+        return socket_addr(setting, port, "the daemon's advertise_addr");
+    }
+    let addrs = crate::netdev::global_addresses(&ctx.nl).await?;
     match addrs.as_slice() {
         [one] => Ok(SocketAddr::new(*one, port)),
         [] => bail!("this host has no global address to advertise: give one with --advertise-addr"),
@@ -118,7 +114,7 @@ fn parse_port(port: u32) -> Result<u16> {
 impl ClusterRuntime {
     /// `overlayd init`: a new cluster with this host as its first manager.
     pub async fn init(ctx: &ClusterContext, req: pb::InitRequest) -> Result<(ClusterRuntime, pb::InitReply)> {
-        let advertise = advertise_addr(&ctx.nl, &req.advertise_addr).await?;
+        let advertise = advertise_addr(ctx, &req.advertise_addr).await?;
         let underlay = parse_underlay(&req.underlay_addr, advertise)?;
         let name = default_name(&req.name);
         let cluster_id = hex::encode(rand::random::<[u8; 8]>());
@@ -184,7 +180,7 @@ impl ClusterRuntime {
         let token: JoinToken =
             req.token.trim().parse().map_err(|e| anyhow::anyhow!("the join token is malformed: {e}"))?;
         let manager = socket_addr(&req.manager_addr, proto::DEFAULT_CONTROL_PORT, "the manager address")?;
-        let advertise = advertise_addr(&ctx.nl, &req.advertise_addr).await?;
+        let advertise = advertise_addr(ctx, &req.advertise_addr).await?;
         let underlay = parse_underlay(&req.underlay_addr, advertise)?;
         let name = default_name(&req.name);
         let gossip_addr = gossip::gossip_addr(advertise, parse_port(req.gossip_port)?);
@@ -281,20 +277,5 @@ impl ClusterRuntime {
         self.shutdown().await;
         forget(&self.state_dir);
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_address_with_or_without_a_port() {
-        assert_eq!(socket_addr("198.18.0.1", 7947, "x").unwrap(), "198.18.0.1:7947".parse().unwrap());
-        assert_eq!(socket_addr("198.18.0.1:9000", 7947, "x").unwrap(), "198.18.0.1:9000".parse().unwrap());
-        assert_eq!(socket_addr("[fd00::1]:9000", 7947, "x").unwrap(), "[fd00::1]:9000".parse().unwrap());
-        assert_eq!(socket_addr("fd00::1", 7947, "x").unwrap(), "[fd00::1]:7947".parse().unwrap());
-        let e = socket_addr("manager-1", 7947, "--advertise-addr").unwrap_err().to_string();
-        assert!(e.contains("--advertise-addr \"manager-1\" is not an IP address or IP:PORT"), "{e}");
     }
 }

@@ -24,9 +24,10 @@ use tokio::sync::Mutex;
 
 pub use membership::{Membership, is_member};
 
+use crate::config::DaemonSettings;
 use crate::endpoints::{self, EndpointStore};
 use crate::gossip::{self, Gossip, GossipKeys};
-use crate::host::{DataplaneSettings, Host};
+use crate::host::Host;
 
 pub(crate) const PKI_DIR: &str = "pki";
 pub(crate) const RAFT_DIR: &str = "raft";
@@ -40,8 +41,8 @@ const PROMOTE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ClusterContext {
     pub state_dir: PathBuf,
     pub nl: rtnetlink::Handle,
-    pub settings: DataplaneSettings,
-    pub underlay_mtu: Option<u32>,
+    /// The daemon's settings: the dataplane's, the underlay MTU, the default advertise address.
+    pub settings: DaemonSettings,
 }
 
 /// A host in cluster mode.
@@ -63,8 +64,10 @@ impl ClusterRuntime {
         identity: Arc<NodeIdentity>,
         bootstrap: Option<Command>,
     ) -> Result<ClusterRuntime> {
-        let host =
-            Arc::new(Host::start(ctx.nl.clone(), membership.underlay, ctx.underlay_mtu, ctx.settings.clone()).await?);
+        let host = Arc::new(
+            Host::start(ctx.nl.clone(), membership.underlay, ctx.settings.underlay_mtu, ctx.settings.dataplane.clone())
+                .await?,
+        );
         let result = async {
             let store = Arc::new(Mutex::new(EndpointStore::load(&ctx.state_dir.join(ENDPOINTS_FILE))?));
             let listener = TcpListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), membership.advertise.port()))

@@ -4,6 +4,7 @@
 
 mod batch;
 mod rx;
+mod settings;
 mod sys;
 mod tap;
 mod threads;
@@ -18,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+pub use settings::{DataplaneSettings, LoopThreads, Offloads, PortRange};
 pub use tap::{MAX_NAME_LEN, Tap, TapOffloads};
 pub use udp::BindError;
 
@@ -34,145 +36,6 @@ const HEADROOM: usize = 64;
 const WAKE: u64 = u64::MAX;
 /// epoll data value of the underlay socket, while the transmit loop's thread also receives.
 const UNDERLAY: u64 = u64::MAX - 1;
-
-/// Which offloads the dataplane uses. All on by default; each can be turned off to diagnose or
-/// to measure what it gives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Offloads {
-    /// TAPs with `IFF_VNET_HDR` and `TUNSETOFFLOAD`: TCP super-frames from the kernel,
-    /// checksums left to us, coalesced super-frames written back.
-    pub tap: bool,
-    /// `UDP_SEGMENT`: a run of datagrams to one VTEP in one send.
-    pub udp_gso: bool,
-    /// `UDP_GRO`: runs of datagrams received as one.
-    pub udp_gro: bool,
-    /// Joining received TCP segments into super-frames for the TAP (needs `tap`).
-    pub coalesce: bool,
-}
-
-impl Default for Offloads {
-    fn default() -> Offloads {
-        Offloads { tap: true, udp_gso: true, udp_gro: true, coalesce: true }
-    }
-}
-
-impl Offloads {
-    /// None at all: one frame per system call, as classic userspace tunnels work.
-    pub const NONE: Offloads = Offloads { tap: false, udp_gso: false, udp_gro: false, coalesce: false };
-
-    /// Parses `all`, `none`, or a comma-separated list of `tap`, `gso`, `gro`, `coalesce`
-    /// (those named are on, the others off).
-    pub fn parse(s: &str) -> Result<Offloads, String> {
-        match s.trim() {
-            "all" => return Ok(Offloads::default()),
-            "none" => return Ok(Offloads::NONE),
-            _ => {}
-        }
-        let mut o = Offloads::NONE;
-        for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
-            match word {
-                "tap" => o.tap = true,
-                "gso" => o.udp_gso = true,
-                "gro" => o.udp_gro = true,
-                "coalesce" => o.coalesce = true,
-                other => {
-                    return Err(format!(
-                        "unknown offload {other:?}: write all, none, or a list of tap, gso, gro, coalesce (e.g. tap,gso)"
-                    ));
-                }
-            }
-        }
-        if o.coalesce && !o.tap {
-            return Err("coalesce needs tap (coalesced frames go to the TAP with a virtio-net header)".into());
-        }
-        Ok(o)
-    }
-}
-
-/// How the hot loops are spread over threads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub enum LoopThreads {
-    /// One thread runs both directions from one epoll: a frame that the kernel answers while
-    /// the thread writes to a TAP (a ping's reply, a TCP ACK) is picked up by the thread that
-    /// is already awake, with no cross-thread wake-up. Lower latency, less throughput.
-    One,
-    /// A thread per direction (TAP → underlay, underlay → TAP): more throughput (the
-    /// receiving side's copies and the sending side's run on two cores), at the price of a
-    /// wake-up per turnaround (see BENCHMARKS.md).
-    PerDirection,
-    /// The default: one thread while the loops are mostly idle (the low latency of [`One`]),
-    /// split into a thread per direction as soon as that thread is busy more than half the
-    /// time (the throughput of [`PerDirection`]), joined again when the load has gone. The
-    /// receive loop moves between the threads at these switches only, never per packet.
-    ///
-    /// [`One`]: LoopThreads::One
-    /// [`PerDirection`]: LoopThreads::PerDirection
-    #[default]
-    Auto,
-}
-
-impl LoopThreads {
-    /// Parses `auto`, `1` or `2`.
-    pub fn parse(s: &str) -> Result<LoopThreads, String> {
-        match s.trim() {
-            "1" => Ok(LoopThreads::One),
-            "2" => Ok(LoopThreads::PerDirection),
-            "auto" => Ok(LoopThreads::Auto),
-            other => Err(format!(
-                "{other:?} is not a setting for the hot loops' threads: write auto (one thread while idle, a thread per direction under load; the default), 1 (one thread for both directions) or 2 (one per direction)"
-            )),
-        }
-    }
-
-    /// The setting as written on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LoopThreads::One => "1",
-            LoopThreads::PerDirection => "2",
-            LoopThreads::Auto => "auto",
-        }
-    }
-}
-
-/// Settings of the dataplane.
-#[derive(Debug, Clone)]
-pub struct DataplaneConfig {
-    /// This host's underlay address (its VTEP address). Sockets bind to it.
-    pub local: IpAddr,
-    /// The VXLAN UDP port, 4789 by default (Linux's vxlan defaults to 8472; say `dstport 4789`).
-    pub port: u16,
-    /// First outer source port; `source_port_count` consecutive ports are bound for sending.
-    pub source_port_base: u16,
-    /// How many source ports (and sending sockets) the flow hash spreads over.
-    pub source_port_count: u16,
-    /// Send and receive buffer size of every socket, in bytes.
-    pub socket_buffer_bytes: usize,
-    /// Bound on data-plane-learned entries.
-    pub max_learned: usize,
-    /// Seconds after which an unrefreshed learned entry is removed.
-    pub ageing_secs: u64,
-    /// Offloads to use.
-    pub offloads: Offloads,
-    /// Threads of the hot loops.
-    pub threads: LoopThreads,
-}
-
-impl DataplaneConfig {
-    /// Defaults for a VTEP at `local`.
-    pub fn new(local: IpAddr) -> DataplaneConfig {
-        DataplaneConfig {
-            local,
-            port: 4789,
-            source_port_base: 61_000,
-            source_port_count: 16,
-            socket_buffer_bytes: 7 << 20,
-            max_learned: learn::DEFAULT_MAX_ENTRIES,
-            ageing_secs: learn::DEFAULT_AGEING_SECS,
-            offloads: Offloads::default(),
-            threads: LoopThreads::default(),
-        }
-    }
-}
 
 /// Why the dataplane could not start or change.
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +55,9 @@ pub enum DataplaneError {
 }
 
 pub(crate) struct Shared {
-    pub(crate) config: DataplaneConfig,
+    /// This host's VTEP address: the sockets are bound to it.
+    pub(crate) local: IpAddr,
+    pub(crate) settings: DataplaneSettings,
     pub(crate) tables: SharedTables<Arc<Tap>>,
     pub(crate) learned: SharedLearned,
     pub(crate) counters: Counters,
@@ -219,7 +84,8 @@ impl Shared {
     #[cfg(test)]
     pub(crate) fn for_tests() -> Shared {
         Shared {
-            config: DataplaneConfig::new(IpAddr::from([127, 0, 0, 1])),
+            local: IpAddr::from([127, 0, 0, 1]),
+            settings: DataplaneSettings::default(),
             tables: SharedTables::default(),
             learned: learn::shared_learned(),
             counters: Counters::default(),
@@ -257,38 +123,33 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// Binds the sockets and starts the loops. No network is attached yet.
-    pub fn start(config: DataplaneConfig) -> Result<Dataplane, DataplaneError> {
-        if config.source_port_count == 0 {
-            return Err(DataplaneError::Config("at least one source port is needed".into()));
-        }
-        let last = u32::from(config.source_port_base) + u32::from(config.source_port_count) - 1;
-        if config.source_port_base == 0 || last > u32::from(u16::MAX) {
+    pub fn start(local: IpAddr, settings: DataplaneSettings) -> Result<Dataplane, DataplaneError> {
+        let ports = settings.source_ports;
+        if ports.count == 0 || ports.first == 0 || u32::from(ports.first) + u32::from(ports.count) - 1 > 65_535 {
             return Err(DataplaneError::Config(format!(
-                "source ports {}..={last} do not fit in 1..=65535",
-                config.source_port_base
+                "source ports {}+{} do not fit in 1..=65535",
+                ports.first, ports.count
             )));
         }
-        let vxlan_port = config.port;
-        if (config.source_port_base..=last as u16).contains(&vxlan_port) {
-            return Err(DataplaneError::Config(format!("the source port range contains the VXLAN port {vxlan_port}")));
+        if ports.contains(settings.vxlan_port) {
+            return Err(DataplaneError::Config(format!(
+                "the source port range {ports} contains the VXLAN port {}",
+                settings.vxlan_port
+            )));
         }
-        let mut config = config;
-        let sockets = udp::bind(
-            config.local,
-            config.port,
-            (config.source_port_base, config.source_port_count),
-            config.socket_buffer_bytes,
-        )?;
-        if config.offloads.udp_gro && !sockets.enable_gro() {
-            config.offloads.udp_gro = false;
+        let mut settings = settings;
+        let sockets = udp::bind(local, settings.vxlan_port, (ports.first, ports.count), settings.socket_buffer_bytes)?;
+        if settings.offloads.udp_gro && !sockets.enable_gro() {
+            settings.offloads.udp_gro = false;
         }
-        if !config.offloads.tap {
-            config.offloads.coalesce = false;
+        if !settings.offloads.tap {
+            settings.offloads.coalesce = false;
         }
-        let udp_gso = config.offloads.udp_gso;
-        let per_direction = config.threads == LoopThreads::PerDirection;
+        let udp_gso = settings.offloads.udp_gso;
+        let per_direction = settings.dataplane_threads == LoopThreads::PerDirection;
         let shared = Arc::new(Shared {
-            config,
+            local,
+            settings,
             tables: SharedTables::default(),
             learned: learn::shared_learned(),
             counters: Counters::default(),
@@ -324,7 +185,7 @@ impl Dataplane {
         let mut threads = dp.threads.lock().unwrap_or_else(|p| p.into_inner());
         // The receive loop runs on the receive thread while the loops are split (always with
         // a thread per direction), on the transmit thread otherwise.
-        let threads_setting = dp.shared.config.threads;
+        let threads_setting = dp.shared.settings.dataplane_threads;
         let may_split = threads_setting == LoopThreads::Auto;
         let rx_fd = rx_loop.fd();
         let rx_loop = Arc::new(Mutex::new(rx_loop));
@@ -355,14 +216,19 @@ impl Dataplane {
         self.shared.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The configuration it runs with.
-    pub fn config(&self) -> &DataplaneConfig {
-        &self.shared.config
+    /// The settings it runs with (offloads the kernel refused are off).
+    pub fn settings(&self) -> &DataplaneSettings {
+        &self.shared.settings
+    }
+
+    /// The VTEP address it is bound to.
+    pub fn local(&self) -> IpAddr {
+        self.shared.local
     }
 
     /// Opens a TAP the way this dataplane wants it (with offloads unless they are off).
     pub fn open_tap(&self, name: &str) -> io::Result<Tap> {
-        Tap::create(name, self.shared.config.offloads.tap)
+        Tap::create(name, self.shared.settings.offloads.tap)
     }
 
     /// Attaches a network: frames of `tap` go out with `vni`, and datagrams with `vni` come in

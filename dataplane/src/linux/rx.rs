@@ -98,7 +98,7 @@ pub(crate) struct RxLoop {
 
 impl RxLoop {
     pub(crate) fn new(shared: Arc<Shared>, fd: RawFd) -> RxLoop {
-        let cfg = &shared.config;
+        let cfg = &shared.settings;
         let learner = Learner::new(Arc::clone(&shared.learned), cfg.max_learned, cfg.ageing_secs);
         RxLoop {
             tables: shared.tables.reader(),
@@ -260,7 +260,7 @@ impl RxLoop {
         }
         self.learner.end_batch(now, c);
 
-        let coalesce = self.shared.config.offloads.coalesce;
+        let coalesce = self.shared.settings.offloads.coalesce;
         for k in 0..count {
             let Some(UnderlayVerdict::Deliver { slot, inner, segment_mss }) = self.verdicts[k].take() else { continue };
             let Some(net) = tables.network(slot) else { continue };

@@ -282,7 +282,7 @@ impl TxLoop {
         let learned = Arc::clone(self.learned.load());
         let shared = Arc::clone(&self.shared);
         let c = &shared.counters;
-        let udp_port = shared.config.port;
+        let udp_port = shared.settings.vxlan_port;
         let gso = shared.gso_ok.load(Ordering::Relaxed);
         for _ in 0..ROUNDS_PER_WAKEUP {
             // Read up to a batch of frames, each into its own buffer.
