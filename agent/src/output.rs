@@ -185,7 +185,8 @@ pub fn peers(r: &pb::PeersReply) -> String {
     let _ = writeln!(
         o,
         "\ngossip: {} datagrams in, {} out; refused: {} not gossip, {} bad key, {} malformed; \
-         records: {} applied, {} forged, {} of unknown hosts, {} malformed; {} repaired by anti-entropy",
+         records: {} applied, {} forged, {} of unknown hosts, {} malformed; {} repaired by anti-entropy; \
+         swim: {} late probe cycles, {} records too big to piggyback, {} other errors",
         get("rx_datagrams"),
         get("tx_datagrams"),
         get("rx_not_gossip"),
@@ -196,6 +197,12 @@ pub fn peers(r: &pb::PeersReply) -> String {
         get("records_unknown_owner"),
         get("records_malformed"),
         get("sync_repaired"),
+        get("probe_cycles_incomplete"),
+        get("records_not_piggybacked"),
+        get("probe_timers_disconnected")
+            + get("swim_unencodable")
+            + get("cluster_size_refused")
+            + get("swim_unexpected"),
     );
     o
 }
