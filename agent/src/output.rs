@@ -184,7 +184,8 @@ pub fn peers(r: &pb::PeersReply) -> String {
     let get = |k: &str| c.get(k).copied().unwrap_or(0);
     let _ = writeln!(
         o,
-        "\ngossip: {} datagrams in, {} out; refused: {} not gossip, {} bad key, {} malformed; \
+        "\ngossip: {} datagrams in, {} out; refused: {} not gossip, {} bad key, {} malformed, {} replayed, \
+         {} of a sender's earlier life, {} for another host; \
          records: {} applied, {} forged, {} of unknown hosts, {} malformed; {} repaired by anti-entropy; \
          swim: {} late probe cycles, {} records too big to piggyback, {} other errors",
         get("rx_datagrams"),
@@ -192,6 +193,9 @@ pub fn peers(r: &pb::PeersReply) -> String {
         get("rx_not_gossip"),
         get("rx_bad_auth"),
         get("rx_malformed"),
+        get("rx_replayed"),
+        get("rx_stale_generation"),
+        get("rx_misdirected"),
         get("records_applied"),
         get("records_forged"),
         get("records_unknown_owner"),
