@@ -127,6 +127,13 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> VxlanPacket<T> {
     pub fn payload_mut(&mut self) -> &mut [u8] {
         &mut self.buffer.as_mut()[field::PAYLOAD..]
     }
+
+    /// The whole header, writable.
+    #[inline]
+    fn header_mut(&mut self) -> &mut [u8; HEADER_LEN] {
+        let header = self.buffer.as_mut().first_chunk_mut();
+        header.expect("new_checked made sure the buffer holds a header")
+    }
 }
 
 /// The typed content of a valid VXLAN header.
@@ -145,12 +152,11 @@ impl VxlanRepr {
     }
 
     /// Writes this header (flags 0x08, reserved zero, the VNI) in front of the payload: the
-    /// hot path's encapsulation in place.
+    /// hot path's encapsulation in place, all eight bytes in one store.
     #[inline]
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, packet: &mut VxlanPacket<T>) {
-        packet.set_flags(FLAGS_VNI_VALID);
-        packet.clear_reserved();
-        packet.set_vni(self.vni);
+        let v = self.vni.to_be_bytes();
+        *packet.header_mut() = [FLAGS_VNI_VALID, 0, 0, 0, v[0], v[1], v[2], 0];
     }
 }
 
