@@ -243,6 +243,24 @@ pub fn prometheus(status: &pb::StatusReply) -> String {
          # TYPE overlayd_dataplane_loop_switches_total counter\noverlayd_dataplane_loop_switches_total {}",
         status.dataplane_threads, status.dataplane_loop_switches
     );
+    if let Some(h) = status.cluster.as_ref().and_then(|c| c.handshakes.as_ref()) {
+        let _ = writeln!(
+            out,
+            "# HELP overlayd_control_handshakes_total TLS handshakes on the control port, by result.\n\
+             # TYPE overlayd_control_handshakes_total counter\n\
+             overlayd_control_handshakes_total{{result=\"completed\"}} {}\n\
+             overlayd_control_handshakes_total{{result=\"failed\"}} {}\n\
+             overlayd_control_handshakes_total{{result=\"timed_out\"}} {}\n\
+             # HELP overlayd_control_connections_refused_total Control connections closed before a handshake, by reason.\n\
+             # TYPE overlayd_control_connections_refused_total counter\n\
+             overlayd_control_connections_refused_total{{reason=\"source_busy\"}} {}\n\
+             overlayd_control_connections_refused_total{{reason=\"full\"}} {}\n\
+             # HELP overlayd_control_handshakes_in_progress TLS handshakes on the control port in progress.\n\
+             # TYPE overlayd_control_handshakes_in_progress gauge\n\
+             overlayd_control_handshakes_in_progress {}",
+            h.completed, h.failed, h.timed_out, h.refused_source_busy, h.refused_full, h.in_progress
+        );
+    }
     out
 }
 
@@ -263,9 +281,14 @@ pub async fn serve_metrics(addr: Option<SocketAddr>, daemon: Arc<Daemon>) -> Res
             }
             let (code, body) = if request_line.starts_with("GET /metrics") {
                 let mode = daemon.mode.read().await;
-                let status = match mode.host() {
-                    Some(h) => h.status(mode.name()).await,
-                    None => pb::StatusReply::default(),
+                let status = match &*mode {
+                    Mode::Cluster(c) => {
+                        pb::StatusReply { cluster: Some(c.status().await), ..c.host.status("cluster").await }
+                    }
+                    m => match m.host() {
+                        Some(h) => h.status(m.name()).await,
+                        None => pb::StatusReply::default(),
+                    },
                 };
                 ("200 OK", prometheus(&status))
             } else {
@@ -310,5 +333,20 @@ mod tests {
             "allocation counters are for tests, not for Prometheus:\n{text}"
         );
         assert!(text.contains("# TYPE overlayd_dataplane_threads gauge"), "{text}");
+        let cluster = pb::StatusReply {
+            cluster: Some(pb::ClusterStatus {
+                handshakes: Some(pb::ControlHandshakes {
+                    completed: 4,
+                    refused_source_busy: 392,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..status
+        };
+        let text = prometheus(&cluster);
+        assert!(text.contains("overlayd_control_handshakes_total{result=\"completed\"} 4\n"), "{text}");
+        assert!(text.contains("overlayd_control_connections_refused_total{reason=\"source_busy\"} 392\n"), "{text}");
+        assert!(text.contains("overlayd_control_handshakes_in_progress 0"), "{text}");
     }
 }

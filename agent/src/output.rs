@@ -47,6 +47,13 @@ pub fn status(s: &pb::StatusReply) -> String {
             c.api_addr,
             c.revision
         );
+        if let Some(h) = &c.handshakes {
+            let _ = writeln!(
+                o,
+                "control    TLS handshakes: {} completed, {} failed, {} timed out, {} in progress; refused: {} source busy, {} full",
+                h.completed, h.failed, h.timed_out, h.in_progress, h.refused_source_busy, h.refused_full
+            );
+        }
     }
     let _ = writeln!(
         o,

@@ -54,6 +54,8 @@ pub struct ClusterRuntime {
     pub gossip: Arc<Gossip>,
     pub(crate) endpoints: Arc<Mutex<EndpointStore>>,
     pub(crate) state_dir: PathBuf,
+    /// Who may take which TLS handshake slot of the control port, and what it refused.
+    pub(crate) admission: transport::Admission,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -100,7 +102,9 @@ impl ClusterRuntime {
                     host_api,
                 ))),
             };
-            let incoming = transport::incoming(listener, identity.server_config()?);
+            // Handshakes from the cluster's own hosts keep slots a flood cannot take.
+            let admission = transport::Admission::default();
+            let incoming = transport::incoming_with(listener, identity.server_config()?, admission.clone());
             let mut tasks = vec![tokio::spawn(async move {
                 if let Err(e) =
                     tonic::transport::Server::builder().add_routes(routes).serve_with_incoming(incoming).await
@@ -123,6 +127,7 @@ impl ClusterRuntime {
             }
             let follower =
                 Follower::start(Arc::clone(&identity), membership.managers.clone(), ctx.state_dir.join(VIEW_FILE));
+            tasks.push(admission.follow_members(follower.subscribe()));
             // Commands run right after init or join (attach, network ls) must see the state.
             let mut views = follower.subscribe();
             if tokio::time::timeout(Duration::from_secs(10), views.wait_for(|v| v.revision > 0)).await.is_err() {
@@ -136,6 +141,7 @@ impl ClusterRuntime {
                 gossip,
                 endpoints: store,
                 state_dir: ctx.state_dir.clone(),
+                admission,
                 tasks: Vec::new(),
             };
             tasks.push(tokio::spawn(reconcile::run(

@@ -11,6 +11,17 @@ use proto as pb;
 use super::ClusterRuntime;
 use crate::endpoints;
 
+fn handshakes(c: &control::transport::HandshakeCounters) -> pb::ControlHandshakes {
+    pb::ControlHandshakes {
+        completed: c.completed,
+        failed: c.failed,
+        timed_out: c.timed_out,
+        refused_source_busy: c.refused_source_busy,
+        refused_full: c.refused_full,
+        in_progress: c.in_progress,
+    }
+}
+
 impl ClusterRuntime {
     /// The cluster part of `overlayd status`.
     pub async fn status(&self) -> pb::ClusterStatus {
@@ -30,6 +41,7 @@ impl ClusterRuntime {
             connected,
             connected_to: to.map(|a| a.to_string()).unwrap_or_default(),
             api_addr: self.membership.advertise.to_string(),
+            handshakes: Some(handshakes(&self.admission.counters())),
         }
     }
 
