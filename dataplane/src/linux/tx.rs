@@ -274,6 +274,8 @@ impl TxLoop {
         self.registered_generation = tables.generation();
     }
 
+    /// Reads, switches, encapsulates and sends what the TAP of `slot` holds: up to
+    /// [`ROUNDS_PER_WAKEUP`] batches of frames, each sent before the next is read.
     fn drain_tap(&mut self, tables: &Tables<Arc<Tap>>, slot: usize) {
         let Some(net) = tables.network(slot) else { return };
         let tap = net.tap();
