@@ -7,12 +7,14 @@
 //!   outer source ports; `flow_hash` times the hash alone for IPv4/TCP and IPv6/TCP;
 //! - `decap`: [`switch::from_underlay`] on a valid datagram with learning off and on (refresh
 //!   of an entry already learned), on one whose inner TCP checksum it must complete (as a
-//!   kernel VTEP over veth sends them), and on one the header check drops (bad flags);
+//!   kernel VTEP over veth sends them), on one the header check drops (bad flags), and on a
+//!   cluster network, where the inner source must be the sending VTEP's (`source_checked`);
 //! - `fdb_lookup` and `learned_fdb_lookup`: hits and misses in the control plane's FDB
 //!   (10, 1,000 and 100,000 entries) and in the learned FDB (up to its default bound), each
 //!   call taking the next of 1,024 distinct keys so that one hot bucket is not all we time;
 //! - `from_tap`: the switching decision for known unicast, unknown unicast (flooded to three
-//!   VTEPs), an ARP request answered locally, and one that is flooded.
+//!   VTEPs), an ARP request answered locally, and one that is flooded; and known unicast on a
+//!   cluster network, where the source must be one of this host's endpoints (`source_checked`).
 //!
 //! Frames are built by hand, inputs go through `black_box`, and before it is timed every
 //! routine is run under the dataplane's counting allocator and must not allocate, as the hot
@@ -29,7 +31,7 @@ use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterio
 use dataplane::alloc_count::{self, CountingAllocator};
 use dataplane::learn::{DEFAULT_AGEING_SECS, DEFAULT_MAX_ENTRIES, LearnedFdb, Learner, shared_learned};
 use dataplane::switch::{self, TapVerdict, UnderlayVerdict};
-use dataplane::tables::{NetworkSettings, SharedTables, TableError, Tables};
+use dataplane::tables::{BlockOwner, NetworkSettings, SharedTables, TableError, Tables};
 use dataplane::wire::arp;
 use dataplane::wire::flow::{flow_hash, port_index};
 use dataplane::wire::vxlan::{self, VxlanPacket, VxlanRepr};
@@ -267,6 +269,30 @@ fn tables(fdb_entries: usize, arp: bool, learning: bool) -> Arc<Tables<()>> {
     shared.load()
 }
 
+/// [`tables`] as a cluster network: this host holds 10.0.0.0/24 (with [`LOCAL_IP`] its one
+/// endpoint), the peers the /24 blocks of the remote and learned containers, each block the
+/// first container in it is placed at.
+fn cluster_tables(fdb_entries: usize) -> Arc<Tables<()>> {
+    let shared = SharedTables::<()>::default();
+    shared
+        .update(|tx| {
+            tx.add_network(VNI, (), NetworkSettings { learning: false, mtu: NETWORK_MTU })?;
+            tx.set_flood_list(VNI, PEERS)?;
+            for i in 0..fdb_entries {
+                tx.set_fdb(VNI, mac(remote_ip(i)), PEERS[i % PEERS.len()])?;
+                tx.set_arp(VNI, remote_ip(i), mac(remote_ip(i)))?;
+            }
+            let blocks = (0..fdb_entries.div_ceil(256)).map(|b| (remote_ip(b * 256), BlockOwner::Remote(PEERS[b % 3])));
+            let learned = (learned_ip(0), BlockOwner::Remote(PEERS[1]));
+            let local = (Ipv4Addr::new(10, 0, 0, 0), BlockOwner::Local);
+            tx.set_blocks(VNI, 24, blocks.chain([learned, local]))?;
+            tx.set_gateway(VNI, Some(Ipv4Addr::new(10, 0, 0, 1)))?;
+            tx.set_local_endpoints(VNI, [(mac(LOCAL_IP), LOCAL_IP)])
+        })
+        .expect("a valid table update");
+    shared.load()
+}
+
 /// A published learned FDB with `n` containers of network [`VNI`] learned behind the peers.
 fn learned_fdb(n: usize) -> Arc<LearnedFdb> {
     // The learner queues a bounded number of new entries per batch; stay well under it.
@@ -405,6 +431,16 @@ fn decap(c: &mut Criterion) {
     learner.end_batch(now, &counters);
     assert_eq!(Arc::as_ptr(&shared.load_full()), published, "refreshing published nothing new");
 
+    // A cluster network: the segment's source must lie in the sender's block.
+    let snapshot = cluster_tables(CONTAINERS);
+    let mut learner = Learner::new(shared_learned(), DEFAULT_MAX_ENTRIES, DEFAULT_AGEING_SECS);
+    let mut decap = |d: &mut [u8]| {
+        switch::from_underlay(&snapshot, &mut learner, black_box(sender), black_box(d), black_box(now), &counters)
+    };
+    assert_eq!(decap(&mut datagram), deliver);
+    bench_frame(&mut g, "deliver_source_checked", || decap(&mut datagram));
+    assert_eq!(counters.drops(DropReason::SourceNotOfSender), 0);
+
     g.finish();
 }
 
@@ -460,6 +496,14 @@ fn from_tap(c: &mut Criterion) {
     bench_frame(&mut g, "unknown_unicast_flood", || decide(&unknown));
     bench_frame(&mut g, "arp_answered", || decide(&arp_known));
     bench_frame(&mut g, "arp_flood", || decide(&arp_unknown));
+
+    // A cluster network: the frame's source must be this host's endpoint.
+    let snapshot = cluster_tables(CONTAINERS);
+    let net = snapshot.by_vni(VNI).expect("the network exists").1;
+    let mut decide = |frame: &[u8]| switch::from_tap(net, &learned, black_box(frame), &mut reply, &counters);
+    assert_eq!(decide(&known), TapVerdict::Unicast(PEERS[500 % PEERS.len()]));
+    bench_frame(&mut g, "known_unicast_source_checked", || decide(&known));
+    assert_eq!(counters.drops(DropReason::SourceNotLocal), 0);
     g.finish();
     assert_eq!(counters.drops(DropReason::NoDestination), 0);
 }

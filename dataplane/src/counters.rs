@@ -43,6 +43,11 @@ drop_reasons! {
     UnknownVni = "unknown_vni",
     /// Underlay: the sender is not a member VTEP of the datagram's VNI (anti-spoofing).
     NotMember = "not_member",
+    /// Underlay: on a cluster network, the inner frame's source is not the sending VTEP's: its
+    /// source MAC is neither derived from an address of the sender's block nor one of the
+    /// sender's endpoints, or its IPv4 source (or ARP sender) lies outside the sender's block
+    /// or is the gateway (anti-spoofing between hosts).
+    SourceNotOfSender = "source_not_of_sender",
     /// Underlay: the datagram did not fit the receive buffer and was cut.
     Oversized = "oversized",
     /// Underlay: the inner frame exceeds the network's MTU and is not TCP or UDP, so it cannot
@@ -64,6 +69,10 @@ drop_reasons! {
     /// TAP: the frame must be flooded but the network's flood list is empty, or it is for an
     /// address of this host's own block that no container here holds.
     NoDestination = "no_destination",
+    /// TAP: on a cluster network, a frame to send whose source MAC is no endpoint of this host,
+    /// or whose IPv4 source (or ARP sender) is not that endpoint's address (anti-spoofing
+    /// between containers: a container sends only with its own MAC and IP).
+    SourceNotLocal = "source_not_local_endpoint",
     /// TAP: the frame does not fit in one datagram to the underlay.
     FrameTooLarge = "frame_too_large",
     /// TAP: the frame carries offload metadata the agent cannot honour (an unknown GSO type,

@@ -2,17 +2,19 @@
 //! allocation; the Linux shell (or a test) carries the decision out. Every refusal is counted
 //! under its [`DropReason`].
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 
 use crate::counters::{Counters, DropReason, bump};
 use crate::learn::{LearnedFdb, Learner};
 use crate::segment::SuperFrame;
 use crate::tables::{BlockOwner, NetworkTable, Tables};
+use crate::wire::MacAddr;
 use crate::wire::arp;
 use crate::wire::checksum::{self, Completion};
 use crate::wire::ethernet;
 use crate::wire::vxlan::{self, VxlanError, VxlanPacket, VxlanRepr};
+use etherparse::EtherType;
 
 /// What to do with a frame read from a network's TAP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,11 @@ pub enum UnderlayVerdict {
 /// MAC, to the network's flood list (broadcast, multicast, unknown unicast: head-end
 /// replication), or, if it is an ARP request the tables can answer, nowhere: `reply` then
 /// receives the answer ([`TapVerdict::ArpReply`]) for the shell to hand back to the TAP.
+///
+/// On a cluster network a frame is sent only if it comes from one of this host's endpoints
+/// with that endpoint's own address ([`DropReason::SourceNotLocal`]); the check is made once
+/// the frame is known to leave, so what stays on this host (the gateway's own frames, answered
+/// ARP) is dropped, or answered, for what it is.
 #[inline]
 pub fn from_tap<'t, T>(
     net: &'t NetworkTable<T>,
@@ -63,14 +70,10 @@ pub fn from_tap<'t, T>(
     let dst = ethernet::destination(frame);
     if !dst.is_multicast() {
         if let Some(vtep) = net.fdb(&dst).or_else(|| learned.lookup(net.vni(), dst)) {
-            bump(&counters.tx.unicast, 1);
-            return TapVerdict::Unicast(vtep);
+            return unicast(net, frame, vtep, counters);
         }
         match dst.derived_ipv4().and_then(|ip| net.block(ip)) {
-            Some(BlockOwner::Remote(vtep)) => {
-                bump(&counters.tx.unicast, 1);
-                return TapVerdict::Unicast(vtep);
-            }
+            Some(BlockOwner::Remote(vtep)) => return unicast(net, frame, vtep, counters),
             Some(BlockOwner::Local) => {
                 counters.dropped(DropReason::NoDestination);
                 return TapVerdict::Drop(DropReason::NoDestination);
@@ -104,6 +107,10 @@ pub fn from_tap<'t, T>(
         counters.dropped(DropReason::NoDestination);
         return TapVerdict::Drop(DropReason::NoDestination);
     }
+    if net.checks_sources() && !sent_by_local_endpoint(net, frame) {
+        counters.dropped(DropReason::SourceNotLocal);
+        return TapVerdict::Drop(DropReason::SourceNotLocal);
+    }
     bump(&counters.tx.flooded, 1);
     if dst.is_broadcast() && arp::parse_request(frame).is_some() {
         bump(&counters.tx.arp_flooded, 1);
@@ -111,8 +118,90 @@ pub fn from_tap<'t, T>(
     TapVerdict::Flood(flood)
 }
 
+/// A frame from the TAP that goes to `vtep` alone, if its source may send.
+#[inline]
+fn unicast<'t, T>(net: &'t NetworkTable<T>, frame: &[u8], vtep: IpAddr, counters: &Counters) -> TapVerdict<'t> {
+    if net.checks_sources() && !sent_by_local_endpoint(net, frame) {
+        counters.dropped(DropReason::SourceNotLocal);
+        return TapVerdict::Drop(DropReason::SourceNotLocal);
+    }
+    bump(&counters.tx.unicast, 1);
+    TapVerdict::Unicast(vtep)
+}
+
+/// Who a frame says it is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// Its source MAC, and the IPv4 address it speaks for: an IPv4 packet's source, an
+    /// Ethernet/IPv4 ARP packet's sender (none for an address probe's 0.0.0.0); none for
+    /// anything else (IPv6, other protocols), whose sender is its MAC.
+    Sender(MacAddr, Option<Ipv4Addr>),
+    /// An IPv4 or ARP header too short to read, headers behind more VLAN tags than we look
+    /// through, or an ARP sender MAC other than the frame's source: nothing to believe.
+    Malformed,
+}
+
+/// Reads who `frame` (at least an Ethernet header long) says sent it: a few bytes at fixed
+/// offsets behind the Ethernet header and its VLAN tags.
+#[inline]
+fn claim(frame: &[u8]) -> Claim {
+    let mac = ethernet::source(frame);
+    let Some((ether_type, l3)) = ethernet::network_layer(frame) else { return Claim::Malformed };
+    match ether_type {
+        EtherType::IPV4 => match frame.get(l3 + 12..l3 + 16) {
+            Some(a) if frame.len() >= l3 + 20 => Claim::Sender(mac, Some(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
+            _ => Claim::Malformed,
+        },
+        EtherType::ARP => match frame.get(l3..l3 + arp::ARP_ETH_IPV4_LEN) {
+            // Hardware Ethernet (1), protocol IPv4 (0x0800), address lengths 6 and 4.
+            Some(a) if a[..6] == [0, 1, 8, 0, 6, 4] => {
+                if a[8..14] != mac.0 {
+                    return Claim::Malformed;
+                }
+                let sender = Ipv4Addr::new(a[14], a[15], a[16], a[17]);
+                Claim::Sender(mac, (!sender.is_unspecified()).then_some(sender))
+            }
+            Some(_) => Claim::Sender(mac, None),
+            None => Claim::Malformed,
+        },
+        _ => Claim::Sender(mac, None),
+    }
+}
+
+/// Whether a frame from the TAP comes from one of this host's endpoints, with its address.
+#[inline]
+fn sent_by_local_endpoint<T>(net: &NetworkTable<T>, frame: &[u8]) -> bool {
+    match claim(frame) {
+        Claim::Sender(mac, ip) => net.local_endpoint(&mac).is_some_and(|own| ip.is_none_or(|ip| ip == own)),
+        Claim::Malformed => false,
+    }
+}
+
+/// Whether a frame that `vtep` sent comes from one of its endpoints: its IPv4 source (or ARP
+/// sender) in `vtep`'s block, and its MAC derived from an address of that block (or, for a MAC
+/// of another form, an endpoint gossip places at `vtep`). No host speaks for the gateway,
+/// which each host serves to its own containers only.
+#[inline]
+fn sent_by_vtep<T>(net: &NetworkTable<T>, vtep: IpAddr, frame: &[u8]) -> bool {
+    let Claim::Sender(mac, ip) = claim(frame) else { return false };
+    let holds = |a: Ipv4Addr| net.gateway() != Some(a) && net.block(a) == Some(BlockOwner::Remote(vtep));
+    let derived = mac.derived_ipv4();
+    match ip {
+        // The usual case, a container's own packet: one lookup answers for both.
+        Some(a) if derived == Some(a) => holds(a),
+        _ => {
+            let mac_ok = match derived {
+                Some(d) => holds(d),
+                None => net.fdb(&mac) == Some(vtep),
+            };
+            mac_ok && ip.is_none_or(holds)
+        }
+    }
+}
+
 /// Decides what to do with a datagram from `src` received on the VXLAN port. It must carry a
-/// valid VXLAN header and a VNI this host serves, and come from a member VTEP of that network;
+/// valid VXLAN header and a VNI this host serves, and come from a member VTEP of that network
+/// (on a cluster network, from one of that VTEP's endpoints: [`DropReason::SourceNotOfSender`]);
 /// then it may teach the learner where its source MAC lives (`now`, in seconds, stamps what is
 /// learned), and its inner frame goes to the network's TAP. A frame to deliver whose TCP/UDP
 /// checksum the sender left partial (see [`checksum`]) is completed in place.
@@ -147,6 +236,9 @@ pub fn from_underlay<T>(
         return drop(DropReason::NotMember);
     }
     let inner = packet.payload();
+    if net.has_blocks() && !sent_by_vtep(net, src, inner) {
+        return drop(DropReason::SourceNotOfSender);
+    }
     let mut segment_mss = None;
     let mtu = net.mtu() as usize;
     if inner.len() > mtu + ethernet::HEADER_LEN {
@@ -455,5 +547,136 @@ mod tests {
         assert_eq!(c.snapshot().tx_flooded, 0, "nothing flooded");
         // Frames from the remote block's VTEP are accepted.
         assert!(net.is_member(&C));
+    }
+
+    /// An IPv4 frame from `(src_mac, src)` to `dst_mac`.
+    fn ip_frame(dst_mac: MacAddr, src_mac: MacAddr, src: Ipv4Addr) -> Vec<u8> {
+        let mut f = frame(dst_mac, src_mac);
+        f[14 + 12..14 + 16].copy_from_slice(&src.octets());
+        f
+    }
+
+    /// A broadcast gratuitous ARP reply: `sender_ip` is at `sender_mac`, sent from `eth_src`.
+    fn garp(eth_src: MacAddr, sender_mac: MacAddr, sender_ip: Ipv4Addr) -> Vec<u8> {
+        let mut f = request(eth_src, sender_ip, sender_ip);
+        f[14 + 7] = 2; // a reply
+        f[14 + 8..14 + 14].copy_from_slice(&sender_mac.0);
+        f
+    }
+
+    /// A cluster network: this host (10.128.0.0/24) has endpoints .5 and .6; host C holds
+    /// 10.128.1.0/24, host B 10.128.2.0/24.
+    fn cluster_tables() -> Arc<SharedTables<()>> {
+        let t = tables(false);
+        t.update(|tx| {
+            tx.set_gateway(vni(), Some(Ipv4Addr::new(10, 128, 0, 1)))?;
+            tx.set_blocks(
+                vni(),
+                24,
+                [
+                    (Ipv4Addr::new(10, 128, 0, 0), BlockOwner::Local),
+                    (Ipv4Addr::new(10, 128, 1, 0), BlockOwner::Remote(C)),
+                    (Ipv4Addr::new(10, 128, 2, 0), BlockOwner::Remote(B)),
+                ],
+            )?;
+            tx.set_local_endpoints(vni(), [5, 6].map(|n| (MacAddr::from_ipv4(v(0, n)), v(0, n))))
+        })
+        .unwrap();
+        t
+    }
+
+    fn v(block: u8, n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 128, block, n)
+    }
+
+    fn mac(block: u8, n: u8) -> MacAddr {
+        MacAddr::from_ipv4(v(block, n))
+    }
+
+    #[test]
+    fn a_cluster_network_sends_only_frames_of_its_own_endpoints() {
+        let t = cluster_tables();
+        let snap = t.load();
+        let net = snap.by_vni(vni()).unwrap().1;
+        let c = Counters::default();
+        let learned = LearnedFdb::default();
+        let mut reply = [0; arp::MAX_REPLY_LEN];
+        let mut send = |f: &[u8]| from_tap(net, &learned, f, &mut reply, &c);
+        let remote = mac(1, 9);
+        // An endpoint with its own identity: sent, unicast and flooded.
+        assert_eq!(send(&ip_frame(remote, mac(0, 5), v(0, 5))), TapVerdict::Unicast(C));
+        assert_eq!(send(&ip_frame(MacAddr::BROADCAST, mac(0, 6), v(0, 6))), TapVerdict::Flood(&[B, C]));
+        let mut ipv6 = frame(MacAddr([0x33, 0x33, 0, 0, 0, 1]), mac(0, 5));
+        ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(send(&ipv6), TapVerdict::Flood(&[B, C]), "IPv6 from an endpoint's MAC");
+        let mut probe = garp(mac(0, 5), mac(0, 5), v(0, 5));
+        probe[14 + 14..14 + 18].fill(0); // an address probe: sender 0.0.0.0
+        assert_eq!(send(&probe), TapVerdict::Flood(&[B, C]));
+        // Anything else: dropped and counted.
+        let spoofed = [
+            ip_frame(remote, mac(0, 5), v(0, 6)),             // another endpoint's address
+            ip_frame(remote, mac(0, 6), v(0, 5)),             // another endpoint's MAC
+            ip_frame(remote, mac(0, 7), v(0, 7)),             // no endpoint of this host
+            ip_frame(remote, mac(1, 9), v(1, 9)),             // a remote endpoint's identity
+            ip_frame(MacAddr::BROADCAST, mac(0, 5), v(2, 3)), // flooded, another address
+            garp(mac(0, 5), mac(0, 5), v(0, 6)),              // ARP: another endpoint's address
+            garp(mac(0, 5), mac(0, 6), v(0, 6)),              // ARP: sender MAC not the frame's
+            ip_frame(remote, mac(0, 5), v(0, 5))[..14 + 15].to_vec(), // an IPv4 header cut short
+        ];
+        for f in &spoofed {
+            assert_eq!(send(f), TapVerdict::Drop(DropReason::SourceNotLocal), "{:02x?}", &f[..34.min(f.len())]);
+        }
+        assert_eq!(c.drops(DropReason::SourceNotLocal), spoofed.len() as u64);
+        // What stays on this host is dropped for what it is, whoever sent it: the gateway's
+        // ARP for a local container, a frame for a local address.
+        let bridge = MacAddr([0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
+        assert_eq!(send(&request(bridge, v(0, 1), v(0, 5))), TapVerdict::Drop(DropReason::ArpForLocal));
+        assert_eq!(send(&ip_frame(mac(0, 6), bridge, v(0, 1))), TapVerdict::Drop(DropReason::NoDestination));
+        // A static network (no endpoints set) sends what its bridge gives it, as before.
+        let s = tables(false);
+        let snap = s.load();
+        let net = snap.by_vni(vni()).unwrap().1;
+        let f = ip_frame(REMOTE, LOCAL, Ipv4Addr::new(192, 0, 2, 1));
+        assert_eq!(from_tap(net, &learned, &f, &mut reply, &c), TapVerdict::Flood(&[B, C]));
+    }
+
+    #[test]
+    fn a_vtep_speaks_only_for_the_endpoints_of_its_own_block() {
+        let t = cluster_tables();
+        t.update(|tx| tx.set_endpoints(vni(), [(v(1, 20), MacAddr([0x02, 0, 0, 0, 0, 0x20]), C)])).unwrap();
+        let snap = t.load();
+        let c = Counters::default();
+        let mut l = Learner::new(shared_learned(), 16, 300);
+        let mut receive =
+            |from: IpAddr, inner: &[u8]| from_underlay(&snap, &mut l, from, &mut datagram(vni(), inner), 0, &c);
+        let to = mac(0, 5);
+        let legit = [
+            ip_frame(to, mac(1, 9), v(1, 9)),                          // C's container
+            ip_frame(to, MacAddr([0x02, 0, 0, 0, 0, 0x20]), v(1, 20)), // C's, a MAC gossip placed at C
+            garp(mac(1, 9), mac(1, 9), v(1, 9)),                       // C's container announcing itself
+        ];
+        for f in &legit {
+            assert!(matches!(receive(C, f), UnderlayVerdict::Deliver { .. }), "{:02x?}", &f[..34]);
+        }
+        let mut ipv6 = frame(MacAddr([0x33, 0x33, 0, 0, 0, 1]), mac(1, 9));
+        ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert!(matches!(receive(C, &ipv6), UnderlayVerdict::Deliver { .. }), "IPv6 from a MAC of C's block");
+        let forged = [
+            ip_frame(to, mac(2, 9), v(2, 9)),                         // B's container, from C
+            ip_frame(to, mac(1, 9), v(2, 9)),                         // C's MAC, B's address
+            ip_frame(to, mac(2, 9), v(1, 9)),                         // B's MAC, C's address
+            ip_frame(to, mac(0, 6), v(0, 6)),                         // this host's own endpoint
+            ip_frame(to, mac(1, 9), Ipv4Addr::new(192, 0, 2, 1)),     // an address in no block
+            ip_frame(to, mac(0, 1), v(0, 1)),                         // the gateway
+            ip_frame(to, MacAddr([0x02, 0, 0, 0, 0, 0x21]), v(1, 9)), // a MAC nobody placed at C
+            garp(mac(1, 9), mac(1, 9), v(2, 9)),                      // ARP for B's address
+            garp(mac(1, 9), mac(2, 9), v(1, 9)),                      // ARP sender MAC not the frame's
+        ];
+        for f in &forged {
+            assert_eq!(receive(C, f), UnderlayVerdict::Drop(DropReason::SourceNotOfSender), "{:02x?}", &f[..34]);
+        }
+        assert_eq!(c.drops(DropReason::SourceNotOfSender), forged.len() as u64);
+        // B speaks for its own block.
+        assert!(matches!(receive(B, &ip_frame(to, mac(2, 9), v(2, 9))), UnderlayVerdict::Deliver { .. }));
     }
 }

@@ -1,6 +1,7 @@
 //! Forwarding tables: what the hot loops read, without locks or allocation, and the writer API
 //! the control plane (or the static configuration) programs them with: per VNI the FDB
-//! (MAC → VTEP), ARP answers (IPv4 → MAC), the flood list and the address blocks.
+//! (MAC → VTEP), ARP answers (IPv4 → MAC), the flood list, the address blocks, and this
+//! host's own endpoints (the only sources its TAP may send from).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -65,6 +66,11 @@ pub enum BlockOwner {
 /// any address of a remote block resolves to that block's VTEP, with no flooding and no
 /// learning. ARP is answered from the exact entries (the endpoints gossip reports); a cluster
 /// network never floods an ARP request.
+///
+/// A cluster network also knows this host's own endpoints (MAC → IPv4 address): once they are
+/// set ([`Transaction::set_local_endpoints`]), a frame from the TAP is sent only if its source
+/// is one of them, and a frame from a VTEP is delivered only if its source lies in that VTEP's
+/// block (see [`crate::switch`]).
 #[derive(Debug, Clone)]
 pub struct NetworkTable<T> {
     vni: Vni,
@@ -79,6 +85,9 @@ pub struct NetworkTable<T> {
     block_prefix: u8,
     blocks: FastMap<u32, BlockOwner>,
     gateway: Option<Ipv4Addr>,
+    /// This host's endpoints, and whether the TAP's frames are checked against them.
+    local: FastMap<MacAddr, Ipv4Addr>,
+    checks_sources: bool,
 }
 
 impl<T> NetworkTable<T> {
@@ -95,6 +104,8 @@ impl<T> NetworkTable<T> {
             block_prefix: 0,
             blocks: FastMap::default(),
             gateway: None,
+            local: FastMap::default(),
+            checks_sources: false,
         }
     }
 
@@ -151,6 +162,24 @@ impl<T> NetworkTable<T> {
     #[inline]
     pub fn gateway(&self) -> Option<Ipv4Addr> {
         self.gateway
+    }
+
+    /// Whether frames from the TAP must come from one of this host's endpoints (a cluster
+    /// network; a static one sends what its bridge gives it).
+    #[inline]
+    pub fn checks_sources(&self) -> bool {
+        self.checks_sources
+    }
+
+    /// The address of this host's endpoint with `mac`.
+    #[inline]
+    pub fn local_endpoint(&self, mac: &MacAddr) -> Option<Ipv4Addr> {
+        self.local.get(mac).copied()
+    }
+
+    /// This host's endpoints: (MAC, address).
+    pub fn local_endpoints(&self) -> impl Iterator<Item = (MacAddr, Ipv4Addr)> + '_ {
+        self.local.iter().map(|(m, i)| (*m, *i))
     }
 
     /// Every block: (first address, prefix length, owner).
@@ -455,6 +484,25 @@ impl<T: Clone> Transaction<T> {
     /// never flooded).
     pub fn set_gateway(&mut self, vni: Vni, gateway: Option<Ipv4Addr>) -> Result<(), TableError> {
         self.net(vni)?.gateway = gateway;
+        Ok(())
+    }
+
+    /// Replaces this host's own endpoints of the network, (MAC, address) each, and from now on
+    /// sends only frames from them (an empty list: nothing from the TAP is sent).
+    pub fn set_local_endpoints(
+        &mut self,
+        vni: Vni,
+        endpoints: impl IntoIterator<Item = (MacAddr, Ipv4Addr)>,
+    ) -> Result<(), TableError> {
+        let net = self.net(vni)?;
+        net.local.clear();
+        for (mac, ip) in endpoints {
+            if mac.is_multicast() {
+                return Err(TableError::GroupMac(mac));
+            }
+            net.local.insert(mac, ip);
+        }
+        net.checks_sources = true;
         Ok(())
     }
 
