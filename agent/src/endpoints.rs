@@ -183,7 +183,14 @@ impl ClusterRuntime {
             netns_id: ns.id,
             ifname,
         };
-        attach::plumb(&self.host.nl, &ns, &endpoint, &local.bridge, net.mtu, net.gateway).await?;
+        // The port's firewall and the dataplane's binding first: the container never sends unchecked.
+        self.host.bind_endpoint(&endpoint).await?;
+        if let Err(e) = attach::plumb(&self.host.nl, &ns, &endpoint, &local.bridge, net.mtu, net.gateway).await {
+            if let Err(u) = self.host.unbind_endpoint(&endpoint).await {
+                tracing::warn!(error = %format!("{u:#}"), "could not unbind an endpoint that was not attached");
+            }
+            return Err(e);
+        }
         store.endpoints.push(endpoint.clone());
         store.save(&self.state_dir.join(ENDPOINTS_FILE))?;
         self.gossip.publish_local(gossiped(&self.follower.view(), &store));
@@ -227,6 +234,7 @@ impl ClusterRuntime {
         }
         for e in &gone {
             attach::unplumb(&self.host.nl, &e.host_ifname).await?;
+            self.host.unbind_endpoint(e).await?;
             tracing::info!(network = %e.network, name = %e.name, ip = %e.ip, "detached");
         }
         store.save(&self.state_dir.join(ENDPOINTS_FILE))?;

@@ -1,8 +1,9 @@
 //! This host's side of the overlay, whatever runs it (static configuration or the cluster):
-//! the dataplane, and per network a bridge and a TAP on it. Reports for `status` and `fdb`
-//! come from here too.
+//! the dataplane, per network a bridge and a TAP on it, and the firewall that keeps the
+//! networks off the underlay and each endpoint to its own identity. Reports for `status` and
+//! `fdb` come from here too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,6 +16,8 @@ use dataplane::{MacAddr, Vni};
 use proto as pb;
 use tokio::sync::Mutex;
 
+use crate::endpoints::LocalEndpoint;
+use crate::firewall::{Firewall, PortBinding, UnderlayServices};
 use crate::netdev::{self, Bridge};
 
 /// Bytes VXLAN adds in front of a frame on an underlay of `addr`'s family: outer IPv4 20 (or
@@ -66,6 +69,9 @@ pub struct NetworkTables {
     pub endpoints: Vec<(Ipv4Addr, MacAddr, IpAddr)>,
 }
 
+/// Endpoints by network, then by bridge port: (MAC, address).
+type Bindings = BTreeMap<String, BTreeMap<String, (MacAddr, Ipv4Addr)>>;
+
 /// A network that is up.
 #[derive(Debug, Clone)]
 pub struct LocalNetwork {
@@ -78,7 +84,14 @@ pub struct Host {
     pub nl: rtnetlink::Handle,
     pub dataplane: Arc<Dataplane>,
     pub underlay: Underlay,
+    /// overlayd's nftables tables.
+    pub firewall: Firewall,
     networks: Mutex<BTreeMap<String, LocalNetwork>>,
+    /// Each network's endpoints on this host, by their bridge port: (MAC, address). Kept
+    /// while a network is down, programmed into its tables when it comes up.
+    bindings: Mutex<Bindings>,
+    /// The underlay services the firewall closes to the overlay, as last set.
+    services: Mutex<UnderlayServices>,
     started: Instant,
 }
 
@@ -101,11 +114,24 @@ impl Host {
                 ports.0, ports.1
             )
         })?;
+        let s = dataplane.settings();
+        let last = s.source_ports.first.saturating_add(s.source_ports.count.saturating_sub(1));
+        let services = UnderlayServices::new(s.vxlan_port, (s.source_ports.first, last));
+        let firewall = match Firewall::install(&interface, &services).await {
+            Ok(f) => f,
+            Err(e) => {
+                dataplane.shutdown();
+                return Err(e);
+            }
+        };
         Ok(Host {
             nl,
             dataplane: Arc::new(dataplane),
             underlay: Underlay { addr: underlay_addr, interface, mtu },
+            firewall,
             networks: Mutex::new(BTreeMap::new()),
+            bindings: Mutex::new(BTreeMap::new()),
+            services: Mutex::new(services),
             started: Instant::now(),
         })
     }
@@ -115,8 +141,9 @@ impl Host {
         overhead(self.underlay.addr)
     }
 
-    /// Brings a network up: bridge (created or adopted), gateway on it, TAP, dataplane. If a
-    /// step fails, what was made is recorded so that `shutdown` still removes it.
+    /// Brings a network up: bridge (created or adopted), its firewall, gateway on it, TAP,
+    /// dataplane (a cluster network with the endpoints bound to it). If a step fails, what was
+    /// made is recorded so that `shutdown` still removes it.
     pub async fn add_network(&self, spec: NetworkSpec) -> Result<()> {
         let mut nets = self.networks.lock().await;
         if nets.contains_key(&spec.name) {
@@ -131,6 +158,8 @@ impl Host {
         }
         let bridge = netdev::ensure_bridge(&self.nl, &spec.bridge, spec.mtu).await?;
         nets.insert(spec.name.clone(), LocalNetwork { spec: spec.clone(), bridge: bridge.clone() });
+        // Guarded before the gateway is on it and anything is forwarded to it.
+        self.firewall.add_network(&bridge.name, spec.gateway.is_some()).await?;
         if let Some(gw) = spec.gateway {
             netdev::set_gateway(&self.nl, &bridge, gw.addr, gw.local_block).await?;
         }
@@ -148,6 +177,11 @@ impl Host {
         })?;
         netdev::attach_tap(&self.nl, tap.name(), &bridge, spec.mtu).await?;
         self.dataplane.add_network(spec.vni, tap, NetworkSettings { learning: spec.learning, mtu: spec.mtu })?;
+        if spec.gateway.is_some() {
+            // A cluster network sends only its endpoints' frames, from the first one on.
+            let bindings = self.bindings.lock().await;
+            self.dataplane.update(|tx| tx.set_local_endpoints(spec.vni, local_endpoints(&bindings, &spec.name)))?;
+        }
         tracing::info!(network = %spec.name, vni = %spec.vni, bridge = %bridge.name, tap = %spec.tap, mtu = spec.mtu, "network up");
         Ok(())
     }
@@ -159,6 +193,7 @@ impl Host {
         if n.bridge.owned {
             netdev::delete_link(&self.nl, &n.bridge.name).await?;
         }
+        self.firewall.remove_network(&n.bridge.name).await?;
         tracing::info!(network = %name, "network down");
         Ok(())
     }
@@ -166,6 +201,66 @@ impl Host {
     /// The networks that are up.
     pub async fn networks(&self) -> BTreeMap<String, LocalNetwork> {
         self.networks.lock().await.clone()
+    }
+
+    /// Binds an endpoint to its bridge port before the port joins the bridge: the port's
+    /// firewall passes only the endpoint's MAC and address, and its network's dataplane sends
+    /// its frames (and only bound endpoints' frames).
+    pub async fn bind_endpoint(&self, e: &LocalEndpoint) -> Result<()> {
+        self.firewall.bind_port(PortBinding { port: &e.host_ifname, mac: e.mac, ip: e.ip }).await?;
+        let nets = self.networks.lock().await;
+        let mut bindings = self.bindings.lock().await;
+        bindings.entry(e.network.clone()).or_default().insert(e.host_ifname.clone(), (e.mac, e.ip));
+        self.program_bindings(&nets, &bindings, &e.network)
+    }
+
+    /// Unbinds an endpoint whose port is gone (or never came): its frames are no longer sent,
+    /// and its port's rules are removed.
+    pub async fn unbind_endpoint(&self, e: &LocalEndpoint) -> Result<()> {
+        {
+            let nets = self.networks.lock().await;
+            let mut bindings = self.bindings.lock().await;
+            if let Some(ports) = bindings.get_mut(&e.network) {
+                ports.remove(&e.host_ifname);
+            }
+            self.program_bindings(&nets, &bindings, &e.network)?;
+        }
+        self.firewall.unbind_port(&e.host_ifname).await
+    }
+
+    fn program_bindings(
+        &self,
+        nets: &BTreeMap<String, LocalNetwork>,
+        bindings: &Bindings,
+        network: &str,
+    ) -> Result<()> {
+        let Some(n) = nets.get(network).filter(|n| n.spec.gateway.is_some()) else { return Ok(()) };
+        self.dataplane.update(|tx| tx.set_local_endpoints(n.spec.vni, local_endpoints(bindings, network)))?;
+        Ok(())
+    }
+
+    /// Removes what the firewall holds for ports and bridges this host no longer has (left by
+    /// a daemon that crashed): call once every endpoint is bound again.
+    pub async fn prune_firewall(&self) -> Result<()> {
+        let bridges: BTreeSet<String> = self.networks.lock().await.values().map(|n| n.bridge.name.clone()).collect();
+        let ports: BTreeSet<String> = self.bindings.lock().await.values().flat_map(|p| p.keys().cloned()).collect();
+        self.firewall.retain(&ports, &bridges).await
+    }
+
+    /// Closes the gossip and control ports of every host (`gossip`, `control`: the cluster's,
+    /// besides the defaults) to the overlay; nothing is rewritten if they did not change.
+    pub async fn set_service_ports(&self, gossip: BTreeSet<u16>, control: BTreeSet<u16>) -> Result<()> {
+        let mut services = self.services.lock().await;
+        let mut wanted = services.clone();
+        wanted.gossip_ports = gossip;
+        wanted.gossip_ports.insert(control::gossip::DEFAULT_PORT);
+        wanted.control_ports = control;
+        wanted.control_ports.insert(crate::firewall::DEFAULT_CONTROL_PORT);
+        if wanted != *services {
+            self.firewall.set_service_ports(&wanted).await?;
+            *services = wanted;
+        }
+        Ok(())
     }
 
     /// Programs a cluster network's tables, in one transaction.
@@ -179,7 +274,7 @@ impl Host {
         Ok(())
     }
 
-    /// Stops the dataplane and removes the bridges this agent created.
+    /// Stops the dataplane, removes the bridges this agent created, then its nftables tables.
     pub async fn shutdown(&self) {
         self.dataplane.shutdown();
         let nets = std::mem::take(&mut *self.networks.lock().await);
@@ -188,6 +283,10 @@ impl Host {
                 Ok(()) => tracing::info!(bridge = %n.bridge.name, "removed bridge"),
                 Err(e) => tracing::warn!(bridge = %n.bridge.name, error = %format!("{e:#}"), "could not remove bridge"),
             }
+        }
+        // After the bridges: no container is left on one while its rules go.
+        if let Err(e) = self.firewall.remove().await {
+            tracing::warn!(error = %format!("{e:#}"), "could not remove the nftables tables");
         }
     }
 
@@ -245,12 +344,22 @@ impl Host {
             allocation_counting: dataplane::alloc_count::is_installed(),
             offloads: Some(pb::Offloads { tap: o.tap, udp_gso: o.udp_gso, udp_gro: o.udp_gro, coalesce: o.coalesce }),
             networks,
-            counters: Some(counters(&self.dataplane.counters().snapshot())),
+            counters: Some(self.counters().await),
             cluster: None,
             dataplane_threads: if split { 2 } else { 1 },
             dataplane_threads_setting: s.dataplane_threads.as_str().into(),
             dataplane_loop_switches: switches,
         }
+    }
+
+    /// The dataplane's counters, with the firewall's drops among the drop reasons.
+    async fn counters(&self) -> pb::Counters {
+        let mut c = counters(&self.dataplane.counters().snapshot());
+        match self.firewall.counters().await {
+            Ok(fw) => c.dropped.extend(fw),
+            Err(e) => tracing::debug!(error = %format!("{e:#}"), "cannot read the firewall's counters"),
+        }
+        c
     }
 
     /// `overlayd fdb`.
@@ -314,6 +423,11 @@ impl Host {
             .collect();
         pb::FdbReply { networks }
     }
+}
+
+/// The bound endpoints of `network`: (MAC, address).
+fn local_endpoints(bindings: &Bindings, network: &str) -> Vec<(MacAddr, Ipv4Addr)> {
+    bindings.get(network).into_iter().flat_map(|p| p.values().copied()).collect()
 }
 
 /// Counters as the local API carries them.

@@ -7,6 +7,7 @@ mod cluster;
 mod config;
 mod daemon;
 mod endpoints;
+mod firewall;
 mod gossip;
 mod host;
 mod netdev;

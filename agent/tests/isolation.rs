@@ -295,14 +295,15 @@ fn a_container_cannot_send_vxlan_into_any_network() {
     let v3 = attach(&c, 2, "blue", "v3");
     await_reachable(&[(&v1, &v2), (&v2, &v3), (&v3, &v1)]);
     let (h1, h2, h3) = (host_ip(&c, 0), host_ip(&c, 1), host_ip(&c, 2));
-    let outsider = ([0x02, 0x66, 0, 0, 0, 1], Ipv4Addr::new(192, 0, 2, 66));
-    let into = |victim: &Ct| vxlan(blue, &probe(outsider, victim.id()));
+    // Each inner frame comes from a container of the host the datagram claims to be from, as
+    // that host's would: only where the datagram came from can give it away.
+    let into = |from: &Ct, victim: &Ct| vxlan(blue, &probe(from.id(), victim.id()));
     let vxlan_at = |ip: Ipv4Addr| SocketAddr::new(ip.into(), VXLAN_PORT);
     let n = || 0..ATTEMPTS;
 
     // The control: the same datagrams from member host h3's underlay are delivered.
     let p1 = Probe::listen(&v1.node);
-    send_udp(c.hosts[2].ns(), SocketAddr::new(h3.into(), 0), vxlan_at(h1), n().map(|_| into(&v1)).collect());
+    send_udp(c.hosts[2].ns(), SocketAddr::new(h3.into(), 0), vxlan_at(h1), n().map(|_| into(&v3, &v1)).collect());
     assert_eq!(p1.count(), ATTEMPTS, "crafted VXLAN from a member host's underlay is delivered");
 
     let drops_before = dropped(&c.agents[0], "vxlan_from_overlay");
@@ -310,9 +311,9 @@ fn a_container_cannot_send_vxlan_into_any_network() {
     // To its own host, with its own address and with member host h2's.
     let p1 = Probe::listen(&v1.node);
     let own = SocketAddr::new(attacker.ip.into(), 0);
-    send_udp(attacker.node.ns(), own, vxlan_at(h1), n().map(|_| into(&v1)).collect());
+    send_udp(attacker.node.ns(), own, vxlan_at(h1), n().map(|_| into(&v2, &v1)).collect());
     attacker.node.exec("ip", ["addr", "add", &format!("{h2}/32"), "dev", "eth0"]).unwrap();
-    send_udp(attacker.node.ns(), SocketAddr::new(h2.into(), 0), vxlan_at(h1), n().map(|_| into(&v1)).collect());
+    send_udp(attacker.node.ns(), SocketAddr::new(h2.into(), 0), vxlan_at(h1), n().map(|_| into(&v2, &v1)).collect());
     let delivered_here = p1.count();
 
     // Through its host, forwarding, to host h2: from member h3's address and from its own.
@@ -320,8 +321,8 @@ fn a_container_cannot_send_vxlan_into_any_network() {
     let p2 = Probe::listen(&v2.node);
     attacker.node.exec("ip", ["addr", "del", &format!("{h2}/32"), "dev", "eth0"]).unwrap();
     attacker.node.exec("ip", ["addr", "add", &format!("{h3}/32"), "dev", "eth0"]).unwrap();
-    send_udp(attacker.node.ns(), SocketAddr::new(h3.into(), 0), vxlan_at(h2), n().map(|_| into(&v2)).collect());
-    send_udp(attacker.node.ns(), own, vxlan_at(h2), n().map(|_| into(&v2)).collect());
+    send_udp(attacker.node.ns(), SocketAddr::new(h3.into(), 0), vxlan_at(h2), n().map(|_| into(&v3, &v2)).collect());
+    send_udp(attacker.node.ns(), own, vxlan_at(h2), n().map(|_| into(&v3, &v2)).collect());
     let delivered_there = p2.count();
 
     let vxlan_drops = dropped(&c.agents[0], "vxlan_from_overlay") - drops_before;

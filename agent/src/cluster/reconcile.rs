@@ -1,8 +1,9 @@
 //! The reconciler: keeps this host's networks and dataplane tables equal to what the Raft view
 //! and gossip say. [`plan`] is pure (view, what gossip heard, this host → the wanted networks
-//! and their tables); [`apply`] makes the host match a plan.
+//! and their tables); [`apply`] makes the host match a plan. It also keeps the firewall's list
+//! of the cluster's gossip and control ports ([`service_ports`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,9 +79,18 @@ pub fn plan(view: &ClusterView, heard: &GossipView, me: NodeId) -> Plan {
     wanted
 }
 
+/// The gossip (UDP) and control (TCP) ports of every host the view knows: closed to the
+/// overlay on this host, and through it on every other.
+pub fn service_ports(view: &ClusterView) -> (BTreeSet<u16>, BTreeSet<u16>) {
+    let gossip = view.nodes.values().map(|n| n.gossip_addr.port()).collect();
+    let control = view.nodes.values().map(|n| n.api_addr.port()).collect();
+    (gossip, control)
+}
+
 /// Makes the host match `plan`: networks not in it (or changed) go down, new ones come up
-/// (with the containers attached before a restart put back on the new bridge), and every
-/// planned network's tables are programmed.
+/// (with the containers attached before a restart bound again — their port's firewall and
+/// the dataplane's binding — and put back on the new bridge), and every planned network's
+/// tables are programmed.
 pub async fn apply(host: &Host, plan: &Plan, endpoints: &Mutex<EndpointStore>) -> Result<()> {
     for (name, local) in host.networks().await {
         if plan.get(&name).map(|p| &p.spec) != Some(&local.spec) {
@@ -92,6 +102,7 @@ pub async fn apply(host: &Host, plan: &Plan, endpoints: &Mutex<EndpointStore>) -
             host.add_network(planned.spec.clone()).await?;
             let local = host.networks().await.remove(name).context("network vanished")?;
             for e in endpoints.lock().await.in_network(name) {
+                host.bind_endpoint(e).await?;
                 if crate::netdev::link_exists(&host.nl, &e.host_ifname).await? {
                     crate::netdev::enslave(&host.nl, &e.host_ifname, &local.bridge, planned.spec.mtu).await?;
                 }
@@ -114,6 +125,7 @@ pub async fn run(
     let mut views = follower.subscribe();
     let mut heard = gossip.subscribe();
     let mut directory = None;
+    let mut pruned = false;
     loop {
         let view = views.borrow_and_update().clone();
         let g = heard.borrow_and_update().clone();
@@ -123,10 +135,19 @@ pub async fn run(
             directory = Some(dir);
         }
         gossip.publish_local(endpoints::gossiped(&view, &*store.lock().await));
-        if let Err(e) = apply(&host, &plan(&view, &g, me), &store).await {
+        let (gossip_ports, control_ports) = service_ports(&view);
+        let firewalled = host.set_service_ports(gossip_ports, control_ports).await;
+        if let Err(e) = firewalled.and(apply(&host, &plan(&view, &g, me), &store).await) {
             tracing::warn!(error = %format!("{e:#}"), "could not bring the host in line with the cluster state; retrying");
             tokio::time::sleep(Duration::from_secs(2)).await;
             continue;
+        }
+        if !pruned && view.revision > 0 {
+            // Every endpoint is bound again: what a crashed daemon left for others can go.
+            match host.prune_firewall().await {
+                Ok(()) => pruned = true,
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not remove stale firewall rules"),
+            }
         }
         tokio::select! {
             r = views.changed() => if r.is_err() { return },
