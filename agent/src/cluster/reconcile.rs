@@ -98,8 +98,14 @@ pub async fn apply(host: &Host, plan: &Plan, endpoints: &Mutex<EndpointStore>) -
         }
     }
     for (name, planned) in plan {
-        if !host.networks().await.contains_key(name) {
+        let new = !host.networks().await.contains_key(name);
+        if new {
             host.add_network(planned.spec.clone()).await?;
+        }
+        // Tables first: an attach may be waiting for the network (holding the endpoint store)
+        // and its container's first frames must find the other hosts.
+        host.program_network(planned.spec.vni, &planned.tables)?;
+        if new {
             let local = host.networks().await.remove(name).context("network vanished")?;
             for e in endpoints.lock().await.in_network(name) {
                 host.bind_endpoint(e).await?;
@@ -108,7 +114,6 @@ pub async fn apply(host: &Host, plan: &Plan, endpoints: &Mutex<EndpointStore>) -
                 }
             }
         }
-        host.program_network(planned.spec.vni, &planned.tables)?;
     }
     Ok(())
 }
