@@ -558,3 +558,73 @@ fn gratuitous_arp_cannot_take_another_containers_address() {
     eprintln!("gratuitous ARP dropped: {counted:?} (the victim's host, the other)");
     assert!(counted[0] >= 10 && counted[1] >= 10, "spoofed ARP not counted: {counted:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The rules' lifecycle.
+
+/// The bridge ports overlayd has rules for, from `nft list map bridge overlayd ports`.
+fn guarded_ports(c: &Cluster, i: usize) -> Vec<String> {
+    let out = c.hosts[i].exec("nft", ["-j", "list", "map", "bridge", "overlayd", "ports"]).unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let mut ports: Vec<String> = v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["map"]["elem"].as_array().cloned())
+        .flatten()
+        .filter_map(|e| e[0].as_str().map(str::to_owned))
+        .collect();
+    ports.sort();
+    ports
+}
+
+fn host_ifname(c: &Cluster, name: &str) -> String {
+    let inspect = c.agents[0].json(&["network", "inspect", "blue"]).unwrap();
+    let e = inspect["endpoints"].as_array().unwrap().iter().find(|e| e["name"] == name).cloned();
+    e.and_then(|e| e["host_ifname"].as_str().map(str::to_owned)).unwrap_or_else(|| panic!("no {name}: {inspect}"))
+}
+
+/// A port's rules come with its endpoint and go with it; a daemon killed with SIGKILL leaves
+/// them in force, and when it is back it keeps those of its endpoints and removes the others;
+/// a daemon that stops removes its tables.
+#[test]
+fn port_rules_live_as_long_as_their_endpoints_and_the_tables_as_the_daemon() {
+    let bed = bed();
+    let mut c = Cluster::form(&bed, 1, 0).expect("cannot form the cluster");
+    create(&c, "blue");
+    let x = attach(&c, 0, "blue", "x");
+    let y = attach(&c, 0, "blue", "y");
+    let z = attach(&c, 0, "blue", "z");
+    let (xp, yp, zp) = (host_ifname(&c, "x"), host_ifname(&c, "y"), host_ifname(&c, "z"));
+    let mut all = vec![xp.clone(), yp.clone(), zp.clone()];
+    all.sort();
+    assert_eq!(guarded_ports(&c, 0), all);
+    c.agents[0].json(&["detach", "--name", "y"]).unwrap();
+    let mut kept = vec![xp.clone(), zp.clone()];
+    kept.sort();
+    assert_eq!(guarded_ports(&c, 0), kept, "detach removes the port's rules");
+
+    // Killed: the rules stay in force. A stale port chain is added meanwhile.
+    c.agents[0].kill().unwrap();
+    assert_eq!(guarded_ports(&c, 0), kept);
+    c.hosts[0]
+        .nft("add chain bridge overlayd port-ovlstale\nadd element bridge overlayd ports { \"ovlstale\" : goto port-ovlstale }\n")
+        .unwrap();
+    let spoofed = || {
+        let p = Probe::listen(&z.node);
+        inject(x.node.ns(), vec![probe((x.mac, y.ip), z.id())]);
+        p.count()
+    };
+    assert_eq!(spoofed(), 0, "while the daemon is down");
+    c.agents[0] = c.hosts[0].start_daemon::<&str>(&[]).unwrap();
+    wait_for(T, "the stale port's rules to go", || (guarded_ports(&c, 0) == kept).then_some(())).unwrap();
+    await_reachable(&[(&x, &z)]);
+    let before = dropped(&c.agents[0], "spoofed_ip");
+    assert_eq!(spoofed(), 0, "after the restart");
+    assert!(dropped(&c.agents[0], "spoofed_ip") > before, "not counted after the restart");
+
+    // Stopped: both tables are gone.
+    c.agents[0].terminate().unwrap();
+    let tables = c.hosts[0].exec("nft", ["list", "tables"]).unwrap();
+    assert!(!tables.contains("overlayd"), "tables left after SIGTERM: {tables}");
+}
