@@ -2,7 +2,8 @@
 //!
 //! **What it is.** SWIM membership among all hosts (the `foca` crate) on its own UDP port,
 //! each datagram sealed under the cluster's gossip key for one receiver, which takes it only
-//! once ([`seal`], [`replay`]); per-host endpoint tables that only their owner writes, as
+//! once and only from a host of the directory ([`seal`], [`replay`]; the key is rotated when a
+//! node is removed, without cutting anyone off); per-host endpoint tables that only their owner writes, as
 //! owner-signed, versioned records piggybacked on SWIM messages; anti-entropy rounds that
 //! repair whatever a host missed. Sans-IO: [`node::GossipNode`]
 //! takes datagrams, timer expiries and local changes and returns datagrams, timers and

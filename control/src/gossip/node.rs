@@ -4,6 +4,11 @@
 //! to arm and [`Event`]s come out in an [`Output`]. The agent drives it from a UDP socket
 //! and tokio timers; the simulation (see [`super::sim`]) from an in-memory network and a
 //! simulated clock.
+//!
+//! Only the directory's hosts (Raft's nodes) gossip: a datagram whose authenticated sender is
+//! not in it — a removed host, or one this host's directory does not list yet — is refused
+//! before SWIM sees it, and no host outside it is ever alive here, whatever other hosts say
+//! of it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -79,6 +84,10 @@ pub struct GossipConfig {
     /// 4·log10(N+1) times (SWIM's rule, which lets a rumour reach all N hosts). The agent
     /// follows the directory's size.
     pub cluster_size: u32,
+    /// After the cluster key is rotated, how long a host goes on sealing with the old one
+    /// (every host following the state has the new one by then); it forgets the old one
+    /// after twice this.
+    pub key_changeover: Duration,
 }
 
 impl Default for GossipConfig {
@@ -95,6 +104,7 @@ impl Default for GossipConfig {
             sync_budget: 32 * 1024,
             max_datagram: 1400,
             cluster_size: 1000,
+            key_changeover: Duration::from_secs(3),
         }
     }
 }
@@ -142,6 +152,10 @@ enum TimerKind {
     Swim(u32, foca::Timer<Peer>),
     Sync,
     Eager,
+    /// Seal with the newest key (of this rotation).
+    KeySeal(u32),
+    /// Forget the older keys (of this rotation).
+    KeyRetire(u32),
 }
 
 /// What changed, for the agent to act on.
@@ -201,6 +215,9 @@ pub struct GossipCounters {
     /// Refused: authenticated, but sealed for another host (or by this one): a datagram
     /// captured on its way elsewhere, replayed here.
     pub rx_misdirected: u64,
+    /// Refused: authenticated, but its sender is not in the directory (a host removed from
+    /// the cluster, or one that joined before this host's directory caught up).
+    pub rx_unknown_sender: u64,
     /// Endpoint records applied.
     pub records_applied: u64,
     /// Endpoint records that were already known.
@@ -274,6 +291,7 @@ impl GossipCounters {
             rx_replayed,
             rx_stale_generation,
             rx_misdirected,
+            rx_unknown_sender,
             records_applied,
             records_stale,
             records_forged,
@@ -300,6 +318,7 @@ impl GossipCounters {
         self.rx_replayed += rx_replayed;
         self.rx_stale_generation += rx_stale_generation;
         self.rx_misdirected += rx_misdirected;
+        self.rx_unknown_sender += rx_unknown_sender;
         self.records_applied += records_applied;
         self.records_stale += records_stale;
         self.records_forged += records_forged;
@@ -480,6 +499,8 @@ impl From<&Peer> for Dest {
 const MAX_DIGESTS: usize = 4;
 /// Most suspects told per anti-entropy round.
 const MAX_TOLD_SUSPECTS: usize = 16;
+/// Most cluster keys a host opens with (rotations in quick succession).
+const MAX_KEYS: usize = 3;
 
 type Swim = Foca<Peer, PostcardCodec, SmallRng, Handler>;
 
@@ -487,7 +508,13 @@ type Swim = Foca<Peer, PostcardCodec, SmallRng, Handler>;
 pub struct GossipNode {
     swim: Swim,
     shared: Arc<Mutex<Shared>>,
-    key: GossipKey,
+    /// The cluster keys datagrams open with, newest first: more than one only while a
+    /// rotation is under way (see [`GossipNode::rotate_key`]).
+    keys: Vec<GossipKey>,
+    /// Which rotation is under way (its timers carry it).
+    rotation: u32,
+    /// Where a datagram is copied to be tried under one key while others remain.
+    trial: Vec<u8>,
     /// Seals what this host sends: its key and counter for this generation (`epoch`).
     sealer: Sealer,
     /// Which datagrams of each sender were taken.
@@ -542,7 +569,9 @@ impl GossipNode {
             swim,
             shared,
             sealer,
-            key,
+            keys: vec![key],
+            rotation: 0,
+            trial: Vec::new(),
             replay: ReplayGuard::default(),
             signer,
             config,
@@ -575,7 +604,9 @@ impl GossipNode {
         out.timers.push((first, Timer(TimerKind::Sync)));
     }
 
-    /// The hosts of the cluster (from Raft). Tables of hosts no longer in it are dropped.
+    /// The hosts of the cluster (from Raft). Tables of hosts no longer in it are dropped, and
+    /// they are down here at once (and said to be, to the others); a host that enters it and
+    /// that SWIM already knows alive is alive from now on.
     pub fn set_directory(&mut self, entries: impl IntoIterator<Item = (NodeId, DirectoryEntry)>, out: &mut Output) {
         let me = self.identity().node;
         let gone: Vec<Peer> = {
@@ -588,6 +619,18 @@ impl GossipNode {
             }
             let dir = &s.directory;
             self.replay.set_directory(|n| dir.contains_key(&n));
+            let left: Vec<NodeId> = self.live.keys().copied().filter(|n| !dir.contains_key(n)).collect();
+            for n in left {
+                self.live.remove(&n);
+                self.pending_events.push(Event::PeerDown(n));
+            }
+            for m in self.swim.iter_members() {
+                let p = m.id();
+                if dir.contains_key(&p.node) && !self.live.contains_key(&p.node) {
+                    self.live.insert(p.node, p.clone());
+                    self.pending_events.push(Event::PeerUp(p.node));
+                }
+            }
             self.swim.iter_members().map(|m| m.id().clone()).filter(|p| !dir.contains_key(&p.node)).collect()
         };
         if !gone.is_empty() {
@@ -650,7 +693,7 @@ impl GossipNode {
             s.counters.rx_datagrams += 1;
             s.counters.rx_bytes += datagram.len() as u64;
         }
-        match self.key.open(datagram) {
+        match self.open(datagram) {
             Err(e) => {
                 let mut s = lock(&self.shared);
                 match e {
@@ -673,8 +716,31 @@ impl GossipNode {
         self.flush(out);
     }
 
-    /// Whether an authenticated datagram is for this host and new: each is taken once, before
-    /// anything in it is looked at, so that a replay is never answered.
+    /// Opens a datagram in place under the newest of the keys it opens under.
+    fn open<'d>(&mut self, datagram: &'d mut [u8]) -> Result<Opened<'d>, SealError> {
+        // Opening in place spoils the datagram when the key is wrong: while a rotation is
+        // under way, the keys but the last are tried on a copy.
+        let (last, earlier) = self.keys.split_last().expect("a node always has a key");
+        let mut key = last;
+        for k in earlier {
+            self.trial.clear();
+            self.trial.extend_from_slice(datagram);
+            match k.open(&mut self.trial) {
+                Ok(_) => {
+                    key = k;
+                    break;
+                }
+                Err(SealError::BadAuth) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        key.open(datagram)
+    }
+
+    /// Whether an authenticated datagram is for this host, from a host of the directory, and
+    /// new: each is taken once, before anything in it is looked at, so that a replay is never
+    /// answered; a sender outside the directory is never heard (it is not alive here, and
+    /// says nothing of others).
     fn take(&mut self, opened: &Opened<'_>) -> bool {
         let h = &opened.header;
         let me = self.identity().node;
@@ -683,8 +749,11 @@ impl GossipNode {
             s.counters.rx_misdirected += 1;
             return false;
         }
-        let member = s.directory.contains_key(&h.sender);
-        match self.replay.take(h.sender, h.generation, h.counter, member) {
+        if !s.directory.contains_key(&h.sender) {
+            s.counters.rx_unknown_sender += 1;
+            return false;
+        }
+        match self.replay.take(h.sender, h.generation, h.counter, true) {
             Ok(()) => true,
             Err(Refused::Replayed) => {
                 s.counters.rx_replayed += 1;
@@ -750,8 +819,26 @@ impl GossipNode {
                 self.eager_armed = false;
                 self.eager(now);
             }
+            TimerKind::KeySeal(rotation) if rotation == self.rotation => self.sealer.rekey(&self.keys[0]),
+            TimerKind::KeyRetire(rotation) if rotation == self.rotation => self.keys.truncate(1),
+            // Of a rotation since overtaken by another: that one's timers finish the job.
+            TimerKind::KeySeal(_) | TimerKind::KeyRetire(_) => {}
         }
         self.flush(out);
+    }
+
+    /// The cluster key was rotated (a node was removed: it holds the old one). Datagrams open
+    /// under `key` at once, and still under the keys this host had; it seals with `key` after
+    /// [`GossipConfig::key_changeover`], when every host following the state has it too, and
+    /// forgets the older keys after twice that: from then on, what the old key seals opens
+    /// nothing here.
+    pub fn rotate_key(&mut self, key: GossipKey, out: &mut Output) {
+        self.rotation += 1;
+        self.keys.insert(0, key);
+        self.keys.truncate(MAX_KEYS);
+        let changeover = self.config.key_changeover;
+        out.timers.push((changeover, Timer(TimerKind::KeySeal(self.rotation))));
+        out.timers.push((changeover * 2, Timer(TimerKind::KeyRetire(self.rotation))));
     }
 
     /// An authenticated datagram arrived.
@@ -1168,8 +1255,12 @@ impl GossipNode {
         out.timers.extend(self.outbox.timers.drain(..).map(|(d, t)| (d, Timer(TimerKind::Swim(life, t)))));
         out.events.append(&mut self.pending_events);
         out.timers.append(&mut self.pending_timers);
+        let mut s = lock(&self.shared);
         for n in self.outbox.notes.drain(..) {
             match n {
+                // A host outside the directory, which some member still vouches for: not
+                // alive here (it is when the directory lists it, see `set_directory`).
+                OwnedNotification::MemberUp(p) if !s.directory.contains_key(&p.node) => {}
                 OwnedNotification::MemberUp(p) if !self.live.contains_key(&p.node) => {
                     out.events.push(Event::PeerUp(p.node));
                     self.live.insert(p.node, p);
@@ -1187,7 +1278,6 @@ impl GossipNode {
                 _ => {}
             }
         }
-        let mut s = lock(&self.shared);
         out.events.extend(std::mem::take(&mut s.changed).into_iter().map(Event::Endpoints));
         let sent = &out.datagrams[first..];
         s.counters.tx_datagrams += sent.len() as u64;
@@ -1254,12 +1344,16 @@ impl GossipNode {
         lock(&self.shared).counters.clone()
     }
 
-    /// Every host of the directory (and any other member SWIM knows), as this host sees it.
+    /// Every host of the directory, as this host sees it (a host outside it is nothing here,
+    /// whatever SWIM heard of it).
     pub fn peers(&self) -> Vec<PeerStatus> {
         let s = lock(&self.shared);
         let mut seen: HashMap<NodeId, PeerStatus> = HashMap::new();
         for m in self.swim.iter_membership_state() {
             let p = m.id();
+            if !s.directory.contains_key(&p.node) {
+                continue;
+            }
             let state = match m.state() {
                 State::Alive => "alive",
                 State::Suspect => "suspect",
@@ -1308,7 +1402,7 @@ mod tests {
     use super::*;
     use std::cmp::Reverse;
 
-    use crate::gossip::seal::KEY_LEN;
+    use crate::gossip::seal::{self, KEY_LEN};
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -1601,6 +1695,90 @@ mod tests {
         let r = lab.replay(0, 2, &captured, 1);
         assert_eq!((r.answered, r.grew(|c| c.rx_misdirected)), (0, captured.len() as u64), "{:?}", r.after);
         assert_eq!(r.grew(|c| c.rx_replayed), 0);
+    }
+
+    impl Lab {
+        /// Host `i`'s directory without the hosts in `without`.
+        fn set_directory(&mut self, i: usize, without: &[usize]) {
+            let directory: Vec<(NodeId, DirectoryEntry)> = (0..self.signers.len())
+                .filter(|j| !without.contains(j))
+                .map(|j| {
+                    let public_key = Signer::from_pkcs8(&self.signers[j]).unwrap().public_key();
+                    (j as NodeId + 1, DirectoryEntry { public_key, addr: addr(j) })
+                })
+                .collect();
+            let mut out = Output::default();
+            self.nodes[i].set_directory(directory, &mut out);
+            self.dispatch(i, out);
+        }
+
+        fn rotate(&mut self, i: usize, key: [u8; KEY_LEN]) {
+            let mut out = Output::default();
+            self.nodes[i].rotate_key(GossipKey::new(&key), &mut out);
+            self.dispatch(i, out);
+        }
+
+        fn listed(&self, i: usize, node: NodeId) -> bool {
+            self.nodes[i].peers().iter().any(|p| p.node == node)
+        }
+    }
+
+    /// Issue 12, item 2: a host removed from the others' directories keeps running and
+    /// talking, and is never alive to them again: its datagrams are refused before SWIM sees
+    /// them, and what the members still say of it does not bring it back.
+    #[test]
+    fn a_host_out_of_the_directory_is_refused_and_never_alive_again() {
+        let mut lab = Lab::new(3);
+        assert!(lab.nodes[0].is_alive(3) && lab.nodes[1].is_alive(3));
+        lab.put(2, key(2), "still-here");
+        // Host 1 learns of the removal a second after host 0 (and vouches for host 2 meanwhile).
+        lab.set_directory(0, &[2]);
+        lab.run(Duration::from_secs(1));
+        lab.set_directory(1, &[2]);
+        lab.run(Duration::from_secs(10));
+        for i in [0, 1] {
+            assert!(!lab.nodes[i].is_alive(3), "host {i} counts the removed host alive");
+            assert!(!lab.listed(i, 3), "host {i} lists the removed host: {:?}", lab.nodes[i].peers());
+            assert!(lab.endpoints(i, 2).is_empty(), "host {i} holds the removed host's endpoints");
+            assert!(lab.nodes[i].counters().rx_unknown_sender > 0, "{:?}", lab.nodes[i].counters());
+        }
+        assert!(lab.nodes[0].is_alive(2) && lab.nodes[1].is_alive(1), "the members still see each other");
+        // The removed host itself sees nobody any more.
+        assert!(!lab.nodes[2].is_alive(1) && !lab.nodes[2].is_alive(2));
+    }
+
+    /// Issue 12, item 2: the cluster key is rotated on every host, not at once; no datagram
+    /// between members is refused meanwhile, and after the changeover the old key opens
+    /// nothing.
+    #[test]
+    fn a_key_rotation_cuts_no_member_off_and_then_the_old_key_opens_nothing() {
+        let mut lab = Lab::new(3);
+        let new = GossipKey::generate();
+        let before: Vec<GossipCounters> = lab.nodes.iter().map(GossipNode::counters).collect();
+        lab.rotate(0, new);
+        lab.run(Duration::from_millis(700));
+        lab.rotate(1, new);
+        lab.run(Duration::from_millis(300));
+        lab.rotate(2, new);
+        lab.put(0, key(0), "during");
+        lab.run(Duration::from_secs(8));
+        for (i, (node, before)) in lab.nodes.iter().zip(&before).enumerate() {
+            let c = node.counters();
+            assert_eq!(c.rx_bad_auth, before.rx_bad_auth, "host {i} refused a member's datagram: {c:?}");
+            assert!((1..=3).all(|n| node.is_alive(n)), "host {i}: {:?}", node.peers());
+        }
+        assert_eq!(lab.endpoints(2, 0), vec![key(0)]);
+        // Sealed with the old key by a holder of it, as a member: refused now.
+        let old = GossipKey::new(&lab.key);
+        let header = seal::Header { sender: 2, generation: 1_000_000, counter: 1 << 40, receiver: 1 };
+        let mut forged = Vec::new();
+        old.seal(&header, Kind::Sync, b"x", &mut forged);
+        let r = lab.replay(1, 0, &[forged], 1);
+        assert_eq!((r.answered, r.grew(|c| c.rx_bad_auth)), (0, 1), "{:?}", r.after);
+        // What the hosts seal now opens under the new key only.
+        let sent = lab.captured(0, 1).pop().unwrap();
+        assert!(GossipKey::new(&new).open(&mut sent.clone()).is_ok());
+        assert_eq!(old.open(&mut sent.clone()), Err(SealError::BadAuth));
     }
 
     #[test]

@@ -4,11 +4,12 @@
 //! far behind the newest to tell, is refused; one of a newer generation starts a new window.
 //!
 //! Only datagrams that authenticated under the cluster key, and were sealed for this host,
-//! get here (see [`super::seal`]), so strangers cannot fill it. Memory is still bounded: one
-//! window (about 150 bytes) per host of the directory that has sent to this one, and at most
-//! [`MAX_STRANGERS`] for senders outside the directory — a host that joined before this
-//! host's directory caught up, or a key holder making up node ids — the least recently heard
-//! evicted first.
+//! get here (see [`super::seal`]), so strangers cannot fill it; the gossip node also refuses
+//! senders outside the directory before they get here (see [`super::node`]). Memory is still
+//! bounded: one window (about 150 bytes) per host of the directory that has sent to this one,
+//! and at most [`MAX_STRANGERS`] for senders outside the directory — hosts that left it, whose
+//! windows are kept in case they are listed again, or a key holder making up node ids — the
+//! least recently heard evicted first.
 //!
 //! Windows live in memory: after this host restarts, each datagram captured before, of its
 //! sender's current generation, can be taken once more (the first one sets the window).

@@ -29,6 +29,12 @@
 //!
 //! Version 1 (a random nonce, nothing identifying the sender) could be replayed at will;
 //! this version's datagrams do not open as version 1's and vice versa (`NotGossip`).
+//!
+//! The cluster key is rotated when a node is removed (it holds the old one). A host that
+//! learns the new key opens with both for a while, then seals with the new one
+//! ([`Sealer::rekey`]: the counter goes on, so the receivers' windows do too), then forgets
+//! the old (see [`super::node::GossipNode::rotate_key`]). Nothing in the header names the
+//! key: a receiver tries each it holds.
 
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::hkdf;
@@ -223,6 +229,13 @@ impl std::fmt::Debug for Sealer {
 }
 
 impl Sealer {
+    /// Seals from now on under `key` (the cluster key rotated), counting on from where it
+    /// is: the counter is the nonce, unique under each key, and the receivers' windows, which
+    /// do not know keys, take the next datagrams as they would have.
+    pub fn rekey(&mut self, key: &GossipKey) {
+        self.key = key.sender_key(self.sender, self.generation);
+    }
+
     /// Seals `payload` of `kind` for host `receiver` into `out` (cleared first), as the next
     /// datagram of this sender.
     pub fn seal(&mut self, receiver: NodeId, kind: Kind, payload: &[u8], out: &mut Vec<u8>) {
@@ -317,5 +330,18 @@ mod tests {
         for mut x in [a, b, c, d] {
             assert!(key.open(&mut x).is_ok());
         }
+    }
+
+    #[test]
+    fn a_rekeyed_sealer_counts_on_under_the_new_key() {
+        let (old, new) = (GossipKey::new(&[7; KEY_LEN]), GossipKey::new(&[8; KEY_LEN]));
+        let mut sealer = old.sealer(3, 1);
+        let mut d = Vec::new();
+        sealer.seal(9, Kind::Swim, b"a", &mut d);
+        sealer.rekey(&new);
+        sealer.seal(9, Kind::Swim, b"b", &mut d);
+        assert_eq!(Header::parse(&d).unwrap().counter, 1);
+        assert_eq!(old.open(&mut d.clone()), Err(SealError::BadAuth));
+        assert_eq!(new.open(&mut d).unwrap().payload, b"b");
     }
 }
