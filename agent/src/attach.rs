@@ -1,6 +1,9 @@
 //! Plumbing a container into a network: a veth whose host end is on the network's bridge and
 //! whose other end becomes the container's interface, with its address, MAC, MTU and a
 //! default route via the gateway. Which address, and the records, are `endpoints`' business.
+//!
+//! The host end carries the endpoint's record as its alias ([`VethTag`]), so that the kernel
+//! alone tells which endpoint a veth is ([`inspect`]) when the records on disk are lost.
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
@@ -9,11 +12,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use dataplane::MacAddr;
 use futures::TryStreamExt;
 use rtnetlink::{LinkUnspec, LinkVeth};
+use serde::{Deserialize, Serialize};
 
 use crate::endpoints::LocalEndpoint;
-use crate::netdev::{self, Bridge};
+use crate::netdev::{self, Bridge, Iface};
 
 /// A container's network namespace, opened.
 pub struct Netns {
@@ -33,8 +38,37 @@ impl Netns {
         let file = File::open(&path).with_context(|| {
             format!("cannot open the network namespace {} (does the container or namespace exist?)", path.display())
         })?;
+        nstype::check_net(&file).map_err(|what| {
+            anyhow::anyhow!(
+                "{} is not a network namespace ({what}): give a container's namespace, /run/netns/NAME or \
+                 /proc/PID/ns/net, or its process with --pid",
+                path.display()
+            )
+        })?;
         let meta = file.metadata()?;
         Ok(Netns { path, id: (meta.dev(), meta.ino()), file })
+    }
+
+    /// The namespace whose identity is `id`: at `path` if it still is there, else wherever
+    /// `/run/netns` or a process shows it.
+    pub fn find(path: &str, id: (u64, u64)) -> Option<Netns> {
+        let here = |p: PathBuf| {
+            let meta = std::fs::metadata(&p).ok()?;
+            ((meta.dev(), meta.ino()) == id).then(|| Netns::open(p.to_str(), None).ok()).flatten()
+        };
+        if !path.is_empty() {
+            if let Some(ns) = here(PathBuf::from(path)) {
+                return Some(ns);
+            }
+        }
+        let named = std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.path());
+        let procs = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+            .map(|e| e.path().join("ns/net"));
+        named.chain(procs).find_map(here)
     }
 
     /// A default endpoint name: the namespace file's name, or `pid<N>`.
@@ -85,6 +119,99 @@ pub fn veth_names(network: &str, name: &str) -> (String, String) {
     (format!("ovl{x:010x}"), format!("ovp{x:010x}"))
 }
 
+/// What the host end of an endpoint's veth says of it (its alias: `overlayd-endpoint {json}`),
+/// enough, with what the container's interface holds, to rebuild the endpoint's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VethTag {
+    /// The network.
+    pub net: String,
+    /// The endpoint's name.
+    pub name: String,
+    /// The interface in the container.
+    pub ifname: String,
+    /// The namespace's path as given to attach ("" when it did not fit).
+    pub netns: String,
+    /// The namespace's identity (device, inode).
+    pub ns: (u64, u64),
+}
+
+const TAG_PREFIX: &str = "overlayd-endpoint ";
+/// Linux keeps at most this much of an alias (IFALIASZ - 1).
+const ALIAS_MAX: usize = 255;
+
+impl VethTag {
+    fn of(ep: &LocalEndpoint) -> VethTag {
+        VethTag {
+            net: ep.network.clone(),
+            name: ep.name.clone(),
+            ifname: ep.ifname.clone(),
+            netns: ep.netns.clone(),
+            ns: ep.netns_id,
+        }
+    }
+
+    /// The alias text; without the path if it would not fit (the namespace is then found by
+    /// its identity).
+    pub fn alias(&self) -> String {
+        let text = |t: &VethTag| format!("{TAG_PREFIX}{}", serde_json::to_string(t).unwrap_or_default());
+        let full = text(self);
+        if full.len() <= ALIAS_MAX { full } else { text(&VethTag { netns: String::new(), ..self.clone() }) }
+    }
+
+    /// The tag an alias holds, if it holds one.
+    pub fn parse(alias: &str) -> Option<VethTag> {
+        serde_json::from_str(alias.strip_prefix(TAG_PREFIX)?).ok()
+    }
+}
+
+/// Whether `name` is one overlayd gives the host end of an endpoint's veth ([`veth_names`]).
+pub fn is_endpoint_veth(name: &str) -> bool {
+    name.len() == 13 && name.starts_with("ovl") && name[3..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The endpoint whose host-side veth is `veth`, as the kernel shows it: the veth's tag, and the
+/// address and MAC of its other end in the container. `Err` says why it is no endpoint.
+pub async fn inspect(veth: &Iface) -> Result<LocalEndpoint, String> {
+    let alias = veth.alias.as_deref().unwrap_or_default();
+    let tag = VethTag::parse(alias).ok_or("its alias holds no overlayd endpoint record")?;
+    if veth_names(&tag.net, &tag.name).0 != veth.name {
+        return Err(format!(
+            "its record names endpoint {:?} of network {:?}, whose veth has another name",
+            tag.name, tag.net
+        ));
+    }
+    let ns = Netns::find(&tag.netns, tag.ns).ok_or("the container's network namespace is gone")?;
+    let (ifname, host_index) = (tag.ifname.clone(), veth.index);
+    let inside = ns
+        .with_netlink(move |h| async move {
+            let Some(iface) = netdev::iface(&h, &ifname).await? else { return Ok(None) };
+            let addrs = netdev::ipv4_addresses(&h, iface.index).await?;
+            Ok(Some((iface, addrs)))
+        })
+        .await
+        .map_err(|e| format!("cannot look into the container's namespace: {e:#}"))?;
+    let Some((iface, addrs)) = inside else { return Err(format!("the container has no interface {}", tag.ifname)) };
+    if iface.peer != Some(host_index) {
+        return Err(format!("the container's {} is not the other end of this veth", tag.ifname));
+    }
+    let mac = iface.mac.map(MacAddr).ok_or("the container's interface has no MAC")?;
+    let &(ip, prefix_len) = addrs
+        .iter()
+        .find(|(ip, _)| MacAddr::from_ipv4(*ip) == mac)
+        .ok_or_else(|| format!("the container's {} has no address that its MAC {mac} derives from", tag.ifname))?;
+    Ok(LocalEndpoint {
+        network: tag.net,
+        name: tag.name,
+        ip,
+        prefix_len,
+        mac,
+        host_ifname: veth.name.clone(),
+        netns: ns.path.to_string_lossy().into_owned(),
+        netns_id: ns.id,
+        ifname: tag.ifname,
+    })
+}
+
 /// Creates the veth and configures both ends. On failure, the veth is removed again.
 pub async fn plumb(
     nl: &rtnetlink::Handle,
@@ -101,6 +228,8 @@ pub async fn plumb(
         .await
         .with_context(|| format!("cannot create the veth {} (is it left over? run overlayd detach)", ep.host_ifname))?;
     let result = async {
+        let host = netdev::link_index(nl, &ep.host_ifname).await?.context("the new veth vanished")?;
+        netdev::set_alias(nl, host, &VethTag::of(ep).alias()).await?;
         let peer = netdev::link_index(nl, &tmp).await?.context("the new veth's other end vanished")?;
         nl.link()
             .set(LinkUnspec::new_with_index(peer).setns_by_fd(ns.file.as_raw_fd()).build())
@@ -164,9 +293,98 @@ pub async fn unplumb(nl: &rtnetlink::Handle, host_ifname: &str) -> Result<()> {
     netdev::delete_link(nl, host_ifname).await
 }
 
+/// What kind of file a namespace path opened: a network namespace or not (fenced `unsafe`).
+mod nstype {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+
+    /// `statfs.f_type` of the nsfs filesystem that namespace files live on.
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    /// `NS_GET_NSTYPE` = `_IO(0xb7, 0x3)`: the `CLONE_NEW*` type of a namespace file (Linux 4.11).
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+    /// `Ok` for a network namespace; else what it is instead.
+    pub fn check_net(file: &File) -> Result<(), String> {
+        // SAFETY: fstatfs writes into the zeroed statfs we pass, for an fd we own.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+            return Err(format!("cannot inspect it: {}", std::io::Error::last_os_error()));
+        }
+        #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
+        if st.f_type as i64 != NSFS_MAGIC {
+            let what = match file.metadata() {
+                Ok(m) if m.is_dir() => "a directory",
+                Ok(m) if m.is_file() => "a regular file",
+                _ => "not a namespace file",
+            };
+            return Err(what.to_owned());
+        }
+        // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd's namespace.
+        let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+        match kind {
+            k if k == libc::CLONE_NEWNET => Ok(()),
+            // An older kernel cannot say: setns will.
+            -1 => Ok(()),
+            k => Err(format!("it is {}", name(k))),
+        }
+    }
+
+    fn name(kind: libc::c_int) -> &'static str {
+        match kind {
+            libc::CLONE_NEWNS => "a mount namespace",
+            libc::CLONE_NEWPID => "a PID namespace",
+            libc::CLONE_NEWUTS => "a UTS namespace",
+            libc::CLONE_NEWIPC => "an IPC namespace",
+            libc::CLONE_NEWUSER => "a user namespace",
+            libc::CLONE_NEWCGROUP => "a cgroup namespace",
+            _ => "another kind of namespace",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_network_namespace_passes() {
+        let me = File::open("/proc/self/ns/net").unwrap();
+        assert_eq!(nstype::check_net(&me), Ok(()));
+        let mnt = File::open("/proc/self/ns/mnt").unwrap();
+        assert_eq!(nstype::check_net(&mnt), Err("it is a mount namespace".into()));
+        let file = File::open("/proc/self/status").unwrap();
+        assert_eq!(nstype::check_net(&file), Err("a regular file".into()));
+        let dir = File::open("/proc/self").unwrap();
+        assert_eq!(nstype::check_net(&dir), Err("a directory".into()));
+    }
+
+    #[test]
+    fn a_tag_round_trips_and_gives_up_the_path_before_the_limit() {
+        let tag = VethTag {
+            net: "blue".into(),
+            name: "c1".into(),
+            ifname: "eth0".into(),
+            netns: "/run/netns/c1".into(),
+            ns: (4, 4026532001),
+        };
+        assert_eq!(VethTag::parse(&tag.alias()), Some(tag.clone()));
+        let long = VethTag { netns: format!("/run/netns/{}", "x".repeat(250)), ..tag.clone() };
+        let alias = long.alias();
+        assert!(alias.len() <= ALIAS_MAX, "{}", alias.len());
+        assert_eq!(VethTag::parse(&alias), Some(VethTag { netns: String::new(), ..long }));
+        assert_eq!(VethTag::parse("created by someone"), None);
+        assert_eq!(VethTag::parse("overlayd-endpoint {"), None);
+    }
+
+    #[test]
+    fn endpoint_veth_names_are_recognised() {
+        let (host, peer) = veth_names("blue", "c1");
+        assert!(is_endpoint_veth(&host));
+        assert!(!is_endpoint_veth(&peer));
+        assert!(!is_endpoint_veth("ovl0"));
+        assert!(!is_endpoint_veth("ovlzzzzzzzzzz"));
+    }
 
     #[test]
     fn names_fit_linux_limits() {

@@ -1,10 +1,17 @@
 //! This host's endpoints (containers attached to its networks): the store in the state dir
 //! that survives restarts, the cluster's `attach` and `detach` (address from the host's own
 //! block, plumbing by `attach`, the change gossiped), and how others see them.
+//!
+//! An attach is all or nothing, across an error or a crash at any step: its intent is on disk
+//! before anything is plumbed, the endpoint is committed once the plumbing is done, and any
+//! error undoes both ([`attach_all_or_nothing`]). At start, [`recover`] rolls back an intent a
+//! crash left, sets a corrupt store aside and rebuilds it from the veths, forgets endpoints
+//! whose veth went with their container, and removes the veths no endpoint owns.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +27,7 @@ use tokio::sync::Mutex;
 use crate::attach::{self, Netns};
 use crate::cluster::{ClusterRuntime, ENDPOINTS_FILE};
 use crate::host::LocalNetwork;
+use crate::{netdev, statefile};
 
 /// One container attached to one network on this host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,32 +49,61 @@ pub struct LocalEndpoint {
 }
 
 /// The endpoints of this host, persisted in the state dir.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EndpointStore {
+    /// Attached: plumbed and committed.
     pub endpoints: Vec<LocalEndpoint>,
+    /// Attaches begun and not committed: on disk only while one is under way, or after a crash
+    /// in the middle of one (rolled back at start).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<LocalEndpoint>,
+}
+
+/// Why the store file could not be loaded.
+#[derive(Debug)]
+pub enum LoadError {
+    /// It holds no valid store (JSON error): it can be set aside and the store rebuilt.
+    Corrupt(anyhow::Error),
+    /// It could not be read at all.
+    Unreadable(anyhow::Error),
+}
+
+/// Where the store is kept: its file, or (in tests) a disk that fails when told to.
+pub trait Persist {
+    /// Replaces what is kept with `store`, durably.
+    fn persist(&self, store: &EndpointStore) -> Result<()>;
+}
+
+impl Persist for Path {
+    fn persist(&self, store: &EndpointStore) -> Result<()> {
+        store.save(self)
+    }
 }
 
 impl EndpointStore {
     /// Loads the store (empty if the file does not exist).
-    pub fn load(path: &Path) -> Result<EndpointStore> {
+    pub fn load(path: &Path) -> Result<EndpointStore, LoadError> {
         match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", path.display())),
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| LoadError::Corrupt(anyhow::anyhow!("{} is corrupt: {e}", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EndpointStore::default()),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+            Err(e) => {
+                Err(LoadError::Unreadable(anyhow::Error::new(e).context(format!("cannot read {}", path.display()))))
+            }
         }
     }
 
-    /// Saves it (atomically: written aside, then renamed).
+    /// Saves it: atomically and durably ([`statefile::write_atomic`]).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+        statefile::write_atomic(path, &serde_json::to_vec_pretty(self)?)
     }
 
     /// The lowest free address of `block` for `network`: not the block's first or last
-    /// address, not the gateway, not held by an endpoint.
+    /// address, not the gateway, not held by an endpoint (or an attach under way).
     pub fn allocate(&self, network: &str, block: Ipv4Cidr, gateway: Ipv4Addr) -> Option<Ipv4Addr> {
-        let taken = |ip: Ipv4Addr| ip == gateway || self.endpoints.iter().any(|e| e.network == network && e.ip == ip);
+        let taken = |ip: Ipv4Addr| {
+            ip == gateway || self.endpoints.iter().chain(&self.pending).any(|e| e.network == network && e.ip == ip)
+        };
         (1..block.size().saturating_sub(1)).filter_map(|n| block.nth(n)).find(|ip| !taken(*ip))
     }
 
@@ -74,6 +111,194 @@ impl EndpointStore {
     pub fn in_network<'a>(&'a self, network: &'a str) -> impl Iterator<Item = &'a LocalEndpoint> + 'a {
         self.endpoints.iter().filter(move |e| e.network == network)
     }
+}
+
+/// Attaches `ep` all or nothing: its intent is kept before `plumb` runs, and it is committed
+/// once `plumb` succeeded. On an error at any step, `unplumb` undoes the plumbing and the
+/// record goes; an intent left on disk by an error that also kept the disk from forgetting it
+/// (or by a crash) is rolled back by [`recover`].
+pub async fn attach_all_or_nothing<D, P, U, F>(
+    store: &mut EndpointStore,
+    disk: &D,
+    ep: &LocalEndpoint,
+    plumb: P,
+    unplumb: U,
+) -> Result<()>
+where
+    D: Persist + ?Sized,
+    P: Future<Output = Result<()>>,
+    U: FnOnce() -> F,
+    F: Future<Output = Result<()>>,
+{
+    store.pending.push(ep.clone());
+    if let Err(e) = disk.persist(store) {
+        store.pending.retain(|p| p != ep);
+        return Err(e.context("cannot record the attach, so nothing was attached"));
+    }
+    let forget_intent = |store: &mut EndpointStore| {
+        store.pending.retain(|p| p != ep);
+        if let Err(e) = disk.persist(store) {
+            tracing::warn!(name = %ep.name, error = %format!("{e:#}"), "the attach's intent stays on disk; the next start rolls it back");
+        }
+    };
+    if let Err(e) = plumb.await {
+        undo(unplumb, ep).await;
+        forget_intent(store);
+        return Err(e);
+    }
+    store.pending.retain(|p| p != ep);
+    store.endpoints.push(ep.clone());
+    if let Err(e) = disk.persist(store) {
+        store.endpoints.retain(|p| p != ep);
+        undo(unplumb, ep).await;
+        // The intent is what the disk holds: the next start rolls it back if it stays.
+        return Err(e.context("cannot record the attach, so the container was detached again"));
+    }
+    Ok(())
+}
+
+async fn undo<U, F>(unplumb: U, ep: &LocalEndpoint)
+where
+    U: FnOnce() -> F,
+    F: Future<Output = Result<()>>,
+{
+    if let Err(e) = unplumb().await {
+        tracing::warn!(veth = %ep.host_ifname, error = %format!("{e:#}"), "could not undo an attach's plumbing; the next start removes the veth");
+    }
+}
+
+/// What [`recover`] found.
+#[derive(Debug, Default, PartialEq)]
+pub struct Recovery {
+    /// Where the corrupt store was set aside.
+    pub set_aside: Option<PathBuf>,
+    /// Endpoints rebuilt from their veths.
+    pub rebuilt: Vec<String>,
+    /// Attaches a crash left half done, rolled back.
+    pub rolled_back: Vec<String>,
+    /// Endpoints whose veth is gone (their container went while the daemon was down).
+    pub gone: Vec<String>,
+    /// Veths no endpoint owns, removed, and why none does.
+    pub removed: Vec<(String, String)>,
+}
+
+/// What to make of the store at start, given the endpoint veths (`ovl…`) the host has: the
+/// store to run with (and which veths to remove). `rebuilt` holds the endpoints the veths
+/// rebuild (or why one cannot be), for a store that was set aside.
+pub fn reconcile_store(
+    loaded: Option<EndpointStore>,
+    veths: &[String],
+    rebuilt: Vec<(String, Result<LocalEndpoint, String>)>,
+) -> (EndpointStore, Recovery, Vec<String>) {
+    let mut recovery = Recovery::default();
+    let mut store = match loaded {
+        Some(s) => s,
+        None => {
+            let mut s = EndpointStore::default();
+            for (veth, r) in rebuilt {
+                match r {
+                    Ok(ep)
+                        if s.endpoints
+                            .iter()
+                            .any(|e| e.network == ep.network && (e.ip == ep.ip || e.name == ep.name)) =>
+                    {
+                        recovery
+                            .removed
+                            .push((veth, format!("another endpoint of {:?} has its name or address", ep.network)));
+                    }
+                    Ok(ep) => {
+                        recovery.rebuilt.push(ep.name.clone());
+                        s.endpoints.push(ep);
+                    }
+                    Err(why) => recovery.removed.push((veth, why)),
+                }
+            }
+            s
+        }
+    };
+    let mut remove: Vec<String> = recovery.removed.iter().map(|(v, _)| v.clone()).collect();
+    for ep in store.pending.drain(..) {
+        recovery.rolled_back.push(ep.name.clone());
+        if veths.contains(&ep.host_ifname) {
+            remove.push(ep.host_ifname);
+        }
+    }
+    store.endpoints.retain(|e| {
+        let live = veths.contains(&e.host_ifname);
+        if !live {
+            recovery.gone.push(e.name.clone());
+        }
+        live
+    });
+    for v in veths {
+        if !store.endpoints.iter().any(|e| &e.host_ifname == v) && !remove.contains(v) {
+            recovery.removed.push((v.clone(), "no endpoint owns it".into()));
+            remove.push(v.clone());
+        }
+    }
+    (store, recovery, remove)
+}
+
+/// Loads the store at `path` and brings it and the host's veths in line (see the module doc).
+pub async fn recover(nl: &rtnetlink::Handle, path: &Path) -> Result<EndpointStore> {
+    let loaded = match EndpointStore::load(path) {
+        Ok(s) => Some(s),
+        Err(LoadError::Unreadable(e)) => return Err(e),
+        Err(LoadError::Corrupt(e)) => {
+            tracing::warn!(error = %format!("{e:#}"), "the endpoint store is corrupt: setting it aside and rebuilding it from the veths");
+            None
+        }
+    };
+    let set_aside = match loaded {
+        Some(_) => None,
+        None => Some(set_aside(path)?),
+    };
+    let veths: Vec<netdev::Iface> =
+        netdev::links(nl).await?.into_iter().filter(|l| l.veth && attach::is_endpoint_veth(&l.name)).collect();
+    let mut rebuilt = Vec::new();
+    if loaded.is_none() {
+        for v in &veths {
+            rebuilt.push((v.name.clone(), attach::inspect(v).await));
+        }
+    }
+    let names: Vec<String> = veths.iter().map(|v| v.name.clone()).collect();
+    let changed = loaded.as_ref().is_none_or(|l| !l.pending.is_empty());
+    let (store, mut recovery, remove) = reconcile_store(loaded, &names, rebuilt);
+    recovery.set_aside = set_aside;
+    for veth in &remove {
+        attach::unplumb(nl, veth).await?;
+    }
+    if let Some(p) = &recovery.set_aside {
+        tracing::warn!(set_aside = %p.display(), rebuilt = ?recovery.rebuilt, "rebuilt the endpoint store from the veths");
+    }
+    for (veth, why) in &recovery.removed {
+        tracing::warn!(%veth, %why, "removed a veth of overlayd's that no endpoint owns");
+    }
+    if !recovery.rolled_back.is_empty() {
+        tracing::warn!(endpoints = ?recovery.rolled_back, "rolled back attaches a crash left half done");
+    }
+    if !recovery.gone.is_empty() {
+        tracing::info!(endpoints = ?recovery.gone, "forgot endpoints whose veth went with their container");
+    }
+    if changed || !recovery.gone.is_empty() {
+        // Not fatal: what is on disk is rolled back or rebuilt again at the next start.
+        if let Err(e) = store.save(path) {
+            tracing::warn!(error = %format!("{e:#}"), "could not save the recovered endpoint store");
+        }
+    }
+    Ok(store)
+}
+
+/// Renames a corrupt store to `<name>.corrupt-<unix time>`, kept for a look.
+fn set_aside(path: &Path) -> Result<PathBuf> {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".corrupt-{secs}"));
+    let aside = PathBuf::from(aside);
+    std::fs::rename(path, &aside)
+        .with_context(|| format!("cannot set the corrupt {} aside as {}", path.display(), aside.display()))?;
+    statefile::sync_dir(path)?;
+    Ok(aside)
 }
 
 /// The endpoints as the host API lists them (for a manager's `network inspect` of this host).
@@ -183,16 +408,23 @@ impl ClusterRuntime {
             netns_id: ns.id,
             ifname,
         };
+        let nl = &self.host.nl;
         // The port's firewall and the dataplane's binding first: the container never sends unchecked.
         self.host.bind_endpoint(&endpoint).await?;
-        if let Err(e) = attach::plumb(&self.host.nl, &ns, &endpoint, &local.bridge, net.mtu, net.gateway).await {
+        let attached = attach_all_or_nothing(
+            &mut store,
+            self.state_dir.join(ENDPOINTS_FILE).as_path(),
+            &endpoint,
+            attach::plumb(nl, &ns, &endpoint, &local.bridge, net.mtu, net.gateway),
+            || attach::unplumb(nl, &endpoint.host_ifname),
+        )
+        .await;
+        if let Err(e) = attached {
             if let Err(u) = self.host.unbind_endpoint(&endpoint).await {
                 tracing::warn!(error = %format!("{u:#}"), "could not unbind an endpoint that was not attached");
             }
             return Err(e);
         }
-        store.endpoints.push(endpoint.clone());
-        store.save(&self.state_dir.join(ENDPOINTS_FILE))?;
         self.gossip.publish_local(gossiped(&self.follower.view(), &store));
         tracing::info!(network = %endpoint.network, name = %endpoint.name, ip = %endpoint.ip, "attached");
         Ok(to_pb(&endpoint, me, &self.membership.name))
@@ -272,6 +504,137 @@ mod tests {
             netns_id: (0, 0),
             ifname: "eth0".into(),
         }
+    }
+
+    /// A disk that keeps what it is given as JSON, and fails the saves it is told to.
+    #[derive(Default)]
+    struct Disk {
+        kept: std::cell::RefCell<Option<EndpointStore>>,
+        saves: std::cell::Cell<usize>,
+        fail: Vec<usize>,
+    }
+
+    impl Persist for Disk {
+        fn persist(&self, store: &EndpointStore) -> Result<()> {
+            let n = self.saves.get() + 1;
+            self.saves.set(n);
+            if self.fail.contains(&n) {
+                bail!("No space left on device (os error 28)");
+            }
+            let json = serde_json::to_vec(store)?;
+            *self.kept.borrow_mut() = Some(serde_json::from_slice(&json)?);
+            Ok(())
+        }
+    }
+
+    impl Disk {
+        fn kept(&self) -> (Vec<String>, Vec<String>) {
+            let kept = self.kept.borrow();
+            let names = |v: &Vec<LocalEndpoint>| v.iter().map(|e| e.name.clone()).collect();
+            kept.as_ref().map_or((vec![], vec![]), |s| (names(&s.endpoints), names(&s.pending)))
+        }
+    }
+
+    /// The error, the endpoints in memory, (endpoints, intents) on disk, plumbings, unplumbings.
+    type Outcome = (Option<String>, Vec<String>, (Vec<String>, Vec<String>), usize, usize);
+
+    /// One attach of `c2` to a store holding `c1`, with saves `fail` failing and the plumbing
+    /// failing or not: the error if any, what the store then holds, what the disk holds, and
+    /// how often plumbing and unplumbing ran.
+    fn run(fail: &[usize], plumb_ok: bool) -> Outcome {
+        let mut disk = Disk::default();
+        let mut store = EndpointStore::default();
+        store.endpoints.push(ep("a", [10, 128, 0, 2]));
+        store.endpoints[0].name = "c1".into();
+        disk.persist(&store).unwrap();
+        disk.saves.set(0);
+        disk.fail = fail.to_vec();
+        let mut c2 = ep("a", [10, 128, 0, 3]);
+        c2.name = "c2".into();
+        let (plumbed, unplumbed) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        let r = futures::executor::block_on(attach_all_or_nothing(
+            &mut store,
+            &disk,
+            &c2,
+            async {
+                plumbed.set(plumbed.get() + 1);
+                if plumb_ok { Ok(()) } else { bail!("cannot create the veth") }
+            },
+            || async {
+                unplumbed.set(unplumbed.get() + 1);
+                Ok(())
+            },
+        ));
+        let names = store.endpoints.iter().map(|e| e.name.clone()).collect();
+        assert!(store.pending.is_empty(), "no intent stays in memory");
+        (r.err().map(|e| format!("{e:#}")), names, disk.kept(), plumbed.get(), unplumbed.get())
+    }
+
+    #[test]
+    fn an_attach_is_all_or_nothing_whichever_step_fails() {
+        let c1 = || vec!["c1".to_owned()];
+        let both = || vec!["c1".to_owned(), "c2".to_owned()];
+        // Everything works: committed in memory and on disk.
+        assert_eq!(run(&[], true), (None, both(), (both(), vec![]), 1, 0));
+        // The intent cannot be written (a full disk): nothing is plumbed.
+        let (e, mem, disk, plumbed, _) = run(&[1], true);
+        assert!(e.unwrap().contains("nothing was attached"));
+        assert_eq!((mem, disk, plumbed), (c1(), (c1(), vec![]), 0));
+        // The plumbing fails: undone, the intent forgotten.
+        let (e, mem, disk, _, unplumbed) = run(&[], false);
+        assert!(e.unwrap().contains("cannot create the veth"));
+        assert_eq!((mem, disk, unplumbed), (c1(), (c1(), vec![]), 1));
+        // ... and the disk cannot forget the intent either: it stays for the next start.
+        let (_, mem, disk, _, _) = run(&[2], false);
+        assert_eq!((mem, disk), (c1(), (c1(), vec!["c2".to_owned()])));
+        // The commit cannot be written: the plumbing is undone; the disk holds the intent.
+        let (e, mem, disk, plumbed, unplumbed) = run(&[2], true);
+        assert!(e.unwrap().contains("detached again"));
+        assert_eq!((mem, disk, plumbed, unplumbed), (c1(), (c1(), vec!["c2".to_owned()]), 1, 1));
+    }
+
+    fn named(name: &str, veth: &str) -> LocalEndpoint {
+        LocalEndpoint { name: name.into(), host_ifname: veth.into(), ..ep("a", [10, 128, 0, 9]) }
+    }
+
+    #[test]
+    fn at_start_intents_roll_back_gone_endpoints_are_forgotten_and_orphan_veths_go() {
+        let veths: Vec<String> = ["ovl1", "ovl2", "ovl3"].map(String::from).to_vec();
+        let mut loaded = EndpointStore::default();
+        loaded.endpoints.push(named("kept", "ovl1"));
+        loaded.endpoints.push(named("gone", "ovl9"));
+        loaded.pending.push(named("half", "ovl2"));
+        let (store, r, remove) = reconcile_store(Some(loaded), &veths, Vec::new());
+        assert_eq!(store.endpoints, [named("kept", "ovl1")]);
+        assert!(store.pending.is_empty());
+        assert_eq!((r.rolled_back, r.gone), (vec!["half".to_owned()], vec!["gone".to_owned()]));
+        assert_eq!(r.removed, [("ovl3".to_owned(), "no endpoint owns it".to_owned())]);
+        assert_eq!(remove, ["ovl2", "ovl3"]);
+    }
+
+    #[test]
+    fn a_store_set_aside_is_rebuilt_from_what_the_veths_say() {
+        let veths: Vec<String> = ["ovl1", "ovl2", "ovl3"].map(String::from).to_vec();
+        let mut twin = named("twin", "ovl3");
+        twin.ip = named("x", "").ip;
+        let rebuilt = vec![
+            ("ovl1".to_owned(), Ok(named("c1", "ovl1"))),
+            ("ovl2".to_owned(), Err("the container's network namespace is gone".to_owned())),
+            ("ovl3".to_owned(), Ok(twin)),
+        ];
+        let (store, r, remove) = reconcile_store(None, &veths, rebuilt);
+        assert_eq!(store.endpoints, [named("c1", "ovl1")]);
+        assert_eq!(r.rebuilt, ["c1"]);
+        assert_eq!(r.removed.iter().map(|(v, _)| v.as_str()).collect::<Vec<_>>(), ["ovl2", "ovl3"]);
+        assert!(r.removed[1].1.contains("address"), "{:?}", r.removed);
+        assert_eq!(remove, ["ovl2", "ovl3"]);
+    }
+
+    #[test]
+    fn a_store_file_without_intents_reads_as_before() {
+        let old = br#"{"endpoints": []}"#;
+        assert_eq!(serde_json::from_slice::<EndpointStore>(old).unwrap(), EndpointStore::default());
+        assert_eq!(serde_json::to_string(&EndpointStore::default()).unwrap(), r#"{"endpoints":[]}"#);
     }
 
     #[test]

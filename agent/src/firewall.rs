@@ -312,7 +312,9 @@ fn skeleton(services: &UnderlayServices) -> String {
         (
             "forward",
             Some("type filter hook forward priority filter; policy accept;"),
-            vec!["iifname @overlay_bridges jump underlay_services".into()],
+            // Not from one overlay bridge to another: with br_netfilter loaded, traffic bridged
+            // between two containers passes this hook too, in and out on their bridge.
+            vec!["iifname @overlay_bridges oifname != @overlay_bridges jump underlay_services".into()],
         ),
     ];
     for (name, base, rules) in &chains {
@@ -485,7 +487,7 @@ mod tests {
             "add element inet overlayd control_ports { 7947 }",
             "flush chain inet overlayd input\n",
             "add rule inet overlayd input iifname @gateway_bridges goto from_gateway_network",
-            "add rule inet overlayd forward iifname @overlay_bridges jump underlay_services",
+            "add rule inet overlayd forward iifname @overlay_bridges oifname != @overlay_bridges jump underlay_services",
             "add rule bridge overlayd prerouting iifname vmap @ports",
         ] {
             assert!(s.contains(want), "{want:?} not in\n{s}");

@@ -12,6 +12,7 @@ mod gossip;
 mod host;
 mod netdev;
 mod output;
+mod statefile;
 mod static_mode;
 
 use std::path::PathBuf;

@@ -234,3 +234,76 @@ pub async fn global_addresses(h: &Handle) -> Result<Vec<IpAddr>> {
     }
     Ok(out)
 }
+
+/// What a listing of this namespace's interfaces tells about one of them.
+#[derive(Debug, Clone)]
+pub struct Iface {
+    pub name: String,
+    pub index: u32,
+    pub alias: Option<String>,
+    /// Its veth peer's index (in the peer's namespace), or its lower device's.
+    pub peer: Option<u32>,
+    pub mac: Option<[u8; 6]>,
+    pub veth: bool,
+}
+
+fn iface_of(m: &LinkMessage) -> Iface {
+    let mut info = Iface {
+        name: String::new(),
+        index: m.header.index,
+        alias: alias_of(m).map(str::to_owned),
+        peer: None,
+        mac: None,
+        veth: false,
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => info.name = n.clone(),
+            LinkAttribute::Link(p) => info.peer = Some(*p),
+            LinkAttribute::Address(mac) => info.mac = <[u8; 6]>::try_from(mac.as_slice()).ok(),
+            LinkAttribute::LinkInfo(infos) => {
+                info.veth |= infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+            }
+            _ => {}
+        }
+    }
+    info
+}
+
+/// Every interface of this namespace.
+pub async fn links(h: &Handle) -> Result<Vec<Iface>> {
+    let mut out = Vec::new();
+    let mut links = h.link().get().execute();
+    while let Some(m) = links.try_next().await.context("cannot list interfaces")? {
+        out.push(iface_of(&m));
+    }
+    Ok(out)
+}
+
+/// One interface by name, if it exists.
+pub async fn iface(h: &Handle, name: &str) -> Result<Option<Iface>> {
+    Ok(link_by_name(h, name).await?.as_ref().map(iface_of))
+}
+
+/// Sets an interface's alias (`ip link set DEV alias TEXT`).
+pub async fn set_alias(h: &Handle, index: u32, alias: &str) -> Result<()> {
+    h.link()
+        .set(LinkUnspec::new_with_index(index).alias(alias).build())
+        .execute()
+        .await
+        .with_context(|| format!("cannot set the alias of interface {index}"))
+}
+
+/// The IPv4 addresses (with prefix length) of interface `index`.
+pub async fn ipv4_addresses(h: &Handle, index: u32) -> Result<Vec<(std::net::Ipv4Addr, u8)>> {
+    let mut out = Vec::new();
+    let mut addrs = h.address().get().set_link_index_filter(index).execute();
+    while let Some(msg) = addrs.try_next().await.context("cannot list addresses")? {
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                out.push((*ip, msg.header.prefix_len));
+            }
+        }
+    }
+    Ok(out)
+}

@@ -177,6 +177,10 @@ pub struct ManagerConfig {
     pub api_addr: SocketAddr,
     /// MTU given to networks created without one.
     pub default_mtu: u32,
+    /// The cluster's id: with the identity's node id, whose Raft store it is.
+    pub cluster_id: String,
+    /// Whether the Raft store is made now (`init`, `join`) or must be there (a restart).
+    pub opening: store::Opening,
 }
 
 /// A running manager.
@@ -197,10 +201,11 @@ pub struct Manager {
 impl Manager {
     /// Opens the Raft storage in `config.dir` and starts the Raft node with this identity's id.
     pub async fn open(config: ManagerConfig, identity: Arc<NodeIdentity>) -> Result<Arc<Manager>, ManagerError> {
-        // `store::open` creates the directory.
+        // `store::open` creates the directory of a new store.
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let hub = WatchHub::start(events_rx);
-        let (log_store, sm_store, state) = store::open(&config.dir, events_tx)?;
+        let owner = store::StoreOwner { cluster_id: config.cluster_id.clone(), node_id: identity.node_id() };
+        let (log_store, sm_store, state) = store::open(&config.dir, &owner, config.opening, events_tx)?;
         let raft_config = Arc::new(raft_config().validate()?);
         let raft =
             Raft::new(identity.node_id(), raft_config, NetworkFactory::new(Arc::clone(&identity)), log_store, sm_store)

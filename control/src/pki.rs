@@ -102,6 +102,14 @@ pub enum PkiError {
         #[source]
         source: std::io::Error,
     },
+    /// A file of a saved node identity is empty, damaged, or does not belong with the others.
+    #[error("{}: {reason}", path.display())]
+    BadIdentityFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Some but not all of a node identity's files exist in its directory.
     #[error("{}: incomplete node identity, {missing} is missing (remove the directory's node.key, node.crt and ca.crt to rejoin)", dir.display())]
     IncompleteIdentity {
@@ -355,12 +363,21 @@ impl NodeIdentity {
     }
 
     /// Writes `node.key` (mode 0600), `node.crt` and `ca.crt` into `dir`, creating it. Each file
-    /// is written to a temporary name and renamed, so a crash leaves no half-written file.
-    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        write_file(&dir.join(CA_FILE), self.ca_pem.as_bytes(), 0o644)?;
-        write_file(&dir.join(CERT_FILE), self.cert_pem.as_bytes(), 0o644)?;
-        write_file(&dir.join(KEY_FILE), self.key_pem.as_bytes(), 0o600)
+    /// is written to a temporary name, synced and renamed, and the directory synced, so a crash
+    /// leaves no half-written file.
+    pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| PkiError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        for (name, text, mode) in
+            [(CA_FILE, &self.ca_pem, 0o644), (CERT_FILE, &self.cert_pem, 0o644), (KEY_FILE, &self.key_pem, 0o600)]
+        {
+            let path = dir.join(name);
+            write_file(&path, text.as_bytes(), mode).map_err(io(&path))?;
+        }
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
     }
 
     /// The identity saved in `dir` by [`save`](Self::save); `None` if none of its files exist.
@@ -376,7 +393,26 @@ impl NodeIdentity {
         }
         match (&texts[0], &texts[1], &texts[2]) {
             (None, None, None) => Ok(None),
-            (Some(key), Some(cert), Some(ca)) => NodeIdentity::from_pem(key, cert, ca).map(Some),
+            (Some(key), Some(cert), Some(ca)) => {
+                let bad = |name: &str, reason: String| PkiError::BadIdentityFile { path: dir.join(name), reason };
+                for (name, text) in [(KEY_FILE, key), (CERT_FILE, cert), (CA_FILE, ca)] {
+                    if text.trim().is_empty() {
+                        return Err(bad(name, "the file is empty".into()));
+                    }
+                }
+                NodeIdentity::from_pem(key, cert, ca).map(Some).map_err(|e| match e {
+                    PkiError::Rcgen(e) => bad(KEY_FILE, format!("not a private key: {e}")),
+                    PkiError::NotCa => bad(CA_FILE, e.to_string()),
+                    PkiError::NoCertificate { what } | PkiError::BadCertificate { what, .. }
+                        if what == "CA certificate" =>
+                    {
+                        bad(CA_FILE, e.to_string())
+                    }
+                    PkiError::NotSignedByCa => bad(CERT_FILE, format!("not signed by the CA of {CA_FILE}")),
+                    PkiError::KeyMismatch => bad(CERT_FILE, format!("not the certificate of the key in {KEY_FILE}")),
+                    other => bad(CERT_FILE, other.to_string()),
+                })
+            }
             _ => {
                 let missing = [KEY_FILE, CERT_FILE, CA_FILE].into_iter().zip(&texts).find(|(_, t)| t.is_none());
                 let missing = missing.map_or(KEY_FILE, |(name, _)| name);
@@ -432,13 +468,22 @@ impl NodeIdentity {
 /// Writes `bytes` to `path` through a temporary file created with `mode`.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
+    let written = write_tmp(&tmp, bytes, mode).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        // A full disk leaves no half-written temporary behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn write_tmp(tmp: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
         options.mode(mode);
-        let mut file = options.open(&tmp)?;
+        let mut file = options.open(tmp)?;
         // A stale temporary file keeps its old mode; set it explicitly.
         file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.write_all(bytes)?;
@@ -447,11 +492,11 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     #[cfg(not(unix))]
     {
         let _ = mode;
-        let mut file = options.open(&tmp)?;
+        let mut file = options.open(tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
     }
-    std::fs::rename(&tmp, path)
+    Ok(())
 }
 
 /// A key pair and CSR made by a host that wants to join.
@@ -736,5 +781,33 @@ mod tests {
         std::fs::remove_file(path.join(CERT_FILE)).unwrap();
         let err = NodeIdentity::load(&path).unwrap_err();
         assert!(matches!(err, PkiError::IncompleteIdentity { missing: CERT_FILE, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_identity_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pki");
+        let ca = ca("damage");
+        let id = ca.issue_node(9, Role::Worker).unwrap();
+        let other = ca.issue_node(10, Role::Worker).unwrap();
+        let foreign = ClusterCa::generate("foreign").unwrap();
+        for (file, text, says) in [
+            (KEY_FILE, "", "the file is empty"),
+            (KEY_FILE, "-----BEGIN PRIVATE KEY-----\nxx", "not a private key"),
+            (CERT_FILE, "junk", "node certificate"),
+            (CERT_FILE, other.cert_pem(), "not the certificate of the key"),
+            (CA_FILE, "\n", "the file is empty"),
+            (CA_FILE, &foreign.cert_pem(), "not signed by the CA"),
+        ] {
+            id.save(&path).unwrap();
+            std::fs::write(path.join(file), text).unwrap();
+            let err = NodeIdentity::load(&path).unwrap_err();
+            let named = if says.starts_with("not signed") { CERT_FILE } else { file };
+            assert!(
+                matches!(&err, PkiError::BadIdentityFile { path: p, .. } if p == &path.join(named)),
+                "{file} with {text:?}: {err}"
+            );
+            assert!(err.to_string().contains(says), "{err}");
+        }
     }
 }

@@ -2,6 +2,10 @@
 //! (`raft.redb`) that fsyncs on every commit, so a manager killed at any moment restarts with its
 //! log, vote, applied [`ClusterState`] and snapshot intact. [`StateHandle`] lets the rest of the
 //! manager read the applied state without going through Raft.
+//!
+//! A manager votes only with the log and vote it had: the store records its owner (cluster and
+//! node id) when it is created, and a restart ([`Opening::Resume`]) refuses a store that is
+//! missing, empty, damaged or another node's, instead of starting over with an empty log.
 
 use std::fmt::Debug;
 use std::io::{self, Cursor};
@@ -15,7 +19,10 @@ use openraft::{
     Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
     Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
-use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
@@ -34,6 +41,8 @@ const LOG_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_log_me
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state_machine");
 
 const VOTE: &str = "vote";
+/// Whose store it is ([`StoreOwner`]), recorded when it is created.
+const OWNER: &str = "owner";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
 const APPLIED: &str = "applied";
@@ -43,6 +52,45 @@ const SNAPSHOT_DATA: &str = "snapshot_data";
 const SNAPSHOT_SEQ: &str = "snapshot_seq";
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+/// Why a manager that cannot trust its Raft store does not start, and what to do: every
+/// refusal below ends with this.
+fn rejoin(node: NodeId) -> String {
+    format!(
+        "A manager never votes without the Raft log and vote it had (it could help elect a leader that lacks \
+         committed entries), so this one does not start. Put the right file back if you have it; or bring this host \
+         back as a new node: on a running manager `overlayd node rm {node} --force`, then on this host \
+         `overlayd leave --force` (it forgets the membership kept in the state dir) and `overlayd join` with a \
+         manager token"
+    )
+}
+
+/// Whose Raft store it is: recorded in the store when it is created, checked whenever it is
+/// opened again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreOwner {
+    /// The cluster's id.
+    pub cluster_id: String,
+    /// The manager's node id (its Raft id).
+    pub node_id: NodeId,
+}
+
+impl std::fmt::Display for StoreOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node {} of cluster {}", self.node_id, self.cluster_id)
+    }
+}
+
+/// How a manager opens its Raft store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// A manager just made by `init` or `join`: the store is created (or an empty one taken)
+    /// and records its owner.
+    Create,
+    /// A manager resuming after a restart: the store must exist, hold what Raft wrote, and be
+    /// its owner's.
+    Resume,
+}
 
 /// Why the Raft storage could not be opened.
 #[derive(thiserror::Error, Debug)]
@@ -56,9 +104,40 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
-    /// redb could not open the database file: another overlayd holds it, it is not a redb file, or
-    /// the disk failed.
-    #[error("cannot open the Raft database {}: is another overlayd running with this data directory?", path.display())]
+    /// A resuming manager's database file (or its directory) is gone.
+    #[error("the Raft store {} of {owner} is missing. {}", path.display(), rejoin(owner.node_id))]
+    Missing {
+        /// The database file.
+        path: PathBuf,
+        /// Who should own it.
+        owner: StoreOwner,
+    },
+    /// A resuming manager's database file is empty (zero bytes), or holds no Raft state at all.
+    #[error("the Raft store {} of {owner} is empty: it holds no log and no vote. {}", path.display(), rejoin(owner.node_id))]
+    Empty {
+        /// The database file.
+        path: PathBuf,
+        /// Who should own it.
+        owner: StoreOwner,
+    },
+    /// The database file is damaged: truncated, overwritten, or not a redb file.
+    #[error("the Raft store {} of {owner} is damaged ({reason}). {}", path.display(), rejoin(owner.node_id))]
+    Damaged {
+        /// The database file.
+        path: PathBuf,
+        /// What redb found.
+        reason: String,
+        /// Who should own it.
+        owner: StoreOwner,
+    },
+    /// The database file is locked by another process.
+    #[error("the Raft store {} is in use: is another overlayd running with this state dir?", path.display())]
+    InUse {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// redb could not open the database file for another reason (I/O error, old format).
+    #[error("cannot open the Raft store {}", path.display())]
     Open {
         /// The database file.
         path: PathBuf,
@@ -66,7 +145,38 @@ pub enum StoreError {
         #[source]
         source: redb::DatabaseError,
     },
-    /// A transaction on the opened database failed (I/O error, or a damaged file).
+    /// The store records another owner than the manager opening it: the state dir was copied
+    /// from another host, or `cluster.json` edited.
+    #[error(
+        "the Raft store {} belongs to {recorded}, but this host is {expected} (by its cluster.json and \
+         certificate): was the state dir copied from another host, or cluster.json edited? {}",
+        path.display(),
+        rejoin(expected.node_id)
+    )]
+    NotOurs {
+        /// The database file.
+        path: PathBuf,
+        /// Whose the store says it is.
+        recorded: StoreOwner,
+        /// Who opened it.
+        expected: StoreOwner,
+    },
+    /// A new manager found a store with Raft state in its place (left from an earlier membership).
+    #[error(
+        "{} already holds the Raft state of {}: it is left from an earlier membership of this host; \
+         remove it (`overlayd leave --force` forgets the old membership) before this host becomes {expected}",
+        path.display(),
+        recorded.as_ref().map_or_else(|| "an earlier node".to_owned(), ToString::to_string)
+    )]
+    Leftover {
+        /// The database file.
+        path: PathBuf,
+        /// Whose it says it is, if it says.
+        recorded: Option<StoreOwner>,
+        /// Who opened it.
+        expected: StoreOwner,
+    },
+    /// A transaction on the opened database failed (I/O error).
     #[error("cannot read the Raft database {}", path.display())]
     Database {
         /// The database file.
@@ -88,11 +198,31 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    fn from_db(path: &Path, e: DbError) -> Self {
+    fn from_db(path: &Path, owner: &StoreOwner, e: DbError) -> Self {
         let path = path.to_owned();
         match e {
+            DbError::Redb(redb::Error::Corrupted(reason)) => StoreError::Damaged { path, reason, owner: owner.clone() },
             DbError::Redb(source) => StoreError::Database { path, source },
             DbError::Json(source) => StoreError::Corrupt { path, source },
+        }
+    }
+
+    /// What opening the file said, damage first: a truncated file is not another daemon.
+    fn from_open(path: &Path, owner: &StoreOwner, e: redb::DatabaseError) -> Self {
+        let path = path.to_owned();
+        let owner = owner.clone();
+        match e {
+            redb::DatabaseError::Storage(redb::StorageError::Corrupted(reason)) => {
+                StoreError::Damaged { path, reason, owner }
+            }
+            // A file cut short inside redb's header.
+            redb::DatabaseError::Storage(redb::StorageError::Io(io)) if io.kind() == io::ErrorKind::UnexpectedEof => {
+                StoreError::Damaged { path, reason: "the file ends before its header does".into(), owner }
+            }
+            redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
+                StoreError::InUse { path }
+            }
+            source => StoreError::Open { path, source },
         }
     }
 }
@@ -126,17 +256,36 @@ struct Applied {
     state: ClusterState,
 }
 
-/// Opens (creating if needed) the Raft storage in `dir`: the log store and the state machine,
-/// sharing one redb database. Sends [`StateEvent::Replaced`] on `events` for the state loaded
-/// from disk, then one event per change the state machine makes.
+/// Opens the Raft storage of `owner` in `dir`: the log store and the state machine, sharing
+/// one redb database. [`Opening::Create`] makes it (recording the owner); [`Opening::Resume`]
+/// opens only the owner's own store with the Raft state in it. Sends [`StateEvent::Replaced`]
+/// on `events` for the state loaded from disk, then one event per change the state machine
+/// makes.
 pub fn open(
     dir: &Path,
+    owner: &StoreOwner,
+    opening: Opening,
     events: UnboundedSender<StateEvent>,
 ) -> Result<(LogStore, StateMachineStore, StateHandle), StoreError> {
-    std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir { dir: dir.to_owned(), source })?;
     let path = dir.join(DB_FILE);
-    let db = Database::create(&path).map_err(|source| StoreError::Open { path: path.clone(), source })?;
-    let (applied, snapshot_seq) = load(&db).map_err(|e| StoreError::from_db(&path, e))?;
+    match opening {
+        Opening::Create => {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir { dir: dir.to_owned(), source })?;
+        }
+        Opening::Resume => {
+            // redb makes a new database of a missing or zero-length file: look first.
+            match std::fs::metadata(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(StoreError::Missing { path, owner: owner.clone() });
+                }
+                Ok(m) if m.len() == 0 => return Err(StoreError::Empty { path, owner: owner.clone() }),
+                _ => {}
+            }
+        }
+    }
+    let db = Database::create(&path).map_err(|e| StoreError::from_open(&path, owner, e))?;
+    let (applied, snapshot_seq) = load(&db).map_err(|e| StoreError::from_db(&path, owner, e))?;
+    claim(&db, &path, &applied, owner, opening)?;
     let revision = applied.state.revision;
     tracing::debug!(path = %path.display(), revision, last_applied = ?applied.last_applied, "opened the Raft storage");
 
@@ -166,6 +315,53 @@ fn load(db: &Database) -> Result<(Applied, u64), DbError> {
     let applied = read_json(&txn, STATE, APPLIED)?.unwrap_or_default();
     let seq = read_json(&txn, STATE, SNAPSHOT_SEQ)?.unwrap_or(0);
     Ok((applied, seq))
+}
+
+/// Checks the owner the store records against `owner`, and records it in a store that has
+/// none: a new one ([`Opening::Create`]), or one with Raft state written before stores had
+/// owners.
+fn claim(
+    db: &Database,
+    path: &Path,
+    applied: &Applied,
+    owner: &StoreOwner,
+    opening: Opening,
+) -> Result<(), StoreError> {
+    let db_err = |e: DbError| StoreError::from_db(path, owner, e);
+    let (recorded, has_state) = (|| -> Result<(Option<StoreOwner>, bool), DbError> {
+        let txn = db.begin_read()?;
+        let recorded = read_json(&txn, LOG_META, OWNER)?;
+        let meta = txn.open_table(LOG_META)?;
+        let has_state = meta.get(VOTE)?.is_some()
+            || meta.get(LAST_PURGED)?.is_some()
+            || !txn.open_table(LOG)?.is_empty()?
+            || applied.last_applied.is_some();
+        Ok((recorded, has_state))
+    })()
+    .map_err(db_err)?;
+    let expected = owner.clone();
+    match (recorded, opening, has_state) {
+        (Some(recorded), _, _) if recorded == *owner => return Ok(()),
+        (Some(recorded), Opening::Resume, _) => {
+            return Err(StoreError::NotOurs { path: path.to_owned(), recorded, expected });
+        }
+        (recorded @ Some(_), Opening::Create, _) | (recorded @ None, Opening::Create, true) => {
+            return Err(StoreError::Leftover { path: path.to_owned(), recorded, expected });
+        }
+        (None, Opening::Resume, false) => return Err(StoreError::Empty { path: path.to_owned(), owner: expected }),
+        (None, Opening::Resume, true) => {
+            tracing::info!(path = %path.display(), %owner, "the Raft store records no owner (an older overlayd made it): recording it now");
+        }
+        (None, Opening::Create, false) => {}
+    }
+    let bytes = serde_json::to_vec(owner).map_err(|e| db_err(e.into()))?;
+    (|| -> Result<(), DbError> {
+        let txn = db.begin_write()?;
+        put(&txn, LOG_META, OWNER, &bytes)?;
+        txn.commit()?;
+        Ok(())
+    })()
+    .map_err(db_err)
 }
 
 /// Tells the rest of the manager what changed.
@@ -601,7 +797,8 @@ mod tests {
         async fn build(&self) -> StorageResult<(TempDir, LogStore, StateMachineStore)> {
             let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
             let (events, _) = unbounded_channel();
-            let (log, sm, _) = open(dir.path(), events).map_err(|e| StorageIOError::write(&e))?;
+            let (log, sm, _) =
+                open(dir.path(), &owner(1), Opening::Create, events).map_err(|e| StorageIOError::write(&e))?;
             Ok((dir, log, sm))
         }
     }
@@ -645,10 +842,104 @@ mod tests {
         )
     }
 
-    fn open_in(dir: &Path) -> (LogStore, StateMachineStore, StateHandle, UnboundedReceiver<StateEvent>) {
+    fn owner(node_id: NodeId) -> StoreOwner {
+        StoreOwner { cluster_id: "c1".into(), node_id }
+    }
+
+    fn open_in(
+        dir: &Path,
+        opening: Opening,
+    ) -> (LogStore, StateMachineStore, StateHandle, UnboundedReceiver<StateEvent>) {
         let (tx, rx) = unbounded_channel();
-        let (log, sm, handle) = open(dir, tx).unwrap();
+        let (log, sm, handle) = open(dir, &owner(1), opening, tx).unwrap();
         (log, sm, handle, rx)
+    }
+
+    /// Opens the store in `dir` as `owner`, for the error.
+    fn refused(dir: &Path, owner: &StoreOwner, opening: Opening) -> StoreError {
+        let (tx, _) = unbounded_channel();
+        open(dir, owner, opening, tx).expect_err("the store opened")
+    }
+
+    /// A store of node 1 that voted.
+    async fn voted(dir: &Path) {
+        let (mut log, ..) = open_in(dir, Opening::Create);
+        log.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_restarted_manager_gets_only_its_own_store_with_its_raft_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let named = |e: &StoreError| e.to_string().contains(&path.display().to_string());
+
+        let e = refused(dir.path(), &owner(1), Opening::Resume);
+        assert!(matches!(e, StoreError::Missing { .. }) && named(&e), "{e}");
+        assert!(e.to_string().contains("overlayd leave --force"), "says what to do: {e}");
+        assert!(!path.exists(), "a refused resume creates nothing");
+
+        voted(dir.path()).await;
+        let (mut log, ..) = open_in(dir.path(), Opening::Resume);
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(1, 1)));
+        drop(log);
+
+        let e = refused(dir.path(), &owner(2), Opening::Resume);
+        assert!(matches!(&e, StoreError::NotOurs { recorded, .. } if recorded.node_id == 1) && named(&e), "{e}");
+        let other_cluster = StoreOwner { cluster_id: "c2".into(), node_id: 1 };
+        assert!(matches!(refused(dir.path(), &other_cluster, Opening::Resume), StoreError::NotOurs { .. }));
+
+        let saved = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &saved[..saved.len() / 2]).unwrap();
+        let e = refused(dir.path(), &owner(1), Opening::Resume);
+        assert!(matches!(e, StoreError::Damaged { .. }) && named(&e), "{e}");
+        assert!(!e.to_string().contains("another overlayd"), "{e}");
+        std::fs::write(&path, &saved[..100]).unwrap();
+        assert!(matches!(refused(dir.path(), &owner(1), Opening::Resume), StoreError::Damaged { .. }));
+
+        std::fs::write(&path, b"").unwrap();
+        let e = refused(dir.path(), &owner(1), Opening::Resume);
+        assert!(matches!(e, StoreError::Empty { .. }) && named(&e), "{e}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left as it was");
+
+        // A redb file without Raft state or owner (as redb makes of an empty file).
+        drop(Database::create(&path).unwrap());
+        assert!(matches!(refused(dir.path(), &owner(1), Opening::Resume), StoreError::Empty { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_store_made_before_owners_were_recorded_is_claimed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        voted(dir.path()).await;
+        // Take the owner record out, as in a store an older overlayd wrote.
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(LOG_META).unwrap().remove(OWNER).unwrap();
+            txn.commit().unwrap();
+        }
+        let (mut log, ..) = open_in(dir.path(), Opening::Resume);
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(1, 1)));
+        drop(log);
+        assert!(matches!(refused(dir.path(), &owner(2), Opening::Resume), StoreError::NotOurs { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_new_manager_takes_no_store_left_from_an_earlier_membership() {
+        let dir = tempfile::tempdir().unwrap();
+        voted(dir.path()).await;
+        let e = refused(dir.path(), &owner(2), Opening::Create);
+        assert!(matches!(&e, StoreError::Leftover { recorded: Some(r), .. } if r.node_id == 1), "{e}");
+        // The same owner again (an init or join retried) is fine.
+        drop(open_in(dir.path(), Opening::Create));
+    }
+
+    #[test]
+    fn a_store_another_process_holds_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_held, ..) = open_in(dir.path(), Opening::Create);
+        let e = refused(dir.path(), &owner(1), Opening::Resume);
+        assert!(matches!(e, StoreError::InUse { .. }), "{e}");
+        assert!(e.to_string().contains("another overlayd"), "{e}");
     }
 
     #[tokio::test]
@@ -663,7 +954,7 @@ mod tests {
         ];
         let vote = Vote::new_committed(1, 1);
         let (snapshot, log_state) = {
-            let (mut log, mut sm, handle, mut rx) = open_in(dir.path());
+            let (mut log, mut sm, handle, mut rx) = open_in(dir.path(), Opening::Create);
             assert_eq!(rx.try_recv(), Ok(StateEvent::Replaced { revision: 0 }));
             log.blocking_append(entries.clone()).await.unwrap();
             log.save_vote(&vote).await.unwrap();
@@ -680,7 +971,7 @@ mod tests {
             (snapshot, log_state)
         };
 
-        let (mut log, mut sm, handle, mut rx) = open_in(dir.path());
+        let (mut log, mut sm, handle, mut rx) = open_in(dir.path(), Opening::Resume);
         assert_eq!(rx.try_recv(), Ok(StateEvent::Replaced { revision: 3 }));
         assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
         assert_eq!(log.get_log_state().await.unwrap(), log_state);
@@ -716,7 +1007,7 @@ mod tests {
     #[tokio::test]
     async fn applying_sends_one_event_per_change_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (_log, mut sm, _handle, mut rx) = open_in(dir.path());
+        let (_log, mut sm, _handle, mut rx) = open_in(dir.path(), Opening::Create);
         assert_eq!(rx.try_recv(), Ok(StateEvent::Replaced { revision: 0 }));
         let responses = sm
             .apply([
@@ -755,7 +1046,7 @@ mod tests {
     #[tokio::test]
     async fn an_installed_snapshot_replaces_the_state_and_survives_a_restart() {
         let leader_dir = tempfile::tempdir().unwrap();
-        let (_log, mut leader, _handle, _rx) = open_in(leader_dir.path());
+        let (_log, mut leader, _handle, _rx) = open_in(leader_dir.path(), Opening::Create);
         leader
             .apply([
                 entry(1, EntryPayload::Membership(membership())),
@@ -768,7 +1059,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         {
-            let (_log, mut follower, handle, mut rx) = open_in(dir.path());
+            let (_log, mut follower, handle, mut rx) = open_in(dir.path(), Opening::Create);
             assert_eq!(rx.try_recv(), Ok(StateEvent::Replaced { revision: 0 }));
             let mut received = follower.begin_receiving_snapshot().await.unwrap();
             received.get_mut().extend_from_slice(snapshot.snapshot.get_ref());
@@ -777,7 +1068,7 @@ mod tests {
             assert_eq!(handle.read(|s| s.networks.len()), 1);
         }
 
-        let (_log, mut follower, handle, mut rx) = open_in(dir.path());
+        let (_log, mut follower, handle, mut rx) = open_in(dir.path(), Opening::Resume);
         assert_eq!(rx.try_recv(), Ok(StateEvent::Replaced { revision: 2 }));
         assert_eq!(handle.last_applied(), Some(log_id(1, 3)));
         assert_eq!(follower.applied_state().await.unwrap().1, snapshot.meta.last_membership);

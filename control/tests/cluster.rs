@@ -44,7 +44,13 @@ async fn serve(
 async fn start_manager(identity: pki::NodeIdentity, listener: TcpListener) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = ManagerConfig { dir: dir.path().join("raft"), api_addr: addr, default_mtu: 1450 };
+    let config = ManagerConfig {
+        dir: dir.path().join("raft"),
+        api_addr: addr,
+        default_mtu: 1450,
+        cluster_id: "test".into(),
+        opening: control::store::Opening::Create,
+    };
     let identity = Arc::new(identity);
     let manager = Manager::open(config, Arc::clone(&identity)).await.unwrap();
     let server = serve(Arc::clone(&manager), &identity, listener).await;

@@ -639,16 +639,33 @@ impl Host {
     /// Starts `overlayd daemon <args>` in this host (cluster or idle mode without static
     /// networks; resuming what its state dir holds) and waits until it answers `overlayd status`.
     pub fn start_daemon<S: AsRef<str>>(&self, args: &[S]) -> Result<Agent> {
+        self.start_daemon_wrapped(Vec::new(), args)
+    }
+
+    /// [`start_daemon`](Self::start_daemon) with the host's state dir on `disk`: the daemon,
+    /// and every CLI call of the [`Agent`], run in the disk's mount namespace.
+    pub fn start_daemon_on<S: AsRef<str>>(&self, disk: &SmallDisk, args: &[S]) -> Result<Agent> {
+        self.start_daemon_wrapped(disk.enter(), args)
+    }
+
+    fn start_daemon_wrapped<S: AsRef<str>>(&self, wrapper: Vec<String>, args: &[S]) -> Result<Agent> {
         let inner = &self.node.inner;
         let state_dir = self.state_dir();
         let log = inner.dir.join(format!("{}.log", self.name));
-        let mut cmd = netns::command(&self.node.ns, &inner.options.overlayd);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = netns::command(&self.node.ns, program);
+                cmd.args(rest).arg(&inner.options.overlayd);
+                cmd
+            }
+            None => netns::command(&self.node.ns, &inner.options.overlayd),
+        };
         cmd.arg("--state-dir").arg(&state_dir).arg("daemon");
         cmd.args(args.iter().map(AsRef::as_ref));
         let filter = inner.options.log_filter.clone().or_else(|| std::env::var("OVERLAYD_LOG").ok());
         cmd.env("OVERLAYD_LOG", filter.unwrap_or_else(|| "info".into()));
         let pid = inner.spawn(&format!("overlayd on {}", self.name), cmd, Some(&log))?;
-        let agent = Agent { inner: Arc::clone(inner), pid, state_dir, log, host: self.name.clone() };
+        let agent = Agent { inner: Arc::clone(inner), pid, state_dir, log, host: self.name.clone(), wrapper };
         let ready = measure::wait_for(Duration::from_secs(30), "overlayd to answer status", || {
             if inner.child_exited(pid).is_some() {
                 return Some(false);
@@ -682,7 +699,42 @@ impl Host {
             state_dir: inner.dir.clone(),
             log: log.to_owned(),
             host: self.name.clone(),
+            wrapper: Vec::new(),
         })
+    }
+
+    /// Puts this host's state dir on a small disk: a tmpfs of `size` (`mount -o size=`, e.g.
+    /// `1m`) mounted on it, with what the dir held copied in, inside a mount namespace of its
+    /// own that a process of the testbed holds open. Nothing outside that namespace sees the
+    /// tmpfs; it goes when the testbed stops the holder and the daemons started in it.
+    pub fn small_disk(&self, size: &str) -> Result<SmallDisk> {
+        let inner = &self.node.inner;
+        let dir = self.state_dir();
+        let log = inner.dir.join(format!("{}-disk.log", self.name));
+        let script = r#"set -e
+d="$1"
+mkdir -p "$d"
+rm -rf "$d.disk"
+cp -a "$d" "$d.disk"
+mount -t tmpfs -o "size=$2,mode=0700" overlayd-small-disk "$d"
+cp -a "$d.disk/." "$d/"
+rm -rf "$d.disk"
+echo ready
+exec sleep 2147483647"#;
+        let mut cmd = netns::command(&self.node.ns, "unshare");
+        cmd.args(["--mount", "--propagation", "slave", "--", "sh", "-c", script, "small-disk"]).arg(&dir).arg(size);
+        let pid = inner.spawn(&format!("small disk of {}", self.name), cmd, Some(&log))?;
+        measure::wait_for(Duration::from_secs(10), "the small disk to be mounted", || {
+            if let Some(status) = inner.child_exited(pid) {
+                return Some(Err(anyhow::anyhow!(
+                    "the small disk of {} could not be made ({status}): {}",
+                    self.name,
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )));
+            }
+            std::fs::read_to_string(&log).ok()?.contains("ready").then_some(Ok(()))
+        })??;
+        Ok(SmallDisk { pid, dir, inner: Arc::clone(inner) })
     }
 
     /// Adds a container: a namespace whose `eth0` (address `cidr`, MAC derived from it as
@@ -768,6 +820,94 @@ impl Host {
     }
 }
 
+/// A host's state dir on a small tmpfs, in a mount namespace of its own ([`Host::small_disk`]).
+pub struct SmallDisk {
+    pid: u32,
+    dir: PathBuf,
+    inner: Arc<Inner>,
+}
+
+impl SmallDisk {
+    /// The command prefix that runs a program in this disk's mount namespace.
+    fn enter(&self) -> Vec<String> {
+        ["nsenter", "-t", &self.pid.to_string(), "-m", "--"].map(str::to_owned).to_vec()
+    }
+
+    /// Runs `program args` in the disk's mount namespace; fails unless it succeeds.
+    pub fn exec<S: AsRef<std::ffi::OsStr>>(&self, program: &str, args: &[S]) -> Result<Vec<u8>> {
+        let mut all: Vec<std::ffi::OsString> = self.enter().into_iter().skip(1).map(Into::into).collect();
+        all.push(program.into());
+        all.extend(args.iter().map(|a| a.as_ref().to_owned()));
+        Ok(netns::run("nsenter", all)?.stdout)
+    }
+
+    /// The state dir (as the daemon sees it).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The contents of a file of the state dir (`name` relative to it).
+    pub fn read(&self, name: &str) -> Result<Vec<u8>> {
+        self.exec("cat", &[self.dir.join(name)])
+    }
+
+    /// Replaces a file of the state dir.
+    pub fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        use std::io::Write as _;
+        let path = self.dir.join(name);
+        let mut child = std::process::Command::new("nsenter")
+            .args(self.enter().into_iter().skip(1))
+            .args(["sh", "-c", "cat > \"$1\"", "write"])
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run nsenter")?;
+        child.stdin.take().context("no stdin")?.write_all(bytes)?;
+        let out = child.wait_with_output()?;
+        ensure!(out.status.success(), "writing {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+        Ok(())
+    }
+
+    /// The names of the files in the state dir.
+    pub fn files(&self) -> Result<Vec<String>> {
+        let out = self.exec("ls", &["-1a", &self.dir.to_string_lossy()])?;
+        Ok(String::from_utf8_lossy(&out).lines().filter(|l| *l != "." && *l != "..").map(str::to_owned).collect())
+    }
+
+    /// Fills the disk: a file `fill` in the state dir that takes every free byte.
+    pub fn fill(&self) -> Result<()> {
+        let fill = self.dir.join("fill");
+        // dd stops with "No space left on device", which is the point.
+        let _ = std::process::Command::new("nsenter")
+            .args(self.enter().into_iter().skip(1))
+            .args(["dd", "if=/dev/zero", "bs=4096"])
+            .arg(format!("of={}", fill.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("cannot run dd")?;
+        let df = String::from_utf8_lossy(&self.exec("df", &["--output=avail", "-B1", &self.dir.to_string_lossy()])?)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse::<u64>().ok());
+        ensure!(df == Some(0), "the small disk still has {df:?} bytes free");
+        Ok(())
+    }
+
+    /// Frees what [`fill`](Self::fill) took.
+    pub fn free(&self) -> Result<()> {
+        self.exec("rm", &["-f", &self.dir.join("fill").to_string_lossy()])?;
+        Ok(())
+    }
+
+    /// Stops the process that holds the namespace (daemons started in it keep it alive).
+    pub fn release(&self) {
+        self.inner.stop_child(self.pid, libc::SIGTERM, Duration::from_secs(2));
+    }
+}
+
 /// A container: a namespace with `eth0` on a host's bridge.
 #[derive(Clone)]
 pub struct Container {
@@ -807,6 +947,8 @@ pub struct Agent {
     state_dir: PathBuf,
     log: PathBuf,
     host: String,
+    /// A command prefix for the CLI (entering the daemon's mount namespace), if any.
+    wrapper: Vec<String>,
 }
 
 impl Agent {
@@ -822,9 +964,15 @@ impl Agent {
 
     /// Runs the overlayd CLI against this daemon (`overlayd --state-dir … <args>`).
     pub fn cli<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Result<String> {
-        let mut all: Vec<std::ffi::OsString> = vec!["--state-dir".into(), self.state_dir.clone().into()];
+        let overlayd = self.inner.options.overlayd.to_string_lossy().into_owned();
+        let mut all: Vec<std::ffi::OsString> = self.wrapper.iter().skip(1).map(Into::into).collect();
+        if !self.wrapper.is_empty() {
+            all.push(overlayd.clone().into());
+        }
+        all.extend(["--state-dir".into(), self.state_dir.clone().into()]);
         all.extend(args.iter().map(|a| a.as_ref().to_owned()));
-        let out = netns::run(&self.inner.options.overlayd.to_string_lossy(), all)?;
+        let program = self.wrapper.first().unwrap_or(&overlayd);
+        let out = netns::run(program, all)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 

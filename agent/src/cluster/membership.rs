@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use control::manager::unix_now;
 use control::pki::{self, ClusterCa, JoinToken, NodeIdentity, NodeKey};
 use control::state::{Command, NewNode, NodeId, Role};
+use control::store::Opening;
 use control::transport::{self, TransportError};
 use proto as pb;
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,7 @@ use super::{ClusterContext, ClusterRuntime, ENDPOINTS_FILE, PKI_DIR, RAFT_DIR, V
 use crate::attach;
 use crate::config::socket_addr;
 use crate::gossip::{self, GossipKeys};
+use crate::statefile;
 
 const MEMBERSHIP_FILE: &str = "cluster.json";
 /// How long `join` waits for a manager to answer.
@@ -43,19 +45,32 @@ pub struct Membership {
 
 impl Membership {
     fn load(dir: &Path) -> Result<Option<Membership>> {
-        match std::fs::read(dir.join(MEMBERSHIP_FILE)) {
-            Ok(b) => Ok(Some(serde_json::from_slice(&b).context("cluster.json is corrupt")?)),
+        let path = dir.join(MEMBERSHIP_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| {
+                anyhow::anyhow!("{} is damaged ({e}): this host's cluster membership cannot be read", path.display())
+            })?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
-        let tmp = dir.join("cluster.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(&tmp, dir.join(MEMBERSHIP_FILE))?;
-        Ok(())
+        statefile::write_atomic(&dir.join(MEMBERSHIP_FILE), &serde_json::to_vec_pretty(self)?)
     }
+}
+
+/// What to do about a membership whose files cannot be trusted: put them back, or come back as
+/// a new node.
+const REJOIN: &str = "Put the file back if you have it; or bring this host back as a new node: on a manager \
+    `overlayd node rm <this node> --force`, then on this host `overlayd leave --force` (it forgets the membership \
+    kept in the state dir) and `overlayd join`";
+
+/// `e`, with [`REJOIN`] after it.
+pub(super) fn or_rejoin(e: impl Into<anyhow::Error>) -> anyhow::Error {
+    let e = format!("{:#}", e.into());
+    let stop = if e.ends_with(['.', '?']) { "" } else { "." };
+    anyhow::anyhow!("{e}{stop} {REJOIN}")
 }
 
 /// Whether `dir` holds a cluster membership.
@@ -154,7 +169,7 @@ impl ClusterRuntime {
         identity.save(&ctx.state_dir.join(PKI_DIR))?;
         keys.save(&ctx.state_dir.join(PKI_DIR))?;
         membership.save(&ctx.state_dir)?;
-        match Self::start(ctx, membership, Arc::new(identity), Some(init)).await {
+        match Self::start(ctx, membership, Arc::new(identity), Some(init), Opening::Create).await {
             Ok(rt) => Ok((
                 rt,
                 pb::InitReply {
@@ -231,7 +246,7 @@ impl ClusterRuntime {
         identity.save(&ctx.state_dir.join(PKI_DIR))?;
         keys.save(&ctx.state_dir.join(PKI_DIR))?;
         membership.save(&ctx.state_dir)?;
-        let rt = match Self::start(ctx, membership, Arc::new(identity), None).await {
+        let rt = match Self::start(ctx, membership, Arc::new(identity), None, Opening::Create).await {
             Ok(rt) => rt,
             Err(e) => {
                 forget(&ctx.state_dir);
@@ -252,14 +267,30 @@ impl ClusterRuntime {
         ))
     }
 
-    /// Resumes the membership the state dir holds, if any.
+    /// Resumes the membership the state dir holds, if any: only with this node's own
+    /// certificate, and (a manager) its own Raft store.
     pub async fn resume(ctx: &ClusterContext) -> Result<Option<ClusterRuntime>> {
-        let Some(membership) = Membership::load(&ctx.state_dir)? else { return Ok(None) };
-        let identity = NodeIdentity::load(&ctx.state_dir.join(PKI_DIR))?.context(
-            "the state dir has a cluster membership but no node certificate: run `overlayd leave` and join again",
-        )?;
+        let Some(membership) = Membership::load(&ctx.state_dir).map_err(or_rejoin)? else { return Ok(None) };
+        let pki = ctx.state_dir.join(PKI_DIR);
+        let identity = NodeIdentity::load(&pki).map_err(or_rejoin)?.ok_or_else(|| {
+            or_rejoin(anyhow::anyhow!(
+                "{} holds a cluster membership, but {} holds no node certificate",
+                ctx.state_dir.join(MEMBERSHIP_FILE).display(),
+                pki.display()
+            ))
+        })?;
+        if identity.node_id() != membership.node_id {
+            return Err(or_rejoin(anyhow::anyhow!(
+                "{} says this host is node {}, but its certificate {} is node {}'s: was cluster.json edited, or \
+                 the state dir put together from two hosts?",
+                ctx.state_dir.join(MEMBERSHIP_FILE).display(),
+                membership.node_id,
+                pki.join("node.crt").display(),
+                identity.node_id()
+            )));
+        }
         tracing::info!(cluster = %membership.cluster_id, node = membership.node_id, role = %membership.role, "resuming cluster membership");
-        Ok(Some(Self::start(ctx, membership, Arc::new(identity), None).await?))
+        Ok(Some(Self::start(ctx, membership, Arc::new(identity), None, Opening::Resume).await?))
     }
 
     /// `overlayd leave`: detaches every container, leaves the cluster, forgets it.

@@ -17,6 +17,7 @@ use control::follower::Follower;
 use control::manager::{HostApi, Manager, ManagerConfig};
 use control::pki::NodeIdentity;
 use control::state::{Command, Role};
+use control::store::Opening;
 use control::transport;
 use proto as pb;
 use tokio::net::TcpListener;
@@ -65,13 +66,14 @@ impl ClusterRuntime {
         membership: Membership,
         identity: Arc<NodeIdentity>,
         bootstrap: Option<Command>,
+        opening: Opening,
     ) -> Result<ClusterRuntime> {
         let host = Arc::new(
             Host::start(ctx.nl.clone(), membership.underlay, ctx.settings.underlay_mtu, ctx.settings.dataplane.clone())
                 .await?,
         );
         let result = async {
-            let store = Arc::new(Mutex::new(EndpointStore::load(&ctx.state_dir.join(ENDPOINTS_FILE))?));
+            let store = Arc::new(Mutex::new(endpoints::recover(&ctx.nl, &ctx.state_dir.join(ENDPOINTS_FILE)).await?));
             let listener = TcpListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), membership.advertise.port()))
                 .await
                 .with_context(|| {
@@ -86,6 +88,8 @@ impl ClusterRuntime {
                         dir: ctx.state_dir.join(RAFT_DIR),
                         api_addr: membership.advertise,
                         default_mtu: host.underlay.mtu - host.overhead(),
+                        cluster_id: membership.cluster_id.clone(),
+                        opening,
                     };
                     Some(Manager::open(config, Arc::clone(&identity)).await?)
                 }
@@ -115,7 +119,7 @@ impl ClusterRuntime {
             if let (Some(m), Some(init)) = (&manager, bootstrap) {
                 m.bootstrap(init).await.context("cannot initialize the cluster's Raft state")?;
             }
-            let keys = GossipKeys::load(&ctx.state_dir.join(PKI_DIR))?;
+            let keys = GossipKeys::load(&ctx.state_dir.join(PKI_DIR)).map_err(membership::or_rejoin)?;
             let me = control::gossip::Peer {
                 node: membership.node_id,
                 addr: membership.gossip,
