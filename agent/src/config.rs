@@ -67,7 +67,7 @@ impl Default for DaemonSettings {
 #[derive(Debug, Default, Clone, Args)]
 #[command(next_help_heading = "One network from flags (use --config for several)")]
 pub struct FlagNetwork {
-    /// The network's VXLAN Network Identifier (0-16777215).
+    /// The network's VXLAN Network Identifier (1-16777215).
     #[arg(long, value_name = "VNI")]
     pub vni: Option<Vni>,
 
@@ -336,6 +336,11 @@ fn validate(cfg: &DaemonConfig) -> Result<()> {
     let mut ifnames = HashSet::new();
     for n in &cfg.networks {
         let what = format!("network {:?} (vni {})", n.name, n.vni);
+        ensure!(
+            u32::from(n.vni) != 0,
+            "{what}: VNI 0 is refused (a cluster never gives it, and many VTEPs take it as reserved): give one from 1 to {}",
+            Vni::MAX
+        );
         ensure!(vnis.insert(n.vni), "{what}: VNI {} is configured twice", n.vni);
         ensure!(names.insert(n.name.clone()), "{what}: the name {:?} is used twice", n.name);
         ensure!(
@@ -473,6 +478,8 @@ mod tests {
         assert!(!cluster.is_static(), "nothing static: cluster mode");
         assert!(err(&static_flags("1", &["198.18.0.1"]), "").contains("own underlay address"));
         assert!(err(&static_flags("1", &["fd00::2"]), "").contains("address family"));
+        assert!(err(&static_flags("0", &["198.18.0.2"]), "").contains("VNI 0 is refused"));
+        assert!(err(&static_flags("1", &[]), "[[network]]\nvni = 0\n").contains("VNI 0 is refused"));
         let dup = "[[network]]\nvni = 1\nname = \"x\"\n";
         assert!(err(&static_flags("1", &[]), dup).contains("configured twice"));
         let long = with(&static_flags("1", &[]), &["--name", "averyverylongname"]);

@@ -307,3 +307,34 @@ pub async fn ipv4_addresses(h: &Handle, index: u32) -> Result<Vec<(std::net::Ipv
     }
     Ok(out)
 }
+
+/// The IPv4 networks of this host's own addresses, sorted: every interface's but loopback's,
+/// link-local ones, and overlayd's own bridges' (they carry the overlay's gateways).
+pub async fn host_networks(h: &Handle) -> Result<Vec<control::cidr::Ipv4Cidr>> {
+    let ours: Vec<u32> = links(h)
+        .await?
+        .into_iter()
+        .filter(|l| l.name.starts_with("ovbr-") || l.alias.as_deref() == Some(BRIDGE_ALIAS))
+        .map(|l| l.index)
+        .collect();
+    let mut out = Vec::new();
+    let mut addrs = h.address().get().execute();
+    while let Some(msg) = addrs.try_next().await.context("cannot list addresses")? {
+        if ours.contains(&msg.header.index) {
+            continue;
+        }
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                if ip.is_loopback() || ip.is_link_local() {
+                    continue;
+                }
+                if let Some(net) = control::cidr::Ipv4Cidr::containing(*ip, msg.header.prefix_len) {
+                    out.push(net);
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}

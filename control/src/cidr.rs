@@ -18,6 +18,12 @@ impl Ipv4Cidr {
         (prefix <= 32 && u32::from(addr) & !mask(prefix) == 0).then_some(Ipv4Cidr { addr, prefix })
     }
 
+    /// The prefix of length `prefix` that holds `addr` (its host bits cleared); `None` if
+    /// `prefix > 32`.
+    pub fn containing(addr: Ipv4Addr, prefix: u8) -> Option<Ipv4Cidr> {
+        (prefix <= 32).then(|| Ipv4Cidr { addr: Ipv4Addr::from(u32::from(addr) & mask(prefix)), prefix })
+    }
+
     /// The network address.
     pub fn addr(&self) -> Ipv4Addr {
         self.addr

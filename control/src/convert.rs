@@ -57,6 +57,7 @@ impl From<&NodeRecord> for pb::Node {
             joined_at_unix: n.joined_at,
             gossip_addr: n.gossip_addr.to_string(),
             gossip_public_key: n.gossip_public_key.to_vec(),
+            underlay_networks: n.underlay_networks.iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -81,8 +82,23 @@ impl TryFrom<&pb::Node> for NodeRecord {
                 .as_slice()
                 .try_into()
                 .map_err(|_| Malformed { what: "node", why: "a gossip public key has 32 bytes".into() })?,
+            underlay_networks: underlay_networks(&n.underlay_networks)
+                .map_err(|why| Malformed { what: "node", why })?,
         })
     }
+}
+
+/// The IPv4 networks a host reports ([`NodeRecord::underlay_networks`]), sorted and without
+/// repeats, so that the same networks always make the same record.
+pub fn underlay_networks(given: &[String]) -> Result<Vec<Ipv4Cidr>, String> {
+    let mut networks = given
+        .iter()
+        .map(|s| s.parse::<Ipv4Cidr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("underlay network: {e}"))?;
+    networks.sort();
+    networks.dedup();
+    Ok(networks)
 }
 
 impl From<&Network> for pb::Network {
@@ -208,7 +224,11 @@ mod tests {
     fn a_view_and_its_changes_survive_the_wire() {
         let mut s = ClusterState::default();
         let secrets = crate::state::testing::secrets();
-        let node = NewNode { joined_at: 5, ..crate::state::testing::new_node("m1", 1, Role::Manager) };
+        let node = NewNode {
+            joined_at: 5,
+            underlay_networks: vec!["198.18.0.0/15".parse().unwrap(), "172.17.0.0/16".parse().unwrap()],
+            ..crate::state::testing::new_node("m1", 1, Role::Manager)
+        };
         let (_, mut changes) = s.apply(&Command::Init { cluster_id: "c".into(), secrets, node });
         changes.extend(
             s.apply(&Command::CreateNetwork(NewNetwork {

@@ -211,7 +211,7 @@ impl Follower {
             tick.tick().await;
             let beat = async {
                 let mut m = self.manager().await?;
-                m.heartbeat(pb::HeartbeatRequest {}).await?;
+                m.heartbeat(pb::HeartbeatRequest::default()).await?;
                 Ok::<(), FollowerError>(())
             };
             match tokio::time::timeout(HOST_HEARTBEAT * 2, beat).await {

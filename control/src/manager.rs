@@ -153,9 +153,10 @@ pub fn rejection_status(r: &Rejection) -> Status {
         | Rejection::DuplicateVni { .. }
         | Rejection::AlreadyInitialized => Status::already_exists(msg),
         Rejection::UnknownNode(_) | Rejection::UnknownNetwork(_) => Status::not_found(msg),
-        Rejection::InvalidName(_) | Rejection::InvalidSpec(_) | Rejection::SubnetOverlap { .. } => {
-            Status::invalid_argument(msg)
-        }
+        Rejection::InvalidName(_)
+        | Rejection::InvalidSpec(_)
+        | Rejection::SubnetOverlap { .. }
+        | Rejection::SubnetOverlapsHost { .. } => Status::invalid_argument(msg),
         _ => Status::failed_precondition(msg),
     }
 }
@@ -585,6 +586,8 @@ impl pb::manager_server::Manager for ManagerService {
             joined_at: unix_now(),
             gossip_addr,
             gossip_public_key,
+            underlay_networks: crate::convert::underlay_networks(&req.underlay_networks)
+                .map_err(Status::invalid_argument)?,
         };
         let node = match m.command(Command::AddNode(new)).await? {
             Response::Node(n) => n,
@@ -746,6 +749,12 @@ impl pb::manager_server::Manager for ManagerService {
 
     async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<GrpcResponse<pb::Empty>, Status> {
         let (id, _) = caller(&request)?;
+        let report = request.get_ref();
+        if report.report_networks {
+            let networks =
+                crate::convert::underlay_networks(&report.underlay_networks).map_err(Status::invalid_argument)?;
+            self.0.command(Command::SetUnderlayNetworks { id, networks }).await?;
+        }
         self.0.propose(LeaderOp::Heartbeat { id }).await?;
         Ok(GrpcResponse::new(pb::Empty {}))
     }

@@ -22,6 +22,23 @@ pub const FIRST_AUTO_VNI: u32 = 4096;
 /// Where automatically chosen subnets come from, a /16 at a time.
 pub const DEFAULT_ADDRESS_POOL: &str = "10.128.0.0/9";
 
+/// Networks sorted and without repeats: one set, one record.
+fn normalized(networks: &[Ipv4Cidr]) -> Vec<Ipv4Cidr> {
+    let mut v = networks.to_vec();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Address ranges no network's subnet may overlap, and what they are.
+pub const RESERVED_RANGES: [(&str, &str); 5] = [
+    ("0.0.0.0/8", "\"this network\""),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved, and the broadcast address"),
+];
+
 /// Prefix length of automatically chosen subnets.
 pub const AUTO_SUBNET_PREFIX: u8 = 16;
 
@@ -93,6 +110,10 @@ pub struct NodeRecord {
     pub gossip_addr: SocketAddr,
     /// The public half of its gossip signing key: its endpoint records must verify under it.
     pub gossip_public_key: [u8; 32],
+    /// The IPv4 networks of its own addresses (its underlay's and its other interfaces'), as it
+    /// reported them at join or since: no overlay network may overlap them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub underlay_networks: Vec<Ipv4Cidr>,
 }
 
 /// An overlay network.
@@ -158,6 +179,9 @@ pub struct NewNode {
     pub gossip_addr: SocketAddr,
     /// Public half of its gossip signing key.
     pub gossip_public_key: [u8; 32],
+    /// The IPv4 networks of its own addresses ([`NodeRecord::underlay_networks`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub underlay_networks: Vec<Ipv4Cidr>,
 }
 
 /// A network that `network create` asks for (its VNI, subnet and block size chosen when not given).
@@ -226,6 +250,13 @@ pub enum Command {
         /// Whose.
         node: NodeId,
     },
+    /// Records the IPv4 networks of a host's own addresses (it reports them when they changed).
+    SetUnderlayNetworks {
+        /// Which host.
+        id: NodeId,
+        /// Its networks now.
+        networks: Vec<Ipv4Cidr>,
+    },
 }
 
 /// Why a command changed nothing.
@@ -268,6 +299,19 @@ pub enum Rejection {
         network: String,
         /// Its subnet.
         other: Ipv4Cidr,
+    },
+    /// The subnet overlaps a network of a host's own (a container there would cut it off).
+    #[error(
+        "subnet {subnet} overlaps {network}, a network of host {host:?} (its underlay's or another of its \
+         interfaces'): its containers would cut that host off; choose a subnet outside it"
+    )]
+    SubnetOverlapsHost {
+        /// Asked for.
+        subnet: Ipv4Cidr,
+        /// The host's name.
+        host: String,
+        /// Its network.
+        network: Ipv4Cidr,
     },
     /// The network name is not acceptable.
     #[error("{0}")]
@@ -492,6 +536,14 @@ impl ClusterState {
             Command::CreateNetwork(spec) => self.create_network(spec),
             Command::RemoveNetwork { name, force } => self.remove_network(name, *force),
             Command::LeaseBlock { network, node } => self.lease_block(network, *node),
+            Command::SetUnderlayNetworks { id, networks } => match self.nodes.get_mut(id) {
+                None => Err(Rejection::UnknownNode(*id)),
+                Some(n) if n.underlay_networks == normalized(networks) => Ok((Response::Node(n.clone()), vec![])),
+                Some(n) => {
+                    n.underlay_networks = normalized(networks);
+                    Ok((Response::Node(n.clone()), vec![Change::NodeUpsert(n.clone())]))
+                }
+            },
             Command::ReleaseBlock { network, node } => {
                 let freed = self.blocks.get_mut(network).and_then(|m| m.remove(node)).is_some();
                 if self.blocks.get(network).is_some_and(|m| m.is_empty()) {
@@ -533,6 +585,7 @@ impl ClusterState {
             joined_at: new.joined_at,
             gossip_addr: new.gossip_addr,
             gossip_public_key: new.gossip_public_key,
+            underlay_networks: normalized(&new.underlay_networks),
         };
         self.nodes.insert(id, node.clone());
         Ok((Response::Node(node.clone()), vec![Change::NodeUpsert(node)]))
@@ -551,6 +604,33 @@ impl ClusterState {
         self.blocks.retain(|_, m| !m.is_empty());
         changes.push(Change::NodeRemove(id));
         Ok((Response::Done, changes))
+    }
+
+    /// Whether a network may have subnet `s`: not overlapping another network, an address range
+    /// no host can route ([`RESERVED_RANGES`]), or a network of a host's own (a node that
+    /// reported none counts with its underlay address).
+    fn check_subnet(&self, s: Ipv4Cidr) -> Result<(), Rejection> {
+        if let Some(n) = self.networks.values().find(|n| n.subnet.overlaps(&s)) {
+            return Err(Rejection::SubnetOverlap { subnet: s, network: n.name.clone(), other: n.subnet });
+        }
+        for (range, what) in RESERVED_RANGES {
+            let range: Ipv4Cidr = range.parse().expect("a valid range");
+            if range.overlaps(&s) {
+                return Err(Rejection::InvalidSpec(format!(
+                    "subnet {s} overlaps {range} ({what}): choose a subnet outside it"
+                )));
+            }
+        }
+        for n in self.nodes.values() {
+            let own = match n.underlay_addr {
+                IpAddr::V4(a) => Ipv4Cidr::new(a, 32),
+                IpAddr::V6(_) => None,
+            };
+            if let Some(network) = n.underlay_networks.iter().copied().chain(own).find(|net| net.overlaps(&s)) {
+                return Err(Rejection::SubnetOverlapsHost { subnet: s, host: n.name.clone(), network });
+            }
+        }
+        Ok(())
     }
 
     fn create_network(&mut self, spec: &NewNetwork) -> Result<(Response, Vec<Change>), Rejection> {
@@ -580,9 +660,7 @@ impl ClusterState {
                 if s.prefix() > 28 {
                     return Err(Rejection::InvalidSpec(format!("subnet {s} is too small: use /28 or larger")));
                 }
-                if let Some(n) = self.networks.values().find(|n| n.subnet.overlaps(&s)) {
-                    return Err(Rejection::SubnetOverlap { subnet: s, network: n.name.clone(), other: n.subnet });
-                }
+                self.check_subnet(s)?;
                 s
             }
             None => {
@@ -590,7 +668,7 @@ impl ClusterState {
                 let count = 1u64 << (AUTO_SUBNET_PREFIX - pool.prefix());
                 (0..count)
                     .filter_map(|i| pool.subnet(AUTO_SUBNET_PREFIX, i))
-                    .find(|s| !self.networks.values().any(|n| n.subnet.overlaps(s)))
+                    .find(|s| self.check_subnet(*s).is_ok())
                     .ok_or(Rejection::NoFreeSubnet(pool))?
             }
         };
@@ -681,6 +759,7 @@ pub(crate) mod testing {
             joined_at: 1,
             gossip_addr: format!("198.18.0.{last}:7946").parse().unwrap(),
             gossip_public_key: [last; 32],
+            underlay_networks: Vec::new(),
         }
     }
 }
@@ -768,6 +847,51 @@ mod tests {
         let Response::Network(n) = s.apply(&Command::CreateNetwork(small)).0 else { panic!() };
         assert_eq!(n.block_prefix, 28);
         assert_eq!(s.revision, 4);
+    }
+
+    #[test]
+    fn a_subnet_that_would_cut_a_host_off_or_that_no_host_routes_is_refused() {
+        let mut s = cluster();
+        let mut w = new_node("w1", 2, Role::Worker);
+        w.underlay_networks = vec!["198.18.0.0/15".parse().unwrap(), "10.128.0.0/24".parse().unwrap()];
+        s.apply(&Command::AddNode(w));
+        let create = |s: &mut ClusterState, name: &str, subnet: &str| {
+            s.apply(&Command::CreateNetwork(NewNetwork { subnet: Some(subnet.parse().unwrap()), ..spec(name) })).0
+        };
+        assert!(matches!(
+            create(&mut s, "u", "198.19.0.0/24"),
+            Response::Rejected(Rejection::SubnetOverlapsHost { ref host, .. }) if host == "w1"
+        ));
+        // m1 reported no networks: its underlay address counts.
+        assert!(matches!(
+            create(&mut s, "u", "198.18.0.0/28"),
+            Response::Rejected(Rejection::SubnetOverlapsHost { ref host, .. }) if host == "m1"
+        ));
+        for (subnet, what) in [
+            ("127.1.0.0/16", "loopback"),
+            ("169.254.0.0/16", "link-local"),
+            ("239.0.0.0/8", "multicast"),
+            ("0.0.0.0/16", "this network"),
+            ("255.255.255.0/28", "broadcast"),
+        ] {
+            let Response::Rejected(Rejection::InvalidSpec(why)) = create(&mut s, "r", subnet) else {
+                panic!("{subnet}")
+            };
+            assert!(why.contains(what), "{subnet}: {why}");
+        }
+        // An automatic subnet steps over the host's 10.128.0.0/24.
+        let Response::Network(auto) = s.apply(&Command::CreateNetwork(spec("auto"))).0 else { panic!() };
+        assert_eq!(auto.subnet.to_string(), "10.129.0.0/16");
+        // A host's networks change: the record follows, once.
+        let now = vec!["192.168.50.0/24".parse().unwrap()];
+        let (_, changes) = s.apply(&Command::SetUnderlayNetworks { id: 2, networks: now.clone() });
+        assert!(matches!(changes.as_slice(), [Change::NodeUpsert(n)] if n.underlay_networks == now));
+        assert!(s.apply(&Command::SetUnderlayNetworks { id: 2, networks: now }).1.is_empty());
+        assert!(matches!(
+            create(&mut s, "v", "192.168.50.0/28"),
+            Response::Rejected(Rejection::SubnetOverlapsHost { .. })
+        ));
+        assert!(matches!(create(&mut s, "v", "198.19.0.0/24"), Response::Network(_)), "198.18.0.0/15 is gone");
     }
 
     #[test]

@@ -964,6 +964,7 @@ mod tests {
             joined_at: 0,
             gossip_addr: SocketAddr::from(([192, 0, 2, last], 7946)),
             gossip_public_key: [0; 32],
+            underlay_networks: Vec::new(),
         };
         let mut view = ClusterView::default();
         view.nodes.insert(1, node(1, 1));

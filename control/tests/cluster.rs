@@ -75,6 +75,7 @@ async fn join(
             csr_der: key.csr_der(name).unwrap(),
             gossip_addr: format!("198.18.0.{last}:7946"),
             gossip_public_key: vec![last; 32],
+            underlay_networks: Vec::new(),
         })
         .await
         .unwrap()
@@ -114,6 +115,7 @@ async fn three_managers_and_a_worker_agree_and_survive_the_leader() {
             joined_at: unix_now(),
             gossip_addr: "198.18.0.1:7946".parse().unwrap(),
             gossip_public_key: [1; 32],
+            underlay_networks: Vec::new(),
         },
     };
     m1.manager.bootstrap(init).await.unwrap();
@@ -155,6 +157,7 @@ async fn three_managers_and_a_worker_agree_and_survive_the_leader() {
             csr_der: key.csr_der("x").unwrap(),
             gossip_addr: "198.18.0.9:7946".into(),
             gossip_public_key: vec![9; 32],
+            underlay_networks: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -168,6 +171,7 @@ async fn three_managers_and_a_worker_agree_and_survive_the_leader() {
             csr_der: key.csr_der("w1").unwrap(),
             gossip_addr: "198.18.0.9:7946".into(),
             gossip_public_key: vec![9; 32],
+            underlay_networks: Vec::new(),
         })
         .await
         .unwrap_err();

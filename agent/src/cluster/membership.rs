@@ -163,6 +163,7 @@ impl ClusterRuntime {
                 joined_at: unix_now(),
                 gossip_addr,
                 gossip_public_key: keys.signer.public_key(),
+                underlay_networks: crate::netdev::host_networks(&ctx.nl).await?,
             },
             secrets,
         };
@@ -216,6 +217,7 @@ impl ClusterRuntime {
             csr_der: key.csr_der(&name)?,
             gossip_addr: gossip_addr.to_string(),
             gossip_public_key: signer.public_key().to_vec(),
+            underlay_networks: crate::netdev::host_networks(&ctx.nl).await?.iter().map(ToString::to_string).collect(),
         };
         let reply = tokio::time::timeout(JOIN_TIMEOUT, pb::manager_client::ManagerClient::new(channel).join(request))
             .await

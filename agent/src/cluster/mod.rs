@@ -160,6 +160,7 @@ impl ClusterRuntime {
             {
                 tasks.push(tokio::spawn(promote_loop(Arc::clone(&rt.follower))));
             }
+            tasks.push(tokio::spawn(report_networks(Arc::clone(&rt.follower), ctx.nl.clone(), rt.membership.node_id)));
             Ok(ClusterRuntime { tasks, ..rt })
         }
         .await;
@@ -198,6 +199,37 @@ impl ClusterRuntime {
     /// A client of some manager, or an error saying none answers.
     pub async fn manager_client(&self) -> Result<pb::manager_client::ManagerClient<tonic::transport::Channel>> {
         Ok(self.follower.manager().await?)
+    }
+}
+
+/// Tells the cluster this host's networks once they are not what its node record says (they
+/// changed since it joined, or an older overlayd joined without them), so that no network is
+/// given a subnet that overlaps them. Keeps trying until a manager takes them.
+async fn report_networks(follower: Arc<Follower>, nl: rtnetlink::Handle, me: control::state::NodeId) {
+    let mut views = follower.subscribe();
+    loop {
+        let recorded = match views.wait_for(|v| v.nodes.contains_key(&me)).await {
+            Ok(v) => v.nodes.get(&me).map(|n| n.underlay_networks.clone()).unwrap_or_default(),
+            Err(_) => return,
+        };
+        let r = async {
+            let now = crate::netdev::host_networks(&nl).await?;
+            if now != recorded {
+                let report = pb::HeartbeatRequest {
+                    report_networks: true,
+                    underlay_networks: now.iter().map(ToString::to_string).collect(),
+                };
+                follower.manager().await?.heartbeat(report).await?;
+                tracing::info!(networks = ?now, "reported this host's networks to the cluster");
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        match r {
+            Ok(()) => return,
+            Err(e) => tracing::debug!(error = %format!("{e:#}"), "could not report this host's networks yet"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 

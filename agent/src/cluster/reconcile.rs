@@ -198,6 +198,7 @@ mod tests {
                     joined_at: 0,
                     gossip_addr: SocketAddr::new(vtep(id), 7946),
                     gossip_public_key: [0; 32],
+                    underlay_networks: Vec::new(),
                 },
             );
             v.blocks.entry("web".into()).or_default().insert(id, block(id));
