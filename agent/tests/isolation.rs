@@ -231,6 +231,13 @@ fn gossip_counter(agent: &Agent, name: &str) -> u64 {
     p["counters"][name].as_u64().unwrap_or(0)
 }
 
+/// A cluster of `hosts` hosts (the first a manager, the others workers), every one ready.
+fn cluster(bed: &Testbed, hosts: usize) -> Cluster {
+    let c = Cluster::form(bed, 1, hosts - 1).expect("cannot form the cluster");
+    c.await_nodes(hosts, &[], T).unwrap();
+    c
+}
+
 /// A network's VNI, created on the first host.
 fn create(c: &Cluster, name: &str) -> u32 {
     let n = c.agents[0].json(&["network", "create", name]).unwrap();
@@ -285,8 +292,7 @@ fn forward(c: &Cluster, i: usize) {
 #[test]
 fn a_container_cannot_send_vxlan_into_any_network() {
     let bed = bed();
-    let c = Cluster::form(&bed, 1, 2).expect("cannot form the cluster");
-    c.await_nodes(3, &[], T).unwrap();
+    let c = cluster(&bed, 3);
     create(&c, "red");
     let blue = create(&c, "blue");
     let attacker = attach(&c, 0, "red", "attacker");
@@ -342,8 +348,7 @@ fn a_container_cannot_send_vxlan_into_any_network() {
 #[test]
 fn gossip_control_and_host_services_are_closed_to_containers() {
     let bed = bed();
-    let c = Cluster::form(&bed, 1, 1).expect("cannot form the cluster");
-    c.await_nodes(2, &[], T).unwrap();
+    let c = cluster(&bed, 2);
     create(&c, "red");
     let attacker = attach(&c, 0, "red", "attacker");
     let (h1, h2) = (host_ip(&c, 0), host_ip(&c, 1));
@@ -435,8 +440,7 @@ fn gossip_control_and_host_services_are_closed_to_containers() {
 #[test]
 fn a_container_sends_only_with_its_own_mac_and_ip() {
     let bed = bed();
-    let c = Cluster::form(&bed, 1, 2).expect("cannot form the cluster");
-    c.await_nodes(3, &[], T).unwrap();
+    let c = cluster(&bed, 3);
     let blue = create(&c, "blue");
     let attacker = attach(&c, 0, "blue", "attacker");
     let other = attach(&c, 0, "blue", "other");
@@ -542,8 +546,7 @@ fn arp_spoofing_fails(attacker: &Ct, victim: &Ct, witness: &Ct) {
 #[test]
 fn gratuitous_arp_cannot_take_another_containers_address() {
     let bed = bed();
-    let c = Cluster::form(&bed, 1, 1).expect("cannot form the cluster");
-    c.await_nodes(2, &[], T).unwrap();
+    let c = cluster(&bed, 2);
     create(&c, "blue");
     let victim = attach(&c, 0, "blue", "victim");
     let witness = attach(&c, 0, "blue", "witness");

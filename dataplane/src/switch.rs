@@ -146,11 +146,18 @@ enum Claim {
 #[inline]
 fn claim(frame: &[u8]) -> Claim {
     let mac = ethernet::source(frame);
-    let Some((ether_type, l3)) = ethernet::network_layer(frame) else { return Claim::Malformed };
+    // Untagged IPv4, nearly every frame, without a parser.
+    let (ether_type, l3) = match [frame[12], frame[13]] {
+        [0x08, 0x00] => (EtherType::IPV4, ethernet::HEADER_LEN),
+        _ => match ethernet::network_layer(frame) {
+            Some(found) => found,
+            None => return Claim::Malformed,
+        },
+    };
     match ether_type {
-        EtherType::IPV4 => match frame.get(l3 + 12..l3 + 16) {
-            Some(a) if frame.len() >= l3 + 20 => Claim::Sender(mac, Some(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
-            _ => Claim::Malformed,
+        EtherType::IPV4 => match frame.get(l3..l3 + 20) {
+            Some(ip) => Claim::Sender(mac, Some(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]))),
+            None => Claim::Malformed,
         },
         EtherType::ARP => match frame.get(l3..l3 + arp::ARP_ETH_IPV4_LEN) {
             // Hardware Ethernet (1), protocol IPv4 (0x0800), address lengths 6 and 4.
@@ -232,12 +239,16 @@ pub fn from_underlay<T>(
     let Some((slot, net)) = tables.by_vni(vni) else {
         return drop(DropReason::UnknownVni);
     };
-    if !net.is_member(&src) {
-        return drop(DropReason::NotMember);
-    }
     let inner = packet.payload();
-    if net.has_blocks() && !sent_by_vtep(net, src, inner) {
-        return drop(DropReason::SourceNotOfSender);
+    if net.has_blocks() {
+        // A frame whose source lies in the block of the VTEP that sent it comes from a member:
+        // one lookup answers both questions, and which one failed is asked only on a drop.
+        if !sent_by_vtep(net, src, inner) {
+            let reason = if net.is_member(&src) { DropReason::SourceNotOfSender } else { DropReason::NotMember };
+            return drop(reason);
+        }
+    } else if !net.is_member(&src) {
+        return drop(DropReason::NotMember);
     }
     let mut segment_mss = None;
     let mtu = net.mtu() as usize;
@@ -279,7 +290,7 @@ fn oversized(frame: &[u8], mtu: usize) -> Result<Option<usize>, ()> {
 mod tests {
     use super::*;
     use crate::learn::{Learner, shared_learned};
-    use crate::tables::{NetworkSettings, SharedTables};
+    use crate::tables::{NetworkSettings, SharedTables, TableError, Transaction};
     use crate::wire::arp::tests::request;
     use crate::wire::{MacAddr, Vni};
     use std::net::Ipv4Addr;
@@ -487,20 +498,26 @@ mod tests {
         assert_eq!(c.snapshot().rx_checksums_completed, 1);
     }
 
+    /// Gateway 10.128.0.1; blocks 10.128.0.0/24 (this host), 10.128.1.0/24 (C's) and
+    /// 10.128.2.0/24 (`third`'s).
+    fn gateway_and_blocks(tx: &mut Transaction<()>, third: BlockOwner) -> Result<(), TableError> {
+        tx.set_gateway(vni(), Some(Ipv4Addr::new(10, 128, 0, 1)))?;
+        tx.set_blocks(
+            vni(),
+            24,
+            [
+                (Ipv4Addr::new(10, 128, 0, 0), BlockOwner::Local),
+                (Ipv4Addr::new(10, 128, 1, 0), BlockOwner::Remote(C)),
+                (Ipv4Addr::new(10, 128, 2, 0), third),
+            ],
+        )
+    }
+
     #[test]
     fn blocks_resolve_derived_macs_and_arp_is_answered_for_known_endpoints_only() {
         let t = tables(false);
         t.update(|tx| {
-            tx.set_gateway(vni(), Some(Ipv4Addr::new(10, 128, 0, 1)))?;
-            tx.set_blocks(
-                vni(),
-                24,
-                [
-                    (Ipv4Addr::new(10, 128, 0, 0), BlockOwner::Local),
-                    (Ipv4Addr::new(10, 128, 1, 0), BlockOwner::Remote(C)),
-                    (Ipv4Addr::new(10, 128, 2, 0), BlockOwner::Down(DOWN)),
-                ],
-            )?;
+            gateway_and_blocks(tx, BlockOwner::Down(DOWN))?;
             tx.set_arp(vni(), Ipv4Addr::new(10, 128, 1, 9), MacAddr::from_ipv4(Ipv4Addr::new(10, 128, 1, 9)))
         })
         .unwrap();
@@ -569,16 +586,7 @@ mod tests {
     fn cluster_tables() -> Arc<SharedTables<()>> {
         let t = tables(false);
         t.update(|tx| {
-            tx.set_gateway(vni(), Some(Ipv4Addr::new(10, 128, 0, 1)))?;
-            tx.set_blocks(
-                vni(),
-                24,
-                [
-                    (Ipv4Addr::new(10, 128, 0, 0), BlockOwner::Local),
-                    (Ipv4Addr::new(10, 128, 1, 0), BlockOwner::Remote(C)),
-                    (Ipv4Addr::new(10, 128, 2, 0), BlockOwner::Remote(B)),
-                ],
-            )?;
+            gateway_and_blocks(tx, BlockOwner::Remote(B))?;
             tx.set_local_endpoints(vni(), [5, 6].map(|n| (MacAddr::from_ipv4(v(0, n)), v(0, n))))
         })
         .unwrap();
@@ -676,7 +684,8 @@ mod tests {
             assert_eq!(receive(C, f), UnderlayVerdict::Drop(DropReason::SourceNotOfSender), "{:02x?}", &f[..34]);
         }
         assert_eq!(c.drops(DropReason::SourceNotOfSender), forged.len() as u64);
-        // B speaks for its own block.
+        // B speaks for its own block; a stranger for nobody, and is told apart.
         assert!(matches!(receive(B, &ip_frame(to, mac(2, 9), v(2, 9))), UnderlayVerdict::Deliver { .. }));
+        assert_eq!(receive(ROGUE, &ip_frame(to, mac(1, 9), v(1, 9))), UnderlayVerdict::Drop(DropReason::NotMember));
     }
 }
