@@ -26,6 +26,7 @@ fn daemon_without_a_network_says_how_to_give_one() {
 fn malformed_values_are_refused() {
     for (args, needle) in [
         (vec!["daemon", "--underlay-addr", "198.18.0.1", "--vni", "16777216"], "24 bits"),
+        (vec!["daemon", "--underlay-addr", "198.18.0.1", "--vni", "0", "--peer", "198.18.0.2"], "VNI 0 is refused"),
         (vec!["daemon", "--underlay-addr", "198.18.0.1", "--vni", "1", "--fdb", "02:00:00:00:00:01"], "MAC=VTEP"),
         (vec!["daemon", "--underlay-addr", "198.18.0.1", "--vni", "1", "--arp", "10.0.0.1=nope"], "MAC address"),
         (vec!["daemon", "--underlay-addr", "198.18.0.1", "--vni", "1", "--peer", "198.18.0.1"], "own underlay address"),
@@ -52,6 +53,10 @@ fn a_bad_config_file_names_the_problem() {
     let (ok, msg) = overlayd(&["daemon", "--underlay-addr", "198.18.0.1", "--config", path.to_str().unwrap()]);
     assert!(!ok);
     assert!(msg.contains("configured twice"), "{msg}");
+    std::fs::write(&path, "[[network]]\nvni = 0\npeers = [\"198.18.0.2\"]\n").unwrap();
+    let (ok, msg) = overlayd(&["daemon", "--underlay-addr", "198.18.0.1", "--config", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(msg.contains("VNI 0 is refused"), "{msg}");
     let _ = std::fs::remove_file(path);
 }
 

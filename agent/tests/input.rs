@@ -1,10 +1,9 @@
 //! Bad input is refused before it touches a host (issue 12, item 11): a network subnet that
-//! would cut hosts off, VNI 0 in static mode, a `--netns` that is not a network namespace.
+//! would cut hosts off, a `--netns` that is not a network namespace (VNI 0 in static mode is
+//! with the other static-mode flags, in cli.rs).
 //!
-//! The cluster tests need root (they create namespaces). They fail, never skip, when they
-//! cannot run.
+//! These tests need root (they create namespaces). They fail, never skip, when they cannot run.
 
-use std::process::Command;
 use std::time::Duration;
 
 use testbed::cluster::Cluster;
@@ -66,23 +65,4 @@ fn attach_to_a_file_that_is_not_a_network_namespace_says_so() {
         let e = format!("{e:#}");
         assert!(e.contains(&format!("{path} is not a network namespace")), "{e}");
     }
-}
-
-fn overlayd(args: &[&str]) -> (bool, String) {
-    let dir = std::env::temp_dir().join(format!("overlayd-input-test-{}", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_overlayd")).arg("--state-dir").arg(&dir).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout))
-}
-
-#[test]
-fn static_mode_refuses_vni_0() {
-    let (ok, msg) = overlayd(&["daemon", "--underlay-addr", "198.18.0.1", "--vni", "0", "--peer", "198.18.0.2"]);
-    assert!(!ok);
-    assert!(msg.contains("VNI 0"), "{msg}");
-    let path = std::env::temp_dir().join(format!("overlayd-input-test-{}.toml", std::process::id()));
-    std::fs::write(&path, "underlay_addr = \"198.18.0.1\"\n[[network]]\nvni = 0\npeers = [\"198.18.0.2\"]\n").unwrap();
-    let (ok, msg) = overlayd(&["daemon", "--config", path.to_str().unwrap()]);
-    let _ = std::fs::remove_file(&path);
-    assert!(!ok);
-    assert!(msg.contains("VNI 0"), "{msg}");
 }

@@ -23,6 +23,14 @@ fn form(bed: &Testbed, managers: usize, workers: usize) -> Cluster {
 
 const T: Duration = Duration::from_secs(20);
 
+/// A manager and a worker, and the network "blue".
+fn blue(bed: &Testbed) -> Cluster {
+    let c = form(bed, 1, 1);
+    c.await_nodes(2, &[], T).unwrap();
+    c.agents[0].json(&["network", "create", "blue"]).unwrap();
+    c
+}
+
 /// The error of a daemon start that must fail (with the daemon's log in it).
 fn refused(host: &Host, what: &str) -> String {
     match host.start_daemon::<&str>(&[]) {
@@ -158,9 +166,7 @@ fn a_damaged_identity_file_is_named_with_what_to_do() {
 #[test]
 fn a_corrupt_endpoints_file_is_set_aside_and_rebuilt_from_the_veths() {
     let bed = bed();
-    let mut c = form(&bed, 1, 1);
-    c.await_nodes(2, &[], T).unwrap();
-    c.agents[0].json(&["network", "create", "blue"]).unwrap();
+    let mut c = blue(&bed);
     let (c0, _) = c.attach(0, "blue", "c0").unwrap();
     let (_c1, ip1) = c.attach(1, "blue", "c1").unwrap();
     let (_c2, ip2) = c.attach(1, "blue", "c2").unwrap();
@@ -204,9 +210,7 @@ fn a_corrupt_endpoints_file_is_set_aside_and_rebuilt_from_the_veths() {
 #[test]
 fn a_full_disk_or_a_crash_leaves_no_half_done_attach() {
     let bed = bed();
-    let mut c = form(&bed, 1, 1);
-    c.await_nodes(2, &[], T).unwrap();
-    c.agents[0].json(&["network", "create", "blue"]).unwrap();
+    let mut c = blue(&bed);
     let (_c1, _) = c.attach(1, "blue", "c1").unwrap();
     let c2 = c.hosts[1].add_netns("c2").unwrap();
     c.agents[1].terminate().unwrap();
