@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "overlayd.v1.JoinReply.role",
         "overlayd.v1.JoinClusterReply.role",
         "overlayd.v1.ClusterStatus.role",
+        "overlayd.v1.JoinTokenReply.role",
     ] {
         b = b.field_attribute(field, "#[serde(serialize_with = \"crate::json::role\")]");
     }

@@ -1,6 +1,7 @@
 //! The local API: the `Agent` gRPC service (see `proto`) on a Unix socket in the state dir
 //! (`overlayd.sock`, mode 0600), which the CLI calls as `docker` calls `dockerd`; and the
-//! optional Prometheus endpoint.
+//! optional Prometheus endpoint. A manager's command on a worker is answered here, with a
+//! manager to run it on, before any manager is called.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -14,6 +15,8 @@ use proto::agent_client::AgentClient;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
+
+use control::state::{NodeStatus, Role};
 
 use crate::cluster::ClusterRuntime;
 use crate::daemon::{Daemon, Mode};
@@ -73,6 +76,61 @@ fn internal(e: anyhow::Error) -> Status {
     Status::failed_precondition(format!("{e:#}"))
 }
 
+/// What a worker answers a manager's command: which manager to run it on (from its view, the
+/// ready ones first). The role is the one the view records (the certificate's is what the host
+/// joined as). `None` on a manager.
+fn worker_refusal(c: &ClusterRuntime) -> Option<Status> {
+    let view = c.follower.view();
+    let me = c.membership.node_id;
+    let role = view.nodes.get(&me).map_or(c.membership.role, |n| n.role);
+    if role == Role::Manager {
+        return None;
+    }
+    let mut managers: Vec<_> = view.nodes.values().filter(|n| n.role == Role::Manager && n.id != me).collect();
+    managers.sort_by_key(|n| (n.status != NodeStatus::Ready, n.id));
+    let names: Vec<String> = managers.iter().take(2).map(|n| format!("{} at {}", n.name, n.api_addr)).collect();
+    let example = match names.as_slice() {
+        [] => "none is known to this host yet".to_owned(),
+        some => format!("e.g. {}", some.join(", or ")),
+    };
+    Some(Status::permission_denied(format!("this host is a worker: run this on a manager ({example})")))
+}
+
+/// `overlayd join-token [--rotate] ROLE` on a manager: the token, rotated first if asked (the
+/// old one is refused once the rotation is applied).
+async fn join_token(c: &ClusterRuntime, req: &pb::JoinTokenRequest) -> Result<pb::JoinTokenReply, Status> {
+    let role = control::convert::role_from_pb(req.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let m = c.manager.as_ref().ok_or_else(|| Status::failed_precondition("this host runs no manager"))?;
+    let token = if req.rotate {
+        let (token, cmd) = control::pki::JoinToken::rotation(c.follower.identity().ca_digest(), role);
+        m.command(cmd).await?;
+        tracing::info!(%role, "join token rotated");
+        token.to_string()
+    } else {
+        let kept = m.state.read(|s| {
+            s.secrets.as_ref().map(|x| match role {
+                Role::Worker => x.worker_token.clone(),
+                Role::Manager => x.manager_token.clone(),
+            })
+        });
+        match kept {
+            None => return Err(Status::unavailable("this manager has no cluster state yet: try again")),
+            Some(t) if t.is_empty() => {
+                return Err(Status::failed_precondition(format!(
+                    "this cluster's {role} token was made before overlayd kept join tokens: make a new one with                      `overlayd join-token --rotate {role}`"
+                )));
+            }
+            Some(t) => t,
+        }
+    };
+    Ok(pb::JoinTokenReply {
+        role: pb::Role::from(role) as i32,
+        token,
+        manager_addr: c.membership.advertise.to_string(),
+        rotated: req.rotate,
+    })
+}
+
 impl AgentService {
     async fn cluster(&self) -> Result<Arc<ClusterRuntime>, Status> {
         match &*self.0.mode.read().await {
@@ -89,6 +147,15 @@ impl AgentService {
 
     async fn manager(&self) -> Result<pb::manager_client::ManagerClient<Channel>, Status> {
         self.cluster().await?.manager_client().await.map_err(|e| Status::unavailable(format!("{e:#}")))
+    }
+
+    /// The cluster runtime, if this host is a manager; a worker is told where to go instead.
+    async fn managing(&self) -> Result<Arc<ClusterRuntime>, Status> {
+        let c = self.cluster().await?;
+        match worker_refusal(&c) {
+            Some(refusal) => Err(refusal),
+            None => Ok(c),
+        }
     }
 
     async fn idle_for(&self, what: &str) -> Result<tokio::sync::RwLockWriteGuard<'_, Mode>, Status> {
@@ -149,12 +216,17 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(reply))
     }
 
-    async fn leave(&self, _: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
+    async fn leave(&self, request: Request<pb::LeaveClusterRequest>) -> Result<Response<pb::Empty>, Status> {
         let rt = self.cluster().await?;
         let mut mode = self.0.mode.write().await;
-        rt.leave().await.map_err(internal)?;
+        if request.get_ref().force {
+            rt.leave_locally().await;
+            tracing::info!("forgot the cluster (leave --force): nobody was asked");
+        } else {
+            rt.leave().await.map_err(internal)?;
+            tracing::info!("left the cluster");
+        }
         *mode = Mode::Idle;
-        tracing::info!("left the cluster");
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -163,6 +235,7 @@ impl pb::agent_server::Agent for AgentService {
     }
 
     async fn node_remove(&self, request: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::Empty>, Status> {
+        self.managing().await?;
         self.manager().await?.remove_node(request.into_inner()).await
     }
 
@@ -170,7 +243,7 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::CreateNetworkRequest>,
     ) -> Result<Response<pb::Network>, Status> {
-        let c = self.cluster().await?;
+        let c = self.managing().await?;
         let net = self.manager().await?.create_network(request.into_inner()).await?.into_inner();
         // Answer once this host's view has it, so that what follows (attach, ls) sees it.
         let mut views = c.follower.subscribe();
@@ -196,7 +269,7 @@ impl pb::agent_server::Agent for AgentService {
     }
 
     async fn network_remove(&self, request: Request<pb::RemoveNetworkRequest>) -> Result<Response<pb::Empty>, Status> {
-        let c = self.cluster().await?;
+        let c = self.managing().await?;
         let name = request.get_ref().name.clone();
         self.manager().await?.remove_network(request.into_inner()).await?;
         let mut views = c.follower.subscribe();
@@ -214,6 +287,11 @@ impl pb::agent_server::Agent for AgentService {
 
     async fn peers(&self, _: Request<pb::Empty>) -> Result<Response<pb::PeersReply>, Status> {
         self.cluster().await?.peers().await.map(Response::new).map_err(internal)
+    }
+
+    async fn join_token(&self, request: Request<pb::JoinTokenRequest>) -> Result<Response<pb::JoinTokenReply>, Status> {
+        let c = self.managing().await?;
+        join_token(&c, request.get_ref()).await.map(Response::new)
     }
 }
 

@@ -2,7 +2,9 @@
 //! 7946 by default) with tokio timers. It takes the directory of hosts from the Raft view and
 //! this host's endpoints from attach and detach; it publishes which hosts are alive and every
 //! host's endpoints for the reconciler (which programs the dataplane) and the leader (which
-//! records host status in Raft), and answers `overlayd peers`.
+//! records host status in Raft), and answers `overlayd peers`. When the view says the cluster
+//! key was rotated (a node was removed), it fetches the new one from a manager and hands it
+//! over (see [`follow_key_rotations`]).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -21,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 const CLUSTER_KEY_FILE: &str = "gossip.key";
+const KEY_GENERATION_FILE: &str = "gossip.key-generation";
 const SIGNER_FILE: &str = "gossip-signing.pk8";
 const EPOCH_FILE: &str = "gossip-epoch";
 /// Receive buffer of the gossip socket.
@@ -28,20 +31,24 @@ const RECV_BUFFER: usize = 2 << 20;
 /// Shortest gap between two publications of the view (bursts of events coalesce).
 const PUBLISH_EVERY: Duration = Duration::from_millis(20);
 
-/// This host's gossip secrets: the cluster's key and its own signing key.
+/// This host's gossip secrets: the cluster's key (and which rotation of it) and its own
+/// signing key.
 pub struct GossipKeys {
     pub cluster: [u8; 32],
+    /// How many times the cluster key had been rotated when this host got it (0: never).
+    pub generation: u64,
     pub signer: Signer,
 }
 
 impl GossipKeys {
-    /// Saves both into `dir` (mode 0600).
+    /// Saves all into `dir` (mode 0600).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        write_secret(&dir.join(CLUSTER_KEY_FILE), hex::encode(self.cluster).as_bytes())?;
+        save_cluster_key(dir, &self.cluster, self.generation)?;
         write_secret(&dir.join(SIGNER_FILE), self.signer.pkcs8())
     }
 
-    /// Loads what [`GossipKeys::save`] wrote.
+    /// Loads what [`GossipKeys::save`] wrote (a state dir from before key rotations has no
+    /// generation: 0).
     pub fn load(dir: &Path) -> Result<GossipKeys> {
         let path = dir.join(CLUSTER_KEY_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -52,8 +59,21 @@ impl GossipKeys {
         let path = dir.join(SIGNER_FILE);
         let doc = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let signer = Signer::from_pkcs8(&doc).with_context(|| format!("{} is not a signing key", path.display()))?;
-        Ok(GossipKeys { cluster, signer })
+        let path = dir.join(KEY_GENERATION_FILE);
+        let generation = match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse().with_context(|| format!("{} is not a number", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        Ok(GossipKeys { cluster, generation, signer })
     }
+}
+
+/// Saves the cluster key of `generation` into `dir`: the generation last, so that a crash in
+/// between leaves an older generation, whose key is fetched again.
+fn save_cluster_key(dir: &Path, key: &[u8; 32], generation: u64) -> Result<()> {
+    write_secret(&dir.join(CLUSTER_KEY_FILE), hex::encode(key).as_bytes())?;
+    write_secret(&dir.join(KEY_GENERATION_FILE), generation.to_string().as_bytes())
 }
 
 fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -111,6 +131,7 @@ enum Cmd {
     Directory(Vec<(NodeId, DirectoryEntry)>),
     Snapshot(oneshot::Sender<Snapshot>),
     Leave(oneshot::Sender<()>),
+    RotateKey(Box<[u8; 32]>),
 }
 
 /// The running gossip of this host.
@@ -181,6 +202,14 @@ impl Gossip {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Cmd::Snapshot(tx)).ok().context("gossip is not running")?;
         rx.await.context("gossip is not running")
+    }
+
+    /// The cluster key was rotated: gossip opens with `key` from now on, and seals with it
+    /// after a changeover (see [`GossipNode::rotate_key`]).
+    pub fn rotate_key(&self, key: [u8; 32]) {
+        if self.tx.send(Cmd::RotateKey(Box::new(key))).is_err() {
+            tracing::warn!("gossip is not running: the new cluster key was not handed over");
+        }
     }
 
     /// Tells a few members this host is leaving (they withdraw it at once, and tell others).
@@ -269,6 +298,10 @@ async fn run(
                     node.leave(&mut out);
                     leaving = Some(done);
                 }
+                Some(Cmd::RotateKey(key)) => {
+                    node.rotate_key(GossipKey::new(&key), &mut out);
+                    tracing::info!("gossip key rotated");
+                }
             },
         }
         for (to, datagram) in out.datagrams.drain(..) {
@@ -345,6 +378,54 @@ pub fn directory(view: &control::state::ClusterView) -> Vec<(NodeId, DirectoryEn
         .values()
         .map(|n| (n.id, DirectoryEntry { public_key: n.gossip_public_key, addr: n.gossip_addr }))
         .collect()
+}
+
+/// Keeps this host's cluster key current: whenever the view says the key was rotated past the
+/// `generation` this host has, fetches the current one from a manager (over mutual TLS: a
+/// removed node gets nothing), saves it in `pki_dir` and hands it to gossip. Runs until the
+/// follower's view is gone.
+pub fn follow_key_rotations(
+    gossip: Arc<Gossip>,
+    follower: Arc<control::follower::Follower>,
+    pki_dir: std::path::PathBuf,
+    mut generation: u64,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut views = follower.subscribe();
+        loop {
+            let wanted = views.borrow_and_update().gossip_key_generation;
+            if follower.removed() {
+                return;
+            }
+            if wanted > generation {
+                let fetched = async {
+                    let mut manager = follower.manager().await?;
+                    let reply = manager.gossip_key(proto::Empty {}).await?.into_inner();
+                    let key: [u8; 32] =
+                        reply.key.as_slice().try_into().context("the manager sent a gossip key of the wrong length")?;
+                    anyhow::Ok((reply.generation, key))
+                };
+                match fetched.await {
+                    // A manager behind the view has the same key or an older one: ask again.
+                    Ok((g, _)) if g <= generation => {}
+                    Ok((g, key)) => match save_cluster_key(&pki_dir, &key, g) {
+                        Ok(()) => {
+                            gossip.rotate_key(key);
+                            generation = g;
+                            continue;
+                        }
+                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot save the new gossip key"),
+                    },
+                    Err(e) => tracing::debug!(error = %format!("{e:#}"), "cannot fetch the new gossip key yet"),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            if views.changed().await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 /// The gossip address of a host that advertises its control API at `advertise`.

@@ -79,7 +79,9 @@ enum Command {
         the state). The token pins the cluster's CA: a manager of another cluster is refused.")]
     Join(JoinArgs),
     /// Leave the cluster: detach every container, remove this node, forget the cluster.
-    Leave(OutputArgs),
+    Leave(LeaveArgs),
+    /// Print a join token (on a manager), or rotate it first: the old one is refused at once.
+    JoinToken(JoinTokenArgs),
     /// Show the running daemon: cluster, underlay, networks, counters (drops by reason).
     Status(OutputArgs),
     /// Show the dataplane's tables: flood lists, address blocks (and whose host is down), MAC →
@@ -195,6 +197,28 @@ struct JoinArgs {
     token: String,
     #[command(flatten)]
     me: HostArgs,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+#[derive(Args)]
+struct LeaveArgs {
+    /// Forget the membership and tear down here without asking the cluster: for a node that
+    /// was removed (`overlayd status` says so), or a cluster that is gone.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+#[derive(Args)]
+struct JoinTokenArgs {
+    /// Which token: `worker` or `manager`.
+    #[arg(value_parser = ["worker", "manager"])]
+    role: String,
+    /// Make a new token first; hosts joining with the old one are refused from then on.
+    #[arg(long)]
+    rotate: bool,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -367,9 +391,19 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
                 .map_err(e)?;
             output::print(a.out.json, &r.into_inner(), output::join)
         }
-        Command::Leave(o) => {
-            c.leave(pb::Empty {}).await.map_err(e)?;
-            output::print(o.json, &serde_json::json!({"left": true}), |_| "This host left the cluster.\n".into())
+        Command::Leave(a) => {
+            c.leave(pb::LeaveClusterRequest { force: a.force }).await.map_err(e)?;
+            let said = if a.force {
+                "This host forgot its cluster membership (the cluster was not asked).\n"
+            } else {
+                "This host left the cluster.\n"
+            };
+            output::print(a.out.json, &serde_json::json!({"left": true, "force": a.force}), |_| said.into())
+        }
+        Command::JoinToken(a) => {
+            let role = if a.role == "manager" { pb::Role::Manager } else { pb::Role::Worker };
+            let r = c.join_token(pb::JoinTokenRequest { role: role as i32, rotate: a.rotate }).await.map_err(e)?;
+            output::print(a.out.json, &r.into_inner(), output::join_token)
         }
         Command::Node(NodeCommand::Ls(o)) => {
             output::print(o.json, &c.node_list(pb::Empty {}).await.map_err(e)?.into_inner(), output::nodes)

@@ -47,6 +47,12 @@ pub fn status(s: &pb::StatusReply) -> String {
             c.api_addr,
             c.revision
         );
+        if c.removed {
+            o.push_str(
+                "REMOVED    removed from the cluster: run `overlayd leave --force` to forget the membership here \
+                 (the managers refuse this node's certificate; `overlayd join` with a token makes it a new node)\n",
+            );
+        }
         if let Some(h) = &c.handshakes {
             let _ = writeln!(
                 o,
@@ -192,7 +198,7 @@ pub fn peers(r: &pb::PeersReply) -> String {
     let _ = writeln!(
         o,
         "\ngossip: {} datagrams in, {} out; refused: {} not gossip, {} bad key, {} malformed, {} replayed, \
-         {} of a sender's earlier life, {} for another host; \
+         {} of a sender's earlier life, {} for another host, {} from hosts outside the cluster; \
          records: {} applied, {} forged, {} of unknown hosts, {} malformed; {} repaired by anti-entropy; \
          swim: {} late probe cycles, {} records too big to piggyback, {} other errors",
         get("rx_datagrams"),
@@ -203,6 +209,7 @@ pub fn peers(r: &pb::PeersReply) -> String {
         get("rx_replayed"),
         get("rx_stale_generation"),
         get("rx_misdirected"),
+        get("rx_unknown_sender"),
         get("records_applied"),
         get("records_forged"),
         get("records_unknown_owner"),
@@ -224,6 +231,20 @@ pub fn init(r: &pb::InitReply) -> String {
          To add a worker to this cluster, run on it:\n\n    overlayd join {} --token {}\n\n\
          To add a manager, run on it:\n\n    overlayd join {} --token {}\n",
         r.cluster_id, r.node_id, r.manager_addr, r.worker_token, r.manager_addr, r.manager_token
+    )
+}
+
+pub fn join_token(r: &pb::JoinTokenReply) -> String {
+    let rotated = if r.rotated {
+        format!("The {} token was rotated: the previous one is refused.\n\n", role(r.role))
+    } else {
+        String::new()
+    };
+    format!(
+        "{rotated}To add a {} to this cluster, run on it:\n\n    overlayd join {} --token {}\n",
+        role(r.role),
+        r.manager_addr,
+        r.token
     )
 }
 

@@ -48,7 +48,7 @@ fn containers_attached_on_every_host_reach_each_other() {
     let bed = bed();
     let c = form(&bed, 3, 2);
     c.await_nodes(5, &[], T).unwrap();
-    let net = c.agents[3].json(&["network", "create", "blue"]).unwrap();
+    let net = c.agents[1].json(&["network", "create", "blue"]).unwrap();
     assert_eq!(net["subnet"], "10.128.0.0/16");
     assert_eq!(net["gateway"], "10.128.0.1");
     let containers: Vec<(Node, IpAddr)> = (0..5).map(|i| attach(&c, i, "blue", &format!("c{}", i + 1))).collect();
@@ -212,7 +212,10 @@ fn mistakes_get_a_clear_error_and_change_nothing() {
         .contains("already in the cluster")
     );
     // An overlapping subnet, and an unknown network.
-    assert!(err(c.agents[1].json(&["network", "create", "red", "--subnet", "10.20.128.0/17"])).contains("overlaps"));
+    assert!(err(c.agents[0].json(&["network", "create", "red", "--subnet", "10.20.128.0/17"])).contains("overlaps"));
+    // A worker manages nothing: it names a manager to run it on.
+    let e = err(c.agents[1].json(&["network", "create", "red"]));
+    assert!(e.contains("this host is a worker: run this on a manager (e.g. h1 at"), "{e}");
     let ns = c.hosts[1].add_netns("x").unwrap();
     assert!(
         err(c.agents[1].json(&["attach", "--network", "nope", "--netns", &ns.netns_path()]))

@@ -234,7 +234,7 @@ fn a_partitioned_host_converges_after_healing_with_nothing_stale() {
 #[test]
 fn gossip_refuses_wrong_keys_forgeries_and_garbage_and_counts_them() {
     let bed = bed();
-    let c = form(&bed, 1, 2);
+    let mut c = form(&bed, 1, 2);
     c.agents[0].json(&["network", "create", "blue"]).unwrap();
     let containers: Vec<(Node, IpAddr)> = (0..3).map(|i| c.attach(i, "blue", &format!("c{i}")).unwrap()).collect();
     let eps: Vec<(usize, IpAddr)> = containers.iter().enumerate().map(|(i, (_, ip))| (i, *ip)).collect();
@@ -258,20 +258,28 @@ fn gossip_refuses_wrong_keys_forgeries_and_garbage_and_counts_them() {
         (x["table_epoch"].as_u64().unwrap(), x["table_version"].as_u64().unwrap())
     };
     let (epoch, version) = table(victim, 1);
-    // A holder of the cluster key seals under any sender it likes: here one outside the
-    // cluster (claiming the attacker's own id would advance the victim's window for it past
-    // what its daemon sends), numbering its datagrams as a sender does.
+    // A holder of the cluster key seals under any sender it likes. As a host outside the
+    // cluster it is not heard at all; so it seals as the member it is (node 2), in a life of
+    // its own a little ahead of its daemon's (which the victim then no longer hears, until
+    // the daemon restarts below), numbering its datagrams as a sender does.
     let victim_id = peers(&c.agents[victim])["self_id"].as_u64().unwrap();
+    let attacker_id = peers(&c.agents[attacker])["self_id"].as_u64().unwrap();
+    let p = peers(&c.agents[victim]);
+    let daemon_life =
+        p["peers"].as_array().unwrap().iter().find(|x| x["node_id"] == attacker_id).unwrap()["generation"]
+            .as_u64()
+            .unwrap();
     let counter = std::cell::Cell::new(0u64);
-    let sealed = |m: &SyncMessage, key: &GossipKey| {
+    let sealed_by = |sender: u64, m: &SyncMessage, key: &GossipKey| {
         let mut payload = Vec::new();
         m.encode(&mut payload);
         let mut d = Vec::new();
-        let header =
-            Header { sender: 1000, generation: 1, counter: counter.replace(counter.get() + 1), receiver: victim_id };
+        let generation = if sender == attacker_id { daemon_life + 500_000 } else { 1 };
+        let header = Header { sender, generation, counter: counter.replace(counter.get() + 1), receiver: victim_id };
         key.seal(&header, Kind::Sync, &payload, &mut d);
         d
     };
+    let sealed = |m: &SyncMessage, key: &GossipKey| sealed_by(attacker_id, m, key);
     // 1. A tombstone for the owner's endpoint, signed by another member of the cluster and
     //    sealed with the right cluster key.
     let forged =
@@ -284,6 +292,8 @@ fn gossip_refuses_wrong_keys_forgeries_and_garbage_and_counts_them() {
         items: vec![Bytes(forged.wire().to_vec())],
     };
     c.hosts[attacker].send_udp(from, victim_gossip, vec![sealed(&records, &key)]).unwrap();
+    // 1b. The same, as a sender outside the cluster (a removed host holding the key).
+    c.hosts[attacker].send_udp(from, victim_gossip, vec![sealed_by(1000, &records, &key); 3]).unwrap();
     // 2. The same, sealed with a key that is not the cluster's.
     let outsider = GossipKey::new(&[0x5a; 32]);
     c.hosts[attacker].send_udp(from, victim_gossip, vec![sealed(&records, &outsider); 5]).unwrap();
@@ -319,6 +329,7 @@ fn gossip_refuses_wrong_keys_forgeries_and_garbage_and_counts_them() {
     let counters = peers(&c.agents[victim])["counters"].clone();
     eprintln!("victim's gossip counters: {counters}");
     assert!(gossip_counter(&c.agents[victim], "records_forged") >= 1, "{counters}");
+    assert!(gossip_counter(&c.agents[victim], "rx_unknown_sender") >= 3, "{counters}");
     assert!(gossip_counter(&c.agents[victim], "rx_bad_auth") >= 5, "{counters}");
     assert!(gossip_counter(&c.agents[victim], "rx_not_gossip") >= 1900, "{counters}");
     // Nothing changed: the victim still answers for the owner's endpoint (and not for the
@@ -326,7 +337,15 @@ fn gossip_refuses_wrong_keys_forgeries_and_garbage_and_counts_them() {
     let ips = arp_ips(&c.agents[victim]).unwrap();
     assert!(ips.contains(&eps[owner].1), "{ips:?}");
     assert!(!ips.contains(&IpAddr::V4(stolen)), "an address outside the claimer's block was installed: {ips:?}");
+    // The attacker's daemon starts a new life, which the victim hears again.
+    c.agents[attacker].kill().unwrap();
+    c.agents[attacker] = c.hosts[attacker].start_daemon::<&str>(&[]).unwrap();
     await_tables(&c, &eps, &[], T);
+    wait_for(T, "every host alive to the victim", || {
+        let p = peers(&c.agents[victim]);
+        p["peers"].as_array()?.iter().all(|x| x["state"] == "alive" || x["state"] == "self").then_some(())
+    })
+    .unwrap();
     let p = peers(&c.agents[victim]);
     assert!(p["peers"].as_array().unwrap().iter().all(|x| x["state"] == "alive" || x["state"] == "self"), "{p}");
     containers[victim].0.ping_ok(eps[owner].1, 2).unwrap();

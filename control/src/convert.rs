@@ -159,6 +159,8 @@ impl From<&ClusterView> for pb::ClusterView {
                 })
                 .map(|b| pb::Block::from(&b))
                 .collect(),
+            gossip_key_generation: v.gossip_key_generation,
+            removed: v.removed.iter().copied().collect(),
         }
     }
 }
@@ -166,7 +168,13 @@ impl From<&ClusterView> for pb::ClusterView {
 impl TryFrom<&pb::ClusterView> for ClusterView {
     type Error = Malformed;
     fn try_from(v: &pb::ClusterView) -> Result<ClusterView, Malformed> {
-        let mut view = ClusterView { cluster_id: v.cluster_id.clone(), revision: v.revision, ..Default::default() };
+        let mut view = ClusterView {
+            cluster_id: v.cluster_id.clone(),
+            revision: v.revision,
+            gossip_key_generation: v.gossip_key_generation,
+            removed: v.removed.iter().copied().collect(),
+            ..Default::default()
+        };
         for n in &v.nodes {
             let n = NodeRecord::try_from(n)?;
             view.nodes.insert(n.id, n);
@@ -195,6 +203,7 @@ impl From<&Change> for pb::Change {
             Change::BlockRemove { network, node } => {
                 Kind::BlockRemove(pb::BlockKey { network: network.clone(), node_id: *node })
             }
+            Change::GossipKeyRotated(generation) => Kind::GossipKeyRotated(*generation),
         };
         pb::Change { kind: Some(kind) }
     }
@@ -211,6 +220,7 @@ impl TryFrom<&pb::Change> for Change {
             Kind::NetworkRemove(name) => Change::NetworkRemove(name.clone()),
             Kind::BlockUpsert(b) => Change::BlockUpsert(b.try_into()?),
             Kind::BlockRemove(k) => Change::BlockRemove { network: k.network.clone(), node: k.node_id },
+            Kind::GossipKeyRotated(generation) => Change::GossipKeyRotated(*generation),
         })
     }
 }
@@ -242,6 +252,9 @@ mod tests {
             .1,
         );
         changes.extend(s.apply(&Command::LeaseBlock { network: "a".into(), node: 1 }).1);
+        changes.extend(s.apply(&Command::AddNode(crate::state::testing::new_node("w", 2, Role::Worker))).1);
+        changes.extend(s.apply(&Command::RemoveNode { id: 2, gossip_key: Some("11".repeat(32)) }).1);
+        assert!(changes.contains(&Change::GossipKeyRotated(1)));
         let view = s.view();
         assert_eq!(ClusterView::try_from(&pb::ClusterView::from(&view)).unwrap(), view);
         for c in &changes {

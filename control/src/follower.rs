@@ -1,7 +1,8 @@
 //! How a host follows the cluster state: a watch stream from any manager, resumed from the
 //! revision it has after a disconnect (another manager if that one is gone), with the view
 //! cached on disk so a restarted host programs its dataplane before it reconnects; and a
-//! heartbeat to the leader so the cluster knows the host is alive.
+//! heartbeat to the leader so the cluster knows the host is alive. A manager that says this
+//! host was removed from the cluster is believed: the follower stops, and says so.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -69,6 +70,7 @@ pub struct Follower {
     cache: PathBuf,
     connected: AtomicBool,
     connected_to: Mutex<Option<SocketAddr>>,
+    removed: AtomicBool,
 }
 
 impl Follower {
@@ -86,6 +88,7 @@ impl Follower {
             cache,
             connected: AtomicBool::new(false),
             connected_to: Mutex::new(None),
+            removed: AtomicBool::new(false),
         });
         tokio::spawn(Arc::clone(&f).watch_loop());
         tokio::spawn(Arc::clone(&f).heartbeat_loop());
@@ -105,6 +108,12 @@ impl Follower {
     /// Whether the watch stream is up, and to which manager.
     pub fn connection(&self) -> (bool, Option<SocketAddr>) {
         (self.connected.load(Ordering::Relaxed), *self.connected_to.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether a manager refused this host as removed from the cluster (then it follows no
+    /// more: `overlayd leave --force` is all that is left to do).
+    pub fn removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
     }
 
     /// The host's identity.
@@ -155,6 +164,12 @@ impl Follower {
             for addr in self.candidates() {
                 match self.watch_from(addr).await {
                     Ok(()) => tracing::info!(manager = %addr, "watch stream ended"),
+                    Err(FollowerError::Status(s)) if crate::authz::is_removed(&s) => {
+                        self.connected.store(false, Ordering::Relaxed);
+                        self.removed.store(true, Ordering::Relaxed);
+                        tracing::warn!(manager = %addr, "{}", s.message());
+                        return;
+                    }
                     Err(e) => tracing::debug!(manager = %addr, error = %e, "watch failed"),
                 }
                 self.connected.store(false, Ordering::Relaxed);
@@ -209,6 +224,9 @@ impl Follower {
         let mut tick = tokio::time::interval(HOST_HEARTBEAT);
         loop {
             tick.tick().await;
+            if self.removed() {
+                return;
+            }
             let beat = async {
                 let mut m = self.manager().await?;
                 m.heartbeat(pb::HeartbeatRequest::default()).await?;

@@ -13,6 +13,7 @@
 //! owns the CLI; `dataplane` is programmed by the agent from [`state::ClusterView`].
 #![warn(missing_docs)]
 
+pub mod authz;
 pub mod cidr;
 pub mod convert;
 pub mod follower;

@@ -5,6 +5,10 @@
 //! Writes go to the leader: a manager that is not the leader hands them over (`Propose`), so a
 //! host may talk to any manager. The leader also tracks the hosts' heartbeats and marks a host
 //! down (and ready again) in the replicated state.
+//!
+//! Every call but `Join` is authorized first ([`crate::authz`]): by the caller's standing in
+//! this manager's state (a removed node is refused, and its open watch ended), its role there,
+//! and for a Raft vote its place among the voters.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -21,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tonic::{Request, Response as GrpcResponse, Status};
 
+use crate::authz::{self, Call, Caller, Denied, Need, Standing, Voting};
+use crate::gossip::GossipKey;
 use crate::pki::{ClusterCa, JoinToken, NodeIdentity};
 use crate::raft_net::{self, NetworkFactory};
 use crate::state::{
@@ -230,6 +236,40 @@ impl Manager {
         self.identity.node_id()
     }
 
+    /// What this manager's copy of the state says of node `id`.
+    pub fn standing(&self, id: NodeId) -> Standing {
+        self.state.read(|s| Standing::of(id, &s.nodes, &s.removed))
+    }
+
+    /// Whether `id` is a voter of the Raft membership this manager has.
+    fn voting(&self, id: NodeId) -> Voting {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
+        match (voters.is_empty(), voters.contains(&id)) {
+            (true, _) => Voting::NoMembership,
+            (false, true) => Voting::Voter,
+            (false, false) => Voting::NotVoter,
+        }
+    }
+
+    /// The node id of `request`'s caller, if it may make `call` (see [`authz::authorize`]).
+    fn authorize<T>(&self, request: &Request<T>, call: Call) -> Result<NodeId, Status> {
+        let (id, certified) = transport::request_peer(request).ok_or(Denied::NoCertificate)?;
+        let voting =
+            if matches!(call.needs(), Need::Voter | Need::Leader) { self.voting(id) } else { Voting::NotVoter };
+        let caller = Caller { id, certified, standing: self.standing(id), voting };
+        authz::authorize(call, &caller).map_err(|denied| {
+            match denied {
+                Denied::NotManager { .. } | Denied::NotVoter(_) => {
+                    tracing::info!(node = id, ?call, %denied, "call refused")
+                }
+                _ => tracing::debug!(node = id, ?call, %denied, "call refused"),
+            }
+            Status::from(denied)
+        })?;
+        Ok(id)
+    }
+
     /// Makes this (fresh) manager a one-voter cluster and writes `init` as its first command.
     pub async fn bootstrap(&self, init: Command) -> Result<Response, ProposeError> {
         let me = BTreeMap::from([(self.node_id(), RaftNode { api_addr: self.config.api_addr.to_string() })]);
@@ -421,9 +461,10 @@ impl Manager {
 
     /// The services of the control port: Raft, manager API, host API.
     pub fn services(self: &Arc<Self>, host: Arc<dyn HostApi>) -> tonic::service::Routes {
+        let host = HostService { api: host, members: Members::Manager(Arc::clone(self)) };
         tonic::service::Routes::new(pb::raft_server::RaftServer::new(RaftService(Arc::clone(self))))
             .add_service(pb::manager_server::ManagerServer::new(ManagerService(Arc::clone(self))))
-            .add_service(pb::host_server::HostServer::new(HostService(host)))
+            .add_service(pb::host_server::HostServer::new(host))
     }
 
     /// Whether this manager is in contact with a working leader (or is one with a quorum), so
@@ -446,12 +487,6 @@ impl Manager {
 
 struct Retry(String);
 
-/// Who is calling, from its client certificate.
-fn caller<T>(request: &Request<T>) -> Result<(NodeId, Role), Status> {
-    transport::request_peer(request)
-        .ok_or_else(|| Status::unauthenticated("this call needs a cluster node certificate (join the cluster first)"))
-}
-
 struct RaftService(Arc<Manager>);
 
 fn json<T: Serialize>(v: &T) -> Result<GrpcResponse<pb::RaftMessage>, Status> {
@@ -464,23 +499,16 @@ fn from_json<T: for<'de> Deserialize<'de>>(m: &pb::RaftMessage) -> Result<T, Sta
     serde_json::from_slice(&m.payload).map_err(|e| Status::invalid_argument(format!("malformed Raft message: {e}")))
 }
 
-fn managers_only<T>(request: &Request<T>) -> Result<(), Status> {
-    match caller(request)? {
-        (_, Role::Manager) => Ok(()),
-        _ => Err(Status::permission_denied("only managers take part in Raft")),
-    }
-}
-
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, request: Request<pb::RaftMessage>) -> Result<GrpcResponse<pb::RaftMessage>, Status> {
-        managers_only(&request)?;
+        self.0.authorize(&request, Call::AppendEntries)?;
         let r = self.0.raft.append_entries(from_json(request.get_ref())?).await;
         json(&r)
     }
 
     async fn vote(&self, request: Request<pb::RaftMessage>) -> Result<GrpcResponse<pb::RaftMessage>, Status> {
-        managers_only(&request)?;
+        self.0.authorize(&request, Call::Vote)?;
         let r = self.0.raft.vote(from_json(request.get_ref())?).await;
         json(&r)
     }
@@ -489,13 +517,13 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::RaftMessage>,
     ) -> Result<GrpcResponse<pb::RaftMessage>, Status> {
-        managers_only(&request)?;
+        self.0.authorize(&request, Call::InstallSnapshot)?;
         let r = self.0.raft.install_snapshot(from_json(request.get_ref())?).await;
         json(&r)
     }
 
     async fn propose(&self, request: Request<pb::RaftMessage>) -> Result<GrpcResponse<pb::RaftMessage>, Status> {
-        managers_only(&request)?;
+        self.0.authorize(&request, Call::Propose)?;
         let op: LeaderOp = from_json(request.get_ref())?;
         let r: Result<LeaderReply, String> = if self.0.raft.current_leader().await == Some(self.0.node_id()) {
             self.0.lead(op).await.map_err(|Retry(why)| why)
@@ -511,7 +539,9 @@ struct ManagerService(Arc<Manager>);
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
 impl ManagerService {
-    /// Removes a node: out of the Raft voters first if it is a manager.
+    /// Removes a node: out of the Raft voters first if it is a manager. The gossip key is
+    /// replaced in the same write, so the one the removed node holds opens nothing once every
+    /// host has the new one.
     async fn remove(&self, id: NodeId) -> Result<(), Status> {
         let m = &self.0;
         let is_manager = m.state.read(|s| s.nodes.get(&id).map(|n| n.role == Role::Manager));
@@ -528,7 +558,8 @@ impl ManagerService {
             }
             Some(false) => {}
         }
-        m.command(Command::RemoveNode { id }).await?;
+        m.command(Command::RemoveNode { id, gossip_key: Some(hex::encode(GossipKey::generate())) }).await?;
+        tracing::info!(node = id, "node removed; gossip key rotated");
         Ok(())
     }
 }
@@ -578,6 +609,7 @@ impl pb::manager_server::Manager for ManagerService {
             .try_into()
             .map_err(|_| Status::invalid_argument("a gossip public key has 32 bytes"))?;
         let gossip_key = hex::decode(&secrets.gossip_key).map_err(|e| Status::internal(e.to_string()))?;
+        let gossip_key_generation = m.state.read(|s| s.gossip_key_generation);
         let new = NewNode {
             name: req.name.clone(),
             underlay_addr,
@@ -604,14 +636,12 @@ impl pb::manager_server::Manager for ManagerService {
             node_cert_pem: cert,
             managers: view.nodes.values().filter(|n| n.role == Role::Manager).map(pb::Node::from).collect(),
             gossip_key,
+            gossip_key_generation,
         }))
     }
 
     async fn promote(&self, request: Request<pb::PromoteRequest>) -> Result<GrpcResponse<pb::Empty>, Status> {
-        let (id, role) = caller(&request)?;
-        if role != Role::Manager {
-            return Err(Status::permission_denied("only a host that joined with a manager token becomes a manager"));
-        }
+        let id = self.0.authorize(&request, Call::Promote)?;
         let addr = self
             .0
             .state
@@ -624,7 +654,7 @@ impl pb::manager_server::Manager for ManagerService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<GrpcResponse<WatchStream>, Status> {
-        caller(&request)?;
+        let id = self.0.authorize(&request, Call::Watch)?;
         let mut revision = request.get_ref().from_revision;
         let m = Arc::clone(&self.0);
         let (tx, rx) = mpsc::channel(64);
@@ -632,6 +662,14 @@ impl pb::manager_server::Manager for ManagerService {
             let mut head = m.hub.subscribe();
             let mut out_of_touch: Option<Instant> = None;
             loop {
+                // A watcher removed meanwhile is sent away with the refusal its next call
+                // would get: its certificate opens nothing from now on.
+                if m.standing(id) == Standing::Removed {
+                    if tx.send(Err(Denied::Removed(id).into())).await.is_err() {
+                        tracing::debug!(node = id, "a removed watcher left before it was told");
+                    }
+                    return;
+                }
                 let catchup = m.hub.catchup(revision);
                 let events: Vec<pb::WatchEvent> = match catchup {
                     Catchup::Snapshot => {
@@ -695,7 +733,7 @@ impl pb::manager_server::Manager for ManagerService {
         &self,
         request: Request<pb::CreateNetworkRequest>,
     ) -> Result<GrpcResponse<pb::Network>, Status> {
-        caller(&request)?;
+        self.0.authorize(&request, Call::CreateNetwork)?;
         let r = request.into_inner();
         check_network_name(&r.name).map_err(|e| rejection_status(&e))?;
         let subnet = match r.subnet.as_str() {
@@ -724,14 +762,14 @@ impl pb::manager_server::Manager for ManagerService {
         &self,
         request: Request<pb::RemoveNetworkRequest>,
     ) -> Result<GrpcResponse<pb::Empty>, Status> {
-        caller(&request)?;
+        self.0.authorize(&request, Call::RemoveNetwork)?;
         let r = request.into_inner();
         self.0.command(Command::RemoveNetwork { name: r.name, force: r.force }).await?;
         Ok(GrpcResponse::new(pb::Empty {}))
     }
 
     async fn lease_block(&self, request: Request<pb::LeaseBlockRequest>) -> Result<GrpcResponse<pb::Block>, Status> {
-        let (node, _) = caller(&request)?;
+        let node = self.0.authorize(&request, Call::LeaseBlock)?;
         match self.0.command(Command::LeaseBlock { network: request.into_inner().network, node }).await? {
             Response::Block(b) => Ok(GrpcResponse::new((&b).into())),
             other => Err(Status::internal(format!("unexpected answer {other:?}"))),
@@ -742,13 +780,13 @@ impl pb::manager_server::Manager for ManagerService {
         &self,
         request: Request<pb::ReleaseBlockRequest>,
     ) -> Result<GrpcResponse<pb::Empty>, Status> {
-        let (node, _) = caller(&request)?;
+        let node = self.0.authorize(&request, Call::ReleaseBlock)?;
         self.0.command(Command::ReleaseBlock { network: request.into_inner().network, node }).await?;
         Ok(GrpcResponse::new(pb::Empty {}))
     }
 
     async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<GrpcResponse<pb::Empty>, Status> {
-        let (id, _) = caller(&request)?;
+        let id = self.0.authorize(&request, Call::Heartbeat)?;
         let report = request.get_ref();
         if report.report_networks {
             let networks =
@@ -760,7 +798,7 @@ impl pb::manager_server::Manager for ManagerService {
     }
 
     async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Result<GrpcResponse<pb::Empty>, Status> {
-        caller(&request)?;
+        self.0.authorize(&request, Call::RemoveNode)?;
         let r = request.into_inner();
         let id = self.0.state.read(|s| {
             s.nodes
@@ -783,13 +821,13 @@ impl pb::manager_server::Manager for ManagerService {
     }
 
     async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<GrpcResponse<pb::Empty>, Status> {
-        let (id, _) = caller(&request)?;
+        let id = self.0.authorize(&request, Call::Leave)?;
         self.remove(id).await?;
         Ok(GrpcResponse::new(pb::Empty {}))
     }
 
     async fn info(&self, request: Request<pb::Empty>) -> Result<GrpcResponse<pb::ClusterInfo>, Status> {
-        caller(&request)?;
+        self.0.authorize(&request, Call::Info)?;
         let m = &self.0;
         let (voters, learners) = m.members();
         let (cluster_id, revision) = m.state.read(|s| (s.cluster_id.clone(), s.revision));
@@ -801,14 +839,63 @@ impl pb::manager_server::Manager for ManagerService {
             learners: learners.into_iter().collect(),
         }))
     }
+
+    async fn gossip_key(&self, request: Request<pb::Empty>) -> Result<GrpcResponse<pb::GossipKeyReply>, Status> {
+        self.0.authorize(&request, Call::GossipKey)?;
+        let (generation, key) =
+            self.0.state.read(|s| (s.gossip_key_generation, s.secrets.as_ref().map(|x| x.gossip_key.clone())));
+        let key = key.ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
+        let key = hex::decode(key).map_err(|e| Status::internal(format!("the stored gossip key is not hex: {e}")))?;
+        Ok(GrpcResponse::new(pb::GossipKeyReply { generation, key }))
+    }
 }
 
 fn constant_time_eq(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The host API, answered from the agent's endpoints.
-pub struct HostService(pub Arc<dyn HostApi>);
+/// The cluster's members as the view of a host that holds no state has them (a worker's), for
+/// the host API it serves: nobody's until [`MemberView::follow`] hands it the follower's view.
+#[derive(Clone, Debug, Default)]
+pub struct MemberView(Arc<std::sync::OnceLock<tokio::sync::watch::Receiver<Arc<ClusterView>>>>);
+
+impl MemberView {
+    /// From now on, the members are those of the latest of `views`.
+    pub fn follow(&self, views: tokio::sync::watch::Receiver<Arc<ClusterView>>) {
+        if self.0.set(views).is_err() {
+            tracing::warn!("the host API already follows a view: the second is ignored");
+        }
+    }
+
+    fn standing(&self, id: NodeId) -> Standing {
+        match self.0.get() {
+            Some(views) => {
+                let view = views.borrow();
+                Standing::of(id, &view.nodes, &view.removed)
+            }
+            None => Standing::Unknown,
+        }
+    }
+}
+
+/// Who the host API takes calls from: a manager asks its state, any other host its view.
+enum Members {
+    Manager(Arc<Manager>),
+    View(MemberView),
+}
+
+/// The host API, answered from the agent's endpoints, to the cluster's members.
+pub struct HostService {
+    api: Arc<dyn HostApi>,
+    members: Members,
+}
+
+impl HostService {
+    /// The host API of a host that holds no cluster state: `members` says who may call.
+    pub fn new(api: Arc<dyn HostApi>, members: MemberView) -> HostService {
+        HostService { api, members: Members::View(members) }
+    }
+}
 
 #[tonic::async_trait]
 impl pb::host_server::Host for HostService {
@@ -816,9 +903,18 @@ impl pb::host_server::Host for HostService {
         &self,
         request: Request<pb::EndpointsRequest>,
     ) -> Result<GrpcResponse<pb::EndpointsReply>, Status> {
-        caller(&request)?;
+        match &self.members {
+            Members::Manager(m) => {
+                m.authorize(&request, Call::Endpoints)?;
+            }
+            Members::View(view) => {
+                let (id, certified) = transport::request_peer(&request).ok_or(Denied::NoCertificate)?;
+                let caller = Caller { id, certified, standing: view.standing(id), voting: Voting::NotVoter };
+                authz::authorize(Call::Endpoints, &caller)?;
+            }
+        }
         let network = request.get_ref().network.as_str();
-        let endpoints = self.0.endpoints((!network.is_empty()).then_some(network)).await;
+        let endpoints = self.api.endpoints((!network.is_empty()).then_some(network)).await;
         Ok(GrpcResponse::new(pb::EndpointsReply { endpoints }))
     }
 }

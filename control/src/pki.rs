@@ -602,7 +602,8 @@ impl JoinToken {
 }
 
 /// What the cluster state keeps of a new cluster's CA and tokens: the CA (its key included, for
-/// managers to sign joiners' certificates) and the hashes of the tokens' secrets.
+/// managers to sign joiners' certificates), the hashes of the tokens' secrets (what a joiner is
+/// checked against) and the tokens themselves (for `overlayd join-token` to print).
 pub fn cluster_secrets(ca: &ClusterCa, worker: &JoinToken, manager: &JoinToken) -> crate::state::Secrets {
     crate::state::Secrets {
         ca_cert_pem: ca.cert_pem(),
@@ -610,6 +611,22 @@ pub fn cluster_secrets(ca: &ClusterCa, worker: &JoinToken, manager: &JoinToken) 
         worker_token_hash: JoinToken::secret_hash(&worker.secret),
         manager_token_hash: JoinToken::secret_hash(&manager.secret),
         gossip_key: hex::encode(crate::gossip::GossipKey::generate()),
+        worker_token: worker.to_string(),
+        manager_token: manager.to_string(),
+    }
+}
+
+impl JoinToken {
+    /// A new token of the cluster whose CA has `ca_digest`, and the command that makes it the
+    /// one joiners of `role` need (the old one is refused once it applied).
+    pub fn rotation(ca_digest: [u8; 32], role: Role) -> (JoinToken, crate::state::Command) {
+        let token = JoinToken::generate_with(ca_digest, &mut rand::rngs::OsRng);
+        let cmd = crate::state::Command::RotateJoinToken {
+            role,
+            token: token.to_string(),
+            secret_hash: JoinToken::secret_hash(&token.secret),
+        };
+        (token, cmd)
     }
 }
 

@@ -1,6 +1,9 @@
 //! Raft between managers over gRPC with mutual TLS: openraft's requests and replies travel as
 //! JSON inside [`proto::RaftMessage`]. The client connects lazily and reconnects after a
-//! failure; an unreachable peer is reported as such so that openraft backs off.
+//! failure; an unreachable peer is reported as such so that openraft backs off. The serving
+//! side (the manager's Raft service) hears these only from managers still in the cluster, and
+//! votes only from voters (see [`crate::authz`]): a removed manager is refused, which its
+//! client here takes for an unreachable peer.
 
 use std::sync::Arc;
 use std::time::Duration;

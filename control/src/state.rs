@@ -6,7 +6,7 @@
 //! address block) are the lowest free value, so every replica makes the same one. Each applied
 //! command yields the [`Change`]s it made, which the watch streams to hosts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
@@ -146,8 +146,9 @@ pub struct Block {
     pub cidr: Ipv4Cidr,
 }
 
-/// What only managers may know: the CA key (to sign joiners' certificates) and the hashes of
-/// the join tokens' secrets. Never sent to a watcher.
+/// What only managers may know: the CA key (to sign joiners' certificates), the join tokens
+/// (their hashes to check a joiner's secret, the tokens themselves for `overlayd join-token`
+/// to print) and the gossip key. Never sent to a watcher.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Secrets {
     /// The cluster CA's certificate.
@@ -160,6 +161,13 @@ pub struct Secrets {
     pub manager_token_hash: String,
     /// The gossip key (hex, 32 bytes) every host seals its gossip datagrams with.
     pub gossip_key: String,
+    /// The worker token itself, for `overlayd join-token worker` (empty in a cluster made
+    /// before tokens were kept: rotate it to have one).
+    #[serde(default)]
+    pub worker_token: String,
+    /// The manager token itself.
+    #[serde(default)]
+    pub manager_token: String,
 }
 
 /// A host that is joining (its id is chosen by the state machine).
@@ -215,10 +223,23 @@ pub enum Command {
     },
     /// Adds a node; answers with its record (and id).
     AddNode(NewNode),
-    /// Removes a node and frees its blocks.
+    /// Removes a node and frees its blocks; its id is remembered as removed, never to be
+    /// a member again.
     RemoveNode {
         /// Which.
         id: NodeId,
+        /// A new gossip key (hex, 32 bytes) that replaces the one the removed node holds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gossip_key: Option<String>,
+    },
+    /// Replaces a join token: joiners with the old one are refused from then on.
+    RotateJoinToken {
+        /// Which token.
+        role: Role,
+        /// The new token, whole (for `overlayd join-token` to print).
+        token: String,
+        /// SHA-256 (hex) of its secret (what a joiner's secret is checked against).
+        secret_hash: String,
     },
     /// Marks a node ready or down.
     SetNodeStatus {
@@ -385,6 +406,9 @@ pub enum Change {
         /// Its host.
         node: NodeId,
     },
+    /// The gossip key was rotated (to this generation): hosts fetch the new one. The key
+    /// itself is never in a change.
+    GossipKeyRotated(u64),
 }
 
 /// The state every manager holds.
@@ -406,6 +430,12 @@ pub struct ClusterState {
     pub next_node_id: NodeId,
     /// Where automatic subnets come from.
     pub address_pool: Ipv4Cidr,
+    /// Nodes removed from the cluster: their certificates open nothing, ever.
+    #[serde(default)]
+    pub removed: BTreeSet<NodeId>,
+    /// How many times the gossip key was rotated.
+    #[serde(default)]
+    pub gossip_key_generation: u64,
 }
 
 impl Default for ClusterState {
@@ -419,6 +449,8 @@ impl Default for ClusterState {
             blocks: BTreeMap::new(),
             next_node_id: 1,
             address_pool: DEFAULT_ADDRESS_POOL.parse().expect("valid pool"),
+            removed: BTreeSet::new(),
+            gossip_key_generation: 0,
         }
     }
 }
@@ -436,6 +468,12 @@ pub struct ClusterView {
     pub networks: BTreeMap<String, Network>,
     /// Blocks: network → node → block.
     pub blocks: BTreeMap<String, BTreeMap<NodeId, Ipv4Cidr>>,
+    /// How many times the gossip key was rotated (a host with an older key fetches it).
+    #[serde(default)]
+    pub gossip_key_generation: u64,
+    /// Nodes removed from the cluster (their certificates open nothing).
+    #[serde(default)]
+    pub removed: BTreeSet<NodeId>,
 }
 
 impl ClusterView {
@@ -448,6 +486,7 @@ impl ClusterView {
                 }
                 Change::NodeRemove(id) => {
                     self.nodes.remove(id);
+                    self.removed.insert(*id);
                     for blocks in self.blocks.values_mut() {
                         blocks.remove(id);
                     }
@@ -470,6 +509,7 @@ impl ClusterView {
                         }
                     }
                 }
+                Change::GossipKeyRotated(generation) => self.gossip_key_generation = *generation,
             }
         }
         self.revision = revision;
@@ -509,6 +549,8 @@ impl ClusterState {
             nodes: self.nodes.clone(),
             networks: self.networks.clone(),
             blocks: self.blocks.clone(),
+            gossip_key_generation: self.gossip_key_generation,
+            removed: self.removed.clone(),
         }
     }
 
@@ -524,7 +566,20 @@ impl ClusterState {
             }
             _ if !initialized => Err(Rejection::NotInitialized),
             Command::AddNode(node) => self.add_node(node),
-            Command::RemoveNode { id } => self.remove_node(*id),
+            Command::RemoveNode { id, gossip_key } => self.remove_node(*id, gossip_key.as_deref()),
+            Command::RotateJoinToken { role, token, secret_hash } => match self.secrets.as_mut() {
+                None => Err(Rejection::NotInitialized),
+                Some(secrets) => {
+                    let (kept, hash) = match role {
+                        Role::Worker => (&mut secrets.worker_token, &mut secrets.worker_token_hash),
+                        Role::Manager => (&mut secrets.manager_token, &mut secrets.manager_token_hash),
+                    };
+                    kept.clone_from(token);
+                    hash.clone_from(secret_hash);
+                    // Nothing a watcher sees changed.
+                    Ok((Response::Done, vec![]))
+                }
+            },
             Command::SetNodeStatus { id, status } => match self.nodes.get_mut(id) {
                 None => Err(Rejection::UnknownNode(*id)),
                 Some(n) if n.status == *status => Ok((Response::Node(n.clone()), vec![])),
@@ -591,10 +646,11 @@ impl ClusterState {
         Ok((Response::Node(node.clone()), vec![Change::NodeUpsert(node)]))
     }
 
-    fn remove_node(&mut self, id: NodeId) -> Result<(Response, Vec<Change>), Rejection> {
+    fn remove_node(&mut self, id: NodeId, gossip_key: Option<&str>) -> Result<(Response, Vec<Change>), Rejection> {
         if self.nodes.remove(&id).is_none() {
             return Err(Rejection::UnknownNode(id));
         }
+        self.removed.insert(id);
         let mut changes = Vec::new();
         for (network, blocks) in &mut self.blocks {
             if blocks.remove(&id).is_some() {
@@ -603,6 +659,11 @@ impl ClusterState {
         }
         self.blocks.retain(|_, m| !m.is_empty());
         changes.push(Change::NodeRemove(id));
+        if let (Some(key), Some(secrets)) = (gossip_key, self.secrets.as_mut()) {
+            secrets.gossip_key = key.to_owned();
+            self.gossip_key_generation += 1;
+            changes.push(Change::GossipKeyRotated(self.gossip_key_generation));
+        }
         Ok((Response::Done, changes))
     }
 
@@ -747,6 +808,8 @@ pub(crate) mod testing {
             worker_token_hash: "w".into(),
             manager_token_hash: "m".into(),
             gossip_key: "00".repeat(32),
+            worker_token: "OVL1-w".into(),
+            manager_token: "OVL1-m".into(),
         }
     }
 
@@ -909,7 +972,7 @@ mod tests {
             s.apply(&Command::RemoveNetwork { name: "a".into(), force: false }).0,
             Response::Rejected(Rejection::NetworkInUse { hosts: 2, .. })
         ));
-        let (_, changes) = s.apply(&Command::RemoveNode { id: 2 });
+        let (_, changes) = s.apply(&Command::RemoveNode { id: 2, gossip_key: None });
         assert_eq!(changes, vec![Change::BlockRemove { network: "a".into(), node: 2 }, Change::NodeRemove(2)]);
         // The freed block goes to the next host that asks.
         s.apply(&Command::AddNode(new_node("w3", 3, Role::Worker)));
@@ -938,6 +1001,49 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn a_removed_node_is_remembered_and_its_removal_rotates_the_gossip_key() {
+        let mut s = cluster();
+        s.apply(&Command::AddNode(new_node("w1", 2, Role::Worker)));
+        let key = "ab".repeat(32);
+        let (_, changes) = s.apply(&Command::RemoveNode { id: 2, gossip_key: Some(key.clone()) });
+        assert_eq!(changes, vec![Change::NodeRemove(2), Change::GossipKeyRotated(1)]);
+        assert_eq!((s.removed.iter().copied().collect::<Vec<_>>(), s.gossip_key_generation), (vec![2], 1));
+        assert_eq!(s.secrets.as_ref().unwrap().gossip_key, key);
+        assert_eq!(s.view().gossip_key_generation, 1);
+        // The id is not given again; the name is free for a new node.
+        let (r, _) = s.apply(&Command::AddNode(new_node("w1", 2, Role::Worker)));
+        assert!(matches!(r, Response::Node(NodeRecord { id: 3, .. })), "{r:?}");
+        assert!(s.removed.contains(&2) && !s.removed.contains(&3));
+        // A state written before removed ids were kept reads as having none.
+        let mut old = serde_json::to_value(&s).unwrap();
+        old.as_object_mut().unwrap().remove("removed");
+        old.as_object_mut().unwrap().remove("gossip_key_generation");
+        let back: ClusterState = serde_json::from_value(old).unwrap();
+        assert!(back.removed.is_empty());
+        // And a RemoveNode of the log before keys were rotated on removal still applies.
+        let cmd: Command = serde_json::from_str(r#"{"RemoveNode":{"id":3}}"#).unwrap();
+        assert_eq!(cmd, Command::RemoveNode { id: 3, gossip_key: None });
+    }
+
+    #[test]
+    fn join_tokens_rotate_without_a_change_for_watchers() {
+        let mut s = cluster();
+        let revision = s.revision;
+        let (r, changes) = s.apply(&Command::RotateJoinToken {
+            role: Role::Worker,
+            token: "OVL1-new".into(),
+            secret_hash: "h2".into(),
+        });
+        assert_eq!((r, changes), (Response::Done, vec![]));
+        let secrets = s.secrets.as_ref().unwrap();
+        assert_eq!((secrets.worker_token.as_str(), secrets.worker_token_hash.as_str()), ("OVL1-new", "h2"));
+        assert_eq!((secrets.manager_token.as_str(), secrets.manager_token_hash.as_str()), ("OVL1-m", "m"));
+        assert_eq!(s.revision, revision, "the view did not change");
+        let cmd = Command::RotateJoinToken { role: Role::Manager, token: "t".into(), secret_hash: "h".into() };
+        assert_eq!(ClusterState::default().apply(&cmd).0, Response::Rejected(Rejection::NotInitialized));
+    }
+
     proptest! {
         /// A host following the watch (a view plus the changes) always ends up with exactly
         /// the managers' state, whatever the commands.
@@ -949,7 +1055,7 @@ mod tests {
                 let name = format!("n{net}");
                 let cmd = match op {
                     0 => Command::AddNode(new_node(&format!("h{id}"), 10 + id as u8, Role::Worker)),
-                    1 => Command::RemoveNode { id },
+                    1 => Command::RemoveNode { id, gossip_key: (net % 2 == 0).then(|| format!("{net:064x}")) },
                     2 => Command::CreateNetwork(spec(&name)),
                     3 => Command::RemoveNetwork { name, force: id % 2 == 0 },
                     4 => Command::LeaseBlock { network: name, node: id },

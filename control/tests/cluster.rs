@@ -178,9 +178,20 @@ async fn three_managers_and_a_worker_agree_and_survive_the_leader() {
     assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
     assert_eq!(follower.view().nodes.len(), 4);
 
-    // A network created through any manager reaches the worker.
+    // A worker may not create a network; a network a manager creates through any manager
+    // reaches the worker.
     let mut client = follower.manager().await.unwrap();
-    let net = client
+    let refused = client
+        .create_network(pb::CreateNetworkRequest { name: "blue".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    let admin = ca.issue_node(1, Role::Manager).unwrap();
+    let as_admin = async |addr| {
+        pb::manager_client::ManagerClient::new(transport::connect(addr, &admin, Duration::from_secs(3)).await.unwrap())
+    };
+    let net = as_admin(managers[1].addr)
+        .await
         .create_network(pb::CreateNetworkRequest { name: "blue".into(), ..Default::default() })
         .await
         .unwrap()
@@ -202,8 +213,11 @@ async fn three_managers_and_a_worker_agree_and_survive_the_leader() {
     dead.manager.raft.shutdown().await.unwrap();
     let new_leader = until("a new leader", async || managers[0].manager.leader().await.filter(|l| *l != leader)).await;
     assert_ne!(new_leader, leader);
-    let mut client = follower.manager().await.unwrap();
-    client.create_network(pb::CreateNetworkRequest { name: "red".into(), ..Default::default() }).await.unwrap();
+    as_admin(managers[0].addr)
+        .await
+        .create_network(pb::CreateNetworkRequest { name: "red".into(), ..Default::default() })
+        .await
+        .unwrap();
     until("the worker to see the second network", async || follower.view().networks.contains_key("red").then_some(()))
         .await;
 }

@@ -151,6 +151,7 @@ impl ClusterRuntime {
         let secrets = pki::cluster_secrets(&ca, &worker, &manager);
         let keys = GossipKeys {
             cluster: hex::decode(&secrets.gossip_key)?.try_into().map_err(|_| anyhow::anyhow!("bad gossip key"))?,
+            generation: 0,
             signer: control::gossip::Signer::generate(),
         };
         let init = Command::Init {
@@ -243,6 +244,7 @@ impl ClusterRuntime {
                 .as_slice()
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("the manager sent no valid gossip key (is it an older overlayd?)"))?,
+            generation: reply.gossip_key_generation,
             signer,
         };
         identity.save(&ctx.state_dir.join(PKI_DIR))?;
@@ -301,6 +303,13 @@ impl ClusterRuntime {
         // Gossip first: every host withdraws this one's endpoints at once.
         self.gossip.leave().await;
         client.leave(pb::LeaveRequest {}).await.map_err(|s| anyhow::anyhow!("the cluster refused: {}", s.message()))?;
+        self.leave_locally().await;
+        Ok(())
+    }
+
+    /// `overlayd leave --force`: detaches every container and forgets the cluster without
+    /// asking it (a node removed from the cluster, or a cluster that is gone).
+    pub async fn leave_locally(&self) {
         {
             let mut store = self.endpoints.lock().await;
             for e in store.endpoints.drain(..) {
@@ -309,6 +318,5 @@ impl ClusterRuntime {
         }
         self.shutdown().await;
         forget(&self.state_dir);
-        Ok(())
     }
 }

@@ -100,11 +100,13 @@ impl ClusterRuntime {
                 node: membership.node_id,
                 name: membership.name.clone(),
             });
+            // A worker's host API answers the members its view lists (once it has a view).
+            let members = control::manager::MemberView::default();
             let routes = match &manager {
                 Some(m) => m.services(host_api),
-                None => tonic::service::Routes::new(pb::host_server::HostServer::new(control::manager::HostService(
-                    host_api,
-                ))),
+                None => tonic::service::Routes::new(pb::host_server::HostServer::new(
+                    control::manager::HostService::new(host_api, members.clone()),
+                )),
             };
             // Handshakes from the cluster's own hosts keep slots a flood cannot take.
             let admission = transport::Admission::default();
@@ -132,6 +134,13 @@ impl ClusterRuntime {
             let follower =
                 Follower::start(Arc::clone(&identity), membership.managers.clone(), ctx.state_dir.join(VIEW_FILE));
             tasks.push(admission.follow_members(follower.subscribe()));
+            members.follow(follower.subscribe());
+            tasks.push(gossip::follow_key_rotations(
+                Arc::clone(&gossip),
+                Arc::clone(&follower),
+                ctx.state_dir.join(PKI_DIR),
+                keys.generation,
+            ));
             // Commands run right after init or join (attach, network ls) must see the state.
             let mut views = follower.subscribe();
             if tokio::time::timeout(Duration::from_secs(10), views.wait_for(|v| v.revision > 0)).await.is_err() {

@@ -42,6 +42,7 @@ impl ClusterRuntime {
             connected_to: to.map(|a| a.to_string()).unwrap_or_default(),
             api_addr: self.membership.advertise.to_string(),
             handshakes: Some(handshakes(&self.admission.counters())),
+            removed: self.follower.removed(),
         }
     }
 
