@@ -204,7 +204,8 @@ struct JoinArgs {
 #[derive(Args)]
 struct LeaveArgs {
     /// Forget the membership and tear down here without asking the cluster: for a node that
-    /// was removed (`overlayd status` says so), or a cluster that is gone.
+    /// was removed (`overlayd status` says so), a cluster that is gone, or a daemon that
+    /// refuses to start with its state dir (then no daemon need run).
     #[arg(long)]
     force: bool,
     #[command(flatten)]
@@ -354,7 +355,18 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
 
 /// The CLI side: one call to the daemon, its answer printed.
 async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
-    let mut c = api::connect(&state_dir).await?;
+    let mut c = match (api::connect(&state_dir).await, &command) {
+        (Ok(c), _) => c,
+        // No daemon runs with this state dir (one that refuses to start, say): forget it here.
+        (Err(_), Command::Leave(a)) if a.force => {
+            let said = match cluster::forget_offline(&state_dir).await? {
+                true => "This host forgot its cluster membership (no daemon was running; the cluster was not asked).\n",
+                false => "This state dir holds no cluster membership.\n",
+            };
+            return output::print(a.out.json, &serde_json::json!({"left": true, "force": true}), |_| said.into());
+        }
+        (Err(e), _) => return Err(e),
+    };
     let e = api::refused;
     match command {
         Command::Daemon(_) => unreachable!("handled by run"),

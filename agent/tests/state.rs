@@ -133,6 +133,23 @@ fn a_manager_without_its_own_raft_store_refuses_to_start() {
     })
     .unwrap();
     c.await_nodes(3, &[], T).unwrap();
+
+    // The way back the refusal gives: the store is gone for good; the cluster forgets node 3,
+    // this host forgets its membership (no daemon runs to ask), and it joins as a new node.
+    c.agents[2].kill().unwrap();
+    std::fs::remove_file(&db).unwrap();
+    refused(&c.hosts[2], "its raft.redb deleted");
+    c.agents[0].json(&["node", "rm", "h3", "--force"]).unwrap();
+    let left = c.agents[2].json(&["leave", "--force"]).unwrap();
+    assert_eq!(left["left"], true, "{left}");
+    assert!(!membership.exists() && !dir.join("pki").exists(), "the membership is forgotten");
+    c.agents[2] = c.hosts[2].start_daemon::<&str>(&[]).unwrap();
+    assert_eq!(c.agents[2].status().unwrap()["mode"], "idle");
+    let joined = c.join(2, 0, &c.manager_token).unwrap();
+    assert_eq!(joined["node_id"], 4, "{joined}");
+    c.await_nodes(3, &[], T).unwrap();
+    let nets = c.agents[2].json(&["network", "ls"]).unwrap();
+    assert_eq!(nets["networks"].as_array().map(Vec::len), Some(2));
 }
 
 /// Item 9: a damaged key or membership file is named, with what to do.

@@ -87,6 +87,32 @@ fn forget(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir.join(RAFT_DIR));
 }
 
+/// `overlayd leave --force` when no daemon runs with `dir` (one that refuses to start, say,
+/// because its Raft store is gone): removes the veths of the endpoints the state dir records
+/// (or, if that record is unreadable, of every endpoint whose veth carries overlayd's tag)
+/// and forgets the membership, without asking the cluster. `false`: there was none.
+pub async fn forget_offline(dir: &Path) -> Result<bool> {
+    let files = [MEMBERSHIP_FILE, VIEW_FILE, ENDPOINTS_FILE, PKI_DIR, RAFT_DIR];
+    if !files.iter().any(|f| dir.join(f).exists()) {
+        return Ok(false);
+    }
+    let nl = crate::netdev::connect()?;
+    let veths: Vec<String> = match crate::endpoints::EndpointStore::load(&dir.join(ENDPOINTS_FILE)) {
+        Ok(store) => store.endpoints.iter().chain(&store.pending).map(|e| e.host_ifname.clone()).collect(),
+        Err(_) => crate::netdev::links(&nl)
+            .await?
+            .into_iter()
+            .filter(|l| l.veth && l.alias.as_deref().and_then(attach::VethTag::parse).is_some())
+            .map(|l| l.name)
+            .collect(),
+    };
+    for veth in veths {
+        attach::unplumb(&nl, &veth).await?;
+    }
+    forget(dir);
+    Ok(true)
+}
+
 /// Picks the address to advertise: the one given to `init`/`join`, else the daemon's setting,
 /// else this host's only global address.
 async fn advertise_addr(ctx: &ClusterContext, given: &str) -> Result<SocketAddr> {
