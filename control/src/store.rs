@@ -256,6 +256,12 @@ struct Applied {
     state: ClusterState,
 }
 
+/// The cluster state a snapshot's data holds (another manager sent it, or it is the state
+/// machine's record on disk), read as the state machine reads it when it installs a snapshot.
+pub fn snapshot_state(data: &[u8]) -> Result<ClusterState, serde_json::Error> {
+    serde_json::from_slice::<Applied>(data).map(|applied| applied.state)
+}
+
 /// Opens the Raft storage of `owner` in `dir`: the log store and the state machine, sharing
 /// one redb database. [`Opening::Create`] makes it (recording the owner); [`Opening::Resume`]
 /// opens only the owner's own store with the Raft state in it. Sends [`StateEvent::Replaced`]
@@ -748,11 +754,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> StorageResult<()> {
         let signature = meta.signature();
         let data = snapshot.into_inner();
-        let received: Applied =
-            serde_json::from_slice(&data).map_err(|e| StorageIOError::read_snapshot(Some(signature.clone()), &e))?;
+        let state = snapshot_state(&data).map_err(|e| StorageIOError::read_snapshot(Some(signature.clone()), &e))?;
         // The meta is authoritative for where the snapshot stands.
-        let next =
-            Applied { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), state: received.state };
+        let next = Applied { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), state };
         let encoded = serde_json::to_vec(&next).and_then(|applied| Ok((applied, serde_json::to_vec(meta)?)));
         let (applied_bytes, meta_bytes) =
             encoded.map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
