@@ -204,7 +204,7 @@ impl pb::agent_server::Agent for AgentService {
         let mut mode = self.idle_for("init a cluster").await?;
         let (rt, reply) = ClusterRuntime::init(&self.0.ctx, request.into_inner()).await.map_err(internal)?;
         tracing::info!(cluster = %reply.cluster_id, "initialized a new cluster");
-        *mode = Mode::Cluster(Arc::new(rt));
+        *mode = Mode::Cluster(ClusterRuntime::running(rt));
         Ok(Response::new(reply))
     }
 
@@ -212,7 +212,7 @@ impl pb::agent_server::Agent for AgentService {
         let mut mode = self.idle_for("join a cluster").await?;
         let (rt, reply) = ClusterRuntime::join(&self.0.ctx, request.into_inner()).await.map_err(internal)?;
         tracing::info!(cluster = %reply.cluster_id, node = reply.node_id, "joined the cluster");
-        *mode = Mode::Cluster(Arc::new(rt));
+        *mode = Mode::Cluster(ClusterRuntime::running(rt));
         Ok(Response::new(reply))
     }
 
@@ -278,7 +278,18 @@ impl pb::agent_server::Agent for AgentService {
     }
 
     async fn attach(&self, request: Request<pb::AttachRequest>) -> Result<Response<pb::Endpoint>, Status> {
-        self.cluster().await?.attach(request.into_inner()).await.map(Response::new).map_err(internal)
+        self.cluster().await?.attach(request.into_inner()).await.map(Response::new).map_err(|e| {
+            if e.downcast_ref::<crate::endpoints::AlreadyAttached>().is_some() {
+                Status::already_exists(format!("{e:#}"))
+            } else {
+                internal(e)
+            }
+        })
+    }
+
+    async fn endpoints(&self, request: Request<pb::EndpointsRequest>) -> Result<Response<pb::EndpointsReply>, Status> {
+        let endpoints = self.cluster().await?.local_endpoints(&request.get_ref().network).await;
+        Ok(Response::new(pb::EndpointsReply { endpoints }))
     }
 
     async fn detach(&self, request: Request<pb::DetachRequest>) -> Result<Response<pb::DetachReply>, Status> {

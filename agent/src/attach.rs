@@ -17,7 +17,7 @@ use futures::TryStreamExt;
 use rtnetlink::{LinkUnspec, LinkVeth};
 use serde::{Deserialize, Serialize};
 
-use crate::endpoints::LocalEndpoint;
+use crate::endpoints::{LocalEndpoint, Origin};
 use crate::netdev::{self, Bridge, Iface};
 
 /// A container's network namespace, opened.
@@ -133,6 +133,12 @@ pub struct VethTag {
     pub netns: String,
     /// The namespace's identity (device, inode).
     pub ns: (u64, u64),
+    /// The runtime's id of the container, if a runtime attached it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cid: String,
+    /// Who attached it.
+    #[serde(default)]
+    pub origin: Origin,
 }
 
 const TAG_PREFIX: &str = "overlayd-endpoint ";
@@ -147,6 +153,8 @@ impl VethTag {
             ifname: ep.ifname.clone(),
             netns: ep.netns.clone(),
             ns: ep.netns_id,
+            cid: ep.container_id.clone(),
+            origin: ep.origin,
         }
     }
 
@@ -209,6 +217,10 @@ pub async fn inspect(veth: &Iface) -> Result<LocalEndpoint, String> {
         netns: ns.path.to_string_lossy().into_owned(),
         netns_id: ns.id,
         ifname: tag.ifname,
+        container_id: tag.cid,
+        origin: tag.origin,
+        // Aliases are not kept on the veth (its alias has no room for them).
+        aliases: Vec::new(),
     })
 }
 
@@ -367,8 +379,22 @@ mod tests {
             ifname: "eth0".into(),
             netns: "/run/netns/c1".into(),
             ns: (4, 4026532001),
+            cid: String::new(),
+            origin: Origin::Attach,
         };
         assert_eq!(VethTag::parse(&tag.alias()), Some(tag.clone()));
+        // The longest a runtime makes: a 63-character name, a 64-hex container id.
+        let runtime = VethTag {
+            net: "abcdefghij".into(),
+            name: "n".repeat(63),
+            cid: "f".repeat(64),
+            origin: Origin::Docker,
+            netns: "/var/run/docker/netns/0123456789ab".into(),
+            ..tag.clone()
+        };
+        let alias = runtime.alias();
+        assert!(alias.len() <= ALIAS_MAX, "{}", alias.len());
+        assert_eq!(VethTag::parse(&alias), Some(VethTag { netns: String::new(), ..runtime }));
         let long = VethTag { netns: format!("/run/netns/{}", "x".repeat(250)), ..tag.clone() };
         let alias = long.alias();
         assert!(alias.len() <= ALIAS_MAX, "{}", alias.len());

@@ -95,7 +95,7 @@ pub async fn run(config: DaemonConfig, state_dir: PathBuf) -> Result<()> {
             return Ok(Mode::Static(Arc::new(static_mode::start(nl.clone(), &config).await?)));
         }
         match ClusterRuntime::resume(&ctx).await? {
-            Some(rt) => Ok(Mode::Cluster(Arc::new(rt))),
+            Some(rt) => Ok(Mode::Cluster(ClusterRuntime::running(rt))),
             None => Ok(Mode::Idle),
         }
     };

@@ -46,6 +46,95 @@ pub struct LocalEndpoint {
     pub netns_id: (u64, u64),
     /// The interface inside the namespace.
     pub ifname: String,
+    /// The runtime's id of the container (CNI_CONTAINERID, Docker's endpoint id); empty for
+    /// `overlayd attach`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container_id: String,
+    /// Who attached it.
+    #[serde(default)]
+    pub origin: Origin,
+    /// Other names it answers to on its network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+}
+
+/// Who attached an endpoint: its lifecycle is the same, whoever it was.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// `overlayd attach`.
+    #[default]
+    Attach,
+    /// A container runtime through the CNI plugin.
+    Cni,
+    /// Docker through the network driver.
+    Docker,
+}
+
+impl Origin {
+    /// Its name in the API and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Attach => "attach",
+            Origin::Cni => "cni",
+            Origin::Docker => "docker",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Origin> {
+        Ok(match s {
+            "" | "attach" => Origin::Attach,
+            "cni" => Origin::Cni,
+            "docker" => Origin::Docker,
+            other => bail!("{other:?} is not an endpoint origin (attach, cni or docker)"),
+        })
+    }
+}
+
+/// The longest endpoint name or alias (a DNS label's limit).
+const MAX_NAME_LEN: usize = 63;
+
+fn check_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        bail!("{what} {name:?}: 1 to {MAX_NAME_LEN} of a-z, A-Z, 0-9, '-', '_', '.'");
+    }
+    Ok(())
+}
+
+/// The address an attach asks for (`ip`, `mac`, both or neither), checked against this host's
+/// block: a cluster network's MACs derive from addresses, so a MAC names an address too.
+fn requested_address(ip: &str, mac: &str, block: Ipv4Cidr, gateway: Ipv4Addr) -> Result<Option<Ipv4Addr>> {
+    let ip: Option<Ipv4Addr> = match ip.split('/').next().unwrap_or_default() {
+        "" => None,
+        s => Some(s.parse().map_err(|_| anyhow::anyhow!("{ip:?} is not an IPv4 address"))?),
+    };
+    let from_mac = match mac {
+        "" => None,
+        m => {
+            let mac: MacAddr = m.parse().map_err(|e| anyhow::anyhow!("{m:?} is not a MAC address: {e}"))?;
+            let ip = mac.derived_ipv4().with_context(|| {
+                format!("MAC {mac} is not one overlayd gives (02:4f followed by the IPv4 address): leave it out")
+            })?;
+            Some(ip)
+        }
+    };
+    let ip = match (ip, from_mac) {
+        (Some(a), Some(b)) if a != b => {
+            bail!("the MAC asked for belongs to {b}, not to the address asked for {a}: give one or the other")
+        }
+        (a, b) => a.or(b),
+    };
+    if let Some(ip) = ip {
+        if !block.contains(ip) || ip == block.addr() || block.nth(block.size() - 1) == Some(ip) || ip == gateway {
+            bail!(
+                "{ip} is not an address this host gives: it must lie in this host's block {block} (not its first or last address, nor the gateway)"
+            );
+        }
+    }
+    Ok(ip)
 }
 
 /// The endpoints of this host, persisted in the state dir.
@@ -335,6 +424,11 @@ pub fn to_pb(e: &LocalEndpoint, node: NodeId, node_name: &str) -> pb::Endpoint {
         node_name: node_name.to_owned(),
         host_ifname: e.host_ifname.clone(),
         netns: e.netns.clone(),
+        container_id: e.container_id.clone(),
+        origin: e.origin.as_str().to_owned(),
+        aliases: e.aliases.clone(),
+        ifname: e.ifname.clone(),
+        ..Default::default()
     }
 }
 
@@ -357,14 +451,16 @@ pub fn gossiped(
 }
 
 impl ClusterRuntime {
-    /// `overlayd attach`.
+    /// `overlayd attach`, the CNI plugin's ADD and Docker's join: one path.
     pub async fn attach(&self, req: pb::AttachRequest) -> Result<pb::Endpoint> {
         let ns = Netns::open((!req.netns.is_empty()).then_some(req.netns.as_str()), (req.pid != 0).then_some(req.pid))?;
         let name = if req.name.is_empty() { ns.default_name() } else { req.name.clone() };
         let ifname = if req.ifname.is_empty() { "eth0".to_owned() } else { req.ifname.clone() };
-        if name.is_empty() || name.len() > 64 {
-            bail!("an endpoint name has 1 to 64 characters");
+        check_name("the endpoint name", &name)?;
+        for a in &req.aliases {
+            check_name("the alias", a)?;
         }
+        let origin = Origin::parse(&req.origin)?;
         let view = self.follower.view();
         let net = view
             .networks
@@ -373,29 +469,74 @@ impl ClusterRuntime {
             .clone();
         let me = self.membership.node_id;
         // The host's block: leased once (one Raft write), then every attach is local.
-        if view.block(&net.name, me).is_none() {
+        let leased_now = view.block(&net.name, me).is_none();
+        if leased_now {
             let mut c = self.manager_client().await?;
             c.lease_block(pb::LeaseBlockRequest { network: net.name.clone() })
                 .await
                 .map_err(|s| anyhow::anyhow!("cannot lease an address block: {}", s.message()))?;
         }
+        let result = self.attach_in(&req, &ns, name, ifname, origin, &net).await;
+        if result.is_err() && leased_now {
+            // A failed attach leaves nothing behind, not even the block it leased.
+            self.release_unused_blocks([net.name.clone()].into()).await;
+        }
+        result
+    }
+
+    async fn attach_in(
+        &self,
+        req: &pb::AttachRequest,
+        ns: &Netns,
+        name: String,
+        ifname: String,
+        origin: Origin,
+        net: &control::state::Network,
+    ) -> Result<pb::Endpoint> {
         let local = self.wait_network_up(&net.name).await?;
         let block = local.spec.gateway.map(|g| g.local_block).context("the network has no local block")?;
+        let asked = requested_address(&req.ip, &req.mac, block, net.gateway)?;
         let mut store = self.endpoints.lock().await;
+        if !req.container_id.is_empty()
+            && let Some(e) = store
+                .endpoints
+                .iter()
+                .find(|e| e.network == net.name && e.container_id == req.container_id && e.ifname == ifname)
+        {
+            return Err(AlreadyAttached(format!(
+                "container {} is already attached to {:?} as {:?} ({})",
+                &req.container_id[..req.container_id.len().min(12)],
+                net.name,
+                e.name,
+                e.ip
+            ))
+            .into());
+        }
         if let Some(e) =
             store.endpoints.iter().find(|e| e.network == net.name && (e.name == name || e.netns_id == ns.id))
         {
-            bail!(
+            return Err(AlreadyAttached(format!(
                 "{:?} is already attached to {:?} as {:?} ({}): detach it first",
                 ns.path.display(),
                 net.name,
                 e.name,
                 e.ip
-            );
+            ))
+            .into());
         }
-        let ip = store
-            .allocate(&net.name, block, net.gateway)
-            .with_context(|| format!("every address of this host's block {block} is in use"))?;
+        let ip = match asked {
+            Some(ip) => {
+                if let Some(e) =
+                    store.endpoints.iter().chain(&store.pending).find(|e| e.network == net.name && e.ip == ip)
+                {
+                    bail!("{ip} is in use by {:?} on {:?}", e.name, net.name);
+                }
+                ip
+            }
+            None => store
+                .allocate(&net.name, block, net.gateway)
+                .with_context(|| format!("every address of this host's block {block} is in use"))?,
+        };
         let (host_ifname, _) = attach::veth_names(&net.name, &name);
         let endpoint = LocalEndpoint {
             network: net.name.clone(),
@@ -407,6 +548,9 @@ impl ClusterRuntime {
             netns: ns.path.to_string_lossy().into_owned(),
             netns_id: ns.id,
             ifname,
+            container_id: req.container_id.clone(),
+            origin,
+            aliases: req.aliases.clone(),
         };
         let nl = &self.host.nl;
         // The port's firewall and the dataplane's binding first: the container never sends unchecked.
@@ -415,7 +559,7 @@ impl ClusterRuntime {
             &mut store,
             self.state_dir.join(ENDPOINTS_FILE).as_path(),
             &endpoint,
-            attach::plumb(nl, &ns, &endpoint, &local.bridge, net.mtu, net.gateway),
+            attach::plumb(nl, ns, &endpoint, &local.bridge, net.mtu, net.gateway),
             || attach::unplumb(nl, &endpoint.host_ifname),
         )
         .await;
@@ -426,8 +570,31 @@ impl ClusterRuntime {
             return Err(e);
         }
         self.gossip.publish_local(gossiped(&self.follower.view(), &store));
-        tracing::info!(network = %endpoint.network, name = %endpoint.name, ip = %endpoint.ip, "attached");
-        Ok(to_pb(&endpoint, me, &self.membership.name))
+        tracing::info!(network = %endpoint.network, name = %endpoint.name, ip = %endpoint.ip, origin = endpoint.origin.as_str(), "attached");
+        Ok(pb::Endpoint {
+            gateway: net.gateway.to_string(),
+            mtu: net.mtu,
+            ..to_pb(&endpoint, self.membership.node_id, &self.membership.name)
+        })
+    }
+
+    /// This host's endpoints (of `network`, or all), for the local API.
+    pub async fn local_endpoints(&self, network: &str) -> Vec<pb::Endpoint> {
+        let view = self.follower.view();
+        let store = self.endpoints.lock().await;
+        store
+            .endpoints
+            .iter()
+            .filter(|e| network.is_empty() || e.network == network)
+            .map(|e| {
+                let net = view.networks.get(&e.network);
+                pb::Endpoint {
+                    gateway: net.map(|n| n.gateway.to_string()).unwrap_or_default(),
+                    mtu: net.map_or(0, |n| n.mtu),
+                    ..to_pb(e, self.membership.node_id, &self.membership.name)
+                }
+            })
+            .collect()
     }
 
     async fn wait_network_up(&self, name: &str) -> Result<LocalNetwork> {
@@ -440,29 +607,50 @@ impl ClusterRuntime {
         bail!("network {name:?} did not come up on this host within 10 s (is a manager reachable?)")
     }
 
-    /// `overlayd detach`.
+    /// `overlayd detach`, the CNI plugin's DEL and Docker's leave.
     pub async fn detach(&self, req: pb::DetachRequest) -> Result<pb::DetachReply> {
+        // A container's namespace may be gone already (CNI's DEL after the container exited):
+        // only a namespace given to tell endpoints apart has to open.
         let ns_id = if req.netns.is_empty() && req.pid == 0 {
             None
         } else {
-            Some(
-                Netns::open((!req.netns.is_empty()).then_some(req.netns.as_str()), (req.pid != 0).then_some(req.pid))?
-                    .id,
-            )
+            match Netns::open((!req.netns.is_empty()).then_some(req.netns.as_str()), (req.pid != 0).then_some(req.pid))
+            {
+                Ok(ns) => Some(ns.id),
+                Err(_) if req.missing_ok || !req.container_id.is_empty() => None,
+                Err(e) => return Err(e),
+            }
         };
-        if req.name.is_empty() && ns_id.is_none() {
+        if req.name.is_empty() && ns_id.is_none() && req.container_id.is_empty() {
+            if req.missing_ok {
+                return Ok(pb::DetachReply::default());
+            }
             bail!("say what to detach: --name NAME, --netns PATH or --pid PID");
         }
-        let mut store = self.endpoints.lock().await;
         let matches = |e: &LocalEndpoint| {
             (req.name.is_empty() || e.name == req.name)
                 && ns_id.is_none_or(|id| e.netns_id == id)
+                && (req.container_id.is_empty() || e.container_id == req.container_id)
+                && (req.ifname.is_empty() || e.ifname == req.ifname)
                 && (req.network.is_empty() || e.network == req.network)
         };
+        let gone = self.forget(matches).await?;
+        if gone.is_empty() && !req.missing_ok {
+            bail!("nothing to detach: no endpoint matches (see overlayd network inspect)");
+        }
+        Ok(pb::DetachReply {
+            detached: gone.iter().map(|e| to_pb(e, self.membership.node_id, &self.membership.name)).collect(),
+        })
+    }
+
+    /// Removes the endpoints `matches` selects: their veths (gone already is fine), their
+    /// bindings, their records; gossips the change and gives back the blocks no longer used.
+    async fn forget(&self, matches: impl Fn(&LocalEndpoint) -> bool) -> Result<Vec<LocalEndpoint>> {
+        let mut store = self.endpoints.lock().await;
         let (gone, keep): (Vec<_>, Vec<_>) = store.endpoints.drain(..).partition(|e| matches(e));
         store.endpoints = keep;
         if gone.is_empty() {
-            bail!("nothing to detach: no endpoint matches (see overlayd network inspect)");
+            return Ok(gone);
         }
         for e in &gone {
             attach::unplumb(&self.host.nl, &e.host_ifname).await?;
@@ -471,22 +659,97 @@ impl ClusterRuntime {
         }
         store.save(&self.state_dir.join(ENDPOINTS_FILE))?;
         self.gossip.publish_local(gossiped(&self.follower.view(), &store));
-        // A network this host no longer uses gives its block back (so it can be removed).
-        let emptied: BTreeSet<String> =
-            gone.iter().map(|e| e.network.clone()).filter(|n| store.in_network(n).next().is_none()).collect();
         drop(store);
-        for network in emptied {
-            if let Ok(mut c) = self.manager_client().await {
-                if let Err(s) = c.release_block(pb::ReleaseBlockRequest { network: network.clone() }).await {
-                    tracing::warn!(%network, error = %s.message(), "could not give the block back");
-                }
+        self.release_unused_blocks(gone.iter().map(|e| e.network.clone()).collect()).await;
+        Ok(gone)
+    }
+
+    /// Gives back this host's block in each of `networks` that it no longer uses (so that the
+    /// network can be removed).
+    async fn release_unused_blocks(&self, networks: BTreeSet<String>) {
+        let store = self.endpoints.lock().await;
+        let unused: Vec<String> = networks
+            .into_iter()
+            .filter(|n| !store.endpoints.iter().chain(&store.pending).any(|e| &e.network == n))
+            .collect();
+        drop(store);
+        for network in unused {
+            if let Ok(mut c) = self.manager_client().await
+                && let Err(s) = c.release_block(pb::ReleaseBlockRequest { network: network.clone() }).await
+            {
+                tracing::warn!(%network, error = %s.message(), "could not give the block back");
             }
         }
-        Ok(pb::DetachReply {
-            detached: gone.iter().map(|e| to_pb(e, self.membership.node_id, &self.membership.name)).collect(),
-        })
+    }
+
+    /// Withdraws the endpoints whose veth went (its container's namespace is gone: the container
+    /// stopped, was removed, or its last process exited). Returns how many.
+    pub async fn withdraw_gone(&self, deleted: &BTreeSet<String>) -> Result<usize> {
+        let gone = self.forget(|e| deleted.contains(&e.host_ifname)).await?;
+        for e in &gone {
+            tracing::info!(network = %e.network, name = %e.name, ip = %e.ip, "withdrew an endpoint whose container is gone");
+        }
+        Ok(gone.len())
+    }
+
+    /// Follows the containers: an endpoint goes as soon as the kernel deletes its veth (which
+    /// it does with the namespace of a container that is gone), and a sweep every few seconds
+    /// catches what a notification missed.
+    pub async fn follow_containers(self: std::sync::Arc<Self>) {
+        let mut deletions = match netdev::link_deletions() {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "no link notifications: containers that go are found by the sweep only");
+                None
+            }
+        };
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            let mut deleted = BTreeSet::new();
+            tokio::select! {
+                Some(name) = async { deletions.as_mut()?.recv().await } => {
+                    if !attach::is_endpoint_veth(&name) {
+                        continue;
+                    }
+                    deleted.insert(name);
+                    // A container with several endpoints takes them all at once.
+                    while let Some(more) = deletions.as_mut().and_then(|d| d.try_recv().ok()) {
+                        deleted.insert(more);
+                    }
+                }
+                _ = sweep.tick() => {
+                    let names: Vec<String> = self.endpoints.lock().await.endpoints.iter().map(|e| e.host_ifname.clone()).collect();
+                    for n in names {
+                        if matches!(netdev::link_exists(&self.host.nl, &n).await, Ok(false)) {
+                            deleted.insert(n);
+                        }
+                    }
+                }
+            }
+            if deleted.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.withdraw_gone(&deleted).await {
+                tracing::warn!(error = %format!("{e:#}"), "could not withdraw the endpoints of containers that went");
+            }
+        }
     }
 }
+
+/// How often the endpoints' veths are checked, besides the kernel's notifications.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// An attach refused because the container (or namespace, or name) is attached already.
+#[derive(Debug)]
+pub struct AlreadyAttached(pub String);
+
+impl std::fmt::Display for AlreadyAttached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AlreadyAttached {}
 
 #[cfg(test)]
 mod tests {
@@ -503,6 +766,9 @@ mod tests {
             netns: String::new(),
             netns_id: (0, 0),
             ifname: "eth0".into(),
+            container_id: String::new(),
+            origin: Origin::Attach,
+            aliases: Vec::new(),
         }
     }
 

@@ -4,6 +4,7 @@
 mod api;
 mod attach;
 mod cluster;
+mod cni;
 mod config;
 mod daemon;
 mod endpoints;
@@ -241,6 +242,12 @@ struct AttachArgs {
     /// The interface inside the container.
     #[arg(long, default_value = "eth0")]
     ifname: String,
+    /// The address to give it, from this host's block [default: the next free one].
+    #[arg(long, value_name = "IP")]
+    ip: Option<std::net::Ipv4Addr>,
+    /// Another name it answers to on the network (repeat for several).
+    #[arg(long = "alias", value_name = "NAME")]
+    aliases: Vec<String>,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -320,6 +327,9 @@ struct OutputArgs {
 }
 
 fn main() {
+    if cni::invoked() {
+        cni::main(cni::Client::for_conf);
+    }
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Err(e) = run(cli, &matches) {
@@ -457,6 +467,9 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
                     pid: a.pid.unwrap_or(0),
                     name: a.name.unwrap_or_default(),
                     ifname: a.ifname,
+                    ip: a.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                    aliases: a.aliases,
+                    ..Default::default()
                 })
                 .await
                 .map_err(e)?;
@@ -469,6 +482,7 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
                     netns: a.netns.unwrap_or_default(),
                     pid: a.pid.unwrap_or(0),
                     network: a.network.unwrap_or_default(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(e)?;

@@ -20,6 +20,39 @@ pub fn connect() -> Result<Handle> {
     Ok(handle)
 }
 
+/// The names of links as they are deleted, from the kernel's link notifications (a veth goes
+/// when the namespace holding its other end does). The channel closes if the socket fails.
+pub fn link_deletions() -> Result<tokio::sync::mpsc::UnboundedReceiver<String>> {
+    use futures::StreamExt as _;
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    use rtnetlink::sys::{AsyncSocket as _, SocketAddr};
+    let (mut conn, _handle, mut messages) =
+        rtnetlink::new_connection().context("cannot open a netlink socket for link notifications")?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))
+        .context("cannot subscribe to link notifications")?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) = msg.payload {
+                let name = link.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n.clone()),
+                    _ => None,
+                });
+                if let Some(name) = name
+                    && tx.send(name).is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
 async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>> {
     match h.link().get().match_name(name.to_owned()).execute().try_next().await {
         Ok(m) => Ok(m),

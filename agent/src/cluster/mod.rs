@@ -58,6 +58,8 @@ pub struct ClusterRuntime {
     /// Who may take which TLS handshake slot of the control port, and what it refused.
     pub(crate) admission: transport::Admission,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Tasks that hold the runtime itself (started by [`ClusterRuntime::running`]).
+    followers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl ClusterRuntime {
@@ -156,6 +158,7 @@ impl ClusterRuntime {
                 state_dir: ctx.state_dir.clone(),
                 admission,
                 tasks: Vec::new(),
+                followers: Default::default(),
             };
             tasks.push(tokio::spawn(reconcile::run(
                 Arc::clone(&rt.host),
@@ -194,9 +197,18 @@ impl ClusterRuntime {
         )
     }
 
+    /// The runtime, running: with the tasks that need it whole (endpoints that follow their
+    /// containers).
+    pub fn running(rt: ClusterRuntime) -> Arc<ClusterRuntime> {
+        let rt = Arc::new(rt);
+        let follow = tokio::spawn(Arc::clone(&rt).follow_containers());
+        rt.followers.lock().unwrap_or_else(|p| p.into_inner()).push(follow);
+        rt
+    }
+
     /// Stops everything this host runs for the cluster (membership stays on disk).
     pub async fn shutdown(&self) {
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(self.followers.lock().unwrap_or_else(|p| p.into_inner()).iter()) {
             t.abort();
         }
         if let Some(m) = &self.manager {

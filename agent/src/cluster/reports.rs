@@ -154,8 +154,7 @@ impl ClusterRuntime {
                     mac: MacAddr(e.mac).to_string(),
                     node_id: *id,
                     node_name: node.name.clone(),
-                    host_ifname: String::new(),
-                    netns: String::new(),
+                    ..Default::default()
                 });
             }
         }
