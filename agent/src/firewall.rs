@@ -14,6 +14,27 @@
 //!   ARP sender or IPv6 source is not the endpoint's own, and VLAN-tagged frames (which would
 //!   hide their addresses from these rules).
 //!
+//! Egress, the way out of a cluster network (as flannel's `ipMasq` and swarm's
+//! `docker_gwbridge`), is forwarding plus masquerade on the container's own host, in the inet
+//! table too. Each cluster network up on the host has a chain `net-<bridge>` (found by the
+//! verdict map `networks` on the forward hook's input interface): traffic routed from its bridge
+//! to another overlay bridge is dropped (networks stay apart), to anything else accepted, or,
+//! on an `--internal` network, dropped and counted. Routed into a cluster network's bridge from
+//! elsewhere passes only what belongs to a connection from inside (established, related) or to
+//! a port published on purpose (DNAT); the rest is dropped and counted. The chain `egress_nat`
+//! (on the NAT postrouting hook) masquerades each egress network's subnet to whatever leaves
+//! through a non-overlay interface, with the address of that interface: the outside sees the
+//! container's host. None of this opens the host to its containers: what they send to the
+//! host itself is input, closed as above. A network's chain goes when the network goes down on
+//! the host, and everything with the tables when the host stops.
+//!
+//! Forwarding itself is the kernel's `net.ipv4.ip_forward` (the interface a reply comes in on
+//! must forward, not only the bridge, so a per-interface setting would have to guess the
+//! uplinks): turned on when the first network with egress comes up, if it was off, and left on
+//! when overlayd stops, as Docker, podman and the CNI bridge plugin leave it. Turning it off
+//! again would cut off whatever started relying on it meanwhile (Docker's own bridges, say);
+//! overlayd's containers need no such guard, since the tables are gone with their bridges.
+//!
 //! Every drop is counted in a named counter of the table ([`COUNTERS`]), which `overlayd
 //! status` shows with the dataplane's drops. Each change is one `nft -f -` script, applied by
 //! the kernel as one transaction. Why the `nft` program and not netlink: nf_tables' netlink
@@ -33,7 +54,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
+use control::cidr::Ipv4Cidr;
 use dataplane::MacAddr;
+use tokio::sync::Mutex;
 
 /// The tables' name, in both families.
 pub const TABLE: &str = "overlayd";
@@ -45,6 +68,9 @@ pub const COUNTERS: &[(&str, &str, &str)] = &[
     ("inet", "gossip_from_overlay", "datagrams from an overlay network to a gossip port"),
     ("inet", "control_from_overlay", "connections from an overlay network to a control port"),
     ("inet", "host_from_overlay", "packets from a cluster network to any other service of this host"),
+    ("inet", "between_networks", "packets routed from one overlay network to another"),
+    ("inet", "egress_internal", "packets from an internal network to outside the overlay"),
+    ("inet", "into_network", "packets routed into a cluster network from outside it, for no connection of its own"),
     ("bridge", "spoofed_mac", "frames from a container with another Ethernet source than its own"),
     ("bridge", "spoofed_ip", "IPv4 packets from a container with another source address than its own"),
     ("bridge", "spoofed_arp", "ARP from a container whose sender is not its own MAC and address"),
@@ -91,6 +117,15 @@ pub struct PortBinding<'a> {
     pub ip: Ipv4Addr,
 }
 
+/// What the firewall needs of a cluster network (one with its gateway on the bridge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayNetwork {
+    /// Its subnet: what is masqueraded on the way out.
+    pub subnet: Ipv4Cidr,
+    /// Its containers may leave the overlay through this host (false: `--internal`).
+    pub egress: bool,
+}
+
 /// overlayd's nftables tables on this host.
 #[derive(Debug)]
 pub struct Firewall {
@@ -98,13 +133,20 @@ pub struct Firewall {
     /// The underlay interface: never treated as an overlay bridge, whatever a static
     /// configuration says.
     underlay: String,
+    /// The subnets `egress_nat` masquerades, by bridge: each change rewrites the chain whole
+    /// (its rules overlap nothing then, even with what a crashed daemon left).
+    masquerade: Mutex<BTreeMap<String, Ipv4Cidr>>,
 }
 
 impl Firewall {
     /// Creates the tables (or, after a crash, takes them over: their elements, port chains and
     /// counters stay, their fixed rules are rewritten).
     pub async fn install(underlay_interface: &str, services: &UnderlayServices) -> Result<Firewall> {
-        let fw = Firewall { nft: nft_program(), underlay: underlay_interface.to_owned() };
+        let fw = Firewall {
+            nft: nft_program(),
+            underlay: underlay_interface.to_owned(),
+            masquerade: Mutex::new(BTreeMap::new()),
+        };
         if let Err(first) = fw.run(skeleton(services)).await {
             // Tables an older overlayd made with another layout: start afresh.
             tracing::info!(error = %format!("{first:#}"), "rebuilding overlayd's nftables tables");
@@ -116,21 +158,34 @@ impl Firewall {
         Ok(fw)
     }
 
-    /// Guards a network's bridge: the underlay services are closed to it, and with
-    /// `gateway` (a cluster network) the whole host but ping and `gateway_services`.
-    pub async fn add_network(&self, bridge: &str, gateway: bool) -> Result<()> {
+    /// Guards a network's bridge: the underlay services are closed to it, and with `gateway`
+    /// (a cluster network) the whole host but ping and `gateway_services`, other networks, and
+    /// with egress off everything outside the overlay; with egress on, what leaves the overlay
+    /// is masqueraded. One transaction.
+    pub async fn add_network(&self, bridge: &str, gateway: Option<GatewayNetwork>) -> Result<()> {
         if bridge == self.underlay {
             tracing::warn!(%bridge, "the network's bridge is the underlay interface: it is not firewalled as an overlay");
             return Ok(());
         }
         let mut s = format!("add element inet {TABLE} overlay_bridges {{ {} }}\n", quoted(bridge));
-        if gateway {
+        let mut masquerade = self.masquerade.lock().await;
+        let mut wanted = masquerade.clone();
+        if let Some(g) = gateway {
             let _ = writeln!(s, "add element inet {TABLE} gateway_bridges {{ {} }}", quoted(bridge));
+            s.push_str(&bind_network(bridge, g.egress));
+            if g.egress {
+                wanted.insert(bridge.to_owned(), g.subnet);
+            } else {
+                wanted.remove(bridge);
+            }
+            s.push_str(&egress_nat(&wanted));
         }
-        self.run(s).await.with_context(|| format!("cannot firewall the bridge {bridge}"))
+        self.run(s).await.with_context(|| format!("cannot firewall the bridge {bridge}"))?;
+        *masquerade = wanted;
+        Ok(())
     }
 
-    /// Forgets a network's bridge.
+    /// Forgets a network's bridge: its elements, its chain and its masquerade.
     pub async fn remove_network(&self, bridge: &str) -> Result<()> {
         let mut s = String::new();
         for set in ["overlay_bridges", "gateway_bridges"] {
@@ -138,7 +193,14 @@ impl Firewall {
             let _ = writeln!(s, "add element inet {TABLE} {set} {{ {} }}", quoted(bridge));
             let _ = writeln!(s, "delete element inet {TABLE} {set} {{ {} }}", quoted(bridge));
         }
-        self.run(s).await.with_context(|| format!("cannot remove the firewall of the bridge {bridge}"))
+        s.push_str(&unbind_network(bridge));
+        let mut masquerade = self.masquerade.lock().await;
+        let mut wanted = masquerade.clone();
+        wanted.remove(bridge);
+        s.push_str(&egress_nat(&wanted));
+        self.run(s).await.with_context(|| format!("cannot remove the firewall of the bridge {bridge}"))?;
+        *masquerade = wanted;
+        Ok(())
     }
 
     /// Sets the gossip and control ports closed to the overlay (this host's and the others').
@@ -157,8 +219,9 @@ impl Firewall {
         self.run(unbind_port(port)).await.with_context(|| format!("cannot remove the firewall of the port {port}"))
     }
 
-    /// Removes every port chain and bridge element not in `ports` and `bridges` (what a
-    /// crashed daemon left for endpoints and networks that are gone).
+    /// Removes every port chain, bridge element and network chain not in `ports` and
+    /// `bridges` (what a crashed daemon left for endpoints and networks that are gone), and
+    /// masquerades only the subnets of the networks up now.
     pub async fn retain(&self, ports: &BTreeSet<String>, bridges: &BTreeSet<String>) -> Result<()> {
         let listed = self.output(&["-j", "list", "table", "bridge", TABLE]).await?;
         let mut s = String::new();
@@ -178,9 +241,18 @@ impl Firewall {
                 }
             }
         }
-        if s.is_empty() {
-            return Ok(());
+        let listed = self.output(&["-j", "list", "chains", "inet"]).await?;
+        let wanted_chains: BTreeSet<String> = bridges.iter().map(|b| network_chain(b)).collect();
+        for chain in json_table_chains(&listed, "inet") {
+            if let Some(bridge) = chain.strip_prefix(NETWORK_CHAIN_PREFIX) {
+                if !wanted_chains.contains(&chain) {
+                    s.push_str(&unbind_network(bridge));
+                }
+            }
         }
+        let mut masquerade = self.masquerade.lock().await;
+        masquerade.retain(|bridge, _| bridges.contains(bridge));
+        s.push_str(&egress_nat(&masquerade));
         self.run(s).await.context("cannot remove stale firewall rules")
     }
 
@@ -245,6 +317,72 @@ fn nft_program() -> PathBuf {
 }
 
 const PORT_CHAIN_PREFIX: &str = "port-";
+const NETWORK_CHAIN_PREFIX: &str = "net-";
+
+/// The name of a cluster network's forward chain.
+fn network_chain(bridge: &str) -> String {
+    format!("{NETWORK_CHAIN_PREFIX}{}", bridge.replace(['"', '\\', '\n', ' '], "_"))
+}
+
+/// A cluster network's forward chain (where what its containers send to be routed is judged),
+/// written anew, and its element in the `networks` map.
+fn bind_network(bridge: &str, egress: bool) -> String {
+    let t = format!("inet {TABLE}");
+    let chain = network_chain(bridge);
+    let q = quoted(bridge);
+    let rules = [
+        // Bridged within the network (with br_netfilter loaded, such frames pass this hook).
+        format!("oifname {q} accept"),
+        "oifname @overlay_bridges counter name between_networks drop".into(),
+        if egress { "accept".into() } else { "counter name egress_internal drop".into() },
+    ];
+    let mut s = format!("add chain {t} {chain}\nflush chain {t} {chain}\n");
+    for r in rules {
+        let _ = writeln!(s, "add rule {t} {chain} {r}");
+    }
+    let _ = writeln!(s, "add element {t} networks {{ {q} : goto {chain} }}");
+    s
+}
+
+/// Removes a cluster network's forward chain and its element; what is gone already is fine.
+fn unbind_network(bridge: &str) -> String {
+    let t = format!("inet {TABLE}");
+    let chain = network_chain(bridge);
+    let q = quoted(bridge);
+    // Added first, so that deleting cannot fail for want of the element or the chain.
+    format!(
+        "add chain {t} {chain}\nadd element {t} networks {{ {q} : goto {chain} }}\ndelete element {t} networks {{ {q} }}\n\
+         flush chain {t} {chain}\ndelete chain {t} {chain}\n"
+    )
+}
+
+/// `egress_nat` rewritten whole: each subnet is masqueraded when it leaves through a
+/// non-overlay interface for anywhere but itself.
+fn egress_nat(subnets: &BTreeMap<String, Ipv4Cidr>) -> String {
+    let t = format!("inet {TABLE}");
+    let mut s = format!("flush chain {t} egress_nat\n");
+    for subnet in subnets.values() {
+        let _ = writeln!(
+            s,
+            "add rule {t} egress_nat ip saddr {subnet} ip daddr != {subnet} oifname != @overlay_bridges masquerade"
+        );
+    }
+    s
+}
+
+/// Turns IPv4 forwarding on if it is off (egress needs it; see the module doc for why it stays
+/// on). Answers whether it was off.
+pub fn enable_ipv4_forwarding() -> Result<bool> {
+    const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+    let now = std::fs::read_to_string(IP_FORWARD).with_context(|| format!("cannot read {IP_FORWARD}"))?;
+    if now.trim() != "0" {
+        return Ok(false);
+    }
+    std::fs::write(IP_FORWARD, "1").with_context(|| {
+        format!("cannot turn on IPv4 forwarding ({IP_FORWARD}), which egress needs (is /proc/sys read-only here?)")
+    })?;
+    Ok(true)
+}
 
 fn quoted(ifname: &str) -> String {
     // Interface names cannot hold quotes or whitespace (the kernel refuses them), but a
@@ -271,12 +409,16 @@ fn skeleton(services: &UnderlayServices) -> String {
     for set in ["overlay_bridges", "gateway_bridges"] {
         let _ = writeln!(s, "add set {t} {set} {{ type ifname; }}");
     }
+    let _ = writeln!(s, "add map {t} networks {{ type ifname : verdict; }}");
+    // Written by each network change, never here: a restart keeps the masquerade in force
+    // until the networks come back.
+    let _ = writeln!(s, "add chain {t} egress_nat");
     for set in ["vxlan_ports", "vxlan_source_ports", "gossip_ports", "control_ports"] {
         let _ = writeln!(s, "add set {t} {set} {{ type inet_service; flags interval; }}");
     }
     s.push_str(&service_ports(services));
     // The chains that others jump to first, then the base chains.
-    let chains: [(&str, Option<&str>, Vec<String>); 5] = [
+    let chains: [(&str, Option<&str>, Vec<String>); 7] = [
         (
             "underlay_services",
             None,
@@ -309,12 +451,34 @@ fn skeleton(services: &UnderlayServices) -> String {
                 "iifname @gateway_bridges goto from_gateway_network".into(),
             ],
         ),
+        // Routed into a cluster network from outside it: replies and what was published on
+        // purpose (DNAT) only.
+        (
+            "into_gateway_network",
+            None,
+            vec![
+                "ct state established,related accept".into(),
+                "ct status dnat accept".into(),
+                "iifname @overlay_bridges counter name between_networks drop".into(),
+                "counter name into_network drop".into(),
+            ],
+        ),
         (
             "forward",
             Some("type filter hook forward priority filter; policy accept;"),
-            // Not from one overlay bridge to another: with br_netfilter loaded, traffic bridged
-            // between two containers passes this hook too, in and out on their bridge.
-            vec!["iifname @overlay_bridges oifname != @overlay_bridges jump underlay_services".into()],
+            vec![
+                // Not from one overlay bridge to another: with br_netfilter loaded, traffic
+                // bridged between two containers passes this hook too, in and out on their bridge.
+                "iifname @overlay_bridges oifname != @overlay_bridges jump underlay_services".into(),
+                // A cluster network's own chain decides what its containers send (egress).
+                "iifname vmap @networks".into(),
+                "oifname @gateway_bridges goto into_gateway_network".into(),
+            ],
+        ),
+        (
+            "postrouting",
+            Some("type nat hook postrouting priority srcnat; policy accept;"),
+            vec!["jump egress_nat".into()],
         ),
     ];
     for (name, base, rules) in &chains {
@@ -424,6 +588,18 @@ fn json_names(listed: &str, kind: &str) -> Vec<String> {
     items.iter().filter_map(|i| Some(i[kind]["name"].as_str()?.to_owned())).collect()
 }
 
+/// The names of the chains of overlayd's table of `family` in `nft -j list chains` output.
+fn json_table_chains(listed: &str, family: &str) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(listed).unwrap_or_default();
+    let items = v["nftables"].as_array().cloned().unwrap_or_default();
+    items
+        .iter()
+        .map(|i| &i["chain"])
+        .filter(|c| c["table"] == TABLE && c["family"] == family)
+        .filter_map(|c| Some(c["name"].as_str()?.to_owned()))
+        .collect()
+}
+
 fn json_set_elements(listed: &str) -> Vec<String> {
     let v: serde_json::Value = serde_json::from_str(listed).unwrap_or_default();
     let items = v["nftables"].as_array().cloned().unwrap_or_default();
@@ -488,16 +664,72 @@ mod tests {
             "flush chain inet overlayd input\n",
             "add rule inet overlayd input iifname @gateway_bridges goto from_gateway_network",
             "add rule inet overlayd forward iifname @overlay_bridges oifname != @overlay_bridges jump underlay_services",
+            "add rule inet overlayd forward iifname vmap @networks\nadd rule inet overlayd forward oifname @gateway_bridges goto into_gateway_network\n",
+            "add rule inet overlayd into_gateway_network ct state established,related accept",
+            "add rule inet overlayd into_gateway_network counter name into_network drop",
+            "add chain inet overlayd postrouting { type nat hook postrouting priority srcnat; policy accept; }",
+            "add rule inet overlayd postrouting jump egress_nat",
             "add rule bridge overlayd prerouting iifname vmap @ports",
         ] {
             assert!(s.contains(want), "{want:?} not in\n{s}");
         }
+        assert!(!s.contains("flush chain inet overlayd egress_nat"), "a restart keeps the masquerade:\n{s}");
         // Every counter a rule names exists.
-        for name in ["vxlan_from_overlay", "gossip_from_overlay", "control_from_overlay", "host_from_overlay"] {
+        for name in [
+            "vxlan_from_overlay",
+            "gossip_from_overlay",
+            "control_from_overlay",
+            "host_from_overlay",
+            "between_networks",
+            "egress_internal",
+            "into_network",
+        ] {
             assert!(s.contains(&format!("add counter inet overlayd {name} ")), "{name}");
         }
         let table = s.find("add table bridge").unwrap();
         assert!(s.find("add counter bridge").unwrap() > table, "the bridge table comes before its counters");
+    }
+
+    #[test]
+    fn a_network_leaves_the_overlay_only_with_egress_and_never_into_another() {
+        let egress = bind_network("ovbr-web", true);
+        for want in [
+            "add chain inet overlayd net-ovbr-web\nflush chain inet overlayd net-ovbr-web\n",
+            "add rule inet overlayd net-ovbr-web oifname \"ovbr-web\" accept\n\
+             add rule inet overlayd net-ovbr-web oifname @overlay_bridges counter name between_networks drop\n\
+             add rule inet overlayd net-ovbr-web accept\n",
+            "add element inet overlayd networks { \"ovbr-web\" : goto net-ovbr-web }",
+        ] {
+            assert!(egress.contains(want), "{want:?} not in\n{egress}");
+        }
+        let internal = bind_network("ovbr-db", false);
+        assert!(internal.contains("add rule inet overlayd net-ovbr-db counter name egress_internal drop\n"), "{internal}");
+        assert!(!internal.contains("net-ovbr-db accept"), "{internal}");
+        let gone = unbind_network("ovbr-web");
+        assert!(gone.ends_with("delete chain inet overlayd net-ovbr-web\n"), "{gone}");
+        assert!(gone.contains("delete element inet overlayd networks { \"ovbr-web\" }"), "{gone}");
+
+        let subnets: BTreeMap<String, Ipv4Cidr> = [
+            ("ovbr-a".to_owned(), "10.128.0.0/16".parse().unwrap()),
+            ("ovbr-b".to_owned(), "10.129.0.0/16".parse().unwrap()),
+        ]
+        .into();
+        assert_eq!(
+            egress_nat(&subnets),
+            "flush chain inet overlayd egress_nat\n\
+             add rule inet overlayd egress_nat ip saddr 10.128.0.0/16 ip daddr != 10.128.0.0/16 oifname != @overlay_bridges masquerade\n\
+             add rule inet overlayd egress_nat ip saddr 10.129.0.0/16 ip daddr != 10.129.0.0/16 oifname != @overlay_bridges masquerade\n"
+        );
+        assert_eq!(egress_nat(&BTreeMap::new()), "flush chain inet overlayd egress_nat\n");
+    }
+
+    #[test]
+    fn stale_network_chains_are_found_in_nft_json() {
+        let listed = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"chain": {"family": "inet", "table": "overlayd", "name": "net-ovbr-web", "handle": 9}},
+            {"chain": {"family": "inet", "table": "overlayd", "name": "forward", "handle": 3}},
+            {"chain": {"family": "inet", "table": "filter", "name": "net-ovbr-x", "handle": 1}}]}"#;
+        assert_eq!(json_table_chains(listed, "inet"), ["net-ovbr-web", "forward"]);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use proto as pb;
 use tokio::sync::Mutex;
 
 use crate::endpoints::LocalEndpoint;
-use crate::firewall::{Firewall, PortBinding, UnderlayServices};
+use crate::firewall::{self, Firewall, GatewayNetwork, PortBinding, UnderlayServices};
 use crate::netdev::{self, Bridge};
 
 /// Bytes VXLAN adds in front of a frame on an underlay of `addr`'s family: outer IPv4 20 (or
@@ -34,11 +34,17 @@ pub struct Underlay {
     pub mtu: u32,
 }
 
-/// Where a cluster network's gateway is and which block is this host's.
+/// Where a cluster network's gateway is, which block is this host's, and whether the gateway
+/// leads out of the overlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gateway {
     pub addr: Ipv4Addr,
     pub local_block: Ipv4Cidr,
+    /// The network's whole subnet.
+    pub subnet: Ipv4Cidr,
+    /// Egress: this host forwards its containers' traffic out of the overlay, masqueraded
+    /// (false on an `--internal` network).
+    pub egress: bool,
 }
 
 /// A network to bring up on this host.
@@ -159,9 +165,24 @@ impl Host {
         let bridge = netdev::ensure_bridge(&self.nl, &spec.bridge, spec.mtu).await?;
         nets.insert(spec.name.clone(), LocalNetwork { spec: spec.clone(), bridge: bridge.clone() });
         // Guarded before the gateway is on it and anything is forwarded to it.
-        self.firewall.add_network(&bridge.name, spec.gateway.is_some()).await?;
+        let rules = spec.gateway.map(|g| GatewayNetwork { subnet: g.subnet, egress: g.egress });
+        self.firewall.add_network(&bridge.name, rules).await?;
         if let Some(gw) = spec.gateway {
             netdev::set_gateway(&self.nl, &bridge, gw.addr, gw.local_block).await?;
+            if gw.egress {
+                // Without forwarding the network still works, only not beyond the overlay.
+                match firewall::enable_ipv4_forwarding() {
+                    Ok(true) => tracing::info!(
+                        network = %spec.name,
+                        "turned IPv4 forwarding on (net.ipv4.ip_forward = 1) for egress; it stays on when overlayd stops"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(
+                        network = %spec.name, error = %format!("{e:#}"),
+                        "the network's containers cannot reach beyond the overlay"
+                    ),
+                }
+            }
         }
         let tap = self.dataplane.open_tap(&spec.tap).map_err(|e| match e.raw_os_error() {
             Some(libc::EBUSY) => {
@@ -186,7 +207,8 @@ impl Host {
         Ok(())
     }
 
-    /// Takes a network down: out of the dataplane (its TAP closes), bridge removed if ours.
+    /// Takes a network down: out of the dataplane (its TAP closes), bridge removed if ours,
+    /// its firewall (egress included) removed.
     pub async fn remove_network(&self, name: &str) -> Result<()> {
         let Some(n) = self.networks.lock().await.remove(name) else { return Ok(()) };
         let _ = self.dataplane.remove_network(n.spec.vni);

@@ -140,6 +140,10 @@ enum NetworkCommand {
         /// Prefix length of each host's address block [default: subnet prefix + 8, at most 28].
         #[arg(long, value_name = "LEN")]
         block_prefix: Option<u32>,
+        /// No way out: its containers reach each other and nothing beyond the overlay [default:
+        /// each host forwards its containers' traffic out, masqueraded].
+        #[arg(long)]
+        internal: bool,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -434,7 +438,7 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
             c.node_remove(pb::RemoveNodeRequest { node: node.clone(), force }).await.map_err(e)?;
             output::print(out.json, &serde_json::json!({"removed": node}), |_| format!("removed node {node}\n"))
         }
-        Command::Network(NetworkCommand::Create { name, subnet, vni, mtu, block_prefix, out }) => {
+        Command::Network(NetworkCommand::Create { name, subnet, vni, mtu, block_prefix, internal, out }) => {
             let r = c
                 .network_create(pb::CreateNetworkRequest {
                     name,
@@ -442,6 +446,7 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
                     vni: vni.unwrap_or(0),
                     mtu: mtu.unwrap_or(0),
                     block_prefix: block_prefix.unwrap_or(0),
+                    internal,
                 })
                 .await
                 .map_err(e)?;

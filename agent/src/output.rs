@@ -281,20 +281,36 @@ pub fn nodes(r: &pb::NodeListReply) -> String {
     o
 }
 
+/// A network's way out: through each host (masqueraded), or none.
+fn egress(n: &pb::Network) -> &'static str {
+    if n.internal { "off (internal)" } else { "on" }
+}
+
 pub fn network(n: &pb::Network) -> String {
+    let way_out = if n.internal {
+        "internal (no egress)"
+    } else {
+        "egress through each host (masqueraded)"
+    };
     format!(
-        "network {}: VNI {}, subnet {}, gateway {}, MTU {}, a /{} block per host\n",
+        "network {}: VNI {}, subnet {}, gateway {}, MTU {}, a /{} block per host, {way_out}\n",
         n.name, n.vni, n.subnet, n.gateway, n.mtu, n.block_prefix
     )
 }
 
 pub fn networks(r: &pb::NetworkListReply) -> String {
-    let mut o = String::from("NAME        VNI       SUBNET              GATEWAY           MTU    BLOCK\n");
+    let mut o = String::from("NAME        VNI       SUBNET              GATEWAY           MTU    BLOCK  EGRESS\n");
     for n in &r.networks {
         let _ = writeln!(
             o,
-            "{:<11} {:<9} {:<19} {:<17} {:<6} /{}",
-            n.name, n.vni, n.subnet, n.gateway, n.mtu, n.block_prefix
+            "{:<11} {:<9} {:<19} {:<17} {:<6} {:<6} {}",
+            n.name,
+            n.vni,
+            n.subnet,
+            n.gateway,
+            n.mtu,
+            format!("/{}", n.block_prefix),
+            egress(n)
         );
     }
     o

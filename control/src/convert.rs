@@ -111,6 +111,7 @@ impl From<&Network> for pb::Network {
             mtu: n.mtu,
             block_prefix: u32::from(n.block_prefix),
             created_at_unix: n.created_at,
+            internal: n.internal,
         }
     }
 }
@@ -127,6 +128,7 @@ impl TryFrom<&pb::Network> for Network {
             block_prefix: u8::try_from(n.block_prefix)
                 .map_err(|_| Malformed { what: "network", why: "block prefix above 255".into() })?,
             created_at: n.created_at_unix,
+            internal: n.internal,
         })
     }
 }
@@ -248,6 +250,19 @@ mod tests {
                 mtu: 1450,
                 block_prefix: None,
                 created_at: 6,
+                internal: false,
+            }))
+            .1,
+        );
+        changes.extend(
+            s.apply(&Command::CreateNetwork(NewNetwork {
+                name: "b".into(),
+                vni: None,
+                subnet: None,
+                mtu: 1450,
+                block_prefix: None,
+                created_at: 7,
+                internal: true,
             }))
             .1,
         );
@@ -256,6 +271,7 @@ mod tests {
         changes.extend(s.apply(&Command::RemoveNode { id: 2, gossip_key: Some("11".repeat(32)) }).1);
         assert!(changes.contains(&Change::GossipKeyRotated(1)));
         let view = s.view();
+        assert!(view.networks["b"].internal && !view.networks["a"].internal);
         assert_eq!(ClusterView::try_from(&pb::ClusterView::from(&view)).unwrap(), view);
         for c in &changes {
             assert_eq!(&Change::try_from(&pb::Change::from(c)).unwrap(), c);

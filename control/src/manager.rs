@@ -751,6 +751,7 @@ impl pb::manager_server::Manager for ManagerService {
             mtu: if r.mtu == 0 { self.0.config.default_mtu } else { r.mtu },
             block_prefix,
             created_at: unix_now(),
+            internal: r.internal,
         };
         match self.0.command(Command::CreateNetwork(spec)).await? {
             Response::Network(n) => Ok(GrpcResponse::new((&n).into())),

@@ -133,6 +133,11 @@ pub struct Network {
     pub block_prefix: u8,
     /// When it was created (Unix seconds).
     pub created_at: u64,
+    /// No way out: its containers reach the overlay and nothing beyond it (`network create
+    /// --internal`). Otherwise each host forwards its containers' traffic out, masqueraded.
+    /// Absent in logs and snapshots from before egress: not internal.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub internal: bool,
 }
 
 /// An address block of one host in one network.
@@ -207,6 +212,9 @@ pub struct NewNetwork {
     pub block_prefix: Option<u8>,
     /// When (Unix seconds).
     pub created_at: u64,
+    /// No egress ([`Network::internal`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub internal: bool,
 }
 
 /// A change to the cluster state: the Raft log's entries.
@@ -747,6 +755,7 @@ impl ClusterState {
             mtu: spec.mtu,
             block_prefix,
             created_at: spec.created_at,
+            internal: spec.internal,
         };
         self.networks.insert(network.name.clone(), network.clone());
         Ok((Response::Network(network.clone()), vec![Change::NetworkUpsert(network)]))
@@ -845,7 +854,15 @@ mod tests {
     }
 
     fn spec(name: &str) -> NewNetwork {
-        NewNetwork { name: name.into(), vni: None, subnet: None, mtu: 1450, block_prefix: None, created_at: 2 }
+        NewNetwork {
+            name: name.into(),
+            vni: None,
+            subnet: None,
+            mtu: 1450,
+            block_prefix: None,
+            created_at: 2,
+            internal: false,
+        }
     }
 
     #[test]
@@ -910,6 +927,25 @@ mod tests {
         let Response::Network(n) = s.apply(&Command::CreateNetwork(small)).0 else { panic!() };
         assert_eq!(n.block_prefix, 28);
         assert_eq!(s.revision, 4);
+    }
+
+    #[test]
+    fn an_internal_network_says_so_and_records_from_before_egress_are_not_internal() {
+        let mut s = cluster();
+        let Response::Network(n) = s.apply(&Command::CreateNetwork(NewNetwork { internal: true, ..spec("priv") })).0
+        else {
+            panic!()
+        };
+        assert!(n.internal && s.view().networks["priv"].internal);
+        let Response::Network(n) = s.apply(&Command::CreateNetwork(spec("pub"))).0 else { panic!() };
+        assert!(!n.internal);
+        // A log entry and a record written before the flag existed.
+        let old = r#"{"CreateNetwork":{"name":"old","vni":null,"subnet":null,"mtu":1450,"block_prefix":null,"created_at":2}}"#;
+        let Command::CreateNetwork(spec) = serde_json::from_str::<Command>(old).unwrap() else { panic!() };
+        assert!(!spec.internal);
+        let record = serde_json::to_string(&n).unwrap();
+        assert!(!record.contains("internal"), "a network with egress is written as before: {record}");
+        assert_eq!(serde_json::from_str::<Network>(&record).unwrap(), n);
     }
 
     #[test]

@@ -836,6 +836,7 @@ mod tests {
             mtu: 1450,
             block_prefix: None,
             created_at: 2,
+            internal: false,
         })
     }
 

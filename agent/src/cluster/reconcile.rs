@@ -72,7 +72,7 @@ pub fn plan(view: &ClusterView, heard: &GossipView, me: NodeId) -> Plan {
             tap: format!("ovt-{name}"),
             mtu: net.mtu,
             learning: false,
-            gateway: Some(Gateway { addr: net.gateway, local_block }),
+            gateway: Some(Gateway { addr: net.gateway, local_block, subnet: net.subnet, egress: !net.internal }),
         };
         wanted.insert(name.clone(), PlannedNetwork { spec, tables });
     }
@@ -213,6 +213,7 @@ mod tests {
                 mtu: 1450,
                 block_prefix: 24,
                 created_at: 0,
+                internal: false,
             },
         );
         v
@@ -237,9 +238,19 @@ mod tests {
         let p = plan(&v, &heard(&[2], &[]), 1);
         let web = &p["web"];
         assert_eq!((web.spec.bridge.as_str(), web.spec.tap.as_str()), ("ovbr-web", "ovt-web"));
-        assert_eq!(web.spec.gateway, Some(Gateway { addr: Ipv4Addr::new(10, 128, 0, 1), local_block: block(1) }));
+        let subnet = "10.128.0.0/16".parse().unwrap();
+        let gateway = Gateway { addr: Ipv4Addr::new(10, 128, 0, 1), local_block: block(1), subnet, egress: true };
+        assert_eq!(web.spec.gateway, Some(gateway));
         assert!(!web.spec.learning, "a cluster network learns nothing from the data plane");
         assert!(plan(&v, &heard(&[1, 2], &[]), 3).is_empty(), "host 3 has no block: no network up");
+    }
+
+    #[test]
+    fn an_internal_networks_gateway_leads_nowhere() {
+        let mut v = view(2);
+        v.networks.get_mut("web").unwrap().internal = true;
+        let p = plan(&v, &heard(&[2], &[]), 1);
+        assert!(!p["web"].spec.gateway.unwrap().egress);
     }
 
     #[test]

@@ -215,6 +215,14 @@ impl RxLoop {
         true
     }
 
+    /// Moves to the newest tables, letting go of the older snapshot and with it the TAPs of
+    /// networks removed since: a caller that runs this loop only when the socket is readable
+    /// would otherwise keep a removed network's TAP open (and its name busy) until a datagram
+    /// comes.
+    pub(crate) fn refresh_tables(&mut self) {
+        self.tables.load();
+    }
+
     /// Writes whatever is pending; for a caller that stops calling [`RxLoop::receive`] before
     /// it said nothing was waiting.
     pub(crate) fn finish(&mut self) {

@@ -217,6 +217,15 @@ impl TxLoop {
             let tables = Arc::clone(self.tables.load());
             if tables.generation() != self.registered_generation {
                 self.sync_taps(&tables);
+                // Joined, the receive loop runs only when a datagram comes: without this it
+                // would hold a removed network's TAP open, and the network could not come back.
+                // Split, it is busy on its own thread and loads the tables itself.
+                if let Some(rx) = rx
+                    && !split
+                    && let Ok(mut rx) = rx.try_lock()
+                {
+                    rx.refresh_tables();
+                }
             }
             let n = self.epoll.wait(&mut events, 1000).unwrap_or(0);
             let start = may_split.then(Instant::now);
