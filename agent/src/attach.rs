@@ -109,8 +109,14 @@ impl Netns {
     }
 }
 
+/// What an endpoint's veth is named after: the runtime's container id if it has one (its name
+/// may be learned later), else its name.
+pub fn veth_key<'a>(container_id: &'a str, name: &'a str) -> &'a str {
+    if container_id.is_empty() { name } else { container_id }
+}
+
 /// Short, stable interface names for an endpoint: the host end and a temporary name for the
-/// container end while it moves.
+/// container end while it moves (Docker moves it itself, from that name).
 pub fn veth_names(network: &str, name: &str) -> (String, String) {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -182,7 +188,7 @@ pub fn is_endpoint_veth(name: &str) -> bool {
 pub async fn inspect(veth: &Iface) -> Result<LocalEndpoint, String> {
     let alias = veth.alias.as_deref().unwrap_or_default();
     let tag = VethTag::parse(alias).ok_or("its alias holds no overlayd endpoint record")?;
-    if veth_names(&tag.net, &tag.name).0 != veth.name {
+    if veth_names(&tag.net, veth_key(&tag.cid, &tag.name)).0 != veth.name {
         return Err(format!(
             "its record names endpoint {:?} of network {:?}, whose veth has another name",
             tag.name, tag.net
@@ -233,15 +239,8 @@ pub async fn plumb(
     mtu: u32,
     gateway: Ipv4Addr,
 ) -> Result<()> {
-    let (_, tmp) = veth_names(&ep.network, &ep.name);
-    nl.link()
-        .add(LinkVeth::new(&ep.host_ifname, &tmp).mtu(mtu).build())
-        .execute()
-        .await
-        .with_context(|| format!("cannot create the veth {} (is it left over? run overlayd detach)", ep.host_ifname))?;
+    let tmp = create_veth(nl, ep, mtu).await?;
     let result = async {
-        let host = netdev::link_index(nl, &ep.host_ifname).await?.context("the new veth vanished")?;
-        netdev::set_alias(nl, host, &VethTag::of(ep).alias()).await?;
         let peer = netdev::link_index(nl, &tmp).await?.context("the new veth's other end vanished")?;
         nl.link()
             .set(LinkUnspec::new_with_index(peer).setns_by_fd(ns.file.as_raw_fd()).build())
@@ -257,6 +256,56 @@ pub async fn plumb(
         let _ = netdev::delete_link(nl, &ep.host_ifname).await;
     }
     result
+}
+
+/// Creates the veth for Docker: the host end on the bridge, the other end (returned) left in
+/// this namespace with the endpoint's MAC, for Docker to move into the container and address.
+pub async fn plumb_for_docker(nl: &rtnetlink::Handle, ep: &LocalEndpoint, bridge: &Bridge, mtu: u32) -> Result<String> {
+    let peer = create_veth(nl, ep, mtu).await?;
+    let result = async {
+        let index = netdev::link_index(nl, &peer).await?.context("the new veth's other end vanished")?;
+        nl.link()
+            .set(LinkUnspec::new_with_index(index).address(ep.mac.0.to_vec()).build())
+            .execute()
+            .await
+            .context("cannot give the container's end its MAC")?;
+        netdev::enslave(nl, &ep.host_ifname, bridge, mtu).await
+    }
+    .await;
+    match result {
+        Ok(()) => Ok(peer),
+        Err(e) => {
+            let _ = netdev::delete_link(nl, &ep.host_ifname).await;
+            Err(e)
+        }
+    }
+}
+
+/// Writes the endpoint's record again on its veth (it changed: a name learned later).
+pub async fn retag(nl: &rtnetlink::Handle, ep: &LocalEndpoint) -> Result<()> {
+    let host = netdev::link_index(nl, &ep.host_ifname).await?.context("the endpoint's veth is gone")?;
+    netdev::set_alias(nl, host, &VethTag::of(ep).alias()).await
+}
+
+/// The endpoint's veth, its host end tagged with the endpoint's record; returns the other
+/// end's (temporary) name.
+async fn create_veth(nl: &rtnetlink::Handle, ep: &LocalEndpoint, mtu: u32) -> Result<String> {
+    let (_, tmp) = veth_names(&ep.network, veth_key(&ep.container_id, &ep.name));
+    nl.link()
+        .add(LinkVeth::new(&ep.host_ifname, &tmp).mtu(mtu).build())
+        .execute()
+        .await
+        .with_context(|| format!("cannot create the veth {} (is it left over? run overlayd detach)", ep.host_ifname))?;
+    let tagged = async {
+        let host = netdev::link_index(nl, &ep.host_ifname).await?.context("the new veth vanished")?;
+        netdev::set_alias(nl, host, &VethTag::of(ep).alias()).await
+    }
+    .await;
+    if let Err(e) = tagged {
+        let _ = netdev::delete_link(nl, &ep.host_ifname).await;
+        return Err(e);
+    }
+    Ok(tmp)
 }
 
 async fn configure_inside(

@@ -106,7 +106,7 @@ fn check_name(what: &str, name: &str) -> Result<()> {
 
 /// The address an attach asks for (`ip`, `mac`, both or neither), checked against this host's
 /// block: a cluster network's MACs derive from addresses, so a MAC names an address too.
-fn requested_address(ip: &str, mac: &str, block: Ipv4Cidr, gateway: Ipv4Addr) -> Result<Option<Ipv4Addr>> {
+pub(crate) fn requested_address(ip: &str, mac: &str, block: Ipv4Cidr, gateway: Ipv4Addr) -> Result<Option<Ipv4Addr>> {
     let ip: Option<Ipv4Addr> = match ip.split('/').next().unwrap_or_default() {
         "" => None,
         s => Some(s.parse().map_err(|_| anyhow::anyhow!("{ip:?} is not an IPv4 address"))?),
@@ -146,6 +146,17 @@ pub struct EndpointStore {
     /// in the middle of one (rolled back at start).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<LocalEndpoint>,
+    /// Addresses Docker's IPAM handed out: taken, whether an endpoint holds them yet (or still)
+    /// or not, until Docker releases them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reserved: Vec<Reservation>,
+}
+
+/// An address handed out by Docker's IPAM (see [`EndpointStore::reserved`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub network: String,
+    pub ip: Ipv4Addr,
 }
 
 /// Why the store file could not be loaded.
@@ -190,10 +201,24 @@ impl EndpointStore {
     /// The lowest free address of `block` for `network`: not the block's first or last
     /// address, not the gateway, not held by an endpoint (or an attach under way).
     pub fn allocate(&self, network: &str, block: Ipv4Cidr, gateway: Ipv4Addr) -> Option<Ipv4Addr> {
-        let taken = |ip: Ipv4Addr| {
-            ip == gateway || self.endpoints.iter().chain(&self.pending).any(|e| e.network == network && e.ip == ip)
-        };
+        let taken = |ip: Ipv4Addr| ip == gateway || self.holder(network, ip).is_some();
         (1..block.size().saturating_sub(1)).filter_map(|n| block.nth(n)).find(|ip| !taken(*ip))
+    }
+
+    /// Who holds `ip` of `network`: an endpoint's name (or an attach under way), or Docker's
+    /// IPAM.
+    pub fn holder(&self, network: &str, ip: Ipv4Addr) -> Option<&str> {
+        if let Some(e) = self.endpoints.iter().chain(&self.pending).find(|e| e.network == network && e.ip == ip) {
+            return Some(&e.name);
+        }
+        self.reserved.iter().any(|r| r.network == network && r.ip == ip).then_some("Docker's IPAM")
+    }
+
+    /// Whether this host still uses `network` (an endpoint, an attach under way, or an address
+    /// Docker holds).
+    pub fn uses(&self, network: &str) -> bool {
+        self.endpoints.iter().chain(&self.pending).any(|e| e.network == network)
+            || self.reserved.iter().any(|r| r.network == network)
     }
 
     /// Endpoints of one network.
@@ -467,21 +492,26 @@ impl ClusterRuntime {
             .get(&req.network)
             .with_context(|| format!("no network named {:?} (see overlayd network ls)", req.network))?
             .clone();
-        let me = self.membership.node_id;
-        // The host's block: leased once (one Raft write), then every attach is local.
-        let leased_now = view.block(&net.name, me).is_none();
-        if leased_now {
-            let mut c = self.manager_client().await?;
-            c.lease_block(pb::LeaseBlockRequest { network: net.name.clone() })
-                .await
-                .map_err(|s| anyhow::anyhow!("cannot lease an address block: {}", s.message()))?;
-        }
+        let leased_now = self.lease_block(&net.name).await?;
         let result = self.attach_in(&req, &ns, name, ifname, origin, &net).await;
         if result.is_err() && leased_now {
             // A failed attach leaves nothing behind, not even the block it leased.
             self.release_unused_blocks([net.name.clone()].into()).await;
         }
         result
+    }
+
+    /// Leases this host's block of `network` unless it has one (one Raft write; then every
+    /// attach is local). Whether it leased one now.
+    pub(crate) async fn lease_block(&self, network: &str) -> Result<bool> {
+        if self.follower.view().block(network, self.membership.node_id).is_some() {
+            return Ok(false);
+        }
+        let mut c = self.manager_client().await?;
+        c.lease_block(pb::LeaseBlockRequest { network: network.to_owned() })
+            .await
+            .map_err(|s| anyhow::anyhow!("cannot lease an address block: {}", s.message()))?;
+        Ok(true)
     }
 
     async fn attach_in(
@@ -526,10 +556,12 @@ impl ClusterRuntime {
         }
         let ip = match asked {
             Some(ip) => {
-                if let Some(e) =
-                    store.endpoints.iter().chain(&store.pending).find(|e| e.network == net.name && e.ip == ip)
-                {
-                    bail!("{ip} is in use by {:?} on {:?}", e.name, net.name);
+                // Docker's join takes the address its IPAM reserved for it.
+                let reserved_for_docker = origin == Origin::Docker
+                    && store.reserved.iter().any(|r| r.network == net.name && r.ip == ip)
+                    && !store.endpoints.iter().chain(&store.pending).any(|e| e.network == net.name && e.ip == ip);
+                if let Some(holder) = store.holder(&net.name, ip).filter(|_| !reserved_for_docker) {
+                    bail!("{ip} is in use by {holder} on {:?}", net.name);
                 }
                 ip
             }
@@ -537,7 +569,7 @@ impl ClusterRuntime {
                 .allocate(&net.name, block, net.gateway)
                 .with_context(|| format!("every address of this host's block {block} is in use"))?,
         };
-        let (host_ifname, _) = attach::veth_names(&net.name, &name);
+        let (host_ifname, _) = attach::veth_names(&net.name, attach::veth_key(&req.container_id, &name));
         let endpoint = LocalEndpoint {
             network: net.name.clone(),
             name,
@@ -559,7 +591,13 @@ impl ClusterRuntime {
             &mut store,
             self.state_dir.join(ENDPOINTS_FILE).as_path(),
             &endpoint,
-            attach::plumb(nl, ns, &endpoint, &local.bridge, net.mtu, net.gateway),
+            async {
+                match origin {
+                    // Docker moves the container's end itself and configures it.
+                    Origin::Docker => attach::plumb_for_docker(nl, &endpoint, &local.bridge, net.mtu).await.map(drop),
+                    _ => attach::plumb(nl, ns, &endpoint, &local.bridge, net.mtu, net.gateway).await,
+                }
+            },
             || attach::unplumb(nl, &endpoint.host_ifname),
         )
         .await;
@@ -576,6 +614,23 @@ impl ClusterRuntime {
             mtu: net.mtu,
             ..to_pb(&endpoint, self.membership.node_id, &self.membership.name)
         })
+    }
+
+    /// Gives the endpoint a runtime attached as `container_id` the name the runtime knows it
+    /// by (Docker tells its driver no name: it is learned after the join).
+    pub async fn rename(&self, container_id: &str, name: &str) -> Result<()> {
+        check_name("the endpoint name", name)?;
+        let mut store = self.endpoints.lock().await;
+        let Some(i) = store.endpoints.iter().position(|e| e.container_id == container_id) else { return Ok(()) };
+        let network = store.endpoints[i].network.clone();
+        if store.endpoints[i].name == name || store.in_network(&network).any(|e| e.name == name) {
+            return Ok(());
+        }
+        store.endpoints[i].name = name.to_owned();
+        attach::retag(&self.host.nl, &store.endpoints[i]).await?;
+        store.save(&self.state_dir.join(ENDPOINTS_FILE))?;
+        self.gossip.publish_local(gossiped(&self.follower.view(), &store));
+        Ok(())
     }
 
     /// This host's endpoints (of `network`, or all), for the local API.
@@ -597,7 +652,7 @@ impl ClusterRuntime {
             .collect()
     }
 
-    async fn wait_network_up(&self, name: &str) -> Result<LocalNetwork> {
+    pub(crate) async fn wait_network_up(&self, name: &str) -> Result<LocalNetwork> {
         for _ in 0..100 {
             if let Some(n) = self.host.networks().await.remove(name) {
                 return Ok(n);
@@ -668,10 +723,7 @@ impl ClusterRuntime {
     /// network can be removed).
     async fn release_unused_blocks(&self, networks: BTreeSet<String>) {
         let store = self.endpoints.lock().await;
-        let unused: Vec<String> = networks
-            .into_iter()
-            .filter(|n| !store.endpoints.iter().chain(&store.pending).any(|e| &e.network == n))
-            .collect();
+        let unused: Vec<String> = networks.into_iter().filter(|n| !store.uses(n)).collect();
         drop(store);
         for network in unused {
             if let Ok(mut c) = self.manager_client().await
