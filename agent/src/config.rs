@@ -45,6 +45,17 @@ pub struct DaemonSettings {
     #[arg(long, env = "OVERLAYD_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
 
+    /// Cluster mode: serve Docker's network and IPAM driver under this name, on
+    /// /run/docker/plugins/NAME.sock (`docker network create -d NAME --ipam-driver NAME`); ""
+    /// serves none.
+    #[arg(long, env = "OVERLAYD_DOCKER_PLUGIN", default_value = "overlayd", value_name = "NAME")]
+    pub docker_plugin: String,
+
+    /// The Docker daemon the driver asks for container and network names, and makes the
+    /// cluster's networks appear in.
+    #[arg(long, env = "OVERLAYD_DOCKER_HOST", default_value = "unix:///run/docker.sock", value_name = "URL")]
+    pub docker_host: String,
+
     #[command(flatten)]
     #[serde(flatten)]
     pub dataplane: DataplaneSettings,
@@ -58,6 +69,8 @@ impl Default for DaemonSettings {
             advertise_addr: None,
             metrics_addr: None,
             log: "info".into(),
+            docker_plugin: "overlayd".into(),
+            docker_host: "unix:///run/docker.sock".into(),
             dataplane: DataplaneSettings::default(),
         }
     }
@@ -330,6 +343,13 @@ fn validate(cfg: &DaemonConfig) -> Result<()> {
         "the source ports {} must not include the VXLAN port {}",
         dp.source_ports,
         dp.vxlan_port
+    );
+    let plugin = &cfg.settings.docker_plugin;
+    ensure!(
+        plugin.len() <= 64
+            && plugin.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && !plugin.starts_with('.'),
+        "docker_plugin {plugin:?}: use letters, digits, '-', '_' and '.' (it names a socket file), or \"\" for none"
     );
     let mut vnis = HashSet::new();
     let mut names = HashSet::new();

@@ -404,7 +404,7 @@ pub async fn recover(nl: &rtnetlink::Handle, path: &Path) -> Result<EndpointStor
 }
 
 /// Renames a corrupt store to `<name>.corrupt-<unix time>`, kept for a look.
-fn set_aside(path: &Path) -> Result<PathBuf> {
+pub(crate) fn set_aside(path: &Path) -> Result<PathBuf> {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut aside = path.as_os_str().to_owned();
     aside.push(format!(".corrupt-{secs}"));
@@ -478,14 +478,26 @@ pub fn gossiped(
 impl ClusterRuntime {
     /// `overlayd attach`, the CNI plugin's ADD and Docker's join: one path.
     pub async fn attach(&self, req: pb::AttachRequest) -> Result<pb::Endpoint> {
-        let ns = Netns::open((!req.netns.is_empty()).then_some(req.netns.as_str()), (req.pid != 0).then_some(req.pid))?;
-        let name = if req.name.is_empty() { ns.default_name() } else { req.name.clone() };
+        let origin = Origin::parse(&req.origin)?;
+        // Docker's sandbox gets its namespace only after the join (its runtime's hook binds it
+        // there): Docker moves the veth in itself, so there is nothing to open yet.
+        let ns = match origin {
+            Origin::Docker => None,
+            _ => Some(Netns::open(
+                (!req.netns.is_empty()).then_some(req.netns.as_str()),
+                (req.pid != 0).then_some(req.pid),
+            )?),
+        };
+        let name = match &ns {
+            _ if !req.name.is_empty() => req.name.clone(),
+            Some(ns) => ns.default_name(),
+            None => req.container_id.chars().take(12).collect(),
+        };
         let ifname = if req.ifname.is_empty() { "eth0".to_owned() } else { req.ifname.clone() };
         check_name("the endpoint name", &name)?;
         for a in &req.aliases {
             check_name("the alias", a)?;
         }
-        let origin = Origin::parse(&req.origin)?;
         let view = self.follower.view();
         let net = view
             .networks
@@ -493,7 +505,7 @@ impl ClusterRuntime {
             .with_context(|| format!("no network named {:?} (see overlayd network ls)", req.network))?
             .clone();
         let leased_now = self.lease_block(&net.name).await?;
-        let result = self.attach_in(&req, &ns, name, ifname, origin, &net).await;
+        let result = self.attach_in(&req, ns.as_ref(), name, ifname, origin, &net).await;
         if result.is_err() && leased_now {
             // A failed attach leaves nothing behind, not even the block it leased.
             self.release_unused_blocks([net.name.clone()].into()).await;
@@ -517,7 +529,7 @@ impl ClusterRuntime {
     async fn attach_in(
         &self,
         req: &pb::AttachRequest,
-        ns: &Netns,
+        ns: Option<&Netns>,
         name: String,
         ifname: String,
         origin: Origin,
@@ -542,15 +554,16 @@ impl ClusterRuntime {
             ))
             .into());
         }
-        if let Some(e) =
-            store.endpoints.iter().find(|e| e.network == net.name && (e.name == name || e.netns_id == ns.id))
+        let ns_path = ns.map_or_else(|| req.netns.clone(), |ns| ns.path.to_string_lossy().into_owned());
+        let ns_id = ns.map(|ns| ns.id);
+        if let Some(e) = store
+            .endpoints
+            .iter()
+            .find(|e| e.network == net.name && (e.name == name || ns_id.is_some_and(|id| e.netns_id == id)))
         {
             return Err(AlreadyAttached(format!(
-                "{:?} is already attached to {:?} as {:?} ({}): detach it first",
-                ns.path.display(),
-                net.name,
-                e.name,
-                e.ip
+                "{ns_path:?} is already attached to {:?} as {:?} ({}): detach it first",
+                net.name, e.name, e.ip
             ))
             .into());
         }
@@ -577,8 +590,8 @@ impl ClusterRuntime {
             prefix_len: net.subnet.prefix(),
             mac: MacAddr::from_ipv4(ip),
             host_ifname,
-            netns: ns.path.to_string_lossy().into_owned(),
-            netns_id: ns.id,
+            netns: ns_path,
+            netns_id: ns_id.unwrap_or_default(),
             ifname,
             container_id: req.container_id.clone(),
             origin,
@@ -592,10 +605,10 @@ impl ClusterRuntime {
             self.state_dir.join(ENDPOINTS_FILE).as_path(),
             &endpoint,
             async {
-                match origin {
+                match ns {
+                    Some(ns) => attach::plumb(nl, ns, &endpoint, &local.bridge, net.mtu, net.gateway).await,
                     // Docker moves the container's end itself and configures it.
-                    Origin::Docker => attach::plumb_for_docker(nl, &endpoint, &local.bridge, net.mtu).await.map(drop),
-                    _ => attach::plumb(nl, ns, &endpoint, &local.bridge, net.mtu, net.gateway).await,
+                    None => attach::plumb_for_docker(nl, &endpoint, &local.bridge, net.mtu).await.map(drop),
                 }
             },
             || attach::unplumb(nl, &endpoint.host_ifname),
@@ -721,7 +734,7 @@ impl ClusterRuntime {
 
     /// Gives back this host's block in each of `networks` that it no longer uses (so that the
     /// network can be removed).
-    async fn release_unused_blocks(&self, networks: BTreeSet<String>) {
+    pub(crate) async fn release_unused_blocks(&self, networks: BTreeSet<String>) {
         let store = self.endpoints.lock().await;
         let unused: Vec<String> = networks.into_iter().filter(|n| !store.uses(n)).collect();
         drop(store);

@@ -7,6 +7,7 @@ mod cluster;
 mod cni;
 mod config;
 mod daemon;
+mod docker;
 mod endpoints;
 mod firewall;
 mod gossip;

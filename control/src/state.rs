@@ -485,6 +485,13 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
+    /// The subnet a new network created now without one would get from the default address
+    /// pool, as far as this view knows (the managers decide: another network may take it
+    /// first). For a runtime that must name a network's subnet before it may create it.
+    pub fn free_subnet(&self) -> Option<Ipv4Cidr> {
+        free_subnet(DEFAULT_ADDRESS_POOL.parse().expect("valid pool"), &self.networks, &self.nodes)
+    }
+
     /// Applies changes received from the watch, ending at `revision`.
     pub fn apply_changes(&mut self, revision: u64, changes: &[Change]) {
         for c in changes {
@@ -675,31 +682,9 @@ impl ClusterState {
         Ok((Response::Done, changes))
     }
 
-    /// Whether a network may have subnet `s`: not overlapping another network, an address range
-    /// no host can route ([`RESERVED_RANGES`]), or a network of a host's own (a node that
-    /// reported none counts with its underlay address).
+    /// Whether a network may have subnet `s` ([`subnet_conflict`]).
     fn check_subnet(&self, s: Ipv4Cidr) -> Result<(), Rejection> {
-        if let Some(n) = self.networks.values().find(|n| n.subnet.overlaps(&s)) {
-            return Err(Rejection::SubnetOverlap { subnet: s, network: n.name.clone(), other: n.subnet });
-        }
-        for (range, what) in RESERVED_RANGES {
-            let range: Ipv4Cidr = range.parse().expect("a valid range");
-            if range.overlaps(&s) {
-                return Err(Rejection::InvalidSpec(format!(
-                    "subnet {s} overlaps {range} ({what}): choose a subnet outside it"
-                )));
-            }
-        }
-        for n in self.nodes.values() {
-            let own = match n.underlay_addr {
-                IpAddr::V4(a) => Ipv4Cidr::new(a, 32),
-                IpAddr::V6(_) => None,
-            };
-            if let Some(network) = n.underlay_networks.iter().copied().chain(own).find(|net| net.overlaps(&s)) {
-                return Err(Rejection::SubnetOverlapsHost { subnet: s, host: n.name.clone(), network });
-            }
-        }
-        Ok(())
+        subnet_conflict(&self.networks, &self.nodes, s)
     }
 
     fn create_network(&mut self, spec: &NewNetwork) -> Result<(Response, Vec<Change>), Rejection> {
@@ -732,14 +717,8 @@ impl ClusterState {
                 self.check_subnet(s)?;
                 s
             }
-            None => {
-                let pool = self.address_pool;
-                let count = 1u64 << (AUTO_SUBNET_PREFIX - pool.prefix());
-                (0..count)
-                    .filter_map(|i| pool.subnet(AUTO_SUBNET_PREFIX, i))
-                    .find(|s| self.check_subnet(*s).is_ok())
-                    .ok_or(Rejection::NoFreeSubnet(pool))?
-            }
+            None => free_subnet(self.address_pool, &self.networks, &self.nodes)
+                .ok_or(Rejection::NoFreeSubnet(self.address_pool))?,
         };
         let block_prefix = spec.block_prefix.unwrap_or((subnet.prefix() + 8).min(28));
         if block_prefix < subnet.prefix() || block_prefix > 30 {
@@ -834,6 +813,47 @@ pub(crate) mod testing {
             underlay_networks: Vec::new(),
         }
     }
+}
+
+/// The first /[`AUTO_SUBNET_PREFIX`] of `pool` that a new network may have.
+fn free_subnet(
+    pool: Ipv4Cidr,
+    networks: &BTreeMap<String, Network>,
+    nodes: &BTreeMap<NodeId, NodeRecord>,
+) -> Option<Ipv4Cidr> {
+    let count = 1u64 << AUTO_SUBNET_PREFIX.saturating_sub(pool.prefix());
+    (0..count).filter_map(|i| pool.subnet(AUTO_SUBNET_PREFIX, i)).find(|s| subnet_conflict(networks, nodes, *s).is_ok())
+}
+
+/// Whether a network may have subnet `s`: not overlapping another network, an address range
+/// no host can route ([`RESERVED_RANGES`]), or a network of a host's own (a node that
+/// reported none counts with its underlay address).
+fn subnet_conflict(
+    networks: &BTreeMap<String, Network>,
+    nodes: &BTreeMap<NodeId, NodeRecord>,
+    s: Ipv4Cidr,
+) -> Result<(), Rejection> {
+    if let Some(n) = networks.values().find(|n| n.subnet.overlaps(&s)) {
+        return Err(Rejection::SubnetOverlap { subnet: s, network: n.name.clone(), other: n.subnet });
+    }
+    for (range, what) in RESERVED_RANGES {
+        let range: Ipv4Cidr = range.parse().expect("a valid range");
+        if range.overlaps(&s) {
+            return Err(Rejection::InvalidSpec(format!(
+                "subnet {s} overlaps {range} ({what}): choose a subnet outside it"
+            )));
+        }
+    }
+    for n in nodes.values() {
+        let own = match n.underlay_addr {
+            IpAddr::V4(a) => Ipv4Cidr::new(a, 32),
+            IpAddr::V6(_) => None,
+        };
+        if let Some(network) = n.underlay_networks.iter().copied().chain(own).find(|net| net.overlaps(&s)) {
+            return Err(Rejection::SubnetOverlapsHost { subnet: s, host: n.name.clone(), network });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
