@@ -161,9 +161,34 @@ pub struct NetConf {
 /// Capabilities the runtime fills in (`runtimeConfig`).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RuntimeConfig {
-    /// podman's network aliases of the container.
+    /// The `aliases` capability (podman's network aliases of the container).
     #[serde(default)]
-    pub aliases: BTreeSet<String>,
+    pub aliases: Aliases,
+}
+
+/// The `aliases` capability as CNI's CONVENTIONS.md gives it and podman fills it in: the
+/// container's aliases by network name (`{"web": ["db"]}`); a plain list is taken too.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Aliases {
+    ByNetwork(std::collections::BTreeMap<String, BTreeSet<String>>),
+    List(BTreeSet<String>),
+}
+
+impl Default for Aliases {
+    fn default() -> Aliases {
+        Aliases::List(BTreeSet::new())
+    }
+}
+
+impl Aliases {
+    /// The aliases on the runtime's network `name` (the configuration's `name`).
+    pub fn on(&self, name: &str) -> Vec<String> {
+        match self {
+            Aliases::ByNetwork(m) => m.get(name).into_iter().flatten().cloned().collect(),
+            Aliases::List(l) => l.iter().cloned().collect(),
+        }
+    }
 }
 
 /// One attachment the runtime knows (GC).
@@ -372,7 +397,7 @@ fn attach_args(conf: &NetConf, env: &CniEnv) -> Result<AttachArgs, CniError> {
         ifname: env.ifname.clone(),
         container_id: env.container_id.clone(),
         name,
-        aliases: conf.runtime_config.aliases.iter().cloned().collect(),
+        aliases: conf.runtime_config.aliases.on(&conf.name),
         ip,
         mac: env.arg("MAC").map(str::to_owned),
     })
@@ -659,7 +684,9 @@ mod tests {
     #[test]
     fn static_ip_and_aliases_reach_the_daemon() {
         let s = Rc::default();
-        let conf = r#"{"cniVersion":"1.0.0","name":"web","type":"overlayd","runtimeConfig":{"aliases":["db","web"]}}"#;
+        // As podman passes it (by network name), with an alias on another network left out.
+        let conf = r#"{"cniVersion":"1.0.0","name":"web","type":"overlayd",
+            "runtimeConfig":{"aliases":{"web":["web","db"],"other":["x"]}}}"#;
         let (out, ok) = call(&s, "ADD", &env("c1", "IP=10.128.1.9;MAC=02:4f:0a:80:01:09"), conf);
         assert!(ok, "{out}");
         assert_eq!(s.borrow().calls, [r#"attach web c1 Some(10.128.1.9) ["db", "web"]"#]);
