@@ -433,6 +433,8 @@ fn result(version: &str, a: &Attached) -> Value {
 pub struct Client {
     rt: tokio::runtime::Runtime,
     state_dir: PathBuf,
+    /// Where `state_dir` came from, for the error that says the daemon cannot be reached.
+    from: &'static str,
     api: Option<proto::agent_client::AgentClient<tonic::transport::Channel>>,
 }
 
@@ -440,24 +442,32 @@ impl Client {
     /// A client of the daemon the configuration names (`stateDir`), else the one of
     /// `OVERLAYD_STATE_DIR`, else of the default state dir.
     pub fn for_conf(conf: &NetConf) -> Box<dyn Daemon> {
-        let state_dir = conf
-            .state_dir
-            .clone()
-            .or_else(|| std::env::var_os("OVERLAYD_STATE_DIR").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from(crate::DEFAULT_STATE_DIR));
+        let (state_dir, from) = match (&conf.state_dir, std::env::var_os("OVERLAYD_STATE_DIR")) {
+            (Some(d), _) => (d.clone(), "chosen by stateDir in the network configuration"),
+            (None, Some(d)) => (PathBuf::from(d), "chosen by OVERLAYD_STATE_DIR"),
+            (None, None) => (
+                PathBuf::from(crate::DEFAULT_STATE_DIR),
+                // podman runs the DEL of a stopped container from conmon's cleanup process, whose
+                // environment is not the one `podman run` had.
+                "the default, as neither stateDir in the network configuration nor OVERLAYD_STATE_DIR \
+                 names one (a runtime may run DEL without its own environment, as podman's cleanup \
+                 process does: stateDir works everywhere)",
+            ),
+        };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
-        Box::new(Client { rt, state_dir, api: None })
+        Box::new(Client { rt, state_dir, from, api: None })
     }
 
     fn call<T>(
         &mut self,
         f: impl AsyncFnOnce(&mut proto::agent_client::AgentClient<tonic::transport::Channel>) -> Result<T, tonic::Status>,
     ) -> Result<T, CniError> {
-        let Client { rt, state_dir, api } = self;
+        let Client { rt, state_dir, from, api } = self;
         rt.block_on(async {
             if api.is_none() {
                 let c = crate::api::connect(state_dir).await.map_err(|e| {
-                    CniError::new(code::IO_FAILURE, "cannot reach the overlayd daemon").details(format!("{e:#}"))
+                    CniError::new(code::IO_FAILURE, "cannot reach the overlayd daemon")
+                        .details(format!("{e:#}; the state dir is {from}"))
                 })?;
                 *api = Some(c);
             }
