@@ -9,7 +9,8 @@
 //! the kernel's VTEP instead. [`measure`] reads ping, iperf3 and /proc; [`scenario`] builds
 //! the two-host overlayd / kernel VXLAN / plain veth comparisons the demo and the benchmark use;
 //! [`peers`] sets up the userspace tunnels users pick instead (tinc, n2n, nebula, vpncloud) as
-//! further paths of those comparisons.
+//! further paths of those comparisons; [`runtimes`] runs podman and containerd in a host, with
+//! overlayd as their CNI plugin.
 //!
 //! **Safety.** Every namespace carries a prefix unique to this process and testbed
 //! (`ovtb-<pid>-<n>`); the switch has no uplink and no namespace has a default route, so all
@@ -24,6 +25,7 @@ pub mod cluster;
 pub mod measure;
 pub mod netns;
 pub mod peers;
+pub mod runtimes;
 pub mod scenario;
 
 use std::collections::HashMap;
