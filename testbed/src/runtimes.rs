@@ -545,6 +545,17 @@ impl CtrCniFiles {
             files.written.push(plugin.clone());
             f.write_all(wrapper.as_bytes())?;
         }
+        // Configurations testbed processes that died without cleaning up left: they would sort
+        // before this one.
+        for e in std::fs::read_dir(CTR_CNI_CONF_DIR)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix(&format!("00-{}-", crate::PREFIX))
+                .and_then(|r| r.split('-').next()?.parse::<u32>().ok());
+            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                std::fs::remove_file(e.path())?;
+            }
+        }
         let conf = Path::new(CTR_CNI_CONF_DIR).join(format!("00-{prefix}.conflist"));
         std::fs::write(&conf, conflist(network))?;
         files.written.push(conf.clone());
