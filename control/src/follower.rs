@@ -61,6 +61,15 @@ pub enum FollowerError {
     },
 }
 
+/// The view a cache file holds (`None`: none that can be used; the first snapshot of the
+/// watch replaces it), read as the watch's snapshots are: keyed by the names and ids its
+/// records carry, so that a damaged or hand-edited file cannot file a network under another
+/// network's name or a node under another node's id.
+pub fn read_cache(bytes: &[u8]) -> Option<ClusterView> {
+    let view: ClusterView = serde_json::from_slice(bytes).ok()?;
+    ClusterView::try_from(&pb::ClusterView::from(&view)).ok()
+}
+
 /// A host's live copy of the cluster state.
 pub struct Follower {
     identity: Arc<NodeIdentity>,
@@ -78,8 +87,7 @@ impl Follower {
     /// and heartbeats on the current tokio runtime. `managers` seeds where to connect; the
     /// view's managers are added as they become known.
     pub fn start(identity: Arc<NodeIdentity>, managers: Vec<SocketAddr>, cache: PathBuf) -> Arc<Follower> {
-        let cached: ClusterView =
-            std::fs::read(&cache).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let cached = std::fs::read(&cache).ok().and_then(|b| read_cache(&b)).unwrap_or_default();
         let f = Arc::new(Follower {
             identity,
             managers: Mutex::new(managers),
@@ -238,5 +246,27 @@ impl Follower {
                 Err(_) => tracing::debug!("heartbeat timed out"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `state_view` fuzz target: a cache whose network "bdue" is filed under
+    /// "blue" (one byte changed) was taken as it was, a network under another's name.
+    #[test]
+    fn a_cached_view_is_keyed_by_what_its_records_say() {
+        let damaged = include_bytes!("../testdata/fuzz/state_view-network_under_another_name");
+        let as_written: ClusterView = serde_json::from_slice(damaged).unwrap();
+        assert_eq!(as_written.networks.keys().collect::<Vec<_>>(), ["blue"]);
+        let view = read_cache(damaged).unwrap();
+        assert!(view.networks.iter().all(|(name, n)| *name == n.name), "{:?}", view.networks);
+        assert!(view.nodes.iter().all(|(id, n)| *id == n.id), "{:?}", view.nodes);
+        assert_eq!(view.revision, as_written.revision);
+        let again = serde_json::to_vec(&view).unwrap();
+        assert_eq!(read_cache(&again), Some(view), "a cache the follower writes reads back as it was");
+        assert_eq!(read_cache(b"{\"cluster_id\":"), None);
+        assert_eq!(read_cache(b""), None);
     }
 }

@@ -320,6 +320,12 @@ impl NodeIdentity {
             }
             node_of(&cert)?
         };
+        // TLS reads both with webpki, which is stricter than x509-parser (a damaged extension,
+        // say): refused here, a damaged file is named instead of failing later as a TLS
+        // configuration.
+        let unusable = |what| move |e: rustls::Error| PkiError::BadCertificate { what, reason: e.to_string() };
+        RootCertStore::empty().add(ca_der.clone()).map_err(unusable("CA certificate"))?;
+        rustls::server::ParsedCertificate::try_from(&cert_der).map_err(unusable("node certificate"))?;
         Ok(NodeIdentity {
             key_pem: key_pem.to_owned(),
             cert_pem: cert_pem.to_owned(),
@@ -826,5 +832,22 @@ mod tests {
             );
             assert!(err.to_string().contains(says), "{err}");
         }
+    }
+
+    /// Found by the `identity_files` fuzz target: a CA certificate whose key-usage extension
+    /// was damaged (one base64 character) still parsed with x509-parser, so the identity
+    /// loaded and only its TLS configurations failed, naming no file.
+    #[test]
+    fn a_ca_certificate_tls_cannot_read_is_refused_at_load() {
+        let input = include_bytes!("../testdata/fuzz/identity_files-ca_extension_bad_encoding");
+        let parts: Vec<&str> = input[1..].splitn(3, |b| *b == 0).map(|p| std::str::from_utf8(p).unwrap()).collect();
+        let err = NodeIdentity::from_pem(parts[0], parts[1], parts[2]).unwrap_err();
+        assert!(matches!(err, PkiError::BadCertificate { what: "CA certificate", .. }), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [(KEY_FILE, parts[0]), (CERT_FILE, parts[1]), (CA_FILE, parts[2])] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let err = NodeIdentity::load(dir.path()).unwrap_err();
+        assert!(matches!(&err, PkiError::BadIdentityFile { path, .. } if path.ends_with(CA_FILE)), "{err}");
     }
 }
