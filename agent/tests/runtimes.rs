@@ -326,6 +326,14 @@ fn bad_input_to_the_plugin_gets_the_specs_error_and_leaves_nothing_behind() {
     assert!(e.to_string().contains("no-such-namespace"), "the error names the path: {e}");
     let e = spec_error(&add(&path, "IP=10.200.0.9", &state, &conf("web")), 7, "an address outside the block");
     assert!(e.to_string().contains("10.200.0.9"), "{e}");
+    // The interface exists already in the namespace (not overlayd's): ADD fails, as the spec says.
+    let taken = host.add_netns("cni-taken").unwrap();
+    taken.exec("ip", ["link", "add", "eth0", "type", "veth", "peer", "name", "other0"]).unwrap();
+    let out = add(&taken.netns_path(), "", &state, &conf("web"));
+    assert!(!out.status.success() && out.json().unwrap()["code"].is_u64(), "an existing eth0: {out:?}");
+    eprintln!("an existing eth0: exit {}, {}", out.status, out.stdout.trim());
+    let left = taken.exec("ip", ["-o", "link"]).unwrap();
+    assert_eq!(left.lines().count(), 3, "only lo, eth0 and its peer are left: {left}");
 
     // Nothing half-made: no endpoint, no veth on the host or in the namespace, no block leased.
     let inspect = c.agents[0].json(&["network", "inspect", "web"]).unwrap();
