@@ -205,14 +205,30 @@ fn disable_ipv6(dev: &str) {
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
 }
 
+/// The MAC of a cluster network's gateway: the same on every host (an anycast gateway, as in
+/// EVPN), derived from its address under a prefix of its own (`02:4e`), so that nothing takes
+/// it for an endpoint's derived MAC (`02:4f`).
+pub fn gateway_mac(gw: std::net::Ipv4Addr) -> [u8; 6] {
+    let o = gw.octets();
+    [0x02, 0x4e, o[0], o[1], o[2], o[3]]
+}
+
 /// Puts a cluster network's gateway on its bridge (as /32, with a route to this host's own
 /// block only: the host reaches its containers; the gateway never answers across the overlay).
+/// The bridge gets the gateway's MAC: a bridge whose address was never set takes its lowest
+/// port's, so a container or TAP coming or going would move the gateway under containers that
+/// resolved it, cutting their way out until their ARP entry expires.
 pub async fn set_gateway(
     h: &Handle,
     bridge: &Bridge,
     gw: std::net::Ipv4Addr,
     local_block: control::cidr::Ipv4Cidr,
 ) -> Result<()> {
+    h.link()
+        .set(LinkUnspec::new_with_index(bridge.index).address(gateway_mac(gw).to_vec()).build())
+        .execute()
+        .await
+        .with_context(|| format!("cannot give the bridge {} the gateway's MAC", bridge.name))?;
     ignore_exists(h.address().add(bridge.index, IpAddr::V4(gw), 32).execute().await)
         .with_context(|| format!("cannot put the gateway {gw} on the bridge {}", bridge.name))?;
     let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
@@ -370,4 +386,18 @@ pub async fn host_networks(h: &Handle) -> Result<Vec<control::cidr::Ipv4Cidr>> {
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use dataplane::MacAddr;
+
+    #[test]
+    fn the_gateways_mac_is_no_endpoints() {
+        let mac = MacAddr(super::gateway_mac(Ipv4Addr::new(10, 128, 0, 1)));
+        assert_eq!(mac.to_string(), "02:4e:0a:80:00:01");
+        assert_eq!(mac.derived_ipv4(), None, "the dataplane would take it for an endpoint's");
+    }
 }
