@@ -291,6 +291,7 @@ fn sweep_stale() {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
+            runtimes::sweep_stale_dir(&entry.path());
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

@@ -269,6 +269,79 @@ fn kill_if_alive(pid: u32, word: &str) {
     }
 }
 
+/// Ends what the runtimes of a testbed process that is gone (killed with SIGKILL, say) left,
+/// from its directory `dir` (named by its prefix): podman's containers (`podman rm`, inside a
+/// network namespace of its own that goes with it, as the host's is gone) and their runc state,
+/// ctr's containers (runc on the root the harness gave ctr) and their shims' sockets, ctr's CNI
+/// files, and what was mounted under `dir`.
+pub(crate) fn sweep_stale_dir(dir: &Path) {
+    let quiet = |mut c: Command| c.stdin(Stdio::null()).stderr(Stdio::null()).output().ok();
+    let runc = |root: &Path, args: &[&str]| {
+        let mut c = Command::new("runc");
+        c.arg("--root").arg(root).args(args);
+        quiet(c)
+    };
+    let end_runc = |root: &Path, id: &str| {
+        runc(root, &["kill", id, "KILL"]);
+        std::thread::sleep(Duration::from_millis(100));
+        runc(root, &["delete", "--force", id]);
+    };
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let (name, d) = (entry.file_name().to_string_lossy().into_owned(), entry.path());
+        if name.starts_with("podman-") && d.join("storage").exists() {
+            let mut c = Command::new("unshare");
+            c.args(["--net", "--", "podman", "--root"]).arg(d.join("storage"));
+            c.arg("--runroot").arg(d.join("run")).arg("--tmpdir").arg(d.join("tmp"));
+            c.args(["--storage-driver", "vfs", "rm", "--all", "--force", "--time", "0"]);
+            c.env("CONTAINERS_CONF", d.join("containers.conf"));
+            quiet(c);
+            // podman's runc keeps its state in its default root: the containers whose bundle
+            // is here.
+            let root = Path::new("/run/runc");
+            let listed = runc(root, &["list", "--format", "json"]).map(|o| o.stdout).unwrap_or_default();
+            let listed: Vec<Value> = serde_json::from_slice(&listed).unwrap_or_default();
+            for c in listed {
+                if c["bundle"].as_str().is_some_and(|b| Path::new(b).starts_with(&d)) {
+                    end_runc(root, c["id"].as_str().unwrap_or_default());
+                }
+            }
+        }
+        if name.starts_with("containerd-") {
+            for root in std::fs::read_dir(d.join("runc")).into_iter().flatten().flatten().map(|e| e.path()) {
+                let listed = runc(&root, &["list", "-q"]).map(|o| o.stdout).unwrap_or_default();
+                for id in String::from_utf8_lossy(&listed).lines().filter(|l| !l.is_empty()) {
+                    end_runc(&root, id);
+                }
+            }
+            // A shim's socket is named by the hash of containerd's address, namespace and id.
+            let tasks = d.join("state/io.containerd.runtime.v2.task");
+            for ns in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
+                for task in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                    let key = d.join("containerd.sock").join(ns.file_name()).join(task.file_name());
+                    let Ok(mut child) = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()
+                    else {
+                        continue;
+                    };
+                    let _ = child.stdin.take().map(|mut i| i.write_all(key.as_os_str().as_encoded_bytes()));
+                    if let Ok(out) = child.wait_with_output()
+                        && let Some(hex) = String::from_utf8_lossy(&out.stdout).split_whitespace().next()
+                    {
+                        let _ = std::fs::remove_file(Path::new(SHIM_SOCKET_DIR).join(hex));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(prefix) = dir.file_name().and_then(|n| n.to_str()) {
+        let _ = std::fs::remove_file(Path::new(CTR_CNI_CONF_DIR).join(format!("00-{prefix}.conflist")));
+        let plugin = Path::new(CTR_CNI_BIN_DIR).join("overlayd");
+        if std::fs::read_to_string(&plugin).is_ok_and(|t| t.contains(&format!("({prefix})"))) {
+            let _ = std::fs::remove_file(&plugin);
+        }
+    }
+    unmount_under(dir);
+}
+
 // ---------------------------------------------------------------------------------------------
 // podman
 
@@ -716,6 +789,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         c.args(["run", "--rm", "--cni", "--null-io"]);
         c.arg("--fifo-dir").arg(&fifo).arg("--runc-root").arg(self.dir.join("runc"));
         c.args([&self.image, id]).args(cmd).stdout(out.try_clone()?).stderr(out);
+        // SAFETY: prctl is async-signal-safe; ctr goes if the test process dies.
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            c.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
         let child = c.spawn().context("cannot run ctr")?;
         self.runs.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), child);
         measure::wait_for(Duration::from_secs(30), &format!("ctr's task {id} to run"), || {
