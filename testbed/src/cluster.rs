@@ -22,7 +22,13 @@ pub struct Cluster {
 impl Cluster {
     /// Starts a daemon on each of `managers + workers` new hosts and forms the cluster.
     pub fn form(bed: &Testbed, managers: usize, workers: usize) -> Result<Cluster> {
-        let hosts = bed.add_hosts(managers + workers)?;
+        Cluster::form_on(bed.add_hosts(managers + workers)?, managers)
+    }
+
+    /// [`form`](Self::form) on hosts the caller made (and prepared: a host's firewall before
+    /// any overlayd runs there, say); the first `managers` of them are managers.
+    pub fn form_on(hosts: Vec<Host>, managers: usize) -> Result<Cluster> {
+        let workers = hosts.len().saturating_sub(managers);
         let agents = hosts.iter().map(|h| h.start_daemon::<&str>(&[])).collect::<Result<Vec<_>>>()?;
         let init =
             agents[0].json(&["init", "--advertise-addr", &hosts[0].addr().to_string(), "--name", hosts[0].name()])?;
