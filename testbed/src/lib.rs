@@ -148,13 +148,26 @@ impl Testbed {
 
     /// Adds host number n (1, 2, …) with underlay address 198.18.x.y on `ul0`.
     pub fn add_host(&self) -> Result<Host> {
+        self.add_underlay_node("h")
+    }
+
+    /// Adds "the outside" for egress tests: a namespace on the underlay, wired and addressed
+    /// like a host (the next host number, named `out<n>`), that runs no overlayd and has no
+    /// route into any overlay subnet. A container reaches it only through its host, and its
+    /// replies get back only when that host masqueraded the container's address to its own.
+    pub fn add_outside(&self) -> Result<Host> {
+        self.add_underlay_node("out")
+    }
+
+    /// A namespace on the underlay named `<kind><n>`, n the next host number.
+    fn add_underlay_node(&self, kind: &str) -> Result<Host> {
         let index = {
             let mut st = self.inner.lock();
             st.hosts += 1;
             st.hosts
         };
         ensure!(index < 65_000, "too many hosts");
-        let name = format!("h{index}");
+        let name = format!("{kind}{index}");
         let ns = format!("{}-{name}", self.inner.prefix);
         let addr = Ipv4Addr::new(198, 18 + (index >> 16) as u8, (index >> 8) as u8, index as u8);
         self.inner.add_namespace(&ns)?;
