@@ -703,7 +703,10 @@ mod tests {
             assert!(egress.contains(want), "{want:?} not in\n{egress}");
         }
         let internal = bind_network("ovbr-db", false);
-        assert!(internal.contains("add rule inet overlayd net-ovbr-db counter name egress_internal drop\n"), "{internal}");
+        assert!(
+            internal.contains("add rule inet overlayd net-ovbr-db counter name egress_internal drop\n"),
+            "{internal}"
+        );
         assert!(!internal.contains("net-ovbr-db accept"), "{internal}");
         let gone = unbind_network("ovbr-web");
         assert!(gone.ends_with("delete chain inet overlayd net-ovbr-web\n"), "{gone}");

@@ -287,11 +287,7 @@ fn egress(n: &pb::Network) -> &'static str {
 }
 
 pub fn network(n: &pb::Network) -> String {
-    let way_out = if n.internal {
-        "internal (no egress)"
-    } else {
-        "egress through each host (masqueraded)"
-    };
+    let way_out = if n.internal { "internal (no egress)" } else { "egress through each host (masqueraded)" };
     format!(
         "network {}: VNI {}, subnet {}, gateway {}, MTU {}, a /{} block per host, {way_out}\n",
         n.name, n.vni, n.subnet, n.gateway, n.mtu, n.block_prefix
