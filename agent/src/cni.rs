@@ -376,6 +376,14 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
+/// The endpoint's name when the runtime gives none: the container id, cut to 12 characters
+/// only when it is a runtime's 64-hex id (as podman and Docker show those); an id such as ctr's
+/// `<namespace>-<id>` stays whole, or two containers whose ids share 12 characters would clash.
+fn default_name(id: &str) -> String {
+    let hex = id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit());
+    if hex || id.len() > 63 { short(id).to_owned() } else { id.to_owned() }
+}
+
 fn parse_version(v: &str) -> (u32, u32) {
     let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
@@ -390,7 +398,7 @@ fn attach_args(conf: &NetConf, env: &CniEnv) -> Result<AttachArgs, CniError> {
             })
         })
         .transpose()?;
-    let name = env.arg("K8S_POD_NAME").map(str::to_owned).unwrap_or_else(|| short(&env.container_id).to_owned());
+    let name = env.arg("K8S_POD_NAME").map_or_else(|| default_name(&env.container_id), str::to_owned);
     Ok(AttachArgs {
         network: conf.network().to_owned(),
         netns: env.netns.clone(),
@@ -668,6 +676,12 @@ mod tests {
         assert_eq!(out["ips"][0], json!({"address": "10.128.1.2/16", "gateway": "10.128.0.1", "interface": 0}));
         assert_eq!(out["routes"][0], json!({"dst": "0.0.0.0/0", "gw": "10.128.0.1"}));
         assert_eq!(s.borrow().calls, ["attach web web1 None []"], "podman's container name names the endpoint");
+        let hex = "c0ffee00".repeat(8);
+        for (id, name) in [(hex.as_str(), "c0ffee00c0ff"), ("default-worker-1", "default-worker-1")] {
+            let s = Rc::default();
+            assert!(call(&s, "ADD", &env(id, "IgnoreUnknown=1"), MINIMAL).1);
+            assert_eq!(s.borrow().calls, [format!("attach web {name} None []")], "no name given: from the id {id}");
+        }
         let old = r#"{"cniVersion":"0.4.0","name":"web","type":"overlayd"}"#;
         let (out, ok) = call(&Rc::default(), "ADD", &env("c2", ""), old);
         assert!(ok, "{out}");
