@@ -561,6 +561,13 @@ impl ClusterRuntime {
             .iter()
             .find(|e| e.network == net.name && (e.name == name || ns_id.is_some_and(|id| e.netns_id == id)))
         {
+            if e.name == name && ns_id.is_none_or(|id| e.netns_id != id) {
+                return Err(AlreadyAttached(format!(
+                    "another endpoint of {:?} on this host is named {name:?} ({}): give this one another name",
+                    net.name, e.ip
+                ))
+                .into());
+            }
             return Err(AlreadyAttached(format!(
                 "{ns_path:?} is already attached to {:?} as {:?} ({}): detach it first",
                 net.name, e.name, e.ip
