@@ -241,29 +241,34 @@ fn a_ctr_run_cni_container_joins_pings_across_hosts_and_is_withdrawn_when_its_ta
     let target = podman.ip("target").unwrap();
     let ctr = Containerd::start(&c.hosts[1], &c.agents[1], "web").unwrap();
     // PID 1 of the container leaves on SIGTERM, so that `ctr run` ends as it does for a user.
-    ctr.run_cni("c1", &["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.1; done"]).unwrap();
-    let name = Containerd::cni_container_id("c1");
-    let out = ctr.exec("c1", &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]).unwrap();
-    let ip: Ipv4Addr = out
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|c| c.split('/').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no address on eth0 of the ctr container: {out}"));
-    ctr.exec("c1", &["ping", "-c", "3", "-W", "1", &target.to_string()]).unwrap();
+    let pid1 = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.1; done"];
+    // Its address as its host lists it (ctr's exec may lose a short output).
+    let ip_of = |id: &str| -> Ipv4Addr {
+        let name = Containerd::cni_container_id(id);
+        wait_for(T, &format!("{name} on h2"), || listed(&c.agents[1]).into_iter().find(|(n, _)| *n == name)).unwrap().1
+    };
+    // Two containers whose names (ctr gives `<namespace>-<id>`) differ only past 12 characters.
+    ctr.run_cni("worker-1", &pid1).unwrap();
+    ctr.run_cni("worker-2", &pid1).unwrap();
+    let (name, other) = (Containerd::cni_container_id("worker-1"), Containerd::cni_container_id("worker-2"));
+    let (ip, other_ip) = (ip_of("worker-1"), ip_of("worker-2"));
+    ctr.exec("worker-1", &["ping", "-c", "3", "-W", "1", &target.to_string()]).unwrap();
+    ctr.exec("worker-2", &["ping", "-c", "1", "-W", "1", &ip.to_string()]).unwrap();
     await_listed(&c, &name, ip);
+    await_listed(&c, &other, other_ip);
 
     // The task exits: ctr tears the network down (DEL with an empty CNI_NETNS) and succeeds.
     let stopped = Instant::now();
-    ctr.kill("c1", "SIGTERM").unwrap();
+    ctr.kill("worker-1", "SIGTERM").unwrap();
     let took = await_withdrawn(&c, &name, stopped);
-    let exit = ctr.wait_run("c1", T).unwrap();
+    let exit = ctr.wait_run("worker-1", T).unwrap();
     eprintln!("ctr task exit -> withdrawn on every host: {took:?}");
-    assert!(exit.success(), "ctr run failed at the end ({exit}): {}", ctr.run_output("c1"));
+    assert!(exit.success(), "ctr run failed at the end ({exit}): {}", ctr.run_output("worker-1"));
     assert!(took <= WITHDRAW_BOUND, "listed {took:?} after the task was told to exit");
-    assert_eq!(ovl_veths(&c.hosts[1]), Vec::<String>::new(), "a veth of the ctr container stayed on h2");
-    // The podman container on the other host is still fine.
-    assert!(listed(&c.agents[1]).iter().any(|(n, i)| n == "target" && *i == target));
+    assert_eq!(ovl_veths(&c.hosts[1]).len(), 1, "a veth of worker-1 stayed on h2");
+    // The others are still there.
+    let left = listed(&c.agents[0]);
+    assert!(left.contains(&("target".into(), target)) && left.contains(&(other, other_ip)), "{left:?}");
 }
 
 #[test]
