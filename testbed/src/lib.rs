@@ -10,7 +10,8 @@
 //! the two-host overlayd / kernel VXLAN / plain veth comparisons the demo and the benchmark use;
 //! [`peers`] sets up the userspace tunnels users pick instead (tinc, n2n, nebula, vpncloud) as
 //! further paths of those comparisons; [`runtimes`] runs podman and containerd in a host, with
-//! overlayd as their CNI plugin.
+//! overlayd as their CNI plugin, and [`dockerd`] a Docker daemon with overlayd as its network
+//! driver.
 //!
 //! **Safety.** Every namespace carries a prefix unique to this process and testbed
 //! (`ovtb-<pid>-<n>`); the switch has no uplink and no namespace has a default route, so all
@@ -22,6 +23,7 @@
 //! **What it is not.** Production code, or a mock: nothing here stands in for overlayd.
 
 pub mod cluster;
+pub mod dockerd;
 pub mod measure;
 pub mod netns;
 pub mod peers;
@@ -677,6 +679,10 @@ impl Host {
             None => netns::command(&self.node.ns, &inner.options.overlayd),
         };
         cmd.arg("--state-dir").arg(&state_dir).arg("daemon");
+        // Docker's plugin sockets are one directory for the whole machine: each host's driver
+        // gets a name of its own (its namespace's), which a test's dockerd uses with `-d`.
+        cmd.env("OVERLAYD_DOCKER_PLUGIN", &self.node.ns);
+        cmd.env("OVERLAYD_DOCKER_HOST", format!("unix://{}", dockerd::socket_of(&self.node.ns).display()));
         cmd.args(args.iter().map(AsRef::as_ref));
         let filter = inner.options.log_filter.clone().or_else(|| std::env::var("OVERLAYD_LOG").ok());
         cmd.env("OVERLAYD_LOG", filter.unwrap_or_else(|| "info".into()));
