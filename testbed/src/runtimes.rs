@@ -273,7 +273,7 @@ fn kill_if_alive(pid: u32, word: &str) {
 /// from its directory `dir` (named by its prefix): podman's containers (`podman rm`, inside a
 /// network namespace of its own that goes with it, as the host's is gone) and their runc state,
 /// ctr's containers (runc on the root the harness gave ctr) and their shims' sockets, ctr's CNI
-/// files, and what was mounted under `dir`.
+/// files, libcni's cached results of them all, and what was mounted under `dir`.
 pub(crate) fn sweep_stale_dir(dir: &Path) {
     let quiet = |mut c: Command| c.stdin(Stdio::null()).stderr(Stdio::null()).output().ok();
     let runc = |root: &Path, args: &[&str]| {
@@ -286,9 +286,14 @@ pub(crate) fn sweep_stale_dir(dir: &Path) {
         std::thread::sleep(Duration::from_millis(100));
         runc(root, &["delete", "--force", id]);
     };
+    // The ids the plugin was called with, whose results libcni cached (their DEL cannot reach
+    // the daemon, which is gone too).
+    let mut cni_ids: Vec<String> = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let (name, d) = (entry.file_name().to_string_lossy().into_owned(), entry.path());
         if name.starts_with("podman-") && d.join("storage").exists() {
+            let containers = std::fs::read_dir(d.join("storage/vfs-containers")).into_iter().flatten().flatten();
+            cni_ids.extend(containers.map(|e| e.file_name().to_string_lossy().into_owned()));
             let mut c = Command::new("unshare");
             c.args(["--net", "--", "podman", "--root"]).arg(d.join("storage"));
             c.arg("--runroot").arg(d.join("run")).arg("--tmpdir").arg(d.join("tmp"));
@@ -317,6 +322,11 @@ pub(crate) fn sweep_stale_dir(dir: &Path) {
             let tasks = d.join("state/io.containerd.runtime.v2.task");
             for ns in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
                 for task in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                    cni_ids.push(format!(
+                        "{}-{}",
+                        ns.file_name().to_string_lossy(),
+                        task.file_name().to_string_lossy()
+                    ));
                     let key = d.join("containerd.sock").join(ns.file_name()).join(task.file_name());
                     let Ok(mut child) = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()
                     else {
@@ -330,6 +340,13 @@ pub(crate) fn sweep_stale_dir(dir: &Path) {
                     }
                 }
             }
+        }
+    }
+    // libcni names them `<network>-<container id>-<ifname>`.
+    for f in std::fs::read_dir("/var/lib/cni/results").into_iter().flatten().flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        if cni_ids.iter().any(|id| name.contains(&format!("-{id}-"))) {
+            let _ = std::fs::remove_file(f.path());
         }
     }
     if let Some(prefix) = dir.file_name().and_then(|n| n.to_str()) {
