@@ -3,7 +3,7 @@
 //! - `docker network create -d overlayd --ipam-driver overlayd web` makes the overlayd network
 //!   `web` with the cluster's address plan (every host sees it); `docker run --network web`
 //!   gives the container an address of its host's block and the network's gateway, it pings a
-//!   container on the other host, every host lists it by its Docker name, `docker rm -f`
+//!   podman container on the other host (and back), every host lists it by its Docker name, `docker rm -f`
 //!   withdraws it everywhere; `--ip` works within the block and is refused outside it;
 //! - an overlayd network made with `overlayd network create` appears in Docker, and goes when
 //!   it is removed;
@@ -26,6 +26,7 @@ use serde_json::Value;
 use testbed::cluster::Cluster;
 use testbed::dockerd::Dockerd;
 use testbed::measure::wait_for;
+use testbed::runtimes::Podman;
 use testbed::{Agent, Options, Testbed};
 
 const T: Duration = Duration::from_secs(20);
@@ -105,8 +106,10 @@ fn docker_containers_join_the_overlay_reach_the_other_host_and_leave_it() {
     assert!(made, "web is not an overlayd network on the other host");
     eprintln!("docker network create → overlayd network on every host: {:?}", started.elapsed());
 
-    // A container on the other host, attached by hand.
-    let (peer, peer_ip) = c.attach(1, "web", "peer").expect("attach on host 1");
+    // A podman container on the other host (overlayd as its CNI plugin).
+    let podman = Podman::new(&c.hosts[1], &c.agents[1], "web").expect("podman on host 1");
+    podman.run("peer", &[]).expect("podman run");
+    let peer_ip = podman.ip("peer").unwrap();
 
     let started = Instant::now();
     let id = docker.run("c1", "web", &[]).expect("docker run");
@@ -116,7 +119,7 @@ fn docker_containers_join_the_overlay_reach_the_other_host_and_leave_it() {
     let out = docker.docker(&["exec", "c1", "ping", "-c", "1", "-W", "5", &peer_ip.to_string()]);
     eprintln!("docker run → first ping across hosts: {:?}", started.elapsed());
     out.expect("c1 pings the container on the other host");
-    peer.ping_ok(IpAddr::V4(ip), 2).expect("the other host's container pings c1");
+    podman.exec("peer", &["ping", "-c", "1", "-W", "5", &ip.to_string()]).expect("the podman container pings c1");
     // Its gateway is the network's: no docker_gwbridge, no second interface.
     let routes = docker.docker(&["exec", "c1", "ip", "route"]).unwrap();
     let gw = c.agents[0].json(&["network", "inspect", "web"]).unwrap()["network"]["gateway"]
@@ -141,7 +144,10 @@ fn docker_containers_join_the_overlay_reach_the_other_host_and_leave_it() {
     .unwrap();
     assert!(gone, "c1 still listed: {:?}", listed(&c.agents[1], "web"));
     eprintln!("docker rm -f → withdrawn on the other host: {:?}", started.elapsed());
-    assert!(peer.ping(IpAddr::V4(ip), 1).map(|p| p.received == 0).unwrap_or(true), "c1's address still answers");
+    assert!(
+        podman.exec("peer", &["ping", "-c", "1", "-W", "1", &ip.to_string()]).is_err(),
+        "c1's address still answers"
+    );
 
     // An overlayd network appears in Docker (with its subnet, so --ip works there: Docker
     // takes --ip only on networks with a configured subnet), and goes when it is removed.
