@@ -106,6 +106,16 @@ fn docker_containers_join_the_overlay_reach_the_other_host_and_leave_it() {
     assert!(made, "web is not an overlayd network on the other host");
     eprintln!("docker network create → overlayd network on every host: {:?}", started.elapsed());
 
+    // --internal reaches overlayd: no way out of that network.
+    docker
+        .docker(&["network", "create", "-d", &plugin, "--ipam-driver", &plugin, "--internal", "priv"])
+        .expect("docker network create --internal");
+    let internal = wait_for(T, "the overlayd network priv", || {
+        c.agents[0].json(&["network", "inspect", "priv"]).ok().map(|v| v["network"]["internal"] == true)
+    })
+    .unwrap();
+    assert!(internal, "{}", c.agents[0].json(&["network", "inspect", "priv"]).unwrap());
+
     // A podman container on the other host (overlayd as its CNI plugin).
     let podman = Podman::new(&c.hosts[1], &c.agents[1], "web").expect("podman on host 1");
     podman.run("peer", &[]).expect("podman run");
