@@ -250,10 +250,38 @@ db_error_via_redb!(redb::TransactionError, redb::TableError, redb::StorageError,
 /// What the state machine holds, in memory and (as one JSON record) on disk. A snapshot is this
 /// record too.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(try_from = "UncheckedApplied")]
 struct Applied {
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, RaftNode>,
     state: ClusterState,
+}
+
+/// [`Applied`] as JSON has it, before its state is checked.
+#[derive(Deserialize)]
+struct UncheckedApplied {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, RaftNode>,
+    state: ClusterState,
+}
+
+impl TryFrom<UncheckedApplied> for Applied {
+    type Error = String;
+
+    /// A state that files a node under another node's id, or a network under another
+    /// network's name, is damaged: commands would find the wrong record, or miss it and make a
+    /// second one. Whichever manager reads it (from its disk, or as a snapshot) refuses it, so
+    /// no replica ever holds it.
+    fn try_from(a: UncheckedApplied) -> Result<Applied, String> {
+        let s = &a.state;
+        if let Some((id, n)) = s.nodes.iter().find(|(id, n)| **id != n.id) {
+            return Err(format!("the state files node {} under id {id}", n.id));
+        }
+        if let Some((name, n)) = s.networks.iter().find(|(name, n)| **name != n.name) {
+            return Err(format!("the state files network {:?} under the name {name:?}", n.name));
+        }
+        Ok(Applied { last_applied: a.last_applied, membership: a.membership, state: a.state })
+    }
 }
 
 /// The cluster state a snapshot's data holds (another manager sent it, or it is the state
@@ -1046,6 +1074,20 @@ mod tests {
             })
             .collect();
         assert_eq!(summary, [(1, "m1"), (2, "other node"), (3, "network"), (4, "block")]);
+    }
+
+    /// Found by the `raft_payload` fuzz target: a snapshot whose state files network "blue"
+    /// under the name "$lue" (one byte changed) was taken as it was; `network create blue`
+    /// would then have made a second "blue".
+    #[test]
+    fn a_snapshot_that_files_a_network_under_another_name_is_refused() {
+        let input = include_bytes!("../testdata/fuzz/raft_payload-network_under_another_name");
+        let data = &input[1..]; // after the target's selector byte: a snapshot's data
+        let err = snapshot_state(data).unwrap_err();
+        assert!(err.to_string().contains("network \"blue\" under the name \"$lue\""), "{err}");
+        let repaired = String::from_utf8(data.to_vec()).unwrap().replace("\"$lue\"", "\"blue\"");
+        let state = snapshot_state(repaired.as_bytes()).unwrap();
+        assert!(state.networks.contains_key("blue"));
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! under any sequence of decoded records and anti-entropy completions.
 #![no_main]
 
-use control::gossip::record::{PUBLIC_KEY_LEN, Record, RecordError, SIGNATURE_LEN};
+use control::gossip::record::{Record, RecordError, SIGNATURE_LEN};
 use control::gossip::sync::{self, SyncMessage};
 use control::gossip::tables::{Applied, EndpointTables, Position};
 use control_fuzz::Input;
@@ -20,7 +20,8 @@ fn record(wire: &[u8]) {
             Err(e) => assert_eq!(e, RecordError::Forged),
         }
     }
-    assert_eq!(r.verify(&[0; PUBLIC_KEY_LEN]), Err(RecordError::Forged));
+    // Nothing is checked against a key that signed none of these: a small-order key (all
+    // zeros, say) verifies crafted signatures, as Ed25519 allows. Hosts' keys come from ring.
     assert!(wire.len() > SIGNATURE_LEN);
     let _ = r.slot();
 }

@@ -1245,7 +1245,13 @@ impl GossipNode {
     /// into events.
     fn flush(&mut self, out: &mut Output) {
         let first = out.datagrams.len();
+        let me = self.identity().node;
         for (to, data) in self.outbox.sends.drain(..) {
+            // SWIM keeps this host's earlier lives (before a restart) that members still speak
+            // of as down members, and announces to down members now and then: never to itself.
+            if to.node == me {
+                continue;
+            }
             let mut sealed = Vec::with_capacity(data.len() + OVERHEAD);
             self.sealer.seal(to.node, Kind::Swim, &data, &mut sealed);
             out.datagrams.push((to.addr, sealed));
@@ -1684,6 +1690,32 @@ mod tests {
         let r = lab.replay(0, 1, &old_life, 1);
         assert_eq!((r.answered, r.grew(|c| c.rx_stale_generation)), (0, old_life.len() as u64), "{:?}", r.after);
         assert_eq!(lab.endpoints(1, 0), vec![key(2)]);
+    }
+
+    /// Found by the `gossip_datagram` fuzz target: a member speaks of this host's earlier life
+    /// (a generation before a restart) as alive. SWIM records that life as down, and announces
+    /// now and then to down members, so this host sent datagrams to itself. It sends none.
+    #[test]
+    fn a_host_never_sends_to_an_earlier_life_of_its_own() {
+        use foca::{Codec as _, Header, Message};
+        let mut lab = Lab::new(3);
+        let me = lab.nodes[0].identity().clone();
+        let earlier = Peer { generation: me.generation - 1, ..me.clone() };
+        let from = lab.nodes[2].identity().clone();
+        // Host 3's SWIM gossip to host 1, with one update: host 1's earlier life is alive.
+        let mut payload = Vec::new();
+        let header = Header { src: from, src_incarnation: 0, dst: me, message: Message::Gossip };
+        PostcardCodec.encode_header(&header, &mut payload).unwrap();
+        payload.extend_from_slice(&1u16.to_be_bytes());
+        PostcardCodec.encode_member(&Member::alive(earlier), &mut payload).unwrap();
+        let sealed = lab.nodes[2].seal(1, Kind::Swim, &payload);
+        let out = lab.deliver(2, 0, sealed);
+        lab.dispatch(0, out);
+        lab.run(Duration::from_secs(20));
+        let to_itself = lab.wire.iter().filter(|(from, to, _)| from == to).count();
+        assert_eq!(to_itself, 0, "datagrams host 1 sent itself");
+        assert_eq!(lab.nodes[0].counters().rx_misdirected, 0);
+        assert!((2..=3).all(|n| lab.nodes[0].is_alive(n)), "{:?}", lab.nodes[0].peers());
     }
 
     /// What host 0 sent host 1, replayed to host 2: sealed for another host, refused.
