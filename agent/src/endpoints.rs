@@ -93,6 +93,8 @@ impl Origin {
 
 /// The longest endpoint name or alias (a DNS label's limit).
 const MAX_NAME_LEN: usize = 63;
+/// The most aliases an endpoint has: what a gossip record carries.
+const MAX_ALIASES: usize = control::gossip::record::MAX_ALIASES;
 
 fn check_name(what: &str, name: &str) -> Result<()> {
     if name.is_empty()
@@ -457,7 +459,9 @@ pub fn to_pb(e: &LocalEndpoint, node: NodeId, node_name: &str) -> pb::Endpoint {
     }
 }
 
-/// This host's endpoints as gossip carries them (those of networks the view knows).
+/// This host's endpoints as gossip carries them (those of networks the view knows), with
+/// their aliases (the first [`MAX_ALIASES`]: an endpoint attached before the bound has all
+/// its aliases here, and a record with more would be refused by every host).
 pub fn gossiped(
     view: &ClusterView,
     store: &EndpointStore,
@@ -469,7 +473,11 @@ pub fn gossiped(
             let vni = view.networks.get(&e.network)?.vni;
             Some((
                 control::gossip::EndpointKey { vni, ip: e.ip },
-                control::gossip::Endpoint { mac: e.mac.0, name: e.name.clone() },
+                control::gossip::Endpoint {
+                    mac: e.mac.0,
+                    name: e.name.clone(),
+                    aliases: e.aliases.iter().take(MAX_ALIASES).cloned().collect(),
+                },
             ))
         })
         .collect()
@@ -497,6 +505,9 @@ impl ClusterRuntime {
         check_name("the endpoint name", &name)?;
         for a in &req.aliases {
             check_name("the alias", a)?;
+        }
+        if req.aliases.len() > MAX_ALIASES {
+            bail!("{} aliases: an endpoint has at most {MAX_ALIASES}", req.aliases.len());
         }
         let view = self.follower.view();
         let net = view
@@ -966,6 +977,33 @@ mod tests {
         assert_eq!(r.removed.iter().map(|(v, _)| v.as_str()).collect::<Vec<_>>(), ["ovl2", "ovl3"]);
         assert!(r.removed[1].1.contains("address"), "{:?}", r.removed);
         assert_eq!(remove, ["ovl2", "ovl3"]);
+    }
+
+    #[test]
+    fn gossip_carries_the_aliases_of_endpoints_of_known_networks_within_the_bound() {
+        let mut view = ClusterView::default();
+        let net = |name: &str, vni| control::state::Network {
+            name: name.into(),
+            vni,
+            subnet: "10.128.0.0/16".parse().unwrap(),
+            gateway: Ipv4Addr::new(10, 128, 0, 1),
+            mtu: 1450,
+            block_prefix: 24,
+            created_at: 0,
+            internal: false,
+        };
+        view.networks.insert("a".into(), net("a", 4096));
+        let mut s = EndpointStore::default();
+        let mut web = ep("a", [10, 128, 0, 2]);
+        web.aliases = (0..MAX_ALIASES + 3).map(|i| format!("alias{i}")).collect();
+        s.endpoints.push(web.clone());
+        s.endpoints.push(ep("unknown", [10, 129, 0, 2]));
+        let g = gossiped(&view, &s);
+        assert_eq!(g.len(), 1, "an endpoint of a network the view does not know is not gossiped");
+        let (k, e) = &g[0];
+        assert_eq!((k.vni, k.ip, e.mac, e.name.as_str()), (4096, web.ip, web.mac.0, web.name.as_str()));
+        assert_eq!(e.aliases, web.aliases[..MAX_ALIASES], "the first aliases, as many as a record carries");
+        assert!(e.within_bounds());
     }
 
     #[test]

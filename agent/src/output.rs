@@ -197,13 +197,14 @@ pub fn peers(r: &pb::PeersReply) -> String {
     let get = |k: &str| c.get(k).copied().unwrap_or(0);
     let _ = writeln!(
         o,
-        "\ngossip: {} datagrams in, {} out; refused: {} not gossip, {} bad key, {} malformed, {} replayed, \
+        "\ngossip: {} datagrams in, {} out; refused: {} not gossip, {} of another overlayd version, {} bad key, {} malformed, {} replayed, \
          {} of a sender's earlier life, {} for another host, {} from hosts outside the cluster; \
          records: {} applied, {} forged, {} of unknown hosts, {} malformed; {} repaired by anti-entropy; \
          swim: {} late probe cycles, {} records too big to piggyback, {} other errors",
         get("rx_datagrams"),
         get("tx_datagrams"),
         get("rx_not_gossip"),
+        get("rx_other_version"),
         get("rx_bad_auth"),
         get("rx_malformed"),
         get("rx_replayed"),

@@ -314,7 +314,10 @@ fn gossip_refuses_wrong_keys_forgeries_and_garbage_and_counts_them() {
         2,
         a_epoch,
         a_version + 1000,
-        Change::Put(EndpointKey { vni, ip: stolen }, Endpoint { mac: [2, 0x4f, 1, 2, 3, 4], name: "evil".into() }),
+        Change::Put(
+            EndpointKey { vni, ip: stolen },
+            Endpoint { mac: [2, 0x4f, 1, 2, 3, 4], name: "evil".into(), aliases: Vec::new() },
+        ),
     );
     let claim_msg = SyncMessage::Records {
         owner: 2,

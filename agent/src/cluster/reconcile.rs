@@ -221,7 +221,10 @@ mod tests {
 
     fn endpoint(ip: [u8; 4]) -> (EndpointKey, Endpoint) {
         let ip = Ipv4Addr::from(ip);
-        (EndpointKey { vni: VNI, ip }, Endpoint { mac: MacAddr::from_ipv4(ip).0, name: format!("c{ip}") })
+        (
+            EndpointKey { vni: VNI, ip },
+            Endpoint { mac: MacAddr::from_ipv4(ip).0, name: format!("c{ip}"), aliases: Vec::new() },
+        )
     }
 
     fn heard(alive: &[NodeId], endpoints: &[(NodeId, (EndpointKey, Endpoint))]) -> GossipView {

@@ -72,7 +72,7 @@ pub fn config() -> GossipConfig {
 pub fn endpoint(owner: NodeId, n: u8) -> (EndpointKey, Endpoint) {
     let ip = Ipv4Addr::new(10, 128, owner as u8, n);
     let o = ip.octets();
-    (EndpointKey { vni: 4096, ip }, Endpoint { mac: [2, 0x4f, o[0], o[1], o[2], o[3]], name: format!("c{owner}-{n}") })
+    (EndpointKey { vni: 4096, ip }, Endpoint { mac: [2, 0x4f, o[0], o[1], o[2], o[3]], name: format!("c{owner}-{n}"), aliases: Vec::new() })
 }
 
 /// Host 2's table as host 1 holds it when the script starts: its epoch, three puts, a delete.
@@ -356,6 +356,7 @@ impl Harness {
         let c = self.node.counters();
         assert_eq!(c.rx_datagrams, self.delivered, "every datagram counted");
         let refused = c.rx_not_gossip
+            + c.rx_other_version
             + c.rx_bad_auth
             + c.rx_replayed
             + c.rx_stale_generation

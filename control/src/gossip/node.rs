@@ -202,6 +202,9 @@ pub struct GossipCounters {
     pub tx_bytes: u64,
     /// Refused: not an overlayd gossip datagram.
     pub rx_not_gossip: u64,
+    /// Refused: an overlayd gossip datagram of another format version (its sender runs
+    /// another overlayd release; see [`super::seal`]).
+    pub rx_other_version: u64,
     /// Refused: does not authenticate under the cluster key.
     pub rx_bad_auth: u64,
     /// Authenticated but malformed (or a kind this version does not know).
@@ -286,6 +289,7 @@ impl GossipCounters {
             tx_datagrams,
             tx_bytes,
             rx_not_gossip,
+            rx_other_version,
             rx_bad_auth,
             rx_malformed,
             rx_replayed,
@@ -313,6 +317,7 @@ impl GossipCounters {
         self.tx_datagrams += tx_datagrams;
         self.tx_bytes += tx_bytes;
         self.rx_not_gossip += rx_not_gossip;
+        self.rx_other_version += rx_other_version;
         self.rx_bad_auth += rx_bad_auth;
         self.rx_malformed += rx_malformed;
         self.rx_replayed += rx_replayed;
@@ -698,6 +703,7 @@ impl GossipNode {
                 let mut s = lock(&self.shared);
                 match e {
                     SealError::NotGossip => s.counters.rx_not_gossip += 1,
+                    SealError::OtherVersion(_) => s.counters.rx_other_version += 1,
                     SealError::BadAuth => s.counters.rx_bad_auth += 1,
                     SealError::UnknownKind(_) => s.counters.rx_malformed += 1,
                 }
@@ -1443,7 +1449,7 @@ mod tests {
     }
 
     fn endpoint(name: &str) -> Endpoint {
-        Endpoint { mac: [2, 0, 0, 0, 0, 2], name: name.into() }
+        Endpoint { mac: [2, 0, 0, 0, 0, 2], name: name.into(), aliases: Vec::new() }
     }
 
     impl Lab {
@@ -1822,7 +1828,7 @@ mod tests {
         let mut out = Output::default();
         node.start(&mut out);
         let key = EndpointKey { vni: 4096, ip: "10.0.0.2".parse().unwrap() };
-        node.put(key, Endpoint { mac: [2, 0, 0, 0, 0, 2], name: "web".into() }, &mut out);
+        node.put(key, Endpoint { mac: [2, 0, 0, 0, 0, 2], name: "web".into(), aliases: Vec::new() }, &mut out);
         let c = node.counters();
         assert_eq!(c.records_not_piggybacked, 2, "the epoch record and the put: {c:?}");
         assert_eq!(c.swim_unexpected, 0, "{c:?}");

@@ -20,8 +20,11 @@ use crate::state::NodeId;
 pub const SIGNATURE_LEN: usize = 64;
 /// Length of a public key.
 pub const PUBLIC_KEY_LEN: usize = 32;
-/// Longest endpoint name.
+/// Longest endpoint name, and longest alias.
 pub const MAX_NAME_LEN: usize = 64;
+/// Most aliases an endpoint record carries: with [`MAX_NAME_LEN`], a record stays under 800
+/// bytes, so that it fits one gossip datagram beside SWIM's own messages.
+pub const MAX_ALIASES: usize = 8;
 
 /// Where an endpoint is: its network (by VNI) and address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -39,6 +42,24 @@ pub struct Endpoint {
     pub mac: [u8; 6],
     /// The endpoint's name (as given at attach).
     pub name: String,
+    /// Other names it answers to on its network (`attach --alias`, CNI's and Docker's
+    /// aliases), for every host's DNS resolver: at most [`MAX_ALIASES`], each at most
+    /// [`MAX_NAME_LEN`] bytes.
+    ///
+    /// Added in gossip format version 3 (see [`super::seal`]): a record is postcard, which
+    /// has no room for fields an older decoder does not know (it refuses trailing bytes), so
+    /// the datagram format's version went up with it and hosts of mixed versions refuse each
+    /// other's datagrams, counted as `rx_other_version`, rather than misread them.
+    pub aliases: Vec<String>,
+}
+
+impl Endpoint {
+    /// Whether its name and aliases are within the bounds every host enforces on records.
+    pub fn within_bounds(&self) -> bool {
+        self.name.len() <= MAX_NAME_LEN
+            && self.aliases.len() <= MAX_ALIASES
+            && self.aliases.iter().all(|a| a.len() <= MAX_NAME_LEN)
+    }
 }
 
 /// The change a record makes.
@@ -83,7 +104,8 @@ pub enum RecordError {
     /// Not a record (bad encoding, trailing bytes, too short for a signature).
     #[error("malformed endpoint record")]
     Malformed,
-    /// An endpoint name longer than [`MAX_NAME_LEN`], or version 0.
+    /// An endpoint name or alias longer than [`MAX_NAME_LEN`], more than [`MAX_ALIASES`]
+    /// aliases, or version 0.
     #[error("endpoint record out of bounds")]
     OutOfBounds,
     /// The signature does not verify under the owner's key.
@@ -172,7 +194,7 @@ impl Record {
             return Err(RecordError::Malformed);
         }
         let change = body.change;
-        if body.version == 0 || matches!(&change, Change::Put(_, e) if e.name.len() > MAX_NAME_LEN) {
+        if body.version == 0 || matches!(&change, Change::Put(_, e) if !e.within_bounds()) {
             return Err(RecordError::OutOfBounds);
         }
         Ok(Record(Arc::new(RecordData {
@@ -211,7 +233,11 @@ mod tests {
     fn put() -> Change {
         Change::Put(
             EndpointKey { vni: 4096, ip: Ipv4Addr::new(10, 128, 1, 2) },
-            Endpoint { mac: [2, 0x4f, 10, 128, 1, 2], name: "web-1".into() },
+            Endpoint {
+                mac: [2, 0x4f, 10, 128, 1, 2],
+                name: "web-1".into(),
+                aliases: vec!["www".into(), "front".into()],
+            },
         )
     }
 
@@ -246,9 +272,73 @@ mod tests {
         assert!(Record::decode(&long).is_err() || Record::decode(&long).unwrap().verify(&a.public_key()).is_err());
         let big = Change::Put(
             EndpointKey { vni: 1, ip: Ipv4Addr::new(10, 0, 0, 9) },
-            Endpoint { mac: [0; 6], name: "x".repeat(65) },
+            Endpoint { mac: [0; 6], name: "x".repeat(65), aliases: Vec::new() },
         );
         assert_eq!(Record::decode(Record::sign(&a, 1, 1, 1, big).wire()), Err(RecordError::OutOfBounds));
         assert_eq!(Record::decode(Record::sign(&a, 1, 1, 0, put()).wire()), Err(RecordError::OutOfBounds));
+    }
+
+    fn with_aliases(aliases: Vec<String>) -> Change {
+        Change::Put(
+            EndpointKey { vni: 1, ip: Ipv4Addr::new(10, 0, 0, 9) },
+            Endpoint { mac: [2, 0x4f, 10, 0, 0, 9], name: "n".repeat(MAX_NAME_LEN), aliases },
+        )
+    }
+
+    #[test]
+    fn aliases_travel_within_their_bounds_and_the_largest_record_fits_a_datagram() {
+        let a = Signer::generate();
+        let most = vec!["a".repeat(MAX_NAME_LEN); MAX_ALIASES];
+        let r = Record::sign(&a, 7, 1, 1, with_aliases(most.clone()));
+        let back = Record::decode(r.wire()).unwrap();
+        assert!(matches!(&back.change, Change::Put(_, e) if e.aliases == most));
+        assert_eq!(back.verify(&a.public_key()), Ok(()));
+        // The gossip payload is 1400 - 52 bytes; a record must leave room for SWIM's own.
+        assert!(r.wire().len() < 800, "{} bytes", r.wire().len());
+        let mut too_many = most.clone();
+        too_many.push("b".into());
+        let too_long = vec!["a".repeat(MAX_NAME_LEN + 1)];
+        for aliases in [too_many, too_long] {
+            let r = Record::sign(&a, 7, 1, 1, with_aliases(aliases.clone()));
+            assert_eq!(Record::decode(r.wire()), Err(RecordError::OutOfBounds), "{aliases:?}");
+        }
+    }
+
+    /// A put as gossip format version 2 encoded it (no aliases), and what a version-2 decoder
+    /// made of version 3's: neither is taken for the other.
+    #[test]
+    fn records_of_the_format_before_aliases_do_not_parse_and_vice_versa() {
+        #[derive(Serialize, Deserialize)]
+        struct OldEndpoint {
+            mac: [u8; 6],
+            name: String,
+        }
+        #[derive(Serialize, Deserialize)]
+        enum OldChange {
+            Epoch,
+            Put(EndpointKey, OldEndpoint),
+            Delete(EndpointKey),
+        }
+        #[derive(Serialize, Deserialize)]
+        struct OldBody {
+            owner: NodeId,
+            epoch: u64,
+            version: u64,
+            change: OldChange,
+        }
+        let key = EndpointKey { vni: 1, ip: Ipv4Addr::new(10, 0, 0, 9) };
+        let old = OldBody {
+            owner: 7,
+            epoch: 1,
+            version: 1,
+            change: OldChange::Put(key, OldEndpoint { mac: [2; 6], name: "web".into() }),
+        };
+        let mut wire = postcard::to_stdvec(&old).unwrap();
+        wire.extend_from_slice(&[0; SIGNATURE_LEN]);
+        assert_eq!(Record::decode(&wire), Err(RecordError::Malformed));
+        let new = Record::sign(&Signer::generate(), 7, 1, 1, with_aliases(vec!["www".into()]));
+        let body = &new.wire()[..new.wire().len() - SIGNATURE_LEN];
+        let (_, rest): (OldBody, _) = postcard::take_from_bytes(body).unwrap();
+        assert!(!rest.is_empty(), "a version-2 decoder finds trailing bytes, and refuses the record");
     }
 }

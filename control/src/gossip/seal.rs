@@ -11,7 +11,7 @@
 //! +------+---------+------------+----------------+-------------+--------------+--------------------------------+----------+
 //! ```
 //!
-//! Version 2; integers big-endian; the 35-byte header is the associated data.
+//! Version 3; integers big-endian; the 35-byte header is the associated data.
 //!
 //! - **sender**: the sending host's node id.
 //! - **generation**: the sender's epoch, which grows with every start of its agent and never
@@ -28,7 +28,10 @@
 //! bound, as long as a node id never runs twice in one generation.
 //!
 //! Version 1 (a random nonce, nothing identifying the sender) could be replayed at will;
-//! this version's datagrams do not open as version 1's and vice versa (`NotGossip`).
+//! version 2 had this envelope, with endpoint records that carried no aliases (see
+//! [`super::record::Endpoint::aliases`]). A datagram of another version is refused before it
+//! is opened (`OtherVersion`, counted as `rx_other_version`): hosts that run overlayd releases
+//! of different gossip versions do not hear each other, and say so in `overlayd peers`.
 //!
 //! The cluster key is rotated when a node is removed (it holds the old one). A host that
 //! learns the new key opens with both for a while, then seals with the new one
@@ -45,7 +48,7 @@ use crate::state::NodeId;
 /// Length of a gossip key.
 pub const KEY_LEN: usize = 32;
 const MAGIC: [u8; 2] = *b"og";
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 const TAG_LEN: usize = 16;
 /// HKDF salt of the per-sender keys (fixed: the cluster key is already random).
 const SALT: &[u8] = b"overlayd gossip";
@@ -81,9 +84,13 @@ pub enum Kind {
 /// Why a datagram was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SealError {
-    /// Too short, wrong magic or version: not an overlayd gossip datagram (of this version).
+    /// Too short or wrong magic: not an overlayd gossip datagram.
     #[error("not an overlayd gossip datagram")]
     NotGossip,
+    /// An overlayd gossip datagram of another format version (a host that runs another
+    /// overlayd release): the version it says.
+    #[error("a gossip datagram of format version {0}, not {VERSION}: the sender runs another overlayd release")]
+    OtherVersion(u8),
     /// Right shape, but it does not open under our key (another cluster, a forgery).
     #[error("does not authenticate under the cluster's gossip key")]
     BadAuth,
@@ -109,8 +116,11 @@ pub struct Header {
 impl Header {
     /// Reads the header of a datagram, not yet authenticated.
     pub fn parse(datagram: &[u8]) -> Result<Header, SealError> {
-        if datagram.len() < OVERHEAD || datagram[field::MAGIC] != MAGIC || datagram[field::VERSION] != VERSION {
+        if datagram.len() < OVERHEAD || datagram[field::MAGIC] != MAGIC {
             return Err(SealError::NotGossip);
+        }
+        if datagram[field::VERSION] != VERSION {
+            return Err(SealError::OtherVersion(datagram[field::VERSION]));
         }
         let u64_at = |r: std::ops::Range<usize>| u64::from_be_bytes(datagram[r].try_into().expect("8 bytes"));
         Ok(Header {
@@ -291,7 +301,7 @@ mod tests {
         let key = GossipKey::new(&[7; KEY_LEN]);
         let mut d = Vec::new();
         key.seal(&header(0x0102), Kind::Swim, b"x", &mut d);
-        assert_eq!(&d[..3], b"og\x02");
+        assert_eq!(&d[..3], b"og\x03");
         assert_eq!(d[3..11], 3u64.to_be_bytes());
         assert_eq!(d[11..19], 1_700_000_000_000_000u64.to_be_bytes());
         assert_eq!(d[19..27], 0x0102u64.to_be_bytes());
@@ -304,10 +314,13 @@ mod tests {
             changed[at + 7] ^= 1;
             assert_eq!(key.open(&mut changed), Err(SealError::BadAuth), "field at {at}");
         }
-        // Version 1's layout (magic, 1, a random nonce) is not this version's.
-        let mut v1 = d.clone();
-        v1[2] = 1;
-        assert_eq!(key.open(&mut v1), Err(SealError::NotGossip));
+        // Version 1's layout (magic, 1, a random nonce) and version 2's records are not this
+        // version's: refused by the version, before anything is opened.
+        for v in [1, 2] {
+            let mut old = d.clone();
+            old[2] = v;
+            assert_eq!(key.open(&mut old), Err(SealError::OtherVersion(v)));
+        }
     }
 
     #[test]
