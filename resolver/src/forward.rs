@@ -149,6 +149,9 @@ pub enum Transmit<C> {
         upstream: SocketAddr,
         /// Length of the query in `out`.
         len: usize,
+        /// The client it is for: after a timeout or a SERVFAIL the shell learns here which
+        /// transport the next try takes.
+        client: C,
     },
     /// Send `out[..len]` to `client`: the upstream's reply with the client's ID, or SERVFAIL.
     Client {
@@ -396,6 +399,7 @@ impl<C: Copy, R: RngCore> Forwarder<C, R> {
         };
         self.ids.insert(id, slot);
         let Slot { query, flight: Some(f) } = &mut self.slots[slot] else { return None };
+        let client = f.client;
         f.id = id;
         f.tries = tries + 1;
         f.upstream = upstream;
@@ -403,7 +407,7 @@ impl<C: Copy, R: RngCore> Forwarder<C, R> {
         out[..query.len()].copy_from_slice(query);
         out[..2].copy_from_slice(&id.to_be_bytes());
         counters.upstream_queries += 1;
-        Some(Transmit::Upstream { upstream, len: query.len() })
+        Some(Transmit::Upstream { upstream, len: query.len(), client })
     }
 
     /// Answers the client of `slot` SERVFAIL and frees the slot.
@@ -501,7 +505,10 @@ mod tests {
             let q = query(0x1111, name, rtype::A, CLASS_IN, None);
             let now = self.at(ms);
             match self.f.forward(&q, client, now, &mut self.out, &mut self.c) {
-                Some(Transmit::Upstream { upstream, len }) => (upstream, self.out[..len].to_vec()),
+                Some(Transmit::Upstream { upstream, len, client: c }) => {
+                    assert_eq!(c, client, "the transmit names its client");
+                    (upstream, self.out[..len].to_vec())
+                }
                 other => panic!("{other:?}"),
             }
         }
@@ -560,13 +567,13 @@ mod tests {
         let mut r = Run::new(3);
         let (_, first) = r.forward(5, "example.com", 0);
         let (t, second) = r.reply(up(1), &reply_to(&first, rcode::SERVFAIL), 10).unwrap();
-        assert_eq!(t, Transmit::Upstream { upstream: up(2), len: first.len() });
+        assert_eq!(t, Transmit::Upstream { upstream: up(2), len: first.len(), client: 5 });
         assert_ne!(id(&first), id(&second), "a fresh ID per upstream");
         // Upstream 1 answering late is not listened to any more.
         assert!(r.reply(up(1), &reply_to(&first, rcode::NOERROR), 20).is_none());
         assert_eq!(r.c.dropped_for(DropReason::ReplyUnknownId), 1);
         let (t, third) = r.reply(up(2), &reply_to(&second, rcode::REFUSED), 30).unwrap();
-        assert_eq!(t, Transmit::Upstream { upstream: up(3), len: first.len() });
+        assert_eq!(t, Transmit::Upstream { upstream: up(3), len: first.len(), client: 5 });
         let (t, back) = r.reply(up(3), &reply_to(&third, rcode::SERVFAIL), 40).unwrap();
         assert!(matches!(t, Transmit::Client { client: 5, .. }));
         let m = Message::from_vec(&back).unwrap();
@@ -582,11 +589,11 @@ mod tests {
         assert_eq!(r.f.poll_timeout(), Some(r.at(2000)));
         assert!(r.timeout(1999).is_none(), "not yet");
         let (t, second) = r.timeout(2000).unwrap();
-        assert_eq!(t, Transmit::Upstream { upstream: up(2), len: first.len() });
+        assert_eq!(t, Transmit::Upstream { upstream: up(2), len: first.len(), client: 5 });
         assert!(r.timeout(2000).is_none());
         assert_eq!(r.f.poll_timeout(), Some(r.at(4000)));
         let (t, _) = r.timeout(4000).unwrap();
-        assert_eq!(t, Transmit::Upstream { upstream: up(3), len: first.len() });
+        assert_eq!(t, Transmit::Upstream { upstream: up(3), len: first.len(), client: 5 });
         assert_eq!(r.f.poll_timeout(), Some(r.at(5000)), "third try cut to the 5 s deadline");
         let (t, back) = r.timeout(5000).unwrap();
         assert!(matches!(t, Transmit::Client { client: 5, .. }));
@@ -686,7 +693,7 @@ mod tests {
         let (_, sent) = r.forward(5, "example.com", 0);
         r.f.set_upstreams(Upstreams::new([up(8), up(9)]));
         let (t, _) = r.reply(up(1), &reply_to(&sent, rcode::SERVFAIL), 1).unwrap();
-        assert_eq!(t, Transmit::Upstream { upstream: up(9), len: sent.len() }, "the second of the new list");
+        assert_eq!(t, Transmit::Upstream { upstream: up(9), len: sent.len(), client: 5 }, "the second of the new list");
     }
 
     #[test]
