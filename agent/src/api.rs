@@ -304,6 +304,67 @@ impl pb::agent_server::Agent for AgentService {
         let c = self.managing().await?;
         join_token(&c, request.get_ref()).await.map(Response::new)
     }
+
+    async fn dns(&self, request: Request<pb::DnsRequest>) -> Result<Response<pb::DnsReply>, Status> {
+        let c = self.cluster().await?;
+        c.dns.report(&request.get_ref().network).map(Response::new).map_err(|e| Status::not_found(format!("{e:#}")))
+    }
+}
+
+/// Renders the DNS resolvers' counters as Prometheus text: `overlayd_dns_<family>_total` with
+/// the network and, for families with a label, the RCODE (`answers`) or the reason.
+pub fn dns_prometheus(reply: &pb::DnsReply) -> String {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    const HELP: &[(&str, &str)] = &[
+        ("queries", "Messages the DNS resolver received from containers."),
+        ("answers", "Replies sent to containers, by RCODE (the resolver's own and the upstreams')."),
+        ("nodata", "NOERROR replies without an answer (a name of the network, another type than A)."),
+        ("truncated", "UDP replies cut to the client's size, with TC set."),
+        ("internal_nxdomain", "Names not on an internal network, answered NXDOMAIN instead of forwarded."),
+        ("refused", "Queries answered REFUSED, by reason."),
+        ("forwarded", "Queries for names outside the overlay, handed to the upstreams."),
+        ("upstream_queries", "Queries sent to an upstream (first tries and retries)."),
+        ("upstream_failures", "Upstream tries that failed, by reason (the next upstream is asked)."),
+        ("forward_failed", "Forwarded queries answered SERVFAIL, by reason."),
+        ("malformed", "Malformed queries, answered FORMERR, by reason."),
+        ("dropped", "Messages that got no reply, by reason."),
+        ("tcp_connections", "TCP connections accepted."),
+    ];
+    // By family: (label, network, count).
+    type Rows<'a> = Vec<(Option<&'a str>, &'a str, u64)>;
+    let mut families: BTreeMap<&str, Rows<'_>> = BTreeMap::new();
+    for n in &reply.networks {
+        for (key, v) in &n.counters {
+            let (family, label) = match key.split_once(':') {
+                Some((f, l)) => (f, Some(l)),
+                None => (key.as_str(), None),
+            };
+            families.entry(family).or_default().push((label, n.name.as_str(), *v));
+        }
+    }
+    let mut out = String::new();
+    for (family, rows) in families {
+        let help = HELP.iter().find(|(f, _)| *f == family).map_or("DNS resolver counter.", |(_, h)| h);
+        let _ = writeln!(
+            out,
+            "# HELP overlayd_dns_{family}_total {help}
+# TYPE overlayd_dns_{family}_total counter"
+        );
+        let label_name = if family == "answers" { "rcode" } else { "reason" };
+        for (label, network, v) in rows {
+            match label {
+                Some(l) => {
+                    let _ =
+                        writeln!(out, "overlayd_dns_{family}_total{{network=\"{network}\",{label_name}=\"{l}\"}} {v}");
+                }
+                None => {
+                    let _ = writeln!(out, "overlayd_dns_{family}_total{{network=\"{network}\"}} {v}");
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Renders counters as Prometheus text (`overlayd_<what>_total`).
@@ -370,16 +431,17 @@ pub async fn serve_metrics(addr: Option<SocketAddr>, daemon: Arc<Daemon>) -> Res
             }
             let (code, body) = if request_line.starts_with("GET /metrics") {
                 let mode = daemon.mode.read().await;
-                let status = match &*mode {
-                    Mode::Cluster(c) => {
-                        pb::StatusReply { cluster: Some(c.status().await), ..c.host.status("cluster").await }
-                    }
+                let (status, dns) = match &*mode {
+                    Mode::Cluster(c) => (
+                        pb::StatusReply { cluster: Some(c.status().await), ..c.host.status("cluster").await },
+                        c.dns.report("").ok(),
+                    ),
                     m => match m.host() {
-                        Some(h) => h.status(m.name()).await,
-                        None => pb::StatusReply::default(),
+                        Some(h) => (h.status(m.name()).await, None),
+                        None => (pb::StatusReply::default(), None),
                     },
                 };
-                ("200 OK", prometheus(&status))
+                ("200 OK", prometheus(&status) + &dns.map(|d| dns_prometheus(&d)).unwrap_or_default())
             } else {
                 ("404 Not Found", "try GET /metrics\n".to_owned())
             };
@@ -437,5 +499,34 @@ mod tests {
         assert!(text.contains("overlayd_control_handshakes_total{result=\"completed\"} 4\n"), "{text}");
         assert!(text.contains("overlayd_control_connections_refused_total{reason=\"source_busy\"} 392\n"), "{text}");
         assert!(text.contains("overlayd_control_handshakes_in_progress 0"), "{text}");
+    }
+
+    #[test]
+    fn dns_counters_are_families_with_the_network_and_a_label() {
+        let mut counters = crate::dns::counter_map(&resolver::Counters::default(), &Default::default());
+        counters.insert("queries".into(), 12);
+        counters.insert("answers:nxdomain".into(), 3);
+        counters.insert("dropped:short_query".into(), 2);
+        let reply = pb::DnsReply {
+            networks: vec![pb::DnsNetwork {
+                name: "web".into(),
+                counters: counters.into_iter().collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = dns_prometheus(&reply);
+        for want in [
+            "# TYPE overlayd_dns_queries_total counter\noverlayd_dns_queries_total{network=\"web\"} 12\n",
+            "overlayd_dns_answers_total{network=\"web\",rcode=\"nxdomain\"} 3\n",
+            "overlayd_dns_answers_total{network=\"web\",rcode=\"noerror\"} 0\n",
+            "overlayd_dns_dropped_total{network=\"web\",reason=\"short_query\"} 2\n",
+            "overlayd_dns_upstream_failures_total{network=\"web\",reason=\"timeout\"} 0\n",
+            "overlayd_dns_forwarded_total{network=\"web\"} 0\n",
+            "overlayd_dns_truncated_total{network=\"web\"} 0\n",
+        ] {
+            assert!(text.contains(want), "{want:?} not in\n{text}");
+        }
+        assert_eq!(text.matches("# TYPE overlayd_dns_answers_total").count(), 1, "one family, many labels");
     }
 }

@@ -235,7 +235,8 @@ pub struct Attached {
     pub gateway: Ipv4Addr,
     pub mac: String,
     pub mtu: u32,
-    /// The resolver containers of the network use (none yet: empty).
+    /// The resolver containers of the network use: its gateway, where the network's DNS
+    /// resolver listens on every host (none for a network without one).
     pub nameservers: Vec<String>,
 }
 
@@ -502,6 +503,8 @@ fn status_error(s: tonic::Status) -> CniError {
 
 fn attached(e: &proto::Endpoint) -> Result<Attached, CniError> {
     let bad = |what: &str| CniError::new(code::DECODING_FAILURE, format!("the daemon answered with a bad {what}"));
+    let gateway =
+        if e.gateway.is_empty() { Ipv4Addr::UNSPECIFIED } else { e.gateway.parse().map_err(|_| bad("gateway"))? };
     Ok(Attached {
         network: e.network.clone(),
         container_id: e.container_id.clone(),
@@ -509,14 +512,10 @@ fn attached(e: &proto::Endpoint) -> Result<Attached, CniError> {
         netns: e.netns.clone(),
         ip: e.ip.parse().map_err(|_| bad("address"))?,
         prefix_len: u8::try_from(e.prefix_len).map_err(|_| bad("prefix length"))?,
-        gateway: if e.gateway.is_empty() {
-            Ipv4Addr::UNSPECIFIED
-        } else {
-            e.gateway.parse().map_err(|_| bad("gateway"))?
-        },
+        gateway,
         mac: e.mac.clone(),
         mtu: e.mtu,
-        nameservers: Vec::new(),
+        nameservers: if gateway.is_unspecified() { Vec::new() } else { vec![gateway.to_string()] },
     })
 }
 
@@ -689,6 +688,23 @@ mod tests {
         assert_eq!(out["cniVersion"], "0.4.0");
         let (out, _) = call(&Rc::default(), "ADD", &env("c3", ""), &MINIMAL.replace("1.0.0", "1.1.0"));
         assert_eq!(out["interfaces"][0]["mtu"], 1450, "1.1.0 results carry the MTU");
+    }
+
+    #[test]
+    fn the_result_names_the_networks_resolver_on_its_gateway() {
+        let e = proto::Endpoint {
+            network: "web".into(),
+            ip: "10.128.1.2".into(),
+            prefix_len: 16,
+            gateway: "10.128.0.1".into(),
+            mac: "02:4f:0a:80:01:02".into(),
+            ..Default::default()
+        };
+        let a = attached(&e).unwrap();
+        assert_eq!(a.nameservers, ["10.128.0.1"]);
+        assert_eq!(result("1.0.0", &a)["dns"], json!({"nameservers": ["10.128.0.1"]}));
+        let none = attached(&proto::Endpoint { gateway: String::new(), ..e }).unwrap();
+        assert_eq!(result("1.0.0", &none)["dns"], json!({}), "no gateway, no resolver");
     }
 
     #[test]

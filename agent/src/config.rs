@@ -56,10 +56,23 @@ pub struct DaemonSettings {
     #[arg(long, env = "OVERLAYD_DOCKER_HOST", default_value = "unix:///run/docker.sock", value_name = "URL")]
     pub docker_host: String,
 
+    /// Cluster mode: the TTL, in seconds, of the answers the embedded DNS resolver gives for
+    /// containers' names (short, so that a container that went leaves clients' caches soon).
+    #[arg(long, env = "OVERLAYD_DNS_TTL", default_value_t = resolver::answer::DEFAULT_TTL, value_name = "SECONDS")]
+    pub dns_ttl: u32,
+
+    /// Cluster mode: the resolv.conf whose nameservers the embedded DNS resolver forwards
+    /// other names to (read again when it changes).
+    #[arg(long, env = "OVERLAYD_DNS_UPSTREAMS_FILE", default_value = DEFAULT_DNS_UPSTREAMS_FILE, value_name = "FILE")]
+    pub dns_upstreams_file: std::path::PathBuf,
+
     #[command(flatten)]
     #[serde(flatten)]
     pub dataplane: DataplaneSettings,
 }
+
+/// Where the embedded resolver finds its upstreams unless told.
+pub const DEFAULT_DNS_UPSTREAMS_FILE: &str = "/etc/resolv.conf";
 
 impl Default for DaemonSettings {
     fn default() -> DaemonSettings {
@@ -71,6 +84,8 @@ impl Default for DaemonSettings {
             log: "info".into(),
             docker_plugin: "overlayd".into(),
             docker_host: "unix:///run/docker.sock".into(),
+            dns_ttl: resolver::answer::DEFAULT_TTL,
+            dns_upstreams_file: DEFAULT_DNS_UPSTREAMS_FILE.into(),
             dataplane: DataplaneSettings::default(),
         }
     }
@@ -486,6 +501,17 @@ mod tests {
         let flag = daemon(&["--log", "info", "--offloads", "all"], file).unwrap();
         assert_eq!(flag.settings.log, "info", "a flag given wins even when it says the default");
         assert!(flag.settings.dataplane.offloads.coalesce);
+    }
+
+    #[test]
+    fn the_dns_ttl_and_upstreams_come_from_the_flag_then_the_file_then_the_default() {
+        let c = daemon(&[], "").unwrap();
+        assert_eq!((c.settings.dns_ttl, c.settings.dns_upstreams_file.to_str()), (5, Some("/etc/resolv.conf")));
+        let file = "dns_ttl = 30\ndns_upstreams_file = \"/run/test/resolv.conf\"\n";
+        let c = daemon(&[], file).unwrap();
+        assert_eq!((c.settings.dns_ttl, c.settings.dns_upstreams_file.to_str()), (30, Some("/run/test/resolv.conf")));
+        let c = daemon(&["--dns-ttl", "1"], file).unwrap();
+        assert_eq!(c.settings.dns_ttl, 1, "the flag wins");
     }
 
     #[test]

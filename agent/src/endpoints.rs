@@ -26,6 +26,7 @@ use tokio::sync::Mutex;
 
 use crate::attach::{self, Netns};
 use crate::cluster::{ClusterRuntime, ENDPOINTS_FILE};
+use crate::dns::resolv_conf;
 use crate::host::LocalNetwork;
 use crate::{netdev, statefile};
 
@@ -639,6 +640,9 @@ impl ClusterRuntime {
             return Err(e);
         }
         self.gossip.publish_local(gossiped(&self.follower.view(), &store));
+        if endpoint.origin == Origin::Attach {
+            self.sync_resolv_conf(&store, &endpoint.netns);
+        }
         tracing::info!(network = %endpoint.network, name = %endpoint.name, ip = %endpoint.ip, origin = endpoint.origin.as_str(), "attached");
         Ok(pb::Endpoint {
             gateway: net.gateway.to_string(),
@@ -745,9 +749,75 @@ impl ClusterRuntime {
         }
         store.save(&self.state_dir.join(ENDPOINTS_FILE))?;
         self.gossip.publish_local(gossiped(&self.follower.view(), &store));
+        let namespaces: BTreeSet<&str> =
+            gone.iter().filter(|e| e.origin == Origin::Attach).map(|e| e.netns.as_str()).collect();
+        for netns in namespaces {
+            self.sync_resolv_conf(&store, netns);
+        }
         drop(store);
         self.release_unused_blocks(gone.iter().map(|e| e.network.clone()).collect()).await;
         Ok(gone)
+    }
+
+    /// Makes the resolv.conf of the namespace at `netns` (if `ip netns` names it) list the
+    /// resolver of each network its `overlayd attach` endpoints are on, or removes it when
+    /// it has none left (see [`resolv_conf`]). Not fatal: the container's network works
+    /// without it, and the next change or start tries again.
+    pub(crate) fn sync_resolv_conf(&self, store: &EndpointStore, netns: &str) {
+        let Some(name) = resolv_conf::netns_name(netns) else { return };
+        let view = self.follower.view();
+        let mut servers = Vec::new();
+        for e in store
+            .endpoints
+            .iter()
+            .filter(|e| e.origin == Origin::Attach && resolv_conf::netns_name(&e.netns) == Some(name))
+        {
+            if let Some(n) = view.networks.get(&e.network)
+                && !servers.contains(&n.gateway)
+            {
+                servers.push(n.gateway);
+            }
+        }
+        match resolv_conf::sync(Path::new(resolv_conf::NETNS_ETC), name, &self.state_dir, &servers) {
+            Ok(resolv_conf::Synced::Written(p)) => {
+                tracing::info!(file = %p.display(), nameservers = ?servers, "wrote the namespace's resolv.conf")
+            }
+            Ok(resolv_conf::Synced::Removed(p)) => {
+                tracing::info!(file = %p.display(), "removed the namespace's resolv.conf")
+            }
+            Ok(resolv_conf::Synced::NotOurs(p)) => tracing::warn!(
+                file = %p.display(), nameservers = ?servers,
+                "the namespace has a resolv.conf overlayd did not write: left alone (its containers resolve overlay names only if it lists these nameservers)"
+            ),
+            Ok(resolv_conf::Synced::Unchanged) => {}
+            Err(e) => {
+                tracing::warn!(netns = %name, error = %e, "cannot write the namespace's resolv.conf: its containers do not resolve overlay names")
+            }
+        }
+    }
+
+    /// At start, once the view is known: the resolv.conf of every namespace attached here is
+    /// written again (a network's gateway is in the view), and those this daemon wrote for
+    /// namespaces that went while it was down are removed.
+    pub async fn resync_resolv_confs(self: Arc<Self>) {
+        let mut views = self.follower.subscribe();
+        if views.wait_for(|v| v.revision > 0).await.is_err() {
+            return;
+        }
+        let store = self.endpoints.lock().await;
+        let mut attached: BTreeSet<String> = BTreeSet::new();
+        for e in store.endpoints.iter().filter(|e| e.origin == Origin::Attach) {
+            if let Some(name) = resolv_conf::netns_name(&e.netns)
+                && attached.insert(name.to_owned())
+            {
+                self.sync_resolv_conf(&store, &e.netns);
+            }
+        }
+        for name in resolv_conf::written(Path::new(resolv_conf::NETNS_ETC), &self.state_dir) {
+            if !attached.contains(&name) {
+                self.sync_resolv_conf(&store, &format!("/run/netns/{name}"));
+            }
+        }
     }
 
     /// Gives back this host's block in each of `networks` that it no longer uses (so that the

@@ -8,7 +8,8 @@
 //!   port are dropped, at input and when the host forwards them to another host; on a cluster
 //!   network's bridge (it carries the gateway) everything else for the host is dropped too,
 //!   except replies to what the host opened, ping, and what overlayd serves there on purpose
-//!   (the `gateway_services` chain: empty until DNS).
+//!   (the `gateway_services` chain: DNS, UDP and TCP port 53, to the network's own gateway
+//!   address only, from its own bridge only: the set `dns_gateways` of bridge . gateway).
 //! - `table bridge overlayd`: each endpoint's host-side veth has a chain (`port-<veth>`, found
 //!   by a verdict map on the input port) that drops frames whose Ethernet source, IPv4 source,
 //!   ARP sender or IPv6 source is not the endpoint's own, and VLAN-tagged frames (which would
@@ -120,6 +121,8 @@ pub struct PortBinding<'a> {
 /// What the firewall needs of a cluster network (one with its gateway on the bridge).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GatewayNetwork {
+    /// Its gateway address: where its containers reach the DNS resolver.
+    pub gateway: Ipv4Addr,
     /// Its subnet: what is masqueraded on the way out.
     pub subnet: Ipv4Cidr,
     /// Its containers may leave the overlay through this host (false: `--internal`).
@@ -136,6 +139,9 @@ pub struct Firewall {
     /// The subnets `egress_nat` masquerades, by bridge: each change rewrites the chain whole
     /// (its rules overlap nothing then, even with what a crashed daemon left).
     masquerade: Mutex<BTreeMap<String, Ipv4Cidr>>,
+    /// The gateway of each cluster network's bridge, where DNS is open: each change rewrites
+    /// the set `dns_gateways` whole, as `egress_nat`.
+    gateways: Mutex<BTreeMap<String, Ipv4Addr>>,
 }
 
 impl Firewall {
@@ -146,6 +152,7 @@ impl Firewall {
             nft: nft_program(),
             underlay: underlay_interface.to_owned(),
             masquerade: Mutex::new(BTreeMap::new()),
+            gateways: Mutex::new(BTreeMap::new()),
         };
         if let Err(first) = fw.run(skeleton(services)).await {
             // Tables an older overlayd made with another layout: start afresh.
@@ -159,9 +166,9 @@ impl Firewall {
     }
 
     /// Guards a network's bridge: the underlay services are closed to it, and with `gateway`
-    /// (a cluster network) the whole host but ping and `gateway_services`, other networks, and
-    /// with egress off everything outside the overlay; with egress on, what leaves the overlay
-    /// is masqueraded. One transaction.
+    /// (a cluster network) the whole host but ping and `gateway_services` (DNS on its gateway),
+    /// other networks, and with egress off everything outside the overlay; with egress on,
+    /// what leaves the overlay is masqueraded. One transaction.
     pub async fn add_network(&self, bridge: &str, gateway: Option<GatewayNetwork>) -> Result<()> {
         if bridge == self.underlay {
             tracing::warn!(%bridge, "the network's bridge is the underlay interface: it is not firewalled as an overlay");
@@ -169,7 +176,9 @@ impl Firewall {
         }
         let mut s = format!("add element inet {TABLE} overlay_bridges {{ {} }}\n", quoted(bridge));
         let mut masquerade = self.masquerade.lock().await;
+        let mut gateways = self.gateways.lock().await;
         let mut wanted = masquerade.clone();
+        let mut wanted_gateways = gateways.clone();
         if let Some(g) = gateway {
             let _ = writeln!(s, "add element inet {TABLE} gateway_bridges {{ {} }}", quoted(bridge));
             s.push_str(&bind_network(bridge, g.egress));
@@ -179,9 +188,12 @@ impl Firewall {
                 wanted.remove(bridge);
             }
             s.push_str(&egress_nat(&wanted));
+            wanted_gateways.insert(bridge.to_owned(), g.gateway);
+            s.push_str(&dns_gateways(&wanted_gateways));
         }
         self.run(s).await.with_context(|| format!("cannot firewall the bridge {bridge}"))?;
         *masquerade = wanted;
+        *gateways = wanted_gateways;
         Ok(())
     }
 
@@ -195,11 +207,16 @@ impl Firewall {
         }
         s.push_str(&unbind_network(bridge));
         let mut masquerade = self.masquerade.lock().await;
+        let mut gateways = self.gateways.lock().await;
         let mut wanted = masquerade.clone();
         wanted.remove(bridge);
         s.push_str(&egress_nat(&wanted));
+        let mut wanted_gateways = gateways.clone();
+        wanted_gateways.remove(bridge);
+        s.push_str(&dns_gateways(&wanted_gateways));
         self.run(s).await.with_context(|| format!("cannot remove the firewall of the bridge {bridge}"))?;
         *masquerade = wanted;
+        *gateways = wanted_gateways;
         Ok(())
     }
 
@@ -253,6 +270,9 @@ impl Firewall {
         let mut masquerade = self.masquerade.lock().await;
         masquerade.retain(|bridge, _| bridges.contains(bridge));
         s.push_str(&egress_nat(&masquerade));
+        let mut gateways = self.gateways.lock().await;
+        gateways.retain(|bridge, _| bridges.contains(bridge));
+        s.push_str(&dns_gateways(&gateways));
         self.run(s).await.context("cannot remove stale firewall rules")
     }
 
@@ -370,6 +390,18 @@ fn egress_nat(subnets: &BTreeMap<String, Ipv4Cidr>) -> String {
     s
 }
 
+/// The set `dns_gateways` rewritten whole: each cluster network's bridge with its gateway
+/// address, the only destination on it that `gateway_services` opens DNS to.
+fn dns_gateways(gateways: &BTreeMap<String, Ipv4Addr>) -> String {
+    let t = format!("inet {TABLE}");
+    let mut s = format!("flush set {t} dns_gateways\n");
+    if !gateways.is_empty() {
+        let elements: Vec<String> = gateways.iter().map(|(b, gw)| format!("{} . {gw}", quoted(b))).collect();
+        let _ = writeln!(s, "add element {t} dns_gateways {{ {} }}", elements.join(", "));
+    }
+    s
+}
+
 /// Turns IPv4 forwarding on if it is off (egress needs it; see the module doc for why it stays
 /// on). Answers whether it was off.
 pub fn enable_ipv4_forwarding() -> Result<bool> {
@@ -410,6 +442,7 @@ fn skeleton(services: &UnderlayServices) -> String {
         let _ = writeln!(s, "add set {t} {set} {{ type ifname; }}");
     }
     let _ = writeln!(s, "add map {t} networks {{ type ifname : verdict; }}");
+    let _ = writeln!(s, "add set {t} dns_gateways {{ type ifname . ipv4_addr; }}");
     // Written by each network change, never here: a restart keeps the masquerade in force
     // until the networks come back.
     let _ = writeln!(s, "add chain {t} egress_nat");
@@ -428,9 +461,17 @@ fn skeleton(services: &UnderlayServices) -> String {
                 "tcp dport @control_ports counter name control_from_overlay drop".into(),
             ],
         ),
-        // What overlayd serves on a network's gateway on purpose. Nothing yet: the DNS
-        // resolver's `udp dport 53 accept` and `tcp dport 53 accept` go here.
-        ("gateway_services", None, vec![]),
+        // What overlayd serves on a network's gateway on purpose: its DNS resolver, on the
+        // gateway address of the bridge the query came in on (another network's gateway, or
+        // an underlay address of the host, stays closed).
+        (
+            "gateway_services",
+            None,
+            vec![
+                "iifname . ip daddr @dns_gateways udp dport 53 accept".into(),
+                "iifname . ip daddr @dns_gateways tcp dport 53 accept".into(),
+            ],
+        ),
         (
             "from_gateway_network",
             None,
@@ -724,6 +765,31 @@ mod tests {
              add rule inet overlayd egress_nat ip saddr 10.129.0.0/16 ip daddr != 10.129.0.0/16 oifname != @overlay_bridges masquerade\n"
         );
         assert_eq!(egress_nat(&BTreeMap::new()), "flush chain inet overlayd egress_nat\n");
+    }
+
+    #[test]
+    fn dns_is_open_on_each_networks_own_gateway_only() {
+        let s = skeleton(&UnderlayServices::new(4789, (61_000, 61_015)));
+        for want in [
+            "add set inet overlayd dns_gateways { type ifname . ipv4_addr; }",
+            "add rule inet overlayd gateway_services iifname . ip daddr @dns_gateways udp dport 53 accept\n\
+             add rule inet overlayd gateway_services iifname . ip daddr @dns_gateways tcp dport 53 accept\n",
+        ] {
+            assert!(s.contains(want), "{want:?} not in\n{s}");
+        }
+        assert!(
+            !s.contains("flush set inet overlayd dns_gateways"),
+            "a restart keeps the set until the networks are back"
+        );
+        let gateways: BTreeMap<String, Ipv4Addr> =
+            [("ovbr-a".to_owned(), Ipv4Addr::new(10, 128, 0, 1)), ("ovbr-b".to_owned(), Ipv4Addr::new(10, 129, 0, 1))]
+                .into();
+        assert_eq!(
+            dns_gateways(&gateways),
+            "flush set inet overlayd dns_gateways\n\
+             add element inet overlayd dns_gateways { \"ovbr-a\" . 10.128.0.1, \"ovbr-b\" . 10.129.0.1 }\n"
+        );
+        assert_eq!(dns_gateways(&BTreeMap::new()), "flush set inet overlayd dns_gateways\n");
     }
 
     #[test]

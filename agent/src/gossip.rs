@@ -140,6 +140,9 @@ pub struct Gossip {
     view: watch::Receiver<Arc<GossipView>>,
     alive: watch::Receiver<BTreeSet<NodeId>>,
     published: Mutex<HashMap<EndpointKey, Endpoint>>,
+    /// This host's endpoints as last published, for the DNS resolver (whose names are every
+    /// host's endpoints as gossip carries them, this host's included).
+    local: watch::Sender<Arc<HashMap<EndpointKey, Endpoint>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -164,7 +167,8 @@ impl Gossip {
         let (alive_tx, alive) = watch::channel(BTreeSet::from([me.node]));
         let task = tokio::spawn(run(socket, node, rx, view_tx, alive_tx));
         tracing::info!(addr = %me.addr, generation = me.generation, "gossip started");
-        Ok(Gossip { tx, view, alive, published: Mutex::new(HashMap::new()), task })
+        let (local, _) = watch::channel(Arc::default());
+        Ok(Gossip { tx, view, alive, published: Mutex::new(HashMap::new()), local, task })
     }
 
     /// What gossip says now, and changes to come.
@@ -194,7 +198,15 @@ impl Gossip {
         for k in published.keys().filter(|k| !wanted.contains_key(k)) {
             let _ = self.tx.send(Cmd::Delete(*k));
         }
+        if *published != wanted {
+            self.local.send_replace(Arc::new(wanted.clone()));
+        }
         *published = wanted;
+    }
+
+    /// This host's endpoints as published, and changes to come.
+    pub fn local(&self) -> watch::Receiver<Arc<HashMap<EndpointKey, Endpoint>>> {
+        self.local.subscribe()
     }
 
     /// Peers and counters as the node sees them now.

@@ -98,6 +98,9 @@ pub struct Host {
     bindings: Mutex<Bindings>,
     /// The underlay services the firewall closes to the overlay, as last set.
     services: Mutex<UnderlayServices>,
+    /// The cluster networks up on this host, with their gateway: where the DNS resolver
+    /// listens (see [`Host::gateways`]).
+    gateways: tokio::sync::watch::Sender<BTreeMap<String, Ipv4Addr>>,
     started: Instant,
 }
 
@@ -138,6 +141,7 @@ impl Host {
             networks: Mutex::new(BTreeMap::new()),
             bindings: Mutex::new(BTreeMap::new()),
             services: Mutex::new(services),
+            gateways: tokio::sync::watch::channel(BTreeMap::new()).0,
             started: Instant::now(),
         })
     }
@@ -165,7 +169,7 @@ impl Host {
         let bridge = netdev::ensure_bridge(&self.nl, &spec.bridge, spec.mtu).await?;
         nets.insert(spec.name.clone(), LocalNetwork { spec: spec.clone(), bridge: bridge.clone() });
         // Guarded before the gateway is on it and anything is forwarded to it.
-        let rules = spec.gateway.map(|g| GatewayNetwork { subnet: g.subnet, egress: g.egress });
+        let rules = spec.gateway.map(|g| GatewayNetwork { gateway: g.addr, subnet: g.subnet, egress: g.egress });
         self.firewall.add_network(&bridge.name, rules).await?;
         if let Some(gw) = spec.gateway {
             netdev::set_gateway(&self.nl, &bridge, gw.addr, gw.local_block).await?;
@@ -204,6 +208,11 @@ impl Host {
             self.dataplane.update(|tx| tx.set_local_endpoints(spec.vni, local_endpoints(&bindings, &spec.name)))?;
         }
         tracing::info!(network = %spec.name, vni = %spec.vni, bridge = %bridge.name, tap = %spec.tap, mtu = spec.mtu, "network up");
+        if let Some(gw) = spec.gateway {
+            self.gateways.send_modify(|g| {
+                g.insert(spec.name.clone(), gw.addr);
+            });
+        }
         Ok(())
     }
 
@@ -211,6 +220,8 @@ impl Host {
     /// its firewall (egress included) removed.
     pub async fn remove_network(&self, name: &str) -> Result<()> {
         let Some(n) = self.networks.lock().await.remove(name) else { return Ok(()) };
+        // Its resolver goes first: nothing listens on an address that is going away.
+        self.gateways.send_if_modified(|g| g.remove(name).is_some());
         let _ = self.dataplane.remove_network(n.spec.vni);
         if n.bridge.owned {
             netdev::delete_link(&self.nl, &n.bridge.name).await?;
@@ -218,6 +229,13 @@ impl Host {
         self.firewall.remove_network(&n.bridge.name).await?;
         tracing::info!(network = %name, "network down");
         Ok(())
+    }
+
+    /// The cluster networks up on this host and their gateway address (on the network's
+    /// bridge), and changes to come: a network is in it once it is wholly up, and leaves it
+    /// before it goes down.
+    pub fn gateways(&self) -> tokio::sync::watch::Receiver<BTreeMap<String, Ipv4Addr>> {
+        self.gateways.subscribe()
     }
 
     /// The networks that are up.
@@ -298,6 +316,7 @@ impl Host {
 
     /// Stops the dataplane, removes the bridges this agent created, then its nftables tables.
     pub async fn shutdown(&self) {
+        self.gateways.send_if_modified(|g| !std::mem::take(g).is_empty());
         self.dataplane.shutdown();
         let nets = std::mem::take(&mut *self.networks.lock().await);
         for n in nets.values().filter(|n| n.bridge.owned) {

@@ -7,6 +7,7 @@ mod cluster;
 mod cni;
 mod config;
 mod daemon;
+mod dns;
 mod docker;
 mod endpoints;
 mod firewall;
@@ -105,7 +106,30 @@ enum Command {
     Attach(AttachArgs),
     /// Detach containers: by name, or everything of a namespace (optionally one network only).
     Detach(DetachArgs),
+    /// Show what this host's DNS resolvers answer: per network, the names (containers'
+    /// names and aliases) and their addresses, what the resolver counted, and the upstreams.
+    #[command(long_about = DNS_HELP)]
+    Dns {
+        /// Only this network.
+        network: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
+
+const DNS_HELP: &str = "Show what this host's DNS resolvers answer.\n\n\
+Every cluster network has a resolver on each host, on the network's gateway address (UDP and TCP \
+port 53, in the host's namespace). It answers, for containers of that network only: every \
+container's name and aliases (`attach --alias`, CNI's aliases) on the network, on any host, and \
+NAME.NETWORK, with every address that has it (A; AAAA gets no answer), and each address back \
+(PTR). Other names go to the host's upstreams (the daemon setting dns_upstreams_file, \
+/etc/resolv.conf by default); an --internal network answers NXDOMAIN instead. A container that \
+goes, or a host confirmed down, leaves the answers of every host within seconds. TTL: the daemon \
+setting dns_ttl (5 s).\n\n\
+How containers use it: `overlayd attach --netns /run/netns/NAME` writes \
+/etc/netns/NAME/resolv.conf (`ip netns exec NAME` uses it); the CNI plugin returns the resolver \
+as the result's dns.nameservers; with `attach --pid`, point the container's resolv.conf at the \
+network's gateway yourself.";
 
 #[derive(Subcommand)]
 enum NodeCommand {
@@ -236,9 +260,12 @@ struct AttachArgs {
     #[arg(long)]
     network: String,
     /// The container's network namespace (a path such as /run/netns/NAME or /proc/PID/ns/net).
+    /// For /run/netns/NAME, overlayd writes /etc/netns/NAME/resolv.conf (used by `ip netns exec
+    /// NAME`) with the network's DNS resolver, and removes it on detach.
     #[arg(long, value_name = "PATH", conflicts_with = "pid", required_unless_present = "pid")]
     netns: Option<String>,
-    /// The PID of a process in the container.
+    /// The PID of a process in the container (its resolv.conf is not written: point it at the
+    /// network's gateway, where the network's DNS resolver listens).
     #[arg(long)]
     pid: Option<u32>,
     /// The endpoint's name [default: the namespace's name, or pidPID].
@@ -481,6 +508,11 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
                 .map_err(e)?;
             output::print(a.out.json, &r.into_inner(), output::endpoint)
         }
+        Command::Dns { network, out } => output::print(
+            out.json,
+            &c.dns(pb::DnsRequest { network: network.unwrap_or_default() }).await.map_err(e)?.into_inner(),
+            output::dns,
+        ),
         Command::Detach(a) => {
             let r = c
                 .detach(pb::DetachRequest {

@@ -337,3 +337,91 @@ pub fn endpoint(e: &pb::Endpoint) -> String {
 pub fn detached(r: &pb::DetachReply) -> String {
     r.detached.iter().map(|e| format!("detached {} from {} ({})\n", e.name, e.network, e.ip)).collect()
 }
+
+/// `overlayd dns`: per network, where its resolver listens, the names it answers (with the
+/// endpoints they are names or aliases of) and what it counted; then the upstreams.
+pub fn dns(r: &pb::DnsReply) -> String {
+    let mut o = String::new();
+    for n in &r.networks {
+        let listening = match (n.listening, n.error.is_empty()) {
+            (true, _) => format!("listening on {}:53 (UDP and TCP)", n.gateway),
+            (false, false) => format!("NOT listening: {}", n.error),
+            (false, true) => "not listening (the network is not up on this host)".to_owned(),
+        };
+        let forwards = if n.internal { "internal: other names get NXDOMAIN" } else { "other names are forwarded" };
+        let _ = writeln!(o, "network {}: {listening}; {forwards}", n.name);
+        let _ = writeln!(o, "  NAME                 ADDRESSES                          WHAT");
+        for name in &n.names {
+            let of = |alias: bool| {
+                n.endpoints
+                    .iter()
+                    .filter(|e| {
+                        if alias {
+                            e.aliases.iter().any(|a| a.eq_ignore_ascii_case(&name.name))
+                        } else {
+                            e.name.eq_ignore_ascii_case(&name.name)
+                        }
+                    })
+                    .map(|e| if alias { e.name.clone() } else { format!("node {}", e.node_id) })
+                    .collect::<Vec<_>>()
+            };
+            let (endpoints, aliases) = (of(false), of(true));
+            let mut what = Vec::new();
+            if !endpoints.is_empty() {
+                what.push(format!("endpoint on {}", endpoints.join(", ")));
+            }
+            if !aliases.is_empty() {
+                what.push(format!("alias of {}", aliases.join(", ")));
+            }
+            let _ = writeln!(o, "  {:<20} {:<34} {}", name.name, name.addresses.join(", "), what.join("; "));
+        }
+        if n.names.is_empty() {
+            let _ = writeln!(o, "  (no names yet)");
+        }
+        let _ = writeln!(o, "  (each also as NAME.{}, and every address back by PTR)", n.name);
+        let c = |k: &str| n.counters.get(k).copied().unwrap_or(0);
+        let sum = |prefix: &str| n.counters.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| *v).sum::<u64>();
+        let answers: Vec<String> = n
+            .counters
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("answers:")?, v)))
+            .filter(|(_, v)| **v > 0)
+            .map(|(code, v)| format!("{v} {code}"))
+            .collect();
+        let dropped: Vec<String> = n
+            .counters
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("dropped:")?, v)))
+            .filter(|(_, v)| **v > 0)
+            .map(|(why, v)| format!("{v} {why}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "  {} queries; answers: {}; {} forwarded, {} upstream failures, {} SERVFAIL for want of an upstream; \
+             {} truncated; {} malformed; dropped: {}\n",
+            c("queries"),
+            if answers.is_empty() { "none".to_owned() } else { answers.join(", ") },
+            c("forwarded"),
+            sum("upstream_failures:"),
+            sum("forward_failed:"),
+            c("truncated"),
+            sum("malformed:"),
+            if dropped.is_empty() { "none".to_owned() } else { dropped.join(", ") },
+        );
+    }
+    if r.networks.is_empty() {
+        o.push_str("no network is up on this host\n\n");
+    }
+    let upstreams = if r.upstreams.is_empty() { "none".to_owned() } else { r.upstreams.join(", ") };
+    let _ = writeln!(o, "upstreams (from {}): {upstreams}; TTL {} s", r.upstreams_file, r.ttl);
+    if !r.upstreams_error.is_empty() {
+        let _ = writeln!(o, "  {}", r.upstreams_error);
+    }
+    for i in &r.ignored_upstreams {
+        let _ = writeln!(o, "  left out: {i}");
+    }
+    for x in &r.rejected {
+        let _ = writeln!(o, "not a DNS name, not answered: {x}");
+    }
+    o
+}

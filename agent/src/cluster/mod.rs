@@ -26,6 +26,7 @@ use tokio::sync::Mutex;
 pub use membership::{Membership, forget_offline, is_member};
 
 use crate::config::DaemonSettings;
+use crate::dns::Dns;
 use crate::endpoints::{self, EndpointStore};
 use crate::gossip::{self, Gossip, GossipKeys};
 use crate::host::Host;
@@ -53,6 +54,8 @@ pub struct ClusterRuntime {
     pub manager: Option<Arc<Manager>>,
     pub follower: Arc<Follower>,
     pub gossip: Arc<Gossip>,
+    /// The DNS resolvers of this host's networks.
+    pub dns: Dns,
     pub(crate) endpoints: Arc<Mutex<EndpointStore>>,
     pub(crate) state_dir: PathBuf,
     /// Who may take which TLS handshake slot of the control port, and what it refused.
@@ -148,12 +151,21 @@ impl ClusterRuntime {
             if tokio::time::timeout(Duration::from_secs(10), views.wait_for(|v| v.revision > 0)).await.is_err() {
                 tracing::warn!("no cluster state from a manager yet; going on, the view will follow");
             }
+            let dns = Dns::start(
+                &host,
+                Arc::clone(&follower),
+                &gossip,
+                membership.node_id,
+                ctx.settings.dns_ttl,
+                ctx.settings.dns_upstreams_file.clone(),
+            );
             let rt = ClusterRuntime {
                 membership,
                 host: Arc::clone(&host),
                 manager,
                 follower,
                 gossip,
+                dns,
                 endpoints: store,
                 state_dir: ctx.state_dir.clone(),
                 admission,
@@ -202,7 +214,8 @@ impl ClusterRuntime {
     pub fn running(rt: ClusterRuntime) -> Arc<ClusterRuntime> {
         let rt = Arc::new(rt);
         let follow = tokio::spawn(Arc::clone(&rt).follow_containers());
-        rt.followers.lock().unwrap_or_else(|p| p.into_inner()).push(follow);
+        let resolv_confs = tokio::spawn(Arc::clone(&rt).resync_resolv_confs());
+        rt.followers.lock().unwrap_or_else(|p| p.into_inner()).extend([follow, resolv_confs]);
         rt
     }
 
@@ -211,6 +224,7 @@ impl ClusterRuntime {
         for t in self.tasks.iter().chain(self.followers.lock().unwrap_or_else(|p| p.into_inner()).iter()) {
             t.abort();
         }
+        self.dns.stop();
         if let Some(m) = &self.manager {
             let _ = m.raft.shutdown().await;
         }

@@ -1,0 +1,504 @@
+//! The embedded DNS resolver's shell (issue 14): containers find each other by name.
+//!
+//! For every cluster network up on this host, a [`server`] task listens on UDP and TCP port 53
+//! at the network's gateway address (on the host's bridge `ovbr-<net>`, in the host's
+//! namespace: the same address on every host, as podman's aardvark-dns does) and moves bytes
+//! between its sockets and the sans-IO `resolver` crate, which answers from a [`NameTable`].
+//! The network a query is for is the address it was sent to.
+//!
+//! **Where the names come from.** Every host's endpoints as gossip carries them (name,
+//! aliases, address): this host's own as it publishes them, the others' as it hears them, of
+//! the hosts gossip counts alive, each only within its owner's block ([`names`], the same
+//! rule as the reconciler's). The table is rebuilt whole on every change of the Raft view,
+//! of what gossip heard or of this host's endpoints, and swapped into each server (an `Arc`,
+//! sent over a watch channel: a server takes the new one between two wakeups, so the answer
+//! path takes no lock).
+//!
+//! **Forwarding.** Names a network does not have go to the upstreams of the resolv.conf given
+//! by the daemon setting `dns_upstreams_file` (the host's /etc/resolv.conf unless told; its
+//! modification time is checked every [`RESOLV_CONF_POLL`]), never to a network's gateway
+//! itself; an `--internal` network never forwards (NXDOMAIN). See `resolver::forward` for the
+//! failover rules.
+//!
+//! **One task per network**, each with its own sockets, forwarder and counters: a network
+//! that comes up gets a task, one that goes down takes its task (and sockets) with it
+//! ([`crate::host::Host::gateways`] says which are up), and a flood on one network's resolver
+//! costs the others only CPU time. Each task handles at most [`server::BATCH`] datagrams per
+//! socket per wakeup, at most 1,024 forwarded queries in flight and [`server::MAX_TCP`] TCP
+//! connections.
+//!
+//! How containers reach it: [`resolv_conf`] (for `attach --netns /run/netns/NAME`), the CNI
+//! result's `dns`, and `overlayd dns` to see what each network answers.
+
+pub mod resolv_conf;
+pub mod server;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use control::follower::Follower;
+use control::gossip::{Endpoint, EndpointKey};
+use control::state::{ClusterView, NodeId};
+use proto as pb;
+use resolver::{Counters, NameTable, Upstreams};
+use tokio::sync::watch;
+
+use crate::gossip::{Gossip, GossipView};
+use crate::host::Host;
+
+/// How often the upstreams file's modification time is checked.
+pub const RESOLV_CONF_POLL: Duration = Duration::from_secs(2);
+
+/// What the resolvers answer from: the table, and the endpoints it was built from (for
+/// `overlayd dns`).
+#[derive(Debug, Default)]
+pub struct Names {
+    pub table: NameTable,
+    /// By network: every endpoint the table has, sorted by address.
+    pub endpoints: BTreeMap<String, Vec<NamedEndpoint>>,
+}
+
+/// An endpoint as the resolvers know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedEndpoint {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub ip: Ipv4Addr,
+    /// The host it is on.
+    pub node: NodeId,
+}
+
+/// The names of every network up on this host (one where it has a block): the endpoints of
+/// this host (`local`, as it publishes them) and of every other host gossip counts alive,
+/// each only within its owner's block (a host cannot claim another's addresses, nor names on
+/// a network it has no block in).
+pub fn names(view: &ClusterView, heard: &GossipView, local: &HashMap<EndpointKey, Endpoint>, me: NodeId) -> Names {
+    let mut b = NameTable::builder();
+    let mut endpoints = BTreeMap::new();
+    for (name, net) in &view.networks {
+        let Some(blocks) = view.blocks.get(name) else { continue };
+        let Some(mine) = blocks.get(&me) else { continue };
+        let mut list: Vec<NamedEndpoint> = Vec::new();
+        let mut add = |node: NodeId, k: &EndpointKey, e: &Endpoint| {
+            list.push(NamedEndpoint { name: e.name.clone(), aliases: e.aliases.clone(), ip: k.ip, node });
+        };
+        for (k, e) in local {
+            if k.vni == net.vni && mine.contains(k.ip) {
+                add(me, k, e);
+            }
+        }
+        for (&node, cidr) in blocks {
+            if node == me || !heard.alive.contains(&node) {
+                continue;
+            }
+            for (k, e) in heard.endpoints.get(&node).into_iter().flatten() {
+                if k.vni == net.vni && cidr.contains(k.ip) {
+                    add(node, k, e);
+                }
+            }
+        }
+        list.sort_by(|a, b| (a.ip, &a.name).cmp(&(b.ip, &b.name)));
+        let mut n = b.network(name, net.internal);
+        for e in &list {
+            n.endpoint(&e.name, e.aliases.iter().map(String::as_str), e.ip);
+        }
+        endpoints.insert(name.clone(), list);
+    }
+    Names { table: b.build(), endpoints }
+}
+
+/// The upstreams as last read.
+#[derive(Debug, Default, Clone)]
+pub struct UpstreamsState {
+    pub upstreams: Upstreams,
+    /// Why the file could not be read, if it could not.
+    pub error: Option<String>,
+}
+
+/// What a network's server publishes for `overlayd dns` and the metrics.
+#[derive(Debug, Default)]
+pub struct NetworkState {
+    pub gateway: Option<Ipv4Addr>,
+    /// Whether its sockets are bound; why not, if they are not.
+    pub listening: bool,
+    pub error: Option<String>,
+    pub counters: Counters,
+    pub shell: server::ShellCounters,
+}
+
+/// What the servers and the supervisor share.
+pub struct Shared {
+    names: watch::Sender<Arc<Names>>,
+    upstreams: watch::Sender<Arc<UpstreamsState>>,
+    /// By network (also after it went down: counters stay, as the dataplane's do).
+    networks: Mutex<BTreeMap<String, Arc<Mutex<NetworkState>>>>,
+    ttl: u32,
+    upstreams_file: PathBuf,
+}
+
+/// This host's DNS resolvers.
+pub struct Dns {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Dns {
+    /// Stops every resolver (the daemon is stopping, or leaving the cluster).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+
+    /// Starts the resolvers of every cluster network that is or comes up on `host`.
+    pub fn start(
+        host: &Host,
+        follower: Arc<Follower>,
+        gossip: &Gossip,
+        me: NodeId,
+        ttl: u32,
+        upstreams_file: PathBuf,
+    ) -> Dns {
+        let shared = Arc::new(Shared {
+            names: watch::channel(Arc::default()).0,
+            upstreams: watch::channel(Arc::default()).0,
+            networks: Mutex::new(BTreeMap::new()),
+            ttl,
+            upstreams_file,
+        });
+        let inputs = Inputs {
+            views: follower.subscribe(),
+            heard: gossip.subscribe(),
+            local: gossip.local(),
+            up: host.gateways(),
+        };
+        let task = tokio::spawn(supervise(Arc::clone(&shared), inputs, me));
+        Dns { shared, task }
+    }
+
+    /// `overlayd dns [NETWORK]`: what each network's resolver answers, its counters, and the
+    /// upstreams.
+    pub fn report(&self, network: &str) -> anyhow::Result<pb::DnsReply> {
+        let names = Arc::clone(&self.shared.names.borrow());
+        let upstreams = Arc::clone(&self.shared.upstreams.borrow());
+        let states = self.shared.networks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !network.is_empty() && !names.endpoints.contains_key(network) && !states.contains_key(network) {
+            anyhow::bail!(
+                "this host has no resolver for {network:?}: the network is not up here (see overlayd network ls)"
+            );
+        }
+        let mut networks = Vec::new();
+        let all: BTreeSet<&String> = names.endpoints.keys().chain(states.keys()).collect();
+        for name in all.into_iter().filter(|n| network.is_empty() || *n == network) {
+            let state = states.get(name).map(|s| {
+                let s = s.lock().unwrap_or_else(|p| p.into_inner());
+                (s.gateway, s.listening, s.error.clone(), counter_map(&s.counters, &s.shell))
+            });
+            let (gateway, listening, error, counters) = state.unwrap_or_default();
+            let table = names.table.network(name);
+            let mut by_name: Vec<pb::DnsName> = table
+                .map(|t| {
+                    t.names()
+                        .map(|(n, addrs)| pb::DnsName {
+                            name: n.to_owned(),
+                            addresses: addrs.iter().map(ToString::to_string).collect(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            by_name.sort_by(|a, b| a.name.cmp(&b.name));
+            let endpoints = names
+                .endpoints
+                .get(name)
+                .into_iter()
+                .flatten()
+                .map(|e| pb::DnsEndpoint {
+                    name: e.name.clone(),
+                    ip: e.ip.to_string(),
+                    aliases: e.aliases.clone(),
+                    node_id: e.node,
+                })
+                .collect();
+            networks.push(pb::DnsNetwork {
+                name: name.clone(),
+                gateway: gateway.map(|g| g.to_string()).unwrap_or_default(),
+                internal: table.is_some_and(|t| t.is_internal()),
+                listening,
+                error: error.unwrap_or_default(),
+                names: by_name,
+                endpoints,
+                counters: counters.into_iter().collect(),
+            });
+        }
+        Ok(pb::DnsReply {
+            networks,
+            upstreams: upstreams.upstreams.servers().iter().map(ToString::to_string).collect(),
+            ignored_upstreams: upstreams
+                .upstreams
+                .ignored()
+                .iter()
+                .map(|i| format!("{} ({})", i.text, i.reason))
+                .collect(),
+            upstreams_file: self.shared.upstreams_file.display().to_string(),
+            upstreams_error: upstreams.error.clone().unwrap_or_default(),
+            ttl: self.shared.ttl,
+            rejected: names
+                .table
+                .rejected()
+                .iter()
+                .map(|r| format!("{} on {}: {}", r.name, r.network, r.error))
+                .collect(),
+        })
+    }
+}
+
+/// The counters of a network's resolver by metric: `family` or `family:label` (the label is
+/// the RCODE for `answers`, the reason for the others), as `overlayd dns --json` shows them
+/// and [`crate::api`] turns them into `overlayd_dns_<family>_total{…}`.
+pub fn counter_map(c: &Counters, s: &server::ShellCounters) -> BTreeMap<String, u64> {
+    use resolver::wire::{WireError, rcode};
+    let mut m = BTreeMap::new();
+    let mut put = |k: String, v: u64| {
+        m.insert(k, v);
+    };
+    put("queries".into(), c.queries);
+    for code in [rcode::NOERROR, rcode::FORMERR, rcode::SERVFAIL, rcode::NXDOMAIN, rcode::NOTIMP, rcode::REFUSED] {
+        put(format!("answers:{}", rcode::name(code).to_ascii_lowercase()), c.answered(code));
+    }
+    let others: u64 = (0..16u8).filter(|r| *r > rcode::REFUSED).map(|r| c.answered(r)).sum();
+    put("answers:other".into(), others);
+    put("nodata".into(), c.nodata);
+    put("truncated".into(), c.truncated);
+    put("internal_nxdomain".into(), c.internal_nxdomain);
+    put("refused:class".into(), c.refused_class);
+    put("refused:unknown_network".into(), c.unknown_network);
+    put("refused:query_too_large".into(), c.forward_query_too_large);
+    put("forwarded".into(), c.forwarded);
+    put("upstream_queries".into(), c.upstream_queries);
+    put("upstream_failures:timeout".into(), c.upstream_timeouts);
+    put("upstream_failures:servfail".into(), c.upstream_servfail);
+    put("upstream_failures:refused".into(), c.upstream_refused);
+    put("forward_failed:upstreams_failed".into(), c.forward_failed);
+    put("forward_failed:too_many_in_flight".into(), c.forward_table_full);
+    put("forward_failed:no_upstream".into(), c.forward_no_upstream);
+    put("forward_failed:reply_too_large".into(), c.forward_reply_too_large);
+    for e in WireError::ALL {
+        put(format!("malformed:{}", e.name()), c.malformed_for(*e));
+    }
+    for r in resolver::DropReason::ALL {
+        put(format!("dropped:{}", r.name()), c.dropped_for(*r));
+    }
+    put("dropped:send_failed".into(), s.send_failed);
+    put("dropped:tcp_busy".into(), s.tcp_refused);
+    put("dropped:tcp_malformed".into(), s.tcp_malformed);
+    put("tcp_connections".into(), s.tcp_connections);
+    m
+}
+
+struct Inputs {
+    views: watch::Receiver<Arc<ClusterView>>,
+    heard: watch::Receiver<Arc<GossipView>>,
+    local: watch::Receiver<Arc<HashMap<EndpointKey, Endpoint>>>,
+    up: watch::Receiver<BTreeMap<String, Ipv4Addr>>,
+}
+
+/// The upstreams file as last seen: (modification time, length, inode), to tell a change.
+type Stamp = Option<(SystemTime, u64, u64)>;
+
+fn stamp(path: &std::path::Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Keeps the names, the upstreams and one server per network up to date.
+async fn supervise(shared: Arc<Shared>, mut inputs: Inputs, me: NodeId) {
+    let mut servers = Servers::default();
+    let mut tick = tokio::time::interval(RESOLV_CONF_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut last_stamp, mut own): (Option<Stamp>, Vec<IpAddr>) = (None, Vec::new());
+    let mut rebuild = true;
+    loop {
+        if rebuild {
+            let view = Arc::clone(&inputs.views.borrow_and_update());
+            let heard = Arc::clone(&inputs.heard.borrow_and_update());
+            let local = Arc::clone(&inputs.local.borrow_and_update());
+            shared.names.send_replace(Arc::new(names(&view, &heard, &local, me)));
+            let gateways: Vec<IpAddr> = view.networks.values().map(|n| IpAddr::V4(n.gateway)).collect();
+            if gateways != own {
+                own = gateways;
+                last_stamp = None;
+            }
+            rebuild = false;
+        }
+        let now = stamp(&shared.upstreams_file);
+        if last_stamp != Some(now) {
+            last_stamp = Some(now);
+            let state = match std::fs::read_to_string(&shared.upstreams_file) {
+                Ok(text) => UpstreamsState { upstreams: Upstreams::from_resolv_conf(&text, &own), error: None },
+                Err(e) => UpstreamsState {
+                    upstreams: Upstreams::default(),
+                    error: Some(format!("cannot read {}: {e}", shared.upstreams_file.display())),
+                },
+            };
+            let before = Arc::clone(&shared.upstreams.borrow());
+            match &state.error {
+                Some(e) if before.error.as_ref() == Some(e) => {}
+                Some(e) => tracing::warn!(error = %e, "DNS: no upstreams: names outside the overlay get SERVFAIL"),
+                None if before.error.is_none() && before.upstreams == state.upstreams => {}
+                None => tracing::info!(
+                    file = %shared.upstreams_file.display(),
+                    upstreams = ?state.upstreams.servers(),
+                    ignored = ?state.upstreams.ignored().iter().map(|i| format!("{} ({})", i.text, i.reason)).collect::<Vec<_>>(),
+                    "DNS upstreams"
+                ),
+            }
+            shared.upstreams.send_replace(Arc::new(state));
+        }
+        let wanted = inputs.up.borrow_and_update().clone();
+        servers.0.retain(|name, (gw, task)| {
+            let keep = wanted.get(name) == Some(gw) && !task.is_finished();
+            if !keep {
+                task.abort();
+                tracing::info!(network = %name, "DNS resolver stopped");
+            }
+            keep
+        });
+        for (name, &gw) in &wanted {
+            if servers.0.contains_key(name) {
+                continue;
+            }
+            let state =
+                Arc::clone(shared.networks.lock().unwrap_or_else(|p| p.into_inner()).entry(name.clone()).or_default());
+            {
+                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                s.gateway = Some(gw);
+                s.listening = false;
+            }
+            let config = server::Config { network: name.clone(), gateway: gw, ttl: shared.ttl };
+            let io = server::Inputs { names: shared.names.subscribe(), upstreams: shared.upstreams.subscribe() };
+            servers.0.insert(name.clone(), (gw, tokio::spawn(server::run(config, io, state))));
+        }
+        tokio::select! {
+            r = inputs.views.changed() => { if r.is_err() { return } rebuild = true; }
+            r = inputs.heard.changed() => { if r.is_err() { return } rebuild = true; }
+            r = inputs.local.changed() => { if r.is_err() { return } rebuild = true; }
+            r = inputs.up.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// The servers running, by network: aborted when the supervisor ends (with the cluster
+/// runtime), which closes their sockets.
+#[derive(Default)]
+struct Servers(BTreeMap<String, (Ipv4Addr, tokio::task::JoinHandle<()>)>);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for (_, task) in self.0.values() {
+            task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use control::state::{Network, NodeRecord, NodeStatus, Role};
+
+    use super::*;
+
+    fn node(id: NodeId) -> NodeRecord {
+        let addr = IpAddr::from([198, 18, 0, id as u8]);
+        NodeRecord {
+            id,
+            name: format!("h{id}"),
+            underlay_addr: addr,
+            api_addr: SocketAddr::new(addr, 7947),
+            role: Role::Worker,
+            status: NodeStatus::Ready,
+            joined_at: 0,
+            gossip_addr: SocketAddr::new(addr, 7946),
+            gossip_public_key: [0; 32],
+            underlay_networks: Vec::new(),
+        }
+    }
+
+    /// Hosts 1-3; "web" (VNI 1, 10.1.0.0/16, a /24 per host) on all, "db" (VNI 2, internal) on
+    /// hosts 2 and 3 only.
+    fn view() -> ClusterView {
+        let mut v = ClusterView { revision: 1, ..Default::default() };
+        for (name, vni, internal, hosts) in [("web", 1, false, &[1, 2, 3][..]), ("db", 2, true, &[2, 3][..])] {
+            v.networks.insert(
+                name.into(),
+                Network {
+                    name: name.into(),
+                    vni,
+                    subnet: format!("10.{vni}.0.0/16").parse().unwrap(),
+                    gateway: Ipv4Addr::new(10, vni as u8, 0, 1),
+                    mtu: 1450,
+                    block_prefix: 24,
+                    created_at: 0,
+                    internal,
+                },
+            );
+            for &h in hosts {
+                v.nodes.insert(h, node(h));
+                v.blocks.entry(name.into()).or_default().insert(h, format!("10.{vni}.{h}.0/24").parse().unwrap());
+            }
+        }
+        v
+    }
+
+    fn ep(vni: u32, ip: [u8; 4], name: &str, aliases: &[&str]) -> (EndpointKey, Endpoint) {
+        let aliases = aliases.iter().map(|a| (*a).to_owned()).collect();
+        (
+            EndpointKey { vni, ip: ip.into() },
+            Endpoint { mac: [2, 0x4f, ip[0], ip[1], ip[2], ip[3]], name: name.into(), aliases },
+        )
+    }
+
+    fn addrs(n: &Names, network: &str, name: &str) -> Vec<Ipv4Addr> {
+        let mut v = n.table.network(network).and_then(|t| t.addresses(name.as_bytes())).unwrap_or_default().to_vec();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn every_live_hosts_endpoints_within_its_block_on_the_networks_up_here() {
+        let v = view();
+        let local: HashMap<_, _> = [ep(1, [10, 1, 2, 5], "web2", &["www"])].into();
+        let mut heard = GossipView { alive: [1, 3].into(), ..Default::default() };
+        heard
+            .endpoints
+            .insert(1, vec![ep(1, [10, 1, 1, 5], "web1", &["www", "front"]), ep(1, [10, 1, 3, 9], "thief", &[])]);
+        heard.endpoints.insert(3, vec![ep(1, [10, 1, 3, 5], "web3", &[]), ep(2, [10, 2, 3, 5], "cache", &[])]);
+        let n = names(&v, &heard, &local, 2);
+        let ip = |a, b, c, d| Ipv4Addr::new(a, b, c, d);
+        assert_eq!(addrs(&n, "web", "www"), [ip(10, 1, 1, 5), ip(10, 1, 2, 5)], "an alias of two endpoints");
+        assert_eq!(addrs(&n, "web", "web3.web"), [ip(10, 1, 3, 5)]);
+        assert_eq!(addrs(&n, "web", "front"), [ip(10, 1, 1, 5)]);
+        assert!(addrs(&n, "web", "thief").is_empty(), "host 1 cannot name an address of host 3's block");
+        assert_eq!(addrs(&n, "db", "cache"), [ip(10, 2, 3, 5)]);
+        assert!(addrs(&n, "db", "web1").is_empty(), "names stay on their network");
+        assert!(n.table.network("db").unwrap().is_internal());
+        assert_eq!(n.endpoints["web"].iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["web1", "web2", "web3"]);
+        assert_eq!(n.endpoints["web"][1].node, 2);
+
+        // Host 3 confirmed down: its names go. Host 1 has no block in db: db is not up there.
+        heard.alive = [1].into();
+        let n = names(&v, &heard, &local, 2);
+        assert!(addrs(&n, "web", "web3").is_empty());
+        assert!(addrs(&n, "db", "cache").is_empty());
+        assert!(names(&v, &heard, &local, 1).table.network("db").is_none());
+    }
+}
