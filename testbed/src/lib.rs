@@ -44,6 +44,9 @@ use serde_json::Value;
 
 pub use measure::{IperfStats, PingStats};
 
+/// The file name of [`Testbed::upstreams_file`].
+const UPSTREAMS_FILE: &str = "upstreams.resolv.conf";
+
 /// Prefix of every namespace any testbed makes.
 pub const PREFIX: &str = "ovtb";
 
@@ -146,6 +149,13 @@ impl Testbed {
     /// Where logs and state dirs go.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// The resolv.conf every daemon of the testbed reads its DNS upstreams from (the daemon
+    /// setting `dns_upstreams_file`): none until a test writes it, so that no daemon forwards
+    /// a container's query beyond the testbed.
+    pub fn upstreams_file(&self) -> PathBuf {
+        self.inner.dir.join(UPSTREAMS_FILE)
     }
 
     /// Adds host number n (1, 2, …) with underlay address 198.18.x.y on `ul0`.
@@ -295,6 +305,20 @@ fn sweep_stale() {
         }
         netns::delete(&ns);
     }
+    // The resolv.conf files overlayd wrote for the containers of testbeds that are gone.
+    for entry in std::fs::read_dir(NETNS_ETC).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&format!("{PREFIX}-"))) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(NETNS_ETC);
     // And the directories (state, logs) of testbeds whose process is gone: kept after a
     // failure for a look at the logs, removed by the next run.
     for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
@@ -310,6 +334,22 @@ fn sweep_stale() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Where `ip netns exec` takes a namespace's /etc files from (overlayd writes the resolv.conf
+/// of the containers it attaches there).
+const NETNS_ETC: &str = "/etc/netns";
+
+/// Removes the /etc/netns files of this testbed's namespaces (overlayd removes them on
+/// detach, but not those of a daemon that was killed), and /etc/netns itself if that leaves
+/// it empty.
+fn remove_netns_etc(prefix: &str) {
+    for entry in std::fs::read_dir(NETNS_ETC).into_iter().flatten().flatten() {
+        if entry.file_name().to_str().is_some_and(|n| n.starts_with(&format!("{prefix}-"))) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(NETNS_ETC);
 }
 
 /// Turns IPv6 off in a namespace, so that the kernel's own IPv6 chatter (router and neighbour
@@ -457,6 +497,7 @@ impl Inner {
         for ns in namespaces.iter().rev() {
             netns::delete(ns);
         }
+        remove_netns_etc(&self.prefix);
         if std::env::var_os("OVERLAYD_TESTBED_KEEP_LOGS").is_none() && !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -503,6 +544,25 @@ impl Node {
         S: AsRef<std::ffi::OsStr>,
     {
         Ok(String::from_utf8_lossy(&netns::exec(&self.ns, program, args)?.stdout).into_owned())
+    }
+
+    /// Starts `program args` inside as a long-running process of the testbed, its output in
+    /// `<label>.log` of the testbed's dir; stopped by PID when the testbed goes, or by the
+    /// handle ([`Agent::kill`], [`Agent::terminate`]), which serves for its PID and log only.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(&self, label: &str, program: &str, args: &[S]) -> Result<Agent> {
+        let file: String = label.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        let log = self.inner.dir.join(format!("{file}.log"));
+        let mut cmd = netns::command(&self.ns, program);
+        cmd.args(args);
+        let pid = self.inner.spawn(label, cmd, Some(&log))?;
+        Ok(Agent {
+            inner: Arc::clone(&self.inner),
+            pid,
+            state_dir: self.inner.dir.clone(),
+            log,
+            host: label.to_owned(),
+            wrapper: Vec::new(),
+        })
     }
 
     /// `ping -c count` to `dst`; loss is reported, not an error.
@@ -683,6 +743,9 @@ impl Host {
         // gets a name of its own (its namespace's), which a test's dockerd uses with `-d`.
         cmd.env("OVERLAYD_DOCKER_PLUGIN", &self.node.ns);
         cmd.env("OVERLAYD_DOCKER_HOST", format!("unix://{}", dockerd::socket_of(&self.node.ns).display()));
+        // The embedded DNS resolver forwards only where a test says ([`Testbed::upstreams_file`]),
+        // never to the machine's own resolvers.
+        cmd.env("OVERLAYD_DNS_UPSTREAMS_FILE", inner.dir.join(UPSTREAMS_FILE));
         cmd.args(args.iter().map(AsRef::as_ref));
         let filter = inner.options.log_filter.clone().or_else(|| std::env::var("OVERLAYD_LOG").ok());
         cmd.env("OVERLAYD_LOG", filter.unwrap_or_else(|| "info".into()));
