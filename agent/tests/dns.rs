@@ -269,6 +269,11 @@ fn every_container_resolves_every_other_by_name_alias_and_network_name_on_every_
         let aaaa = dig(from, &["AAAA", "web2"]);
         assert_eq!((aaaa.status.as_str(), aaaa.answers.len()), ("NOERROR", 0), "a name without AAAA: {aaaa:?}");
     }
+    // As the README's walkthrough does: ping by name, across hosts.
+    for (from, to) in [(&cts[0], "web2"), (&cts[1], "web3.web"), (&cts[2], "front")] {
+        let (ok, out) = run_in(from.node.ns(), "ping", &["-n", "-c", "1", "-W", "2", to]);
+        assert!(ok, "{} could not ping {to}: {out}", from.name);
+    }
     // What each host says it answers.
     for a in &c.agents {
         let net = dns_report(a, "web");
@@ -399,6 +404,28 @@ fn a_container_does_not_resolve_names_that_exist_only_on_another_network() {
         }
     }
     assert!(getent(&b1, "ar").is_empty() && getent(&r2, "bee").is_empty(), "aliases stay on their network");
+
+    // A container on both networks resolves the names of both (through its first nameserver,
+    // blue's), and is known on each by the address it has there.
+    let both = attach(&c, 0, "blue", "both", &[]);
+    let path = both.node.netns_path();
+    let on_red = c.agents[0]
+        .json(&["attach", "--network", "red", "--netns", &path, "--name", "both", "--ifname", "eth1"])
+        .unwrap();
+    let red_ip: Ipv4Addr = on_red["ip"].as_str().unwrap().parse().unwrap();
+    let resolv = std::fs::read_to_string(format!("/etc/netns/{}/resolv.conf", both.node.ns())).unwrap();
+    let servers: Vec<&str> = resolv.lines().filter_map(|l| l.strip_prefix("nameserver ")).collect();
+    assert_eq!(servers, [blue_gw.to_string(), red_gw.to_string()], "{resolv}");
+    wait_for(T, "both to resolve r2", || (getent(&both, "r2") == [r2.ip]).then_some(())).unwrap();
+    assert_eq!(getent(&both, "b2"), [b2.ip]);
+    assert_eq!(getent(&both, "ar.red"), [r1.ip]);
+    assert_eq!(dig(&both, &["-x", &r2.ip.to_string()]).answers, ["r2.red."]);
+    wait_for(T, "r2 to resolve both", || (getent(&r2, "both") == [red_ip]).then_some(())).unwrap();
+    assert_eq!(getent(&b2, "both"), [both.ip]);
+    c.agents[0].cli(&["detach", "--netns", &path, "--network", "red"]).unwrap();
+    wait_for(T, "both to forget red's names", || getent(&both, "r2").is_empty().then_some(())).unwrap();
+    let resolv = std::fs::read_to_string(format!("/etc/netns/{}/resolv.conf", both.node.ns())).unwrap();
+    assert!(!resolv.contains(&red_gw.to_string()), "red's resolver left the file: {resolv}");
 
     // Asking the other network's resolver, or the host's underlay address, gets nothing (and
     // is counted as a packet for the host), while its own network's resolver answers.

@@ -155,6 +155,7 @@ impl ClusterRuntime {
                 &host,
                 Arc::clone(&follower),
                 &gossip,
+                Arc::clone(&store),
                 membership.node_id,
                 ctx.settings.dns_ttl,
                 ctx.settings.dns_upstreams_file.clone(),

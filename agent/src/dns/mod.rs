@@ -46,6 +46,7 @@ use proto as pb;
 use resolver::{Counters, NameTable, Upstreams};
 use tokio::sync::watch;
 
+use crate::endpoints::EndpointStore;
 use crate::gossip::{Gossip, GossipView};
 use crate::host::Host;
 
@@ -59,6 +60,55 @@ pub struct Names {
     pub table: NameTable,
     /// By network: every endpoint the table has, sorted by address.
     pub endpoints: BTreeMap<String, Vec<NamedEndpoint>>,
+    /// The containers of this host that are on several networks: each of their addresses →
+    /// every network of the container. Such a container asks the first network's resolver
+    /// (its first nameserver) for the names of all its networks; see [`Names::network_for`].
+    /// Networks never overlap, so an address names its network.
+    pub siblings: HashMap<Ipv4Addr, Vec<String>>,
+}
+
+impl Names {
+    /// The network whose names answer `query` from `client` sent to `network`'s resolver:
+    /// `network` itself, unless the client is on other networks too and the name is not on
+    /// `network` but on one of those (the first, in the order the container joined them).
+    pub fn network_for<'a>(&'a self, network: &'a str, client: Ipv4Addr, query: &[u8]) -> &'a str {
+        use resolver::wire::{Header, MAX_TEXT_LEN, Question};
+        let Some(networks) = self.siblings.get(&client) else { return network };
+        let Ok(header) = Header::new_checked(query) else { return network };
+        let Ok(question) = Question::parse(&header) else { return network };
+        let mut text = [0u8; MAX_TEXT_LEN];
+        let Some(name) = question.name.lower_text(&mut text) else { return network };
+        let has = |n: &str| self.table.network(n).is_some_and(|t| t.lookup(name).is_some());
+        if has(network) {
+            return network;
+        }
+        networks.iter().map(String::as_str).find(|n| *n != network && has(n)).unwrap_or(network)
+    }
+}
+
+/// Every network of each container of this host on more than one (by its namespace), keyed by
+/// each of its addresses: [`Names::siblings`].
+pub fn siblings(store: &EndpointStore) -> HashMap<Ipv4Addr, Vec<String>> {
+    let mut by_netns: BTreeMap<(u64, u64), Vec<(&str, Ipv4Addr)>> = BTreeMap::new();
+    // Docker's endpoints have no namespace the agent knows (it is Docker's to set up).
+    for e in store.endpoints.iter().filter(|e| e.netns_id != (0, 0)) {
+        by_netns.entry(e.netns_id).or_default().push((e.network.as_str(), e.ip));
+    }
+    let mut out = HashMap::new();
+    for eps in by_netns.values().filter(|eps| eps.len() > 1) {
+        let mut networks: Vec<String> = Vec::new();
+        for (n, _) in eps {
+            if !networks.iter().any(|x| x == n) {
+                networks.push((*n).to_owned());
+            }
+        }
+        if networks.len() > 1 {
+            for (_, ip) in eps {
+                out.insert(*ip, networks.clone());
+            }
+        }
+    }
+    out
 }
 
 /// An endpoint as the resolvers know it.
@@ -107,7 +157,7 @@ pub fn names(view: &ClusterView, heard: &GossipView, local: &HashMap<EndpointKey
         }
         endpoints.insert(name.clone(), list);
     }
-    Names { table: b.build(), endpoints }
+    Names { table: b.build(), endpoints, siblings: HashMap::new() }
 }
 
 /// The upstreams as last read.
@@ -162,6 +212,7 @@ impl Dns {
         host: &Host,
         follower: Arc<Follower>,
         gossip: &Gossip,
+        store: Arc<tokio::sync::Mutex<EndpointStore>>,
         me: NodeId,
         ttl: u32,
         upstreams_file: PathBuf,
@@ -178,6 +229,7 @@ impl Dns {
             heard: gossip.subscribe(),
             local: gossip.local(),
             up: host.gateways(),
+            store,
         };
         let task = tokio::spawn(supervise(Arc::clone(&shared), inputs, me));
         Dns { shared, task }
@@ -307,6 +359,8 @@ struct Inputs {
     heard: watch::Receiver<Arc<GossipView>>,
     local: watch::Receiver<Arc<HashMap<EndpointKey, Endpoint>>>,
     up: watch::Receiver<BTreeMap<String, Ipv4Addr>>,
+    /// This host's endpoints with their namespaces (for [`siblings`]).
+    store: Arc<tokio::sync::Mutex<EndpointStore>>,
 }
 
 /// The upstreams file as last seen: (modification time, length, inode), to tell a change.
@@ -330,7 +384,9 @@ async fn supervise(shared: Arc<Shared>, mut inputs: Inputs, me: NodeId) {
             let view = Arc::clone(&inputs.views.borrow_and_update());
             let heard = Arc::clone(&inputs.heard.borrow_and_update());
             let local = Arc::clone(&inputs.local.borrow_and_update());
-            shared.names.send_replace(Arc::new(names(&view, &heard, &local, me)));
+            let mut built = names(&view, &heard, &local, me);
+            built.siblings = siblings(&*inputs.store.lock().await);
+            shared.names.send_replace(Arc::new(built));
             let gateways: Vec<IpAddr> = view.networks.values().map(|n| IpAddr::V4(n.gateway)).collect();
             if gateways != own {
                 own = gateways;
@@ -500,5 +556,57 @@ mod tests {
         assert!(addrs(&n, "web", "web3").is_empty());
         assert!(addrs(&n, "db", "cache").is_empty());
         assert!(names(&v, &heard, &local, 1).table.network("db").is_none());
+    }
+
+    fn stored(network: &str, ip: [u8; 4], netns: (u64, u64)) -> crate::endpoints::LocalEndpoint {
+        crate::endpoints::LocalEndpoint {
+            network: network.into(),
+            name: format!("{ip:?}"),
+            ip: ip.into(),
+            prefix_len: 16,
+            mac: dataplane::MacAddr::from_ipv4(ip.into()),
+            host_ifname: String::new(),
+            netns: String::new(),
+            netns_id: netns,
+            ifname: "eth0".into(),
+            container_id: String::new(),
+            origin: crate::endpoints::Origin::Attach,
+            aliases: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_container_on_two_networks_resolves_the_names_of_both_through_either() {
+        let mut store = EndpointStore::default();
+        store.endpoints.push(stored("web", [10, 1, 2, 9], (1, 7)));
+        store.endpoints.push(stored("db", [10, 2, 2, 9], (1, 7)));
+        store.endpoints.push(stored("web", [10, 1, 2, 10], (1, 8)));
+        store.endpoints.push(stored("web", [10, 1, 2, 11], (0, 0)));
+        store.endpoints.push(stored("db", [10, 2, 2, 11], (0, 0)));
+        let sib = siblings(&store);
+        assert_eq!(sib.len(), 2, "only the container on both networks: {sib:?}");
+        assert_eq!(sib[&Ipv4Addr::new(10, 1, 2, 9)], ["web", "db"]);
+        assert_eq!(sib[&Ipv4Addr::new(10, 2, 2, 9)], ["web", "db"]);
+
+        let mut heard = GossipView { alive: [3].into(), ..Default::default() };
+        heard.endpoints.insert(3, vec![ep(1, [10, 1, 3, 5], "web3", &[]), ep(2, [10, 2, 3, 5], "cache", &[])]);
+        let mut n = names(&view(), &heard, &HashMap::new(), 2);
+        n.siblings = sib;
+        let q = |name: &str| {
+            let mut m = vec![0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+            for label in name.split('.') {
+                m.push(label.len() as u8);
+                m.extend(label.as_bytes());
+            }
+            m.extend([0, 0, 1, 0, 1]);
+            m
+        };
+        let both = Ipv4Addr::new(10, 1, 2, 9);
+        assert_eq!(n.network_for("web", both, &q("cache")), "db", "a name of its other network");
+        assert_eq!(n.network_for("web", both, &q("web3")), "web");
+        assert_eq!(n.network_for("web", both, &q("5.3.2.10.in-addr.arpa")), "db", "and its addresses");
+        assert_eq!(n.network_for("web", both, &q("elsewhere.example")), "web", "forwarded by the network asked");
+        assert_eq!(n.network_for("web", Ipv4Addr::new(10, 1, 2, 10), &q("cache")), "web", "a container on web only");
+        assert_eq!(n.network_for("web", both, b"junk"), "web");
     }
 }

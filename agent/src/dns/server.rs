@@ -9,7 +9,7 @@
 //! the network's task and writes back the reply it gets in the same buffer; a TCP client's
 //! forwarded query goes to the upstream over TCP too, in a task per try.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -79,6 +79,8 @@ enum Client {
 struct TcpQuery {
     buf: Vec<u8>,
     reply: mpsc::Sender<Vec<u8>>,
+    /// The client's address.
+    client: IpAddr,
 }
 
 /// The sockets of a network's resolver.
@@ -247,9 +249,15 @@ impl Server {
                 Ok(r) => r,
                 Err(_) => return,
             };
+            let network = match from.ip() {
+                IpAddr::V4(ip) if !self.names.siblings.is_empty() => {
+                    self.names.network_for(&self.network, ip, &self.query[..len])
+                }
+                _ => &self.network,
+            };
             let outcome = self.resolver.answer(
                 &self.names.table,
-                &self.network,
+                network,
                 &self.query[..len],
                 Transport::Udp,
                 &mut self.rng,
@@ -304,9 +312,13 @@ impl Server {
             let _ = q.reply.try_send(Vec::new());
             return;
         }
+        let network = match q.client {
+            IpAddr::V4(ip) if !self.names.siblings.is_empty() => self.names.network_for(&self.network, ip, &q.buf),
+            _ => &self.network,
+        };
         let outcome = self.resolver.answer(
             &self.names.table,
-            &self.network,
+            network,
             &q.buf,
             Transport::Tcp,
             &mut self.rng,
@@ -315,7 +327,7 @@ impl Server {
         );
         match outcome {
             Outcome::Answer { len } | Outcome::NotFoundInternal { len } => {
-                let TcpQuery { mut buf, reply } = q;
+                let TcpQuery { mut buf, reply, .. } = q;
                 buf.clear();
                 buf.extend_from_slice(&self.out[..len]);
                 let _ = reply.try_send(buf);
@@ -364,7 +376,7 @@ impl Server {
 
     /// Hands a TCP connection its reply (`out[..len]`), or closes it (`None`), and frees the slot.
     fn reply_tcp(&mut self, slot: usize, len: Option<usize>) {
-        let Some(TcpQuery { mut buf, reply }) = self.tcp_slots[slot].take() else { return };
+        let Some(TcpQuery { mut buf, reply, .. }) = self.tcp_slots[slot].take() else { return };
         self.tcp_free.push(slot);
         buf.clear();
         if let Some(len) = len {
@@ -393,6 +405,7 @@ impl Drop for OpenConnection {
 /// A client's TCP connection: length-prefixed queries, one at a time, each answered before
 /// the next is read; closed when idle, on a malformed message or a query that gets no reply.
 async fn connection(mut stream: TcpStream, queries: mpsc::Sender<TcpQuery>, _open: OpenConnection) {
+    let Ok(client) = stream.peer_addr().map(|a| a.ip()) else { return };
     let (reply_tx, mut reply_rx) = mpsc::channel(1);
     let mut buf = Vec::with_capacity(512);
     let mut framed = Vec::with_capacity(514);
@@ -406,7 +419,7 @@ async fn connection(mut stream: TcpStream, queries: mpsc::Sender<TcpQuery>, _ope
         if !matches!(tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut buf)).await, Ok(Ok(_))) {
             return;
         }
-        if queries.send(TcpQuery { buf, reply: reply_tx.clone() }).await.is_err() {
+        if queries.send(TcpQuery { buf, reply: reply_tx.clone(), client }).await.is_err() {
             return;
         }
         buf = match tokio::time::timeout(TCP_REPLY_WAIT, reply_rx.recv()).await {
