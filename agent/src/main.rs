@@ -323,7 +323,9 @@ Config file example, cluster mode:\n\n\
   # vxlan_port = 4789\n\
   # source_ports = \"61000-61015\"    # outer UDP source ports, picked by inner-flow hash\n\
   # offloads = \"all\"               # or none, or some of tap,gso,gro,coalesce\n\
-  # dataplane_threads = \"auto\"      # one thread while idle, one per direction under load; or 1, 2\n\n\
+  # dataplane_threads = \"auto\"      # one thread while idle, one per direction under load; or 1, 2\n\
+  # dns_ttl = 5                     # TTL of the DNS answers for containers' names (see overlayd dns --help)\n\
+  # dns_upstreams_file = \"/etc/resolv.conf\"   # where names outside the overlay are forwarded\n\n\
 Config file example, static mode (the same settings, and):\n\n\
   underlay_addr = \"198.18.0.1\"      # this host's VTEP address (required)\n\n\
   [[network]]\n\

@@ -694,4 +694,35 @@ fn bad_queries_and_a_flood_are_counted_and_good_queries_still_answer() {
     assert!(grew("queries") <= 20_000 + asked as u64 + 40, "counted no more than came");
     assert!(grew("malformed:") + grew("dropped:short_query") > 0 && grew("refused:class") > 0 && grew("forwarded") > 0);
     assert!(grew("forward_failed:no_upstream") > 0, "the testbed's daemons have no upstream");
+
+    // The same counters in Prometheus' text, from a daemon with a metrics address.
+    c.agents[0].terminate().unwrap();
+    let metrics = SocketAddr::new(c.hosts[0].addr(), 9477);
+    let _again = c.hosts[0].start_daemon(&["--metrics-addr", &metrics.to_string()]).unwrap();
+    wait_for(T, "the resolver to answer after the restart", || {
+        (getent(&web1, "attacker") == [attacker.ip]).then_some(())
+    })
+    .unwrap();
+    let ns = c.hosts[0].ns().to_owned();
+    let text = testbed::netns::within(&ns, move || {
+        use std::io::{Read as _, Write as _};
+        let mut s = TcpStream::connect_timeout(&metrics, Duration::from_secs(2))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })
+    .unwrap();
+    let line = |prefix: &str| text.lines().find(|l| l.starts_with(prefix)).map(str::to_owned);
+    let queries = line("overlayd_dns_queries_total{network=\"web\"} ").unwrap_or_else(|| panic!("{text}"));
+    assert!(queries.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()).is_some_and(|v| v >= 2), "{queries}");
+    for family in [
+        "overlayd_dns_answers_total{network=\"web\",rcode=\"noerror\"}",
+        "overlayd_dns_forwarded_total{network=\"web\"}",
+        "overlayd_dns_upstream_failures_total{network=\"web\",reason=\"timeout\"}",
+        "overlayd_dns_truncated_total{network=\"web\"}",
+        "overlayd_dns_dropped_total{network=\"web\",reason=\"short_query\"}",
+    ] {
+        assert!(line(family).is_some(), "{family} not in\n{text}");
+    }
 }
