@@ -10,6 +10,10 @@
 //!   except replies to what the host opened, ping, and what overlayd serves there on purpose
 //!   (the `gateway_services` chain: DNS, UDP and TCP port 53, to the network's own gateway
 //!   address only, from its own bridge only: the set `dns_gateways` of bridge . gateway).
+//!   A resolver is reached only from its network's bridge and from the host itself: a query
+//!   for a gateway's port 53 from anywhere else (the underlay, with a route to the gateway
+//!   through this host; another network) is dropped first thing, so that it is no open
+//!   resolver.
 //! - `table bridge overlayd`: each endpoint's host-side veth has a chain (`port-<veth>`, found
 //!   by a verdict map on the input port) that drops frames whose Ethernet source, IPv4 source,
 //!   ARP sender or IPv6 source is not the endpoint's own, and VLAN-tagged frames (which would
@@ -69,6 +73,11 @@ pub const COUNTERS: &[(&str, &str, &str)] = &[
     ("inet", "gossip_from_overlay", "datagrams from an overlay network to a gossip port"),
     ("inet", "control_from_overlay", "connections from an overlay network to a control port"),
     ("inet", "host_from_overlay", "packets from a cluster network to any other service of this host"),
+    (
+        "inet",
+        "dns_from_elsewhere",
+        "DNS queries to a network's resolver from elsewhere than that network's bridge or this host",
+    ),
     ("inet", "between_networks", "packets routed from one overlay network to another"),
     ("inet", "egress_internal", "packets from an internal network to outside the overlay"),
     ("inet", "into_network", "packets routed into a cluster network from outside it, for no connection of its own"),
@@ -394,10 +403,13 @@ fn egress_nat(subnets: &BTreeMap<String, Ipv4Cidr>) -> String {
 /// address, the only destination on it that `gateway_services` opens DNS to.
 fn dns_gateways(gateways: &BTreeMap<String, Ipv4Addr>) -> String {
     let t = format!("inet {TABLE}");
-    let mut s = format!("flush set {t} dns_gateways\n");
+    let mut s = format!("flush set {t} dns_gateways\nflush set {t} dns_addresses\n");
     if !gateways.is_empty() {
         let elements: Vec<String> = gateways.iter().map(|(b, gw)| format!("{} . {gw}", quoted(b))).collect();
         let _ = writeln!(s, "add element {t} dns_gateways {{ {} }}", elements.join(", "));
+        let addresses: BTreeSet<String> = gateways.values().map(ToString::to_string).collect();
+        let _ =
+            writeln!(s, "add element {t} dns_addresses {{ {} }}", addresses.into_iter().collect::<Vec<_>>().join(", "));
     }
     s
 }
@@ -443,6 +455,7 @@ fn skeleton(services: &UnderlayServices) -> String {
     }
     let _ = writeln!(s, "add map {t} networks {{ type ifname : verdict; }}");
     let _ = writeln!(s, "add set {t} dns_gateways {{ type ifname . ipv4_addr; }}");
+    let _ = writeln!(s, "add set {t} dns_addresses {{ type ipv4_addr; }}");
     // Written by each network change, never here: a restart keeps the masquerade in force
     // until the networks come back.
     let _ = writeln!(s, "add chain {t} egress_nat");
@@ -487,6 +500,9 @@ fn skeleton(services: &UnderlayServices) -> String {
             "input",
             Some("type filter hook input priority filter; policy accept;"),
             vec![
+                "ip daddr @dns_addresses meta l4proto { tcp, udp } th dport 53 iifname != \"lo\" \
+                 iifname . ip daddr != @dns_gateways counter name dns_from_elsewhere drop"
+                    .into(),
                 "iifname @overlay_bridges udp dport @vxlan_source_ports counter name vxlan_from_overlay drop".into(),
                 "iifname @overlay_bridges jump underlay_services".into(),
                 "iifname @gateway_bridges goto from_gateway_network".into(),
@@ -721,6 +737,7 @@ mod tests {
             "gossip_from_overlay",
             "control_from_overlay",
             "host_from_overlay",
+            "dns_from_elsewhere",
             "between_networks",
             "egress_internal",
             "into_network",
@@ -786,10 +803,21 @@ mod tests {
                 .into();
         assert_eq!(
             dns_gateways(&gateways),
-            "flush set inet overlayd dns_gateways\n\
-             add element inet overlayd dns_gateways { \"ovbr-a\" . 10.128.0.1, \"ovbr-b\" . 10.129.0.1 }\n"
+            "flush set inet overlayd dns_gateways\nflush set inet overlayd dns_addresses\n\
+             add element inet overlayd dns_gateways { \"ovbr-a\" . 10.128.0.1, \"ovbr-b\" . 10.129.0.1 }\n\
+             add element inet overlayd dns_addresses { 10.128.0.1, 10.129.0.1 }\n"
         );
-        assert_eq!(dns_gateways(&BTreeMap::new()), "flush set inet overlayd dns_gateways\n");
+        assert_eq!(
+            dns_gateways(&BTreeMap::new()),
+            "flush set inet overlayd dns_gateways\nflush set inet overlayd dns_addresses\n"
+        );
+        assert!(
+            s.contains(
+                "add rule inet overlayd input ip daddr @dns_addresses meta l4proto { tcp, udp } th dport 53 \
+                 iifname != \"lo\" iifname . ip daddr != @dns_gateways counter name dns_from_elsewhere drop\n"
+            ),
+            "no open resolver: {s}"
+        );
     }
 
     #[test]

@@ -428,8 +428,9 @@ fn a_container_does_not_resolve_names_that_exist_only_on_another_network() {
     assert!(!resolv.contains(&red_gw.to_string()), "red's resolver left the file: {resolv}");
 
     // Asking the other network's resolver, or the host's underlay address, gets nothing (and
-    // is counted as a packet for the host), while its own network's resolver answers.
+    // is counted), while its own network's resolver answers.
     let before = c.agents[0].counters().unwrap().dropped("host_from_overlay");
+    let elsewhere = c.agents[0].counters().unwrap().dropped("dns_from_elsewhere");
     let host_ip = v4(c.hosts[0].addr());
     for server in [red_gw, host_ip] {
         let d = dig(&b1, &[&format!("@{server}"), "r1"]);
@@ -440,7 +441,8 @@ fn a_container_does_not_resolve_names_that_exist_only_on_another_network() {
     // Only port 53 is open on the gateway: another port of it stays closed.
     let d = dig(&b1, &[&format!("@{blue_gw}"), "-p", "5353", "b2"]);
     assert_eq!(d.status, "NO REPLY", "port 5353 of the gateway: {d:?}");
-    assert!(c.agents[0].counters().unwrap().dropped("host_from_overlay") >= before + 5);
+    assert!(c.agents[0].counters().unwrap().dropped("host_from_overlay") >= before + 3);
+    assert!(c.agents[0].counters().unwrap().dropped("dns_from_elsewhere") >= elsewhere + 2, "red's resolver");
     assert_eq!(dig(&b1, &[&format!("@{blue_gw}"), "b2"]).answers, [b2.ip.to_string()]);
 }
 
@@ -454,13 +456,16 @@ fn other_names_go_to_the_hosts_upstream_but_never_delay_overlay_names_nor_leave_
     let outside = bed.add_outside().unwrap();
     let upstream = v4(outside.addr());
     std::fs::write(bed.upstreams_file(), format!("# the test's upstream\nnameserver {upstream}\n")).unwrap();
+    // An empty configuration of its own (not /etc/dnsmasq.conf).
+    let conf = bed.dir().join("dnsmasq.conf");
+    std::fs::write(&conf, "").unwrap();
     let dnsmasq = outside
         .spawn(
             "dnsmasq",
             "dnsmasq",
             &[
                 "--keep-in-foreground",
-                "--conf-file=/dev/null",
+                &format!("--conf-file={}", conf.display()),
                 "--no-resolv",
                 "--no-hosts",
                 "--user=root",
@@ -500,6 +505,22 @@ fn other_names_go_to_the_hosts_upstream_but_never_delay_overlay_names_nor_leave_
     assert!(counter(&net, "forwarded") >= 2 && counter(&net, "upstream_queries") >= 2, "{net}");
     let upstreams = c.agents[0].json(&["dns"]).unwrap()["upstreams"].clone();
     assert_eq!(upstreams, serde_json::json!([format!("{upstream}:53")]));
+
+    // No open resolver: the outside, with a route to the gateway through host 1, gets nothing.
+    let h1 = c.hosts[0].addr().to_string();
+    testbed::netns::ip(["-n", outside.ns(), "route", "add", &format!("{gw}/32"), "via", &h1]).unwrap();
+    let before = c.agents[0].counters().unwrap().dropped("dns_from_elsewhere");
+    for args in [vec![format!("@{gw}"), "web1".to_owned()], vec!["+tcp".into(), format!("@{gw}"), "web1".into()]] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let d = dig_in(outside.ns(), &args);
+        assert_eq!(d.status, "NO REPLY", "the outside asked {gw}: {d:?}");
+    }
+    assert!(c.agents[0].counters().unwrap().dropped("dns_from_elsewhere") >= before + 2);
+    assert_eq!(
+        dig_in(c.hosts[0].ns(), &[&format!("@{gw}"), "web2"]).answers,
+        [web2.ip.to_string()],
+        "the host itself may ask"
+    );
 
     // The internal network: its own names answer, the outside's are NXDOMAIN, never forwarded.
     wait_for(T, "safe to resolve safe2", || (getent(&safe, "safe2") == [safe2.ip]).then_some(())).unwrap();
