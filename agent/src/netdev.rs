@@ -6,8 +6,13 @@ use std::net::IpAddr;
 use anyhow::{Context, Result, bail};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoBridge, InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{InfoBridge, LinkAttribute, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+
+pub use self::reply::Iface;
+use self::reply::{alias_of, iface_of, is_bridge, mtu_of};
+
+mod reply;
 
 /// The alias overlayd writes on bridges it creates, so that a bridge left behind by a crashed
 /// agent is recognised as ours, adopted, and removed on the next clean exit.
@@ -24,8 +29,6 @@ pub fn connect() -> Result<Handle> {
 /// when the namespace holding its other end does). The channel closes if the socket fails.
 pub fn link_deletions() -> Result<tokio::sync::mpsc::UnboundedReceiver<String>> {
     use futures::StreamExt as _;
-    use rtnetlink::packet_core::NetlinkPayload;
-    use rtnetlink::packet_route::RouteNetlinkMessage;
     use rtnetlink::sys::{AsyncSocket as _, SocketAddr};
     let (mut conn, _handle, mut messages) =
         rtnetlink::new_connection().context("cannot open a netlink socket for link notifications")?;
@@ -37,16 +40,10 @@ pub fn link_deletions() -> Result<tokio::sync::mpsc::UnboundedReceiver<String>> 
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some((msg, _)) = messages.next().await {
-            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) = msg.payload {
-                let name = link.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::IfName(n) => Some(n.clone()),
-                    _ => None,
-                });
-                if let Some(name) = name
-                    && tx.send(name).is_err()
-                {
-                    return;
-                }
+            if let Some(name) = reply::deleted_link(&msg)
+                && tx.send(name).is_err()
+            {
+                return;
             }
         }
     });
@@ -59,21 +56,6 @@ async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>> {
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot look up interface {name}")),
     }
-}
-
-fn mtu_of(m: &LinkMessage) -> Option<u32> {
-    m.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(v) = a { Some(*v) } else { None })
-}
-
-fn is_bridge(m: &LinkMessage) -> bool {
-    m.attributes.iter().any(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))),
-        _ => false,
-    })
-}
-
-fn alias_of(m: &LinkMessage) -> Option<&str> {
-    m.attributes.iter().find_map(|a| if let LinkAttribute::IfAlias(s) = a { Some(s.as_str()) } else { None })
 }
 
 /// The MTU of the interface that holds `addr`. Fails, listing this host's addresses, if no
@@ -282,41 +264,6 @@ pub async fn global_addresses(h: &Handle) -> Result<Vec<IpAddr>> {
         }
     }
     Ok(out)
-}
-
-/// What a listing of this namespace's interfaces tells about one of them.
-#[derive(Debug, Clone)]
-pub struct Iface {
-    pub name: String,
-    pub index: u32,
-    pub alias: Option<String>,
-    /// Its veth peer's index (in the peer's namespace), or its lower device's.
-    pub peer: Option<u32>,
-    pub mac: Option<[u8; 6]>,
-    pub veth: bool,
-}
-
-fn iface_of(m: &LinkMessage) -> Iface {
-    let mut info = Iface {
-        name: String::new(),
-        index: m.header.index,
-        alias: alias_of(m).map(str::to_owned),
-        peer: None,
-        mac: None,
-        veth: false,
-    };
-    for a in &m.attributes {
-        match a {
-            LinkAttribute::IfName(n) => info.name = n.clone(),
-            LinkAttribute::Link(p) => info.peer = Some(*p),
-            LinkAttribute::Address(mac) => info.mac = <[u8; 6]>::try_from(mac.as_slice()).ok(),
-            LinkAttribute::LinkInfo(infos) => {
-                info.veth |= infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
-            }
-            _ => {}
-        }
-    }
-    info
 }
 
 /// Every interface of this namespace.

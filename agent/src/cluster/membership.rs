@@ -10,55 +10,22 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use control::manager::unix_now;
 use control::pki::{self, ClusterCa, JoinToken, NodeIdentity, NodeKey};
-use control::state::{Command, NewNode, NodeId, Role};
+use control::state::{Command, NewNode, Role};
 use control::store::Opening;
 use control::transport::{self, TransportError};
 use proto as pb;
-use serde::{Deserialize, Serialize};
 
+use self::record::MEMBERSHIP_FILE;
+pub use self::record::Membership;
 use super::{ClusterContext, ClusterRuntime, ENDPOINTS_FILE, PKI_DIR, RAFT_DIR, VIEW_FILE};
 use crate::attach;
 use crate::config::socket_addr;
 use crate::gossip::{self, GossipKeys};
-use crate::statefile;
 
-const MEMBERSHIP_FILE: &str = "cluster.json";
+mod record;
+
 /// How long `join` waits for a manager to answer.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What a host remembers of its cluster membership (`cluster.json` in the state dir).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Membership {
-    pub cluster_id: String,
-    pub node_id: NodeId,
-    pub name: String,
-    pub role: Role,
-    /// Where other hosts reach this one's control API.
-    pub advertise: SocketAddr,
-    /// Its VTEP address.
-    pub underlay: IpAddr,
-    /// Managers known at join time (more are learned from the state).
-    pub managers: Vec<SocketAddr>,
-    /// Where its gossip socket is (UDP; the advertise address's IP).
-    pub gossip: SocketAddr,
-}
-
-impl Membership {
-    fn load(dir: &Path) -> Result<Option<Membership>> {
-        let path = dir.join(MEMBERSHIP_FILE);
-        match std::fs::read(&path) {
-            Ok(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| {
-                anyhow::anyhow!("{} is damaged ({e}): this host's cluster membership cannot be read", path.display())
-            })?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-        }
-    }
-
-    fn save(&self, dir: &Path) -> Result<()> {
-        statefile::write_atomic(&dir.join(MEMBERSHIP_FILE), &serde_json::to_vec_pretty(self)?)
-    }
-}
 
 /// What to do about a membership whose files cannot be trusted: put them back, or come back as
 /// a new node.

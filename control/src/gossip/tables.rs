@@ -49,8 +49,11 @@ impl Replica {
     }
 
     fn advance(&mut self) {
-        while self.above.remove(&(self.watermark + 1)) {
-            self.watermark += 1;
+        // At the last version there is, nothing lies above (a member may vouch for it).
+        while let Some(next) = self.watermark.checked_add(1)
+            && self.above.remove(&next)
+        {
+            self.watermark = next;
         }
         while self.above.first().is_some_and(|v| *v <= self.watermark) {
             self.above.pop_first();
@@ -94,8 +97,8 @@ impl EndpointTables {
         }
         // In order (the common case): no detour through `above`, which would leave an empty
         // tree node behind in every replica.
-        if record.version == r.watermark + 1 && r.above.is_empty() {
-            r.watermark += 1;
+        if r.watermark.checked_add(1) == Some(record.version) && r.above.is_empty() {
+            r.watermark = record.version;
         } else {
             r.above.insert(record.version);
         }
@@ -224,6 +227,26 @@ mod tests {
         let names: Vec<_> = t.endpoints(1).map(|(_, e)| e.name.clone()).collect();
         assert_eq!(names, ["c2"]);
         assert_eq!(t.position(1).unwrap().watermark, 5);
+    }
+
+    /// Found by the `gossip_records` fuzz target: a completion up to the last version there is
+    /// (any member can send `Records { upto: u64::MAX }`), or a record of the last version in
+    /// order, overflowed the watermark's `+ 1`: a panic wherever overflow checks are on.
+    #[test]
+    fn the_watermark_reaches_the_last_version_without_overflowing() {
+        let s = Signer::generate();
+        let mut t = EndpointTables::new(9);
+        t.apply(Record::sign(&s, 1, 5, 1, Change::Epoch));
+        t.apply(put(&s, 5, 3, 2));
+        assert!(t.complete(1, 5, 1, u64::MAX));
+        assert_eq!(t.position(1), Some(Position { epoch: 5, watermark: u64::MAX }));
+        assert_eq!(t.apply(put(&s, 5, u64::MAX, 3)), Applied::Stale);
+
+        let mut t = EndpointTables::new(9);
+        t.apply(Record::sign(&s, 1, 5, 1, Change::Epoch));
+        assert!(t.complete(1, 5, 1, u64::MAX - 1));
+        assert_eq!(t.apply(put(&s, 5, u64::MAX, 3)), Applied::New);
+        assert_eq!(t.position(1), Some(Position { epoch: 5, watermark: u64::MAX }));
     }
 
     #[test]
