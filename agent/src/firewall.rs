@@ -13,7 +13,12 @@
 //!   A resolver is reached only from its network's bridge and from the host itself: a query
 //!   for a gateway's port 53 from anywhere else (the underlay, with a route to the gateway
 //!   through this host; another network) is dropped first thing, so that it is no open
-//!   resolver.
+//!   resolver. And a query a container sends to one of the host's own resolvers (the set
+//!   `dns_intercepted`, which the DNS shell keeps equal to the resolver's upstreams) is
+//!   answered by its network's resolver instead (DNAT to the gateway of the bridge it came in
+//!   on, the map `dns_redirect`), which answers the overlay's names and forwards the rest to
+//!   those same resolvers: a container that kept the host's resolv.conf (Docker's embedded
+//!   resolver forwards there) finds the overlay's names too.
 //! - `table bridge overlayd`: each endpoint's host-side veth has a chain (`port-<veth>`, found
 //!   by a verdict map on the input port) that drops frames whose Ethernet source, IPv4 source,
 //!   ARP sender or IPv6 source is not the endpoint's own, and VLAN-tagged frames (which would
@@ -285,6 +290,12 @@ impl Firewall {
         self.run(s).await.context("cannot remove stale firewall rules")
     }
 
+    /// Sets the host's resolvers whose queries from a cluster network's containers its own
+    /// resolver answers instead (see the module doc).
+    pub async fn set_dns_intercepted(&self, addresses: &BTreeSet<Ipv4Addr>) -> Result<()> {
+        self.run(dns_intercepted(addresses)).await.context("cannot set the DNS servers whose queries are intercepted")
+    }
+
     /// Every named counter: drops by reason (packets).
     pub async fn counters(&self) -> Result<BTreeMap<String, u64>> {
         let listed = self.output(&["-j", "list", "counters"]).await?;
@@ -400,16 +411,30 @@ fn egress_nat(subnets: &BTreeMap<String, Ipv4Cidr>) -> String {
 }
 
 /// The set `dns_gateways` rewritten whole: each cluster network's bridge with its gateway
-/// address, the only destination on it that `gateway_services` opens DNS to.
+/// address, the only destination on it that `gateway_services` opens DNS to; and the map
+/// `dns_redirect` (the same pairs), where intercepted queries go.
 fn dns_gateways(gateways: &BTreeMap<String, Ipv4Addr>) -> String {
     let t = format!("inet {TABLE}");
-    let mut s = format!("flush set {t} dns_gateways\nflush set {t} dns_addresses\n");
+    let mut s = format!("flush set {t} dns_gateways\nflush set {t} dns_addresses\nflush map {t} dns_redirect\n");
     if !gateways.is_empty() {
         let elements: Vec<String> = gateways.iter().map(|(b, gw)| format!("{} . {gw}", quoted(b))).collect();
         let _ = writeln!(s, "add element {t} dns_gateways {{ {} }}", elements.join(", "));
+        let redirect: Vec<String> = gateways.iter().map(|(b, gw)| format!("{} : {gw}", quoted(b))).collect();
+        let _ = writeln!(s, "add element {t} dns_redirect {{ {} }}", redirect.join(", "));
         let addresses: BTreeSet<String> = gateways.values().map(ToString::to_string).collect();
         let _ =
             writeln!(s, "add element {t} dns_addresses {{ {} }}", addresses.into_iter().collect::<Vec<_>>().join(", "));
+    }
+    s
+}
+
+/// The set `dns_intercepted` rewritten whole.
+fn dns_intercepted(addresses: &BTreeSet<Ipv4Addr>) -> String {
+    let t = format!("inet {TABLE}");
+    let mut s = format!("flush set {t} dns_intercepted\n");
+    if !addresses.is_empty() {
+        let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+        let _ = writeln!(s, "add element {t} dns_intercepted {{ {} }}", list.join(", "));
     }
     s
 }
@@ -456,6 +481,8 @@ fn skeleton(services: &UnderlayServices) -> String {
     let _ = writeln!(s, "add map {t} networks {{ type ifname : verdict; }}");
     let _ = writeln!(s, "add set {t} dns_gateways {{ type ifname . ipv4_addr; }}");
     let _ = writeln!(s, "add set {t} dns_addresses {{ type ipv4_addr; }}");
+    let _ = writeln!(s, "add map {t} dns_redirect {{ type ifname : ipv4_addr; }}");
+    let _ = writeln!(s, "add set {t} dns_intercepted {{ type ipv4_addr; }}");
     // Written by each network change, never here: a restart keeps the masquerade in force
     // until the networks come back.
     let _ = writeln!(s, "add chain {t} egress_nat");
@@ -464,7 +491,7 @@ fn skeleton(services: &UnderlayServices) -> String {
     }
     s.push_str(&service_ports(services));
     // The chains that others jump to first, then the base chains.
-    let chains: [(&str, Option<&str>, Vec<String>); 7] = [
+    let chains: [(&str, Option<&str>, Vec<String>); 8] = [
         (
             "underlay_services",
             None,
@@ -530,6 +557,16 @@ fn skeleton(services: &UnderlayServices) -> String {
                 // A cluster network's own chain decides what its containers send (egress).
                 "iifname vmap @networks".into(),
                 "oifname @gateway_bridges goto into_gateway_network".into(),
+            ],
+        ),
+        // A container's query to one of the host's resolvers goes to its network's resolver.
+        (
+            "prerouting",
+            Some("type nat hook prerouting priority dstnat; policy accept;"),
+            vec![
+                "iifname @gateway_bridges ip daddr @dns_intercepted meta l4proto { tcp, udp } th dport 53 \
+                 dnat ip to iifname map @dns_redirect"
+                    .into(),
             ],
         ),
         (
@@ -803,14 +840,29 @@ mod tests {
                 .into();
         assert_eq!(
             dns_gateways(&gateways),
-            "flush set inet overlayd dns_gateways\nflush set inet overlayd dns_addresses\n\
+            "flush set inet overlayd dns_gateways\nflush set inet overlayd dns_addresses\nflush map inet overlayd dns_redirect\n\
              add element inet overlayd dns_gateways { \"ovbr-a\" . 10.128.0.1, \"ovbr-b\" . 10.129.0.1 }\n\
+             add element inet overlayd dns_redirect { \"ovbr-a\" : 10.128.0.1, \"ovbr-b\" : 10.129.0.1 }\n\
              add element inet overlayd dns_addresses { 10.128.0.1, 10.129.0.1 }\n"
         );
         assert_eq!(
             dns_gateways(&BTreeMap::new()),
-            "flush set inet overlayd dns_gateways\nflush set inet overlayd dns_addresses\n"
+            "flush set inet overlayd dns_gateways\nflush set inet overlayd dns_addresses\nflush map inet overlayd dns_redirect\n"
         );
+        assert!(
+            s.contains(
+                "add rule inet overlayd prerouting iifname @gateway_bridges ip daddr @dns_intercepted \
+                 meta l4proto { tcp, udp } th dport 53 dnat ip to iifname map @dns_redirect\n"
+            ),
+            "queries to the host's resolvers go to the network's own: {s}"
+        );
+        assert!(!s.contains("flush set inet overlayd dns_intercepted"), "a restart keeps the set");
+        let upstreams: BTreeSet<Ipv4Addr> = [Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(8, 8, 8, 8)].into();
+        assert_eq!(
+            dns_intercepted(&upstreams),
+            "flush set inet overlayd dns_intercepted\nadd element inet overlayd dns_intercepted { 8.8.8.8, 192.0.2.53 }\n"
+        );
+        assert_eq!(dns_intercepted(&BTreeSet::new()), "flush set inet overlayd dns_intercepted\n");
         assert!(
             s.contains(
                 "add rule inet overlayd input ip daddr @dns_addresses meta l4proto { tcp, udp } th dport 53 \

@@ -420,6 +420,10 @@ pub fn dns(r: &pb::DnsReply) -> String {
     for i in &r.ignored_upstreams {
         let _ = writeln!(o, "  left out: {i}");
     }
+    if !r.intercepted.is_empty() {
+        let _ =
+            writeln!(o, "containers' queries to {} are answered by their network's resolver", r.intercepted.join(", "));
+    }
     for x in &r.rejected {
         let _ = writeln!(o, "not a DNS name, not answered: {x}");
     }

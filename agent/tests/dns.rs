@@ -1,7 +1,8 @@
-//! The embedded DNS resolver end to end (issue 14, tests 1–4 and 6), with real daemons and
-//! real clients: glibc's `getent hosts` through the resolv.conf overlayd writes for each
-//! container namespace (`ip netns exec NAME` mounts /etc/netns/NAME/resolv.conf), `dig`, and
-//! raw datagrams from a socket inside a container.
+//! The embedded DNS resolver end to end (issue 14, tests 1–6), with real daemons and real
+//! clients: glibc's `getent hosts` through the resolv.conf overlayd writes for each container
+//! namespace (`ip netns exec NAME` mounts /etc/netns/NAME/resolv.conf), `dig`, busybox
+//! `nslookup` and `ping` in podman and Docker containers, and raw datagrams from a socket inside
+//! a container.
 //! - every container resolves every other, on every host, by name, alias and NAME.NETWORK,
 //!   and each address back (PTR); over TCP too;
 //! - a container that goes (its namespace deleted, or the process of an `attach --pid` killed)
@@ -12,12 +13,15 @@
 //! - names outside the overlay go to the host's upstream (dnsmasq in a namespace that plays
 //!   the outside); with it dead, overlay names still answer at once; an `--internal` network
 //!   answers NXDOMAIN for them;
+//! - a podman container and a Docker container on two hosts find each other by name (Docker's
+//!   embedded resolver forwards to the host's resolvers; overlayd answers those queries);
 //! - malformed, truncated, oversized queries, other classes and types, a flood of 20,000
 //!   datagrams and too many TCP connections: no crash, all counted, good queries answered.
 //!
 //! The daemons forward only to the testbed's upstreams file (empty unless a test writes it):
 //! no query leaves the testbed. These tests need root (they create namespaces) and dig and
-//! dnsmasq (scripts/install-deps). They fail, never skip, when they cannot run.
+//! dnsmasq (scripts/install-deps), and podman and docker.io for test 5. They fail, never skip,
+//! when they cannot run.
 #![allow(clippy::print_stderr)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
@@ -26,7 +30,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use testbed::cluster::Cluster;
+use testbed::dockerd::Dockerd;
 use testbed::measure::wait_for;
+use testbed::runtimes::Podman;
 use testbed::{Agent, Node, Options, Testbed};
 
 const T: Duration = Duration::from_secs(20);
@@ -446,13 +452,9 @@ fn a_container_does_not_resolve_names_that_exist_only_on_another_network() {
     assert_eq!(dig(&b1, &[&format!("@{blue_gw}"), "b2"]).answers, [b2.ip.to_string()]);
 }
 
-/// Test 4: names outside the overlay are forwarded to the host's upstream (dnsmasq in the
-/// outside namespace, from the daemons' upstreams file), and reach the container; with the
-/// upstream dead, overlay names still answer at once (< 100 ms), also while a forwarded query
-/// waits; an `--internal` network answers NXDOMAIN for them and never forwards.
-#[test]
-fn other_names_go_to_the_hosts_upstream_but_never_delay_overlay_names_nor_leave_internal_networks() {
-    let bed = bed();
+/// The hosts' upstream resolver: dnsmasq in a namespace that plays the outside, answering
+/// 192.0.2.7 for every name under ext.test, and written into the testbed's upstreams file.
+fn upstream(bed: &Testbed) -> (testbed::Host, Ipv4Addr, Agent) {
     let outside = bed.add_outside().unwrap();
     let upstream = v4(outside.addr());
     std::fs::write(bed.upstreams_file(), format!("# the test's upstream\nnameserver {upstream}\n")).unwrap();
@@ -484,6 +486,17 @@ fn other_names_go_to_the_hosts_upstream_but_never_delay_overlay_names_nor_leave_
         (d.answers == ["192.0.2.7"]).then_some(())
     })
     .unwrap();
+    (outside, upstream, dnsmasq)
+}
+
+/// Test 4: names outside the overlay are forwarded to the host's upstream (dnsmasq in the
+/// outside namespace, from the daemons' upstreams file), and reach the container; with the
+/// upstream dead, overlay names still answer at once (< 100 ms), also while a forwarded query
+/// waits; an `--internal` network answers NXDOMAIN for them and never forwards.
+#[test]
+fn other_names_go_to_the_hosts_upstream_but_never_delay_overlay_names_nor_leave_internal_networks() {
+    let bed = bed();
+    let (outside, upstream, dnsmasq) = upstream(&bed);
     let c = cluster(&bed, 2);
     let gw = create(&c, "web", &[]);
     create(&c, "vault", &["--internal"]);
@@ -555,6 +568,71 @@ fn other_names_go_to_the_hosts_upstream_but_never_delay_overlay_names_nor_leave_
     assert!(took < Duration::from_secs(3), "{took:?}");
     let net = dns_report(&c.agents[0], "web");
     assert!(counter(&net, "upstream_failures:timeout") >= 1, "{net}");
+}
+
+/// What busybox `nslookup NAME` printed: the addresses of the answer (empty: none).
+fn nslookup_answers(out: &str) -> Vec<Ipv4Addr> {
+    let mut v: Vec<Ipv4Addr> = out
+        .split_once("Name:")
+        .map(|(_, answer)| {
+            answer.lines().filter_map(|l| l.trim().strip_prefix("Address:")?.trim().parse().ok()).collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Test 5: a podman container (overlayd as its CNI plugin) on one host and a Docker container
+/// (overlayd's Docker driver) on the other find each other by name with busybox `nslookup` and
+/// `ping NAME`, with no DNS setting of their own. The podman container asks its network's
+/// resolver (the CNI result's `dns`); the Docker one asks Docker's embedded resolver
+/// (127.0.0.11), which forwards names it does not have to the host's resolvers (here dockerd's
+/// `--dns`, the testbed's upstream, as the host's resolv.conf would be), and overlayd answers
+/// those queries from the network's resolver: the overlay's names, and the outside's forwarded.
+#[test]
+fn podman_and_docker_containers_resolve_each_other_by_name_across_hosts() {
+    let bed = bed();
+    let (_outside, upstream, _dnsmasq) = upstream(&bed);
+    let c = cluster(&bed, 2);
+    let docker = Dockerd::start_with_dns(&c.hosts[0], false, &[upstream]).expect("dockerd on host 0");
+    let plugin = c.hosts[0].ns().to_owned();
+    docker
+        .docker(&["network", "create", "-d", &plugin, "--ipam-driver", &plugin, "web"])
+        .expect("docker network create");
+    wait_for(T, "the network web on host 1", || c.agents[1].json(&["network", "inspect", "web"]).ok().map(|_| ()))
+        .unwrap();
+    let podman = Podman::new(&c.hosts[1], &c.agents[1], "web").expect("podman on host 1");
+    podman.run("pod1", &[]).expect("podman run pod1");
+    docker.run("dock1", "web", &[]).expect("docker run dock1");
+    let (pod1, dock1) = (podman.ip("pod1").unwrap(), docker.ip("dock1", "web").unwrap());
+    eprintln!("pod1 {pod1} on host 1, dock1 {dock1} on host 0");
+    eprintln!("pod1's resolv.conf:\n{}", podman.exec("pod1", &["cat", "/etc/resolv.conf"]).unwrap_or_default());
+
+    // Whatever the exit status: busybox asks for A and AAAA, and fails when either fails (the
+    // test's upstream refuses AAAA for the outside's names).
+    let stdout = |out: std::process::Output| String::from_utf8_lossy(&out.stdout).into_owned();
+    let from_pod = |name: &str| nslookup_answers(&stdout(podman.output(&["exec", "pod1", "nslookup", name]).unwrap()));
+    let from_docker =
+        |name: &str| nslookup_answers(&stdout(docker.output(&["exec", "dock1", "nslookup", name]).unwrap()));
+    wait_for(T, "pod1 to resolve dock1", || (from_pod("dock1") == [dock1]).then_some(())).unwrap_or_else(|e| {
+        panic!("{e:#}: {}", podman.output(&["exec", "pod1", "nslookup", "dock1"]).map(|o| format!("{o:?}")).unwrap())
+    });
+    wait_for(T, "dock1 to resolve pod1", || (from_docker("pod1") == [pod1]).then_some(()))
+        .unwrap_or_else(|e| panic!("{e:#}: {:?}", docker.output(&["exec", "dock1", "nslookup", "pod1"]).unwrap()));
+    assert_eq!(from_docker("pod1.web"), [pod1], "NAME.NETWORK from Docker");
+    assert_eq!(from_pod("dock1.web"), [dock1], "NAME.NETWORK from podman");
+    assert_eq!(from_docker("www.ext.test"), [Ipv4Addr::new(192, 0, 2, 7)], "the outside's names, forwarded");
+    assert_eq!(from_pod("www.ext.test"), [Ipv4Addr::new(192, 0, 2, 7)]);
+    assert!(from_docker("nothere").is_empty() && from_pod("nothere").is_empty());
+
+    // ping by name, each way (busybox's resolver, through the container's resolv.conf).
+    let out = docker.docker(&["exec", "dock1", "ping", "-c", "1", "-W", "5", "pod1"]).expect("dock1 pings pod1");
+    assert!(out.contains(&format!("from {pod1}")) || out.contains(&format!("({pod1})")), "{out}");
+    let out = podman.exec("pod1", &["ping", "-c", "1", "-W", "5", "dock1"]).expect("pod1 pings dock1");
+    assert!(out.contains(&format!("({dock1})")), "{out}");
+
+    let dns = c.agents[0].json(&["dns"]).unwrap();
+    assert_eq!(dns["intercepted"], serde_json::json!([upstream.to_string()]), "{dns}");
 }
 
 /// Test 6: bad input from a container, and a flood: no crash, every kind counted, and good

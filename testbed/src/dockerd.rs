@@ -44,12 +44,21 @@ pub struct Dockerd {
     log: PathBuf,
     pid: Option<u32>,
     live_restore: bool,
+    /// dockerd's `--dns`: the resolvers its containers forward to (the host's resolv.conf,
+    /// outside the testbed, unless set).
+    dns: Vec<std::net::Ipv4Addr>,
 }
 
 impl Dockerd {
     /// Starts dockerd on `host` and imports the busybox image; `live_restore` keeps its
     /// containers running while dockerd restarts.
     pub fn start(host: &Host, live_restore: bool) -> Result<Dockerd> {
+        Dockerd::start_with_dns(host, live_restore, &[])
+    }
+
+    /// [`Dockerd::start`], with `dns` as dockerd's `--dns` (the resolvers its containers'
+    /// embedded resolver forwards to, instead of the host's): a resolver of the testbed's.
+    pub fn start_with_dns(host: &Host, live_restore: bool, dns: &[std::net::Ipv4Addr]) -> Result<Dockerd> {
         ensure!(Path::new(DOCKER).is_file(), "{DOCKER} is missing: apt-get install docker.io (scripts/install-deps)");
         ensure!(
             which("dockerd"),
@@ -66,6 +75,7 @@ impl Dockerd {
             exec,
             pid: None,
             live_restore,
+            dns: dns.to_vec(),
         };
         std::fs::create_dir_all(d.dir.join("data"))?;
         d.launch()?;
@@ -97,6 +107,9 @@ impl Dockerd {
         ]);
         if self.live_restore {
             cmd.arg("--live-restore");
+        }
+        for ip in &self.dns {
+            cmd.arg(format!("--dns={ip}"));
         }
         cmd.arg("--data-root")
             .arg(self.dir.join("data"))

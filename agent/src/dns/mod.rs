@@ -28,7 +28,12 @@
 //! connections.
 //!
 //! How containers reach it: [`resolv_conf`] (for `attach --netns /run/netns/NAME`), the CNI
-//! result's `dns`, and `overlayd dns` to see what each network answers.
+//! result's `dns`, and for the containers that kept the host's resolvers (Docker's: its
+//! embedded resolver at 127.0.0.11 answers the names of its own host's containers and
+//! forwards the rest to the host's resolvers, from the container) the firewall's interception:
+//! a query from a cluster network to one of the addresses of [`intercepted`] is answered by
+//! that network's resolver, which forwards what is not the overlay's to those same upstreams.
+//! `overlayd dns` shows what each network answers.
 
 pub mod resolv_conf;
 pub mod server;
@@ -160,6 +165,28 @@ pub fn names(view: &ClusterView, heard: &GossipView, local: &HashMap<EndpointKey
     Names { table: b.build(), endpoints, siblings: HashMap::new() }
 }
 
+/// The resolvers whose queries from containers go to their network's resolver instead (the
+/// firewall's set `dns_intercepted`): the IPv4 upstreams on port 53 but loopback ones, which
+/// no container can reach, or, when the upstreams are all loopback (a host with a local cache,
+/// systemd-resolved's 127.0.0.53), the defaults Docker and podman give a container then
+/// (8.8.8.8 and 8.8.4.4). None when there are no upstreams: forwarding would fail where the
+/// container's own query may not.
+pub fn intercepted(upstreams: &Upstreams) -> BTreeSet<Ipv4Addr> {
+    let servers = upstreams.servers();
+    let mut out: BTreeSet<Ipv4Addr> = servers
+        .iter()
+        .filter(|s| s.port() == 53)
+        .filter_map(|s| match s.ip() {
+            IpAddr::V4(v4) if !v4.is_loopback() => Some(v4),
+            _ => None,
+        })
+        .collect();
+    if out.is_empty() && !servers.is_empty() && servers.iter().all(|s| s.ip().is_loopback()) {
+        out.extend([Ipv4Addr::new(8, 8, 8, 8), Ipv4Addr::new(8, 8, 4, 4)]);
+    }
+    out
+}
+
 /// The upstreams as last read.
 #[derive(Debug, Default, Clone)]
 pub struct UpstreamsState {
@@ -209,7 +236,7 @@ impl Dns {
 
     /// Starts the resolvers of every cluster network that is or comes up on `host`.
     pub fn start(
-        host: &Host,
+        host: &Arc<Host>,
         follower: Arc<Follower>,
         gossip: &Gossip,
         store: Arc<tokio::sync::Mutex<EndpointStore>>,
@@ -230,6 +257,7 @@ impl Dns {
             local: gossip.local(),
             up: host.gateways(),
             store,
+            host: Arc::clone(host),
         };
         let task = tokio::spawn(supervise(Arc::clone(&shared), inputs, me));
         Dns { shared, task }
@@ -300,6 +328,7 @@ impl Dns {
                 .collect(),
             upstreams_file: self.shared.upstreams_file.display().to_string(),
             upstreams_error: upstreams.error.clone().unwrap_or_default(),
+            intercepted: intercepted(&upstreams.upstreams).iter().map(ToString::to_string).collect(),
             ttl: self.shared.ttl,
             rejected: names
                 .table
@@ -361,6 +390,8 @@ struct Inputs {
     up: watch::Receiver<BTreeMap<String, Ipv4Addr>>,
     /// This host's endpoints with their namespaces (for [`siblings`]).
     store: Arc<tokio::sync::Mutex<EndpointStore>>,
+    /// For the firewall's [`intercepted`] resolvers.
+    host: Arc<Host>,
 }
 
 /// The upstreams file as last seen: (modification time, length, inode), to tell a change.
@@ -379,6 +410,8 @@ async fn supervise(shared: Arc<Shared>, mut inputs: Inputs, me: NodeId) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut last_stamp, mut own): (Option<Stamp>, Vec<IpAddr>) = (None, Vec::new());
     let mut rebuild = true;
+    // What the firewall intercepts, as last set (None: not yet, or it failed: try again).
+    let mut intercepting: Option<BTreeSet<Ipv4Addr>> = None;
     loop {
         if rebuild {
             let view = Arc::clone(&inputs.views.borrow_and_update());
@@ -417,6 +450,19 @@ async fn supervise(shared: Arc<Shared>, mut inputs: Inputs, me: NodeId) {
                 ),
             }
             shared.upstreams.send_replace(Arc::new(state));
+        }
+        let wanted_intercepts = intercepted(&shared.upstreams.borrow().upstreams);
+        if intercepting.as_ref() != Some(&wanted_intercepts) {
+            match inputs.host.firewall.set_dns_intercepted(&wanted_intercepts).await {
+                Ok(()) => {
+                    tracing::info!(resolvers = ?wanted_intercepts, "DNS: containers' queries to these resolvers are answered by their network's");
+                    intercepting = Some(wanted_intercepts);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "DNS: cannot intercept queries to the host's resolvers; trying again");
+                    intercepting = None;
+                }
+            }
         }
         let wanted = inputs.up.borrow_and_update().clone();
         servers.0.retain(|name, (gw, task)| {
@@ -608,5 +654,16 @@ mod tests {
         assert_eq!(n.network_for("web", both, &q("elsewhere.example")), "web", "forwarded by the network asked");
         assert_eq!(n.network_for("web", Ipv4Addr::new(10, 1, 2, 10), &q("cache")), "web", "a container on web only");
         assert_eq!(n.network_for("web", both, b"junk"), "web");
+    }
+
+    #[test]
+    fn the_hosts_reachable_resolvers_are_intercepted_or_dockers_defaults_behind_a_local_cache() {
+        let text = "nameserver 192.0.2.53\nnameserver 127.0.0.1\nnameserver 2001:db8::53\n";
+        let got: Vec<Ipv4Addr> = intercepted(&Upstreams::from_resolv_conf(text, &[])).into_iter().collect();
+        assert_eq!(got, [Ipv4Addr::new(192, 0, 2, 53)], "no loopback, no IPv6");
+        let cache = Upstreams::from_resolv_conf("nameserver 127.0.0.53\n", &[]);
+        let got: Vec<Ipv4Addr> = intercepted(&cache).into_iter().collect();
+        assert_eq!(got, [Ipv4Addr::new(8, 8, 4, 4), Ipv4Addr::new(8, 8, 8, 8)], "what Docker gives a container then");
+        assert!(intercepted(&Upstreams::default()).is_empty(), "no upstream: nothing to answer for");
     }
 }
