@@ -317,7 +317,8 @@ fn await_everywhere(c: &Cluster, hosts: &[usize], gw: Ipv4Addr, name: &str, want
 
 /// Test 2: a container whose namespace is deleted and one attached by PID whose process is
 /// SIGKILLed leave every host's answers within 5 s; a host's agent SIGKILLed, its containers
-/// leave the others' answers within 5 s; restarted, they are back everywhere.
+/// leave the others' answers within 5 s; restarted, they are back everywhere; a host cut off
+/// until it is declared down and healed answers exactly what the others answer.
 #[test]
 fn names_leave_every_host_within_5_s_when_their_container_or_host_dies_and_come_back() {
     let bed = bed();
@@ -378,6 +379,33 @@ fn names_leave_every_host_within_5_s_when_their_container_or_host_dies_and_come_
     for name in ["bravo", "papa"] {
         await_everywhere(&c, &all, gw, name, None, T);
     }
+
+    // Host 3 cut off (gossip, control and VXLAN, both ways), long enough to be declared down,
+    // then healed: suspended, not forgotten, it answers exactly what every other host answers.
+    c.hosts[2]
+        .nft(
+            "table inet ovtb_cut {\n\
+               chain out { type filter hook output priority 0; udp dport { 4789, 7946 } drop; udp sport 7946 drop; tcp dport 7947 drop; tcp sport 7947 drop; }\n\
+               chain in { type filter hook input priority 0; udp dport { 4789, 7946 } drop; udp sport 7946 drop; tcp dport 7947 drop; tcp sport 7947 drop; }\n\
+             }\n",
+        )
+        .unwrap();
+    await_everywhere(&c, &[0, 1], gw, "charlie", None, T);
+    c.hosts[2].nft("delete table inet ovtb_cut\n").unwrap();
+    let healed = Instant::now();
+    for name in ["charlie", "c-alias"] {
+        await_everywhere(&c, &all, gw, name, Some(far.ip), T);
+    }
+    let answers = |i: usize| {
+        let net = dns_report(&c.agents[i], "web");
+        net["names"].clone()
+    };
+    wait_for(T, "every host to answer the same names", || {
+        let first = answers(0);
+        (first.as_array().is_some_and(|a| a.len() == 4) && answers(1) == first && answers(2) == first).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {} / {} / {}", answers(0), answers(1), answers(2)));
+    eprintln!("a partitioned host answered like every other {:?} after healing", healed.elapsed());
     drop(again);
 }
 
