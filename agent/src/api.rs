@@ -309,6 +309,53 @@ impl pb::agent_server::Agent for AgentService {
         let c = self.cluster().await?;
         c.dns.report(&request.get_ref().network).map(Response::new).map_err(|e| Status::not_found(format!("{e:#}")))
     }
+
+    async fn service_create(&self, request: Request<pb::Service>) -> Result<Response<pb::Service>, Status> {
+        let c = self.managing().await?;
+        let svc = self.manager().await?.create_service(request.into_inner()).await?.into_inner();
+        // Answer once this host's view has it, so that what follows (attach --service) sees it.
+        let mut views = c.follower.subscribe();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), views.wait_for(|v| v.services.contains_key(&svc.name))).await;
+        Ok(Response::new(svc))
+    }
+
+    async fn service_remove(&self, request: Request<pb::RemoveServiceRequest>) -> Result<Response<pb::Empty>, Status> {
+        let c = self.managing().await?;
+        let name = request.get_ref().name.clone();
+        self.manager().await?.remove_service(request.into_inner()).await?;
+        let mut views = c.follower.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), views.wait_for(|v| !v.services.contains_key(&name))).await;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn service_list(&self, _: Request<pb::Empty>) -> Result<Response<pb::ServiceListReply>, Status> {
+        let c = self.cluster().await?;
+        let view = c.follower.view();
+        let heard = Arc::clone(&c.gossip.subscribe().borrow());
+        let local = Arc::clone(&c.gossip.local().borrow());
+        let mut replicas = crate::services::replicas(&view, &heard, &local, c.membership.node_id);
+        let services = view
+            .services
+            .values()
+            .map(|s| pb::ServiceInfo {
+                service: Some(s.into()),
+                replicas: replicas
+                    .remove(&s.name)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| pb::Replica {
+                        name: r.name,
+                        ip: r.ip.to_string(),
+                        node_id: r.node,
+                        node_name: view.nodes.get(&r.node).map(|n| n.name.clone()).unwrap_or_default(),
+                        health: r.health.as_str().to_owned(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ServiceListReply { services }))
+    }
 }
 
 /// Renders the DNS resolvers' counters as Prometheus text: `overlayd_dns_<family>_total` with

@@ -225,8 +225,9 @@ pub async fn inspect(veth: &Iface) -> Result<LocalEndpoint, String> {
         ifname: tag.ifname,
         container_id: tag.cid,
         origin: tag.origin,
-        // Aliases are not kept on the veth (its alias has no room for them).
+        // Aliases and the service are not kept on the veth (its alias has no room for them).
         aliases: Vec::new(),
+        service: None,
     })
 }
 

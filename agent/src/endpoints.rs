@@ -8,7 +8,7 @@
 //! crash left, sets a corrupt store aside and rebuilds it from the veths, forgets endpoints
 //! whose veth went with their container, and removes the veths no endpoint owns.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use control::cidr::Ipv4Cidr;
+use control::gossip::Health;
 use control::manager::HostApi;
 use control::state::{ClusterView, NodeId};
 use dataplane::MacAddr;
@@ -57,6 +58,9 @@ pub struct LocalEndpoint {
     /// Other names it answers to on its network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
+    /// The service it is a replica of (`attach --service`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// Who attached an endpoint: its lifecycle is the same, whoever it was.
@@ -153,6 +157,23 @@ pub struct EndpointStore {
     /// or not, until Docker releases them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reserved: Vec<Reservation>,
+    /// The health of the replicas here, as their checks last found it, by (network, address);
+    /// not kept across a restart: the checks start again (see [`replica_health`]).
+    #[serde(skip)]
+    pub health: HashMap<(String, Ipv4Addr), Health>,
+}
+
+/// A replica's health as gossip carries it: what its checks found, or, before they found
+/// anything, `Starting` when its service has a check and `Healthy` when it has none.
+pub fn replica_health(view: &ClusterView, store: &EndpointStore, e: &LocalEndpoint) -> Health {
+    let Some(service) = &e.service else { return Health::Healthy };
+    if let Some(h) = store.health.get(&(e.network.clone(), e.ip)) {
+        return *h;
+    }
+    match view.services.get(service) {
+        Some(s) if s.health.is_some() => Health::Starting,
+        _ => Health::Healthy,
+    }
 }
 
 /// An address handed out by Docker's IPAM (see [`EndpointStore::reserved`]).
@@ -456,6 +477,7 @@ pub fn to_pb(e: &LocalEndpoint, node: NodeId, node_name: &str) -> pb::Endpoint {
         origin: e.origin.as_str().to_owned(),
         aliases: e.aliases.clone(),
         ifname: e.ifname.clone(),
+        service: e.service.clone().unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -478,6 +500,8 @@ pub fn gossiped(
                     mac: e.mac.0,
                     name: e.name.clone(),
                     aliases: e.aliases.iter().take(MAX_ALIASES).cloned().collect(),
+                    service: e.service.clone(),
+                    health: replica_health(view, store, e),
                 },
             ))
         })
@@ -516,6 +540,19 @@ impl ClusterRuntime {
             .get(&req.network)
             .with_context(|| format!("no network named {:?} (see overlayd network ls)", req.network))?
             .clone();
+        if !req.service.is_empty() {
+            match view.services.get(&req.service) {
+                None => bail!("no service named {:?} (see overlayd service ls)", req.service),
+                Some(s) if s.network != net.name => bail!(
+                    "service {:?} is on network {:?}, not {:?}: attach its replicas to {:?}",
+                    s.name,
+                    s.network,
+                    net.name,
+                    s.network
+                ),
+                Some(_) => {}
+            }
+        }
         let leased_now = self.lease_block(&net.name).await?;
         let result = self.attach_in(&req, ns.as_ref(), name, ifname, origin, &net).await;
         if result.is_err() && leased_now {
@@ -615,6 +652,7 @@ impl ClusterRuntime {
             container_id: req.container_id.clone(),
             origin,
             aliases: req.aliases.clone(),
+            service: (!req.service.is_empty()).then(|| req.service.clone()),
         };
         let nl = &self.host.nl;
         // The port's firewall and the dataplane's binding first: the container never sends unchecked.
@@ -922,6 +960,7 @@ mod tests {
             container_id: String::new(),
             origin: Origin::Attach,
             aliases: Vec::new(),
+            service: None,
         }
     }
 

@@ -15,6 +15,7 @@ mod gossip;
 mod host;
 mod netdev;
 mod output;
+mod services;
 mod statefile;
 mod static_mode;
 
@@ -100,6 +101,10 @@ enum Command {
     /// Create, list, inspect or remove overlay networks.
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Create, list, inspect or remove services: one name (and a virtual IP) for several
+    /// replicas.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Attach a container (a network namespace) to a network: a veth into it with the next free
     /// address of this host's block, a MAC derived from the address, the network's MTU and a
     /// default route via the gateway.
@@ -280,8 +285,144 @@ struct AttachArgs {
     /// Another name it answers to on the network (repeat for several).
     #[arg(long = "alias", value_name = "NAME")]
     aliases: Vec<String>,
+    /// Make it a replica of this service (of the same network): it answers the service's
+    /// name and VIP while it lives and passes the service's health check.
+    #[arg(long, value_name = "NAME")]
+    service: Option<String>,
     #[command(flatten)]
     out: OutputArgs,
+}
+
+const SERVICE_HELP: &str = "Create a service: one name for several replicas, on one network.\n\n\
+overlayd does not start replicas: containers become replicas when they are attached with \
+`overlayd attach --service NAME` (on any host), and stop being replicas when they are detached or \
+die. In vip mode (the default) the service gets a virtual IP from the network's subnet: NAME \
+answers it, and each client's host spreads connections to VIP:PORT over the healthy replicas. \
+In dnsrr mode NAME answers every healthy replica. tasks.NAME always answers every healthy \
+replica, and _PORT._PROTO.NAME the SRV records of the service's ports.\n\n\
+A health check (--health-tcp, --health-http or --health-cmd) is run by each replica's own host: a \
+replica that fails it --health-retries times in a row leaves DNS and the VIP on every host until \
+it passes again. Without one, a replica is healthy while it lives.\n\n\
+Examples:\n  overlayd service create web --network front --port 80/tcp --health-http /\n  \
+overlayd service create db --network back --mode dnsrr --health-tcp 5432";
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Create a service.
+    #[command(long_about = SERVICE_HELP)]
+    Create(Box<ServiceCreateArgs>),
+    /// List the services, with their replicas' health.
+    Ls(OutputArgs),
+    /// Show a service: its VIP, ports, health check and replicas (their host and health).
+    Inspect {
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Remove a service (its replicas stay attached, as plain containers).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(Args)]
+struct ServiceCreateArgs {
+    /// The service's name: a DNS label (a-z, 0-9, '-').
+    name: String,
+    /// The network its replicas and clients are on.
+    #[arg(long)]
+    network: String,
+    /// A port of the service, PORT[/tcp|udp] (repeat for several): the VIP balances it, SRV
+    /// records name it.
+    #[arg(long = "port", value_name = "PORT[/PROTO]", value_parser = parse_service_port)]
+    ports: Vec<control::service::ServicePort>,
+    /// vip: one virtual IP, balanced by each client's host; dnsrr: DNS answers every replica.
+    #[arg(long, default_value = "vip", value_parser = ["vip", "dnsrr"])]
+    mode: String,
+    /// The VIP, from the network's subnet outside every host's block [default: the highest
+    /// free address of the subnet].
+    #[arg(long, value_name = "IP")]
+    vip: Option<std::net::Ipv4Addr>,
+    /// Publish a port on every host's underlay address: PUBLISHED:TARGET[/tcp|udp][,host]
+    /// (",host": each host to its own replicas only). Repeat for several.
+    #[arg(long = "publish", value_name = "SPEC", value_parser = parse_published_port)]
+    published: Vec<control::service::PublishedPort>,
+    /// Health check: connect to this TCP port of each replica.
+    #[arg(long, value_name = "PORT", group = "check", value_parser = clap::value_parser!(u16).range(1..))]
+    health_tcp: Option<u16>,
+    /// Health check: GET this path on the service's first TCP port; 2xx or 3xx passes.
+    #[arg(long, value_name = "PATH", group = "check")]
+    health_http: Option<String>,
+    /// Health check: run this command (sh -c) in each replica's network namespace; exit 0 passes.
+    #[arg(long, value_name = "CMD", group = "check")]
+    health_cmd: Option<String>,
+    /// Between two checks (e.g. 500ms, 2s, 1m).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = control::service::parse_duration_ms)]
+    health_interval: u64,
+    /// How long one check may take.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = control::service::parse_duration_ms)]
+    health_timeout: u64,
+    /// Failures in a row that make a replica unhealthy.
+    #[arg(long, value_name = "N", default_value_t = control::service::DEFAULT_HEALTH_RETRIES)]
+    health_retries: u32,
+    /// Failures after a replica appears that do not count yet.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = control::service::parse_duration_ms)]
+    health_start_period: u64,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+fn parse_service_port(s: &str) -> Result<control::service::ServicePort, String> {
+    s.parse()
+}
+
+fn parse_published_port(s: &str) -> Result<control::service::PublishedPort, String> {
+    s.parse()
+}
+
+impl ServiceCreateArgs {
+    /// The request, with the health check's words checked here (so that a bad one is refused
+    /// before anything is asked of the cluster).
+    fn request(&self) -> Result<pb::Service> {
+        use control::service::{HealthCheck, HealthProbe};
+        let probe = match (&self.health_tcp, &self.health_http, &self.health_cmd) {
+            (Some(p), _, _) => Some(HealthProbe::Tcp(*p)),
+            (_, Some(path), _) => Some(HealthProbe::Http(path.clone())),
+            (_, _, Some(cmd)) => Some(HealthProbe::Cmd(cmd.clone())),
+            _ => None,
+        };
+        let health = probe.map(|probe| HealthCheck {
+            probe,
+            interval_ms: self.health_interval,
+            timeout_ms: self.health_timeout,
+            retries: self.health_retries,
+            start_period_ms: self.health_start_period,
+        });
+        let spec = control::service::NewService {
+            name: self.name.clone(),
+            network: self.network.clone(),
+            mode: self.mode.parse().map_err(anyhow::Error::msg)?,
+            vip: self.vip,
+            ports: self.ports.clone(),
+            published: self.published.clone(),
+            health,
+            created_at: 0,
+        };
+        spec.check().map_err(anyhow::Error::msg)?;
+        let svc = control::service::Service {
+            name: spec.name,
+            network: spec.network,
+            mode: spec.mode,
+            vip: spec.vip,
+            ports: spec.ports,
+            published: spec.published,
+            health: spec.health,
+            created_at: 0,
+        };
+        Ok(pb::Service::from(&svc))
+    }
 }
 
 #[derive(Args)]
@@ -494,6 +635,26 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
             c.network_remove(pb::RemoveNetworkRequest { name: name.clone(), force }).await.map_err(e)?;
             output::print(out.json, &serde_json::json!({"removed": name}), |_| format!("removed network {name}\n"))
         }
+        Command::Service(ServiceCommand::Create(a)) => {
+            let r = c.service_create(a.request()?).await.map_err(e)?;
+            output::print(a.out.json, &r.into_inner(), output::service)
+        }
+        Command::Service(ServiceCommand::Ls(o)) => {
+            output::print(o.json, &c.service_list(pb::Empty {}).await.map_err(e)?.into_inner(), output::services)
+        }
+        Command::Service(ServiceCommand::Inspect { name, out }) => {
+            let all = c.service_list(pb::Empty {}).await.map_err(e)?.into_inner();
+            let one = all
+                .services
+                .into_iter()
+                .find(|s| s.service.as_ref().is_some_and(|s| s.name == name))
+                .with_context(|| format!("no service named {name:?} (see overlayd service ls)"))?;
+            output::print(out.json, &one, output::service_inspect)
+        }
+        Command::Service(ServiceCommand::Rm { name, out }) => {
+            c.service_remove(pb::RemoveServiceRequest { name: name.clone() }).await.map_err(e)?;
+            output::print(out.json, &serde_json::json!({"removed": name}), |_| format!("removed service {name}\n"))
+        }
         Command::Attach(a) => {
             let r = c
                 .attach(pb::AttachRequest {
@@ -504,6 +665,7 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
                     ifname: a.ifname,
                     ip: a.ip.map(|ip| ip.to_string()).unwrap_or_default(),
                     aliases: a.aliases,
+                    service: a.service.unwrap_or_default(),
                     ..Default::default()
                 })
                 .await

@@ -295,6 +295,88 @@ pub fn network(n: &pb::Network) -> String {
     )
 }
 
+fn service_ports(s: &pb::Service) -> String {
+    let ports: Vec<String> = s.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect();
+    if ports.is_empty() { "-".into() } else { ports.join(",") }
+}
+
+fn published_ports(s: &pb::Service) -> String {
+    let ports: Vec<String> = s
+        .published
+        .iter()
+        .map(|p| {
+            let host = if p.mode == "host" { ",host" } else { "" };
+            format!("{}:{}/{}{host}", p.published, p.target, p.protocol)
+        })
+        .collect();
+    if ports.is_empty() { "-".into() } else { ports.join(",") }
+}
+
+fn health_check(s: &pb::Service) -> String {
+    match &s.health {
+        None => "none (a replica is healthy while it lives)".into(),
+        Some(h) => {
+            let what = match h.kind.as_str() {
+                "http" => format!("HTTP GET {}", h.target),
+                "cmd" => format!("command {:?}", h.target),
+                _ => format!("TCP connect to port {}", h.target),
+            };
+            format!(
+                "{what}, every {} ms, timeout {} ms, unhealthy after {} failures, start period {} ms",
+                h.interval_ms, h.timeout_ms, h.retries, h.start_period_ms
+            )
+        }
+    }
+}
+
+pub fn service(s: &pb::Service) -> String {
+    let how = if s.mode == "dnsrr" { "DNS round robin".to_owned() } else { format!("VIP {}", s.vip) };
+    format!(
+        "service {} on network {}: {how}, ports {}, published {}; health check: {}\n",
+        s.name,
+        s.network,
+        service_ports(s),
+        published_ports(s),
+        health_check(s)
+    )
+}
+
+pub fn services(r: &pb::ServiceListReply) -> String {
+    let mut o = String::from(
+        "NAME              NETWORK     MODE   VIP               PORTS             PUBLISHED         REPLICAS\n",
+    );
+    for info in &r.services {
+        let Some(s) = &info.service else { continue };
+        let healthy = info.replicas.iter().filter(|r| r.health == "healthy").count();
+        let _ = writeln!(
+            o,
+            "{:<17} {:<11} {:<6} {:<17} {:<17} {:<17} {healthy}/{} healthy",
+            s.name,
+            s.network,
+            s.mode,
+            if s.vip.is_empty() { "-" } else { &s.vip },
+            service_ports(s),
+            published_ports(s),
+            info.replicas.len()
+        );
+    }
+    o
+}
+
+pub fn service_inspect(info: &pb::ServiceInfo) -> String {
+    let Some(s) = &info.service else { return String::new() };
+    let mut o = service(s);
+    if info.replicas.is_empty() {
+        o.push_str("no replicas: attach containers with `overlayd attach --service NAME`\n");
+        return o;
+    }
+    o.push_str("\nREPLICA           ADDRESS           HOST              HEALTH\n");
+    for r in &info.replicas {
+        let _ = writeln!(o, "{:<17} {:<17} {:<17} {}", r.name, r.ip, r.node_name, r.health);
+    }
+    o
+}
+
 pub fn networks(r: &pb::NetworkListReply) -> String {
     let mut o = String::from("NAME        VNI       SUBNET              GATEWAY           MTU    BLOCK  EGRESS\n");
     for n in &r.networks {

@@ -316,7 +316,13 @@ fn gossip_refuses_wrong_keys_forgeries_and_garbage_and_counts_them() {
         a_version + 1000,
         Change::Put(
             EndpointKey { vni, ip: stolen },
-            Endpoint { mac: [2, 0x4f, 1, 2, 3, 4], name: "evil".into(), aliases: Vec::new() },
+            Endpoint {
+                mac: [2, 0x4f, 1, 2, 3, 4],
+                name: "evil".into(),
+                aliases: Vec::new(),
+                service: None,
+                health: Default::default(),
+            },
         ),
     );
     let claim_msg = SyncMessage::Records {

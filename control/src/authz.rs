@@ -25,6 +25,10 @@ pub enum Call {
     CreateNetwork,
     /// Manager.RemoveNetwork.
     RemoveNetwork,
+    /// Manager.CreateService.
+    CreateService,
+    /// Manager.RemoveService.
+    RemoveService,
     /// Manager.LeaseBlock (for the caller).
     LeaseBlock,
     /// Manager.ReleaseBlock (the caller's).
@@ -72,12 +76,14 @@ pub enum Need {
 
 impl Call {
     /// Every call, for tables and tests.
-    pub const ALL: [Call; 17] = [
+    pub const ALL: [Call; 19] = [
         Call::Join,
         Call::Promote,
         Call::Watch,
         Call::CreateNetwork,
         Call::RemoveNetwork,
+        Call::CreateService,
+        Call::RemoveService,
         Call::LeaseBlock,
         Call::ReleaseBlock,
         Call::Heartbeat,
@@ -104,9 +110,13 @@ impl Call {
             | Call::Info
             | Call::GossipKey
             | Call::Endpoints => Need::Member,
-            Call::Promote | Call::CreateNetwork | Call::RemoveNetwork | Call::RemoveNode | Call::Propose => {
-                Need::Manager
-            }
+            Call::Promote
+            | Call::CreateNetwork
+            | Call::RemoveNetwork
+            | Call::CreateService
+            | Call::RemoveService
+            | Call::RemoveNode
+            | Call::Propose => Need::Manager,
             Call::Vote => Need::Voter,
             Call::AppendEntries | Call::InstallSnapshot => Need::Leader,
         }
@@ -120,6 +130,8 @@ impl Call {
             Call::Watch => "watch the cluster state",
             Call::CreateNetwork => "create networks",
             Call::RemoveNetwork => "remove networks",
+            Call::CreateService => "create services",
+            Call::RemoveService => "remove services",
             Call::LeaseBlock => "lease address blocks",
             Call::ReleaseBlock => "release address blocks",
             Call::Heartbeat => "report in",
@@ -279,7 +291,7 @@ mod tests {
         let unknown = caller(W, Standing::Unknown, Voting::NotVoter);
         use Call::*;
         let for_members = [Watch, LeaseBlock, ReleaseBlock, Heartbeat, Leave, Info, GossipKey, Endpoints];
-        let for_managers = [Promote, CreateNetwork, RemoveNetwork, RemoveNode, Propose];
+        let for_managers = [Promote, CreateNetwork, RemoveNetwork, CreateService, RemoveService, RemoveNode, Propose];
         for call in Call::ALL {
             let (m, w, pc) = (authorize(call, &manager), authorize(call, &worker), authorize(call, &promoted_cert));
             let (rm, rw, u) =

@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use proto as pb;
 
 use crate::cidr::Ipv4Cidr;
+use crate::service::{HealthCheck, HealthProbe, NewService, PublishedPort, Service, ServicePort};
 use crate::state::{Block, Change, ClusterView, Network, NodeRecord, NodeStatus, Role};
 
 /// A message that does not describe a valid value.
@@ -163,6 +164,7 @@ impl From<&ClusterView> for pb::ClusterView {
                 .collect(),
             gossip_key_generation: v.gossip_key_generation,
             removed: v.removed.iter().copied().collect(),
+            services: v.services.values().map(pb::Service::from).collect(),
         }
     }
 }
@@ -189,6 +191,10 @@ impl TryFrom<&pb::ClusterView> for ClusterView {
             let b = Block::try_from(b)?;
             view.blocks.entry(b.network).or_default().insert(b.node, b.cidr);
         }
+        for s in &v.services {
+            let s = Service::try_from(s)?;
+            view.services.insert(s.name.clone(), s);
+        }
         Ok(view)
     }
 }
@@ -206,6 +212,8 @@ impl From<&Change> for pb::Change {
                 Kind::BlockRemove(pb::BlockKey { network: network.clone(), node_id: *node })
             }
             Change::GossipKeyRotated(generation) => Kind::GossipKeyRotated(*generation),
+            Change::ServiceUpsert(svc) => Kind::ServiceUpsert(svc.into()),
+            Change::ServiceRemove(name) => Kind::ServiceRemove(name.clone()),
         };
         pb::Change { kind: Some(kind) }
     }
@@ -223,6 +231,125 @@ impl TryFrom<&pb::Change> for Change {
             Kind::BlockUpsert(b) => Change::BlockUpsert(b.try_into()?),
             Kind::BlockRemove(k) => Change::BlockRemove { network: k.network.clone(), node: k.node_id },
             Kind::GossipKeyRotated(generation) => Change::GossipKeyRotated(*generation),
+            Kind::ServiceUpsert(svc) => Change::ServiceUpsert(svc.try_into()?),
+            Kind::ServiceRemove(name) => Change::ServiceRemove(name.clone()),
+        })
+    }
+}
+
+impl From<&Service> for pb::Service {
+    fn from(s: &Service) -> pb::Service {
+        pb::Service {
+            name: s.name.clone(),
+            network: s.network.clone(),
+            mode: s.mode.to_string(),
+            vip: s.vip.map(|v| v.to_string()).unwrap_or_default(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| pb::ServicePort { port: p.port.into(), protocol: p.protocol.to_string() })
+                .collect(),
+            published: s
+                .published
+                .iter()
+                .map(|p| pb::PublishedPort {
+                    published: p.published.into(),
+                    target: p.target.into(),
+                    protocol: p.protocol.to_string(),
+                    mode: p.mode.to_string(),
+                })
+                .collect(),
+            health: s.health.as_ref().map(|h| {
+                let (kind, target) = match &h.probe {
+                    HealthProbe::Tcp(p) => ("tcp", p.to_string()),
+                    HealthProbe::Http(path) => ("http", path.clone()),
+                    HealthProbe::Cmd(c) => ("cmd", c.clone()),
+                };
+                pb::HealthCheck {
+                    kind: kind.into(),
+                    target,
+                    interval_ms: h.interval_ms,
+                    timeout_ms: h.timeout_ms,
+                    retries: h.retries,
+                    start_period_ms: h.start_period_ms,
+                }
+            }),
+            created_at_unix: s.created_at,
+        }
+    }
+}
+
+fn port16(what: &'static str, v: u32) -> Result<u16, Malformed> {
+    u16::try_from(v).ok().filter(|p| *p != 0).ok_or(Malformed { what, why: format!("port {v} is not 1 to 65535") })
+}
+
+/// The service a create request asks for (its VIP may be empty: chosen by the managers), not
+/// yet checked against the state.
+pub fn new_service_from_pb(s: &pb::Service, created_at: u64) -> Result<NewService, Malformed> {
+    let bad = |why: String| Malformed { what: "service", why };
+    let ports = s
+        .ports
+        .iter()
+        .map(|p| Ok(ServicePort { port: port16("service port", p.port)?, protocol: p.protocol.parse().map_err(bad)? }))
+        .collect::<Result<Vec<_>, Malformed>>()?;
+    let published = s
+        .published
+        .iter()
+        .map(|p| {
+            Ok(PublishedPort {
+                published: port16("published port", p.published)?,
+                target: port16("target port", p.target)?,
+                protocol: p.protocol.parse().map_err(bad)?,
+                mode: match p.mode.as_str() {
+                    "" | "ingress" => crate::service::PublishMode::Ingress,
+                    "host" => crate::service::PublishMode::Host,
+                    m => return Err(bad(format!("{m:?} is not a publish mode: ingress or host"))),
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, Malformed>>()?;
+    let health = match &s.health {
+        None => None,
+        Some(h) => Some(HealthCheck {
+            probe: match h.kind.as_str() {
+                "tcp" => HealthProbe::Tcp(
+                    h.target.parse().map_err(|_| bad(format!("{:?} is not a TCP port to check", h.target)))?,
+                ),
+                "http" => HealthProbe::Http(h.target.clone()),
+                "cmd" => HealthProbe::Cmd(h.target.clone()),
+                k => return Err(bad(format!("{k:?} is not a health check: tcp, http or cmd"))),
+            },
+            interval_ms: h.interval_ms,
+            timeout_ms: h.timeout_ms,
+            retries: h.retries,
+            start_period_ms: h.start_period_ms,
+        }),
+    };
+    Ok(NewService {
+        name: s.name.clone(),
+        network: s.network.clone(),
+        mode: if s.mode.is_empty() { Default::default() } else { s.mode.parse().map_err(bad)? },
+        vip: if s.vip.is_empty() { None } else { Some(parse("VIP", &s.vip)?) },
+        ports,
+        published,
+        health,
+        created_at,
+    })
+}
+
+impl TryFrom<&pb::Service> for Service {
+    type Error = Malformed;
+    fn try_from(s: &pb::Service) -> Result<Service, Malformed> {
+        let n = new_service_from_pb(s, s.created_at_unix)?;
+        Ok(Service {
+            name: n.name,
+            network: n.network,
+            mode: n.mode,
+            vip: n.vip,
+            ports: n.ports,
+            published: n.published,
+            health: n.health,
+            created_at: n.created_at,
         })
     }
 }
@@ -267,6 +394,42 @@ mod tests {
             .1,
         );
         changes.extend(s.apply(&Command::LeaseBlock { network: "a".into(), node: 1 }).1);
+        let web = crate::service::NewService {
+            name: "web".into(),
+            network: "a".into(),
+            mode: crate::service::ServiceMode::Vip,
+            vip: None,
+            ports: vec!["80/tcp".parse().unwrap(), "53/udp".parse().unwrap()],
+            published: vec!["8080:80".parse().unwrap(), "8053:53/udp,host".parse().unwrap()],
+            health: Some(HealthCheck {
+                probe: HealthProbe::Http("/health".into()),
+                interval_ms: 1_000,
+                timeout_ms: 500,
+                retries: 2,
+                start_period_ms: 3_000,
+            }),
+            created_at: 8,
+        };
+        changes.extend(s.apply(&Command::CreateService(web)).1);
+        let cmd = crate::service::NewService {
+            name: "db".into(),
+            mode: crate::service::ServiceMode::Dnsrr,
+            health: Some(HealthCheck {
+                probe: HealthProbe::Cmd("pg_isready".into()),
+                interval_ms: 1_000,
+                timeout_ms: 500,
+                retries: 2,
+                start_period_ms: 0,
+            }),
+            ports: vec![],
+            published: vec![],
+            vip: None,
+            network: "a".into(),
+            created_at: 9,
+        };
+        changes.extend(s.apply(&Command::CreateService(cmd)).1);
+        changes.extend(s.apply(&Command::RemoveService { name: "db".into() }).1);
+        assert_eq!(changes.iter().filter(|c| matches!(c, Change::ServiceUpsert(_))).count(), 2);
         changes.extend(s.apply(&Command::AddNode(crate::state::testing::new_node("w", 2, Role::Worker))).1);
         changes.extend(s.apply(&Command::RemoveNode { id: 2, gossip_key: Some("11".repeat(32)) }).1);
         assert!(changes.contains(&Change::GossipKeyRotated(1)));

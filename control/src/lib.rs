@@ -21,6 +21,7 @@ pub mod gossip;
 pub mod manager;
 pub mod pki;
 pub mod raft_net;
+pub mod service;
 pub mod state;
 pub mod store;
 pub mod transport;

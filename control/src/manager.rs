@@ -157,8 +157,11 @@ pub fn rejection_status(r: &Rejection) -> Status {
         | Rejection::DuplicateUnderlay(..)
         | Rejection::DuplicateNetwork(_)
         | Rejection::DuplicateVni { .. }
+        | Rejection::DuplicateService(_)
         | Rejection::AlreadyInitialized => Status::already_exists(msg),
-        Rejection::UnknownNode(_) | Rejection::UnknownNetwork(_) => Status::not_found(msg),
+        Rejection::UnknownNode(_) | Rejection::UnknownNetwork(_) | Rejection::UnknownService(_) => {
+            Status::not_found(msg)
+        }
         Rejection::InvalidName(_)
         | Rejection::InvalidSpec(_)
         | Rejection::SubnetOverlap { .. }
@@ -766,6 +769,25 @@ impl pb::manager_server::Manager for ManagerService {
         self.0.authorize(&request, Call::RemoveNetwork)?;
         let r = request.into_inner();
         self.0.command(Command::RemoveNetwork { name: r.name, force: r.force }).await?;
+        Ok(GrpcResponse::new(pb::Empty {}))
+    }
+
+    async fn create_service(&self, request: Request<pb::Service>) -> Result<GrpcResponse<pb::Service>, Status> {
+        self.0.authorize(&request, Call::CreateService)?;
+        let spec = crate::convert::new_service_from_pb(request.get_ref(), unix_now())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        match self.0.command(Command::CreateService(spec)).await? {
+            Response::Service(s) => Ok(GrpcResponse::new((&s).into())),
+            other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn remove_service(
+        &self,
+        request: Request<pb::RemoveServiceRequest>,
+    ) -> Result<GrpcResponse<pb::Empty>, Status> {
+        self.0.authorize(&request, Call::RemoveService)?;
+        self.0.command(Command::RemoveService { name: request.into_inner().name }).await?;
         Ok(GrpcResponse::new(pb::Empty {}))
     }
 

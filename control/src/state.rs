@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::cidr::Ipv4Cidr;
+pub use crate::service::{NewService, Service, ServiceMode};
 
 /// A node's id in the cluster (also its Raft id, for managers).
 pub type NodeId = u64;
@@ -286,6 +287,13 @@ pub enum Command {
         /// Its networks now.
         networks: Vec<Ipv4Cidr>,
     },
+    /// Creates a service (its VIP chosen when not given); answers with it.
+    CreateService(NewService),
+    /// Removes a service.
+    RemoveService {
+        /// Which.
+        name: String,
+    },
 }
 
 /// Why a command changed nothing.
@@ -369,6 +377,20 @@ pub enum Rejection {
         /// How many there are.
         count: u64,
     },
+    /// A service with this name exists.
+    #[error("a service named {0:?} already exists")]
+    DuplicateService(String),
+    /// No such service.
+    #[error("no service named {0:?}")]
+    UnknownService(String),
+    /// `network rm` while services use the network.
+    #[error("network {network:?} has services ({services}): remove them first (overlayd service rm), or use --force")]
+    NetworkHasServices {
+        /// Which.
+        network: String,
+        /// Their names, comma-separated.
+        services: String,
+    },
     /// `network rm` while hosts hold blocks.
     #[error("network {network:?} is in use on {hosts} host(s): detach its containers first, or use --force")]
     NetworkInUse {
@@ -390,6 +412,8 @@ pub enum Response {
     Network(Network),
     /// The block leased.
     Block(Block),
+    /// The service created.
+    Service(Service),
     /// Refused; nothing changed.
     Rejected(Rejection),
 }
@@ -417,6 +441,10 @@ pub enum Change {
     /// The gossip key was rotated (to this generation): hosts fetch the new one. The key
     /// itself is never in a change.
     GossipKeyRotated(u64),
+    /// A service appeared or changed.
+    ServiceUpsert(Service),
+    /// A service went.
+    ServiceRemove(String),
 }
 
 /// The state every manager holds.
@@ -444,6 +472,9 @@ pub struct ClusterState {
     /// How many times the gossip key was rotated.
     #[serde(default)]
     pub gossip_key_generation: u64,
+    /// Every service, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, Service>,
 }
 
 impl Default for ClusterState {
@@ -459,6 +490,7 @@ impl Default for ClusterState {
             address_pool: DEFAULT_ADDRESS_POOL.parse().expect("valid pool"),
             removed: BTreeSet::new(),
             gossip_key_generation: 0,
+            services: BTreeMap::new(),
         }
     }
 }
@@ -482,6 +514,9 @@ pub struct ClusterView {
     /// Nodes removed from the cluster (their certificates open nothing).
     #[serde(default)]
     pub removed: BTreeSet<NodeId>,
+    /// Every service, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, Service>,
 }
 
 impl ClusterView {
@@ -525,6 +560,12 @@ impl ClusterView {
                     }
                 }
                 Change::GossipKeyRotated(generation) => self.gossip_key_generation = *generation,
+                Change::ServiceUpsert(svc) => {
+                    self.services.insert(svc.name.clone(), svc.clone());
+                }
+                Change::ServiceRemove(name) => {
+                    self.services.remove(name);
+                }
             }
         }
         self.revision = revision;
@@ -566,6 +607,7 @@ impl ClusterState {
             blocks: self.blocks.clone(),
             gossip_key_generation: self.gossip_key_generation,
             removed: self.removed.clone(),
+            services: self.services.clone(),
         }
     }
 
@@ -613,6 +655,11 @@ impl ClusterState {
                     n.underlay_networks = normalized(networks);
                     Ok((Response::Node(n.clone()), vec![Change::NodeUpsert(n.clone())]))
                 }
+            },
+            Command::CreateService(spec) => self.create_service(spec),
+            Command::RemoveService { name } => match self.services.remove(name) {
+                None => Err(Rejection::UnknownService(name.clone())),
+                Some(_) => Ok((Response::Done, vec![Change::ServiceRemove(name.clone())])),
             },
             Command::ReleaseBlock { network, node } => {
                 let freed = self.blocks.get_mut(network).and_then(|m| m.remove(node)).is_some();
@@ -748,14 +795,24 @@ impl ClusterState {
         if hosts > 0 && !force {
             return Err(Rejection::NetworkInUse { network: name.to_owned(), hosts });
         }
+        let services: Vec<String> =
+            self.services.values().filter(|s| s.network == name).map(|s| s.name.clone()).collect();
+        if !services.is_empty() && !force {
+            return Err(Rejection::NetworkHasServices { network: name.to_owned(), services: services.join(", ") });
+        }
         self.networks.remove(name);
-        let mut changes: Vec<Change> = self
-            .blocks
-            .remove(name)
-            .into_iter()
-            .flat_map(|m| m.into_keys())
-            .map(|node| Change::BlockRemove { network: name.to_owned(), node })
-            .collect();
+        let mut changes: Vec<Change> = Vec::new();
+        for svc in services {
+            self.services.remove(&svc);
+            changes.push(Change::ServiceRemove(svc));
+        }
+        changes.extend(
+            self.blocks
+                .remove(name)
+                .into_iter()
+                .flat_map(|m| m.into_keys())
+                .map(|node| Change::BlockRemove { network: name.to_owned(), node }),
+        );
         changes.push(Change::NetworkRemove(name.to_owned()));
         Ok((Response::Done, changes))
     }
@@ -770,9 +827,11 @@ impl ClusterState {
             return Ok((Response::Block(Block { network: network.to_owned(), node, cidr: *cidr }), vec![]));
         }
         let count = 1u64 << (net.block_prefix - net.subnet.prefix());
+        let vips: Vec<Ipv4Addr> =
+            self.services.values().filter(|s| s.network == network).filter_map(|s| s.vip).collect();
         let cidr = (0..count)
             .filter_map(|i| net.subnet.subnet(net.block_prefix, i))
-            .find(|b| !taken.values().any(|t| t == b))
+            .find(|b| !taken.values().any(|t| t == b) && !vips.iter().any(|v| b.contains(*v)))
             .ok_or_else(|| Rejection::NoFreeBlock {
                 network: network.to_owned(),
                 prefix: format!("/{}", net.block_prefix),
@@ -781,6 +840,84 @@ impl ClusterState {
         taken.insert(node, cidr);
         let block = Block { network: network.to_owned(), node, cidr };
         Ok((Response::Block(block.clone()), vec![Change::BlockUpsert(block)]))
+    }
+}
+
+impl ClusterState {
+    fn create_service(&mut self, spec: &NewService) -> Result<(Response, Vec<Change>), Rejection> {
+        spec.check().map_err(Rejection::InvalidSpec)?;
+        if self.services.contains_key(&spec.name) {
+            return Err(Rejection::DuplicateService(spec.name.clone()));
+        }
+        let net = self.networks.get(&spec.network).ok_or_else(|| Rejection::UnknownNetwork(spec.network.clone()))?;
+        for p in &spec.published {
+            if let Some(other) = self
+                .services
+                .values()
+                .find(|s| s.published.iter().any(|q| q.published == p.published && q.protocol == p.protocol))
+            {
+                return Err(Rejection::InvalidSpec(format!(
+                    "port {}/{} is already published by service {:?}",
+                    p.published, p.protocol, other.name
+                )));
+            }
+        }
+        let vips: BTreeSet<Ipv4Addr> =
+            self.services.values().filter(|s| s.network == net.name).filter_map(|s| s.vip).collect();
+        let blocks: Vec<Ipv4Cidr> =
+            self.blocks.get(&net.name).map(|m| m.values().copied().collect()).unwrap_or_default();
+        let usable = |ip: Ipv4Addr| {
+            net.subnet.contains(ip)
+                && ip != net.subnet.addr()
+                && ip != net.gateway
+                && net.subnet.nth(net.subnet.size() - 1) != Some(ip)
+        };
+        let vip = match (spec.mode, spec.vip) {
+            (ServiceMode::Dnsrr, _) => None,
+            (ServiceMode::Vip, Some(ip)) => {
+                if !usable(ip) {
+                    return Err(Rejection::InvalidSpec(format!(
+                        "VIP {ip} is not a host address of network {:?} ({}): choose one inside it, not its first, \
+                         gateway or broadcast address",
+                        net.name, net.subnet
+                    )));
+                }
+                if let Some(b) = blocks.iter().find(|b| b.contains(ip)) {
+                    return Err(Rejection::InvalidSpec(format!(
+                        "VIP {ip} is in the block {b} a host holds for its containers: choose one outside the hosts' \
+                         blocks, or leave --vip out"
+                    )));
+                }
+                if vips.contains(&ip) {
+                    return Err(Rejection::InvalidSpec(format!("VIP {ip} is another service's")));
+                }
+                Some(ip)
+            }
+            // From the top of the subnet down: blocks are leased from the bottom up.
+            (ServiceMode::Vip, None) => Some(
+                (2..net.subnet.size())
+                    .filter_map(|i| net.subnet.nth(net.subnet.size() - i))
+                    .find(|ip| usable(*ip) && !vips.contains(ip) && !blocks.iter().any(|b| b.contains(*ip)))
+                    .ok_or_else(|| {
+                        Rejection::InvalidSpec(format!(
+                            "no free VIP is left in network {:?} ({})",
+                            net.name, net.subnet
+                        ))
+                    })?,
+            ),
+        };
+        let svc = Service {
+            name: spec.name.clone(),
+            network: spec.network.clone(),
+            mode: spec.mode,
+            vip,
+            ports: spec.ports.clone(),
+            published: spec.published.clone(),
+            health: spec.health.clone(),
+            created_at: spec.created_at,
+        };
+        self.services.insert(svc.name.clone(), svc.clone());
+        Ok((Response::Service(svc.clone()), vec![Change::ServiceUpsert(svc)]))
     }
 }
 
@@ -871,6 +1008,99 @@ mod tests {
         });
         assert!(matches!(r, Response::Node(NodeRecord { id: 1, .. })));
         s
+    }
+
+    fn svc(name: &str, network: &str) -> NewService {
+        NewService {
+            name: name.into(),
+            network: network.into(),
+            mode: ServiceMode::Vip,
+            vip: None,
+            ports: vec!["80/tcp".parse().unwrap()],
+            published: vec![],
+            health: None,
+            created_at: 3,
+        }
+    }
+
+    fn rejected(s: &mut ClusterState, cmd: Command) -> String {
+        let before = s.clone();
+        match s.apply(&cmd).0 {
+            Response::Rejected(r) => {
+                assert_eq!(*s, before, "a refused command changes nothing");
+                r.to_string()
+            }
+            other => panic!("{cmd:?} was not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn services_get_vips_from_the_top_of_their_subnet_outside_every_block() {
+        let mut s = cluster();
+        let small =
+            NewNetwork { subnet: Some("10.50.0.0/24".parse().unwrap()), block_prefix: Some(26), ..spec("front") };
+        s.apply(&Command::CreateNetwork(small));
+        s.apply(&Command::LeaseBlock { network: "front".into(), node: 1 });
+        let (r, changes) = s.apply(&Command::CreateService(svc("web", "front")));
+        let Response::Service(web) = r else { panic!("{r:?}") };
+        assert_eq!(web.vip, Some(Ipv4Addr::new(10, 50, 0, 254)), "the highest host address");
+        assert_eq!(changes, vec![Change::ServiceUpsert(web.clone())]);
+        let Response::Service(api) = s.apply(&Command::CreateService(svc("api", "front"))).0 else { panic!() };
+        assert_eq!(api.vip, Some(Ipv4Addr::new(10, 50, 0, 253)));
+        let dnsrr = NewService { mode: ServiceMode::Dnsrr, ..svc("db", "front") };
+        let Response::Service(db) = s.apply(&Command::CreateService(dnsrr)).0 else { panic!() };
+        assert_eq!(db.vip, None);
+        // The block with the VIPs is never leased: the hosts get the others, then none is left.
+        for id in 2..=4 {
+            s.apply(&Command::AddNode(new_node(&format!("w{id}"), id as u8, Role::Worker)));
+        }
+        let leased: Vec<Response> =
+            (2..=4).map(|node| s.apply(&Command::LeaseBlock { network: "front".into(), node }).0).collect();
+        assert!(matches!(leased[0], Response::Block(_)) && matches!(leased[1], Response::Block(_)));
+        assert!(matches!(leased[2], Response::Rejected(Rejection::NoFreeBlock { .. })), "{leased:?}");
+        let mut view = ClusterView::default();
+        view.apply_changes(s.revision, &[Change::ServiceUpsert(web.clone())]);
+        assert_eq!(view.services["web"], web);
+        view.apply_changes(s.revision, &[Change::ServiceRemove("web".into())]);
+        assert!(view.services.is_empty());
+    }
+
+    #[test]
+    fn a_bad_service_changes_nothing_and_says_what_to_fix() {
+        let mut s = cluster();
+        let small =
+            NewNetwork { subnet: Some("10.50.0.0/24".parse().unwrap()), block_prefix: Some(26), ..spec("front") };
+        s.apply(&Command::CreateNetwork(small));
+        s.apply(&Command::LeaseBlock { network: "front".into(), node: 1 });
+        let web = NewService { published: vec!["8080:80".parse().unwrap()], ..svc("web", "front") };
+        assert!(matches!(s.apply(&Command::CreateService(web.clone())).0, Response::Service(_)));
+        assert!(rejected(&mut s, Command::CreateService(web)).contains("already exists"));
+        let again = NewService { published: vec!["8080:8080".parse().unwrap()], ..svc("api", "front") };
+        assert!(rejected(&mut s, Command::CreateService(again)).contains("already published by service \"web\""));
+        assert!(rejected(&mut s, Command::CreateService(svc("api", "nowhere"))).contains("no network named"));
+        for (vip, why) in [
+            ("10.99.0.5", "not a host address of network"),
+            ("10.50.0.1", "not a host address"),
+            ("10.50.0.255", "not a host address"),
+            ("10.50.0.7", "in the block 10.50.0.0/26"),
+        ] {
+            let spec = NewService { vip: Some(vip.parse().unwrap()), ..svc("api", "front") };
+            let e = rejected(&mut s, Command::CreateService(spec));
+            assert!(e.contains(why), "{vip}: {e}");
+        }
+        let taken = NewService { vip: Some(Ipv4Addr::new(10, 50, 0, 254)), ..svc("api", "front") };
+        assert!(rejected(&mut s, Command::CreateService(taken)).contains("another service's"));
+        assert!(
+            rejected(&mut s, Command::CreateService(svc("Bad_Name", "front"))).contains("not a valid service name")
+        );
+        assert!(rejected(&mut s, Command::RemoveService { name: "nope".into() }).contains("no service named"));
+        // A network with services is not removed without --force; with it, they go too.
+        s.apply(&Command::ReleaseBlock { network: "front".into(), node: 1 });
+        let e = rejected(&mut s, Command::RemoveNetwork { name: "front".into(), force: false });
+        assert!(e.contains("has services (web)"), "{e}");
+        let (_, changes) = s.apply(&Command::RemoveNetwork { name: "front".into(), force: true });
+        assert!(changes.contains(&Change::ServiceRemove("web".into())), "{changes:?}");
+        assert!(s.services.is_empty());
     }
 
     fn spec(name: &str) -> NewNetwork {

@@ -228,6 +228,14 @@ impl Resolver {
                 w.shuffle_a(answers_at, rng);
                 truncated = fit < n;
             }
+            Hit::Services(targets, suffix) if matches!(question.qtype, rtype::SRV | rtype::ANY) => {
+                for t in targets {
+                    if w.srv(ttl, 0, 10, t.port, &[&t.name, suffix.unwrap_or_default()]).is_err() {
+                        truncated = true;
+                        break;
+                    }
+                }
+            }
             Hit::Pointers(targets) if matches!(question.qtype, rtype::PTR | rtype::ANY) => {
                 for target in targets {
                     if w.ptr(ttl, &target).is_err() {
@@ -324,6 +332,8 @@ mod tests {
         for i in 0..100u8 {
             blue.endpoint(&format!("m{i}"), ["many"], Ipv4Addr::new(10, 1, 1, i));
         }
+        blue.name("api", ip(250)).srv("_80._tcp.api", 80, "api").srv("_53._udp.api", 53, "api");
+        blue.srv("_5432._tcp.pg", 5432, "db").srv("_5432._tcp.pg", 5432, "web2");
         b.network("red", true).endpoint("cache", [], Ipv4Addr::new(10, 2, 0, 2));
         b.build()
     }
@@ -463,6 +473,36 @@ mod tests {
             })
             .collect();
         assert!(seen.len() > 90, "{} of 100 seen in 40 truncated replies", seen.len());
+    }
+
+    #[test]
+    fn services_answer_srv_with_their_targets_on_the_network() {
+        use hickory_proto::rr::rdata::SRV;
+        let srv = |name: &str| -> Vec<(u16, String)> {
+            let a = ask("blue", name, rtype::SRV);
+            let m = a.msg.unwrap();
+            assert_eq!(m.response_code(), ResponseCode::NoError, "{name}");
+            let mut v: Vec<(u16, String)> = m
+                .answers()
+                .iter()
+                .map(|r| match r.data() {
+                    RData::SRV(s) => {
+                        let s: &SRV = s;
+                        (s.port(), s.target().to_string())
+                    }
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(srv("_80._tcp.api"), [(80, "api.blue.".to_owned())]);
+        assert_eq!(srv("_80._TCP.api.blue"), [(80, "api.blue.".to_owned())], "NAME.NETWORK, any case");
+        assert_eq!(srv("_5432._tcp.pg"), [(5432, "db.blue.".to_owned()), (5432, "web2.blue.".to_owned())]);
+        let a = ask("blue", "_80._tcp.api", rtype::A);
+        assert_eq!(a.msg.unwrap().answers().len(), 0, "no A for an SRV name");
+        assert_eq!(ask("blue", "_81._tcp.api", rtype::SRV).outcome, Outcome::Forward, "not ours");
+        assert_eq!(ask("red", "_80._tcp.api", rtype::SRV).msg.unwrap().response_code(), ResponseCode::NXDomain);
     }
 
     #[test]

@@ -102,6 +102,17 @@ struct NetworkBuild {
     internal: bool,
     names: Map<Box<[u8]>, Vec<Ipv4Addr>>,
     ptr: Map<Ipv4Addr, Vec<Box<[u8]>>>,
+    srv: Map<Box<[u8]>, Vec<Target>>,
+}
+
+/// What an SRV record of a service names: a port and a target name of the same network
+/// (lower-case dotted, without the network's name: [`PtrNames`] adds it as for PTR).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The port.
+    pub port: u16,
+    /// The target's name on its network (a service's name, or a replica's).
+    pub name: Box<[u8]>,
 }
 
 /// Adds endpoints to one network of a [`NameTableBuilder`].
@@ -123,6 +134,7 @@ impl NameTableBuilder {
                     internal,
                     names: Map::default(),
                     ptr: Map::default(),
+                    srv: Map::default(),
                 });
                 self.networks.len() - 1
             }
@@ -174,6 +186,44 @@ impl NetworkBuilder<'_> {
     }
 }
 
+impl NetworkBuilder<'_> {
+    /// Adds an SRV record: `name` (`_80._tcp.web`) → `port` on `target` (a name of this
+    /// network, which the table answers; the answer adds the network's name).
+    pub fn srv(&mut self, name: &str, port: u16, target: &str) -> &mut Self {
+        let net = &mut self.builder.networks[self.index];
+        match (normalize(name), normalize(target)) {
+            (Ok(key), Ok(target)) => {
+                let list = net.srv.entry(key).or_default();
+                let t = Target { port, name: target };
+                if !list.contains(&t) {
+                    list.push(t);
+                }
+            }
+            (Err(error), _) | (_, Err(error)) => {
+                self.builder.rejected.push(Rejected { network: net.name.clone(), name: name.into(), error })
+            }
+        }
+        self
+    }
+
+    /// Adds a name that resolves to `ipv4` (with whatever else has that name) and nothing
+    /// that resolves back: a service's name to its VIP or replicas, `tasks.NAME` (the
+    /// replicas' own names point back to them).
+    pub fn name(&mut self, name: &str, ipv4: Ipv4Addr) -> &mut Self {
+        let net = &mut self.builder.networks[self.index];
+        match normalize(name) {
+            Ok(key) => {
+                let addrs = net.names.entry(key).or_default();
+                if !addrs.contains(&ipv4) {
+                    addrs.push(ipv4);
+                }
+            }
+            Err(error) => self.builder.rejected.push(Rejected { network: net.name.clone(), name: name.into(), error }),
+        }
+        self
+    }
+}
+
 /// Every network's names: what the resolvers of one host answer from. Immutable.
 #[derive(Debug, Default)]
 pub struct NameTable {
@@ -211,6 +261,9 @@ pub enum Hit<'t> {
     Addresses(&'t [Ipv4Addr]),
     /// A reverse name (`d.c.b.a.in-addr.arpa`) of an endpoint address: the names to answer.
     Pointers(PtrNames<'t>),
+    /// A service's `_PORT._PROTO.NAME`: its SRV targets, and the network's name to add to
+    /// them (if it is a DNS name).
+    Services(&'t [Target], Option<&'t [u8]>),
 }
 
 /// One network's names.
@@ -226,6 +279,8 @@ pub struct NetworkNames {
     /// Spans of `text`: the endpoint names an address points back to.
     ptr_names: Box<[Span]>,
     text: Box<[u8]>,
+    /// SRV names (few: one per service port).
+    srv: Map<Box<[u8]>, Box<[Target]>>,
 }
 
 impl NetworkNames {
@@ -260,6 +315,7 @@ impl NetworkNames {
             by_addr,
             ptr_names: ptr_names.into_boxed_slice(),
             text: text.into_boxed_slice(),
+            srv: n.srv.into_iter().map(|(k, v)| (k, v.into_boxed_slice())).collect(),
         }
     }
 
@@ -279,6 +335,15 @@ impl NetworkNames {
         if let Some(addr) = parse_reverse(text) {
             let span = self.by_addr.get(&addr)?;
             return Some(Hit::Pointers(PtrNames { names: span.get(&self.ptr_names).iter(), network: self }));
+        }
+        if text.first() == Some(&b'_') && !self.srv.is_empty() {
+            let key = match self.suffix.as_deref() {
+                Some(suffix) => text.strip_suffix(suffix).and_then(|p| p.strip_suffix(b".")).unwrap_or(text),
+                None => text,
+            };
+            if let Some(targets) = self.srv.get(key) {
+                return Some(Hit::Services(targets, self.suffix.as_deref()));
+            }
         }
         self.addresses(text).map(Hit::Addresses)
     }
@@ -457,5 +522,23 @@ mod tests {
         assert_eq!(blue.addresses(b"web1"), Some(&[ip(2)][..]));
         let Some(Hit::Pointers(names)) = blue.lookup(b"2.0.1.10.in-addr.arpa") else { panic!() };
         assert_eq!(names.count(), 1);
+    }
+
+    #[test]
+    fn a_name_without_a_pointer_back() {
+        let mut b = NameTable::builder();
+        b.network("blue", false)
+            .endpoint("web1", [], Ipv4Addr::new(10, 1, 0, 2))
+            .name("web", Ipv4Addr::new(10, 1, 255, 254))
+            .name("tasks.web", Ipv4Addr::new(10, 1, 0, 2))
+            .name("Tasks.Web", Ipv4Addr::new(10, 1, 0, 2))
+            .name("bad..name", Ipv4Addr::new(10, 1, 0, 2));
+        let t = b.build();
+        let blue = t.network("blue").unwrap();
+        assert_eq!(blue.addresses(b"web").unwrap(), [Ipv4Addr::new(10, 1, 255, 254)]);
+        assert_eq!(blue.addresses(b"tasks.web.blue").unwrap(), [Ipv4Addr::new(10, 1, 0, 2)], "once, and NAME.NETWORK");
+        assert!(blue.lookup(b"254.255.1.10.in-addr.arpa").is_none(), "no PTR for a VIP");
+        assert!(matches!(blue.lookup(b"2.0.1.10.in-addr.arpa"), Some(Hit::Pointers(p)) if p.clone().count() == 1));
+        assert_eq!(t.rejected().len(), 1);
     }
 }

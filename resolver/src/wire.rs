@@ -52,6 +52,8 @@ pub mod rtype {
     pub const A: u16 = 1;
     /// Domain name pointer (reverse lookups).
     pub const PTR: u16 = 12;
+    /// Service location (RFC 2782).
+    pub const SRV: u16 = 33;
     /// IPv6 address.
     pub const AAAA: u16 = 28;
     /// EDNS0 pseudo-record.
@@ -698,16 +700,32 @@ impl<'a> ResponseWriter<'a> {
     /// non-empty dotted texts in `parts` joined by dots (`["web1", "blue"]` → `web1.blue.`).
     /// Every label must be 1 to 63 bytes, as the name tables hold them.
     pub fn ptr(&mut self, ttl: u32, parts: &[&[u8]]) -> Result<(), WriteError> {
+        self.name_record(rtype::PTR, ttl, &[], parts)
+    }
+
+    /// Appends an SRV record for the question's name (RFC 2782): priority, weight and port,
+    /// then the target made of `parts` as [`ResponseWriter::ptr`] makes it.
+    pub fn srv(&mut self, ttl: u32, priority: u16, weight: u16, port: u16, parts: &[&[u8]]) -> Result<(), WriteError> {
+        let mut fixed = [0u8; 6];
+        fixed[..2].copy_from_slice(&priority.to_be_bytes());
+        fixed[2..4].copy_from_slice(&weight.to_be_bytes());
+        fixed[4..].copy_from_slice(&port.to_be_bytes());
+        self.name_record(rtype::SRV, ttl, &fixed, parts)
+    }
+
+    /// A record whose RDATA is `fixed` then an uncompressed name made of `parts`.
+    fn name_record(&mut self, rtype: u16, ttl: u32, fixed: &[u8], parts: &[&[u8]]) -> Result<(), WriteError> {
         let parts = || parts.iter().filter(|p| !p.is_empty());
         let text_len: usize = parts().map(|p| p.len()).sum::<usize>() + parts().count().saturating_sub(1);
-        let rdlen = if text_len == 0 { 1 } else { text_len + 2 };
-        if rdlen > MAX_NAME_LEN
+        let name_len = if text_len == 0 { 1 } else { text_len + 2 };
+        if name_len > MAX_NAME_LEN
             || parts().flat_map(|p| p.split(|&b| b == b'.')).any(|l| l.is_empty() || l.len() > MAX_LABEL_LEN)
         {
             return Err(WriteError::BadName);
         }
-        let at = self.record_head(rtype::PTR, ttl, rdlen)?;
-        let mut w = at;
+        let at = self.record_head(rtype, ttl, fixed.len() + name_len)?;
+        self.buf[at..at + fixed.len()].copy_from_slice(fixed);
+        let mut w = at + fixed.len();
         for label in parts().flat_map(|p| p.split(|&b| b == b'.')) {
             self.buf[w] = label.len() as u8;
             self.buf[w + 1..w + 1 + label.len()].copy_from_slice(label);

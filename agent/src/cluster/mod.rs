@@ -216,7 +216,9 @@ impl ClusterRuntime {
         let rt = Arc::new(rt);
         let follow = tokio::spawn(Arc::clone(&rt).follow_containers());
         let resolv_confs = tokio::spawn(Arc::clone(&rt).resync_resolv_confs());
-        rt.followers.lock().unwrap_or_else(|p| p.into_inner()).extend([follow, resolv_confs]);
+        let health = tokio::spawn(Arc::clone(&rt).check_replicas());
+        let vips = tokio::spawn(Arc::clone(&rt).balance_vips());
+        rt.followers.lock().unwrap_or_else(|p| p.into_inner()).extend([follow, resolv_confs, health, vips]);
         rt
     }
 

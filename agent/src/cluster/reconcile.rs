@@ -223,7 +223,13 @@ mod tests {
         let ip = Ipv4Addr::from(ip);
         (
             EndpointKey { vni: VNI, ip },
-            Endpoint { mac: MacAddr::from_ipv4(ip).0, name: format!("c{ip}"), aliases: Vec::new() },
+            Endpoint {
+                mac: MacAddr::from_ipv4(ip).0,
+                name: format!("c{ip}"),
+                aliases: Vec::new(),
+                service: None,
+                health: Default::default(),
+            },
         )
     }
 

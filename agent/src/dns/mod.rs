@@ -46,6 +46,7 @@ use std::time::{Duration, SystemTime};
 
 use control::follower::Follower;
 use control::gossip::{Endpoint, EndpointKey};
+use control::service::ServiceMode;
 use control::state::{ClusterView, NodeId};
 use proto as pb;
 use resolver::{Counters, NameTable, Upstreams};
@@ -129,8 +130,11 @@ pub struct NamedEndpoint {
 /// The names of every network up on this host (one where it has a block): the endpoints of
 /// this host (`local`, as it publishes them) and of every other host gossip counts alive,
 /// each only within its owner's block (a host cannot claim another's addresses, nor names on
-/// a network it has no block in).
+/// a network it has no block in); and each service of the network: its name to its VIP (or,
+/// in dnsrr mode, to its healthy replicas), `tasks.NAME` to its healthy replicas, and
+/// `_PORT._PROTO.NAME` to SRV records of its ports.
 pub fn names(view: &ClusterView, heard: &GossipView, local: &HashMap<EndpointKey, Endpoint>, me: NodeId) -> Names {
+    let services = crate::services::replicas(view, heard, local, me);
     let mut b = NameTable::builder();
     let mut endpoints = BTreeMap::new();
     for (name, net) in &view.networks {
@@ -159,6 +163,41 @@ pub fn names(view: &ClusterView, heard: &GossipView, local: &HashMap<EndpointKey
         let mut n = b.network(name, net.internal);
         for e in &list {
             n.endpoint(&e.name, e.aliases.iter().map(String::as_str), e.ip);
+        }
+        // Services: NAME → the VIP (vip mode) or every healthy replica (dnsrr), tasks.NAME →
+        // every healthy replica.
+        // _PORT._PROTO.NAME → SRV: the service's name (vip) or each healthy replica's (dnsrr).
+        for svc in view.services.values().filter(|s| s.network == *name) {
+            let replicas = services.get(&svc.name).map(Vec::as_slice).unwrap_or_default();
+            let healthy = crate::services::healthy(replicas);
+            let vip = match (svc.mode, svc.vip) {
+                (ServiceMode::Vip, Some(vip)) => Some(vip),
+                _ => None,
+            };
+            match vip {
+                Some(vip) => {
+                    n.name(&svc.name, vip);
+                }
+                None => {
+                    for ip in &healthy {
+                        n.name(&svc.name, *ip);
+                    }
+                }
+            }
+            let tasks = format!("tasks.{}", svc.name);
+            for ip in &healthy {
+                n.name(&tasks, *ip);
+            }
+            for p in &svc.ports {
+                let srv = format!("_{}._{}.{}", p.port, p.protocol, svc.name);
+                if vip.is_some() {
+                    n.srv(&srv, p.port, &svc.name);
+                } else {
+                    for r in replicas.iter().filter(|r| r.health == control::gossip::Health::Healthy) {
+                        n.srv(&srv, p.port, &r.name);
+                    }
+                }
+            }
         }
         endpoints.insert(name.clone(), list);
     }
@@ -565,7 +604,13 @@ mod tests {
         let aliases = aliases.iter().map(|a| (*a).to_owned()).collect();
         (
             EndpointKey { vni, ip: ip.into() },
-            Endpoint { mac: [2, 0x4f, ip[0], ip[1], ip[2], ip[3]], name: name.into(), aliases },
+            Endpoint {
+                mac: [2, 0x4f, ip[0], ip[1], ip[2], ip[3]],
+                name: name.into(),
+                aliases,
+                service: None,
+                health: Default::default(),
+            },
         )
     }
 
@@ -618,6 +663,7 @@ mod tests {
             container_id: String::new(),
             origin: crate::endpoints::Origin::Attach,
             aliases: Vec::new(),
+            service: None,
         }
     }
 

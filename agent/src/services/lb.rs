@@ -57,9 +57,6 @@
 //! The `nft` program is run inside the namespace (not netlink): see the `firewall` module for
 //! why; an operator reads the table with `nsenter --net=PATH nft list table ip overlayd_lb`.
 
-// Wired by the services shell (issue 15).
-#![allow(dead_code)]
-
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;

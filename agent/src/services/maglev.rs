@@ -23,9 +23,6 @@
 //! here, not taken from `std` (whose `DefaultHasher` may change between Rust releases), so
 //! hosts running different builds still agree.
 
-// Wired by the services shell (issue 15).
-#![allow(dead_code)]
-
 use std::net::Ipv4Addr;
 
 /// The table size overlayd uses: a prime (Maglev needs one), chosen for evenness and memory.

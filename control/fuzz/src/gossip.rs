@@ -72,7 +72,16 @@ pub fn config() -> GossipConfig {
 pub fn endpoint(owner: NodeId, n: u8) -> (EndpointKey, Endpoint) {
     let ip = Ipv4Addr::new(10, 128, owner as u8, n);
     let o = ip.octets();
-    (EndpointKey { vni: 4096, ip }, Endpoint { mac: [2, 0x4f, o[0], o[1], o[2], o[3]], name: format!("c{owner}-{n}"), aliases: Vec::new() })
+    (
+        EndpointKey { vni: 4096, ip },
+        Endpoint {
+            mac: [2, 0x4f, o[0], o[1], o[2], o[3]],
+            name: format!("c{owner}-{n}"),
+            aliases: Vec::new(),
+            service: None,
+            health: Default::default(),
+        },
+    )
 }
 
 /// Host 2's table as host 1 holds it when the script starts: its epoch, three puts, a delete.

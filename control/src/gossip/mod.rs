@@ -26,7 +26,7 @@ pub mod sync;
 pub mod tables;
 
 pub use node::{DirectoryEntry, Event, GossipConfig, GossipCounters, GossipNode, Output, Peer, PeerStatus, Timer};
-pub use record::{Endpoint, EndpointKey, Signer};
+pub use record::{Endpoint, EndpointKey, Health, Signer};
 pub use seal::GossipKey;
 
 /// The gossip port, UDP (as Docker swarm's).

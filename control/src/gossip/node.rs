@@ -1449,7 +1449,13 @@ mod tests {
     }
 
     fn endpoint(name: &str) -> Endpoint {
-        Endpoint { mac: [2, 0, 0, 0, 0, 2], name: name.into(), aliases: Vec::new() }
+        Endpoint {
+            mac: [2, 0, 0, 0, 0, 2],
+            name: name.into(),
+            aliases: Vec::new(),
+            service: None,
+            health: Default::default(),
+        }
     }
 
     impl Lab {
@@ -1828,7 +1834,17 @@ mod tests {
         let mut out = Output::default();
         node.start(&mut out);
         let key = EndpointKey { vni: 4096, ip: "10.0.0.2".parse().unwrap() };
-        node.put(key, Endpoint { mac: [2, 0, 0, 0, 0, 2], name: "web".into(), aliases: Vec::new() }, &mut out);
+        node.put(
+            key,
+            Endpoint {
+                mac: [2, 0, 0, 0, 0, 2],
+                name: "web".into(),
+                aliases: Vec::new(),
+                service: None,
+                health: Default::default(),
+            },
+            &mut out,
+        );
         let c = node.counters();
         assert_eq!(c.records_not_piggybacked, 2, "the epoch record and the put: {c:?}");
         assert_eq!(c.swim_unexpected, 0, "{c:?}");

@@ -51,14 +51,46 @@ pub struct Endpoint {
     /// the datagram format's version went up with it and hosts of mixed versions refuse each
     /// other's datagrams, counted as `rx_other_version`, rather than misread them.
     pub aliases: Vec<String>,
+    /// The service it is a replica of (`attach --service`), at most [`MAX_NAME_LEN`] bytes.
+    ///
+    /// Added with [`Endpoint::health`] in gossip format version 4, for the same reason as
+    /// the aliases in 3.
+    pub service: Option<String>,
+    /// Its health as its host's checks of its service find it.
+    pub health: Health,
+}
+
+/// A replica's health, as its own host's checks find it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Health {
+    /// Serving: no check, or its check passes.
+    #[default]
+    Healthy,
+    /// Its check has not passed yet (it gets no traffic yet).
+    Starting,
+    /// Its check failed as many times in a row as the service allows.
+    Unhealthy,
+}
+
+impl Health {
+    /// Its word in `service inspect` and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Starting => "starting",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
 }
 
 impl Endpoint {
-    /// Whether its name and aliases are within the bounds every host enforces on records.
+    /// Whether its name, aliases and service are within the bounds every host enforces on
+    /// records.
     pub fn within_bounds(&self) -> bool {
         self.name.len() <= MAX_NAME_LEN
             && self.aliases.len() <= MAX_ALIASES
             && self.aliases.iter().all(|a| a.len() <= MAX_NAME_LEN)
+            && self.service.as_ref().is_none_or(|s| s.len() <= MAX_NAME_LEN)
     }
 }
 
@@ -237,6 +269,8 @@ mod tests {
                 mac: [2, 0x4f, 10, 128, 1, 2],
                 name: "web-1".into(),
                 aliases: vec!["www".into(), "front".into()],
+                service: Some("web".into()),
+                health: Health::Starting,
             },
         )
     }
@@ -272,7 +306,7 @@ mod tests {
         assert!(Record::decode(&long).is_err() || Record::decode(&long).unwrap().verify(&a.public_key()).is_err());
         let big = Change::Put(
             EndpointKey { vni: 1, ip: Ipv4Addr::new(10, 0, 0, 9) },
-            Endpoint { mac: [0; 6], name: "x".repeat(65), aliases: Vec::new() },
+            Endpoint { mac: [0; 6], name: "x".repeat(65), aliases: Vec::new(), service: None, health: Health::Healthy },
         );
         assert_eq!(Record::decode(Record::sign(&a, 1, 1, 1, big).wire()), Err(RecordError::OutOfBounds));
         assert_eq!(Record::decode(Record::sign(&a, 1, 1, 0, put()).wire()), Err(RecordError::OutOfBounds));
@@ -281,7 +315,13 @@ mod tests {
     fn with_aliases(aliases: Vec<String>) -> Change {
         Change::Put(
             EndpointKey { vni: 1, ip: Ipv4Addr::new(10, 0, 0, 9) },
-            Endpoint { mac: [2, 0x4f, 10, 0, 0, 9], name: "n".repeat(MAX_NAME_LEN), aliases },
+            Endpoint {
+                mac: [2, 0x4f, 10, 0, 0, 9],
+                name: "n".repeat(MAX_NAME_LEN),
+                aliases,
+                service: Some("s".repeat(MAX_NAME_LEN)),
+                health: Health::Unhealthy,
+            },
         )
     }
 

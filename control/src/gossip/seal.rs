@@ -11,7 +11,7 @@
 //! +------+---------+------------+----------------+-------------+--------------+--------------------------------+----------+
 //! ```
 //!
-//! Version 3; integers big-endian; the 35-byte header is the associated data.
+//! Version 4; integers big-endian; the 35-byte header is the associated data.
 //!
 //! - **sender**: the sending host's node id.
 //! - **generation**: the sender's epoch, which grows with every start of its agent and never
@@ -29,7 +29,8 @@
 //!
 //! Version 1 (a random nonce, nothing identifying the sender) could be replayed at will;
 //! version 2 had this envelope, with endpoint records that carried no aliases (see
-//! [`super::record::Endpoint::aliases`]). A datagram of another version is refused before it
+//! [`super::record::Endpoint::aliases`]); version 3 had records with no service and health
+//! ([`super::record::Endpoint::service`]). A datagram of another version is refused before it
 //! is opened (`OtherVersion`, counted as `rx_other_version`): hosts that run overlayd releases
 //! of different gossip versions do not hear each other, and say so in `overlayd peers`.
 //!
@@ -48,7 +49,7 @@ use crate::state::NodeId;
 /// Length of a gossip key.
 pub const KEY_LEN: usize = 32;
 const MAGIC: [u8; 2] = *b"og";
-const VERSION: u8 = 3;
+const VERSION: u8 = 4;
 const TAG_LEN: usize = 16;
 /// HKDF salt of the per-sender keys (fixed: the cluster key is already random).
 const SALT: &[u8] = b"overlayd gossip";
@@ -301,7 +302,7 @@ mod tests {
         let key = GossipKey::new(&[7; KEY_LEN]);
         let mut d = Vec::new();
         key.seal(&header(0x0102), Kind::Swim, b"x", &mut d);
-        assert_eq!(&d[..3], b"og\x03");
+        assert_eq!(&d[..3], b"og\x04");
         assert_eq!(d[3..11], 3u64.to_be_bytes());
         assert_eq!(d[11..19], 1_700_000_000_000_000u64.to_be_bytes());
         assert_eq!(d[19..27], 0x0102u64.to_be_bytes());

@@ -138,7 +138,13 @@ pub fn endpoint_key(host: usize, n: usize) -> EndpointKey {
 
 fn endpoint(key: &EndpointKey, name: &str) -> Endpoint {
     let o = key.ip.octets();
-    Endpoint { mac: [0x02, 0x4f, o[0], o[1], o[2], o[3]], name: name.to_owned(), aliases: Vec::new() }
+    Endpoint {
+        mac: [0x02, 0x4f, o[0], o[1], o[2], o[3]],
+        name: name.to_owned(),
+        aliases: Vec::new(),
+        service: None,
+        health: Default::default(),
+    }
 }
 
 impl Simulation {

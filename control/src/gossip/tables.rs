@@ -205,7 +205,16 @@ mod tests {
             1,
             epoch,
             v,
-            Change::Put(key(n), Endpoint { mac: [2, 0x4f, 10, 128, 0, n], name: format!("c{n}"), aliases: Vec::new() }),
+            Change::Put(
+                key(n),
+                Endpoint {
+                    mac: [2, 0x4f, 10, 128, 0, n],
+                    name: format!("c{n}"),
+                    aliases: Vec::new(),
+                    service: None,
+                    health: Default::default(),
+                },
+            ),
         )
     }
 

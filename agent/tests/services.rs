@@ -1,0 +1,397 @@
+//! Services end to end (issue 15), with real daemons, real servers (busybox `httpd` and `nc`
+//! answering with their own name) and real clients (`curl`, `dig`, sockets in a container's
+//! namespace):
+//! - three replicas on three hosts and a client on a fourth container: requests to
+//!   `http://NAME/` reach all three through the VIP; `tasks.NAME` gives the three; a dnsrr
+//!   service answers its replicas;
+//! - a replica's server killed: its health check fails, no new request reaches it within 5 s,
+//!   a connection held open to it through the VIP is reset at once, DNS leaves it; restarted,
+//!   it is back;
+//! - a connection through the VIP survives a restart of the client's agent and an idle time;
+//! - bad input: clear errors, nothing changed.
+//!
+//! These tests need root (namespaces), busybox-static, curl and dig. They fail, never skip.
+#![allow(clippy::print_stderr)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use testbed::cluster::Cluster;
+use testbed::measure::wait_for;
+use testbed::{Agent, Node, Options, Testbed};
+
+const T: Duration = Duration::from_secs(20);
+
+fn bed() -> Testbed {
+    Testbed::new(Options::new(env!("CARGO_BIN_EXE_overlayd"))).expect("cannot build the testbed (run as root)")
+}
+
+/// A container attached with `overlayd attach --netns` (and `--service`).
+struct Ct {
+    node: Node,
+    ip: Ipv4Addr,
+}
+
+fn attach(c: &Cluster, i: usize, network: &str, name: &str, service: Option<&str>) -> Ct {
+    let node = c.hosts[i].add_netns(name).unwrap();
+    let path = node.netns_path();
+    let mut args = vec!["attach", "--network", network, "--netns", &path, "--name", name];
+    if let Some(s) = service {
+        args.extend(["--service", s]);
+    }
+    let ep = c.agents[i].json(&args).unwrap_or_else(|e| panic!("cannot attach {name}: {e:#}"));
+    let ip = ep["ip"].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no address: {ep}"));
+    Ct { node, ip }
+}
+
+/// A replica's servers: busybox httpd on port 80 (its name as the page) and nc on port 9000
+/// (its name, then an echo for as long as the client holds the connection).
+struct Servers {
+    httpd: Agent,
+    _nc: Agent,
+    dir: std::path::PathBuf,
+}
+
+fn serve(bed: &Testbed, ct: &Ct, name: &str) -> Servers {
+    let dir = bed.dir().join(format!("www-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("index.html"), format!("{name}\n")).unwrap();
+    let httpd = start_httpd(ct, name, &dir);
+    let greeting = format!("echo {name}; exec cat");
+    let nc = ct
+        .node
+        .spawn(&format!("nc-{name}"), "busybox", &["nc", "-ll", "-p", "9000", "-e", "sh", "-c", &greeting])
+        .unwrap();
+    Servers { httpd, _nc: nc, dir }
+}
+
+fn start_httpd(ct: &Ct, name: &str, dir: &std::path::Path) -> Agent {
+    let d = dir.to_string_lossy().into_owned();
+    ct.node.spawn(&format!("httpd-{name}"), "busybox", &["httpd", "-f", "-p", "80", "-h", &d]).unwrap()
+}
+
+/// `curl URL` in the container (glibc's resolver through its resolv.conf; busybox-static's
+/// wget cannot resolve names outside a container image): the page, or None.
+fn get(ct: &Ct, url: &str) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ct.node.ns(), "curl", "-sf", "-m", "2", url])
+        .output()
+        .expect("cannot run curl (scripts/install-deps)");
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// `dig +short NAME [TYPE]` in the container: the answers, sorted.
+fn dig(ct: &Ct, args: &[&str]) -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ct.node.ns(), "dig", "+short", "+tries=1", "+time=2"])
+        .args(args)
+        .output()
+        .expect("cannot run dig (dnsutils)");
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+    v.sort();
+    v
+}
+
+fn service(agent: &Agent, name: &str) -> Value {
+    agent.json(&["service", "inspect", name]).unwrap_or_else(|e| panic!("service inspect {name}: {e:#}"))
+}
+
+/// How many requests out of `n` reached each replica.
+fn spread(client: &Ct, url: &str, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let page = get(client, url).unwrap_or_else(|| "FAILED".into());
+        *seen.entry(page).or_default() += 1;
+    }
+    seen
+}
+
+/// Opens a connection from the container to `to` (port 9000, the nc servers) and reads the
+/// replica's greeting: the connection and the replica's name.
+fn hold(client: &Ct, to: Ipv4Addr) -> (TcpStream, String) {
+    testbed::netns::within(client.node.ns(), move || {
+        let s = TcpStream::connect_timeout(&SocketAddr::from((to, 9000)), Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line)?;
+        Ok((s, line.trim().to_owned()))
+    })
+    .expect("a connection through the VIP")
+}
+
+/// Whether a held connection still carries data both ways (its echo answers).
+fn alive(s: &mut TcpStream) -> bool {
+    if s.write_all(b"ping\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).is_ok() && &buf == b"ping\n"
+}
+
+/// Test 1 (and 2's DNS half): three replicas on three hosts behind one VIP, health-checked;
+/// a client on a fourth host.
+#[test]
+fn a_service_spreads_over_its_healthy_replicas_and_drops_a_dead_one_at_once() {
+    let bed = bed();
+    let c = Cluster::form(&bed, 1, 3).expect("cluster");
+    c.await_nodes(4, &[], T).unwrap();
+    c.agents[0].json(&["network", "create", "front"]).unwrap();
+    let svc = c.agents[0]
+        .json(&[
+            "service",
+            "create",
+            "web",
+            "--network",
+            "front",
+            "--port",
+            "80/tcp",
+            "--port",
+            "9000/tcp",
+            "--health-http",
+            "/",
+            "--health-interval",
+            "500ms",
+            "--health-timeout",
+            "400ms",
+            "--health-retries",
+            "2",
+        ])
+        .expect("service create");
+    let vip: Ipv4Addr = svc["vip"].as_str().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no VIP: {svc}"));
+    let replicas: Vec<Ct> = (0..3).map(|i| attach(&c, i, "front", &format!("web{}", i + 1), Some("web"))).collect();
+    let mut servers: Vec<Servers> =
+        replicas.iter().enumerate().map(|(i, r)| serve(&bed, r, &format!("web{}", i + 1))).collect();
+    let client = attach(&c, 3, "front", "client", None);
+    wait_for(T, "three healthy replicas on every host", || {
+        c.agents
+            .iter()
+            .all(|a| {
+                service(a, "web")["replicas"]
+                    .as_array()
+                    .is_some_and(|r| r.len() == 3 && r.iter().all(|x| x["health"] == "healthy"))
+            })
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", service(&c.agents[3], "web")));
+
+    // DNS: the name is the VIP, tasks.NAME the replicas.
+    assert_eq!(dig(&client, &["web"]), [vip.to_string()]);
+    let mut all: Vec<String> = replicas.iter().map(|r| r.ip.to_string()).collect();
+    all.sort();
+    assert_eq!(dig(&client, &["tasks.web"]), all);
+    assert_eq!(dig(&client, &["tasks.web.front"]), all);
+    assert_eq!(dig(&client, &["_80._tcp.web", "SRV"]), ["0 10 80 web.front."]);
+    assert_eq!(dig(&client, &["_9000._tcp.web.front", "SRV"]), ["0 10 9000 web.front."]);
+
+    // Through the VIP: every request answered, every replica reached.
+    let seen = spread(&client, "http://web/", 30);
+    eprintln!("30 requests through the VIP: {seen:?}");
+    if seen.contains_key("FAILED") {
+        eprintln!("{}", client.node.exec("nft", ["list", "ruleset"]).unwrap_or_default());
+        eprintln!(
+            "{}",
+            client.node.exec("curl", ["-v", "-m", "2", "http://web/"]).unwrap_or_else(|e| format!("{e:#}"))
+        );
+        eprintln!(
+            "{}",
+            c.agents[3]
+                .log()
+                .lines()
+                .filter(|l| l.contains("VIP") || l.contains("balancer"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    assert_eq!(seen.values().sum::<usize>(), 30);
+    assert!(!seen.contains_key("FAILED"), "{seen:?}");
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["web1", "web2", "web3"], "{seen:?}");
+
+    // A connection held open to web1 through the VIP.
+    let mut held = None;
+    let mut others = Vec::new();
+    for _ in 0..40 {
+        let (s, who) = hold(&client, vip);
+        if who == "web1" {
+            held = Some(s);
+            break;
+        }
+        others.push(s);
+    }
+    let mut held = held.expect("no connection through the VIP reached web1 in 40");
+    assert!(alive(&mut held), "the held connection carries data");
+
+    // web1's web server dies: its check fails; within 5 s it gets nothing new, its held
+    // connection is reset, and DNS leaves it.
+    let t = Instant::now();
+    servers[0].httpd.kill().unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let mut buf = [0u8; 16];
+    let outcome = held.read(&mut buf);
+    let reset_after = t.elapsed();
+    eprintln!("web1 killed: the held connection ended after {reset_after:?} with {outcome:?}");
+    assert!(
+        matches!(&outcome, Ok(0)) || outcome.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the held connection neither reset nor ended: {outcome:?}"
+    );
+    assert!(reset_after < Duration::from_secs(5), "{reset_after:?}");
+    wait_for(Duration::from_secs(5).saturating_sub(t.elapsed()), "web1 to leave tasks.web", || {
+        (dig(&client, &["tasks.web"]).len() == 2).then_some(())
+    })
+    .unwrap();
+    let seen = spread(&client, "http://web/", 20);
+    eprintln!("20 requests with web1 dead: {seen:?}");
+    assert!(!seen.contains_key("web1") && !seen.contains_key("FAILED"), "{seen:?}");
+    assert!(others.iter_mut().all(alive), "connections to the others are untouched");
+    let web = service(&c.agents[3], "web");
+    let health: Vec<&str> =
+        web["replicas"].as_array().unwrap().iter().map(|r| r["health"].as_str().unwrap_or("")).collect();
+    assert_eq!(health.iter().filter(|h| **h == "unhealthy").count(), 1, "{web}");
+
+    // Restarted: back in DNS and in the spread.
+    servers[0].httpd = start_httpd(&replicas[0], "web1", &servers[0].dir);
+    wait_for(T, "web1 back in tasks.web", || (dig(&client, &["tasks.web"]).len() == 3).then_some(())).unwrap();
+    let seen = spread(&client, "http://web/", 30);
+    assert!(seen.contains_key("web1") && !seen.contains_key("FAILED"), "{seen:?}");
+}
+
+/// Test 3: a connection through the VIP outlives a restart of the client host's agent (killed
+/// with SIGKILL, started again) and an idle time longer than the flow table's own expiry: the
+/// flow table is the kernel's conntrack in the client's namespace (overlayd keeps none), whose
+/// expiry of established TCP flows is that namespace's
+/// `net.netfilter.nf_conntrack_tcp_timeout_established` (5 days by default; 3 s here). A flow
+/// forgotten is picked up again when the client next sends, and the consistent hash of its
+/// addresses and ports picks the same replica.
+#[test]
+fn a_connection_through_the_vip_outlives_an_agent_restart_and_its_flow_entry() {
+    let bed = bed();
+    let c = Cluster::form(&bed, 1, 2).expect("cluster");
+    c.await_nodes(3, &[], T).unwrap();
+    c.agents[0].json(&["network", "create", "front"]).unwrap();
+    let svc = c.agents[0].json(&["service", "create", "echo", "--network", "front", "--port", "9000/tcp"]).unwrap();
+    let vip: Ipv4Addr = svc["vip"].as_str().and_then(|v| v.parse().ok()).unwrap();
+    let replicas: Vec<Ct> = (0..2).map(|i| attach(&c, i, "front", &format!("echo{}", i + 1), Some("echo"))).collect();
+    let _servers: Vec<Servers> =
+        replicas.iter().enumerate().map(|(i, r)| serve(&bed, r, &format!("echo{}", i + 1))).collect();
+    let client = attach(&c, 2, "front", "client", None);
+    wait_for(T, "two replicas on the client's host", || {
+        service(&c.agents[2], "echo")["replicas"].as_array().is_some_and(|r| r.len() == 2).then_some(())
+    })
+    .unwrap();
+    wait_for(T, "the VIP to answer", || hold_maybe(&client, vip)).unwrap();
+    client.node.exec("sysctl", ["-qw", "net.netfilter.nf_conntrack_tcp_timeout_established=3"]).unwrap();
+    let (mut s, who) = hold(&client, vip);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(alive(&mut s));
+
+    // The client's host's agent killed and started again.
+    c.agents[2].kill().unwrap();
+    let _again = c.hosts[2].start_daemon::<&str>(&[]).unwrap();
+    wait_for(T, "the restarted agent to know the service", || {
+        c.agents[2]
+            .json(&["service", "inspect", "echo"])
+            .ok()
+            .filter(|v| v["replicas"].as_array().is_some_and(|r| r.len() == 2))
+    })
+    .unwrap();
+    assert!(alive(&mut s), "the connection to {who} outlived the restart");
+
+    // Idle for longer than its conntrack entry lives: the entry goes, the connection does not.
+    std::thread::sleep(Duration::from_secs(6));
+    let flows = client.node.exec("cat", ["/proc/net/nf_conntrack"]).unwrap_or_default();
+    eprintln!("conntrack after the idle time: {flows:?}");
+    assert!(alive(&mut s), "the connection to {who} outlived its idle time");
+}
+
+fn hold_maybe(client: &Ct, to: Ipv4Addr) -> Option<()> {
+    let ns = client.node.ns().to_owned();
+    testbed::netns::within(&ns, move || {
+        let s = TcpStream::connect_timeout(&SocketAddr::from((to, 9000)), Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line)?;
+        Ok(())
+    })
+    .ok()
+}
+
+/// Test 1's dnsrr half: the name answers the replicas, no VIP.
+#[test]
+fn a_dnsrr_service_answers_its_replicas() {
+    let bed = bed();
+    let c = Cluster::form(&bed, 1, 1).expect("cluster");
+    c.await_nodes(2, &[], T).unwrap();
+    c.agents[0].json(&["network", "create", "back"]).unwrap();
+    let svc = c.agents[0]
+        .json(&["service", "create", "db", "--network", "back", "--mode", "dnsrr", "--port", "5432/tcp"])
+        .unwrap();
+    assert_eq!(svc["vip"], "", "{svc}");
+    let a = attach(&c, 0, "back", "db1", Some("db"));
+    let b = attach(&c, 1, "back", "db2", Some("db"));
+    let client = attach(&c, 1, "back", "app", None);
+    let mut want = vec![a.ip.to_string(), b.ip.to_string()];
+    want.sort();
+    wait_for(T, "db to answer both replicas", || (dig(&client, &["db"]) == want).then_some(())).unwrap();
+    assert_eq!(dig(&client, &["tasks.db"]), want);
+    assert_eq!(dig(&client, &["_5432._tcp.db", "SRV"]), ["0 10 5432 db1.back.", "0 10 5432 db2.back."]);
+    // Detached: gone from the name.
+    c.agents[0].json(&["detach", "--name", "db1"]).unwrap();
+    wait_for(T, "db1 to leave db", || (dig(&client, &["db"]) == [b.ip.to_string()]).then_some(())).unwrap();
+}
+
+/// Test 5: bad input gets a clear error and changes nothing.
+#[test]
+fn bad_services_are_refused_with_what_to_fix() {
+    let bed = bed();
+    let c = Cluster::form(&bed, 1, 1).expect("cluster");
+    c.await_nodes(2, &[], T).unwrap();
+    c.agents[0].json(&["network", "create", "front", "--subnet", "10.77.0.0/16"]).unwrap();
+    c.agents[0].json(&["service", "create", "web", "--network", "front", "--publish", "8080:80"]).unwrap();
+    // Host 1 leases its block (10.77.0.0/24) with its first container.
+    attach(&c, 0, "front", "c0", None);
+    let before = c.agents[0].json(&["service", "ls"]).unwrap();
+    let refused = |args: &[&str], want: &str| {
+        let mut all = vec!["service", "create"];
+        all.extend(args);
+        let e = c.agents[0].json(&all).expect_err("refused");
+        let e = format!("{e:#}");
+        assert!(e.contains(want), "{args:?}: {e}");
+    };
+    refused(&["api", "--network", "front", "--publish", "8080:81"], "already published by service \"web\"");
+    refused(&["api", "--network", "front", "--publish", "9090:80", "--publish", "9090:81"], "published twice");
+    refused(&["api", "--network", "nowhere"], "no network named \"nowhere\"");
+    refused(&["api", "--network", "front", "--vip", "10.99.0.9"], "not a host address of network \"front\"");
+    refused(&["api", "--network", "front", "--vip", "10.77.0.5"], "in the block 10.77.0.0/24 a host holds");
+    refused(&["api", "--network", "front", "--health-http", "health"], "not an HTTP path");
+    refused(&["api", "--network", "front", "--health-tcp", "80", "--health-timeout", "5s"], "--health-timeout");
+    refused(&["api", "--network", "front", "--health-interval", "soon"], "not a duration");
+    refused(&["api", "--network", "front", "--publish", "7947:80"], "overlayd's own");
+    refused(&["Web_1", "--network", "front"], "not a valid service name");
+    refused(&["web", "--network", "front"], "already exists");
+    assert_eq!(c.agents[0].json(&["service", "ls"]).unwrap(), before, "nothing changed");
+    // A replica of a service of another network, or of no service.
+    c.agents[0].json(&["network", "create", "back"]).unwrap();
+    let node = c.hosts[1].add_netns("stray").unwrap();
+    let path = node.netns_path();
+    let e = c.agents[1]
+        .json(&["attach", "--network", "back", "--netns", &path, "--service", "web"])
+        .expect_err("a replica on the wrong network");
+    assert!(format!("{e:#}").contains("service \"web\" is on network \"front\""), "{e:#}");
+    let e = c.agents[1]
+        .json(&["attach", "--network", "back", "--netns", &path, "--service", "nope"])
+        .expect_err("a replica of no service");
+    assert!(format!("{e:#}").contains("no service named \"nope\""), "{e:#}");
+    // A worker is told to ask a manager.
+    let e = c.agents[1].json(&["service", "create", "x", "--network", "front"]).expect_err("a worker");
+    assert!(format!("{e:#}").contains("manager"), "{e:#}");
+    // Removed: gone everywhere; again: not found.
+    c.agents[0].json(&["service", "rm", "web"]).unwrap();
+    wait_for(T, "web to go on host 2", || {
+        c.agents[1].json(&["service", "ls"]).ok().filter(|v| v["services"].as_array().is_none_or(Vec::is_empty))
+    })
+    .unwrap();
+    let e = c.agents[0].json(&["service", "rm", "web"]).expect_err("twice");
+    assert!(format!("{e:#}").contains("no service named \"web\""), "{e:#}");
+}
