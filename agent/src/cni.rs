@@ -148,6 +148,11 @@ pub struct NetConf {
     /// The daemon's state dir [default: `OVERLAYD_STATE_DIR`, else /var/lib/overlayd].
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// The service the containers of this configuration are replicas of (`overlayd service
+    /// create`, on the same network): a conflist per service, e.g. `web-replicas` with
+    /// `"network": "front", "service": "web"`; `OVERLAYD_SERVICE=` of `CNI_ARGS` overrides it.
+    #[serde(default)]
+    pub service: Option<String>,
     #[serde(default)]
     pub runtime_config: RuntimeConfig,
     /// What ADD returned (DEL and CHECK).
@@ -221,6 +226,8 @@ pub struct AttachArgs {
     pub ip: Option<Ipv4Addr>,
     /// `MAC=` of `CNI_ARGS`.
     pub mac: Option<String>,
+    /// The service it is a replica of.
+    pub service: Option<String>,
 }
 
 /// An endpoint as the daemon reports it.
@@ -409,6 +416,7 @@ fn attach_args(conf: &NetConf, env: &CniEnv) -> Result<AttachArgs, CniError> {
         aliases: conf.runtime_config.aliases.on(&conf.name),
         ip,
         mac: env.arg("MAC").map(str::to_owned),
+        service: env.arg("OVERLAYD_SERVICE").map(str::to_owned).or_else(|| conf.service.clone()),
     })
 }
 
@@ -531,6 +539,7 @@ impl Daemon for Client {
             mac: a.mac.clone().unwrap_or_default(),
             origin: "cni".into(),
             aliases: a.aliases.clone(),
+            service: a.service.clone().unwrap_or_default(),
             ..Default::default()
         };
         let e = self.call(async |c| c.attach(req).await.map(tonic::Response::into_inner))?;
@@ -607,7 +616,14 @@ mod tests {
     impl Daemon for Fake {
         fn attach(&mut self, a: &AttachArgs) -> Result<Attached, CniError> {
             let mut r = self.0.borrow_mut();
-            r.calls.push(format!("attach {} {} {:?} {:?}", a.network, a.name, a.ip, a.aliases));
+            r.calls.push(format!(
+                "attach {} {} {:?} {:?}{}",
+                a.network,
+                a.name,
+                a.ip,
+                a.aliases,
+                a.service.as_ref().map(|s| format!(" service={s}")).unwrap_or_default()
+            ));
             if r.attached.iter().any(|e| e.container_id == a.container_id && e.network == a.network) {
                 return Err(CniError::new(code::ALREADY_ATTACHED, "already attached"));
             }
@@ -733,6 +749,18 @@ mod tests {
         let (out, ok) = call(&Rc::default(), "ADD", &env("c2", "IP=ten"), conf);
         assert!(!ok);
         assert_eq!(out["code"], code::INVALID_ENVIRONMENT);
+    }
+
+    #[test]
+    fn a_configuration_makes_its_containers_replicas_of_a_service() {
+        let s = Rc::default();
+        let conf =
+            r#"{"cniVersion":"1.0.0","name":"web-replicas","type":"overlayd","network":"front","service":"web"}"#;
+        assert!(call(&s, "ADD", &env("c1", ""), conf).1);
+        assert!(call(&s, "ADD", &env("c2", "OVERLAYD_SERVICE=api"), conf).1);
+        let calls = s.borrow().calls.clone();
+        assert!(calls[0].starts_with("attach front ") && calls[0].ends_with(" service=web"), "{calls:?}");
+        assert!(calls[1].ends_with(" service=api"), "CNI_ARGS wins: {calls:?}");
     }
 
     #[test]

@@ -706,6 +706,37 @@ impl ClusterRuntime {
         Ok(())
     }
 
+    /// What Docker shows of a container once it runs: its namespace (`/proc/PID/ns/net`, for
+    /// its VIPs) and the service its label makes it a replica of (of its network).
+    pub async fn learn_container(
+        &self,
+        container_id: &str,
+        netns: Option<String>,
+        service: Option<&str>,
+    ) -> Result<()> {
+        let view = self.follower.view();
+        let mut store = self.endpoints.lock().await;
+        let Some(i) = store.endpoints.iter().position(|e| e.container_id == container_id) else { return Ok(()) };
+        if let Some(netns) = netns {
+            store.endpoints[i].netns = netns;
+        }
+        let network = store.endpoints[i].network.clone();
+        let result = match service.map(|s| (s, view.services.get(s))) {
+            None => Ok(()),
+            Some((s, None)) => Err(anyhow::anyhow!("no service named {s:?} (see overlayd service ls)")),
+            Some((s, Some(svc))) if svc.network != network => {
+                Err(anyhow::anyhow!("service {s:?} is on network {:?}, not {network:?}", svc.network))
+            }
+            Some((s, Some(_))) => {
+                store.endpoints[i].service = Some(s.to_owned());
+                Ok(())
+            }
+        };
+        store.save(&self.state_dir.join(ENDPOINTS_FILE))?;
+        self.gossip.publish_local(gossiped(&view, &store));
+        result
+    }
+
     /// This host's endpoints (of `network`, or all), for the local API.
     pub async fn local_endpoints(&self, network: &str) -> Vec<pb::Endpoint> {
         let view = self.follower.view();

@@ -189,22 +189,6 @@ fn a_service_spreads_over_its_healthy_replicas_and_drops_a_dead_one_at_once() {
     // Through the VIP: every request answered, every replica reached.
     let seen = spread(&client, "http://web/", 30);
     eprintln!("30 requests through the VIP: {seen:?}");
-    if seen.contains_key("FAILED") {
-        eprintln!("{}", client.node.exec("nft", ["list", "ruleset"]).unwrap_or_default());
-        eprintln!(
-            "{}",
-            client.node.exec("curl", ["-v", "-m", "2", "http://web/"]).unwrap_or_else(|e| format!("{e:#}"))
-        );
-        eprintln!(
-            "{}",
-            c.agents[3]
-                .log()
-                .lines()
-                .filter(|l| l.contains("VIP") || l.contains("balancer"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-    }
     assert_eq!(seen.values().sum::<usize>(), 30);
     assert!(!seen.contains_key("FAILED"), "{seen:?}");
     assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["web1", "web2", "web3"], "{seen:?}");
@@ -315,6 +299,79 @@ fn hold_maybe(client: &Ct, to: Ipv4Addr) -> Option<()> {
         Ok(())
     })
     .ok()
+}
+
+/// Replicas from the runtimes: a podman container whose CNI configuration names the service
+/// (`"service": "web"`) and a Docker container labelled `io.overlayd.service=web`, on two
+/// hosts; an `overlayd attach` client and a Docker client reach both through the VIP.
+#[test]
+fn podman_and_docker_containers_are_replicas_and_docker_clients_reach_the_vip() {
+    let bed = bed();
+    // The hosts' resolver, as their resolv.conf would name it (dockerd's --dns for its
+    // containers): no server answers there, overlayd answers the queries containers send it.
+    let resolver = Ipv4Addr::new(198, 18, 255, 53);
+    std::fs::write(bed.upstreams_file(), format!("nameserver {resolver}\n")).unwrap();
+    let c = Cluster::form(&bed, 1, 1).expect("cluster");
+    c.await_nodes(2, &[], T).unwrap();
+    let docker = testbed::dockerd::Dockerd::start_with_dns(&c.hosts[0], false, &[resolver]).expect("dockerd on host 1");
+    let plugin = c.hosts[0].ns().to_owned();
+    docker.docker(&["network", "create", "-d", &plugin, "--ipam-driver", &plugin, "front"]).expect("docker network");
+    wait_for(T, "front on host 2", || c.agents[1].json(&["network", "inspect", "front"]).ok()).unwrap();
+    c.agents[0].json(&["service", "create", "web", "--network", "front", "--port", "80/tcp"]).unwrap();
+    let podman = testbed::runtimes::Podman::new(&c.hosts[1], &c.agents[1], "front").expect("podman on host 2");
+    podman
+        .write_conflist(
+            &serde_json::json!({
+                "cniVersion": "1.0.0",
+                "name": "front",
+                "plugins": [{ "type": "overlayd", "network": "front", "service": "web" }],
+            })
+            .to_string(),
+        )
+        .unwrap();
+    let serve = |name: &str| {
+        format!("mkdir -p /tmp/{name} && echo {name} > /tmp/{name}/index.html && httpd -p 80 -h /tmp/{name}")
+    };
+    podman.run("pod1", &[]).expect("podman run");
+    podman.exec("pod1", &["sh", "-c", &serve("pod1")]).expect("httpd in pod1");
+    docker.run("dock1", "front", &["--label", "io.overlayd.service=web"]).expect("docker run dock1");
+    docker.docker(&["exec", "dock1", "sh", "-c", &serve("dock1")]).expect("httpd in dock1");
+    docker.run("dock2", "front", &[]).expect("docker run dock2");
+    wait_for(T, "two replicas on both hosts", || {
+        c.agents.iter().all(|a| service(a, "web")["replicas"].as_array().is_some_and(|r| r.len() == 2)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", service(&c.agents[1], "web")));
+    let client = attach(&c, 1, "front", "client", None);
+    let seen = spread(&client, "http://web/", 20);
+    eprintln!("20 requests from an attached client: {seen:?}");
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["dock1", "pod1"], "{seen:?}");
+    // A Docker container's namespace is known once Docker shows the container (its process's
+    // /proc/PID/ns/net): its VIP table follows within a second or so.
+    let from_dock2 = || {
+        let out = docker.output(&["exec", "dock2", "wget", "-q", "-O", "-", "http://web/"]).unwrap();
+        if out.status.success() {
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        } else {
+            eprintln!("dock2: {}", String::from_utf8_lossy(&out.stderr).trim());
+            "FAILED".into()
+        }
+    };
+    let t = Instant::now();
+    wait_for(Duration::from_secs(60), "the VIP to answer dock2", || (from_dock2() != "FAILED").then_some(()))
+        .unwrap_or_else(|e| {
+            let eps = c.agents[0].json(&["network", "inspect", "front"]).unwrap()["endpoints"].clone();
+            let out = docker.output(&["exec", "dock2", "wget", "-O", "-", "http://web/"]).unwrap();
+            let log: Vec<String> =
+                c.agents[0].log().lines().filter(|l| l.contains("WARN")).map(str::to_owned).collect();
+            panic!("{e:#}: {eps}\n{out:?}\n{}", log.join("\n"))
+        });
+    eprintln!("dock2 reached the VIP {:?} after the wait began", t.elapsed());
+    let mut from_docker: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..20 {
+        *from_docker.entry(from_dock2()).or_default() += 1;
+    }
+    eprintln!("20 requests from a Docker client: {from_docker:?}");
+    assert!(from_docker.contains_key("dock1") && from_docker.contains_key("pod1"), "{from_docker:?}");
 }
 
 /// Test 1's dnsrr half: the name answers the replicas, no VIP.

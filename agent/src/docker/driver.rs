@@ -37,6 +37,9 @@ const GATEWAY_REQUEST: &str = "com.docker.network.gateway";
 const SETTLE: Duration = Duration::from_secs(10);
 /// How often the cluster's networks are compared with Docker's.
 const MIRROR_EVERY: Duration = Duration::from_secs(3);
+/// The container label that makes a Docker container a replica of a service (`docker run
+/// --label io.overlayd.service=web --network front …`).
+pub const SERVICE_LABEL: &str = "io.overlayd.service";
 
 /// An error answer: `{"Err": "…"}`, as Docker shows it to the user.
 pub fn error(msg: impl std::fmt::Display) -> Value {
@@ -554,7 +557,8 @@ impl Driver {
         }))
     }
 
-    /// Gives the endpoint its container's name, once Docker shows it.
+    /// Gives the endpoint its container's name, once Docker shows it, and makes it a replica of
+    /// the service its label [`SERVICE_LABEL`] names.
     async fn learn_name(&self, rt: Arc<ClusterRuntime>, network_id: String, endpoint_id: String) {
         for _ in 0..150 {
             if let Ok(Some(n)) = self.engine.network(&network_id).await
@@ -562,6 +566,30 @@ impl Driver {
             {
                 if let Err(e) = rt.rename(&endpoint_id, &c.name).await {
                     tracing::warn!(container = %c.name, error = %format!("{e:#}"), "cannot give the endpoint its container's name");
+                }
+                // Its namespace by its process (Docker's own path for it is a bind mount in
+                // dockerd's mount namespace, which another may not see) for its VIPs.
+                // Docker shows the name before the container's process runs: wait for it.
+                // By its name: a container being started is listed under its endpoint's id.
+                let mut inspected = self.engine.container(&c.name).await;
+                for _ in 0..150 {
+                    if !matches!(inspected, Ok((_, 0)) | Err(_)) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    inspected = self.engine.container(&c.name).await;
+                }
+                match inspected {
+                    Ok((labels, pid)) => {
+                        let netns = (pid != 0).then(|| format!("/proc/{pid}/ns/net"));
+                        let service = labels.get(SERVICE_LABEL).map(String::as_str);
+                        if let Err(e) = rt.learn_container(&endpoint_id, netns, service).await {
+                            tracing::warn!(container = %c.name, ?service, error = %format!("{e:#}"), "cannot make the container a replica");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(container = %c.name, error = %format!("{e:#}"), "cannot inspect the container")
+                    }
                 }
                 return;
             }

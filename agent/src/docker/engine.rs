@@ -86,6 +86,19 @@ impl Engine {
         Ok(serde_json::from_value(v)?)
     }
 
+    /// A container's labels (`docker run --label`) and the PID of its first process (0 when
+    /// it is not running).
+    pub async fn container(&self, id: &str) -> Result<(std::collections::BTreeMap<String, String>, u32)> {
+        let (status, v) = self.call("GET", &format!("/containers/{id}/json"), None).await?;
+        if status != 200 {
+            bail!("dockerd refused to show container {id} ({status}): {v}");
+        }
+        let labels = v.pointer("/Config/Labels").cloned().unwrap_or(Value::Null);
+        let labels = if labels.is_null() { Default::default() } else { serde_json::from_value(labels)? };
+        let pid = v.pointer("/State/Pid").and_then(Value::as_u64).and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+        Ok((labels, pid))
+    }
+
     /// One network, with its containers; `None` if Docker has none with this id.
     pub async fn network(&self, id: &str) -> Result<Option<EngineNetwork>> {
         let (status, v) = self.call("GET", &format!("/networks/{id}"), None).await?;
