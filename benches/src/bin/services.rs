@@ -79,8 +79,8 @@ const fn proxy_port(service: Svc, server: u16) -> u16 {
 /// the VIP's for a connection through it, the replica's for one to it, so a SYN of one path
 /// that meets a TIME_WAIT socket another path left on the same replica port is refused by PAWS
 /// half the time (whichever offset is lower), and waits for its 1 s retransmission. Measured
-/// while writing this bench: VIP rounds after direct rounds on one port fell from 3,100 to 830
-/// connections/s with 900 SYN timeouts.
+/// while writing this bench, one port shared: a VIP round right after a direct round made 826
+/// connections/s with 888 retransmission timeouts, where VIP rounds made 3,700-4,200 otherwise.
 #[derive(Clone, Copy)]
 enum Path {
     Vip,
