@@ -39,6 +39,12 @@ const T: Duration = Duration::from_secs(20);
 /// How soon a name that went must be gone from every host's answers.
 const GONE_WITHIN: Duration = Duration::from_secs(5);
 
+/// Held by the tests that time how soon names go (test 2) and by the one that starts dockerd
+/// and podman (test 5), so that they never run side by side on this 2-core machine: the
+/// runtimes' start makes the kernel's namespace teardown, by which a dead container's veth
+/// goes, queue for seconds.
+static TIMED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn bed() -> Testbed {
     Testbed::new(Options::new(env!("CARGO_BIN_EXE_overlayd"))).expect("cannot build the testbed (run as root)")
 }
@@ -321,6 +327,7 @@ fn await_everywhere(c: &Cluster, hosts: &[usize], gw: Ipv4Addr, name: &str, want
 /// until it is declared down and healed answers exactly what the others answer.
 #[test]
 fn names_leave_every_host_within_5_s_when_their_container_or_host_dies_and_come_back() {
+    let _alone = TIMED.lock().unwrap_or_else(|p| p.into_inner());
     let bed = bed();
     let c = cluster(&bed, 3);
     let gw = create(&c, "web", &[]);
@@ -619,6 +626,7 @@ fn nslookup_answers(out: &str) -> Vec<Ipv4Addr> {
 /// those queries from the network's resolver: the overlay's names, and the outside's forwarded.
 #[test]
 fn podman_and_docker_containers_resolve_each_other_by_name_across_hosts() {
+    let _alone = TIMED.lock().unwrap_or_else(|p| p.into_inner());
     let bed = bed();
     let (_outside, upstream, _dnsmasq) = upstream(&bed);
     let c = cluster(&bed, 2);

@@ -25,6 +25,10 @@ use testbed::{Agent, Node, Options, Testbed};
 
 const T: Duration = Duration::from_secs(20);
 
+/// Held by the test that times a replica's death (test 2) and by the one that starts dockerd
+/// and podman, so that they never run side by side on a 2-core machine.
+static TIMED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn bed() -> Testbed {
     Testbed::new(Options::new(env!("CARGO_BIN_EXE_overlayd"))).expect("cannot build the testbed (run as root)")
 }
@@ -135,6 +139,7 @@ fn alive(s: &mut TcpStream) -> bool {
 /// a client on a fourth host.
 #[test]
 fn a_service_spreads_over_its_healthy_replicas_and_drops_a_dead_one_at_once() {
+    let _alone = TIMED.lock().unwrap_or_else(|p| p.into_inner());
     let bed = bed();
     let c = Cluster::form(&bed, 1, 3).expect("cluster");
     c.await_nodes(4, &[], T).unwrap();
@@ -306,6 +311,7 @@ fn hold_maybe(client: &Ct, to: Ipv4Addr) -> Option<()> {
 /// hosts; an `overlayd attach` client and a Docker client reach both through the VIP.
 #[test]
 fn podman_and_docker_containers_are_replicas_and_docker_clients_reach_the_vip() {
+    let _alone = TIMED.lock().unwrap_or_else(|p| p.into_inner());
     let bed = bed();
     // The hosts' resolver, as their resolv.conf would name it (dockerd's --dns for its
     // containers): no server answers there, overlayd answers the queries containers send it.
