@@ -411,17 +411,7 @@ impl ServiceCreateArgs {
             created_at: 0,
         };
         spec.check().map_err(anyhow::Error::msg)?;
-        let svc = control::service::Service {
-            name: spec.name,
-            network: spec.network,
-            mode: spec.mode,
-            vip: spec.vip,
-            ports: spec.ports,
-            published: spec.published,
-            health: spec.health,
-            created_at: 0,
-        };
-        Ok(pb::Service::from(&svc))
+        Ok(pb::Service::from(&spec))
     }
 }
 

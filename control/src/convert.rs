@@ -340,17 +340,7 @@ pub fn new_service_from_pb(s: &pb::Service, created_at: u64) -> Result<NewServic
 impl TryFrom<&pb::Service> for Service {
     type Error = Malformed;
     fn try_from(s: &pb::Service) -> Result<Service, Malformed> {
-        let n = new_service_from_pb(s, s.created_at_unix)?;
-        Ok(Service {
-            name: n.name,
-            network: n.network,
-            mode: n.mode,
-            vip: n.vip,
-            ports: n.ports,
-            published: n.published,
-            health: n.health,
-            created_at: n.created_at,
-        })
+        new_service_from_pb(s, s.created_at_unix)
     }
 }
 

@@ -299,26 +299,9 @@ pub struct Service {
     pub created_at: u64,
 }
 
-/// A service that `service create` asks for: a VIP is chosen when not given.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NewService {
-    /// Unique name.
-    pub name: String,
-    /// Its network.
-    pub network: String,
-    /// VIP or DNS round robin.
-    pub mode: ServiceMode,
-    /// A VIP of the user's choosing.
-    pub vip: Option<Ipv4Addr>,
-    /// Its ports.
-    pub ports: Vec<ServicePort>,
-    /// Published ports.
-    pub published: Vec<PublishedPort>,
-    /// Its health check.
-    pub health: Option<HealthCheck>,
-    /// When (Unix seconds).
-    pub created_at: u64,
-}
+/// A service that `service create` asks for: the service itself, its `vip` the user's choice
+/// (none: the managers choose one in `vip` mode).
+pub type NewService = Service;
 
 /// The ports overlayd itself listens on, never published for a service.
 pub const RESERVED_PORTS: &[(u16, Protocol, &str)] =
@@ -343,7 +326,7 @@ pub fn check_service_name(name: &str) -> Result<(), String> {
     }
 }
 
-impl NewService {
+impl Service {
     /// What can be checked without the state: the name, ports that are unique, published
     /// ports that are unique and not overlayd's own, a health check in bounds, and a VIP only
     /// in `vip` mode.

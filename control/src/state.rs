@@ -906,16 +906,7 @@ impl ClusterState {
                     })?,
             ),
         };
-        let svc = Service {
-            name: spec.name.clone(),
-            network: spec.network.clone(),
-            mode: spec.mode,
-            vip,
-            ports: spec.ports.clone(),
-            published: spec.published.clone(),
-            health: spec.health.clone(),
-            created_at: spec.created_at,
-        };
+        let svc = Service { vip, ..spec.clone() };
         self.services.insert(svc.name.clone(), svc.clone());
         Ok((Response::Service(svc.clone()), vec![Change::ServiceUpsert(svc)]))
     }
