@@ -310,22 +310,7 @@ impl Firewall {
     /// Runs `nft -f -` with `script`, on a blocking thread.
     async fn run(&self, script: String) -> Result<()> {
         let nft = self.nft.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut child = Command::new(&nft)
-                .args(["-f", "-"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .with_context(|| format!("cannot run {} (install nftables)", nft.display()))?;
-            child.stdin.take().context("nft's standard input")?.write_all(script.as_bytes())?;
-            let out = child.wait_with_output()?;
-            if !out.status.success() {
-                bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
-            }
-            Ok(())
-        })
-        .await?
+        tokio::task::spawn_blocking(move || load(&nft, &script)).await?
     }
 
     /// Runs `nft args` and returns what it printed.
@@ -347,8 +332,27 @@ impl Firewall {
     }
 }
 
+/// Runs `nft -f -` with `script`, blocking, in the calling thread's network namespace (the
+/// host's for [`Firewall`], a container's for the services' load balancer).
+pub fn load(nft: &std::path::Path, script: &str) -> Result<()> {
+    let mut child = Command::new(nft)
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {} (install nftables)", nft.display()))?;
+    // An nft that fails early closes its input: its message says more than the broken pipe.
+    let written = child.stdin.take().context("nft's standard input")?.write_all(script.as_bytes());
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    written.context("writing to nft")
+}
+
 /// `nft` where distributions put it (a service's PATH may lack /usr/sbin), else from PATH.
-fn nft_program() -> PathBuf {
+pub fn nft_program() -> PathBuf {
     ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
         .iter()
         .map(PathBuf::from)

@@ -61,7 +61,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
@@ -295,32 +295,7 @@ fn reset_here(vip: Ipv4Addr, gone: impl Fn(Ipv4Addr) -> bool) -> Result<usize> {
 
 /// Runs `nft -f -` with `script` (in the calling thread's namespace).
 fn nft(script: &str) -> Result<()> {
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
-    let program = nft_program();
-    let mut child = Command::new(&program)
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run {} (install nftables)", program.display()))?;
-    // An nft that fails early closes its input: its message says more than the broken pipe.
-    let written = child.stdin.take().context("nft's standard input")?.write_all(script.as_bytes());
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    written.context("writing to nft")
-}
-
-/// `nft` where distributions put it (a service's PATH may lack /usr/sbin), else from PATH.
-fn nft_program() -> PathBuf {
-    ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("nft"))
+    crate::firewall::load(&crate::firewall::nft_program(), script)
 }
 
 /// Runs `f` on a thread of its own that entered the network namespace at `netns` (setns changes
@@ -1021,7 +996,7 @@ mod netns_tests {
                 .then_some(())
         })
         .unwrap();
-        let ns = PathBuf::from(client.netns_path());
+        let ns = std::path::PathBuf::from(client.netns_path());
 
         // All three replicas, for TCP and UDP.
         let started = Instant::now();
