@@ -1071,8 +1071,16 @@ mod netns_tests {
             assert!(t.elapsed() < Duration::from_millis(500), "port {port}: refused after {:?}", t.elapsed());
         }
         // UDP: the datagram is dropped on its way out, so the send itself fails (EPERM), and
-        // the ICMP port unreachable the kernel made of it fails the next receive.
-        let s = udp_client(&client);
+        // the ICMP port unreachable the kernel made of it fails the next receive. From a port
+        // outside the ephemeral range: one of the UDP flows above (still in conntrack, to a
+        // replica) would otherwise be found again if its port came back.
+        let s = netns::within(client.ns(), move || {
+            let s = UdpSocket::bind("0.0.0.0:20053")?;
+            s.connect((VIP, UDP_PORT))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            Ok(s)
+        })
+        .expect("a UDP socket in the client");
         let t = Instant::now();
         match s.send(b"who?") {
             Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}"),
