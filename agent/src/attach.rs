@@ -82,7 +82,7 @@ impl Netns {
 
     /// Runs `f` with a netlink handle inside this namespace, on a thread of its own (setns
     /// changes only the calling thread, which ends with `f`).
-    async fn with_netlink<F, Fut, T>(&self, f: F) -> Result<T>
+    pub(crate) async fn with_netlink<F, Fut, T>(&self, f: F) -> Result<T>
     where
         F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<T>>,

@@ -890,10 +890,12 @@ impl ClusterRuntime {
     }
 
     /// Gives back this host's block in each of `networks` that it no longer uses (so that the
-    /// network can be removed).
+    /// network can be removed), unless a service publishes a port there (every host is then
+    /// in the network's routing mesh).
     pub(crate) async fn release_unused_blocks(&self, networks: BTreeSet<String>) {
+        let meshed = control::service::published_networks(self.follower.view().services.values());
         let store = self.endpoints.lock().await;
-        let unused: Vec<String> = networks.into_iter().filter(|n| !store.uses(n)).collect();
+        let unused: Vec<String> = networks.into_iter().filter(|n| !store.uses(n) && !meshed.contains(n)).collect();
         drop(store);
         for network in unused {
             if let Ok(mut c) = self.manager_client().await

@@ -86,6 +86,8 @@ pub const COUNTERS: &[(&str, &str, &str)] = &[
     ("inet", "between_networks", "packets routed from one overlay network to another"),
     ("inet", "egress_internal", "packets from an internal network to outside the overlay"),
     ("inet", "into_network", "packets routed into a cluster network from outside it, for no connection of its own"),
+    ("inet", "mesh_to_host", "packets from a network's mesh port to this host itself"),
+    ("inet", "mesh_unsolicited", "packets through a mesh port that belong to no connection a published port took in"),
     ("bridge", "spoofed_mac", "frames from a container with another Ethernet source than its own"),
     ("bridge", "spoofed_ip", "IPv4 packets from a container with another source address than its own"),
     ("bridge", "spoofed_arp", "ARP from a container whose sender is not its own MAC and address"),
@@ -243,6 +245,25 @@ impl Firewall {
     /// addresses pass. Done before the port joins its bridge.
     pub async fn bind_port(&self, b: PortBinding<'_>) -> Result<()> {
         self.run(bind_port(b)).await.with_context(|| format!("cannot firewall the port {} of {}", b.port, b.ip))
+    }
+
+    /// Guards a network's mesh port (`ovm-<network>`, see `netdev::add_mesh_port`): what comes
+    /// in on it is never for the host, and what passes it belongs to a connection a published
+    /// port took in (DNAT), one way out and its answers back.
+    pub async fn add_mesh_port(&self, port: &str) -> Result<()> {
+        self.run(format!("add element inet {TABLE} mesh_ports {{ {} }}\n", quoted(port)))
+            .await
+            .with_context(|| format!("cannot firewall the mesh port {port}"))
+    }
+
+    /// Forgets a mesh port; one already gone is fine.
+    pub async fn remove_mesh_port(&self, port: &str) -> Result<()> {
+        let q = quoted(port);
+        self.run(format!(
+            "add element inet {TABLE} mesh_ports {{ {q} }}\ndelete element inet {TABLE} mesh_ports {{ {q} }}\n"
+        ))
+        .await
+        .with_context(|| format!("cannot remove the firewall of the mesh port {port}"))
     }
 
     /// Removes an endpoint's port rules; rules already gone are fine.
@@ -479,7 +500,7 @@ fn skeleton(services: &UnderlayServices) -> String {
     for (family, name, what) in COUNTERS {
         let _ = writeln!(s, "add counter {family} {TABLE} {name} {{ comment \"{what}\"; }}");
     }
-    for set in ["overlay_bridges", "gateway_bridges"] {
+    for set in ["overlay_bridges", "gateway_bridges", "mesh_ports"] {
         let _ = writeln!(s, "add set {t} {set} {{ type ifname; }}");
     }
     let _ = writeln!(s, "add map {t} networks {{ type ifname : verdict; }}");
@@ -495,7 +516,7 @@ fn skeleton(services: &UnderlayServices) -> String {
     }
     s.push_str(&service_ports(services));
     // The chains that others jump to first, then the base chains.
-    let chains: [(&str, Option<&str>, Vec<String>); 8] = [
+    let chains: [(&str, Option<&str>, Vec<String>); 9] = [
         (
             "underlay_services",
             None,
@@ -527,10 +548,23 @@ fn skeleton(services: &UnderlayServices) -> String {
                 "counter name host_from_overlay drop".into(),
             ],
         ),
+        // A network's mesh port carries the connections published ports took in, to their
+        // replicas and back, and nothing else: a container that sends to it reaches nothing.
+        (
+            "mesh",
+            None,
+            vec![
+                "iifname @mesh_ports ct direction reply ct status dnat accept".into(),
+                "oifname @mesh_ports ct direction original ct status dnat accept".into(),
+                "ct state related accept".into(),
+                "counter name mesh_unsolicited drop".into(),
+            ],
+        ),
         (
             "input",
             Some("type filter hook input priority filter; policy accept;"),
             vec![
+                "iifname @mesh_ports counter name mesh_to_host drop".into(),
                 "ip daddr @dns_addresses meta l4proto { tcp, udp } th dport 53 iifname != \"lo\" \
                  iifname . ip daddr != @dns_gateways counter name dns_from_elsewhere drop"
                     .into(),
@@ -555,6 +589,8 @@ fn skeleton(services: &UnderlayServices) -> String {
             "forward",
             Some("type filter hook forward priority filter; policy accept;"),
             vec![
+                "iifname @mesh_ports goto mesh".into(),
+                "oifname @mesh_ports goto mesh".into(),
                 // Not from one overlay bridge to another: with br_netfilter loaded, traffic
                 // bridged between two containers passes this hook too, in and out on their bridge.
                 "iifname @overlay_bridges oifname != @overlay_bridges jump underlay_services".into(),

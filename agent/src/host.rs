@@ -26,6 +26,12 @@ pub fn overhead(addr: IpAddr) -> u32 {
     if addr.is_ipv4() { 50 } else { 70 }
 }
 
+/// The mesh port of a network on this host: the host's side of a veth pair whose other side
+/// (`ovmb-<network>`) is on the network's bridge.
+pub fn mesh_port(network: &str) -> String {
+    format!("ovm-{network}")
+}
+
 /// The underlay as this host sees it.
 #[derive(Debug, Clone)]
 pub struct Underlay {
@@ -45,6 +51,9 @@ pub struct Gateway {
     /// Egress: this host forwards its containers' traffic out of the overlay, masqueraded
     /// (false on an `--internal` network).
     pub egress: bool,
+    /// This host's mesh address on the network (`control::service::mesh_address`), held by its
+    /// mesh port (`ovm-<network>`), through which published ports reach the replicas.
+    pub mesh: Option<Ipv4Addr>,
 }
 
 /// A network to bring up on this host.
@@ -71,8 +80,13 @@ pub struct NetworkTables {
     pub blocks: Vec<(Ipv4Addr, BlockOwner)>,
     /// The network's gateway (on every host's bridge).
     pub gateway: Ipv4Addr,
-    /// Other hosts' endpoints: address, MAC, VTEP.
+    /// Other hosts' endpoints: address, MAC, VTEP (and their mesh addresses, whose ARP the
+    /// dataplane answers as an endpoint's).
     pub endpoints: Vec<(Ipv4Addr, MacAddr, IpAddr)>,
+    /// The network's subnet.
+    pub subnet: Ipv4Cidr,
+    /// Every host's mesh address (this host's too).
+    pub mesh: Vec<Ipv4Addr>,
 }
 
 /// Endpoints by network, then by bridge port: (MAC, address).
@@ -173,6 +187,21 @@ impl Host {
         self.firewall.add_network(&bridge.name, rules).await?;
         if let Some(gw) = spec.gateway {
             netdev::set_gateway(&self.nl, &bridge, gw.addr, gw.local_block).await?;
+            if let Some(addr) = gw.mesh {
+                let port = mesh_port(&spec.name);
+                // Guarded before it is up: nothing but published-port traffic passes it.
+                self.firewall.add_mesh_port(&port).await?;
+                netdev::add_mesh_port(
+                    &self.nl,
+                    &port,
+                    &format!("ovmb-{}", spec.name),
+                    &bridge,
+                    spec.mtu,
+                    addr,
+                    gw.subnet,
+                )
+                .await?;
+            }
             if gw.egress {
                 // Without forwarding the network still works, only not beyond the overlay.
                 match firewall::enable_ipv4_forwarding() {
@@ -223,6 +252,11 @@ impl Host {
         // Its resolver goes first: nothing listens on an address that is going away.
         self.gateways.send_if_modified(|g| g.remove(name).is_some());
         let _ = self.dataplane.remove_network(n.spec.vni);
+        if n.spec.gateway.is_some_and(|g| g.mesh.is_some()) {
+            let port = mesh_port(name);
+            netdev::delete_link(&self.nl, &port).await?;
+            self.firewall.remove_mesh_port(&port).await?;
+        }
         if n.bridge.owned {
             netdev::delete_link(&self.nl, &n.bridge.name).await?;
         }
@@ -309,6 +343,7 @@ impl Host {
             tx.set_flood_list(vni, t.flood.iter().copied())?;
             tx.set_blocks(vni, t.block_prefix, t.blocks.iter().copied())?;
             tx.set_gateway(vni, Some(t.gateway))?;
+            tx.set_mesh(vni, (t.subnet.addr(), t.subnet.prefix()), t.mesh.iter().copied())?;
             tx.set_endpoints(vni, t.endpoints.iter().copied())
         })?;
         Ok(())
@@ -319,6 +354,14 @@ impl Host {
         self.gateways.send_if_modified(|g| !std::mem::take(g).is_empty());
         self.dataplane.shutdown();
         let nets = std::mem::take(&mut *self.networks.lock().await);
+        for n in nets.values().filter(|n| n.spec.gateway.is_some_and(|g| g.mesh.is_some())) {
+            if let Err(e) = netdev::delete_link(&self.nl, &mesh_port(&n.spec.name)).await {
+                tracing::warn!(network = %n.spec.name, error = %format!("{e:#}"), "could not remove the mesh port");
+            }
+        }
+        if let Err(e) = netdev::remove_mesh_rule(&self.nl).await {
+            tracing::warn!(error = %format!("{e:#}"), "could not remove the routing mesh's rule");
+        }
         for n in nets.values().filter(|n| n.bridge.owned) {
             match netdev::delete_link(&self.nl, &n.bridge.name).await {
                 Ok(()) => tracing::info!(bridge = %n.bridge.name, "removed bridge"),

@@ -222,6 +222,101 @@ pub async fn set_gateway(
         .with_context(|| format!("cannot route {local_block} to the bridge {}", bridge.name))
 }
 
+/// The firewall mark of a connection a published port took in (set by the services' routing
+/// mesh, `services::mesh`), and the routing table that sends it to the replica through the
+/// network's mesh port: "om".
+pub const MESH_MARK: u32 = 0x6f6d_0000;
+/// The routing table of [`MESH_MARK`]: each mesh port's subnet.
+pub const MESH_TABLE: u32 = 0x6f6d;
+
+/// Makes a network's mesh port: a veth pair whose end `peer` is on the network's bridge and
+/// whose end `port`, in the host, holds this host's mesh address `addr` (as /32, with the MAC
+/// derived from it) and is the way, in the routing table [`MESH_TABLE`], to the network's
+/// `subnet` for the connections marked [`MESH_MARK`]. So a connection a published port takes
+/// in reaches its replica from a MAC and address that are this host's alone (the gateway's are
+/// every host's), and the replica's answers find their way back here. The port answers ARP
+/// only for its own address (and the bridge only for the gateway), takes the mark into
+/// account for reverse-path filtering, and has no IPv6. A pair left by a crash is replaced.
+pub async fn add_mesh_port(
+    h: &Handle,
+    port: &str,
+    peer: &str,
+    bridge: &Bridge,
+    mtu: u32,
+    addr: std::net::Ipv4Addr,
+    subnet: control::cidr::Ipv4Cidr,
+) -> Result<()> {
+    delete_link(h, port).await?;
+    h.link()
+        .add(rtnetlink::LinkVeth::new(port, peer).mtu(mtu).build())
+        .execute()
+        .await
+        .with_context(|| format!("cannot create the mesh port {port}"))?;
+    let index = link_index(h, port).await?.with_context(|| format!("the new mesh port {port} vanished"))?;
+    let peer_index = link_index(h, peer).await?.with_context(|| format!("the new mesh port {peer} vanished"))?;
+    for dev in [port, peer] {
+        disable_ipv6(dev);
+    }
+    for (dev, key, value) in [
+        (port, "arp_ignore", "1"),
+        (port, "arp_announce", "2"),
+        (port, "src_valid_mark", "1"),
+        (bridge.name.as_str(), "arp_ignore", "1"),
+    ] {
+        let path = format!("/proc/sys/net/ipv4/conf/{dev}/{key}");
+        std::fs::write(&path, value).with_context(|| format!("cannot set {path} to {value}"))?;
+    }
+    let mac = dataplane::MacAddr::from_ipv4(addr);
+    h.link()
+        .set(LinkUnspec::new_with_index(index).address(mac.0.to_vec()).alias(BRIDGE_ALIAS).build())
+        .execute()
+        .await
+        .with_context(|| format!("cannot give the mesh port {port} its MAC"))?;
+    ignore_exists(h.address().add(index, IpAddr::V4(addr), 32).execute().await)
+        .with_context(|| format!("cannot put the mesh address {addr} on {port}"))?;
+    h.link()
+        .set(LinkUnspec::new_with_index(peer_index).mtu(mtu).controller(bridge.index).up().build())
+        .execute()
+        .await
+        .with_context(|| format!("cannot put the mesh port {peer} on the bridge {}", bridge.name))?;
+    h.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await?;
+    let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+        .destination_prefix(subnet.addr(), subnet.prefix())
+        .output_interface(index)
+        .table_id(MESH_TABLE)
+        .scope(rtnetlink::packet_route::route::RouteScope::Link)
+        .build();
+    ignore_exists(h.route().add(route).replace().execute().await)
+        .with_context(|| format!("cannot route {subnet} to the mesh port {port}"))?;
+    let rule = h
+        .rule()
+        .add()
+        .v4()
+        .fw_mark(MESH_MARK)
+        .table_id(MESH_TABLE)
+        .priority(MESH_TABLE)
+        .action(rtnetlink::packet_route::rule::RuleAction::ToTable);
+    ignore_exists(rule.execute().await).context("cannot add the routing mesh's rule (ip rule fwmark … lookup …)")
+}
+
+/// Removes the rule [`add_mesh_port`] adds (when the host stops); gone already is fine.
+pub async fn remove_mesh_rule(h: &Handle) -> Result<()> {
+    let rules: Vec<_> = h.rule().get(rtnetlink::IpVersion::V4).execute().try_collect().await?;
+    for r in rules {
+        let ours = r
+            .attributes
+            .iter()
+            .any(|a| matches!(a, rtnetlink::packet_route::rule::RuleAttribute::FwMark(m) if *m == MESH_MARK))
+            && r.attributes
+                .iter()
+                .any(|a| matches!(a, rtnetlink::packet_route::rule::RuleAttribute::Table(t) if *t == MESH_TABLE));
+        if ours {
+            h.rule().del(r).execute().await.context("cannot remove the routing mesh's rule")?;
+        }
+    }
+    Ok(())
+}
+
 /// `Ok` for success and for "already exists".
 pub fn ignore_exists(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
     match r {

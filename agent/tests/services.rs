@@ -8,6 +8,9 @@
 //!   a connection held open to it through the VIP is reset at once, DNS leaves it; restarted,
 //!   it is back;
 //! - a connection through the VIP survives a restart of the client's agent and an idle time;
+//! - published ports: "the outside" (a namespace on the underlay) reaches a replica through
+//!   every host's address, also one with no replica, and the replica sees the outside's
+//!   address; the host mode serves each host's own replicas; `service rm` takes every rule;
 //! - bad input: clear errors, nothing changed.
 //!
 //! These tests need root (namespaces), busybox-static, curl and dig. They fail, never skip.
@@ -80,8 +83,13 @@ fn start_httpd(ct: &Ct, name: &str, dir: &std::path::Path) -> Agent {
 /// `curl URL` in the container (glibc's resolver through its resolv.conf; busybox-static's
 /// wget cannot resolve names outside a container image): the page, or None.
 fn get(ct: &Ct, url: &str) -> Option<String> {
+    get_in(ct.node.ns(), url)
+}
+
+/// `curl URL` in the namespace `ns`: the page, or None.
+fn get_in(ns: &str, url: &str) -> Option<String> {
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", ct.node.ns(), "curl", "-sf", "-m", "2", url])
+        .args(["netns", "exec", ns, "curl", "-sf", "-m", "2", url])
         .output()
         .expect("cannot run curl (scripts/install-deps)");
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
@@ -116,8 +124,13 @@ fn spread(client: &Ct, url: &str, n: usize) -> BTreeMap<String, usize> {
 /// Opens a connection from the container to `to` (port 9000, the nc servers) and reads the
 /// replica's greeting: the connection and the replica's name.
 fn hold(client: &Ct, to: Ipv4Addr) -> (TcpStream, String) {
-    testbed::netns::within(client.node.ns(), move || {
-        let s = TcpStream::connect_timeout(&SocketAddr::from((to, 9000)), Duration::from_secs(2))?;
+    hold_at(client.node.ns(), SocketAddr::from((to, 9000)))
+}
+
+/// [`hold`] from the namespace `ns` to `to`.
+fn hold_at(ns: &str, to: SocketAddr) -> (TcpStream, String) {
+    testbed::netns::within(ns, move || {
+        let s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line)?;
@@ -292,6 +305,148 @@ fn a_connection_through_the_vip_outlives_an_agent_restart_and_its_flow_entry() {
     let flows = client.node.exec("cat", ["/proc/net/nf_conntrack"]).unwrap_or_default();
     eprintln!("conntrack after the idle time: {flows:?}");
     assert!(alive(&mut s), "the connection to {who} outlived its idle time");
+}
+
+/// Test 4: a published port on every host, a host-mode port on the replicas' hosts, from
+/// "the outside", with the client's address kept; and nothing left after `service rm`.
+#[test]
+fn a_published_port_answers_on_every_host_and_the_replica_sees_the_client() {
+    let bed = bed();
+    let c = Cluster::form(&bed, 1, 3).expect("cluster");
+    c.await_nodes(4, &[], T).unwrap();
+    let outside = bed.add_outside().unwrap();
+    // A table of someone else's, in every host: overlayd never touches it.
+    for h in &c.hosts {
+        h.nft("table ip someone_else {\n chain input { type filter hook input priority 10; policy accept; }\n}\n")
+            .unwrap();
+    }
+    c.agents[0].json(&["network", "create", "front"]).unwrap();
+    c.agents[0]
+        .json(&[
+            "service",
+            "create",
+            "web",
+            "--network",
+            "front",
+            "--port",
+            "80/tcp",
+            "--publish",
+            "8080:80/tcp",
+            "--publish",
+            "9000:9000/tcp",
+            "--publish",
+            "8081:80/tcp,host",
+            "--health-tcp",
+            "80",
+            "--health-interval",
+            "500ms",
+            "--health-timeout",
+            "400ms",
+        ])
+        .expect("service create");
+    let replicas: Vec<Ct> = (0..3).map(|i| attach(&c, i, "front", &format!("web{}", i + 1), Some("web"))).collect();
+    let _servers: Vec<Servers> =
+        replicas.iter().enumerate().map(|(i, r)| serve(&bed, r, &format!("web{}", i + 1))).collect();
+    wait_for(T, "three healthy replicas on every host", || {
+        c.agents
+            .iter()
+            .all(|a| {
+                service(a, "web")["replicas"]
+                    .as_array()
+                    .is_some_and(|r| r.len() == 3 && r.iter().all(|x| x["health"] == "healthy"))
+            })
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", service(&c.agents[3], "web")));
+    let at = |h: &testbed::Host, port: u16| format!("http://{}:{port}/", h.addr());
+
+    // Every host answers on the published port, host 4 with no replica too, and the requests
+    // reach every replica.
+    wait_for(T, "the published port on every host", || {
+        c.hosts.iter().all(|h| get_in(outside.ns(), &at(h, 8080)).is_some()).then_some(())
+    })
+    .unwrap();
+    let mut seen = BTreeMap::new();
+    for h in &c.hosts {
+        for _ in 0..8 {
+            let page = get_in(outside.ns(), &at(h, 8080)).unwrap_or_else(|| format!("FAILED at {}", h.addr()));
+            *seen.entry(page).or_insert(0) += 1;
+        }
+    }
+    eprintln!("32 requests from the outside to the four hosts' port 8080: {seen:?}");
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["web1", "web2", "web3"], "{seen:?}");
+
+    // The replica sees the outside's own address, through the host with no replica.
+    let (mut s, who) = hold_at(outside.ns(), SocketAddr::new(c.hosts[3].addr(), 9000));
+    assert!(alive(&mut s), "a connection through the mesh carries data both ways");
+    let replica = &replicas[who.trim_start_matches("web").parse::<usize>().expect("a replica's name") - 1];
+    let peers = replica.node.exec("ss", ["-Htn", "state", "established", "( sport = :9000 )"]).unwrap();
+    eprintln!("{who} sees: {peers}");
+    let peer = peers.split_whitespace().last().unwrap_or_default();
+    assert!(peer.contains(&format!("{}", outside.addr())), "{who} does not see the outside's address: {peers}");
+    drop(s);
+
+    // A container cannot use its host's mesh port as a way into the host or beyond it: routed
+    // to it, the host's control port and another host's stay closed, and the drops are counted.
+    let ovm = c.hosts[0].exec("ip", ["-4", "-o", "addr", "show", "ovm-front"]).unwrap();
+    let mesh = ovm.split_whitespace().skip_while(|w| *w != "inet").nth(1).and_then(|a| a.split('/').next()).unwrap();
+    let web1 = &replicas[0];
+    for h in [&c.hosts[0], &c.hosts[1]] {
+        web1.node.exec("ip", ["route", "replace", &format!("{}/32", h.addr()), "via", mesh]).unwrap();
+        let to = SocketAddr::new(h.addr(), 7947);
+        let opened = testbed::netns::within(web1.node.ns(), move || {
+            Ok(TcpStream::connect_timeout(&to, Duration::from_millis(500)).is_ok())
+        })
+        .unwrap();
+        assert!(!opened, "a container reached {to} through its host's mesh port");
+    }
+    let counted = |name: &str| -> u64 {
+        let out = c.hosts[0].exec("nft", ["list", "counter", "inet", "overlayd", name]).unwrap();
+        out.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok()).unwrap()
+    };
+    assert!(counted("mesh_to_host") > 0, "the attempt on the host was not counted");
+    assert!(counted("mesh_unsolicited") > 0, "the attempt through the host was not counted");
+
+    // Host mode: each host's own replica; the host with none refuses at once.
+    for (i, h) in c.hosts.iter().enumerate().take(3) {
+        for _ in 0..3 {
+            assert_eq!(get_in(outside.ns(), &at(h, 8081)), Some(format!("web{}", i + 1)), "host mode on {}", h.addr());
+        }
+    }
+    let refused = Instant::now();
+    assert_eq!(get_in(outside.ns(), &at(&c.hosts[3], 8081)), None, "host mode on a host with no replica");
+    assert!(refused.elapsed() < Duration::from_secs(1), "refused, not left to time out");
+
+    // `service rm`: every rule overlayd made goes, on the hosts and in the replicas; the
+    // host that had joined the network only for the mesh leaves it; someone else's table stays.
+    c.agents[0].json(&["service", "rm", "web"]).unwrap();
+    wait_for(T, "the published ports to go from every host", || {
+        c.hosts
+            .iter()
+            .all(|h| h.exec("nft", ["list", "tables"]).is_ok_and(|t| !t.contains("overlayd_published")))
+            .then_some(())
+    })
+    .unwrap();
+    wait_for(T, "the replicas' mesh rules to go", || {
+        replicas
+            .iter()
+            .all(|r| {
+                r.node.exec("nft", ["list", "tables"]).is_ok_and(|t| !t.contains("overlayd_mesh"))
+                    && r.node.exec("ip", ["rule"]).is_ok_and(|t| !t.contains("0x6f6d"))
+            })
+            .then_some(())
+    })
+    .unwrap();
+    wait_for(T, "host 4 to leave the network it joined for the mesh", || {
+        c.hosts[3].exec("ip", ["link", "show", "ovm-front"]).is_err().then_some(())
+    })
+    .unwrap();
+    for h in &c.hosts {
+        assert!(get_in(outside.ns(), &at(h, 8080)).is_none(), "{} still publishes 8080", h.addr());
+        let tables = h.exec("nft", ["list", "tables"]).unwrap();
+        assert!(tables.contains("someone_else"), "a table overlayd did not make went: {tables}");
+    }
+    assert!(c.hosts[0].exec("ip", ["link", "show", "ovm-front"]).is_ok(), "a host with a container keeps the network");
 }
 
 fn hold_maybe(client: &Ct, to: Ipv4Addr) -> Option<()> {

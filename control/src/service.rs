@@ -14,11 +14,14 @@
 //! **Neighbours.** [`crate::state`] applies `CreateService`/`RemoveService` (VIP allocation,
 //! uniqueness of names and published ports); [`crate::convert`] puts a service on the wire.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+use crate::cidr::Ipv4Cidr;
 
 /// How clients reach a service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -307,6 +310,30 @@ pub type NewService = Service;
 pub const RESERVED_PORTS: &[(u16, Protocol, &str)] =
     &[(4789, Protocol::Udp, "VXLAN"), (7946, Protocol::Udp, "gossip"), (7947, Protocol::Tcp, "the control port")];
 
+/// A host's address on a network for the routing mesh (published ports): where the
+/// connections it takes in for a replica come from, on the overlay, and where the replica's
+/// answers go back. It is the last address of the host's block (which no endpoint is given),
+/// or, when that is the subnet's broadcast address (the subnet's last block), the block's
+/// first; none for a block that is the whole subnet. Its MAC is derived from it as an
+/// endpoint's is, so every host's dataplane finds its owner by the block.
+pub fn mesh_address(subnet: Ipv4Cidr, block: Ipv4Cidr) -> Option<Ipv4Addr> {
+    if block.prefix() <= subnet.prefix() || block.size() < 4 {
+        return None;
+    }
+    let last = block.nth(block.size() - 1)?;
+    if Some(last) != subnet.nth(subnet.size() - 1) {
+        return Some(last);
+    }
+    let first = block.nth(0)?;
+    (first != subnet.addr()).then_some(first)
+}
+
+/// The networks that have a service with a published port: every host takes part in their
+/// routing mesh, with or without replicas of its own.
+pub fn published_networks<'a>(services: impl IntoIterator<Item = &'a Service>) -> BTreeSet<String> {
+    services.into_iter().filter(|s| !s.published.is_empty()).map(|s| s.network.clone()).collect()
+}
+
 /// Checks a service name: a DNS label (1 to 63 of a-z, 0-9, '-', not starting or ending with
 /// '-'), so that `NAME`, `tasks.NAME` and `_80._tcp.NAME` are names.
 pub fn check_service_name(name: &str) -> Result<(), String> {
@@ -367,6 +394,17 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hosts_mesh_address_is_the_last_of_its_block_unless_that_is_the_broadcast() {
+        let subnet: Ipv4Cidr = "10.128.0.0/16".parse().unwrap();
+        let b = |s: &str| -> Ipv4Cidr { s.parse().unwrap() };
+        assert_eq!(mesh_address(subnet, b("10.128.0.0/24")), Some(Ipv4Addr::new(10, 128, 0, 255)));
+        assert_eq!(mesh_address(subnet, b("10.128.7.0/24")), Some(Ipv4Addr::new(10, 128, 7, 255)));
+        assert_eq!(mesh_address(subnet, b("10.128.255.0/24")), Some(Ipv4Addr::new(10, 128, 255, 0)));
+        assert_eq!(mesh_address(subnet, subnet), None, "one block for the whole subnet");
+        assert_eq!(mesh_address(subnet, b("10.128.0.0/31")), None, "too small to spare an address");
+    }
 
     fn spec() -> NewService {
         NewService {

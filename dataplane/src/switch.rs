@@ -175,18 +175,32 @@ fn claim(frame: &[u8]) -> Claim {
     }
 }
 
-/// Whether a frame from the TAP comes from one of this host's endpoints, with its address.
+/// Whether a frame from the TAP comes from one of this host's endpoints, with its address,
+/// or from this host's mesh address, for itself or for a client from outside the subnet.
 #[inline]
 fn sent_by_local_endpoint<T>(net: &NetworkTable<T>, frame: &[u8]) -> bool {
     match claim(frame) {
-        Claim::Sender(mac, ip) => net.local_endpoint(&mac).is_some_and(|own| ip.is_none_or(|ip| ip == own)),
+        Claim::Sender(mac, ip) => match net.local_endpoint(&mac) {
+            Some(own) => ip.is_none_or(|ip| ip == own),
+            None => mac
+                .derived_ipv4()
+                .is_some_and(|d| net.is_mesh(d) && net.block(d) == Some(BlockOwner::Local) && from_mesh(net, d, ip)),
+        },
         Claim::Malformed => false,
     }
 }
 
+/// Whether what a host's mesh address `mesh` sends may claim `ip` as its source: the mesh
+/// address itself (its ARP), or a client outside the subnet.
+#[inline]
+fn from_mesh<T>(net: &NetworkTable<T>, mesh: Ipv4Addr, ip: Option<Ipv4Addr>) -> bool {
+    ip.is_some_and(|ip| ip == mesh || net.outside_subnet(ip))
+}
+
 /// Whether a frame that `vtep` sent comes from one of its endpoints: its IPv4 source (or ARP
 /// sender) in `vtep`'s block, and its MAC derived from an address of that block (or, for a MAC
-/// of another form, an endpoint gossip places at `vtep`). No host speaks for the gateway,
+/// of another form, an endpoint gossip places at `vtep`); or from `vtep`'s mesh address, with
+/// a client's source from outside the subnet. No host speaks for the gateway,
 /// which each host serves to its own containers only.
 #[inline]
 fn sent_by_vtep<T>(net: &NetworkTable<T>, vtep: IpAddr, frame: &[u8]) -> bool {
@@ -201,7 +215,9 @@ fn sent_by_vtep<T>(net: &NetworkTable<T>, vtep: IpAddr, frame: &[u8]) -> bool {
                 Some(d) => holds(d),
                 None => net.fdb(&mac) == Some(vtep),
             };
-            mac_ok && ip.is_none_or(holds)
+            // A host's mesh address forwards the clients it took in on a published port.
+            let mesh = || derived.is_some_and(|d| net.is_mesh(d) && from_mesh(net, d, ip));
+            mac_ok && (ip.is_none_or(holds) || mesh())
         }
     }
 }
@@ -687,5 +703,52 @@ mod tests {
         // B speaks for its own block; a stranger for nobody, and is told apart.
         assert!(matches!(receive(B, &ip_frame(to, mac(2, 9), v(2, 9))), UnderlayVerdict::Deliver { .. }));
         assert_eq!(receive(ROGUE, &ip_frame(to, mac(1, 9), v(1, 9))), UnderlayVerdict::Drop(DropReason::NotMember));
+    }
+
+    #[test]
+    fn a_hosts_mesh_address_carries_outside_clients_and_nothing_else() {
+        let t = cluster_tables();
+        let outside = Ipv4Addr::new(192, 0, 2, 1);
+        let mesh = |block| v(block, 255);
+        let (to_remote, to_local) = (mac(1, 9), mac(0, 5));
+        let snap = t.load();
+        let net = snap.by_vni(vni()).unwrap().1;
+        let c = Counters::default();
+        let learned = LearnedFdb::default();
+        let mut reply = [0; arp::MAX_REPLY_LEN];
+        // Before the mesh is known, this host's mesh address is nobody.
+        let f = ip_frame(to_remote, mac(0, 255), outside);
+        assert_eq!(from_tap(net, &learned, &f, &mut reply, &c), TapVerdict::Drop(DropReason::SourceNotLocal));
+        t.update(|tx| tx.set_mesh(vni(), (v(0, 0), 16), [mesh(0), mesh(1), mesh(2)])).unwrap();
+        let snap = t.load();
+        let net = snap.by_vni(vni()).unwrap().1;
+        let mut send = |f: &[u8]| from_tap(net, &learned, f, &mut reply, &c);
+        assert_eq!(send(&ip_frame(to_remote, mac(0, 255), outside)), TapVerdict::Unicast(C), "an outside client");
+        assert_eq!(send(&ip_frame(to_remote, mac(0, 255), mesh(0))), TapVerdict::Unicast(C), "its own address");
+        let mut ipv6 = frame(to_remote, mac(0, 255));
+        ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        let refused = [
+            ip_frame(to_remote, mac(0, 255), v(0, 5)), // an endpoint's address
+            ip_frame(to_remote, mac(0, 255), v(2, 9)), // an address of another block
+            ip_frame(to_remote, mac(1, 255), outside), // another host's mesh address
+            ip_frame(to_remote, mac(0, 5), outside),   // a container claiming an outside client
+            ipv6,                                      // no address to judge
+        ];
+        for f in &refused {
+            assert_eq!(send(f), TapVerdict::Drop(DropReason::SourceNotLocal), "{:02x?}", &f[..34]);
+        }
+        let mut l = Learner::new(shared_learned(), 16, 300);
+        let mut receive =
+            |from: IpAddr, inner: &[u8]| from_underlay(&snap, &mut l, from, &mut datagram(vni(), inner), 0, &c);
+        assert!(matches!(receive(C, &ip_frame(to_local, mac(1, 255), outside)), UnderlayVerdict::Deliver { .. }));
+        let forged = [
+            ip_frame(to_local, mac(1, 255), v(2, 9)), // C's mesh address with B's address
+            ip_frame(to_local, mac(1, 255), v(0, 6)), // ... with this host's endpoint's
+            ip_frame(to_local, mac(2, 255), outside), // B's mesh address, from C
+            ip_frame(to_local, mac(1, 9), outside),   // C's container claiming an outside client
+        ];
+        for f in &forged {
+            assert_eq!(receive(C, f), UnderlayVerdict::Drop(DropReason::SourceNotOfSender), "{:02x?}", &f[..34]);
+        }
     }
 }

@@ -71,6 +71,11 @@ pub enum BlockOwner {
 /// set ([`Transaction::set_local_endpoints`]), a frame from the TAP is sent only if its source
 /// is one of them, and a frame from a VTEP is delivered only if its source lies in that VTEP's
 /// block (see [`crate::switch`]).
+///
+/// And it may know the network's subnet and each host's **mesh address** (the routing mesh
+/// of published ports, see [`Transaction::set_mesh`]): a frame from a host's mesh address
+/// (by its derived MAC) carries a client from outside the overlay, so it may have any IPv4
+/// source outside the subnet; every other frame keeps the rules above.
 #[derive(Debug, Clone)]
 pub struct NetworkTable<T> {
     vni: Vni,
@@ -88,6 +93,9 @@ pub struct NetworkTable<T> {
     /// This host's endpoints, and whether the TAP's frames are checked against them.
     local: FastMap<MacAddr, Ipv4Addr>,
     checks_sources: bool,
+    /// The subnet as (address, mask), and every host's mesh address.
+    subnet: Option<(u32, u32)>,
+    mesh: FastSet<Ipv4Addr>,
 }
 
 impl<T> NetworkTable<T> {
@@ -106,6 +114,8 @@ impl<T> NetworkTable<T> {
             gateway: None,
             local: FastMap::default(),
             checks_sources: false,
+            subnet: None,
+            mesh: FastSet::default(),
         }
     }
 
@@ -175,6 +185,24 @@ impl<T> NetworkTable<T> {
     #[inline]
     pub fn local_endpoint(&self, mac: &MacAddr) -> Option<Ipv4Addr> {
         self.local.get(mac).copied()
+    }
+
+    /// Whether `ip` is a host's mesh address (the routing mesh's source of outside clients).
+    #[inline]
+    pub fn is_mesh(&self, ip: Ipv4Addr) -> bool {
+        self.mesh.contains(&ip)
+    }
+
+    /// Whether `ip` lies outside the network's subnet (false while the subnet is unknown:
+    /// every address is then taken for the overlay's own).
+    #[inline]
+    pub fn outside_subnet(&self, ip: Ipv4Addr) -> bool {
+        self.subnet.is_some_and(|(addr, mask)| u32::from(ip) & mask != addr)
+    }
+
+    /// Every host's mesh address.
+    pub fn mesh_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.mesh.iter().copied()
     }
 
     /// This host's endpoints: (MAC, address).
@@ -503,6 +531,28 @@ impl<T: Clone> Transaction<T> {
             net.local.insert(mac, ip);
         }
         net.checks_sources = true;
+        Ok(())
+    }
+
+    /// Sets the network's subnet (`addr`/`prefix`) and every host's mesh address: from then on
+    /// a frame whose source MAC is derived from the mesh address of the host that sends it
+    /// (this host's, from the TAP; a remote host's, from its VTEP) may carry any IPv4 source
+    /// outside the subnet, the address of a client the host took in on a published port.
+    pub fn set_mesh(
+        &mut self,
+        vni: Vni,
+        subnet: (Ipv4Addr, u8),
+        addresses: impl IntoIterator<Item = Ipv4Addr>,
+    ) -> Result<(), TableError> {
+        let (addr, prefix) = subnet;
+        if prefix == 0 || prefix > 32 {
+            return Err(TableError::BadPrefix(prefix));
+        }
+        let net = self.net(vni)?;
+        let mask = u32::MAX << (32 - u32::from(prefix));
+        net.subnet = Some((u32::from(addr) & mask, mask));
+        net.mesh.clear();
+        net.mesh.extend(addresses);
         Ok(())
     }
 

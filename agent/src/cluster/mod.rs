@@ -218,7 +218,8 @@ impl ClusterRuntime {
         let resolv_confs = tokio::spawn(Arc::clone(&rt).resync_resolv_confs());
         let health = tokio::spawn(Arc::clone(&rt).check_replicas());
         let vips = tokio::spawn(Arc::clone(&rt).balance_vips());
-        rt.followers.lock().unwrap_or_else(|p| p.into_inner()).extend([follow, resolv_confs, health, vips]);
+        let mesh = tokio::spawn(Arc::clone(&rt).publish_ports());
+        rt.followers.lock().unwrap_or_else(|p| p.into_inner()).extend([follow, resolv_confs, health, vips, mesh]);
         rt
     }
 
@@ -228,6 +229,10 @@ impl ClusterRuntime {
             t.abort();
         }
         self.dns.stop();
+        // Its mesh ports go with the networks: nothing is published through them any more.
+        if let Err(e) = crate::services::mesh::unpublish().await {
+            tracing::warn!(error = %format!("{e:#}"), "could not remove the published ports");
+        }
         if let Some(m) = &self.manager {
             let _ = m.raft.shutdown().await;
         }

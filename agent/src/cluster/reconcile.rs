@@ -45,8 +45,12 @@ pub fn plan(view: &ClusterView, heard: &GossipView, me: NodeId) -> Plan {
             blocks: Vec::new(),
             gateway: net.gateway,
             endpoints: Vec::new(),
+            subnet: net.subnet,
+            mesh: Vec::new(),
         };
         for (&node, cidr) in view.blocks.get(name).into_iter().flatten() {
+            let mesh = control::service::mesh_address(net.subnet, *cidr);
+            tables.mesh.extend(mesh);
             if node == me {
                 tables.blocks.push((cidr.addr(), BlockOwner::Local));
                 continue;
@@ -58,6 +62,9 @@ pub fn plan(view: &ClusterView, heard: &GossipView, me: NodeId) -> Plan {
             }
             tables.blocks.push((cidr.addr(), BlockOwner::Remote(n.underlay_addr)));
             tables.flood.push(n.underlay_addr);
+            if let Some(m) = mesh {
+                tables.endpoints.push((m, MacAddr::from_ipv4(m), n.underlay_addr));
+            }
             for (k, e) in heard.endpoints.get(&node).into_iter().flatten() {
                 let mac = MacAddr(e.mac);
                 if k.vni == net.vni && cidr.contains(k.ip) && !mac.is_multicast() {
@@ -72,7 +79,13 @@ pub fn plan(view: &ClusterView, heard: &GossipView, me: NodeId) -> Plan {
             tap: format!("ovt-{name}"),
             mtu: net.mtu,
             learning: false,
-            gateway: Some(Gateway { addr: net.gateway, local_block, subnet: net.subnet, egress: !net.internal }),
+            gateway: Some(Gateway {
+                addr: net.gateway,
+                local_block,
+                subnet: net.subnet,
+                egress: !net.internal,
+                mesh: control::service::mesh_address(net.subnet, local_block),
+            }),
         };
         wanted.insert(name.clone(), PlannedNetwork { spec, tables });
     }
@@ -241,6 +254,21 @@ mod tests {
         g
     }
 
+    /// The containers' entries of a plan's tables (not the hosts' mesh addresses).
+    fn containers(t: &NetworkTables) -> Vec<(Ipv4Addr, MacAddr, IpAddr)> {
+        t.endpoints.iter().filter(|e| !t.mesh.contains(&e.0)).copied().collect()
+    }
+
+    #[test]
+    fn every_hosts_mesh_address_is_known_and_a_live_remote_ones_answered_by_arp() {
+        let v = view(3);
+        let t = &plan(&v, &heard(&[2], &[]), 1)["web"].tables;
+        let m = |h| Ipv4Addr::new(10, 128, h, 255);
+        assert_eq!(t.mesh, [m(1), m(2), m(3)]);
+        assert_eq!(t.endpoints, [(m(2), MacAddr::from_ipv4(m(2)), vtep(2))], "host 3 is down, host 1 is this one");
+        assert_eq!(t.subnet, "10.128.0.0/16".parse().unwrap());
+    }
+
     #[test]
     fn a_network_is_up_only_where_this_host_has_a_block() {
         let v = view(2);
@@ -248,7 +276,8 @@ mod tests {
         let web = &p["web"];
         assert_eq!((web.spec.bridge.as_str(), web.spec.tap.as_str()), ("ovbr-web", "ovt-web"));
         let subnet = "10.128.0.0/16".parse().unwrap();
-        let gateway = Gateway { addr: Ipv4Addr::new(10, 128, 0, 1), local_block: block(1), subnet, egress: true };
+        let mesh = Some(Ipv4Addr::new(10, 128, 1, 255));
+        let gateway = Gateway { addr: Ipv4Addr::new(10, 128, 0, 1), local_block: block(1), subnet, egress: true, mesh };
         assert_eq!(web.spec.gateway, Some(gateway));
         assert!(!web.spec.learning, "a cluster network learns nothing from the data plane");
         assert!(plan(&v, &heard(&[1, 2], &[]), 3).is_empty(), "host 3 has no block: no network up");
@@ -277,10 +306,10 @@ mod tests {
             ]
         );
         let ip = Ipv4Addr::new(10, 128, 2, 5);
-        assert_eq!(t.endpoints, [(ip, MacAddr::from_ipv4(ip), vtep(2))], "host 3's endpoint is not installed");
+        assert_eq!(containers(t), [(ip, MacAddr::from_ipv4(ip), vtep(2))], "host 3's endpoint is not installed");
         let back = &plan(&v, &heard(&[2, 3], &eps), 1)["web"].tables;
         assert_eq!(back.flood, [vtep(2), vtep(3)], "host 3 is back");
-        assert_eq!(back.endpoints.len(), 2);
+        assert_eq!(containers(back).len(), 2);
     }
 
     #[test]
@@ -299,7 +328,7 @@ mod tests {
         ];
         let t = &plan(&v, &heard(&[2, 3], &eps), 1)["web"].tables;
         let ip = Ipv4Addr::new(10, 128, 2, 6);
-        assert_eq!(t.endpoints, [(ip, MacAddr::from_ipv4(ip), vtep(2))]);
+        assert_eq!(containers(t), [(ip, MacAddr::from_ipv4(ip), vtep(2))]);
     }
 
     #[test]
@@ -308,7 +337,7 @@ mod tests {
         let eps = [(2, endpoint([10, 128, 3, 9])), (3, endpoint([10, 128, 3, 9]))];
         let before = &plan(&v, &heard(&[2, 3], &eps), 1)["web"].tables;
         let ip = Ipv4Addr::new(10, 128, 3, 9);
-        assert_eq!(before.endpoints, [(ip, MacAddr::from_ipv4(ip), vtep(3))], "the block is host 3's");
+        assert_eq!(containers(before), [(ip, MacAddr::from_ipv4(ip), vtep(3))], "the block is host 3's");
         // Host 3 is removed and its block leased again, to host 2.
         v.nodes.remove(&3);
         let web = v.blocks.get_mut("web").unwrap();
@@ -316,7 +345,7 @@ mod tests {
         web.insert(2, block(3));
         let after = &plan(&v, &heard(&[2], &eps), 1)["web"].tables;
         assert!(after.blocks.contains(&(Ipv4Addr::new(10, 128, 3, 0), BlockOwner::Remote(vtep(2)))));
-        assert_eq!(after.endpoints, [(ip, MacAddr::from_ipv4(ip), vtep(2))], "now host 2's endpoint");
+        assert_eq!(containers(after), [(ip, MacAddr::from_ipv4(ip), vtep(2))], "now host 2's endpoint");
         assert_eq!(after.flood, [vtep(2)]);
     }
 

@@ -140,19 +140,13 @@ pub fn script(services: &[VipService]) -> String {
             continue;
         }
         let map = map_name(&s.name, &mut taken);
-        let slots = maglev::table(&s.backends, size);
         let _ = writeln!(maps, "\tmap {map} {{");
         // The key type of `jhash … mod size`, spelt as nft can list it back (`typeof jhash …`
         // makes nft 1.0.6 crash when it lists the map).
         let _ = writeln!(maps, "\t\ttypeof numgen inc mod {size} : ip daddr");
         let _ = writeln!(maps, "\t\tcomment \"{name}: Maglev slot to replica\"");
-        maps.push_str("\t\telements = {");
-        for (i, b) in slots.iter().enumerate() {
-            let sep = if i == 0 { "" } else { "," };
-            let indent = if i % 8 == 0 { "\n\t\t\t" } else { " " };
-            let _ = write!(maps, "{sep}{indent}{i} : {}", s.backends[usize::from(*b)]);
-        }
-        maps.push_str("\n\t\t}\n\t}\n");
+        maglev_elements(&mut maps, &s.backends, size, |b| b.to_string());
+        maps.push_str("\t}\n");
         let hash = format!("jhash ip saddr . th sport mod {size} seed {HASH_SEED:#x}");
         let ports = port_match(&s.ports);
         let _ = writeln!(rules, "\t\tip daddr {} {ports} dnat to {hash} map @{map} comment \"{name}\"", s.vip);
@@ -186,6 +180,19 @@ pub fn script(services: &[VipService]) -> String {
     out
 }
 
+/// Writes the `elements = { … }` of a map from each slot of a Maglev table of `size` over
+/// `backends` (not empty) to the backend's value, as `value` spells it.
+pub fn maglev_elements(out: &mut String, backends: &[Ipv4Addr], size: usize, value: impl Fn(Ipv4Addr) -> String) {
+    let slots = maglev::table(backends, size);
+    out.push_str("\t\telements = {");
+    for (i, b) in slots.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        let indent = if i % 8 == 0 { "\n\t\t\t" } else { " " };
+        let _ = write!(out, "{sep}{indent}{i} : {}", value(backends[usize::from(*b)]));
+    }
+    out.push_str("\n\t\t}\n");
+}
+
 /// `meta l4proto . th dport { tcp . 80, … }`, or every TCP and UDP port.
 fn port_match(ports: &[ServicePort]) -> String {
     if ports.is_empty() {
@@ -211,7 +218,7 @@ fn map_name(service: &str, taken: &mut BTreeSet<String>) -> String {
 }
 
 /// A service name as it can stand in an nft comment (quoted, at most 128 bytes in all).
-fn comment_text(s: &str) -> String {
+pub fn comment_text(s: &str) -> String {
     s.chars().take(64).map(|c| if c == '"' || c == '\\' || c.is_control() { '_' } else { c }).collect()
 }
 

@@ -9,11 +9,13 @@
 //!   DNAT from the VIP to a replica, by the Maglev table), and the reset of connections to a
 //!   replica that went;
 //! - [`vip`]: the shell that keeps each local container's table equal to the cluster's
-//!   services and their healthy replicas.
+//!   services and their healthy replicas;
+//! - [`mesh`]: the routing mesh, published ports on every host's addresses.
 
 pub mod health;
 pub mod lb;
 pub mod maglev;
+pub mod mesh;
 pub mod vip;
 
 use std::collections::{BTreeMap, HashMap};
