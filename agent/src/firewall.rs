@@ -38,6 +38,13 @@
 //! host itself is input, closed as above. A network's chain goes when the network goes down on
 //! the host, and everything with the tables when the host stops.
 //!
+//! A network's **mesh port** (`ovm-<network>`, the set `mesh_ports`; see `services::mesh`)
+//! is how the connections a published port took in reach their replicas, and their answers
+//! come back: the chain `mesh` passes through it exactly those (translated, DNAT) one way out
+//! and back, and drops and counts the rest (`mesh_unsolicited`); nothing that comes in on it
+//! is for the host (`mesh_to_host`). A container that sends to it reaches neither the host nor
+//! anything beyond.
+//!
 //! Forwarding itself is the kernel's `net.ipv4.ip_forward` (the interface a reply comes in on
 //! must forward, not only the bridge, so a per-interface setting would have to guess the
 //! uplinks): turned on when the first network with egress comes up, if it was off, and left on

@@ -33,9 +33,11 @@ pub type Plan = BTreeMap<String, PlannedNetwork>;
 /// The networks this host has a block in, each with: every other block's VTEP (marked down
 /// while its host is down), the flood list of the live hosts that have a block, the gateway,
 /// and the endpoints of the live hosts (each only within its owner's block: a host cannot
-/// claim another's addresses, nor a group MAC).
+/// claim another's addresses, nor a group MAC); on a network with a published port, every
+/// host's mesh address (the live ones' answered by ARP).
 pub fn plan(view: &ClusterView, heard: &GossipView, me: NodeId) -> Plan {
     let mut wanted = Plan::new();
+    let meshed = control::service::published_networks(view.services.values());
     for (name, net) in &view.networks {
         let Some(local_block) = view.block(name, me) else { continue };
         let Some(vni) = Vni::new(net.vni) else { continue };
@@ -49,7 +51,8 @@ pub fn plan(view: &ClusterView, heard: &GossipView, me: NodeId) -> Plan {
             mesh: Vec::new(),
         };
         for (&node, cidr) in view.blocks.get(name).into_iter().flatten() {
-            let mesh = control::service::mesh_address(net.subnet, *cidr);
+            // The routing mesh's addresses, on a network with a published port only.
+            let mesh = control::service::mesh_address(net.subnet, *cidr).filter(|_| meshed.contains(name));
             tables.mesh.extend(mesh);
             if node == me {
                 tables.blocks.push((cidr.addr(), BlockOwner::Local));
@@ -219,6 +222,9 @@ mod tests {
         v.networks.insert(
             "web".into(),
             Network {
+                encrypted: false,
+                key_epoch: 0,
+                key_made_at: 0,
                 name: "web".into(),
                 vni: VNI,
                 subnet: "10.128.0.0/16".parse().unwrap(),
@@ -261,7 +267,26 @@ mod tests {
 
     #[test]
     fn every_hosts_mesh_address_is_known_and_a_live_remote_ones_answered_by_arp() {
-        let v = view(3);
+        let mut v = view(3);
+        let t = &plan(&v, &heard(&[2], &[]), 1)["web"].tables;
+        assert!(t.mesh.is_empty() && t.endpoints.is_empty(), "no published port: no mesh");
+        let published = control::service::PublishedPort {
+            published: 8080,
+            target: 80,
+            protocol: control::service::Protocol::Tcp,
+            mode: control::service::PublishMode::Ingress,
+        };
+        let svc = control::service::Service {
+            name: "www".into(),
+            network: "web".into(),
+            mode: control::service::ServiceMode::Vip,
+            vip: None,
+            ports: vec![],
+            published: vec![published],
+            health: None,
+            created_at: 0,
+        };
+        v.services.insert("www".into(), svc);
         let t = &plan(&v, &heard(&[2], &[]), 1)["web"].tables;
         let m = |h| Ipv4Addr::new(10, 128, h, 255);
         assert_eq!(t.mesh, [m(1), m(2), m(3)]);

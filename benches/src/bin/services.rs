@@ -10,11 +10,15 @@
 //!   port 80) to no client request failing: requests through the VIP every 20 ms, timed from
 //!   the kill to the first of 25 successes in a row.
 //!
-//! haproxy runs in the client container's own namespace and listens on its loopback: overlayd's
-//! firewall closes the host to its containers (everything but DNS on the gateway), so a proxy
-//! in the host's namespace is out of their reach; the client's namespace is also where
-//! overlayd's own balancer (nftables DNAT) sits, so both balance in the same place. Published
-//! ports are not served yet, so there is no figure for them.
+//! - new TCP connections per second from "the outside" (a namespace on the underlay) through a
+//!   published port: on the replica's own host, on another host (across the overlay), and
+//!   through haproxy in the replica's host's namespace (the L4 proxy an operator would put
+//!   there, which hides the client's address; the routing mesh keeps it).
+//!
+//! For the VIP, haproxy runs in the client container's own namespace and listens on its
+//! loopback: overlayd's firewall closes the host to its containers (everything but DNS on the
+//! gateway), so a proxy in the host's namespace is out of their reach; the client's namespace
+//! is also where overlayd's own balancer (nftables DNAT) sits, so both balance in the same place.
 //!
 //! `sudo target/release/services --runs 3 --seconds 8` (build with `cargo build --release -p
 //! overlayd -p overlayd-benches`; needs iperf3, wrk, haproxy and busybox-static).
@@ -86,16 +90,32 @@ enum Path {
     Vip,
     Direct,
     Haproxy,
+    /// From the outside, a published port of the replica's own host.
+    MeshLocal,
+    /// From the outside, a published port of another host.
+    MeshRemote,
+    /// From the outside, haproxy in the replica's host's namespace.
+    HostProxy,
 }
 
 impl Path {
+    const ALL: [Path; 6] = [Path::Vip, Path::Direct, Path::Haproxy, Path::MeshLocal, Path::MeshRemote, Path::HostProxy];
+
     const fn offset(self) -> u16 {
         match self {
             Path::Vip => 0,
             Path::Direct => 1,
             Path::Haproxy => 2,
+            Path::MeshLocal => 3,
+            Path::MeshRemote => 4,
+            Path::HostProxy => 5,
         }
     }
+}
+
+/// The port a published path (or the host's haproxy) answers on, for a server's base port.
+const fn outside_port(server: u16, path: Path) -> u16 {
+    20_000 + server + path.offset()
 }
 /// Seconds the containers' conntrack keeps a closed TCP connection (the kernel's default: 120).
 const TIME_WAIT_TRACKED: u32 = 10;
@@ -154,7 +174,7 @@ fn replica(bed: &Testbed, c: &Cluster, host: usize, name: &str, service: &str) -
         vec![ct.node.spawn(&format!("iperf3-{name}"), "iperf3", &["-s", "-p", &IPERF_PORT.to_string()])?];
     let mut fast = Vec::new();
     let mut ports = vec![IPERF_PORT];
-    for path in [Path::Vip, Path::Direct, Path::Haproxy] {
+    for path in Path::ALL {
         if path.offset() > 0 {
             others.push(self::httpd(&ct, name, &dir, HTTPD_PORT + path.offset())?);
         }
@@ -302,8 +322,8 @@ struct Wrk {
 /// `wrk` from `client` to `http://to/` for `seconds`, `connections` at a time, each closed
 /// after its one request (`Connection: close`; both servers close anyway): requests per
 /// second = new connections per second.
-fn connection_rate(client: &Ct, to: SocketAddr, seconds: u32, connections: u32) -> Result<Wrk> {
-    let out = testbed::netns::command(client.node.ns(), "wrk")
+fn connection_rate(client: &Node, to: SocketAddr, seconds: u32, connections: u32) -> Result<Wrk> {
+    let out = testbed::netns::command(client.ns(), "wrk")
         .args(["-t", "1", "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--timeout", "2s"])
         .args(["-H", "Connection: close", &format!("http://{to}/")])
         .output()
@@ -424,6 +444,28 @@ fn haproxy_config(solo: &Replica, web: &[Replica]) -> String {
     cfg
 }
 
+/// haproxy in a host's namespace: TCP (L4) proxies on its underlay address `at` to `solo`'s
+/// servers (the host reaches its own containers), what an operator without a routing mesh
+/// would run on the host of a replica.
+fn host_haproxy_config(at: std::net::IpAddr, solo: &Replica) -> String {
+    let mut cfg = String::from(
+        "global\n    maxconn 4096\n\
+         defaults\n    mode tcp\n    option splice-auto\n    timeout connect 2s\n    timeout client 30s\n    \
+         timeout server 30s\n",
+    );
+    for server in [HTTPD_PORT, FAST_PORT] {
+        let port = outside_port(server, Path::HostProxy);
+        cfg += &format!("listen h{port}\n    bind {at}:{port}\n");
+        cfg += &format!("    server {} {}:{}\n", solo.name, solo.ct.ip, server + Path::HostProxy.offset());
+    }
+    cfg
+}
+
+/// Whether one request from `node` to `http://to/` is answered.
+fn answered(node: &Node, to: SocketAddr) -> bool {
+    testbed::netns::within(node.ns(), move || Ok(http_ok(to))).unwrap_or(false)
+}
+
 /// The 1-, 5- and 15-minute load averages.
 fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -476,8 +518,21 @@ fn main() -> Result<()> {
     let c = Cluster::form(&bed, 1, 2)?;
     c.await_nodes(3, &[], T)?;
     c.agents[0].json(&["network", "create", "front"])?;
+    // `solo` is published: each server's port of the two published paths.
+    let published: Vec<String> = [HTTPD_PORT, FAST_PORT]
+        .into_iter()
+        .flat_map(|server| {
+            [Path::MeshLocal, Path::MeshRemote]
+                .map(|p| format!("{}:{}/tcp", outside_port(server, p), server + p.offset()))
+        })
+        .collect();
     let create = |name: &str| -> Result<Ipv4Addr> {
         let mut args = vec!["service", "create", name, "--network", "front"];
+        if name == "solo" {
+            for p in &published {
+                args.extend(["--publish", p.as_str()]);
+            }
+        }
         args.extend(["--port", "5201/tcp", "--port", "80/tcp", "--port", "8000/tcp"]);
         args.extend(["--health-tcp", "80", "--health-interval", "500ms", "--health-timeout", "400ms"]);
         args.extend(["--health-retries", "2"]);
@@ -504,6 +559,15 @@ fn main() -> Result<()> {
     std::fs::write(&haproxy_cfg, haproxy_config(&solo, &web))?;
     let _haproxy = client.node.spawn("haproxy", "haproxy", &["-db", "-f", &haproxy_cfg.to_string_lossy()])?;
     let proxied = |svc: Svc, port: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, proxy_port(svc, port)));
+    // The outside, and haproxy in the namespace of solo1's host (h2), on its underlay address.
+    let outside = bed.add_outside()?;
+    let h2 = c.hosts[1].addr();
+    let host_cfg = bed.dir().join("haproxy-h2.cfg");
+    std::fs::write(&host_cfg, host_haproxy_config(h2, &solo))?;
+    let _host_haproxy = c.hosts[1].spawn("haproxy-h2", "haproxy", &["-db", "-f", &host_cfg.to_string_lossy()])?;
+    for node in [&*outside, &*c.hosts[0], &*c.hosts[1]] {
+        node.exec("sysctl", ["-qw", &format!("net.netfilter.nf_conntrack_tcp_timeout_time_wait={TIME_WAIT_TRACKED}")])?;
+    }
     let needles: Vec<String> = [
         (Svc::Solo, HTTPD_PORT),
         (Svc::Solo, FAST_PORT),
@@ -546,9 +610,25 @@ fn main() -> Result<()> {
     for (_, to) in &conn_paths {
         answers(&client, *to)?;
     }
+    let (h1, h2) = (c.hosts[0].addr(), c.hosts[1].addr());
+    let outside_paths: Vec<(String, SocketAddr)> = [(HTTPD_PORT, "httpd"), (FAST_PORT, "in-bench")]
+        .into_iter()
+        .flat_map(|(port, server)| {
+            [
+                (format!("{server}: published, h2"), SocketAddr::new(h2, outside_port(port, Path::MeshLocal))),
+                (format!("{server}: published, h1"), SocketAddr::new(h1, outside_port(port, Path::MeshRemote))),
+                (format!("{server}: haproxy on h2"), SocketAddr::new(h2, outside_port(port, Path::HostProxy))),
+            ]
+        })
+        .collect();
+    for (label, to) in &outside_paths {
+        wait_for(T, label, || answered(&outside, *to).then_some(()))?;
+    }
     let mut gbps: Vec<Vec<f64>> = vec![vec![]; iperf_paths.len()];
     let mut rate: Vec<Vec<f64>> = vec![vec![]; conn_paths.len()];
     let mut errors = vec![0u64; conn_paths.len()];
+    let mut outside_rate: Vec<Vec<f64>> = vec![vec![]; outside_paths.len()];
+    let mut outside_errors = vec![0u64; outside_paths.len()];
     for run in 0..cli.runs {
         for k in 0..iperf_paths.len() {
             let i = (k + run) % iperf_paths.len();
@@ -560,7 +640,7 @@ fn main() -> Result<()> {
         for k in 0..conn_paths.len() {
             let i = (k + run) % conn_paths.len();
             let (label, to) = &conn_paths[i];
-            let w = connection_rate(&client, *to, cli.seconds, cli.connections)
+            let w = connection_rate(&client.node, *to, cli.seconds, cli.connections)
                 .with_context(|| format!("wrk through {label}"))?;
             say(&format!(
                 "round {}: wrk {label:<30} {:>6.0} connections/s, {} errors; client: {}",
@@ -571,6 +651,20 @@ fn main() -> Result<()> {
             ));
             rate[i].push(w.per_second);
             errors[i] += w.errors;
+        }
+        for k in 0..outside_paths.len() {
+            let i = (k + run) % outside_paths.len();
+            let (label, to) = &outside_paths[i];
+            let w = connection_rate(&outside, *to, cli.seconds, cli.connections)
+                .with_context(|| format!("wrk from the outside through {label}"))?;
+            say(&format!(
+                "round {}: wrk outside {label:<24} {:>6.0} connections/s, {} errors",
+                run + 1,
+                w.per_second,
+                w.errors
+            ));
+            outside_rate[i].push(w.per_second);
+            outside_errors[i] += w.errors;
         }
     }
     say(&format!("load average after the throughput and connection rounds: {}", load()));
@@ -631,6 +725,20 @@ fn main() -> Result<()> {
             v2 / h2
         ));
     }
+    say("");
+    say(
+        "| from the outside, new connections/s | published port, replica's host (h2) | published port, another host (h1) | haproxy on h2 | published h2 / haproxy | published h1 / haproxy |",
+    );
+    say("|---|---:|---:|---:|---:|---:|");
+    for (j, server) in ["busybox httpd", "in-bench server"].iter().enumerate() {
+        let r = |i: usize| m(&outside_rate[3 * j + i]);
+        let (local, remote, proxy) = (r(0), r(1), r(2));
+        say(&format!(
+            "| {server}, 1 replica (h2) | {local:.0} | {remote:.0} | {proxy:.0} | {:.2}x | {:.2}x |",
+            local / proxy,
+            remote / proxy
+        ));
+    }
     let clean: Vec<f64> = deaths.iter().map(|d| ms(d.clean_after)).collect();
     let failed: Vec<f64> = deaths.iter().map(|d| d.failed as f64).collect();
     say("");
@@ -644,6 +752,12 @@ fn main() -> Result<()> {
     say(&format!("rounds: iperf3 Gbit/s VIP {:.2?}, direct {:.2?}, haproxy {:.2?}", gbps[0], gbps[1], gbps[2]));
     for (i, (label, _)) in conn_paths.iter().enumerate() {
         say(&format!("rounds: connections/s {label}: {:.0?}, wrk errors {}", rate[i], errors[i]));
+    }
+    for (i, (label, _)) in outside_paths.iter().enumerate() {
+        say(&format!(
+            "rounds: connections/s from the outside, {label}: {:.0?}, wrk errors {}",
+            outside_rate[i], outside_errors[i]
+        ));
     }
     say(&format!("in-bench server: {unanswered} connections unanswered (wrk cuts its open ones at the end of a run)"));
     Ok(())
