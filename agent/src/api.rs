@@ -277,6 +277,23 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn network_rotate_key(
+        &self,
+        request: Request<pb::RotateNetworkKeyRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
+        let c = self.managing().await?;
+        let net = self.manager().await?.rotate_network_key(request.into_inner()).await?.into_inner();
+        let mut views = c.follower.subscribe();
+        let epoch = net.key_epoch;
+        let name = net.name.clone();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            views.wait_for(|v| v.networks.get(&name).is_some_and(|n| n.key_epoch >= epoch)),
+        )
+        .await;
+        Ok(Response::new(net))
+    }
+
     async fn attach(&self, request: Request<pb::AttachRequest>) -> Result<Response<pb::Endpoint>, Status> {
         self.cluster().await?.attach(request.into_inner()).await.map(Response::new).map_err(|e| {
             if e.downcast_ref::<crate::endpoints::AlreadyAttached>().is_some() {

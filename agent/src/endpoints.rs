@@ -1125,6 +1125,9 @@ mod tests {
     fn gossip_carries_the_aliases_of_endpoints_of_known_networks_within_the_bound() {
         let mut view = ClusterView::default();
         let net = |name: &str, vni| control::state::Network {
+            encrypted: false,
+            key_epoch: 0,
+            key_made_at: 0,
             name: name.into(),
             vni,
             subnet: "10.128.0.0/16".parse().unwrap(),

@@ -290,9 +290,24 @@ fn egress(n: &pb::Network) -> &'static str {
 pub fn network(n: &pb::Network) -> String {
     let way_out = if n.internal { "internal (no egress)" } else { "egress through each host (masqueraded)" };
     format!(
-        "network {}: VNI {}, subnet {}, gateway {}, MTU {}, a /{} block per host, {way_out}\n",
-        n.name, n.vni, n.subnet, n.gateway, n.mtu, n.block_prefix
+        "network {}: VNI {}, subnet {}, gateway {}, MTU {}, a /{} block per host, {way_out}, {}\n",
+        n.name,
+        n.vni,
+        n.subnet,
+        n.gateway,
+        n.mtu,
+        n.block_prefix,
+        sealing(n)
     )
+}
+
+/// Whether a network is sealed between hosts, and with which key.
+fn sealing(n: &pb::Network) -> String {
+    if n.encrypted {
+        format!("encrypted (AES-256-GCM, key epoch {})", n.key_epoch)
+    } else {
+        "not encrypted".into()
+    }
 }
 
 fn service_ports(s: &pb::Service) -> String {
@@ -378,11 +393,13 @@ pub fn service_inspect(info: &pb::ServiceInfo) -> String {
 }
 
 pub fn networks(r: &pb::NetworkListReply) -> String {
-    let mut o = String::from("NAME        VNI       SUBNET              GATEWAY           MTU    BLOCK  EGRESS\n");
+    let mut o =
+        String::from("NAME        VNI       SUBNET              GATEWAY           MTU    BLOCK  EGRESS          ENCRYPTED\n");
     for n in &r.networks {
+        let sealed = if n.encrypted { format!("yes (epoch {})", n.key_epoch) } else { "no".into() };
         let _ = writeln!(
             o,
-            "{:<11} {:<9} {:<19} {:<17} {:<6} {:<6} {}",
+            "{:<11} {:<9} {:<19} {:<17} {:<6} {:<6} {:<15} {sealed}",
             n.name,
             n.vni,
             n.subnet,

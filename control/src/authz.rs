@@ -43,6 +43,10 @@ pub enum Call {
     Info,
     /// Manager.GossipKey.
     GossipKey,
+    /// Manager.NetworkKeys: the encrypted networks' keys.
+    NetworkKeys,
+    /// Manager.RotateNetworkKey.
+    RotateNetworkKey,
     /// Host.Endpoints.
     Endpoints,
     /// Raft.Propose: a manager hands a write to the leader.
@@ -76,7 +80,7 @@ pub enum Need {
 
 impl Call {
     /// Every call, for tables and tests.
-    pub const ALL: [Call; 19] = [
+    pub const ALL: [Call; 21] = [
         Call::Join,
         Call::Promote,
         Call::Watch,
@@ -91,6 +95,8 @@ impl Call {
         Call::Leave,
         Call::Info,
         Call::GossipKey,
+        Call::NetworkKeys,
+        Call::RotateNetworkKey,
         Call::Endpoints,
         Call::Propose,
         Call::AppendEntries,
@@ -109,6 +115,7 @@ impl Call {
             | Call::Leave
             | Call::Info
             | Call::GossipKey
+            | Call::NetworkKeys
             | Call::Endpoints => Need::Member,
             Call::Promote
             | Call::CreateNetwork
@@ -116,6 +123,7 @@ impl Call {
             | Call::CreateService
             | Call::RemoveService
             | Call::RemoveNode
+            | Call::RotateNetworkKey
             | Call::Propose => Need::Manager,
             Call::Vote => Need::Voter,
             Call::AppendEntries | Call::InstallSnapshot => Need::Leader,
@@ -139,6 +147,8 @@ impl Call {
             Call::Leave => "leave",
             Call::Info => "ask for the cluster's information",
             Call::GossipKey => "fetch the gossip key",
+            Call::NetworkKeys => "fetch the network keys",
+            Call::RotateNetworkKey => "rotate network keys",
             Call::Endpoints => "list a host's endpoints",
             Call::Propose => "propose writes to the Raft leader",
             Call::AppendEntries | Call::Vote | Call::InstallSnapshot => "take part in Raft",
@@ -290,8 +300,9 @@ mod tests {
         let removed_worker = caller(W, Standing::Removed, Voting::NotVoter);
         let unknown = caller(W, Standing::Unknown, Voting::NotVoter);
         use Call::*;
-        let for_members = [Watch, LeaseBlock, ReleaseBlock, Heartbeat, Leave, Info, GossipKey, Endpoints];
-        let for_managers = [Promote, CreateNetwork, RemoveNetwork, CreateService, RemoveService, RemoveNode, Propose];
+        let for_members = [Watch, LeaseBlock, ReleaseBlock, Heartbeat, Leave, Info, GossipKey, NetworkKeys, Endpoints];
+        let for_managers =
+            [Promote, CreateNetwork, RemoveNetwork, CreateService, RemoveService, RemoveNode, RotateNetworkKey, Propose];
         for call in Call::ALL {
             let (m, w, pc) = (authorize(call, &manager), authorize(call, &worker), authorize(call, &promoted_cert));
             let (rm, rw, u) =
@@ -362,7 +373,7 @@ mod tests {
         s.apply(&Command::Init { cluster_id: "c".into(), secrets: secrets(), node });
         s.apply(&Command::AddNode(new_node("w", 2, Role::Worker)));
         s.apply(&Command::AddNode(new_node("x", 3, Role::Worker)));
-        s.apply(&Command::RemoveNode { id: 3, gossip_key: None });
+        s.apply(&Command::RemoveNode { id: 3, gossip_key: None, network_keys: Default::default(), at: 0 });
         assert_eq!(Standing::of(1, &s.nodes, &s.removed), Standing::Member(Role::Manager));
         assert_eq!(Standing::of(2, &s.nodes, &s.removed), Standing::Member(Role::Worker));
         assert_eq!(Standing::of(3, &s.nodes, &s.removed), Standing::Removed);

@@ -113,6 +113,9 @@ impl From<&Network> for pb::Network {
             block_prefix: u32::from(n.block_prefix),
             created_at_unix: n.created_at,
             internal: n.internal,
+            encrypted: n.encrypted,
+            key_epoch: n.key_epoch,
+            key_made_at_unix: n.key_made_at,
         }
     }
 }
@@ -130,6 +133,9 @@ impl TryFrom<&pb::Network> for Network {
                 .map_err(|_| Malformed { what: "network", why: "block prefix above 255".into() })?,
             created_at: n.created_at_unix,
             internal: n.internal,
+            encrypted: n.encrypted,
+            key_epoch: n.key_epoch,
+            key_made_at: n.key_made_at_unix,
         })
     }
 }
@@ -361,6 +367,7 @@ mod tests {
         let (_, mut changes) = s.apply(&Command::Init { cluster_id: "c".into(), secrets, node });
         changes.extend(
             s.apply(&Command::CreateNetwork(NewNetwork {
+                key: None,
                 name: "a".into(),
                 vni: None,
                 subnet: None,
@@ -373,6 +380,7 @@ mod tests {
         );
         changes.extend(
             s.apply(&Command::CreateNetwork(NewNetwork {
+                key: None,
                 name: "b".into(),
                 vni: None,
                 subnet: None,
@@ -421,7 +429,15 @@ mod tests {
         changes.extend(s.apply(&Command::RemoveService { name: "db".into() }).1);
         assert_eq!(changes.iter().filter(|c| matches!(c, Change::ServiceUpsert(_))).count(), 2);
         changes.extend(s.apply(&Command::AddNode(crate::state::testing::new_node("w", 2, Role::Worker))).1);
-        changes.extend(s.apply(&Command::RemoveNode { id: 2, gossip_key: Some("11".repeat(32)) }).1);
+        changes.extend(
+            s.apply(&Command::RemoveNode {
+                id: 2,
+                gossip_key: Some("11".repeat(32)),
+                network_keys: Default::default(),
+                at: 0,
+            })
+            .1,
+        );
         assert!(changes.contains(&Change::GossipKeyRotated(1)));
         let view = s.view();
         assert!(view.networks["b"].internal && !view.networks["a"].internal);

@@ -561,8 +561,13 @@ impl ManagerService {
             }
             Some(false) => {}
         }
-        m.command(Command::RemoveNode { id, gossip_key: Some(hex::encode(GossipKey::generate())) }).await?;
-        tracing::info!(node = id, "node removed; gossip key rotated");
+        // Every key it held is replaced: the gossip key, and each encrypted network's.
+        let network_keys = m
+            .state
+            .read(|s| s.networks.values().filter(|n| n.encrypted).map(|n| (n.name.clone(), new_key())).collect());
+        let gossip_key = Some(new_key());
+        m.command(Command::RemoveNode { id, gossip_key, network_keys, at: unix_now() }).await?;
+        tracing::info!(node = id, "node removed; gossip and network keys rotated");
         Ok(())
     }
 }
@@ -751,10 +756,16 @@ impl pb::manager_server::Manager for ManagerService {
             name: r.name,
             vni: (r.vni != 0).then_some(r.vni),
             subnet,
-            mtu: if r.mtu == 0 { self.0.config.default_mtu } else { r.mtu },
+            // A sealed datagram is 32 bytes longer (its header and tag): the default leaves room.
+            mtu: match (r.mtu, r.encrypted) {
+                (0, false) => self.0.config.default_mtu,
+                (0, true) => self.0.config.default_mtu.saturating_sub(SEAL_OVERHEAD),
+                (mtu, _) => mtu,
+            },
             block_prefix,
             created_at: unix_now(),
             internal: r.internal,
+            key: r.encrypted.then(new_key),
         };
         match self.0.command(Command::CreateNetwork(spec)).await? {
             Response::Network(n) => Ok(GrpcResponse::new((&n).into())),
@@ -863,6 +874,39 @@ impl pb::manager_server::Manager for ManagerService {
         }))
     }
 
+    async fn network_keys(&self, request: Request<pb::Empty>) -> Result<GrpcResponse<pb::NetworkKeysReply>, Status> {
+        self.0.authorize(&request, Call::NetworkKeys)?;
+        let keys = self.0.state.read(|s| s.secrets.as_ref().map(|x| x.network_keys.clone()));
+        let keys = keys.ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
+        let mut networks = std::collections::HashMap::new();
+        for (name, epochs) in keys {
+            let mut list = Vec::new();
+            for k in epochs {
+                let key = hex::decode(&k.key)
+                    .map_err(|e| Status::internal(format!("the stored key of network {name} is not hex: {e}")))?;
+                list.push(pb::EpochKey { epoch: k.epoch, key });
+            }
+            networks.insert(name, pb::NetworkKeys { keys: list });
+        }
+        Ok(GrpcResponse::new(pb::NetworkKeysReply { networks }))
+    }
+
+    async fn rotate_network_key(
+        &self,
+        request: Request<pb::RotateNetworkKeyRequest>,
+    ) -> Result<GrpcResponse<pb::Network>, Status> {
+        self.0.authorize(&request, Call::RotateNetworkKey)?;
+        let r = request.into_inner();
+        let cmd = Command::RotateNetworkKey { network: r.network.clone(), key: new_key(), at: unix_now() };
+        match self.0.command(cmd).await? {
+            Response::Network(n) => {
+                tracing::info!(network = %n.name, epoch = n.key_epoch, "network key rotated");
+                Ok(GrpcResponse::new((&n).into()))
+            }
+            other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
     async fn gossip_key(&self, request: Request<pb::Empty>) -> Result<GrpcResponse<pb::GossipKeyReply>, Status> {
         self.0.authorize(&request, Call::GossipKey)?;
         let (generation, key) =
@@ -871,6 +915,14 @@ impl pb::manager_server::Manager for ManagerService {
         let key = hex::decode(key).map_err(|e| Status::internal(format!("the stored gossip key is not hex: {e}")))?;
         Ok(GrpcResponse::new(pb::GossipKeyReply { generation, key }))
     }
+}
+
+/// Bytes a sealed datagram adds to a plain one (its header beyond VXLAN's, and its tag).
+pub const SEAL_OVERHEAD: u32 = 32;
+
+/// A new random 32-byte key, in hex (a network's, or the gossip key).
+fn new_key() -> String {
+    hex::encode(GossipKey::generate())
 }
 
 fn constant_time_eq(a: &str, b: &str) -> bool {

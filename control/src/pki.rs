@@ -619,6 +619,7 @@ pub fn cluster_secrets(ca: &ClusterCa, worker: &JoinToken, manager: &JoinToken) 
         gossip_key: hex::encode(crate::gossip::GossipKey::generate()),
         worker_token: worker.to_string(),
         manager_token: manager.to_string(),
+        network_keys: Default::default(),
     }
 }
 

@@ -139,6 +139,30 @@ pub struct Network {
     /// Absent in logs and snapshots from before egress: not internal.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub internal: bool,
+    /// Its datagrams between hosts are sealed (`network create --encrypted`) with the key of
+    /// epoch [`Network::key_epoch`], which the managers keep in [`Secrets::network_keys`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
+    /// How many times its key was rotated (0: the key it was created with).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub key_epoch: u32,
+    /// When its key was last made (Unix seconds): hosts send with a new key a few seconds
+    /// after, and accept the one before it for a while longer.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub key_made_at: u64,
+}
+
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// A network key of one epoch, as the managers keep it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochKey {
+    /// The epoch ([`Network::key_epoch`] when it was made).
+    pub epoch: u32,
+    /// The key (hex, 32 bytes).
+    pub key: String,
 }
 
 /// An address block of one host in one network.
@@ -174,6 +198,10 @@ pub struct Secrets {
     /// The manager token itself.
     #[serde(default)]
     pub manager_token: String,
+    /// Each encrypted network's keys: the current one last, the one before it (still
+    /// accepted for a while after a rotation) before it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub network_keys: BTreeMap<String, Vec<EpochKey>>,
 }
 
 /// A host that is joining (its id is chosen by the state machine).
@@ -216,10 +244,17 @@ pub struct NewNetwork {
     /// No egress ([`Network::internal`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub internal: bool,
+    /// Sealed between hosts ([`Network::encrypted`]): with this key (hex, 32 bytes), which
+    /// the proposing manager made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// A change to the cluster state: the Raft log's entries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// `Init` (with the secrets) is far larger than the rest, and written once per cluster: boxing
+// it would only change how it is built.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Makes a new cluster with its first node (a manager).
     Init {
@@ -240,6 +275,23 @@ pub enum Command {
         /// A new gossip key (hex, 32 bytes) that replaces the one the removed node holds.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         gossip_key: Option<String>,
+        /// New keys for encrypted networks (hex, by network), that replace those the removed
+        /// node holds.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        network_keys: BTreeMap<String, String>,
+        /// When the removal happened (Unix seconds), for the new keys' age.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        at: u64,
+    },
+    /// Replaces an encrypted network's key with a new epoch; the old one is kept as the one
+    /// before it (the one before that goes).
+    RotateNetworkKey {
+        /// Which network.
+        network: String,
+        /// The new key (hex, 32 bytes).
+        key: String,
+        /// When (Unix seconds).
+        at: u64,
     },
     /// Replaces a join token: joiners with the old one are refused from then on.
     RotateJoinToken {
@@ -582,6 +634,15 @@ impl ClusterView {
     }
 }
 
+/// Checks a network key: 32 bytes in hex.
+fn check_key(key: &str) -> Result<(), Rejection> {
+    if key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(Rejection::InvalidSpec("a network key is 32 bytes in hex".into()))
+    }
+}
+
 /// Checks a network name: 1 to 10 characters of a-z, A-Z, 0-9, '-', '_', '.', so that the
 /// bridge `ovbr-<name>` fits Linux's 15-character interface names.
 pub fn check_network_name(name: &str) -> Result<(), Rejection> {
@@ -623,7 +684,10 @@ impl ClusterState {
             }
             _ if !initialized => Err(Rejection::NotInitialized),
             Command::AddNode(node) => self.add_node(node),
-            Command::RemoveNode { id, gossip_key } => self.remove_node(*id, gossip_key.as_deref()),
+            Command::RemoveNode { id, gossip_key, network_keys, at } => {
+                self.remove_node(*id, gossip_key.as_deref(), network_keys, *at)
+            }
+            Command::RotateNetworkKey { network, key, at } => self.rotate_network_key(network, key, *at),
             Command::RotateJoinToken { role, token, secret_hash } => match self.secrets.as_mut() {
                 None => Err(Rejection::NotInitialized),
                 Some(secrets) => {
@@ -708,9 +772,21 @@ impl ClusterState {
         Ok((Response::Node(node.clone()), vec![Change::NodeUpsert(node)]))
     }
 
-    fn remove_node(&mut self, id: NodeId, gossip_key: Option<&str>) -> Result<(Response, Vec<Change>), Rejection> {
+    fn remove_node(
+        &mut self,
+        id: NodeId,
+        gossip_key: Option<&str>,
+        network_keys: &BTreeMap<String, String>,
+        at: u64,
+    ) -> Result<(Response, Vec<Change>), Rejection> {
         if self.nodes.remove(&id).is_none() {
             return Err(Rejection::UnknownNode(id));
+        }
+        let mut rotated = Vec::new();
+        for (network, key) in network_keys {
+            if let Ok((_, changes)) = self.rotate_network_key(network, key, at) {
+                rotated.extend(changes);
+            }
         }
         self.removed.insert(id);
         let mut changes = Vec::new();
@@ -726,7 +802,27 @@ impl ClusterState {
             self.gossip_key_generation += 1;
             changes.push(Change::GossipKeyRotated(self.gossip_key_generation));
         }
+        changes.extend(rotated);
         Ok((Response::Done, changes))
+    }
+
+    /// Makes `key` the network's key of the next epoch, the current one the one before it.
+    fn rotate_network_key(&mut self, name: &str, key: &str, at: u64) -> Result<(Response, Vec<Change>), Rejection> {
+        check_key(key)?;
+        let Some(net) = self.networks.get_mut(name) else { return Err(Rejection::UnknownNetwork(name.to_owned())) };
+        if !net.encrypted {
+            return Err(Rejection::InvalidSpec(format!(
+                "network {name:?} is not encrypted: it has no key to rotate (create it with --encrypted)"
+            )));
+        }
+        let secrets = self.secrets.as_mut().ok_or(Rejection::NotInitialized)?;
+        net.key_epoch += 1;
+        net.key_made_at = at;
+        let keys = secrets.network_keys.entry(name.to_owned()).or_default();
+        keys.push(EpochKey { epoch: net.key_epoch, key: key.to_owned() });
+        let excess = keys.len().saturating_sub(2);
+        keys.drain(..excess);
+        Ok((Response::Network(net.clone()), vec![Change::NetworkUpsert(net.clone())]))
     }
 
     /// Whether a network may have subnet `s` ([`subnet_conflict`]).
@@ -782,7 +878,15 @@ impl ClusterState {
             block_prefix,
             created_at: spec.created_at,
             internal: spec.internal,
+            encrypted: spec.key.is_some(),
+            key_epoch: 0,
+            key_made_at: if spec.key.is_some() { spec.created_at } else { 0 },
         };
+        if let Some(key) = &spec.key {
+            check_key(key)?;
+            let secrets = self.secrets.as_mut().ok_or(Rejection::NotInitialized)?;
+            secrets.network_keys.insert(network.name.clone(), vec![EpochKey { epoch: 0, key: key.clone() }]);
+        }
         self.networks.insert(network.name.clone(), network.clone());
         Ok((Response::Network(network.clone()), vec![Change::NetworkUpsert(network)]))
     }
@@ -801,6 +905,9 @@ impl ClusterState {
             return Err(Rejection::NetworkHasServices { network: name.to_owned(), services: services.join(", ") });
         }
         self.networks.remove(name);
+        if let Some(secrets) = self.secrets.as_mut() {
+            secrets.network_keys.remove(name);
+        }
         let mut changes: Vec<Change> = Vec::new();
         for svc in services {
             self.services.remove(&svc);
@@ -919,6 +1026,7 @@ pub(crate) mod testing {
 
     pub(crate) fn secrets() -> Secrets {
         Secrets {
+            network_keys: Default::default(),
             ca_cert_pem: "c".into(),
             ca_key_pem: "k".into(),
             worker_token_hash: "w".into(),
@@ -1096,6 +1204,7 @@ mod tests {
 
     fn spec(name: &str) -> NewNetwork {
         NewNetwork {
+            key: None,
             name: name.into(),
             vni: None,
             subnet: None,
@@ -1249,7 +1358,8 @@ mod tests {
             s.apply(&Command::RemoveNetwork { name: "a".into(), force: false }).0,
             Response::Rejected(Rejection::NetworkInUse { hosts: 2, .. })
         ));
-        let (_, changes) = s.apply(&Command::RemoveNode { id: 2, gossip_key: None });
+        let (_, changes) =
+            s.apply(&Command::RemoveNode { id: 2, gossip_key: None, network_keys: BTreeMap::new(), at: 0 });
         assert_eq!(changes, vec![Change::BlockRemove { network: "a".into(), node: 2 }, Change::NodeRemove(2)]);
         // The freed block goes to the next host that asks.
         s.apply(&Command::AddNode(new_node("w3", 3, Role::Worker)));
@@ -1279,11 +1389,60 @@ mod tests {
     }
 
     #[test]
+    fn an_encrypted_networks_key_is_kept_secret_rotated_with_the_one_before_and_replaced_when_a_node_goes() {
+        let mut s = cluster();
+        s.apply(&Command::AddNode(new_node("w1", 2, Role::Worker)));
+        let new = |name: &str, key: Option<String>| NewNetwork {
+            name: name.into(),
+            vni: None,
+            subnet: None,
+            mtu: 1418,
+            block_prefix: None,
+            created_at: 7,
+            internal: false,
+            key,
+        };
+        let (r, _) = s.apply(&Command::CreateNetwork(new("sealed", Some("01".repeat(32)))));
+        let Response::Network(n) = r else { panic!("{r:?}") };
+        assert!(n.encrypted && n.key_epoch == 0 && n.key_made_at == 7);
+        s.apply(&Command::CreateNetwork(new("plain", None)));
+        assert!(!s.networks["plain"].encrypted);
+        let bad = Command::CreateNetwork(new("badkey", Some("zz".into())));
+        assert!(matches!(s.apply(&bad).0, Response::Rejected(Rejection::InvalidSpec(_))));
+        assert!(!s.networks.contains_key("badkey"), "nothing changed");
+        // The key is a secret: in no view, in no change.
+        let view = serde_json::to_string(&s.view()).unwrap();
+        assert!(!view.contains(&"01".repeat(32)));
+        for epoch in 1..=3u8 {
+            let key = format!("{epoch:02x}").repeat(32);
+            let (_, changes) = s.apply(&Command::RotateNetworkKey { network: "sealed".into(), key, at: 10 });
+            assert!(!format!("{changes:?}").contains(&format!("{epoch:02x}").repeat(32)));
+        }
+        let keys = &s.secrets.as_ref().unwrap().network_keys["sealed"];
+        assert_eq!(keys.iter().map(|k| k.epoch).collect::<Vec<_>>(), [2, 3], "the current key and the one before");
+        assert_eq!((s.networks["sealed"].key_epoch, s.networks["sealed"].key_made_at), (3, 10));
+        let plain = Command::RotateNetworkKey { network: "plain".into(), key: "02".repeat(32), at: 10 };
+        assert!(matches!(s.apply(&plain).0, Response::Rejected(Rejection::InvalidSpec(_))));
+        // A node removed: the network gets a key it never had.
+        let network_keys: BTreeMap<String, String> = [("sealed".to_owned(), "ee".repeat(32))].into();
+        s.apply(&Command::RemoveNode { id: 2, gossip_key: None, network_keys, at: 20 });
+        assert_eq!(s.networks["sealed"].key_epoch, 4);
+        assert_eq!(s.secrets.as_ref().unwrap().network_keys["sealed"].last().unwrap().key, "ee".repeat(32));
+        s.apply(&Command::RemoveNetwork { name: "sealed".into(), force: true });
+        assert!(!s.secrets.as_ref().unwrap().network_keys.contains_key("sealed"), "its keys go with it");
+    }
+
+    #[test]
     fn a_removed_node_is_remembered_and_its_removal_rotates_the_gossip_key() {
         let mut s = cluster();
         s.apply(&Command::AddNode(new_node("w1", 2, Role::Worker)));
         let key = "ab".repeat(32);
-        let (_, changes) = s.apply(&Command::RemoveNode { id: 2, gossip_key: Some(key.clone()) });
+        let (_, changes) = s.apply(&Command::RemoveNode {
+            id: 2,
+            gossip_key: Some(key.clone()),
+            network_keys: BTreeMap::new(),
+            at: 0,
+        });
         assert_eq!(changes, vec![Change::NodeRemove(2), Change::GossipKeyRotated(1)]);
         assert_eq!((s.removed.iter().copied().collect::<Vec<_>>(), s.gossip_key_generation), (vec![2], 1));
         assert_eq!(s.secrets.as_ref().unwrap().gossip_key, key);
@@ -1300,7 +1459,7 @@ mod tests {
         assert!(back.removed.is_empty());
         // And a RemoveNode of the log before keys were rotated on removal still applies.
         let cmd: Command = serde_json::from_str(r#"{"RemoveNode":{"id":3}}"#).unwrap();
-        assert_eq!(cmd, Command::RemoveNode { id: 3, gossip_key: None });
+        assert_eq!(cmd, Command::RemoveNode { id: 3, gossip_key: None, network_keys: BTreeMap::new(), at: 0 });
     }
 
     #[test]
@@ -1332,7 +1491,12 @@ mod tests {
                 let name = format!("n{net}");
                 let cmd = match op {
                     0 => Command::AddNode(new_node(&format!("h{id}"), 10 + id as u8, Role::Worker)),
-                    1 => Command::RemoveNode { id, gossip_key: (net % 2 == 0).then(|| format!("{net:064x}")) },
+                    1 => Command::RemoveNode {
+                        id,
+                        gossip_key: (net % 2 == 0).then(|| format!("{net:064x}")),
+                        network_keys: BTreeMap::new(),
+                        at: 0,
+                    },
                     2 => Command::CreateNetwork(spec(&name)),
                     3 => Command::RemoveNetwork { name, force: id % 2 == 0 },
                     4 => Command::LeaseBlock { network: name, node: id },

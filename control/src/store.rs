@@ -858,6 +858,7 @@ mod tests {
 
     fn create_network(name: &str) -> Command {
         Command::CreateNetwork(NewNetwork {
+            key: None,
             name: name.into(),
             vni: None,
             subnet: None,

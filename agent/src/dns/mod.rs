@@ -582,6 +582,9 @@ mod tests {
             v.networks.insert(
                 name.into(),
                 Network {
+                    encrypted: false,
+                    key_epoch: 0,
+                    key_made_at: 0,
                     name: name.into(),
                     vni,
                     subnet: format!("10.{vni}.0.0/16").parse().unwrap(),

@@ -117,6 +117,7 @@ mod tests {
     fn replicas_are_the_endpoints_that_name_their_service_on_live_hosts_within_their_blocks() {
         let mut s = ClusterState::default();
         let secrets = control::state::Secrets {
+            network_keys: Default::default(),
             ca_cert_pem: String::new(),
             ca_key_pem: String::new(),
             worker_token_hash: String::new(),
@@ -130,6 +131,7 @@ mod tests {
             s.apply(&Command::AddNode(node(name, last, Role::Worker)));
         }
         let net = NewNetwork {
+            key: None,
             name: "front".into(),
             vni: Some(4096),
             subnet: Some("10.128.0.0/16".parse().unwrap()),
