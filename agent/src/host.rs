@@ -65,6 +65,8 @@ pub struct NetworkSpec {
     pub tap: String,
     pub mtu: u32,
     pub learning: bool,
+    /// Sealed between hosts (it sends nothing until it has a key).
+    pub encrypted: bool,
     /// Cluster networks: the gateway lives on the bridge of every host.
     pub gateway: Option<Gateway>,
 }
@@ -87,6 +89,8 @@ pub struct NetworkTables {
     pub subnet: Ipv4Cidr,
     /// Every host's mesh address (this host's too).
     pub mesh: Vec<Ipv4Addr>,
+    /// An encrypted network's keys: what it opens and seals with now.
+    pub crypto: Option<crate::cluster::keys::SealKeys>,
 }
 
 /// Endpoints by network, then by bridge port: (MAC, address).
@@ -110,6 +114,9 @@ pub struct Host {
     /// Each network's endpoints on this host, by their bridge port: (MAC, address). Kept
     /// while a network is down, programmed into its tables when it comes up.
     bindings: Mutex<Bindings>,
+    /// Each encrypted network's keys as last programmed, and what the dataplane made of them
+    /// (kept while they stay the same: its sealer's counter goes on).
+    crypto: std::sync::Mutex<BTreeMap<Vni, (crate::cluster::keys::SealKeys, Arc<dataplane::tables::NetworkCrypto>)>>,
     /// The underlay services the firewall closes to the overlay, as last set.
     services: Mutex<UnderlayServices>,
     /// The cluster networks up on this host, with their gateway: where the DNS resolver
@@ -154,6 +161,7 @@ impl Host {
             firewall,
             networks: Mutex::new(BTreeMap::new()),
             bindings: Mutex::new(BTreeMap::new()),
+            crypto: std::sync::Mutex::new(BTreeMap::new()),
             services: Mutex::new(services),
             gateways: tokio::sync::watch::channel(BTreeMap::new()).0,
             started: Instant::now(),
@@ -230,7 +238,11 @@ impl Host {
             _ => anyhow::anyhow!("cannot create the TAP {}: {e}", spec.tap),
         })?;
         netdev::attach_tap(&self.nl, tap.name(), &bridge, spec.mtu).await?;
-        self.dataplane.add_network(spec.vni, tap, NetworkSettings { learning: spec.learning, mtu: spec.mtu })?;
+        self.dataplane.add_network(
+            spec.vni,
+            tap,
+            NetworkSettings { learning: spec.learning, mtu: spec.mtu, encrypted: spec.encrypted },
+        )?;
         if spec.gateway.is_some() {
             // A cluster network sends only its endpoints' frames, from the first one on.
             let bindings = self.bindings.lock().await;
@@ -339,7 +351,22 @@ impl Host {
 
     /// Programs a cluster network's tables, in one transaction.
     pub fn program_network(&self, vni: Vni, t: &NetworkTables) -> Result<()> {
+        let crypto = t.crypto.as_ref().map(|wanted| {
+            let mut made = self.crypto.lock().unwrap_or_else(|p| p.into_inner());
+            match made.get(&vni) {
+                Some((have, c)) if have == wanted => Arc::clone(c),
+                _ => {
+                    let (keys, send) = wanted.for_dataplane();
+                    let c = self.dataplane.network_crypto(keys, send);
+                    made.insert(vni, (wanted.clone(), Arc::clone(&c)));
+                    c
+                }
+            }
+        });
         self.dataplane.update(|tx| {
+            if crypto.is_some() {
+                tx.set_crypto(vni, crypto)?;
+            }
             tx.set_flood_list(vni, t.flood.iter().copied())?;
             tx.set_blocks(vni, t.block_prefix, t.blocks.iter().copied())?;
             tx.set_gateway(vni, Some(t.gateway))?;

@@ -303,11 +303,7 @@ pub fn network(n: &pb::Network) -> String {
 
 /// Whether a network is sealed between hosts, and with which key.
 fn sealing(n: &pb::Network) -> String {
-    if n.encrypted {
-        format!("encrypted (AES-256-GCM, key epoch {})", n.key_epoch)
-    } else {
-        "not encrypted".into()
-    }
+    if n.encrypted { format!("encrypted (AES-256-GCM, key epoch {})", n.key_epoch) } else { "not encrypted".into() }
 }
 
 fn service_ports(s: &pb::Service) -> String {
@@ -393,8 +389,9 @@ pub fn service_inspect(info: &pb::ServiceInfo) -> String {
 }
 
 pub fn networks(r: &pb::NetworkListReply) -> String {
-    let mut o =
-        String::from("NAME        VNI       SUBNET              GATEWAY           MTU    BLOCK  EGRESS          ENCRYPTED\n");
+    let mut o = String::from(
+        "NAME        VNI       SUBNET              GATEWAY           MTU    BLOCK  EGRESS          ENCRYPTED\n",
+    );
     for n in &r.networks {
         let sealed = if n.encrypted { format!("yes (epoch {})", n.key_epoch) } else { "no".into() };
         let _ = writeln!(

@@ -26,6 +26,7 @@ pub async fn start(nl: rtnetlink::Handle, cfg: &DaemonConfig) -> Result<Host> {
                 })?,
             };
             let spec = NetworkSpec {
+                encrypted: false,
                 name: net.name.clone(),
                 vni: net.vni,
                 bridge: net.bridge.clone(),

@@ -255,7 +255,7 @@ fn tables(fdb_entries: usize, arp: bool, learning: bool) -> Arc<Tables<()>> {
     let shared = SharedTables::<()>::default();
     shared
         .update(|tx| {
-            tx.add_network(VNI, (), NetworkSettings { learning, mtu: NETWORK_MTU })?;
+            tx.add_network(VNI, (), NetworkSettings { learning, mtu: NETWORK_MTU, encrypted: false })?;
             tx.set_flood_list(VNI, PEERS)?;
             for i in 0..fdb_entries {
                 tx.set_fdb(VNI, mac(remote_ip(i)), PEERS[i % PEERS.len()])?;
@@ -276,7 +276,7 @@ fn cluster_tables(fdb_entries: usize) -> Arc<Tables<()>> {
     let shared = SharedTables::<()>::default();
     shared
         .update(|tx| {
-            tx.add_network(VNI, (), NetworkSettings { learning: false, mtu: NETWORK_MTU })?;
+            tx.add_network(VNI, (), NetworkSettings { learning: false, mtu: NETWORK_MTU, encrypted: false })?;
             tx.set_flood_list(VNI, PEERS)?;
             for i in 0..fdb_entries {
                 tx.set_fdb(VNI, mac(remote_ip(i)), PEERS[i % PEERS.len()])?;
@@ -394,7 +394,15 @@ fn decap(c: &mut Criterion) {
     let snapshot = tables(CONTAINERS, false, false);
     let mut learner = Learner::new(shared_learned(), DEFAULT_MAX_ENTRIES, DEFAULT_AGEING_SECS);
     let mut decap = |d: &mut [u8]| {
-        switch::from_underlay(&snapshot, &mut learner, black_box(sender), black_box(d), black_box(now), &counters)
+        switch::from_underlay(
+            &snapshot,
+            &mut switch::Openers::default(),
+            &mut learner,
+            black_box(sender),
+            black_box(d),
+            black_box(now),
+            &counters,
+        )
     };
     assert_eq!(decap(&mut datagram), deliver);
     assert_eq!(decap(&mut bad_flags), UnderlayVerdict::Drop(DropReason::BadFlags));
@@ -413,13 +421,22 @@ fn decap(c: &mut Criterion) {
     let shared = shared_learned();
     let mut learner = Learner::new(Arc::clone(&shared), DEFAULT_MAX_ENTRIES, DEFAULT_AGEING_SECS);
     // Learn the sender's container once, so the timed calls take the refresh path.
-    let verdict = switch::from_underlay(&snapshot, &mut learner, sender, &mut datagram, now, &counters);
+    let verdict = switch::from_underlay(
+        &snapshot,
+        &mut switch::Openers::default(),
+        &mut learner,
+        sender,
+        &mut datagram,
+        now,
+        &counters,
+    );
     assert_eq!(verdict, deliver);
     learner.end_batch(now, &counters);
     assert_eq!(shared.load().lookup(VNI, mac(src)), Some(sender));
     bench_frame(&mut g, "deliver_learning_refresh", || {
         switch::from_underlay(
             &snapshot,
+            &mut switch::Openers::default(),
             &mut learner,
             black_box(sender),
             black_box(&mut datagram),
@@ -435,7 +452,15 @@ fn decap(c: &mut Criterion) {
     let snapshot = cluster_tables(CONTAINERS);
     let mut learner = Learner::new(shared_learned(), DEFAULT_MAX_ENTRIES, DEFAULT_AGEING_SECS);
     let mut decap = |d: &mut [u8]| {
-        switch::from_underlay(&snapshot, &mut learner, black_box(sender), black_box(d), black_box(now), &counters)
+        switch::from_underlay(
+            &snapshot,
+            &mut switch::Openers::default(),
+            &mut learner,
+            black_box(sender),
+            black_box(d),
+            black_box(now),
+            &counters,
+        )
     };
     assert_eq!(decap(&mut datagram), deliver);
     bench_frame(&mut g, "deliver_source_checked", || decap(&mut datagram));

@@ -301,8 +301,16 @@ mod tests {
         let unknown = caller(W, Standing::Unknown, Voting::NotVoter);
         use Call::*;
         let for_members = [Watch, LeaseBlock, ReleaseBlock, Heartbeat, Leave, Info, GossipKey, NetworkKeys, Endpoints];
-        let for_managers =
-            [Promote, CreateNetwork, RemoveNetwork, CreateService, RemoveService, RemoveNode, RotateNetworkKey, Propose];
+        let for_managers = [
+            Promote,
+            CreateNetwork,
+            RemoveNetwork,
+            CreateService,
+            RemoveService,
+            RemoveNode,
+            RotateNetworkKey,
+            Propose,
+        ];
         for call in Call::ALL {
             let (m, w, pc) = (authorize(call, &manager), authorize(call, &worker), authorize(call, &promoted_cert));
             let (rm, rw, u) =

@@ -55,6 +55,22 @@ drop_reasons! {
     OversizedFrame = "oversized_frame",
     /// Underlay: writing the decapsulated frame to the TAP failed.
     TapWriteFailed = "tap_write_failed",
+    /// Underlay: a sealed datagram (encrypted network) shorter than its sealed header, an
+    /// Ethernet header and the authentication tag.
+    SealTruncated = "sealed_truncated",
+    /// Underlay: a sealed datagram whose key epoch the network does not accept (a key retired
+    /// by a rotation, or a sender that has a newer key than this host yet).
+    UnknownKey = "unknown_key",
+    /// Underlay: a sealed datagram already received, older than the replay window, or from a
+    /// sender session older than the newest one that sender has proven.
+    Replayed = "replayed",
+    /// Underlay: a sealed datagram whose authentication tag does not verify: another network's
+    /// secret, a modified datagram, or outer addresses other than those it was sealed for.
+    AuthFailed = "auth_failed",
+    /// Underlay: a plain VXLAN datagram for a network that is encrypted.
+    PlainOnEncrypted = "plaintext_on_encrypted_network",
+    /// Underlay: a sealed datagram for a network that is not encrypted.
+    SealedOnPlain = "sealed_on_plain_network",
     /// TAP: the frame is shorter than an Ethernet header.
     RuntFrame = "runt_frame",
     /// TAP: an ARP request for an address of this host's own block or the gateway: its owner
@@ -73,6 +89,9 @@ drop_reasons! {
     /// or whose IPv4 source (or ARP sender) is not that endpoint's address (anti-spoofing
     /// between containers: a container sends only with its own MAC and IP).
     SourceNotLocal = "source_not_local_endpoint",
+    /// TAP: on an encrypted network, a frame to send while this host has no key to seal it
+    /// with (the key not fetched yet): never sent in the clear.
+    NoSealingKey = "no_sealing_key",
     /// TAP: the frame does not fit in one datagram to the underlay.
     FrameTooLarge = "frame_too_large",
     /// TAP: the frame carries offload metadata the agent cannot honour (an unknown GSO type,

@@ -9,6 +9,8 @@
 //!   writer API that programs them, and data-plane learning as a fallback;
 //! - [`offload`] and [`segment`]: the virtio-net header of a TAP with offloads, TCP segments
 //!   joined into super-frames, and super-frames cut into segments (sans-IO as well);
+//! - [`crypto`]: sealing and opening the datagrams of encrypted networks (AES-256-GCM with a
+//!   key per sender session, and a replay window), sans-IO as well;
 //! - [`counters`]: what was forwarded and every drop by reason;
 //! - [`alloc_count`]: a counting global allocator, so that "no per-packet allocation" is
 //!   measured by tests and benchmarks;
@@ -28,6 +30,7 @@
 
 pub mod alloc_count;
 pub mod counters;
+pub mod crypto;
 pub mod learn;
 pub mod offload;
 pub mod segment;

@@ -4,11 +4,13 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::counters::{Counters, DropReason, bump};
+use crate::crypto::{self, Opener};
 use crate::learn::{LearnedFdb, Learner};
 use crate::segment::SuperFrame;
-use crate::tables::{BlockOwner, NetworkTable, Tables};
+use crate::tables::{BlockOwner, NetworkCrypto, NetworkTable, Tables};
 use crate::wire::MacAddr;
 use crate::wire::arp;
 use crate::wire::checksum::{self, Completion};
@@ -222,15 +224,58 @@ fn sent_by_vtep<T>(net: &NetworkTable<T>, vtep: IpAddr, frame: &[u8]) -> bool {
     }
 }
 
+/// The openers of the encrypted networks, by slot: the receive loop's own, each with its
+/// senders' sessions and replay windows.
+#[derive(Debug, Default)]
+pub struct Openers {
+    by_slot: Vec<Option<(Arc<NetworkCrypto>, Opener)>>,
+}
+
+impl Openers {
+    /// Follows `tables`: a network whose keys changed opens with the new ones (its senders'
+    /// state for the epochs kept stays), one gone or plain loses its opener. Allocates only when
+    /// a network's keys change.
+    pub fn sync<T>(&mut self, tables: &Tables<T>) {
+        if self.by_slot.len() < tables.slots() {
+            self.by_slot.resize_with(tables.slots(), || None);
+        }
+        for (slot, entry) in self.by_slot.iter_mut().enumerate() {
+            let wanted = tables.network(slot).and_then(|n| n.crypto());
+            match (wanted, entry.as_mut()) {
+                (None, _) => *entry = None,
+                (Some(w), Some((have, _))) if Arc::ptr_eq(w, have) => {}
+                (Some(w), Some((have, opener))) => {
+                    opener.set_keys(w.keys());
+                    *have = Arc::clone(w);
+                }
+                (Some(w), None) => {
+                    let mut opener = Opener::new();
+                    opener.set_keys(w.keys());
+                    *entry = Some((Arc::clone(w), opener));
+                }
+            }
+        }
+    }
+
+    fn get(&mut self, slot: usize) -> Option<&mut Opener> {
+        self.by_slot.get_mut(slot)?.as_mut().map(|(_, o)| o)
+    }
+}
+
 /// Decides what to do with a datagram from `src` received on the VXLAN port. It must carry a
 /// valid VXLAN header and a VNI this host serves, and come from a member VTEP of that network
 /// (on a cluster network, from one of that VTEP's endpoints: [`DropReason::SourceNotOfSender`]);
 /// then it may teach the learner where its source MAC lives (`now`, in seconds, stamps what is
 /// learned), and its inner frame goes to the network's TAP. A frame to deliver whose TCP/UDP
 /// checksum the sender left partial (see [`checksum`]) is completed in place.
+///
+/// An encrypted network takes only sealed datagrams ([`crypto`]), opened in place by its
+/// opener in `openers` (which [`Openers::sync`] keeps in line with `tables`) before any of the
+/// above; a plain network takes only plain ones.
 #[inline]
 pub fn from_underlay<T>(
     tables: &Tables<T>,
+    openers: &mut Openers,
     learner: &mut Learner,
     src: IpAddr,
     datagram: &mut [u8],
@@ -242,24 +287,52 @@ pub fn from_underlay<T>(
         UnderlayVerdict::Drop(reason)
     };
     let len = datagram.len();
-    let mut packet = match VxlanPacket::new_checked(datagram) {
-        Ok(p) if p.payload().len() >= ethernet::HEADER_LEN => p,
-        _ => return drop(DropReason::Truncated), // no room for the VXLAN and Ethernet headers
+    let (slot, net, inner) = if crypto::is_sealed(datagram) {
+        if len < crypto::SEALED_HEADER_LEN {
+            return drop(DropReason::SealTruncated);
+        }
+        let vni = crate::wire::Vni::new(u32::from_be_bytes([0, datagram[4], datagram[5], datagram[6]]));
+        let Some((slot, net)) = vni.and_then(|v| tables.by_vni(v)) else {
+            return drop(DropReason::UnknownVni);
+        };
+        if net.crypto().is_none() {
+            return drop(DropReason::SealedOnPlain);
+        }
+        if !net.is_member(&src) {
+            return drop(DropReason::NotMember);
+        }
+        let Some(opener) = openers.get(slot) else {
+            return drop(DropReason::UnknownKey);
+        };
+        match opener.open(src, datagram) {
+            Ok(inner) if inner.len() >= ethernet::HEADER_LEN => (slot, net, inner),
+            Ok(_) => return drop(DropReason::SealTruncated),
+            Err(e) => return drop(e.into()),
+        }
+    } else {
+        let packet = match VxlanPacket::new_checked(&mut *datagram) {
+            Ok(p) if p.payload().len() >= ethernet::HEADER_LEN => p,
+            _ => return drop(DropReason::Truncated), // no room for the VXLAN and Ethernet headers
+        };
+        let vni = match VxlanRepr::parse(&packet) {
+            Ok(VxlanRepr { vni }) => vni,
+            Err(VxlanError::BadFlags(_)) => return drop(DropReason::BadFlags),
+            Err(VxlanError::ReservedBits) => return drop(DropReason::ReservedBits),
+            Err(VxlanError::Truncated) => return drop(DropReason::Truncated),
+        };
+        let Some((slot, net)) = tables.by_vni(vni) else {
+            return drop(DropReason::UnknownVni);
+        };
+        if net.crypto().is_some() {
+            return drop(DropReason::PlainOnEncrypted);
+        }
+        (slot, net, vxlan::HEADER_LEN..len)
     };
-    let vni = match VxlanRepr::parse(&packet) {
-        Ok(VxlanRepr { vni }) => vni,
-        Err(VxlanError::BadFlags(_)) => return drop(DropReason::BadFlags),
-        Err(VxlanError::ReservedBits) => return drop(DropReason::ReservedBits),
-        Err(VxlanError::Truncated) => return drop(DropReason::Truncated),
-    };
-    let Some((slot, net)) = tables.by_vni(vni) else {
-        return drop(DropReason::UnknownVni);
-    };
-    let inner = packet.payload();
+    let frame = &mut datagram[inner.clone()];
     if net.has_blocks() {
         // A frame whose source lies in the block of the VTEP that sent it comes from a member:
         // one lookup answers both questions, and which one failed is asked only on a drop.
-        if !sent_by_vtep(net, src, inner) {
+        if !sent_by_vtep(net, src, frame) {
             let reason = if net.is_member(&src) { DropReason::SourceNotOfSender } else { DropReason::NotMember };
             return drop(reason);
         }
@@ -268,26 +341,26 @@ pub fn from_underlay<T>(
     }
     let mut segment_mss = None;
     let mtu = net.mtu() as usize;
-    if inner.len() > mtu + ethernet::HEADER_LEN {
+    if frame.len() > mtu + ethernet::HEADER_LEN {
         // Only a sender on the same machine (over veth) can hand us a frame above the MTU: its
         // kernel left segmentation to a NIC that does not exist. Cut it as that NIC would.
-        match oversized(inner, mtu) {
+        match oversized(frame, mtu) {
             Ok(mss) => segment_mss = mss,
             Err(()) => return drop(DropReason::OversizedFrame),
         }
     }
     if net.learning() {
-        let mac = ethernet::source(inner);
+        let mac = ethernet::source(frame);
         if !mac.is_multicast() && net.fdb(&mac).is_none() {
             learner.observe(net.vni(), mac, src, now);
         }
     }
     if segment_mss.is_some() {
         bump(&counters.rx.resegmented, 1);
-    } else if checksum::complete_partial(packet.payload_mut()) == Completion::Completed {
+    } else if checksum::complete_partial(frame) == Completion::Completed {
         bump(&counters.rx.checksums_completed, 1);
     }
-    UnderlayVerdict::Deliver { slot, inner: vxlan::HEADER_LEN..len, segment_mss }
+    UnderlayVerdict::Deliver { slot, inner, segment_mss }
 }
 
 /// For a frame longer than `mtu` plus an untagged Ethernet header: `Ok(None)` if its IP packet
@@ -326,7 +399,7 @@ mod tests {
     fn tables(learning: bool) -> Arc<SharedTables<()>> {
         let t = Arc::new(SharedTables::default());
         t.update(|tx| {
-            tx.add_network(vni(), (), NetworkSettings { learning, mtu: 1450 })?;
+            tx.add_network(vni(), (), NetworkSettings { learning, mtu: 1450, encrypted: false })?;
             tx.set_flood_list(vni(), [B, C])
         })
         .unwrap();
@@ -375,7 +448,8 @@ mod tests {
     #[test]
     fn an_empty_flood_list_drops_with_a_reason() {
         let t = Arc::new(SharedTables::default());
-        t.update(|tx| tx.add_network(vni(), (), NetworkSettings { learning: false, mtu: 1450 })).unwrap();
+        t.update(|tx| tx.add_network(vni(), (), NetworkSettings { learning: false, mtu: 1450, encrypted: false }))
+            .unwrap();
         let snap = t.load();
         let c = Counters::default();
         let v = from_tap(
@@ -419,7 +493,7 @@ mod tests {
         let inner = frame(LOCAL, REMOTE);
         let good = datagram(vni(), &inner);
         assert_eq!(
-            from_underlay(&snap, &mut l, B, &mut good.clone(), 0, &c),
+            from_underlay(&snap, &mut Openers::default(), &mut l, B, &mut good.clone(), 0, &c),
             UnderlayVerdict::Deliver { slot: 0, inner: 8..good.len(), segment_mss: None }
         );
 
@@ -429,7 +503,7 @@ mod tests {
             (
                 {
                     let mut d = good.clone();
-                    d[0] = 0x0c;
+                    d[0] = 0x09;
                     d
                 },
                 B,
@@ -448,7 +522,10 @@ mod tests {
             (good.clone(), ROGUE, DropReason::NotMember),
         ];
         for (d, src, reason) in cases {
-            assert_eq!(from_underlay(&snap, &mut l, src, &mut d.clone(), 0, &c), UnderlayVerdict::Drop(reason));
+            assert_eq!(
+                from_underlay(&snap, &mut Openers::default(), &mut l, src, &mut d.clone(), 0, &c),
+                UnderlayVerdict::Drop(reason)
+            );
             assert!(c.drops(reason) >= 1, "{reason:?}");
         }
         assert_eq!(c.snapshot().total_drops(), 6);
@@ -463,7 +540,10 @@ mod tests {
         let mut l = Learner::new(Arc::clone(&shared), 16, 300);
         // A frame from REMOTE arrives from VTEP C: learn it.
         let d = datagram(vni(), &frame(LOCAL, REMOTE));
-        assert!(matches!(from_underlay(&snap, &mut l, C, &mut d.clone(), 5, &c), UnderlayVerdict::Deliver { .. }));
+        assert!(matches!(
+            from_underlay(&snap, &mut Openers::default(), &mut l, C, &mut d.clone(), 5, &c),
+            UnderlayVerdict::Deliver { .. }
+        ));
         l.end_batch(5, &c);
         // The answer to REMOTE now goes to C alone.
         let net = snap.by_vni(vni()).unwrap().1;
@@ -471,7 +551,7 @@ mod tests {
         assert_eq!(v, TapVerdict::Unicast(C));
         // A non-member cannot teach anything.
         let spoof = datagram(vni(), &frame(LOCAL, MacAddr([2, 0, 0, 0, 0, 66])));
-        from_underlay(&snap, &mut l, ROGUE, &mut spoof.clone(), 6, &c);
+        from_underlay(&snap, &mut Openers::default(), &mut l, ROGUE, &mut spoof.clone(), 6, &c);
         l.end_batch(6, &c);
         assert_eq!(shared.load().len(), 1);
     }
@@ -484,12 +564,15 @@ mod tests {
         let mut l = Learner::new(shared_learned(), 16, 300);
         let tcp = crate::segment::tests::tcp4_super(&[9u8; 5000], 12, 0x18, 1);
         let mut d = datagram(vni(), &tcp);
-        let v = from_underlay(&snap, &mut l, B, &mut d, 0, &c);
+        let v = from_underlay(&snap, &mut Openers::default(), &mut l, B, &mut d, 0, &c);
         assert_eq!(v, UnderlayVerdict::Deliver { slot: 0, inner: 8..d.len(), segment_mss: Some(1450 - 20 - 32) });
         let mut icmp = tcp.clone();
         icmp[23] = 1; // protocol ICMP: no way to cut it
         let mut d = datagram(vni(), &icmp);
-        assert_eq!(from_underlay(&snap, &mut l, B, &mut d, 0, &c), UnderlayVerdict::Drop(DropReason::OversizedFrame));
+        assert_eq!(
+            from_underlay(&snap, &mut Openers::default(), &mut l, B, &mut d, 0, &c),
+            UnderlayVerdict::Drop(DropReason::OversizedFrame)
+        );
         assert_eq!(c.snapshot().rx_resegmented, 1);
     }
 
@@ -509,7 +592,10 @@ mod tests {
         let p = checksum::fold(checksum::pseudo_v4([10, 0, 0, 1], [10, 0, 0, 2], 6, (n - 34) as u16));
         partial[34 + 16..34 + 18].copy_from_slice(&p.to_be_bytes());
         let mut d = datagram(vni(), &partial);
-        assert!(matches!(from_underlay(&snap, &mut l, B, &mut d, 0, &c), UnderlayVerdict::Deliver { .. }));
+        assert!(matches!(
+            from_underlay(&snap, &mut Openers::default(), &mut l, B, &mut d, 0, &c),
+            UnderlayVerdict::Deliver { .. }
+        ));
         assert_eq!(&d[8..], &good[..]);
         assert_eq!(c.snapshot().rx_checksums_completed, 1);
     }
@@ -671,8 +757,9 @@ mod tests {
         let snap = t.load();
         let c = Counters::default();
         let mut l = Learner::new(shared_learned(), 16, 300);
-        let mut receive =
-            |from: IpAddr, inner: &[u8]| from_underlay(&snap, &mut l, from, &mut datagram(vni(), inner), 0, &c);
+        let mut receive = |from: IpAddr, inner: &[u8]| {
+            from_underlay(&snap, &mut Openers::default(), &mut l, from, &mut datagram(vni(), inner), 0, &c)
+        };
         let to = mac(0, 5);
         let legit = [
             ip_frame(to, mac(1, 9), v(1, 9)),                          // C's container
@@ -738,8 +825,9 @@ mod tests {
             assert_eq!(send(f), TapVerdict::Drop(DropReason::SourceNotLocal), "{:02x?}", &f[..34]);
         }
         let mut l = Learner::new(shared_learned(), 16, 300);
-        let mut receive =
-            |from: IpAddr, inner: &[u8]| from_underlay(&snap, &mut l, from, &mut datagram(vni(), inner), 0, &c);
+        let mut receive = |from: IpAddr, inner: &[u8]| {
+            from_underlay(&snap, &mut Openers::default(), &mut l, from, &mut datagram(vni(), inner), 0, &c)
+        };
         assert!(matches!(receive(C, &ip_frame(to_local, mac(1, 255), outside)), UnderlayVerdict::Deliver { .. }));
         let forged = [
             ip_frame(to_local, mac(1, 255), v(2, 9)), // C's mesh address with B's address
@@ -750,5 +838,56 @@ mod tests {
         for f in &forged {
             assert_eq!(receive(C, f), UnderlayVerdict::Drop(DropReason::SourceNotOfSender), "{:02x?}", &f[..34]);
         }
+    }
+
+    #[test]
+    fn an_encrypted_network_takes_only_datagrams_sealed_with_its_key() {
+        use crate::crypto::{NetworkKey, Sealer};
+        let key = NetworkKey { epoch: 3, secret: [7; 32] };
+        let t = tables(false);
+        let snap = t.load();
+        let c = Counters::default();
+        let mut l = Learner::new(shared_learned(), 16, 300);
+        let mut openers = Openers::default();
+        let inner = frame(LOCAL, REMOTE);
+        let seal = |sealer: &Sealer| {
+            let mut d = vec![0u8; crate::crypto::SEALED_HEADER_LEN + inner.len() + crate::crypto::TAG_LEN];
+            d[crate::crypto::SEALED_HEADER_LEN..][..inner.len()].copy_from_slice(&inner);
+            sealer.seal(vni(), sealer.reserve(1), &mut d, inner.len());
+            d
+        };
+        let from_b = Sealer::new(&key, B, 1);
+        // A plain network: a sealed datagram is not its.
+        let v = from_underlay(&snap, &mut openers, &mut l, B, &mut seal(&from_b), 0, &c);
+        assert_eq!(v, UnderlayVerdict::Drop(DropReason::SealedOnPlain));
+        // Encrypted, with no key yet: nothing opens, nothing plain comes in.
+        let keyless = Arc::new(NetworkCrypto::keyless());
+        t.update(|tx| tx.set_crypto(vni(), Some(keyless))).unwrap();
+        let snap = t.load();
+        openers.sync(&snap);
+        let v = from_underlay(&snap, &mut openers, &mut l, B, &mut seal(&from_b), 0, &c);
+        assert_eq!(v, UnderlayVerdict::Drop(DropReason::UnknownKey));
+        let v = from_underlay(&snap, &mut openers, &mut l, B, &mut datagram(vni(), &inner), 0, &c);
+        assert_eq!(v, UnderlayVerdict::Drop(DropReason::PlainOnEncrypted));
+        // With the key: opened in place, the inner frame where the verdict says.
+        let crypto = Arc::new(NetworkCrypto::new(vec![key.clone()], Some(3), C, 9));
+        t.update(|tx| tx.set_crypto(vni(), Some(crypto))).unwrap();
+        let snap = t.load();
+        openers.sync(&snap);
+        let mut d = seal(&from_b);
+        let len = d.len();
+        let v = from_underlay(&snap, &mut openers, &mut l, B, &mut d, 0, &c);
+        assert_eq!(v, UnderlayVerdict::Deliver { slot: 0, inner: 24..len - 16, segment_mss: None });
+        assert_eq!(&d[24..len - 16], &inner[..]);
+        // Replayed, from a stranger, sealed with another key: refused.
+        let mut again = seal(&from_b);
+        from_underlay(&snap, &mut openers, &mut l, B, &mut again.clone(), 0, &c);
+        let v = from_underlay(&snap, &mut openers, &mut l, B, &mut again, 0, &c);
+        assert_eq!(v, UnderlayVerdict::Drop(DropReason::Replayed));
+        let v = from_underlay(&snap, &mut openers, &mut l, ROGUE, &mut seal(&from_b), 0, &c);
+        assert_eq!(v, UnderlayVerdict::Drop(DropReason::NotMember));
+        let other = Sealer::new(&NetworkKey { epoch: 3, secret: [8; 32] }, B, 2);
+        let v = from_underlay(&snap, &mut openers, &mut l, B, &mut seal(&other), 0, &c);
+        assert_eq!(v, UnderlayVerdict::Drop(DropReason::AuthFailed));
     }
 }

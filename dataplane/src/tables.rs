@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, Cache};
 
+use crate::crypto::{NetworkKey, Sealer};
 use crate::wire::{MacAddr, Vni};
 
 /// Hash state for the tables: fast, and seeded per process so that addresses chosen by an
@@ -44,6 +45,44 @@ pub struct NetworkSettings {
     /// The IP MTU of the network (its TAP, bridge and containers): inner frames above it are
     /// segmented (TCP, UDP) or dropped.
     pub mtu: u32,
+    /// Sealed between hosts: from its first moment it sends only sealed datagrams (none until
+    /// it has a key, [`Transaction::set_crypto`]) and takes only sealed ones.
+    pub encrypted: bool,
+}
+
+/// An encrypted network's keys on this host: the keys its datagrams are opened with (the
+/// current epoch's and, during a rotation, the one before), and the [`Sealer`] of the one it
+/// sends with (none: it has no key yet, and sends nothing). A network with this set never
+/// sends or takes a plain datagram.
+#[derive(Debug)]
+pub struct NetworkCrypto {
+    keys: Vec<NetworkKey>,
+    sealer: Option<Sealer>,
+}
+
+impl NetworkCrypto {
+    /// Opens with `keys`, seals with the one of epoch `send` (if among them), as `local` in
+    /// `session` (a number larger than any this host sealed with before, see [`Sealer`]).
+    pub fn new(keys: Vec<NetworkKey>, send: Option<u8>, local: IpAddr, session: u64) -> NetworkCrypto {
+        let sealer = keys.iter().find(|k| Some(k.epoch) == send).map(|k| Sealer::new(k, local, session));
+        NetworkCrypto { keys, sealer }
+    }
+
+    /// An encrypted network's state before it has a key: it opens and seals nothing.
+    pub fn keyless() -> NetworkCrypto {
+        NetworkCrypto { keys: Vec::new(), sealer: None }
+    }
+
+    /// The keys datagrams are opened with.
+    pub fn keys(&self) -> &[NetworkKey] {
+        &self.keys
+    }
+
+    /// What this host seals with, if it has the key.
+    #[inline]
+    pub fn sealer(&self) -> Option<&Sealer> {
+        self.sealer.as_ref()
+    }
 }
 
 /// Who holds an address block of a cluster network.
@@ -96,6 +135,9 @@ pub struct NetworkTable<T> {
     /// The subnet as (address, mask), and every host's mesh address.
     subnet: Option<(u32, u32)>,
     mesh: FastSet<Ipv4Addr>,
+    /// An encrypted network's keys (shared by every snapshot, so the sealer's counter goes
+    /// on across table updates).
+    crypto: Option<Arc<NetworkCrypto>>,
 }
 
 impl<T> NetworkTable<T> {
@@ -105,6 +147,7 @@ impl<T> NetworkTable<T> {
             tap,
             learning: settings.learning,
             mtu: settings.mtu,
+            crypto: settings.encrypted.then(|| Arc::new(NetworkCrypto::keyless())),
             fdb: FastMap::default(),
             arp: FastMap::default(),
             flood: Vec::new(),
@@ -185,6 +228,12 @@ impl<T> NetworkTable<T> {
     #[inline]
     pub fn local_endpoint(&self, mac: &MacAddr) -> Option<Ipv4Addr> {
         self.local.get(mac).copied()
+    }
+
+    /// An encrypted network's keys; `None` for a plain network.
+    #[inline]
+    pub fn crypto(&self) -> Option<&Arc<NetworkCrypto>> {
+        self.crypto.as_ref()
     }
 
     /// Whether `ip` is a host's mesh address (the routing mesh's source of outside clients).
@@ -556,6 +605,13 @@ impl<T: Clone> Transaction<T> {
         Ok(())
     }
 
+    /// Makes the network encrypted with `crypto` (from then on it neither sends nor takes a
+    /// plain datagram), or plain again with `None`.
+    pub fn set_crypto(&mut self, vni: Vni, crypto: Option<Arc<NetworkCrypto>>) -> Result<(), TableError> {
+        self.net(vni)?.crypto = crypto;
+        Ok(())
+    }
+
     /// Stops answering ARP requests for `ip`.
     pub fn remove_arp(&mut self, vni: Vni, ip: Ipv4Addr) -> Result<Option<MacAddr>, TableError> {
         Ok(self.net(vni)?.arp.remove(&ip))
@@ -570,7 +626,7 @@ mod tests {
         Vni::new(n).unwrap()
     }
     fn settings(learning: bool) -> NetworkSettings {
-        NetworkSettings { learning, mtu: 1450 }
+        NetworkSettings { learning, mtu: 1450, encrypted: false }
     }
     const A: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
     const B: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));

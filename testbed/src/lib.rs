@@ -158,6 +158,11 @@ impl Testbed {
         self.inner.dir.join(UPSTREAMS_FILE)
     }
 
+    /// The switch namespace, whose bridge `br0` carries the whole underlay (to capture it).
+    pub fn switch(&self) -> Node {
+        Node { ns: self.inner.switch.clone(), inner: Arc::clone(&self.inner) }
+    }
+
     /// Adds host number n (1, 2, …) with underlay address 198.18.x.y on `ul0`.
     pub fn add_host(&self) -> Result<Host> {
         self.add_underlay_node("h")

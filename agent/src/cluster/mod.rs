@@ -3,6 +3,7 @@
 //! and the reconciler — and stops it; `membership` is what the host is in the cluster and how
 //! it becomes it, `reports` answers the CLI, `reconcile` keeps the host in line with the state.
 
+pub mod keys;
 mod membership;
 mod reconcile;
 mod reports;
@@ -173,12 +174,15 @@ impl ClusterRuntime {
                 tasks: Vec::new(),
                 followers: Default::default(),
             };
+            let (keys_tx, keys_rx) = tokio::sync::watch::channel(Arc::new(keys::Keys::new()));
+            tasks.push(tokio::spawn(keys::follow(Arc::clone(&rt.follower), keys_tx)));
             tasks.push(tokio::spawn(reconcile::run(
                 Arc::clone(&rt.host),
                 Arc::clone(&rt.follower),
                 Arc::clone(&rt.endpoints),
                 Arc::clone(&rt.gossip),
                 rt.membership.node_id,
+                keys_rx,
             )));
             if rt.membership.role == Role::Manager
                 && rt.manager.as_ref().is_some_and(|m| !m.members().0.contains(&rt.membership.node_id))

@@ -35,7 +35,7 @@ pub type Plan = BTreeMap<String, PlannedNetwork>;
 /// and the endpoints of the live hosts (each only within its owner's block: a host cannot
 /// claim another's addresses, nor a group MAC); on a network with a published port, every
 /// host's mesh address (the live ones' answered by ARP).
-pub fn plan(view: &ClusterView, heard: &GossipView, me: NodeId) -> Plan {
+pub fn plan(view: &ClusterView, heard: &GossipView, me: NodeId, keys: &super::keys::Keys, now: u64) -> Plan {
     let mut wanted = Plan::new();
     let meshed = control::service::published_networks(view.services.values());
     for (name, net) in &view.networks {
@@ -49,6 +49,9 @@ pub fn plan(view: &ClusterView, heard: &GossipView, me: NodeId) -> Plan {
             endpoints: Vec::new(),
             subnet: net.subnet,
             mesh: Vec::new(),
+            crypto: net
+                .encrypted
+                .then(|| super::keys::sealing(net, keys.get(name).map(Vec::as_slice).unwrap_or_default(), now)),
         };
         for (&node, cidr) in view.blocks.get(name).into_iter().flatten() {
             // The routing mesh's addresses, on a network with a published port only.
@@ -82,6 +85,7 @@ pub fn plan(view: &ClusterView, heard: &GossipView, me: NodeId) -> Plan {
             tap: format!("ovt-{name}"),
             mtu: net.mtu,
             learning: false,
+            encrypted: net.encrypted,
             gateway: Some(Gateway {
                 addr: net.gateway,
                 local_block,
@@ -142,6 +146,7 @@ pub async fn run(
     store: Arc<Mutex<EndpointStore>>,
     gossip: Arc<Gossip>,
     me: NodeId,
+    mut keys: tokio::sync::watch::Receiver<Arc<super::keys::Keys>>,
 ) {
     let mut views = follower.subscribe();
     let mut heard = gossip.subscribe();
@@ -158,7 +163,9 @@ pub async fn run(
         gossip.publish_local(endpoints::gossiped(&view, &*store.lock().await));
         let (gossip_ports, control_ports) = service_ports(&view);
         let firewalled = host.set_service_ports(gossip_ports, control_ports).await;
-        if let Err(e) = firewalled.and(apply(&host, &plan(&view, &g, me), &store).await) {
+        let now = unix_now();
+        let k = Arc::clone(&keys.borrow_and_update());
+        if let Err(e) = firewalled.and(apply(&host, &plan(&view, &g, me, &k, now), &store).await) {
             tracing::warn!(error = %format!("{e:#}"), "could not bring the host in line with the cluster state; retrying");
             tokio::time::sleep(Duration::from_secs(2)).await;
             continue;
@@ -170,11 +177,21 @@ pub async fn run(
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not remove stale firewall rules"),
             }
         }
+        // A key rotation changes what is sealed with at set times, with nothing else changing.
+        let next = super::keys::next_change(view.networks.values(), now)
+            .map_or(Duration::from_secs(3600), |t| Duration::from_secs(t.saturating_sub(now)));
         tokio::select! {
             r = views.changed() => if r.is_err() { return },
             r = heard.changed() => if r.is_err() { return },
+            r = keys.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(next) => {}
         }
     }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -260,6 +277,10 @@ mod tests {
         g
     }
 
+    fn plan_(v: &ClusterView, g: &GossipView, me: NodeId) -> Plan {
+        plan(v, g, me, &super::super::keys::Keys::new(), 0)
+    }
+
     /// The containers' entries of a plan's tables (not the hosts' mesh addresses).
     fn containers(t: &NetworkTables) -> Vec<(Ipv4Addr, MacAddr, IpAddr)> {
         t.endpoints.iter().filter(|e| !t.mesh.contains(&e.0)).copied().collect()
@@ -268,7 +289,7 @@ mod tests {
     #[test]
     fn every_hosts_mesh_address_is_known_and_a_live_remote_ones_answered_by_arp() {
         let mut v = view(3);
-        let t = &plan(&v, &heard(&[2], &[]), 1)["web"].tables;
+        let t = &plan_(&v, &heard(&[2], &[]), 1)["web"].tables;
         assert!(t.mesh.is_empty() && t.endpoints.is_empty(), "no published port: no mesh");
         let published = control::service::PublishedPort {
             published: 8080,
@@ -287,7 +308,7 @@ mod tests {
             created_at: 0,
         };
         v.services.insert("www".into(), svc);
-        let t = &plan(&v, &heard(&[2], &[]), 1)["web"].tables;
+        let t = &plan_(&v, &heard(&[2], &[]), 1)["web"].tables;
         let m = |h| Ipv4Addr::new(10, 128, h, 255);
         assert_eq!(t.mesh, [m(1), m(2), m(3)]);
         assert_eq!(t.endpoints, [(m(2), MacAddr::from_ipv4(m(2)), vtep(2))], "host 3 is down, host 1 is this one");
@@ -297,7 +318,7 @@ mod tests {
     #[test]
     fn a_network_is_up_only_where_this_host_has_a_block() {
         let v = view(2);
-        let p = plan(&v, &heard(&[2], &[]), 1);
+        let p = plan_(&v, &heard(&[2], &[]), 1);
         let web = &p["web"];
         assert_eq!((web.spec.bridge.as_str(), web.spec.tap.as_str()), ("ovbr-web", "ovt-web"));
         let subnet = "10.128.0.0/16".parse().unwrap();
@@ -305,14 +326,14 @@ mod tests {
         let gateway = Gateway { addr: Ipv4Addr::new(10, 128, 0, 1), local_block: block(1), subnet, egress: true, mesh };
         assert_eq!(web.spec.gateway, Some(gateway));
         assert!(!web.spec.learning, "a cluster network learns nothing from the data plane");
-        assert!(plan(&v, &heard(&[1, 2], &[]), 3).is_empty(), "host 3 has no block: no network up");
+        assert!(plan_(&v, &heard(&[1, 2], &[]), 3).is_empty(), "host 3 has no block: no network up");
     }
 
     #[test]
     fn an_internal_networks_gateway_leads_nowhere() {
         let mut v = view(2);
         v.networks.get_mut("web").unwrap().internal = true;
-        let p = plan(&v, &heard(&[2], &[]), 1);
+        let p = plan_(&v, &heard(&[2], &[]), 1);
         assert!(!p["web"].spec.gateway.unwrap().egress);
     }
 
@@ -320,7 +341,7 @@ mod tests {
     fn a_host_that_is_down_is_not_flooded_to_and_its_block_and_endpoints_are_withdrawn() {
         let v = view(3);
         let eps = [(2, endpoint([10, 128, 2, 5])), (3, endpoint([10, 128, 3, 5]))];
-        let t = &plan(&v, &heard(&[2], &eps), 1)["web"].tables;
+        let t = &plan_(&v, &heard(&[2], &eps), 1)["web"].tables;
         assert_eq!(t.flood, [vtep(2)], "host 3 is down: only host 2 is flooded to");
         assert_eq!(
             t.blocks,
@@ -332,7 +353,7 @@ mod tests {
         );
         let ip = Ipv4Addr::new(10, 128, 2, 5);
         assert_eq!(containers(t), [(ip, MacAddr::from_ipv4(ip), vtep(2))], "host 3's endpoint is not installed");
-        let back = &plan(&v, &heard(&[2, 3], &eps), 1)["web"].tables;
+        let back = &plan_(&v, &heard(&[2, 3], &eps), 1)["web"].tables;
         assert_eq!(back.flood, [vtep(2), vtep(3)], "host 3 is back");
         assert_eq!(containers(back).len(), 2);
     }
@@ -351,7 +372,7 @@ mod tests {
             (2, group),
             (2, other_vni),
         ];
-        let t = &plan(&v, &heard(&[2, 3], &eps), 1)["web"].tables;
+        let t = &plan_(&v, &heard(&[2, 3], &eps), 1)["web"].tables;
         let ip = Ipv4Addr::new(10, 128, 2, 6);
         assert_eq!(containers(t), [(ip, MacAddr::from_ipv4(ip), vtep(2))]);
     }
@@ -360,7 +381,7 @@ mod tests {
     fn a_block_that_changes_owner_follows_its_new_owner() {
         let mut v = view(3);
         let eps = [(2, endpoint([10, 128, 3, 9])), (3, endpoint([10, 128, 3, 9]))];
-        let before = &plan(&v, &heard(&[2, 3], &eps), 1)["web"].tables;
+        let before = &plan_(&v, &heard(&[2, 3], &eps), 1)["web"].tables;
         let ip = Ipv4Addr::new(10, 128, 3, 9);
         assert_eq!(containers(before), [(ip, MacAddr::from_ipv4(ip), vtep(3))], "the block is host 3's");
         // Host 3 is removed and its block leased again, to host 2.
@@ -368,7 +389,7 @@ mod tests {
         let web = v.blocks.get_mut("web").unwrap();
         web.remove(&3);
         web.insert(2, block(3));
-        let after = &plan(&v, &heard(&[2], &eps), 1)["web"].tables;
+        let after = &plan_(&v, &heard(&[2], &eps), 1)["web"].tables;
         assert!(after.blocks.contains(&(Ipv4Addr::new(10, 128, 3, 0), BlockOwner::Remote(vtep(2)))));
         assert_eq!(containers(after), [(ip, MacAddr::from_ipv4(ip), vtep(2))], "now host 2's endpoint");
         assert_eq!(after.flood, [vtep(2)]);
@@ -378,7 +399,7 @@ mod tests {
     fn a_block_of_a_host_the_view_does_not_know_is_skipped() {
         let mut v = view(2);
         v.nodes.remove(&2);
-        let t = &plan(&v, &heard(&[2], &[(2, endpoint([10, 128, 2, 5]))]), 1)["web"].tables;
+        let t = &plan_(&v, &heard(&[2], &[(2, endpoint([10, 128, 2, 5]))]), 1)["web"].tables;
         assert_eq!(t.blocks, [(Ipv4Addr::new(10, 128, 1, 0), BlockOwner::Local)]);
         assert!(t.flood.is_empty() && t.endpoints.is_empty());
     }

@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
     let vni = Vni::new(7).unwrap();
     tables
         .update(|tx| {
-            tx.add_network(vni, (), NetworkSettings { learning: false, mtu: 1450 })?;
+            tx.add_network(vni, (), NetworkSettings { learning: false, mtu: 1450, encrypted: false })?;
             tx.set_flood_list(vni, [IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2))])
         })
         .unwrap();

@@ -256,6 +256,19 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// An encrypted network's keys for [`Transaction::set_crypto`](crate::tables::Transaction::set_crypto):
+    /// opened with `keys`, sealed with epoch `send`, in a session of its own (larger than any
+    /// this host had before, this process or an earlier one: its start time in nanoseconds),
+    /// so that a sealer made anew never repeats a nonce of an earlier one. Make one per change
+    /// of keys and keep it while they stay the same: its counter goes on.
+    pub fn network_crypto(
+        &self,
+        keys: Vec<crate::crypto::NetworkKey>,
+        send: Option<u8>,
+    ) -> Arc<crate::tables::NetworkCrypto> {
+        Arc::new(crate::tables::NetworkCrypto::new(keys, send, self.shared.local, next_session()))
+    }
+
     /// The current tables.
     pub fn tables(&self) -> Arc<Tables<Arc<Tap>>> {
         self.shared.tables.load()
@@ -295,6 +308,22 @@ impl Dataplane {
         // Drop the networks so their TAPs close now, not when the handle is dropped.
         let vnis: Vec<_> = self.shared.tables.load().networks().map(|(_, n)| n.vni()).collect();
         let _ = self.shared.tables.update(|tx| vnis.iter().try_for_each(|v| tx.remove_network(*v).map(drop)));
+    }
+}
+
+/// A sealing session number: nanoseconds since the Unix epoch, and above every one handed out
+/// before in this process.
+fn next_session() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
     }
 }
 

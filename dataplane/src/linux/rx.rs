@@ -20,7 +20,7 @@ use crate::counters::{Counters, DropReason, bump};
 use crate::learn::Learner;
 use crate::offload::{self, Coalescer, TcpSegment, VNET_HDR_LEN};
 use crate::segment::SuperFrame;
-use crate::switch::{self, UnderlayVerdict};
+use crate::switch::{self, Openers, UnderlayVerdict};
 use crate::tables::{Tables, TablesReader};
 use crate::wire::{ethernet, vxlan};
 
@@ -94,6 +94,9 @@ pub(crate) struct RxLoop {
     scratch: Box<[u8]>,
     /// Messages the next `recvmmsg` asks for (see [`BATCH_BYTES`]).
     asked: usize,
+    /// The encrypted networks' openers, and the tables' generation they follow.
+    openers: Openers,
+    openers_generation: u64,
 }
 
 impl RxLoop {
@@ -112,6 +115,8 @@ impl RxLoop {
             gather: Gather::new(MAX_PIECES),
             scratch: vec![0u8; MESSAGE_CAP].into_boxed_slice(),
             asked: BATCH,
+            openers: Openers::default(),
+            openers_generation: u64::MAX,
             shared,
         }
     }
@@ -201,6 +206,10 @@ impl RxLoop {
             Err(_) => return true, // EINTR, or an ICMP error queued on the socket: try again
         };
         bump(&c.rx.recv_calls, 1);
+        if tables.generation() != self.openers_generation {
+            self.openers.sync(&tables);
+            self.openers_generation = tables.generation();
+        }
         let bytes: usize = (0..n).map(|i| self.batch.len_of(i)).sum();
         self.asked = (BATCH_BYTES * n / bytes.max(1)).clamp(MIN_BATCH, BATCH);
         let now = shared.now_secs();
@@ -264,7 +273,7 @@ impl RxLoop {
             let d = &mut buf[k * stride..len.min((k + 1) * stride)];
             bump(&c.rx.datagrams, 1);
             bump(&c.rx.bytes, d.len() as u64);
-            *v = Some(switch::from_underlay(tables, &mut self.learner, src, d, now, c));
+            *v = Some(switch::from_underlay(tables, &mut self.openers, &mut self.learner, src, d, now, c));
         }
         self.learner.end_batch(now, c);
 
@@ -375,6 +384,10 @@ impl RxLoop {
 /// kernel tagged with a segment size of its inner TCP (a UDP-tunnel GSO packet from a kernel
 /// VTEP over veth, whose first `stride` bytes hold only the start of one big inner frame).
 fn is_run(buf: &[u8], stride: usize) -> bool {
+    // Sealed datagrams hide their inner headers; the kernel joins only datagrams of one size.
+    if crate::crypto::is_sealed(buf) {
+        return true;
+    }
     let Some(first) = buf.get(vxlan::HEADER_LEN..stride) else { return false };
     match ethernet::network_layer(first) {
         Some((etherparse::EtherType::IPV4, l3)) if first.len() >= l3 + 4 => {

@@ -20,6 +20,7 @@ use super::threads::SplitMeter;
 use super::{HEADROOM, Shared, Tap, UNDERLAY, WAKE};
 use crate::alloc_count;
 use crate::counters::{DropReason, bump};
+use crate::crypto::{self, Sealer};
 use crate::learn::LearnedReader;
 use crate::offload::{self, TxShape, VNET_HDR_LEN, VirtioNetHdr};
 use crate::segment::SuperFrame;
@@ -53,6 +54,12 @@ const ARENA_SEGMENTS: usize = 1024;
 /// Room per segment in the header arena: VXLAN, Ethernet with two VLAN tags, IPv6 or IPv4
 /// with options, TCP with options.
 const SEG_HDR_CAP: usize = 160;
+/// Segments the sealed arena holds: an encrypted network's segments are written there whole
+/// (header, copied payload, tag), each sealed in place.
+const SEALED_ARENA_SEGMENTS: usize = 2 * MAX_SEGMENTS;
+/// Room per sealed segment: the sealed header, the segment's headers, a payload of up to a
+/// 9000-byte MTU, the tag.
+const SEALED_SEG_CAP: usize = crypto::SEALED_HEADER_LEN + SEG_HDR_CAP + 9000 + crypto::TAG_LEN;
 
 /// The datagrams of a batch for one source-port socket: plain datagrams, GSO runs and copies
 /// for each flood-list member leave in one `sendmmsg` (more if there are more than
@@ -165,6 +172,8 @@ pub(crate) struct TxLoop {
     /// in front of it in place.
     bufs: Box<[Box<[u8]>]>,
     arena: SegmentArena,
+    /// The arena of an encrypted network's round (swapped with `arena` for the round).
+    sealed_arena: SegmentArena,
     reply: [u8; VNET_HDR_LEN + arp::MAX_REPLY_LEN],
 }
 
@@ -181,6 +190,7 @@ impl TxLoop {
             queues: tx_fds.iter().map(|&fd| SendQueue::new(fd)).collect(),
             bufs: (0..BATCH).map(|_| vec![0u8; HEADROOM + FRAME_CAP].into_boxed_slice()).collect(),
             arena: SegmentArena::new(ARENA_SEGMENTS, SEG_HDR_CAP),
+            sealed_arena: SegmentArena::new(SEALED_ARENA_SEGMENTS, SEALED_SEG_CAP),
             reply: [0; VNET_HDR_LEN + arp::MAX_REPLY_LEN],
             shared,
         })
@@ -295,6 +305,12 @@ impl TxLoop {
         let c = &shared.counters;
         let udp_port = shared.settings.vxlan_port;
         let gso = shared.gso_ok.load(Ordering::Relaxed);
+        // An encrypted network seals every datagram, or sends nothing (never plaintext). Its
+        // rounds cut into the sealed arena: everything is sent before the swap back.
+        let crypto = net.crypto();
+        if crypto.is_some() {
+            std::mem::swap(&mut self.arena, &mut self.sealed_arena);
+        }
         for _ in 0..ROUNDS_PER_WAKEUP {
             // Read up to a batch of frames, each into its own buffer.
             let mut lens = [0usize; BATCH];
@@ -333,6 +349,14 @@ impl TxLoop {
                 } else {
                     TxShape::Whole
                 };
+                let sealer = match crypto.map(|c| c.sealer()) {
+                    None => None,
+                    Some(Some(s)) => Some(s),
+                    Some(None) => {
+                        c.dropped(DropReason::NoSealingKey);
+                        continue;
+                    }
+                };
                 let frame = &buf[HEADROOM..HEADROOM + len];
                 let reply = &mut self.reply;
                 let (reply_hdr, reply_frame) = reply.split_at_mut(VNET_HDR_LEN);
@@ -358,14 +382,27 @@ impl TxLoop {
                 let q = port_index(flow_hash(frame), self.queues.len());
                 match shape {
                     TxShape::Whole => {
-                        if len + vxlan::HEADER_LEN > MAX_UDP_PAYLOAD {
-                            c.dropped(DropReason::FrameTooLarge);
-                            continue;
-                        }
-                        let datagram = HEADROOM - vxlan::HEADER_LEN..HEADROOM + len;
-                        let mut packet =
-                            VxlanPacket::new_checked(&mut buf[datagram.clone()]).expect("headroom for the header");
-                        VxlanRepr { vni: net.vni() }.emit(&mut packet);
+                        let datagram = if let Some(sealer) = sealer {
+                            let start = HEADROOM - crypto::SEALED_HEADER_LEN;
+                            let end = HEADROOM + len + crypto::TAG_LEN;
+                            if end - start > MAX_UDP_PAYLOAD || end > buf.len() {
+                                c.dropped(DropReason::FrameTooLarge);
+                                continue;
+                            }
+                            // Sealed once, the same bytes go to every destination.
+                            sealer.seal(net.vni(), sealer.reserve(1), &mut buf[start..end], len);
+                            start..end
+                        } else {
+                            if len + vxlan::HEADER_LEN > MAX_UDP_PAYLOAD {
+                                c.dropped(DropReason::FrameTooLarge);
+                                continue;
+                            }
+                            let datagram = HEADROOM - vxlan::HEADER_LEN..HEADROOM + len;
+                            let mut packet =
+                                VxlanPacket::new_checked(&mut buf[datagram.clone()]).expect("headroom for the header");
+                            VxlanRepr { vni: net.vni() }.emit(&mut packet);
+                            datagram
+                        };
                         let queue = &mut self.queues[q];
                         for &dst in dsts {
                             if queue.batch.is_full() {
@@ -382,9 +419,12 @@ impl TxLoop {
                             flush_all(&mut self.queues, &shared, &self.bufs, &mut self.arena);
                             self.arena.clear();
                         }
-                        let Some(cut) =
-                            cut(&self.bufs[i][HEADROOM..HEADROOM + len], i, mss, net.vni(), &mut self.arena)
-                        else {
+                        let frame = &self.bufs[i][HEADROOM..HEADROOM + len];
+                        let cut = match sealer {
+                            None => cut(frame, i, mss, net.vni(), &mut self.arena),
+                            Some(sealer) => cut_sealed(frame, i, mss, net.vni(), &mut self.arena, sealer),
+                        };
+                        let Some(cut) = cut else {
                             c.dropped(DropReason::UnsupportedOffload);
                             continue;
                         };
@@ -398,6 +438,9 @@ impl TxLoop {
             if drained {
                 break;
             }
+        }
+        if crypto.is_some() {
+            std::mem::swap(&mut self.arena, &mut self.sealed_arena);
         }
     }
 }
@@ -456,6 +499,49 @@ fn cut(frame: &[u8], buf: usize, mss: usize, vni: crate::Vni, arena: &mut Segmen
         sf.write_segment_headers(s, mss, packet.payload_mut());
     }
     Some(Cut { first, segments: n, seg_size: hdr_len + mss, full_last })
+}
+
+/// [`cut`] for an encrypted network: each segment is written whole into `arena` (whose room
+/// per segment is [`SEALED_SEG_CAP`]) — the sealed header, the segment's headers (checksums
+/// computed over the payload where it lies), its payload copied, the tag — and sealed in
+/// place with consecutive counters, in the same pass. The datagrams have one size but the
+/// last, so they still leave as GSO runs.
+fn cut_sealed(
+    frame: &[u8],
+    buf: usize,
+    mss: usize,
+    vni: crate::Vni,
+    arena: &mut SegmentArena,
+    sealer: &Sealer,
+) -> Option<Cut> {
+    let sf = SuperFrame::parse(frame).ok()?;
+    let n = sf.segment_count(mss);
+    let hl = sf.header_len();
+    let seg_size = crypto::SEALED_HEADER_LEN + hl + mss + crypto::TAG_LEN;
+    if n > MAX_SEGMENTS
+        || hl > SEG_HDR_CAP
+        || seg_size > SEALED_SEG_CAP
+        || seg_size > MAX_UDP_PAYLOAD
+        || arena.room() < n
+    {
+        return None;
+    }
+    let first = arena.len();
+    let counter = sealer.reserve(n as u64);
+    let mut full_last = false;
+    for s in 0..n {
+        let payload = sf.segment_payload(s, mss);
+        full_last = payload.len() == mss;
+        let plain = hl + payload.len();
+        // The payload is in the segment itself: none follows it from the frame buffer.
+        let at = HEADROOM + payload.start;
+        let out = arena.push(buf, at..at, crypto::SEALED_HEADER_LEN + plain + crypto::TAG_LEN)?;
+        let body = &mut out[crypto::SEALED_HEADER_LEN..];
+        sf.write_segment_headers(s, mss, &mut body[..hl]);
+        body[hl..plain].copy_from_slice(&frame[payload]);
+        sealer.seal(vni, counter + s as u64, out, plain);
+    }
+    Some(Cut { first, segments: n, seg_size, full_last })
 }
 
 /// Queues the segments of `cut` to every destination: as GSO runs when allowed, so that one
