@@ -235,7 +235,10 @@ fn bad_datagrams_are_dropped_counted_and_harmless() {
     let vni100 = [0x08, 0, 0, 0, 0, 0, 100, 0];
     let good = vxlan_to(vni100, c1.mac());
     let mut bad_flags = good.clone();
-    bad_flags[0] = 0x0c;
+    bad_flags[0] = 0x09;
+    // The flags of a sealed datagram (an encrypted network's), to a plain network.
+    let mut sealed = good.clone();
+    sealed[0] = 0x0c;
     let mut reserved_1 = good.clone();
     reserved_1[2] = 0x01;
     let mut reserved_2 = good.clone();
@@ -248,6 +251,7 @@ fn bad_datagrams_are_dropped_counted_and_harmless() {
         ("reserved_bits", reserved_1),
         ("reserved_bits", reserved_2),
         ("unknown_vni", unknown_vni),
+        ("sealed_on_plain_network", sealed),
     ];
     let to = SocketAddr::new(h[0].addr(), 4789);
     let before = a1.counters().unwrap();
@@ -258,14 +262,15 @@ fn bad_datagrams_are_dropped_counted_and_harmless() {
         .unwrap();
     // From the stranger h3: a perfectly valid datagram, 3 times.
     h[2].send_udp(SocketAddr::new(h[2].addr(), 0), to, vec![good.clone(); 3]).unwrap();
-    // And 500 datagrams of garbage from both (first byte never 0x08, so none is valid).
+    // And 500 datagrams of garbage from both (first byte never 0x08 nor 0x0c, so none is valid
+    // or taken for sealed).
     let garbage: Vec<Vec<u8>> = (0..250u32)
         .map(|i| {
             let len = (i as usize * 7919) % 1400;
             let mut g: Vec<u8> =
                 (0..len).map(|j| (i.wrapping_mul(2654435761).wrapping_add(j as u32 * 40503) >> 7) as u8).collect();
             if let Some(b) = g.first_mut() {
-                *b = if *b == 0x08 { 0x09 } else { *b };
+                *b = if *b == 0x08 || *b == 0x0c { 0x09 } else { *b };
             }
             g
         })
@@ -282,11 +287,12 @@ fn bad_datagrams_are_dropped_counted_and_harmless() {
     let delta = |r: &str| after.dropped(r) - before.dropped(r);
     assert_eq!(
         delta("bad_flags") + delta("reserved_bits") + delta("truncated") + delta("not_member"),
-        expected_total - 3,
+        expected_total - 6,
         "{:?}",
         after.0
     );
     assert_eq!(delta("unknown_vni"), 3);
+    assert_eq!(delta("sealed_on_plain_network"), 3);
     assert!(delta("truncated") >= 6 && delta("bad_flags") >= 3 && delta("reserved_bits") >= 6);
     assert!(delta("not_member") >= 3, "the stranger's valid datagrams are refused");
     assert_eq!(

@@ -459,6 +459,22 @@ impl Manager {
                     tracing::warn!(node = id, error = %e, "could not record host status");
                 }
             }
+            // Keys are rotated on a schedule too: each encrypted network's once it is
+            // [`NETWORK_KEY_LIFETIME`] old.
+            let at = unix_now();
+            let stale: Vec<String> = self.state.read(|s| {
+                s.networks
+                    .values()
+                    .filter(|n| n.encrypted && at.saturating_sub(n.key_made_at) >= NETWORK_KEY_LIFETIME.as_secs())
+                    .map(|n| n.name.clone())
+                    .collect()
+            });
+            for network in stale {
+                match self.command(Command::RotateNetworkKey { network: network.clone(), key: new_key(), at }).await {
+                    Ok(_) => tracing::info!(%network, "network key rotated on schedule"),
+                    Err(e) => tracing::warn!(%network, error = %e, "could not rotate the network key"),
+                }
+            }
         }
     }
 
@@ -916,6 +932,9 @@ impl pb::manager_server::Manager for ManagerService {
         Ok(GrpcResponse::new(pb::GossipKeyReply { generation, key }))
     }
 }
+
+/// How long an encrypted network's key lives before the leader replaces it.
+pub const NETWORK_KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// Bytes a sealed datagram adds to a plain one (its header beyond VXLAN's, and its tag).
 pub const SEAL_OVERHEAD: u32 = 32;
