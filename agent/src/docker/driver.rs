@@ -116,6 +116,16 @@ struct ReleaseAddress {
     address: String,
 }
 
+/// Whether a Docker network asks to be encrypted: `docker network create --opt encrypted` (swarm's
+/// word), which Docker hands the driver among its generic options; `--opt encrypted=false` does
+/// not.
+fn wants_encryption(options: &BTreeMap<String, Value>) -> bool {
+    options
+        .get("com.docker.network.generic")
+        .and_then(|g| g.get("encrypted"))
+        .is_some_and(|v| v != &json!(false) && v != &json!("false"))
+}
+
 #[derive(Deserialize)]
 struct CreateNetwork {
     #[serde(rename = "NetworkID")]
@@ -413,6 +423,7 @@ impl Driver {
         let internal = r.options.as_ref().is_some_and(|o| {
             o.get("com.docker.network.internal").is_some_and(|v| v == &json!(true) || v == &json!("true"))
         });
+        let encrypted = r.options.as_ref().is_some_and(wants_encryption);
         let rt = self.runtime().await?;
         let mut store = self.store.lock().await;
         store.networks.insert(r.network_id.clone(), DockerNetwork { subnet, failed: String::new() });
@@ -420,14 +431,23 @@ impl Driver {
         drop(store);
         if network_by_subnet(&rt, subnet).is_none() {
             let me = Arc::clone(self);
-            tokio::spawn(async move { me.create_overlayd_network(rt, r.network_id, subnet, internal).await });
+            tokio::spawn(
+                async move { me.create_overlayd_network(rt, r.network_id, subnet, internal, encrypted).await },
+            );
         }
         Ok(json!({}))
     }
 
     /// Creates the overlayd network of a Docker network with a new subnet, once Docker shows
     /// the network's name.
-    async fn create_overlayd_network(&self, rt: Arc<ClusterRuntime>, id: String, subnet: Ipv4Cidr, internal: bool) {
+    async fn create_overlayd_network(
+        &self,
+        rt: Arc<ClusterRuntime>,
+        id: String,
+        subnet: Ipv4Cidr,
+        internal: bool,
+        encrypted: bool,
+    ) {
         let result = async {
             let mut name = None;
             for _ in 0..300 {
@@ -443,6 +463,7 @@ impl Driver {
                 name: name.clone(),
                 subnet: subnet.to_string(),
                 internal,
+                encrypted,
                 ..Default::default()
             })
             .await
@@ -670,4 +691,20 @@ fn ensure_manager(rt: &ClusterRuntime) -> Result<()> {
         "this host is a worker: create the network on a manager (docker network create there, or overlayd network create); it then appears in every host's Docker"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opt_encrypted_asks_for_an_encrypted_network() {
+        let opts =
+            |generic: Value| -> BTreeMap<String, Value> { [("com.docker.network.generic".to_owned(), generic)].into() };
+        assert!(wants_encryption(&opts(json!({"encrypted": ""}))), "--opt encrypted");
+        assert!(wants_encryption(&opts(json!({"encrypted": "true"}))));
+        assert!(!wants_encryption(&opts(json!({"encrypted": "false"}))));
+        assert!(!wants_encryption(&opts(json!({"mtu": "1400"}))));
+        assert!(!wants_encryption(&BTreeMap::new()));
+    }
 }
