@@ -146,6 +146,9 @@ fn an_encrypted_network_carries_traffic_and_nothing_of_it_is_readable_on_the_wir
         s[a].node.ping_ok(s[b].ip.into(), 3).unwrap_or_else(|e| panic!("s{} to s{}: {e:#}", a + 1, b + 1));
     }
     p[0].node.ping_ok(p[1].ip.into(), 3).unwrap();
+    // Side by side, the two networks stay apart: a container of one reaches none of the other.
+    assert!(p[0].node.ping(s[1].ip.into(), 2).map_or(true, |st| st.received == 0), "plain reached encrypted");
+    assert!(s[0].node.ping(p[1].ip.into(), 2).map_or(true, |st| st.received == 0), "encrypted reached plain");
     s[1].node.iperf3_server(5201).unwrap();
     let r = s[0].node.iperf3(s[1].ip.into(), 5201, 2, 1).unwrap();
     eprintln!("iperf3 over the encrypted network: {:.2} Gbit/s", r.bits_per_second / 1e9);
