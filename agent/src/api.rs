@@ -35,6 +35,8 @@ pub async fn serve(path: &Path, daemon: Arc<Daemon>) -> Result<()> {
         tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot restrict {} to its owner", path.display()))?;
+    // The commands can reach the daemon from now on: tell systemd (Type=notify) it is ready.
+    crate::daemon::notify_service_manager("READY=1");
     tonic::transport::Server::builder()
         .add_service(pb::agent_server::AgentServer::new(AgentService(daemon)))
         .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))

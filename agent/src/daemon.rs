@@ -116,6 +116,7 @@ pub async fn run(config: DaemonConfig, state_dir: PathBuf) -> Result<()> {
         _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
         _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
     };
+    notify_service_manager("STOPPING=1");
     match &*daemon.mode.read().await {
         Mode::Idle => {}
         Mode::Static(h) => h.shutdown().await,
@@ -123,6 +124,30 @@ pub async fn run(config: DaemonConfig, state_dir: PathBuf) -> Result<()> {
     }
     let _ = std::fs::remove_file(&sock);
     result
+}
+
+/// Tells the service manager that started this process (systemd, `Type=notify`) about its
+/// state (`READY=1`, `STOPPING=1`): one datagram to `$NOTIFY_SOCKET` (a path, or an abstract
+/// socket when it starts with `@`), as `sd_notify(3)` does. Without that variable (a terminal,
+/// a test) nothing happens; a failure is logged and changes nothing else.
+pub fn notify_service_manager(state: &str) {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sent = (|| -> std::io::Result<()> {
+        use std::os::linux::net::SocketAddrExt as _;
+        use std::os::unix::ffi::OsStrExt as _;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let target = target.as_encoded_bytes();
+        let addr = match target.strip_prefix(b"@") {
+            Some(name) => SocketAddr::from_abstract_name(name)?,
+            None => SocketAddr::from_pathname(std::path::Path::new(std::ffi::OsStr::from_bytes(target)))?,
+        };
+        let socket = UnixDatagram::unbound()?;
+        socket.send_to_addr(state.as_bytes(), &addr)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, %state, "cannot tell the service manager");
+    }
 }
 
 /// A hot loop that died is a bug: stop, so that the service manager restarts overlayd.

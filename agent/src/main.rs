@@ -120,6 +120,15 @@ enum Command {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Print a shell completion script, e.g. `overlayd completions bash >
+    /// /usr/share/bash-completion/completions/overlayd` (scripts/install does it).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `overlayd man > /usr/local/share/man/man8/overlayd.8`
+    /// (scripts/install does it); read it with `man overlayd`.
+    Man,
 }
 
 const DNS_HELP: &str = "Show what this host's DNS resolvers answer.\n\n\
@@ -528,6 +537,21 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
             init_logging(&cfg.settings.log)?;
             runtime(2)?.block_on(daemon::run(cfg, cli.state_dir))
         }
+        Command::Completions { shell } => {
+            // Into memory first: clap_complete panics on a write error (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "overlayd", &mut script);
+            let mut out = std::io::stdout().lock();
+            match std::io::Write::write_all(&mut out, &script) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                r => r.context("cannot write the completion script"),
+            }
+        }
+        Command::Man => {
+            // Section 8: a system administration command (it runs as root).
+            let man = clap_mangen::Man::new(Cli::command()).section("8");
+            man.render(&mut std::io::stdout().lock()).context("cannot write the manual page")
+        }
         command => runtime(1)?.block_on(client(cli.state_dir, command)),
     }
 }
@@ -557,7 +581,7 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
     };
     let e = api::refused;
     match command {
-        Command::Daemon(_) => unreachable!("handled by run"),
+        Command::Daemon(_) | Command::Completions { .. } | Command::Man => unreachable!("handled by run"),
         Command::Status(o) => {
             output::print(o.json, &c.status(pb::Empty {}).await.map_err(e)?.into_inner(), output::status)
         }

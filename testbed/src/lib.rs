@@ -731,7 +731,22 @@ impl Host {
         self.start_daemon_wrapped(disk.enter(), args)
     }
 
+    /// [`Host::start_daemon`] with these environment variables besides the testbed's (e.g.
+    /// `NOTIFY_SOCKET`, to play systemd).
+    pub fn start_daemon_env<S: AsRef<str>>(&self, env: &[(&str, &str)], args: &[S]) -> Result<Agent> {
+        self.start_daemon_full(Vec::new(), env, args)
+    }
+
     fn start_daemon_wrapped<S: AsRef<str>>(&self, wrapper: Vec<String>, args: &[S]) -> Result<Agent> {
+        self.start_daemon_full(wrapper, &[], args)
+    }
+
+    fn start_daemon_full<S: AsRef<str>>(
+        &self,
+        wrapper: Vec<String>,
+        env: &[(&str, &str)],
+        args: &[S],
+    ) -> Result<Agent> {
         let inner = &self.node.inner;
         let state_dir = self.state_dir();
         let log = inner.dir.join(format!("{}.log", self.name));
@@ -751,6 +766,7 @@ impl Host {
         // The embedded DNS resolver forwards only where a test says ([`Testbed::upstreams_file`]),
         // never to the machine's own resolvers.
         cmd.env("OVERLAYD_DNS_UPSTREAMS_FILE", inner.dir.join(UPSTREAMS_FILE));
+        cmd.envs(env.iter().copied());
         cmd.args(args.iter().map(AsRef::as_ref));
         let filter = inner.options.log_filter.clone().or_else(|| std::env::var("OVERLAYD_LOG").ok());
         cmd.env("OVERLAYD_LOG", filter.unwrap_or_else(|| "info".into()));
