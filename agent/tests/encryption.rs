@@ -323,3 +323,30 @@ fn a_key_rotation_during_a_transfer_loses_nothing_and_the_old_key_then_opens_not
     assert_eq!(c.agents[1].counters().unwrap().dropped("unknown_key"), before + 1, "the old key still opens");
     a.node.ping_ok(b.ip.into(), 3).expect("the new key carries on");
 }
+
+/// Sealing and opening in the hot loops allocate nothing per packet, as plain forwarding.
+#[test]
+fn sealing_and_opening_in_the_hot_loops_allocate_nothing_per_packet() {
+    let bed = bed();
+    let c = Cluster::form(&bed, 1, 1).expect("cluster");
+    c.await_nodes(2, &[], T).unwrap();
+    c.agents[0].json(&["network", "create", "sec", "--encrypted"]).unwrap();
+    let (a, b) = (attach(&c, 0, "sec", "a"), attach(&c, 1, "sec", "b"));
+    // The first datagrams of each sender's session: the only moments that may allocate.
+    a.node.ping_ok(b.ip.into(), 2).unwrap();
+    b.node.ping_ok(a.ip.into(), 2).unwrap();
+    let before = [c.agents[0].counters().unwrap(), c.agents[1].counters().unwrap()];
+    b.node.iperf3_server(5201).unwrap();
+    let r = a.node.iperf3(b.ip.into(), 5201, 3, 2).unwrap();
+    // Time for the loops to join again (the counter is the thread's that runs the loop).
+    b.node.ping_ok(a.ip.into(), 5).unwrap();
+    let after = [c.agents[0].counters().unwrap(), c.agents[1].counters().unwrap()];
+    for (x, y) in before.iter().zip(&after) {
+        let datagrams =
+            (y.get("tx_datagrams") - x.get("tx_datagrams")) + (y.get("rx_datagrams") - x.get("rx_datagrams"));
+        assert!(datagrams > 10_000, "enough traffic: {datagrams} datagrams, {} bytes by iperf3", r.bytes);
+        for key in ["tx_loop_allocations", "rx_loop_allocations"] {
+            assert_eq!(y.get(key), x.get(key), "{key} grew while sealing and opening {datagrams} datagrams");
+        }
+    }
+}
