@@ -46,6 +46,16 @@ fn attach(c: &Cluster, i: usize, network: &str, name: &str) -> Ct {
     Ct { node, ip }
 }
 
+/// Two hosts (a manager, a worker), the encrypted network `sec`, a container on each: `a` on
+/// the first host, `b` on the second.
+fn sealed_pair(bed: &Testbed) -> (Cluster, Ct, Ct) {
+    let c = Cluster::form(bed, 1, 1).expect("cluster");
+    c.await_nodes(2, &[], T).unwrap();
+    c.agents[0].json(&["network", "create", "sec", "--encrypted"]).unwrap();
+    let (a, b) = (attach(&c, 0, "sec", "a"), attach(&c, 1, "sec", "b"));
+    (c, a, b)
+}
+
 /// tcpdump on the underlay's bridge, writing VXLAN datagrams to a file until [`Capture::stop`].
 struct Capture {
     tcpdump: Agent,
@@ -187,10 +197,7 @@ fn an_encrypted_network_carries_traffic_and_nothing_of_it_is_readable_on_the_wir
 #[test]
 fn forged_replayed_and_broken_datagrams_are_dropped_and_counted_and_traffic_goes_on() {
     let bed = bed();
-    let c = Cluster::form(&bed, 1, 1).expect("cluster");
-    c.await_nodes(2, &[], T).unwrap();
-    c.agents[0].json(&["network", "create", "sec", "--encrypted"]).unwrap();
-    let (a, b) = (attach(&c, 0, "sec", "a"), attach(&c, 1, "sec", "b"));
+    let (c, a, b) = sealed_pair(&bed);
     let cap = capture(&bed, "inject");
     a.node.ping_ok(b.ip.into(), 3).unwrap();
     let (h1, h2) = (c.hosts[0].addr(), c.hosts[1].addr());
@@ -258,10 +265,7 @@ fn forged_replayed_and_broken_datagrams_are_dropped_and_counted_and_traffic_goes
 #[test]
 fn a_restarted_agent_never_reuses_a_nonce_and_traffic_resumes() {
     let bed = bed();
-    let c = Cluster::form(&bed, 1, 1).expect("cluster");
-    c.await_nodes(2, &[], T).unwrap();
-    c.agents[0].json(&["network", "create", "sec", "--encrypted"]).unwrap();
-    let (a, b) = (attach(&c, 0, "sec", "a"), attach(&c, 1, "sec", "b"));
+    let (c, a, b) = sealed_pair(&bed);
     let cap = capture(&bed, "restart");
     a.node.ping_ok(b.ip.into(), 3).unwrap();
     c.agents[1].kill().unwrap();
@@ -290,10 +294,7 @@ fn a_restarted_agent_never_reuses_a_nonce_and_traffic_resumes() {
 #[test]
 fn a_key_rotation_during_a_transfer_loses_nothing_and_the_old_key_then_opens_nothing() {
     let bed = bed();
-    let c = Cluster::form(&bed, 1, 1).expect("cluster");
-    c.await_nodes(2, &[], T).unwrap();
-    c.agents[0].json(&["network", "create", "sec", "--encrypted"]).unwrap();
-    let (a, b) = (attach(&c, 0, "sec", "a"), attach(&c, 1, "sec", "b"));
+    let (c, a, b) = sealed_pair(&bed);
     a.node.ping_ok(b.ip.into(), 2).unwrap();
     let cap = capture(&bed, "rotate");
     b.node.iperf3_server(5201).unwrap();
@@ -328,10 +329,7 @@ fn a_key_rotation_during_a_transfer_loses_nothing_and_the_old_key_then_opens_not
 #[test]
 fn sealing_and_opening_in_the_hot_loops_allocate_nothing_per_packet() {
     let bed = bed();
-    let c = Cluster::form(&bed, 1, 1).expect("cluster");
-    c.await_nodes(2, &[], T).unwrap();
-    c.agents[0].json(&["network", "create", "sec", "--encrypted"]).unwrap();
-    let (a, b) = (attach(&c, 0, "sec", "a"), attach(&c, 1, "sec", "b"));
+    let (c, a, b) = sealed_pair(&bed);
     // The first datagrams of each sender's session: the only moments that may allocate.
     a.node.ping_ok(b.ip.into(), 2).unwrap();
     b.node.ping_ok(a.ip.into(), 2).unwrap();
