@@ -264,6 +264,8 @@ impl Host {
         // Its resolver goes first: nothing listens on an address that is going away.
         self.gateways.send_if_modified(|g| g.remove(name).is_some());
         let _ = self.dataplane.remove_network(n.spec.vni);
+        // Its keys go with it (a network made again gets a sealer, and a session, of its own).
+        self.crypto.lock().unwrap_or_else(|p| p.into_inner()).remove(&n.spec.vni);
         if n.spec.gateway.is_some_and(|g| g.mesh.is_some()) {
             let port = mesh_port(name);
             netdev::delete_link(&self.nl, &port).await?;

@@ -148,6 +148,28 @@ fn alive(s: &mut TcpStream) -> bool {
     s.read_exact(&mut buf).is_ok() && &buf == b"ping\n"
 }
 
+/// Replicas web1, web2, web3 of service `web` on network `front`, on hosts 1 to 3, each serving.
+fn three_web_replicas(bed: &Testbed, c: &Cluster) -> (Vec<Ct>, Vec<Servers>) {
+    let replicas: Vec<Ct> = (0..3).map(|i| attach(c, i, "front", &format!("web{}", i + 1), Some("web"))).collect();
+    let servers = replicas.iter().enumerate().map(|(i, r)| serve(bed, r, &format!("web{}", i + 1))).collect();
+    (replicas, servers)
+}
+
+/// Waits until every host counts `web`'s three replicas healthy.
+fn await_three_healthy(c: &Cluster) {
+    wait_for(T, "three healthy replicas on every host", || {
+        c.agents
+            .iter()
+            .all(|a| {
+                service(a, "web")["replicas"]
+                    .as_array()
+                    .is_some_and(|r| r.len() == 3 && r.iter().all(|x| x["health"] == "healthy"))
+            })
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", service(&c.agents[3], "web")));
+}
+
 /// Test 1 (and 2's DNS half): three replicas on three hosts behind one VIP, health-checked;
 /// a client on a fourth host.
 #[test]
@@ -179,21 +201,9 @@ fn a_service_spreads_over_its_healthy_replicas_and_drops_a_dead_one_at_once() {
         ])
         .expect("service create");
     let vip: Ipv4Addr = svc["vip"].as_str().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no VIP: {svc}"));
-    let replicas: Vec<Ct> = (0..3).map(|i| attach(&c, i, "front", &format!("web{}", i + 1), Some("web"))).collect();
-    let mut servers: Vec<Servers> =
-        replicas.iter().enumerate().map(|(i, r)| serve(&bed, r, &format!("web{}", i + 1))).collect();
+    let (replicas, mut servers) = three_web_replicas(&bed, &c);
     let client = attach(&c, 3, "front", "client", None);
-    wait_for(T, "three healthy replicas on every host", || {
-        c.agents
-            .iter()
-            .all(|a| {
-                service(a, "web")["replicas"]
-                    .as_array()
-                    .is_some_and(|r| r.len() == 3 && r.iter().all(|x| x["health"] == "healthy"))
-            })
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e:#}: {}", service(&c.agents[3], "web")));
+    await_three_healthy(&c);
 
     // DNS: the name is the VIP, tasks.NAME the replicas.
     assert_eq!(dig(&client, &["web"]), [vip.to_string()]);
@@ -344,20 +354,8 @@ fn a_published_port_answers_on_every_host_and_the_replica_sees_the_client() {
             "400ms",
         ])
         .expect("service create");
-    let replicas: Vec<Ct> = (0..3).map(|i| attach(&c, i, "front", &format!("web{}", i + 1), Some("web"))).collect();
-    let _servers: Vec<Servers> =
-        replicas.iter().enumerate().map(|(i, r)| serve(&bed, r, &format!("web{}", i + 1))).collect();
-    wait_for(T, "three healthy replicas on every host", || {
-        c.agents
-            .iter()
-            .all(|a| {
-                service(a, "web")["replicas"]
-                    .as_array()
-                    .is_some_and(|r| r.len() == 3 && r.iter().all(|x| x["health"] == "healthy"))
-            })
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e:#}: {}", service(&c.agents[3], "web")));
+    let (replicas, _servers) = three_web_replicas(&bed, &c);
+    await_three_healthy(&c);
     let at = |h: &testbed::Host, port: u16| format!("http://{}:{port}/", h.addr());
 
     // Every host answers on the published port, host 4 with no replica too, and the requests
