@@ -153,6 +153,11 @@ pub struct NetConf {
     /// `"network": "front", "service": "web"`; `OVERLAYD_SERVICE=` of `CNI_ARGS` overrides it.
     #[serde(default)]
     pub service: Option<String>,
+    /// ADD only on an encrypted network (`overlayd network create NAME --encrypted`): with
+    /// `"encrypted": true`, a container is never put on a network whose traffic crosses the
+    /// underlay in the clear, and CHECK fails if the network is not encrypted.
+    #[serde(default)]
+    pub encrypted: bool,
     #[serde(default)]
     pub runtime_config: RuntimeConfig,
     /// What ADD returned (DEL and CHECK).
@@ -257,6 +262,24 @@ pub trait Daemon {
     fn cni_endpoints(&mut self, network: &str) -> Result<Vec<Attached>, CniError>;
     /// Whether ADD on `network` can be served now.
     fn ready(&mut self, network: &str) -> Result<(), CniError>;
+    /// Whether `network` is encrypted.
+    fn encrypted(&mut self, network: &str) -> Result<bool, CniError>;
+}
+
+/// With `"encrypted": true` in the configuration, fails unless the network is encrypted.
+fn require_encryption(conf: &NetConf, daemon: &mut dyn Daemon) -> Result<(), CniError> {
+    if conf.encrypted && !daemon.encrypted(conf.network())? {
+        return Err(CniError::new(
+            code::INVALID_NETWORK_CONFIG,
+            format!(
+                "the configuration asks for an encrypted network, and {:?} is not encrypted: create it with \
+                 `overlayd network create {} --encrypted`, or drop \"encrypted\" from the configuration",
+                conf.network(),
+                conf.network()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Runs one plugin call: the verb, the environment and the configuration's bytes → what to
@@ -312,7 +335,9 @@ fn call(
             env.require("CNI_NETNS", &env.netns)?;
             env.require("CNI_IFNAME", &env.ifname)?;
             let args = attach_args(&conf, env)?;
-            let a = daemon(&conf).attach(&args)?;
+            let mut d = daemon(&conf);
+            require_encryption(&conf, d.as_mut())?;
+            let a = d.attach(&args)?;
             Ok(result(version, &a))
         }
         Verb::Del => {
@@ -332,6 +357,7 @@ fn call(
                 .as_ref()
                 .ok_or_else(|| CniError::new(code::INVALID_NETWORK_CONFIG, "CHECK needs the prevResult of the ADD"))?;
             let mut d = daemon(&conf);
+            require_encryption(&conf, d.as_mut())?;
             let mine = d.cni_endpoints(conf.network())?;
             let a = mine.iter().find(|a| a.container_id == env.container_id && a.ifname == env.ifname).ok_or_else(
                 || {
@@ -563,6 +589,17 @@ impl Daemon for Client {
         all.endpoints.iter().filter(|e| e.origin == "cni").map(attached).collect()
     }
 
+    fn encrypted(&mut self, network: &str) -> Result<bool, CniError> {
+        let nets = self.call(async |c| c.network_list(proto::Empty {}).await.map(tonic::Response::into_inner))?;
+        let n = nets.networks.iter().find(|n| n.name == network).ok_or_else(|| {
+            CniError::new(
+                code::INVALID_NETWORK_CONFIG,
+                format!("the cluster has no network {network:?} (see overlayd network ls)"),
+            )
+        })?;
+        Ok(n.encrypted)
+    }
+
     fn ready(&mut self, network: &str) -> Result<(), CniError> {
         let nets = self.call(async |c| c.network_list(proto::Empty {}).await.map(tonic::Response::into_inner))?;
         if !nets.networks.iter().any(|n| n.name == network) {
@@ -609,6 +646,8 @@ mod tests {
         attached: Vec<Attached>,
         calls: Vec<String>,
         down: bool,
+        /// The networks that are encrypted.
+        encrypted: BTreeSet<String>,
     }
 
     struct Fake(Rc<RefCell<Recorded>>);
@@ -656,6 +695,10 @@ mod tests {
 
         fn ready(&mut self, _: &str) -> Result<(), CniError> {
             if self.0.borrow().down { Err(CniError::new(code::IO_FAILURE, "no daemon")) } else { Ok(()) }
+        }
+
+        fn encrypted(&mut self, network: &str) -> Result<bool, CniError> {
+            Ok(self.0.borrow().encrypted.contains(network))
         }
     }
 
@@ -797,6 +840,21 @@ mod tests {
         s.borrow_mut().down = true;
         assert_eq!(call(&s, "STATUS", &CniEnv::default(), status).0["code"], code::NOT_AVAILABLE);
         assert_eq!(call(&s, "GC", &CniEnv::default(), MINIMAL).0["code"], code::INCOMPATIBLE_VERSION, "GC is 1.1");
+    }
+
+    #[test]
+    fn a_configuration_that_asks_for_encryption_adds_only_to_an_encrypted_network() {
+        let s: Rc<RefCell<Recorded>> = Rc::default();
+        let conf = r#"{"cniVersion":"1.0.0","name":"web","type":"overlayd","network":"web","encrypted":true}"#;
+        let (out, ok) = call(&s, "ADD", &env("c1", ""), conf);
+        assert!(!ok);
+        assert_eq!(out["code"], code::INVALID_NETWORK_CONFIG);
+        assert!(out["msg"].as_str().unwrap().contains("overlayd network create web --encrypted"), "{out}");
+        assert!(s.borrow().calls.is_empty(), "nothing attached to the plain network");
+        s.borrow_mut().encrypted.insert("web".into());
+        let (out, ok) = call(&s, "ADD", &env("c1", ""), conf);
+        assert!(ok, "{out}");
+        assert_eq!(s.borrow().calls.len(), 1);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use dataplane::{MacAddr, Vni};
 use proto as pb;
 use tokio::sync::Mutex;
 
+use crate::cluster::keys::SealKeys;
 use crate::endpoints::LocalEndpoint;
 use crate::firewall::{self, Firewall, GatewayNetwork, PortBinding, UnderlayServices};
 use crate::netdev::{self, Bridge};
@@ -90,7 +91,7 @@ pub struct NetworkTables {
     /// Every host's mesh address (this host's too).
     pub mesh: Vec<Ipv4Addr>,
     /// An encrypted network's keys: what it opens and seals with now.
-    pub crypto: Option<crate::cluster::keys::SealKeys>,
+    pub crypto: Option<SealKeys>,
 }
 
 /// Endpoints by network, then by bridge port: (MAC, address).
@@ -116,7 +117,7 @@ pub struct Host {
     bindings: Mutex<Bindings>,
     /// Each encrypted network's keys as last programmed, and what the dataplane made of them
     /// (kept while they stay the same: its sealer's counter goes on).
-    crypto: std::sync::Mutex<BTreeMap<Vni, (crate::cluster::keys::SealKeys, Arc<dataplane::tables::NetworkCrypto>)>>,
+    crypto: std::sync::Mutex<BTreeMap<Vni, (SealKeys, Arc<dataplane::tables::NetworkCrypto>)>>,
     /// The underlay services the firewall closes to the overlay, as last set.
     services: Mutex<UnderlayServices>,
     /// The cluster networks up on this host, with their gateway: where the DNS resolver
@@ -351,20 +352,46 @@ impl Host {
         Ok(())
     }
 
+    /// How network `vni` is sealed on this host, for `status` (see `NetworkStatus.sealing`).
+    fn sealing(&self, vni: Vni, encrypted: bool) -> String {
+        if !encrypted {
+            return "none".into();
+        }
+        let made = self.crypto.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((keys, _)) = made.get(&vni).filter(|(k, _)| !k.keys.is_empty()) else {
+            return "AES-256-GCM, no key yet (refusing the network's traffic)".into();
+        };
+        let opening: Vec<String> = keys.keys.iter().map(|k| k.epoch.to_string()).collect();
+        let sealing = keys.send.map_or("not sealing yet".to_owned(), |e| format!("sealing with epoch {e}"));
+        format!("AES-256-GCM, {sealing}, opening {}", opening.join(","))
+    }
+
+    /// The dataplane's keys for network `vni` from `wanted`: those made last time if they are
+    /// the same (so that the sealing session goes on), else new ones.
+    fn crypto_for(&self, vni: Vni, wanted: &SealKeys) -> Arc<dataplane::tables::NetworkCrypto> {
+        let mut made = self.crypto.lock().unwrap_or_else(|p| p.into_inner());
+        match made.get(&vni) {
+            Some((have, c)) if have == wanted => Arc::clone(c),
+            _ => {
+                let (keys, send) = wanted.for_dataplane();
+                let c = self.dataplane.network_crypto(keys, send);
+                made.insert(vni, (wanted.clone(), Arc::clone(&c)));
+                c
+            }
+        }
+    }
+
+    /// Seals static network `vni` with a pre-shared key (epoch 0, for opening and sealing).
+    pub fn seal_with_static_key(&self, vni: Vni, key: [u8; 32]) -> Result<()> {
+        let keys = SealKeys { keys: vec![crate::cluster::keys::EpochKey { epoch: 0, key }], send: Some(0) };
+        let crypto = self.crypto_for(vni, &keys);
+        self.dataplane.update(|tx| tx.set_crypto(vni, Some(crypto)))?;
+        Ok(())
+    }
+
     /// Programs a cluster network's tables, in one transaction.
     pub fn program_network(&self, vni: Vni, t: &NetworkTables) -> Result<()> {
-        let crypto = t.crypto.as_ref().map(|wanted| {
-            let mut made = self.crypto.lock().unwrap_or_else(|p| p.into_inner());
-            match made.get(&vni) {
-                Some((have, c)) if have == wanted => Arc::clone(c),
-                _ => {
-                    let (keys, send) = wanted.for_dataplane();
-                    let c = self.dataplane.network_crypto(keys, send);
-                    made.insert(vni, (wanted.clone(), Arc::clone(&c)));
-                    c
-                }
-            }
-        });
+        let crypto = t.crypto.as_ref().map(|wanted| self.crypto_for(vni, wanted));
         self.dataplane.update(|tx| {
             if crypto.is_some() {
                 tx.set_crypto(vni, crypto)?;
@@ -439,6 +466,7 @@ impl Host {
                     arp_entries: t.map_or(0, |t| t.arp_entries().count() as u64),
                     blocks: t.map_or(0, |t| t.block_entries().count() as u64),
                     local_block: n.spec.gateway.map(|g| g.local_block.to_string()).unwrap_or_default(),
+                    sealing: self.sealing(n.spec.vni, n.spec.encrypted),
                 }
             })
             .collect();

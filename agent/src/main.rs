@@ -487,6 +487,7 @@ Config file example, static mode (the same settings, and):\n\n\
   peers = [\"198.18.0.2\", \"198.18.0.3\"]\n\
   # mtu = 1450\n\
   # learning = true\n\
+  # key_file = \"/etc/overlayd/blue.key\"   # encrypt with this pre-shared key (see --key-file)\n\
   fdb = { \"02:4f:0a:00:00:02\" = \"198.18.0.2\" }   # MAC = VTEP\n\
   arp = { \"10.0.0.2\" = \"02:4f:0a:00:00:02\" }     # IP = MAC\n\n\
 To talk to a Linux kernel VTEP, create it with the same VNI and `dstport 4789` (Linux's default \

@@ -110,6 +110,9 @@ pub fn status(s: &pb::StatusReply) -> String {
             if n.local_block.is_empty() { "-" } else { &n.local_block }
         );
     }
+    for n in s.networks.iter().filter(|n| !n.sealing.is_empty() && n.sealing != "none") {
+        let _ = writeln!(o, "{:<11} encrypted: {}", n.name, n.sealing);
+    }
     if let Some(c) = &s.counters {
         let v = |k: &str| c.values.get(k).copied().unwrap_or(0);
         let _ = writeln!(

@@ -1,5 +1,6 @@
 //! Static mode: networks, peers and entries from the configuration, no control plane — for
-//! talking to kernel or hardware VTEPs, or a fixed set of hosts.
+//! talking to kernel or hardware VTEPs, or a fixed set of hosts. An encrypted network here has
+//! one pre-shared key (`--key-file`), epoch 0, never rotated.
 
 use anyhow::{Context, Result};
 
@@ -15,7 +16,12 @@ pub async fn start(nl: rtnetlink::Handle, cfg: &DaemonConfig) -> Result<Host> {
     let result = async {
         for net in &cfg.networks {
             let what = format!("network {:?} (vni {})", net.name, net.vni);
-            let overhead = host.overhead();
+            let key = match &net.key_file {
+                Some(path) => Some(crate::config::read_key_file(path).with_context(|| what.clone())?),
+                None => None,
+            };
+            // A sealed datagram is 32 bytes longer than a plain one.
+            let overhead = host.overhead() + if key.is_some() { dataplane::crypto::OVERHEAD as u32 } else { 0 };
             let mtu = match net.mtu {
                 Some(m) => m,
                 None => host.underlay.mtu.checked_sub(overhead).filter(|m| *m >= 68).with_context(|| {
@@ -26,7 +32,7 @@ pub async fn start(nl: rtnetlink::Handle, cfg: &DaemonConfig) -> Result<Host> {
                 })?,
             };
             let spec = NetworkSpec {
-                encrypted: false,
+                encrypted: key.is_some(),
                 name: net.name.clone(),
                 vni: net.vni,
                 bridge: net.bridge.clone(),
@@ -36,6 +42,9 @@ pub async fn start(nl: rtnetlink::Handle, cfg: &DaemonConfig) -> Result<Host> {
                 gateway: None,
             };
             host.add_network(spec).await.with_context(|| format!("cannot set up {what}"))?;
+            if let Some(key) = key {
+                host.seal_with_static_key(net.vni, key)?;
+            }
             host.dataplane.update(|tx| {
                 tx.set_flood_list(net.vni, net.peers.iter().copied())?;
                 for (mac, vtep) in &net.fdb {

@@ -10,6 +10,9 @@
 //!   is ever sent twice, traffic resumes;
 //! - a key rotation during an iperf3 run: the run goes on, both epochs are on the wire, and a
 //!   datagram of the old key opens nothing once the window is over.
+//! - static mode, a network encrypted with a pre-shared key beside a plain one, with a Linux
+//!   kernel VTEP in both: the plain one interoperates with the kernel as before, the encrypted
+//!   one refuses the kernel's plaintext (each datagram counted) and never sends any.
 //!
 //! These tests need root (namespaces), tcpdump, iperf3, busybox-static. They fail, never skip.
 #![allow(clippy::print_stderr)]
@@ -347,4 +350,88 @@ fn sealing_and_opening_in_the_hot_loops_allocate_nothing_per_packet() {
             assert_eq!(y.get(key), x.get(key), "{key} grew while sealing and opening {datagrams} datagrams");
         }
     }
+}
+
+/// Test 5: static mode, a plain network and one encrypted with a pre-shared key on the same two
+/// overlayd hosts, with a Linux kernel VTEP on a third host in both (same VNIs). The plain one
+/// interoperates with the kernel both ways as before; the encrypted one carries traffic between
+/// the overlayd hosts, refuses the kernel's plaintext (dropped and counted, nothing delivered),
+/// and the kernel, which cannot open a sealed datagram, hands nothing of it to its container.
+#[test]
+fn a_plain_network_beside_an_encrypted_one_still_interoperates_with_a_kernel_vtep_and_the_encrypted_one_refuses_it() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bed = bed();
+    let h = bed.add_hosts(3).unwrap();
+    let key = bed.dir().join("sec.key");
+    std::fs::write(&key, "5e0b2c4f9a7d1e3b6c8a0f2e4d6b8a1c3e5f7a9b0d2c4e6f8a1b3c5d7e9f0a2b\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut agents = Vec::new();
+    for (i, me) in h[..2].iter().enumerate() {
+        let (other, kernel) = (h[1 - i].addr(), h[2].addr());
+        let path = bed.dir().join(format!("{}.toml", me.name()));
+        std::fs::write(
+            &path,
+            format!(
+                "[[network]]\nname = \"plain\"\nvni = 100\npeers = [\"{other}\", \"{kernel}\"]\n\n\
+                 [[network]]\nname = \"sec\"\nvni = 200\npeers = [\"{other}\", \"{kernel}\"]\nkey_file = \"{}\"\n",
+                key.display()
+            ),
+        )
+        .unwrap();
+        agents.push(me.start_overlayd(&["--config", path.to_str().unwrap()]).unwrap());
+    }
+    h[2].add_kernel_vxlan(100, "brk", &[h[0].addr(), h[1].addr()]).unwrap();
+    h[2].add_kernel_vxlan(200, "brk2", &[h[0].addr(), h[1].addr()]).unwrap();
+    // The same addresses on both networks: only the VNI (and the seal) keeps them apart.
+    let p1 = h[0].add_container("p1", "ovbr-plain", "10.9.0.1/24").unwrap();
+    let p2 = h[1].add_container("p2", "ovbr-plain", "10.9.0.2/24").unwrap();
+    let pk = h[2].add_container("pk", "brk", "10.9.0.3/24").unwrap();
+    let s1 = h[0].add_container("s1", "ovbr-sec", "10.9.0.1/24").unwrap();
+    let s2 = h[1].add_container("s2", "ovbr-sec", "10.9.0.2/24").unwrap();
+    let sk = h[2].add_container("sk", "brk2", "10.9.0.3/24").unwrap();
+
+    // The encrypted network's MTU leaves room for the seal; status says how it seals.
+    let st = agents[0].status().unwrap();
+    let net = |name: &str| st["networks"].as_array().unwrap().iter().find(|n| n["name"] == name).unwrap().clone();
+    assert_eq!(net("sec")["mtu"].as_u64().unwrap() + 32, net("plain")["mtu"].as_u64().unwrap(), "{st}");
+    assert_eq!(net("sec")["sealing"], "AES-256-GCM, sealing with epoch 0, opening 0", "{st}");
+    assert_eq!(net("plain")["sealing"], "none", "{st}");
+
+    // The plain network and the kernel VTEP, both ways, with a real transfer.
+    let cap = capture(&bed, "static");
+    p1.ping_ok(pk.ip(), 3).unwrap();
+    pk.ping_ok(p2.ip(), 3).unwrap();
+    let r = p1.iperf3_to(&pk, pk.ip(), 2, 1).unwrap();
+    assert!(r.bytes > 10_000_000, "overlayd -> kernel on the plain network moved only {} bytes", r.bytes);
+
+    // The encrypted network between the overlayd hosts; the kernel's container sees nothing.
+    let sk_rx = sk.rx_packets().unwrap();
+    s1.ping_ok(s2.ip(), 3).unwrap();
+    let r = s1.iperf3_to(&s2, s2.ip(), 2, 1).unwrap();
+    assert!(r.bytes > 10_000_000, "the encrypted network moved only {} bytes", r.bytes);
+    assert_eq!(sk.rx_packets().unwrap(), sk_rx, "the kernel VTEP handed a sealed frame to its container");
+
+    // The kernel VTEP speaks plaintext into the encrypted network: refused, counted, not delivered.
+    let s1_rx = s1.rx_packets().unwrap();
+    let st = sk.ping(s1.ip(), 3).unwrap();
+    assert_eq!(st.received, 0, "a kernel VTEP reached a container of the encrypted network");
+    assert_eq!(s1.rx_packets().unwrap(), s1_rx, "nothing of the kernel's reached the encrypted network's container");
+    let all = datagrams(&cap.stop());
+    let refused = agents[0].counters().unwrap().dropped("plaintext_on_encrypted_network");
+    let kernel_sent = all
+        .iter()
+        .filter(|d| vni_of(d) == 200 && IpAddr::V4(d.src) == h[2].addr() && IpAddr::V4(d.dst) == h[0].addr())
+        .count() as u64;
+    assert!(kernel_sent > 0, "the kernel VTEP sent its ARP requests to h1");
+    assert_eq!(refused, kernel_sent, "each of the kernel's plaintext datagrams was refused and counted");
+
+    // On the wire: the encrypted VNI only ever sealed from the overlayd hosts, the plain one as
+    // RFC 7348 (the kernel VTEP opens those).
+    let overlayd_hosts = [h[0].addr(), h[1].addr()];
+    let sealed: Vec<&Datagram> =
+        all.iter().filter(|d| vni_of(d) == 200 && overlayd_hosts.contains(&IpAddr::V4(d.src))).collect();
+    let plain: Vec<&Datagram> = all.iter().filter(|d| vni_of(d) == 100).collect();
+    assert!(sealed.len() > 100 && plain.len() > 100, "{} sealed, {} plain", sealed.len(), plain.len());
+    assert!(sealed.iter().all(|d| d.payload[0] == 0x0c), "the encrypted network never sends plaintext");
+    assert!(plain.iter().all(|d| d.payload[0] == 0x08), "the plain network stays RFC 7348");
 }

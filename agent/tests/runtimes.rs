@@ -331,6 +331,12 @@ fn bad_input_to_the_plugin_gets_the_specs_error_and_leaves_nothing_behind() {
     assert!(e.to_string().contains("no-such-namespace"), "the error names the path: {e}");
     let e = spec_error(&add(&path, "IP=10.200.0.9", &state, &conf("web")), 7, "an address outside the block");
     assert!(e.to_string().contains("10.200.0.9"), "{e}");
+    // A configuration that asks for encryption, on a plain network: refused, nothing attached.
+    let sealed =
+        json!({ "cniVersion": "1.0.0", "name": "web", "type": "overlayd", "network": "web", "encrypted": true });
+    let e =
+        spec_error(&add(&path, "", &state, sealed.to_string().as_bytes()), 7, "encryption asked of a plain network");
+    assert!(e.to_string().contains("overlayd network create web --encrypted"), "{e}");
     // The interface exists already in the namespace (not overlayd's): ADD fails, as the spec says.
     let taken = host.add_netns("cni-taken").unwrap();
     taken.exec("ip", ["link", "add", "eth0", "type", "veth", "peer", "name", "other0"]).unwrap();

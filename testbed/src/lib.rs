@@ -84,6 +84,10 @@ struct Inner {
     options: Options,
     switch: String,
     state: Mutex<State>,
+    /// Held for the whole of a cleanup, so that a second caller (the main thread dropping its
+    /// testbed while the signal watcher cleans up) waits until everything is removed instead
+    /// of returning, and letting the process exit, halfway.
+    cleaning: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -130,6 +134,7 @@ impl Testbed {
             dir,
             options,
             state: Mutex::new(State::default()),
+            cleaning: Mutex::new(()),
         });
         LIVE.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&inner));
         let bed = Testbed { inner };
@@ -472,6 +477,7 @@ impl Inner {
     }
 
     fn cleanup(&self) {
+        let _whole = self.cleaning.lock().unwrap_or_else(|p| p.into_inner());
         let (children, namespaces) = {
             let mut st = self.lock();
             if st.cleaned {

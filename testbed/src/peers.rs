@@ -23,6 +23,10 @@ use crate::{Agent, Host, Node, Options, netns};
 /// Inner MTU of tinc: a frame gains 4 bytes (sequence number; no MAC, no cipher padding) and
 /// the outer IPv4 and UDP headers, so up to 1454 fits; 1450 as for kernel VXLAN.
 pub const TINC_MTU: u32 = 1450;
+/// Inner MTU of tinc with its default cipher and digest: the sequence number and the frame are
+/// padded to Blowfish's 8-byte block (1 to 8 bytes) and a 4-byte MAC follows, so an inner MTU
+/// up to 1442 always fits (tinc 1.0's `net_packet.c`); 1440.
+pub const TINC_ENCRYPTED_MTU: u32 = 1440;
 /// Inner MTU of n2n 1.3: a frame gains 94 bytes (its header and the Twofish envelope) plus the
 /// outer headers, so up to 1364 fits; its default of 1400 is fragmented on the underlay.
 pub const N2N_MTU: u32 = 1360;
@@ -32,6 +36,10 @@ pub const NEBULA_MTU: u32 = 1440;
 /// Inner MTU of vpncloud with `--algorithm plain`: a frame gains one message-type byte plus the
 /// outer headers, so up to 1457 fits; 1450 as for kernel VXLAN.
 pub const VPNCLOUD_MTU: u32 = 1450;
+/// Inner MTU of vpncloud with `--algorithm aes256`: the frame also gains an 8-byte crypto
+/// header and the 16-byte AES-GCM tag (`EXTRA_LEN`, `TAG_LEN` in its `crypto/core.rs`), so up
+/// to 1433 fits; 1420.
+pub const VPNCLOUD_ENCRYPTED_MTU: u32 = 1420;
 
 /// Inner MTU of `tap-floor`: the same as kernel VXLAN's, so that the containers' TCP sees the
 /// same MSS (its chunks are cut to fit a 1500-byte underlay whatever the frame size).
@@ -58,24 +66,30 @@ pub(crate) struct Built {
 pub(crate) fn build(path: Path, h1: &Host, h2: &Host, options: &Options) -> Result<Built> {
     ensure!(options.underlay_mtu >= 1500, "the peer tunnels' MTUs are chosen for an underlay MTU of 1500");
     match path {
-        Path::Tinc => tinc(h1, h2),
+        Path::Tinc => tinc(h1, h2, false),
+        Path::TincEncrypted => tinc(h1, h2, true),
         Path::N2n => n2n(h1, h2),
         Path::Nebula => nebula(h1, h2),
-        Path::Vpncloud => vpncloud(h1, h2, &vpncloud_binary(options)?),
+        Path::Vpncloud => vpncloud(h1, h2, &vpncloud_binary(options)?, false),
+        Path::VpncloudEncrypted => vpncloud(h1, h2, &vpncloud_binary(options)?, true),
         Path::TapFloor => tap_floor(h1, h2, &tap_floor_binary()?),
-        Path::Veth | Path::KernelVxlan | Path::Overlayd => bail!("{path:?} is not a peer tunnel"),
+        Path::Veth | Path::KernelVxlan | Path::Overlayd | Path::OverlaydEncrypted => {
+            bail!("{path:?} is not a peer tunnel")
+        }
     }
 }
 
 /// The installed version of a peer's program, as it reports it (for the benchmark's header).
 pub fn version(path: Path, options: &Options) -> Result<String> {
     let (program, args): (PathBuf, &[&str]) = match path {
-        Path::Tinc => (find("tincd", "apt-get install tinc")?, &["--version"]),
+        Path::Tinc | Path::TincEncrypted => (find("tincd", "apt-get install tinc")?, &["--version"]),
         Path::N2n => (find("edge", "apt-get install n2n")?, &["-h"]),
         Path::Nebula => (find("nebula", "apt-get install nebula")?, &["-version"]),
-        Path::Vpncloud => (vpncloud_binary(options)?, &["--version"]),
+        Path::Vpncloud | Path::VpncloudEncrypted => (vpncloud_binary(options)?, &["--version"]),
         Path::TapFloor => return Ok(format!("tap-floor at {} (this repository)", tap_floor_binary()?.display())),
-        Path::Veth | Path::KernelVxlan | Path::Overlayd => bail!("{path:?} is not a peer tunnel"),
+        Path::Veth | Path::KernelVxlan | Path::Overlayd | Path::OverlaydEncrypted => {
+            bail!("{path:?} is not a peer tunnel")
+        }
     };
     // n2n's edge prints its version in the usage text and exits with 1; any output will do.
     let out = Command::new(&program).args(args).stdin(Stdio::null()).output()?;
@@ -116,10 +130,11 @@ fn find(program: &str, install: &str) -> Result<PathBuf> {
         .with_context(|| format!("{program}: not installed ({install})"))
 }
 
-/// tinc 1.0 in switch mode, `Cipher = none` and `Digest = none` (so no MAC either), path MTU
+/// tinc 1.0 in switch mode, `Cipher = none` and `Digest = none` (so no MAC either) unless
+/// `encrypted` (then its defaults, Blowfish-CBC and HMAC-SHA1 cut to 4 bytes), path MTU
 /// discovery off (the MTU is chosen to fit, and with discovery on tinc 1.0 sends frames larger
 /// than the MTU found so far over its TCP meta connection), RSA keys for the meta connection.
-fn tinc(h1: &Host, h2: &Host) -> Result<Built> {
+fn tinc(h1: &Host, h2: &Host, encrypted: bool) -> Result<Built> {
     let tincd = find("tincd", "apt-get install tinc")?;
     let hosts = [h1, h2];
     let dirs: Vec<PathBuf> = hosts.iter().map(|h| h.node.inner.dir.join(format!("tinc-{}", h.name()))).collect();
@@ -137,7 +152,10 @@ fn tinc(h1: &Host, h2: &Host) -> Result<Built> {
         }
         std::fs::write(dir.join("tinc.conf"), conf)?;
         // The node's own host file holds the settings peers must use towards it.
-        let host_file = format!("Address = {}\nPort = 655\nCipher = none\nDigest = none\n", h.addr());
+        let mut host_file = format!("Address = {}\nPort = 655\n", h.addr());
+        if !encrypted {
+            host_file.push_str("Cipher = none\nDigest = none\n");
+        }
         std::fs::write(dir.join("hosts").join(h.name()), host_file)?;
         // Appends the public key to the host file; with stdin not a terminal it asks nothing.
         netns::exec(h.ns(), &tincd.to_string_lossy(), ["-c", &dir.to_string_lossy(), "-K2048"])
@@ -148,7 +166,8 @@ fn tinc(h1: &Host, h2: &Host) -> Result<Built> {
         std::fs::copy(&from, dirs[1 - i].join("hosts").join(h.name()))
             .with_context(|| format!("cannot copy {}", from.display()))?;
     }
-    l2_pair(h1, h2, "brtinc", "tinc0", TINC_MTU, |i, h| {
+    let mtu = if encrypted { TINC_ENCRYPTED_MTU } else { TINC_MTU };
+    l2_pair(h1, h2, "brtinc", "tinc0", mtu, |i, h| {
         let dir = dirs[i].to_string_lossy().into_owned();
         let pidfile = dirs[i].join("tincd.pid").to_string_lossy().into_owned();
         let args = ["-c", &dir, "-D", "-d1", "--pidfile", &pidfile];
@@ -289,21 +308,23 @@ firewall:
 }
 
 /// vpncloud 2.x: TAP, `--mode switch`, `--algorithm plain` (no encryption; the password only
-/// authenticates the handshake), `--no-port-forwarding`, one peer given with `-c`.
+/// authenticates the handshake) or, if `encrypted`, `--algorithm aes256` (AES-256-GCM),
+/// `--no-port-forwarding`, one peer given with `-c`.
 ///
 /// vpncloud learns its own address by `connect`ing a UDP socket to 8.8.8.8 (no packet is
 /// sent) and panics when the namespace has no route there; each host namespace therefore gets
 /// a route to 8.8.8.8/32 via its underlay veth, and an nftables rule in that namespace that
 /// drops anything addressed there, so not a packet can leave for it (nor could one get
 /// anywhere: the switch namespace has no uplink).
-fn vpncloud(h1: &Host, h2: &Host, vpncloud: &FsPath) -> Result<Built> {
+fn vpncloud(h1: &Host, h2: &Host, vpncloud: &FsPath, encrypted: bool) -> Result<Built> {
     for h in [h1, h2] {
         h.node.nft(
             "table ip ovtb_guard {\n  chain output {\n    type filter hook output priority 0; policy accept;\n    ip daddr 8.8.8.8 counter drop\n  }\n}\n",
         )?;
         netns::ip(["-n", h.ns(), "route", "add", "8.8.8.8/32", "dev", "ul0"])?;
     }
-    l2_pair(h1, h2, "brvpc", "vpc0", VPNCLOUD_MTU, |i, h| {
+    let mtu = if encrypted { VPNCLOUD_ENCRYPTED_MTU } else { VPNCLOUD_MTU };
+    l2_pair(h1, h2, "brvpc", "vpc0", mtu, |i, h| {
         let peer = if i == 0 { h2 } else { h1 };
         let args = [
             "--type".to_owned(),
@@ -319,7 +340,7 @@ fn vpncloud(h1: &Host, h2: &Host, vpncloud: &FsPath) -> Result<Built> {
             "--password".into(),
             "overlayd-bench".into(),
             "--algorithm".into(),
-            "plain".into(),
+            if encrypted { "aes256" } else { "plain" }.into(),
             "--no-port-forwarding".into(),
         ];
         let log = h.node.inner.dir.join(format!("vpncloud-{}.log", h.name()));

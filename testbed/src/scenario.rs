@@ -4,9 +4,11 @@
 //! underlay veths.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use anyhow::Result;
 
+use crate::cluster::Cluster;
 use crate::measure::{self, IperfStats, MachineCpu};
 use crate::{Agent, Node, Options, Testbed, peers};
 
@@ -19,6 +21,9 @@ pub enum Path {
     KernelVxlan,
     /// Container to container over overlayd.
     Overlayd,
+    /// Container to container over overlayd on an encrypted network (`network create
+    /// --encrypted` in a two-host cluster: AES-256-GCM, keys from the managers).
+    OverlaydEncrypted,
     /// Container to container over tinc 1.0 in switch mode, without encryption ([`peers`]).
     Tinc,
     /// Container to container over n2n 1.x edges (Twofish: 1.x cannot turn it off) ([`peers`]).
@@ -27,6 +32,11 @@ pub enum Path {
     Nebula,
     /// Container to container over vpncloud in TAP switch mode, unencrypted ([`peers`]).
     Vpncloud,
+    /// tinc 1.0 in switch mode with its default cipher and digest (Blowfish-CBC, HMAC-SHA1
+    /// truncated to 4 bytes) ([`peers`]).
+    TincEncrypted,
+    /// vpncloud in TAP switch mode with `--algorithm aes256` (AES-256-GCM) ([`peers`]).
+    VpncloudEncrypted,
     /// Container to container over `tap-floor`, the bare TAP + UDP-socket forwarder (TAP
     /// offloads, UDP GSO and GRO, no segmentation, checksums or tables; not VXLAN): the floor
     /// under any TAP-based userspace dataplane ([`peers`]).
@@ -40,10 +50,13 @@ impl Path {
             Path::Veth => "plain veth (ceiling)",
             Path::KernelVxlan => "Linux kernel VXLAN",
             Path::Overlayd => "overlayd",
+            Path::OverlaydEncrypted => "overlayd --encrypted (AES-256-GCM, MTU 1418)",
             Path::Tinc => "tinc 1.0 (switch, Cipher = none, Digest = none, MTU 1450)",
             Path::N2n => "n2n 1.3 (TAP, Twofish: no off switch in 1.x, MTU 1360)",
             Path::Nebula => "nebula (L3, host to host, AES-256-GCM, MTU 1440)",
             Path::Vpncloud => "vpncloud 2 (TAP switch, --algorithm plain, MTU 1450)",
+            Path::TincEncrypted => "tinc 1.0 (switch, default Blowfish-CBC + SHA1, MTU 1440)",
+            Path::VpncloudEncrypted => "vpncloud 2 (TAP switch, --algorithm aes256, MTU 1420)",
             Path::TapFloor => "tap-floor (bare TAP + UDP GSO/GRO forwarder, not VXLAN; the floor)",
         }
     }
@@ -98,7 +111,21 @@ pub fn build_with(path: Path, options: &Options, label: &str, overlayd_args: &[S
             let c2 = h[1].add_container("c2", &bridge, "10.100.0.2/24")?;
             (c1.node.clone(), c2.node.clone(), c2.ip(), vec![a1, a2])
         }
-        Path::Tinc | Path::N2n | Path::Nebula | Path::Vpncloud | Path::TapFloor => {
+        Path::OverlaydEncrypted => {
+            let c = Cluster::form_on(h, 1)?;
+            c.await_nodes(2, &[], Duration::from_secs(60))?;
+            c.agents[0].json(&["network", "create", "sec", "--encrypted"])?;
+            let (c1, _) = c.attach(0, "sec", "c1")?;
+            let (c2, c2_ip) = c.attach(1, "sec", "c2")?;
+            (c1, c2, c2_ip, c.agents)
+        }
+        Path::Tinc
+        | Path::N2n
+        | Path::Nebula
+        | Path::Vpncloud
+        | Path::TincEncrypted
+        | Path::VpncloudEncrypted
+        | Path::TapFloor => {
             let b = peers::build(path, &h[0], &h[1], options)?;
             (b.client, b.server, b.server_ip, b.daemons)
         }

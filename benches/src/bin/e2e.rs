@@ -10,6 +10,11 @@
 //!   see `testbed::peers`),
 //! - with `--floor`, `tap-floor` (this crate's bare TAP + UDP GSO/GRO forwarder, not VXLAN),
 //!   the floor under any TAP-based userspace dataplane,
+//! - with `--encrypted`, overlayd on an encrypted network too (a two-host cluster, `network
+//!   create --encrypted`), and the peers with their encryption on (tinc's default cipher and
+//!   digest, vpncloud `--algorithm aes256`; nebula and n2n always encrypt), with a second table
+//!   of every encrypted row against overlayd's; this kernel has neither WireGuard nor IPsec
+//!   ESP, so there is no kernel reference for encryption,
 //!
 //! all in the same two-host namespace topology. Rounds are interleaved (every path once per
 //! round) so that drift in the machine's load hits each alike; the table shows medians and the
@@ -58,6 +63,9 @@ struct Cli {
     /// mechanism under overlayd costs without overlayd's own work.
     #[arg(long)]
     floor: bool,
+    /// Also measure overlayd on an encrypted network, and run the peers with encryption on.
+    #[arg(long)]
+    encrypted: bool,
     /// Also write the summaries as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -85,15 +93,46 @@ enum Peer {
 }
 
 impl Peer {
-    fn path(self) -> Option<Path> {
+    /// Its path; with `encrypted`, with its encryption on.
+    fn path(self, encrypted: bool) -> Option<Path> {
         match self {
+            Peer::Tinc if encrypted => Some(Path::TincEncrypted),
             Peer::Tinc => Some(Path::Tinc),
             Peer::N2n => Some(Path::N2n),
             Peer::Nebula => Some(Path::Nebula),
+            Peer::Vpncloud if encrypted => Some(Path::VpncloudEncrypted),
             Peer::Vpncloud => Some(Path::Vpncloud),
             Peer::All => None,
         }
     }
+}
+
+/// The rows that encrypt (overlayd's encrypted network, n2n, nebula, and tinc and vpncloud
+/// with their ciphers on) against overlayd's encrypted network: throughput and CPU per GB.
+fn encrypted_table(summaries: &[scenario::Summary]) -> String {
+    let sealed = [Path::OverlaydEncrypted, Path::N2n, Path::Nebula, Path::TincEncrypted, Path::VpncloudEncrypted];
+    let Some(ours) = summaries.iter().find(|s| s.path == Path::OverlaydEncrypted) else {
+        return String::new();
+    };
+    let mut o = String::from(
+        "| encrypted path | 1 stream Gbit/s | overlayd's / its | 4 streams Gbit/s | overlayd's / its | machine CPU s/GB, 1 stream | its / overlayd's | agents' CPU s/GB | its / overlayd's |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for s in summaries.iter().filter(|s| sealed.contains(&s.path)) {
+        o.push_str(&format!(
+            "| {} | {:.2} | {:.1}x | {:.2} | {:.1}x | {:.2} | {:.1}x | {:.2} | {:.1}x |\n",
+            s.label,
+            s.gbps_1,
+            ours.gbps_1 / s.gbps_1,
+            s.gbps_4,
+            ours.gbps_4 / s.gbps_4,
+            s.machine_cpu_s_per_gb,
+            s.machine_cpu_s_per_gb / ours.machine_cpu_s_per_gb,
+            s.agent_cpu_s_per_gb,
+            s.agent_cpu_s_per_gb / ours.agent_cpu_s_per_gb,
+        ));
+    }
+    o.push_str("\nNo kernel reference for encryption: this kernel has neither WireGuard nor IPsec ESP.\n");
+    o
 }
 
 /// A peer path that could not be set up, listed under the table.
@@ -163,6 +202,9 @@ fn main() -> Result<()> {
     }
     plan.push((Path::KernelVxlan, Path::KernelVxlan.label().into(), vec![], options.clone()));
     plan.push((Path::Overlayd, "overlayd".into(), vec![], options.clone()));
+    if cli.encrypted {
+        plan.push((Path::OverlaydEncrypted, Path::OverlaydEncrypted.label().into(), vec![], options.clone()));
+    }
     if cli.floor {
         say(&peers::version(Path::TapFloor, &options)?);
         plan.push((Path::TapFloor, Path::TapFloor.label().into(), vec![], options.clone()));
@@ -189,7 +231,7 @@ fn main() -> Result<()> {
     let all = [Peer::Tinc, Peer::N2n, Peer::Nebula, Peer::Vpncloud];
     let mut skipped = Vec::new();
     for peer in all.into_iter().filter(|p| cli.peers.contains(p) || cli.peers.contains(&Peer::All)) {
-        let path = peer.path().context("`all` is not a peer")?;
+        let path = peer.path(cli.encrypted).context("`all` is not a peer")?;
         let label = path.label();
         match peers::version(path, &options) {
             Ok(v) => say(&format!("{label}: {v}")),
@@ -207,6 +249,10 @@ fn main() -> Result<()> {
     drop(pairs);
     say("");
     say(&format!("{}{}", scenario::table(&summaries), skipped_rows(&skipped)));
+    if cli.encrypted {
+        say("");
+        say(&encrypted_table(&summaries));
+    }
     if let Some(path) = cli.json {
         std::fs::write(&path, serde_json::to_string_pretty(&summaries)?)
             .with_context(|| format!("writing {}", path.display()))?;
