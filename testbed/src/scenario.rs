@@ -4,11 +4,9 @@
 //! underlay veths.
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::cluster::Cluster;
 use crate::measure::{self, IperfStats, MachineCpu};
 use crate::{Agent, Node, Options, Testbed, peers};
 
@@ -21,8 +19,9 @@ pub enum Path {
     KernelVxlan,
     /// Container to container over overlayd.
     Overlayd,
-    /// Container to container over overlayd on an encrypted network (`network create
-    /// --encrypted` in a two-host cluster: AES-256-GCM, keys from the managers).
+    /// Container to container over overlayd on an encrypted network (static mode as
+    /// [`Path::Overlayd`], with a pre-shared `--key-file`: AES-256-GCM, the same sealing as a
+    /// cluster's `network create --encrypted`).
     OverlaydEncrypted,
     /// Container to container over tinc 1.0 in switch mode, without encryption ([`peers`]).
     Tinc,
@@ -112,12 +111,22 @@ pub fn build_with(path: Path, options: &Options, label: &str, overlayd_args: &[S
             (c1.node.clone(), c2.node.clone(), c2.ip(), vec![a1, a2])
         }
         Path::OverlaydEncrypted => {
-            let c = Cluster::form_on(h, 1)?;
-            c.await_nodes(2, &[], Duration::from_secs(60))?;
-            c.agents[0].json(&["network", "create", "sec", "--encrypted"])?;
-            let (c1, _) = c.attach(0, "sec", "c1")?;
-            let (c2, c2_ip) = c.attach(1, "sec", "c2")?;
-            (c1, c2, c2_ip, c.agents)
+            let key = bed.dir().join("network.key");
+            std::fs::write(&key, "4f7665726c6179642062656e63686d61726b206b657920666f72206532652121\n")?;
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            let key = key.to_string_lossy().into_owned();
+            let args = |peer: IpAddr| {
+                let mut a = vec!["--vni".to_owned(), VNI.to_string(), "--peer".into(), peer.to_string()];
+                a.extend(["--key-file".to_owned(), key.clone()]);
+                a.extend(overlayd_args.iter().cloned());
+                a
+            };
+            let a1 = h[0].start_overlayd(&args(h[1].addr()))?;
+            let a2 = h[1].start_overlayd(&args(h[0].addr()))?;
+            let bridge = format!("ovbr-{VNI}");
+            let c1 = h[0].add_container("c1", &bridge, "10.100.0.1/24")?;
+            let c2 = h[1].add_container("c2", &bridge, "10.100.0.2/24")?;
+            (c1.node.clone(), c2.node.clone(), c2.ip(), vec![a1, a2])
         }
         Path::Tinc
         | Path::N2n
