@@ -3,9 +3,9 @@
 //! host 2 over each, with 1 and 4 streams, every path in every round (the order rotated), with
 //! the CPU the two agents and the whole machine spent per GB moved.
 //!
-//! Not here: the encrypted userspace tunnels (nebula, vpncloud, tinc, n2n) of the e2e runner,
-//! which measures overlayd in static mode, where there are no keys yet; and a kernel reference
-//! (this kernel has neither WireGuard nor IPsec ESP).
+//! Not here: the encrypted userspace tunnels (nebula, vpncloud, tinc, n2n), which `e2e
+//! --encrypted --peers all` measures against overlayd encrypted with a pre-shared key; and a
+//! kernel reference (this kernel has neither WireGuard nor IPsec ESP).
 //!
 //! `sudo target/release/sealed --runs 3 --seconds 8` (build with `cargo build --release -p
 //! overlayd -p overlayd-benches`; needs iperf3).
