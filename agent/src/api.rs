@@ -179,7 +179,7 @@ impl AgentService {
 impl pb::agent_server::Agent for AgentService {
     async fn status(&self, _: Request<pb::Empty>) -> Result<Response<pb::StatusReply>, Status> {
         let mode = self.0.mode.read().await;
-        let reply = match &*mode {
+        let mut reply = match &*mode {
             Mode::Idle => pb::StatusReply {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 pid: std::process::id(),
@@ -191,6 +191,8 @@ impl pb::agent_server::Agent for AgentService {
             Mode::Static(h) => h.status("static").await,
             Mode::Cluster(c) => pb::StatusReply { cluster: Some(c.status().await), ..c.host.status("cluster").await },
         };
+        // Up since the process started, whatever the mode (a host's dataplane may be younger).
+        reply.uptime_secs = self.0.started.elapsed().as_secs();
         Ok(Response::new(reply))
     }
 

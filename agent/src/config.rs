@@ -37,11 +37,19 @@ pub struct DaemonSettings {
     #[arg(long, env = "OVERLAYD_ADVERTISE_ADDR", value_name = "ADDR")]
     pub advertise_addr: Option<String>,
 
+    /// Cluster mode: IP[:PORT] the control API listens on [default: the advertise address and
+    /// port; give 0.0.0.0 to listen on every address, e.g. behind NAT where the advertise
+    /// address is not this host's].
+    #[arg(long, env = "OVERLAYD_LISTEN_ADDR", value_name = "ADDR")]
+    pub listen_addr: Option<String>,
+
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
     #[arg(long, env = "OVERLAYD_METRICS_ADDR", value_name = "ADDR:PORT")]
     pub metrics_addr: Option<SocketAddr>,
 
-    /// Log filter (tracing syntax: error, warn, info, debug, or per-module).
+    /// Log filter: a level (error, warn, info, debug, trace), optionally with MODULE=LEVEL
+    /// directives, e.g. `info,overlayd=debug`. Raft's own logs (openraft) show from warn unless
+    /// named, e.g. `info,openraft=info`.
     #[arg(long, env = "OVERLAYD_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
 
@@ -80,6 +88,7 @@ impl Default for DaemonSettings {
             underlay_addr: None,
             underlay_mtu: None,
             advertise_addr: None,
+            listen_addr: None,
             metrics_addr: None,
             log: "info".into(),
             docker_plugin: "overlayd".into(),
@@ -283,6 +292,9 @@ pub fn resolve(settings: DaemonSettings, file_networks: Vec<FileNetwork>, flags:
     if let Some(a) = &settings.advertise_addr {
         socket_addr(a, proto::DEFAULT_CONTROL_PORT, "the advertise address")?;
     }
+    if let Some(a) = &settings.listen_addr {
+        socket_addr(a, proto::DEFAULT_CONTROL_PORT, "--listen-addr")?;
+    }
     let mut networks = Vec::new();
     for (i, n) in file_networks.into_iter().enumerate() {
         let what = format!("[[network]] #{} (vni {})", i + 1, n.vni);
@@ -440,7 +452,7 @@ fn validate(cfg: &DaemonConfig) -> Result<()> {
         if let Some(mtu) = n.mtu {
             ensure!(
                 (68..=65_535 - cfg.overhead()).contains(&mtu),
-                "{what}: MTU {mtu} is outside 68..={}",
+                "{what}: MTU {mtu} is not between 68 and {}",
                 65_535 - cfg.overhead()
             );
         }

@@ -54,6 +54,7 @@ impl Mode {
 pub struct Daemon {
     pub mode: RwLock<Mode>,
     pub ctx: ClusterContext,
+    /// When `run` began: `status` counts the uptime from here.
     pub started: Instant,
 }
 
@@ -77,8 +78,38 @@ fn claim_state_dir(dir: &Path) -> Result<PathBuf> {
     Ok(sock)
 }
 
+/// Bit of CAP_NET_ADMIN in the capability sets of /proc/self/status.
+const CAP_NET_ADMIN: u32 = 12;
+
+/// Whether this process may configure the network: root, or CAP_NET_ADMIN in its effective set.
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
+/// Refuses to start the daemon without the privileges it needs, before it claims anything.
+pub fn require_privileges() -> Result<()> {
+    if !privileged() {
+        bail!(
+            "overlayd daemon needs root (or CAP_NET_ADMIN with the capabilities of the systemd unit): it creates \
+             bridges, TAPs and veths and programs nftables. Run it as root, or as the overlayd service \
+             (systemctl start overlayd)"
+        );
+    }
+    Ok(())
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: DaemonConfig, state_dir: PathBuf) -> Result<()> {
+    let started = Instant::now();
     // Watch the signals first: from here on SIGTERM means "clean up and leave", even mid-setup.
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
@@ -105,7 +136,7 @@ pub async fn run(config: DaemonConfig, state_dir: PathBuf) -> Result<()> {
         _ = term.recv() => bail!("SIGTERM during setup"),
         _ = int.recv() => bail!("SIGINT during setup"),
     };
-    let daemon = Arc::new(Daemon { mode: RwLock::new(mode), ctx, started: Instant::now() });
+    let daemon = Arc::new(Daemon { mode: RwLock::new(mode), ctx, started });
     tracing::info!(socket = %sock.display(), mode = daemon.mode.read().await.name(), "overlayd is ready");
 
     let result = tokio::select! {

@@ -60,7 +60,7 @@ const DEFAULT_STATE_DIR: &str = "/var/lib/overlayd";
         host2# overlayd daemon --underlay-addr 198.18.0.2 --vni 100 --peer 198.18.0.1"
 )]
 struct Cli {
-    /// Where the daemon keeps its socket (and, later, its cluster state). Several daemons on
+    /// Where the daemon keeps its socket, its cluster membership and state. Several daemons on
     /// one machine need one each.
     #[arg(long, global = true, env = "OVERLAYD_STATE_DIR", default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
     state_dir: PathBuf,
@@ -148,8 +148,10 @@ network's gateway yourself.";
 #[derive(Subcommand)]
 enum NodeCommand {
     /// The nodes, their role and status, and who leads.
+    #[command(visible_alias = "list")]
     Ls(OutputArgs),
     /// Remove a node (a host that is gone for good): its address blocks are freed.
+    #[command(visible_aliases = ["remove", "delete"])]
     Rm {
         /// Its name or id.
         node: String,
@@ -200,6 +202,7 @@ enum NetworkCommand {
         out: OutputArgs,
     },
     /// List the networks.
+    #[command(visible_alias = "list")]
     Ls(OutputArgs),
     /// Show a network: subnet, gateway, VNI, each host's block and VTEP, and its containers.
     Inspect {
@@ -208,6 +211,7 @@ enum NetworkCommand {
         out: OutputArgs,
     },
     /// Remove a network that no host uses (or any, with --force).
+    #[command(visible_aliases = ["remove", "delete"])]
     Rm {
         name: String,
         #[arg(long)]
@@ -334,6 +338,7 @@ enum ServiceCommand {
     #[command(long_about = SERVICE_HELP)]
     Create(Box<ServiceCreateArgs>),
     /// List the services, with their replicas' health.
+    #[command(visible_alias = "list")]
     Ls(OutputArgs),
     /// Show a service: its VIP, ports, health check and replicas (their host and health).
     Inspect {
@@ -342,6 +347,7 @@ enum ServiceCommand {
         out: OutputArgs,
     },
     /// Remove a service (its replicas stay attached, as plain containers).
+    #[command(visible_aliases = ["remove", "delete"])]
     Rm {
         name: String,
         #[command(flatten)]
@@ -536,6 +542,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
             let given = matches.subcommand_matches("daemon").context("no daemon arguments")?;
             let cfg = config::load(args.config.as_deref(), args.settings, given, args.network)?;
             init_logging(&cfg.settings.log)?;
+            daemon::require_privileges()?;
             runtime(2)?.block_on(daemon::run(cfg, cli.state_dir))
         }
         Command::Completions { shell } => {
@@ -577,6 +584,12 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
                 false => "This state dir holds no cluster membership.\n",
             };
             return output::print(a.out.json, &serde_json::json!({"left": true, "force": true}), |_| said.into());
+        }
+        (Err(e), _) if !daemon::privileged() => {
+            return Err(e.context(
+                "overlayd commands talk to the daemon over a socket in its state dir that only root may use: \
+                 run them as root (sudo overlayd …)",
+            ));
         }
         (Err(e), _) => return Err(e),
     };
@@ -726,8 +739,30 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
     }
 }
 
+/// The levels a `--log` directive may name.
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Refuses a `--log` filter that tracing would take but that cannot be what was meant: a bare
+/// word that is not a level (`--log verbose` would turn every log off but a module named
+/// "verbose").
+fn check_log_filter(filter: &str) -> Result<()> {
+    for d in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = d.rsplit_once('=').map_or(d, |(_, l)| l);
+        if !d.contains('=') && !d.contains("::") && !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            anyhow::bail!(
+                "--log {filter:?}: {d:?} is not a level ({}); for one module write MODULE=LEVEL, e.g. info,overlayd=debug",
+                LOG_LEVELS.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 fn init_logging(filter: &str) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+    check_log_filter(filter)?;
+    // openraft logs its metrics and every election step at info: quiet unless asked for.
+    let quiet = if filter.contains("openraft") { String::new() } else { ",openraft=warn".to_owned() };
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{filter}{quiet}"))
         .with_context(|| format!("--log {filter:?} is not a valid filter (try info, debug, or overlayd=debug)"))?;
     use std::io::IsTerminal as _;
     tracing_subscriber::fmt()

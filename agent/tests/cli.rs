@@ -35,6 +35,8 @@ fn malformed_values_are_refused() {
             vec!["daemon", "--underlay-addr", "198.18.0.1", "--vni", "1", "--name", "waytoolongname"],
             "1 to 10 characters",
         ),
+        (vec!["daemon", "--log", "verbose"], "is not a level"),
+        (vec!["daemon", "--listen-addr", "every"], "--listen-addr"),
     ] {
         let (ok, msg) = overlayd(&args);
         assert!(!ok, "{args:?} was accepted");
@@ -73,5 +75,48 @@ fn help_teaches_the_config_format() {
     assert!(ok);
     for needle in ["[[network]]", "--peer", "--underlay-addr", "dstport 4789"] {
         assert!(msg.contains(needle), "daemon --help lacks {needle}");
+    }
+}
+
+/// Runs a copy of the binary (in a directory anyone may enter: the build's may not be) as the
+/// unprivileged user `nobody`, with setpriv (util-linux).
+fn as_nobody(args: &[&str]) -> (bool, String) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("overlayd-cli-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("overlayd");
+    std::fs::copy(env!("CARGO_BIN_EXE_overlayd"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A state dir as the daemon makes it: root's, mode 0700.
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--"])
+        .arg(&bin)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(args)
+        .output()
+        .expect("cannot run setpriv (util-linux)");
+    let _ = std::fs::remove_dir_all(&dir);
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout))
+}
+
+#[test]
+fn without_root_the_daemon_and_the_commands_say_so() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test drops root itself: run it as root");
+    let (ok, msg) = as_nobody(&["daemon"]);
+    assert!(!ok, "a daemon without root started: {msg}");
+    assert!(msg.contains("needs root (or CAP_NET_ADMIN"), "{msg}");
+    assert!(!msg.contains("ready"), "it never says it is ready: {msg}");
+    for cmd in
+        [vec!["status"], vec!["network", "ls"], vec!["node", "list"], vec!["attach", "--network", "x", "--pid", "1"]]
+    {
+        let (ok, msg) = as_nobody(&cmd);
+        assert!(!ok, "{cmd:?} succeeded without root: {msg}");
+        assert!(msg.contains("only root may use") && msg.contains("sudo"), "{cmd:?}: {msg}");
     }
 }

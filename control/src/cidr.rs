@@ -92,6 +92,9 @@ impl FromStr for Ipv4Cidr {
         let (a, p) = s
             .split_once('/')
             .ok_or_else(|| format!("{s:?} is not a prefix: write it as ADDRESS/LENGTH, e.g. 10.20.0.0/16"))?;
+        if a.parse::<std::net::Ipv6Addr>().is_ok() {
+            return Err(format!("{s:?} is an IPv6 subnet: overlay networks are IPv4 only for now (give an IPv4 one)"));
+        }
         let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
         let prefix: u8 =
             p.parse().ok().filter(|p| *p <= 32).ok_or_else(|| format!("{s:?}: the length must be 0 to 32"))?;
@@ -132,5 +135,6 @@ mod tests {
         assert!("10.128.0.1/16".parse::<Ipv4Cidr>().unwrap_err().contains("did you mean 10.128.0.0/16"));
         assert!("10.128.0.0".parse::<Ipv4Cidr>().unwrap_err().contains("ADDRESS/LENGTH"));
         assert!("10.128.0.0/33".parse::<Ipv4Cidr>().is_err());
+        assert!("fd00:1::/64".parse::<Ipv4Cidr>().unwrap_err().contains("IPv4 only for now"));
     }
 }

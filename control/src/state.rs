@@ -836,12 +836,12 @@ impl ClusterState {
             return Err(Rejection::DuplicateNetwork(spec.name.clone()));
         }
         if !(576..=9000).contains(&spec.mtu) {
-            return Err(Rejection::InvalidSpec(format!("MTU {} is outside 576..=9000", spec.mtu)));
+            return Err(Rejection::InvalidSpec(format!("MTU {} is not between 576 and 9000", spec.mtu)));
         }
         let vni = match spec.vni {
             Some(v) => {
                 if v == 0 || v > 0xff_ffff {
-                    return Err(Rejection::InvalidSpec(format!("VNI {v} is outside 1..=16777215")));
+                    return Err(Rejection::InvalidSpec(format!("VNI {v} is not between 1 and 16777215")));
                 }
                 if let Some(n) = self.networks.values().find(|n| n.vni == v) {
                     return Err(Rejection::DuplicateVni { vni: v, network: n.name.clone() });

@@ -30,7 +30,7 @@ pub enum TableError {
     #[error("a network with VNI {0} already exists on this host")]
     DuplicateVni(Vni),
     /// A block prefix length outside 1..=32.
-    #[error("block prefix length {0} is outside 1..=32")]
+    #[error("block prefix length {0} is not between 1 and 32")]
     BadPrefix(u8),
     /// FDB entries are for unicast MACs; group addresses always go to the flood list.
     #[error("{0} is a multicast or broadcast MAC; only unicast MACs can have an FDB entry")]

@@ -8,7 +8,6 @@ mod membership;
 mod reconcile;
 mod reports;
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,14 +79,21 @@ impl ClusterRuntime {
         );
         let result = async {
             let store = Arc::new(Mutex::new(endpoints::recover(&ctx.nl, &ctx.state_dir.join(ENDPOINTS_FILE)).await?));
-            let listener = TcpListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), membership.advertise.port()))
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot listen on the control port {} (is another overlayd using it?)",
-                        membership.advertise.port()
-                    )
-                })?;
+            let listen = match &ctx.settings.listen_addr {
+                Some(a) => crate::config::socket_addr(a, membership.advertise.port(), "--listen-addr")?,
+                None => membership.advertise,
+            };
+            let listener = TcpListener::bind(listen).await.map_err(|e| {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::AddrNotAvailable => format!(
+                        "{} is not an address of this host: behind NAT, give --listen-addr 0.0.0.0 (or this host's own address)",
+                        listen.ip()
+                    ),
+                    std::io::ErrorKind::AddrInUse => "is another overlayd using it?".to_owned(),
+                    _ => e.to_string(),
+                };
+                anyhow::anyhow!("cannot listen on the control API address {listen}: {hint}")
+            })?;
             let manager = match membership.role {
                 Role::Manager => {
                     let config = ManagerConfig {

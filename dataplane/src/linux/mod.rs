@@ -127,7 +127,7 @@ impl Dataplane {
         let ports = settings.source_ports;
         if ports.count == 0 || ports.first == 0 || u32::from(ports.first) + u32::from(ports.count) - 1 > 65_535 {
             return Err(DataplaneError::Config(format!(
-                "source ports {}+{} do not fit in 1..=65535",
+                "source ports {}+{} do not fit below 65536",
                 ports.first, ports.count
             )));
         }

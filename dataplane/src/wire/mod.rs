@@ -45,7 +45,7 @@ impl Vni {
 impl TryFrom<u32> for Vni {
     type Error = String;
     fn try_from(v: u32) -> Result<Self, String> {
-        Vni::new(v).ok_or_else(|| format!("VNI {v} does not fit in 24 bits (0..={})", Vni::MAX))
+        Vni::new(v).ok_or_else(|| format!("VNI {v} does not fit in 24 bits (0 to {})", Vni::MAX))
     }
 }
 
