@@ -6,8 +6,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut b = tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        // Every message renders as JSON for the CLI's --json; enum fields by name.
+        // Maps in a fixed (sorted) order: --json and /metrics print the same order every call.
+        .btree_map(".")
+        // Every message renders as JSON for the CLI's --json; enum fields by name, bytes as hex.
         .type_attribute(".overlayd.v1", "#[derive(serde::Serialize)]");
+    for field in [
+        "overlayd.v1.Node.gossip_public_key",
+        "overlayd.v1.RaftMessage.payload",
+        "overlayd.v1.JoinRequest.csr_der",
+        "overlayd.v1.JoinRequest.gossip_public_key",
+        "overlayd.v1.JoinReply.gossip_key",
+        "overlayd.v1.EpochKey.key",
+        "overlayd.v1.GossipKeyReply.key",
+    ] {
+        b = b.field_attribute(field, "#[serde(serialize_with = \"crate::json::hex\")]");
+    }
     for field in [
         "overlayd.v1.Node.role",
         "overlayd.v1.JoinReply.role",

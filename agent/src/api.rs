@@ -58,10 +58,13 @@ pub async fn connect(state_dir: &Path) -> Result<AgentClient<Channel>> {
             }))
             .await
             .with_context(|| {
-                format!(
-                    "cannot reach the overlayd daemon at {}: is `overlayd daemon` running with --state-dir {}?",
-                    path.display(),
-                    state_dir.display()
+                crate::output::Classified(
+                    crate::output::Failure::Unreachable,
+                    format!(
+                        "cannot reach the overlayd daemon at {}: is `overlayd daemon` running with --state-dir {}?",
+                        path.display(),
+                        state_dir.display()
+                    ),
                 )
             })?;
     Ok(AgentClient::new(channel))
@@ -69,7 +72,7 @@ pub async fn connect(state_dir: &Path) -> Result<AgentClient<Channel>> {
 
 /// Turns a refusal from the daemon into an error that reads well on the command line.
 pub fn refused(s: Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
+    crate::output::Refusal(s.code(), s.message().to_owned()).into()
 }
 
 struct AgentService(Arc<Daemon>);

@@ -98,11 +98,14 @@ pub fn privileged() -> bool {
 /// Refuses to start the daemon without the privileges it needs, before it claims anything.
 pub fn require_privileges() -> Result<()> {
     if !privileged() {
-        bail!(
+        return Err(crate::output::Classified(
+            crate::output::Failure::NotPermitted,
             "overlayd daemon needs root (or CAP_NET_ADMIN with the capabilities of the systemd unit): it creates \
              bridges, TAPs and veths and programs nftables. Run it as root, or as the overlayd service \
              (systemctl start overlayd)"
-        );
+                .into(),
+        )
+        .into());
     }
     Ok(())
 }

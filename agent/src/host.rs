@@ -479,8 +479,8 @@ impl Host {
             uptime_secs: self.uptime_secs(),
             underlay_addr: self.underlay.addr.to_string(),
             underlay_interface: self.underlay.interface.clone(),
-            underlay_mtu: self.underlay.mtu,
-            vxlan_port: u32::from(s.vxlan_port),
+            underlay_mtu: Some(self.underlay.mtu),
+            vxlan_port: Some(u32::from(s.vxlan_port)),
             source_ports: s.source_ports.to_string(),
             allocation_counting: dataplane::alloc_count::is_installed(),
             offloads: Some(pb::Offloads { tap: o.tap, udp_gso: o.udp_gso, udp_gro: o.udp_gro, coalesce: o.coalesce }),
@@ -528,8 +528,7 @@ impl Host {
                             mac: mac.to_string(),
                             vtep: vtep.to_string(),
                             origin: "learned".into(),
-                            age_secs: now.saturating_sub(seen),
-                            has_age: true,
+                            age_secs: Some(now.saturating_sub(seen)),
                         }
                     }))
                     .collect();
@@ -543,11 +542,12 @@ impl Host {
                     .block_entries()
                     .map(|(base, prefix, owner)| {
                         let (vtep, down) = match owner {
-                            BlockOwner::Local => ("local".to_owned(), false),
+                            BlockOwner::Local => (String::new(), false),
                             BlockOwner::Remote(v) => (v.to_string(), false),
                             BlockOwner::Down(v) => (v.to_string(), true),
                         };
-                        (base, pb::BlockEntry { cidr: format!("{base}/{prefix}"), vtep, down })
+                        let local = matches!(owner, BlockOwner::Local);
+                        (base, pb::BlockEntry { cidr: format!("{base}/{prefix}"), vtep, down, local })
                     })
                     .collect();
                 blocks.sort_by_key(|(b, _)| *b);

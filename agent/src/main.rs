@@ -526,12 +526,9 @@ fn main() {
     }
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let json = std::env::args().any(|a| a == "--json");
     if let Err(e) = run(cli, &matches) {
-        #[allow(clippy::print_stderr)] // the CLI's last word; tracing may not be set up yet
-        {
-            eprintln!("overlayd: {e:#}");
-        }
-        std::process::exit(1);
+        std::process::exit(output::failed(&e, json));
     }
 }
 
@@ -540,8 +537,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         Command::Daemon(args) => {
             let args = *args;
             let given = matches.subcommand_matches("daemon").context("no daemon arguments")?;
-            let cfg = config::load(args.config.as_deref(), args.settings, given, args.network)?;
-            init_logging(&cfg.settings.log)?;
+            let cfg = config::load(args.config.as_deref(), args.settings, given, args.network).map_err(usage)?;
+            init_logging(&cfg.settings.log).map_err(usage)?;
             daemon::require_privileges()?;
             runtime(2)?.block_on(daemon::run(cfg, cli.state_dir))
         }
@@ -586,10 +583,12 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
             return output::print(a.out.json, &serde_json::json!({"left": true, "force": true}), |_| said.into());
         }
         (Err(e), _) if !daemon::privileged() => {
-            return Err(e.context(
+            return Err(e.context(output::Classified(
+                output::Failure::NotPermitted,
                 "overlayd commands talk to the daemon over a socket in its state dir that only root may use: \
-                 run them as root (sudo overlayd …)",
-            ));
+                 run them as root (sudo overlayd …)"
+                    .into(),
+            )));
         }
         (Err(e), _) => return Err(e),
     };
@@ -737,6 +736,11 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
             output::print(a.out.json, &r.into_inner(), output::detached)
         }
     }
+}
+
+/// A configuration or flag error, classed as bad usage (exit code 2).
+fn usage(e: anyhow::Error) -> anyhow::Error {
+    output::Classified(output::Failure::Usage, format!("{e:#}")).into()
 }
 
 /// The levels a `--log` directive may name.

@@ -6,12 +6,136 @@ use anyhow::Result;
 use proto as pb;
 use serde::Serialize;
 
-/// Prints `reply` as JSON or through `human`.
+/// Prints `reply` as JSON (see [`absent_as_null`]) or through `human`.
 pub fn print<T: Serialize>(json: bool, reply: &T, human: impl FnOnce(&T) -> String) -> Result<()> {
-    let text = if json { serde_json::to_string_pretty(reply)? + "\n" } else { human(reply) };
+    let text = if json {
+        let mut v = serde_json::to_value(reply)?;
+        absent_as_null(&mut v);
+        serde_json::to_string_pretty(&v)? + "\n"
+    } else {
+        human(reply)
+    };
     use std::io::Write as _;
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
+}
+
+/// In the JSON the CLI prints, a field that has no value is `null`: the replies' empty strings
+/// (an address, a block, a reason that does not apply) become `null`. Numbers and lists stay as
+/// they are (a count of 0 is a count).
+pub fn absent_as_null(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.is_empty() => *v = Value::Null,
+        Value::Array(items) => items.iter_mut().for_each(absent_as_null),
+        Value::Object(fields) => fields.values_mut().for_each(absent_as_null),
+        _ => {}
+    }
+}
+
+/// What kind of failure ended a command, and the exit code that says so (README, "Scripting").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// 1: the daemon or the cluster refused the request, or it failed (the message says why).
+    Refused,
+    /// 2: bad usage: an unknown flag, a malformed value (clap's own code too).
+    Usage,
+    /// 3: no daemon answers at the state dir.
+    Unreachable,
+    /// 4: not permitted: not root, or a worker asking what only a manager may do.
+    NotPermitted,
+    /// 5: no such network, node, service or endpoint.
+    NotFound,
+    /// 6: not now: no leader or quorum, not in a cluster yet; retrying later may succeed.
+    Unavailable,
+}
+
+impl Failure {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Failure::Refused => 1,
+            Failure::Usage => 2,
+            Failure::Unreachable => 3,
+            Failure::NotPermitted => 4,
+            Failure::NotFound => 5,
+            Failure::Unavailable => 6,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::Refused => "refused",
+            Failure::Usage => "usage",
+            Failure::Unreachable => "unreachable",
+            Failure::NotPermitted => "not_permitted",
+            Failure::NotFound => "not_found",
+            Failure::Unavailable => "unavailable",
+        }
+    }
+
+    /// The class of `e`: from a [`Failure`] or a daemon's [`tonic::Status`] in its chain, else
+    /// [`Failure::Refused`].
+    pub fn of(e: &anyhow::Error) -> Failure {
+        // anyhow finds a context's type at any depth of the chain.
+        if let Some(c) = e.downcast_ref::<Classified>() {
+            return c.0;
+        }
+        if let Some(s) = e.downcast_ref::<Refusal>() {
+            return match s.0 {
+                tonic::Code::InvalidArgument | tonic::Code::OutOfRange => Failure::Usage,
+                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Failure::NotPermitted,
+                tonic::Code::NotFound => Failure::NotFound,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => Failure::Unavailable,
+                _ => Failure::Refused,
+            };
+        }
+        Failure::Refused
+    }
+}
+
+/// An error message with its class (for [`Failure::of`]), e.g. as an `anyhow` context.
+#[derive(Debug)]
+pub struct Classified(pub Failure, pub String);
+
+impl std::fmt::Display for Classified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl std::error::Error for Classified {}
+
+/// The daemon's refusal of a request: its gRPC code (for [`Failure::of`]) and its message.
+#[derive(Debug)]
+pub struct Refusal(pub tonic::Code, pub String);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// The CLI's last word on a failed command: the message on stderr and, with `--json`, the
+/// error as JSON on stdout; returns the exit code.
+pub fn failed(e: &anyhow::Error, json: bool) -> i32 {
+    let class = Failure::of(e);
+    let message = format!("{e:#}");
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("overlayd: {message}");
+    }
+    if json {
+        let v = serde_json::json!({
+            "error": { "class": class.name(), "exit_code": class.exit_code(), "message": message }
+        });
+        #[allow(clippy::print_stdout)]
+        {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+    }
+    class.exit_code()
 }
 
 fn on(b: bool) -> &'static str {
@@ -64,7 +188,11 @@ pub fn status(s: &pb::StatusReply) -> String {
     let _ = writeln!(
         o,
         "underlay   {} on {} (MTU {}), VXLAN port {}, source ports {}",
-        s.underlay_addr, s.underlay_interface, s.underlay_mtu, s.vxlan_port, s.source_ports
+        s.underlay_addr,
+        s.underlay_interface,
+        s.underlay_mtu.unwrap_or_default(),
+        s.vxlan_port.unwrap_or_default(),
+        s.source_ports
     );
     if let Some(f) = &s.offloads {
         let _ = writeln!(
@@ -160,13 +288,13 @@ pub fn fdb(r: &pb::FdbReply) -> String {
             let _ = writeln!(o, "  BLOCK               VTEP");
             for b in &n.blocks {
                 let note = if b.down { "  (host down: nothing sent)" } else { "" };
-                let _ = writeln!(o, "  {:<19} {}{note}", b.cidr, b.vtep);
+                let _ = writeln!(o, "  {:<19} {}{note}", b.cidr, if b.local { "local" } else { &b.vtep });
             }
         }
         if !n.fdb.is_empty() {
             let _ = writeln!(o, "  MAC                 VTEP                                     ORIGIN   AGE");
             for e in &n.fdb {
-                let age = if e.has_age { format!("{}s", e.age_secs) } else { "-".into() };
+                let age = e.age_secs.map_or("-".into(), |a| format!("{a}s"));
                 let _ = writeln!(o, "  {:<19} {:<40} {:<8} {}", e.mac, e.vtep, e.origin, age);
             }
         }

@@ -543,7 +543,7 @@ fn a_dnsrr_service_answers_its_replicas() {
     let svc = c.agents[0]
         .json(&["service", "create", "db", "--network", "back", "--mode", "dnsrr", "--port", "5432/tcp"])
         .unwrap();
-    assert_eq!(svc["vip"], "", "{svc}");
+    assert_eq!(svc["vip"], serde_json::Value::Null, "a dnsrr service has no VIP: {svc}");
     let a = attach(&c, 0, "back", "db1", Some("db"));
     let b = attach(&c, 1, "back", "db2", Some("db"));
     let client = attach(&c, 1, "back", "app", None);

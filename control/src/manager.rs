@@ -894,7 +894,7 @@ impl pb::manager_server::Manager for ManagerService {
         self.0.authorize(&request, Call::NetworkKeys)?;
         let keys = self.0.state.read(|s| s.secrets.as_ref().map(|x| x.network_keys.clone()));
         let keys = keys.ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
-        let mut networks = std::collections::HashMap::new();
+        let mut networks = std::collections::BTreeMap::new();
         for (name, epochs) in keys {
             let mut list = Vec::new();
             for k in epochs {

@@ -28,6 +28,16 @@ pub mod json {
         })
     }
 
+    /// A `bytes` field, as a lowercase hex string (not an array of numbers).
+    pub fn hex<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        use std::fmt::Write as _;
+        let mut out = String::with_capacity(v.len() * 2);
+        for b in v {
+            let _ = write!(out, "{b:02x}");
+        }
+        s.serialize_str(&out)
+    }
+
     /// A `NodeStatus` field.
     pub fn node_status<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(match crate::NodeStatus::try_from(*v) {
