@@ -317,7 +317,25 @@ impl pb::agent_server::Agent for AgentService {
     }
 
     async fn detach(&self, request: Request<pb::DetachRequest>) -> Result<Response<pb::DetachReply>, Status> {
-        self.cluster().await?.detach(request.into_inner()).await.map(Response::new).map_err(internal)
+        let c = self.cluster().await?;
+        let req = request.into_inner();
+        match c.detach(req.clone()).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e) if e.downcast_ref::<crate::endpoints::NothingToDetach>().is_some() => {
+                // Named, and held by another host: say which, and what to run there.
+                let elsewhere = (!req.name.is_empty()).then(|| c.holders_of(&req.name)).unwrap_or_default();
+                Err(Status::not_found(match elsewhere.as_slice() {
+                    [] => format!("{e:#}"),
+                    held => format!(
+                        "{} is not attached on this host: it is on {}; run `overlayd detach --name {}` there",
+                        req.name,
+                        held.join(", "),
+                        req.name
+                    ),
+                }))
+            }
+            Err(e) => Err(internal(e)),
+        }
     }
 
     async fn peers(&self, _: Request<pb::Empty>) -> Result<Response<pb::PeersReply>, Status> {

@@ -462,6 +462,18 @@ impl HostApi for Lister {
 }
 
 /// An endpoint of this host as the API carries it.
+/// `detach` found no endpoint of this host that matches.
+#[derive(Debug)]
+pub struct NothingToDetach;
+
+impl std::fmt::Display for NothingToDetach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("nothing to detach: no endpoint of this host matches (see overlayd network inspect)")
+    }
+}
+
+impl std::error::Error for NothingToDetach {}
+
 pub fn to_pb(e: &LocalEndpoint, node: NodeId, node_name: &str) -> pb::Endpoint {
     pb::Endpoint {
         network: e.network.clone(),
@@ -795,7 +807,7 @@ impl ClusterRuntime {
         };
         let gone = self.forget(matches).await?;
         if gone.is_empty() && !req.missing_ok {
-            bail!("nothing to detach: no endpoint matches (see overlayd network inspect)");
+            return Err(NothingToDetach.into());
         }
         Ok(pb::DetachReply {
             detached: gone.iter().map(|e| to_pb(e, self.membership.node_id, &self.membership.name)).collect(),

@@ -647,7 +647,14 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
         }
         Command::Node(NodeCommand::Rm { node, force, out }) => {
             c.node_remove(pb::RemoveNodeRequest { node: node.clone(), force }).await.map_err(e)?;
-            output::print(out.json, &serde_json::json!({"removed": node}), |_| format!("removed node {node}\n"))
+            let nodes = c.node_list(pb::Empty {}).await.map_err(e)?.into_inner().nodes;
+            let managers = nodes.iter().filter(|n| n.role == pb::Role::Manager as i32).count();
+            let warning = output::even_managers(managers);
+            let human = |_: &serde_json::Value| match &warning {
+                Some(w) => format!("removed node {node}\nwarning: {w}\n"),
+                None => format!("removed node {node}\n"),
+            };
+            output::print(out.json, &serde_json::json!({"removed": node, "warning": warning}), human)
         }
         Command::Network(NetworkCommand::Create { name, subnet, vni, mtu, block_prefix, internal, encrypted, out }) => {
             let r = c

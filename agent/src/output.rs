@@ -33,6 +33,18 @@ pub fn absent_as_null(v: &mut serde_json::Value) {
     }
 }
 
+/// A warning for a cluster left with `managers` managers, if that is an even number: Raft needs
+/// a majority, so 2 managers survive no loss (as 1 does) and 4 survive one (as 3 do).
+pub fn even_managers(managers: usize) -> Option<String> {
+    (managers > 0 && managers % 2 == 0).then(|| {
+        format!(
+            "the cluster now has {managers} managers: Raft needs a majority of them, so an even number tolerates no \
+             more lost managers than one fewer ({} of {managers}); make it an odd number (join or remove one)",
+            managers / 2 - 1
+        )
+    })
+}
+
 /// What kind of failure ended a command, and the exit code that says so (README, "Scripting").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -381,7 +393,11 @@ pub fn join_token(r: &pb::JoinTokenReply) -> String {
 }
 
 pub fn join(r: &pb::JoinClusterReply) -> String {
-    format!("This host joined cluster {} as node {}, a {}.\n", r.cluster_id, r.node_id, role(r.role))
+    let mut o = format!("This host joined cluster {} as node {}, a {}.\n", r.cluster_id, r.node_id, role(r.role));
+    if !r.warning.is_empty() {
+        let _ = writeln!(o, "warning: {}", r.warning);
+    }
+    o
 }
 
 pub fn nodes(r: &pb::NodeListReply) -> String {

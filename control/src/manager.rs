@@ -570,7 +570,9 @@ impl ManagerService {
                 let (voters, _) = m.members();
                 if voters.len() == 1 && voters.contains(&id) {
                     return Err(Status::failed_precondition(
-                        "this is the cluster's last manager: removing it would leave no one to hold the state",
+                        "this is the cluster's last manager: removing it would leave no one to hold the state. \
+                         To dissolve the cluster, let every other host leave, then run `overlayd leave --force` here \
+                         (or, to keep the cluster, first join another host with the manager token)",
                     ));
                 }
                 m.propose(LeaderOp::RemoveVoter { id }).await?;

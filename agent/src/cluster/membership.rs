@@ -250,8 +250,16 @@ impl ClusterRuntime {
                 return Err(e);
             }
         };
+        let mut warning = String::new();
         if role == Role::Manager {
             rt.await_voter().await?;
+            let mut views = rt.follower.subscribe();
+            let me = reply.node_id;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), views.wait_for(|v| v.nodes.contains_key(&me)))
+                    .await;
+            let managers = rt.follower.view().nodes.values().filter(|n| n.role == Role::Manager).count();
+            warning = crate::output::even_managers(managers).unwrap_or_default();
         }
         Ok((
             rt,
@@ -260,6 +268,7 @@ impl ClusterRuntime {
                 cluster_id: reply.cluster_id,
                 role: reply.role,
                 managers: reply.managers,
+                warning,
             },
         ))
     }

@@ -47,6 +47,22 @@ impl ClusterRuntime {
     }
 
     /// `overlayd node ls`.
+    /// The other hosts that hold an endpoint named `name`, as "h3 (198.18.0.3, network web)",
+    /// from gossip.
+    pub fn holders_of(&self, name: &str) -> Vec<String> {
+        let view = self.follower.view();
+        let heard = self.gossip.subscribe().borrow().clone();
+        let mut out = Vec::new();
+        for (id, table) in &heard.endpoints {
+            let Some(node) = view.nodes.get(id).filter(|_| *id != self.membership.node_id) else { continue };
+            for (k, _) in table.iter().filter(|(_, e)| e.name == name) {
+                let network = view.networks.values().find(|n| n.vni == k.vni).map_or("?", |n| n.name.as_str());
+                out.push(format!("{} ({}, network {network})", node.name, node.underlay_addr));
+            }
+        }
+        out
+    }
+
     pub async fn node_list(&self) -> pb::NodeListReply {
         let view = self.follower.view();
         let leader = match self.follower.manager().await {

@@ -1,0 +1,126 @@
+//! The cluster's whole lifecycle as an operator runs it (issue 17), on real daemons: a token
+//! from `join-token` joins a host; an even number of managers is warned about; `detach` on the
+//! wrong host names the right one; `network rm` and `leave` leave no device or address overlayd
+//! made; a removed node that comes back is told so and `leave --force` returns it to a clean
+//! idle state from which it joins again; the last manager dissolves the cluster with
+//! `leave --force`. Needs root; fails, never skips.
+#![allow(clippy::print_stderr)]
+
+use std::time::Duration;
+
+use testbed::cluster::Cluster;
+use testbed::measure::wait_for;
+use testbed::{Host, Options, Testbed};
+
+const T: Duration = Duration::from_secs(20);
+
+fn bed() -> Testbed {
+    Testbed::new(Options::new(env!("CARGO_BIN_EXE_overlayd"))).expect("cannot build the testbed (run as root)")
+}
+
+/// What overlayd made on a host: its links (bridges `ovbr-`, TAPs `ovt-`, veths `ovl`, mesh
+/// ports `ovm`) and the IPv4 addresses on them.
+fn made(h: &Host) -> Vec<String> {
+    let links = h.exec("ip", ["-o", "link", "show"]).unwrap();
+    let mut out: Vec<String> = links
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .filter(|n| n.starts_with("ov"))
+        .collect();
+    let addrs = h.exec("ip", ["-o", "-4", "addr", "show"]).unwrap();
+    out.extend(
+        addrs
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1).is_some_and(|dev| dev.starts_with("ov")))
+            .map(|l| l.split_whitespace().take(4).collect::<Vec<_>>().join(" ")),
+    );
+    out
+}
+
+#[test]
+fn an_operator_runs_the_whole_lifecycle_and_nothing_is_left_behind() {
+    let bed = bed();
+    let mut c = Cluster::form(&bed, 1, 1).expect("cluster");
+    c.await_nodes(2, &[], T).unwrap();
+
+    // A manager prints the tokens; the printed one joins a new host.
+    let worker_token = c.agents[0].json(&["join-token", "worker"]).unwrap()["token"].as_str().unwrap().to_owned();
+    let manager_token = c.agents[0].json(&["join-token", "manager"]).unwrap()["token"].as_str().unwrap().to_owned();
+    let h3 = c.add_host(&bed).unwrap();
+    c.join(h3, 0, &worker_token).unwrap();
+    // A second manager makes two: the join says that an even number tolerates no more loss.
+    let h4 = c.add_host(&bed).unwrap();
+    let joined = c.agents[h4].cli(&[
+        "join",
+        &c.hosts[0].addr().to_string(),
+        "--token",
+        &manager_token,
+        "--advertise-addr",
+        &c.hosts[h4].addr().to_string(),
+        "--name",
+        c.hosts[h4].name(),
+    ]);
+    let joined = joined.unwrap();
+    eprintln!("{joined}");
+    assert!(joined.contains("2 managers") && joined.contains("odd number"), "no warning: {joined}");
+    c.await_nodes(4, &[], T).unwrap();
+
+    // detach on the wrong host names the host that holds the container.
+    c.agents[0].json(&["network", "create", "web"]).unwrap();
+    let (a, _) = c.attach(h3, "web", "a").unwrap();
+    let (_, d_ip) = c.attach(1, "web", "d").unwrap();
+    a.ping_ok(d_ip, 2).unwrap();
+    let e = c.agents[0].json(&["detach", "--name", "a"]).unwrap_err().to_string();
+    assert!(e.contains(c.hosts[h3].name()) && e.contains("detach"), "{e}");
+
+    // network rm: every device and address of it goes at once, on every host.
+    c.agents[h3].json(&["detach", "--name", "a"]).unwrap();
+    c.agents[1].json(&["detach", "--name", "d"]).unwrap();
+    c.agents[0].json(&["network", "rm", "web"]).unwrap();
+    for (i, h) in c.hosts.iter().enumerate() {
+        wait_for(Duration::from_secs(5), &format!("h{} to remove what it made", i + 1), || {
+            made(h).is_empty().then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}", made(h)));
+    }
+
+    // leave: nothing of the network is left on the host, and it can join again.
+    c.agents[0].json(&["network", "create", "api"]).unwrap();
+    let (_, _) = c.attach(h3, "api", "b").unwrap();
+    assert!(!made(&c.hosts[h3]).is_empty());
+    c.agents[h3].json(&["leave"]).unwrap();
+    assert_eq!(made(&c.hosts[h3]), Vec::<String>::new(), "leave left these");
+    c.join(h3, 0, &worker_token).unwrap();
+    c.await_nodes(4, &[], T).unwrap();
+
+    // A node removed while it runs is told so; `leave --force` makes it clean and idle.
+    c.attach(h3, "api", "e").unwrap();
+    c.agents[0].json(&["node", "rm", c.hosts[h3].name(), "--force"]).unwrap();
+    wait_for(T, "the removed node to know it", || {
+        let s = c.agents[h3].status().ok()?;
+        let text = s.to_string();
+        text.contains("removed").then_some(())
+    })
+    .unwrap();
+    let human = c.agents[h3].cli(&["status"]).unwrap();
+    assert!(human.contains("leave --force"), "the way out is offered: {human}");
+    c.agents[h3].json(&["leave", "--force"]).unwrap();
+    assert_eq!(c.agents[h3].status().unwrap()["mode"], "idle");
+    assert_eq!(made(&c.hosts[h3]), Vec::<String>::new(), "leave --force left these");
+    c.join(h3, 0, &worker_token).unwrap();
+
+    // The cluster is dissolved from its managers: the other manager leaves, then the last one
+    // leaves with --force; each host is idle and clean.
+    for i in [h3, 1] {
+        c.agents[i].json(&["leave"]).unwrap();
+    }
+    c.agents[h4].json(&["leave"]).unwrap();
+    let e = c.agents[0].json(&["leave"]).unwrap_err().to_string();
+    assert!(e.contains("--force"), "the last manager is told how to dissolve the cluster: {e}");
+    c.agents[0].json(&["leave", "--force"]).unwrap();
+    for (i, h) in c.hosts.iter().enumerate() {
+        assert_eq!(c.agents[i].status().unwrap()["mode"], "idle", "h{}", i + 1);
+        assert_eq!(made(h), Vec::<String>::new(), "h{} kept these", i + 1);
+    }
+}
