@@ -323,7 +323,7 @@ impl pb::agent_server::Agent for AgentService {
             Ok(r) => Ok(Response::new(r)),
             Err(e) if e.downcast_ref::<crate::endpoints::NothingToDetach>().is_some() => {
                 // Named, and held by another host: say which, and what to run there.
-                let elsewhere = (!req.name.is_empty()).then(|| c.holders_of(&req.name)).unwrap_or_default();
+                let elsewhere = if req.name.is_empty() { Vec::new() } else { c.holders_of(&req.name) };
                 Err(Status::not_found(match elsewhere.as_slice() {
                     [] => format!("{e:#}"),
                     held => format!(
