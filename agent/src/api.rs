@@ -284,6 +284,23 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn network_update(
+        &self,
+        request: Request<pb::UpdateNetworkRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
+        let c = self.managing().await?;
+        let net = self.manager().await?.update_network(request.into_inner()).await?.into_inner();
+        // Answer once this host's view has it (and this host's containers follow).
+        let mut views = c.follower.subscribe();
+        let (name, mtu) = (net.name.clone(), net.mtu);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            views.wait_for(|v| v.networks.get(&name).is_some_and(|n| n.mtu == mtu)),
+        )
+        .await;
+        Ok(Response::new(net))
+    }
+
     async fn network_rotate_key(
         &self,
         request: Request<pb::RotateNetworkKeyRequest>,

@@ -109,6 +109,18 @@ impl Netns {
     }
 }
 
+/// Sets an endpoint's MTU: its veth on the bridge, and its interface in the container (when
+/// the container's namespace is still there).
+pub async fn set_mtu(nl: &rtnetlink::Handle, ep: &LocalEndpoint, mtu: u32) -> Result<()> {
+    netdev::set_mtu(nl, &ep.host_ifname, mtu).await?;
+    let Some(ns) = Netns::find(&ep.netns, ep.netns_id) else {
+        tracing::debug!(endpoint = %ep.name, "its namespace is gone: only the host's end changed MTU");
+        return Ok(());
+    };
+    let ifname = ep.ifname.clone();
+    ns.with_netlink(move |h| async move { netdev::set_mtu(&h, &ifname, mtu).await }).await
+}
+
 /// What an endpoint's veth is named after: the runtime's container id if it has one (its name
 /// may be learned later), else its name.
 pub fn veth_key<'a>(container_id: &'a str, name: &'a str) -> &'a str {

@@ -24,7 +24,7 @@ use crate::netdev::{self, Bridge};
 /// Bytes VXLAN adds in front of a frame on an underlay of `addr`'s family: outer IPv4 20 (or
 /// IPv6 40) + UDP 8 + VXLAN 8 + inner Ethernet 14.
 pub fn overhead(addr: IpAddr) -> u32 {
-    if addr.is_ipv4() { 50 } else { 70 }
+    control::state::vxlan_overhead(addr)
 }
 
 /// The mesh port of a network on this host: the host's side of a veth pair whose other side
@@ -124,6 +124,9 @@ pub struct Host {
     /// listens (see [`Host::gateways`]).
     gateways: tokio::sync::watch::Sender<BTreeMap<String, Ipv4Addr>>,
     started: Instant,
+    /// The underlay interface's MTU now (`underlay.mtu` is the one at start), as the MTU
+    /// watch last read it.
+    underlay_mtu_now: std::sync::atomic::AtomicU32,
 }
 
 impl Host {
@@ -166,7 +169,53 @@ impl Host {
             services: Mutex::new(services),
             gateways: tokio::sync::watch::channel(BTreeMap::new()).0,
             started: Instant::now(),
+            underlay_mtu_now: std::sync::atomic::AtomicU32::new(mtu),
         })
+    }
+
+    /// The underlay interface's MTU, as last read ([`Host::refresh_underlay_mtu`]).
+    pub fn underlay_mtu(&self) -> u32 {
+        self.underlay_mtu_now.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reads the underlay interface's MTU again (unless `fixed`, the `--underlay-mtu` setting)
+    /// and returns it; a change is logged.
+    pub async fn refresh_underlay_mtu(&self, fixed: Option<u32>) -> Result<u32> {
+        let now = match fixed {
+            Some(m) => m,
+            None => netdev::underlay_mtu(&self.nl, self.underlay.addr).await?.1,
+        };
+        let before = self.underlay_mtu_now.swap(now, std::sync::atomic::Ordering::Relaxed);
+        if before != now {
+            tracing::info!(interface = %self.underlay.interface, from = before, to = now, "the underlay MTU changed");
+        }
+        Ok(now)
+    }
+
+    /// Changes network `name`'s MTU in place: its bridge, TAP, dataplane and the endpoints
+    /// `endpoints` (this host's on it: their veths and their interfaces in the containers).
+    pub async fn set_network_mtu(&self, name: &str, mtu: u32, endpoints: &[LocalEndpoint]) -> Result<()> {
+        let mut nets = self.networks.lock().await;
+        let n = nets.get_mut(name).with_context(|| format!("network {name} is not up here"))?;
+        if n.spec.mtu + self.overhead() > self.underlay_mtu() {
+            tracing::warn!(
+                network = %name, mtu, underlay_mtu = self.underlay_mtu(),
+                "the network's MTU does not fit this host's underlay: large frames will be fragmented or lost"
+            );
+        }
+        // Smaller first at the edges, so that nothing on the way is ever smaller than what
+        // enters it; the bridge follows its ports.
+        for e in endpoints {
+            if let Err(err) = crate::attach::set_mtu(&self.nl, e, mtu).await {
+                tracing::warn!(endpoint = %e.name, error = %format!("{err:#}"), "could not change the container's MTU");
+            }
+        }
+        netdev::set_mtu(&self.nl, &n.spec.tap, mtu).await?;
+        netdev::set_mtu(&self.nl, &n.bridge.name, mtu).await?;
+        self.dataplane.update(|tx| tx.set_mtu(n.spec.vni, mtu))?;
+        n.spec.mtu = mtu;
+        tracing::info!(network = %name, mtu, "network MTU changed");
+        Ok(())
     }
 
     /// VXLAN overhead on this underlay.
@@ -479,7 +528,7 @@ impl Host {
             uptime_secs: self.uptime_secs(),
             underlay_addr: self.underlay.addr.to_string(),
             underlay_interface: self.underlay.interface.clone(),
-            underlay_mtu: Some(self.underlay.mtu),
+            underlay_mtu: Some(self.underlay_mtu()),
             vxlan_port: Some(u32::from(s.vxlan_port)),
             source_ports: s.source_ports.to_string(),
             allocation_counting: dataplane::alloc_count::is_installed(),

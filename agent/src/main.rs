@@ -201,6 +201,17 @@ enum NetworkCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Change a network's MTU: on every host, its bridge, TAP and every attached container's
+    /// interface follow within seconds (connections stay up). Run it on a manager.
+    Update {
+        /// The network.
+        name: String,
+        /// The new MTU, between 576 and 9000 (at most every host's underlay MTU less 50).
+        #[arg(long, value_name = "BYTES")]
+        mtu: u32,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// List the networks.
     #[command(visible_alias = "list")]
     Ls(OutputArgs),
@@ -669,6 +680,10 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
                 })
                 .await
                 .map_err(e)?;
+            output::print(out.json, &r.into_inner(), output::network)
+        }
+        Command::Network(NetworkCommand::Update { name, mtu, out }) => {
+            let r = c.network_update(pb::UpdateNetworkRequest { network: name, mtu }).await.map_err(e)?;
             output::print(out.json, &r.into_inner(), output::network)
         }
         Command::Network(NetworkCommand::RotateKey { name, out }) => {

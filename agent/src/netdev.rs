@@ -340,6 +340,16 @@ pub async fn enslave(h: &Handle, name: &str, bridge: &Bridge, mtu: u32) -> Resul
         .with_context(|| format!("cannot put {name} on the bridge {}", bridge.name))
 }
 
+/// Sets an interface's MTU; gone is an error.
+pub async fn set_mtu(h: &Handle, name: &str, mtu: u32) -> Result<()> {
+    let link = link_by_name(h, name).await?.with_context(|| format!("no interface {name}"))?;
+    h.link()
+        .set(LinkUnspec::new_with_index(link.header.index).mtu(mtu).build())
+        .execute()
+        .await
+        .with_context(|| format!("cannot set the MTU of {name} to {mtu}"))
+}
+
 /// The index of an interface.
 pub async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>> {
     Ok(link_by_name(h, name).await?.map(|l| l.header.index))

@@ -47,6 +47,8 @@ pub enum Call {
     NetworkKeys,
     /// Manager.RotateNetworkKey.
     RotateNetworkKey,
+    /// Manager.UpdateNetwork.
+    UpdateNetwork,
     /// Host.Endpoints.
     Endpoints,
     /// Raft.Propose: a manager hands a write to the leader.
@@ -80,7 +82,7 @@ pub enum Need {
 
 impl Call {
     /// Every call, for tables and tests.
-    pub const ALL: [Call; 21] = [
+    pub const ALL: [Call; 22] = [
         Call::Join,
         Call::Promote,
         Call::Watch,
@@ -97,6 +99,7 @@ impl Call {
         Call::GossipKey,
         Call::NetworkKeys,
         Call::RotateNetworkKey,
+        Call::UpdateNetwork,
         Call::Endpoints,
         Call::Propose,
         Call::AppendEntries,
@@ -124,6 +127,7 @@ impl Call {
             | Call::RemoveService
             | Call::RemoveNode
             | Call::RotateNetworkKey
+            | Call::UpdateNetwork
             | Call::Propose => Need::Manager,
             Call::Vote => Need::Voter,
             Call::AppendEntries | Call::InstallSnapshot => Need::Leader,
@@ -149,6 +153,7 @@ impl Call {
             Call::GossipKey => "fetch the gossip key",
             Call::NetworkKeys => "fetch the network keys",
             Call::RotateNetworkKey => "rotate network keys",
+            Call::UpdateNetwork => "change networks",
             Call::Endpoints => "list a host's endpoints",
             Call::Propose => "propose writes to the Raft leader",
             Call::AppendEntries | Call::Vote | Call::InstallSnapshot => "take part in Raft",
@@ -309,6 +314,7 @@ mod tests {
             RemoveService,
             RemoveNode,
             RotateNetworkKey,
+            UpdateNetwork,
             Propose,
         ];
         for call in Call::ALL {

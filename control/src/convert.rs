@@ -59,6 +59,7 @@ impl From<&NodeRecord> for pb::Node {
             gossip_addr: n.gossip_addr.to_string(),
             gossip_public_key: n.gossip_public_key.to_vec(),
             underlay_networks: n.underlay_networks.iter().map(ToString::to_string).collect(),
+            underlay_mtu: n.underlay_mtu,
         }
     }
 }
@@ -85,6 +86,7 @@ impl TryFrom<&pb::Node> for NodeRecord {
                 .map_err(|_| Malformed { what: "node", why: "a gossip public key has 32 bytes".into() })?,
             underlay_networks: underlay_networks(&n.underlay_networks)
                 .map_err(|why| Malformed { what: "node", why })?,
+            underlay_mtu: n.underlay_mtu,
         })
     }
 }

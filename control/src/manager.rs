@@ -185,7 +185,8 @@ pub struct ManagerConfig {
     pub dir: PathBuf,
     /// Where its control API listens (as other managers reach it).
     pub api_addr: SocketAddr,
-    /// MTU given to networks created without one.
+    /// MTU given to networks created without one while no node has reported its underlay MTU
+    /// (this manager's underlay MTU less VXLAN's overhead).
     pub default_mtu: u32,
     /// The cluster's id: with the identity's node id, whose Raft store it is.
     pub cluster_id: String,
@@ -558,6 +559,15 @@ struct ManagerService(Arc<Manager>);
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
 impl ManagerService {
+    /// The MTU of a network created without one: the largest that every node's underlay
+    /// carries (their reported underlay MTUs less VXLAN's overhead), else this manager's own
+    /// (`ManagerConfig::default_mtu`); within 576 to 9000.
+    fn default_mtu(&self) -> u32 {
+        let smallest = self.0.state.read(|s| crate::state::smallest_network_mtu(s.nodes.values()));
+        let mtu = smallest.unwrap_or(self.0.config.default_mtu);
+        mtu.clamp(*crate::state::NETWORK_MTU.start(), *crate::state::NETWORK_MTU.end())
+    }
+
     /// Removes a node: out of the Raft voters first if it is a manager. The gossip key is
     /// replaced in the same write, so the one the removed node holds opens nothing once every
     /// host has the new one.
@@ -776,8 +786,8 @@ impl pb::manager_server::Manager for ManagerService {
             subnet,
             // A sealed datagram is 32 bytes longer (its header and tag): the default leaves room.
             mtu: match (r.mtu, r.encrypted) {
-                (0, false) => self.0.config.default_mtu,
-                (0, true) => self.0.config.default_mtu.saturating_sub(SEAL_OVERHEAD),
+                (0, false) => self.default_mtu(),
+                (0, true) => self.default_mtu().saturating_sub(SEAL_OVERHEAD),
                 (mtu, _) => mtu,
             },
             block_prefix,
@@ -844,6 +854,9 @@ impl pb::manager_server::Manager for ManagerService {
             let networks =
                 crate::convert::underlay_networks(&report.underlay_networks).map_err(Status::invalid_argument)?;
             self.0.command(Command::SetUnderlayNetworks { id, networks }).await?;
+        }
+        if report.underlay_mtu != 0 {
+            self.0.command(Command::SetUnderlayMtu { id, mtu: report.underlay_mtu }).await?;
         }
         self.0.propose(LeaderOp::Heartbeat { id }).await?;
         Ok(GrpcResponse::new(pb::Empty {}))
@@ -919,6 +932,21 @@ impl pb::manager_server::Manager for ManagerService {
         match self.0.command(cmd).await? {
             Response::Network(n) => {
                 tracing::info!(network = %n.name, epoch = n.key_epoch, "network key rotated");
+                Ok(GrpcResponse::new((&n).into()))
+            }
+            other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn update_network(
+        &self,
+        request: Request<pb::UpdateNetworkRequest>,
+    ) -> Result<GrpcResponse<pb::Network>, Status> {
+        self.0.authorize(&request, Call::UpdateNetwork)?;
+        let r = request.into_inner();
+        match self.0.command(Command::SetNetworkMtu { network: r.network, mtu: r.mtu }).await? {
+            Response::Network(n) => {
+                tracing::info!(network = %n.name, mtu = n.mtu, "network MTU changed");
                 Ok(GrpcResponse::new((&n).into()))
             }
             other => Err(Status::internal(format!("unexpected answer {other:?}"))),

@@ -115,7 +115,26 @@ pub struct NodeRecord {
     /// reported them at join or since: no overlay network may overlap them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub underlay_networks: Vec<Ipv4Cidr>,
+    /// The MTU of its underlay interface, as it last reported it (hosts report it at start
+    /// and when it changes; older records have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_mtu: Option<u32>,
 }
+
+/// Bytes VXLAN adds to a frame on an underlay of `addr`'s family: outer IPv4 (20) or IPv6 (40),
+/// UDP (8), VXLAN (8) and the inner Ethernet header (14).
+pub fn vxlan_overhead(addr: IpAddr) -> u32 {
+    if addr.is_ipv4() { 50 } else { 70 }
+}
+
+/// The largest network MTU every node's underlay carries ([`NodeRecord::underlay_mtu`] less
+/// [`vxlan_overhead`]), over the nodes that reported one; `None` if none did.
+pub fn smallest_network_mtu<'a>(nodes: impl IntoIterator<Item = &'a NodeRecord>) -> Option<u32> {
+    nodes.into_iter().filter_map(|n| Some(n.underlay_mtu?.saturating_sub(vxlan_overhead(n.underlay_addr)))).min()
+}
+
+/// The MTUs a network may have.
+pub const NETWORK_MTU: std::ops::RangeInclusive<u32> = 576..=9000;
 
 /// An overlay network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,6 +311,21 @@ pub enum Command {
         key: String,
         /// When (Unix seconds).
         at: u64,
+    },
+    /// Records the MTU of a host's underlay interface (it reports it at start and when it
+    /// changes).
+    SetUnderlayMtu {
+        /// Which host.
+        id: NodeId,
+        /// Its underlay MTU now.
+        mtu: u32,
+    },
+    /// Changes a network's MTU (every host sets its bridge, TAP and containers to it).
+    SetNetworkMtu {
+        /// Which network.
+        network: String,
+        /// The new MTU.
+        mtu: u32,
     },
     /// Replaces a join token: joiners with the old one are refused from then on.
     RotateJoinToken {
@@ -720,6 +754,25 @@ impl ClusterState {
                     Ok((Response::Node(n.clone()), vec![Change::NodeUpsert(n.clone())]))
                 }
             },
+            Command::SetUnderlayMtu { id, mtu } => match self.nodes.get_mut(id) {
+                None => Err(Rejection::UnknownNode(*id)),
+                Some(n) if n.underlay_mtu == Some(*mtu) => Ok((Response::Node(n.clone()), vec![])),
+                Some(n) => {
+                    n.underlay_mtu = Some(*mtu);
+                    Ok((Response::Node(n.clone()), vec![Change::NodeUpsert(n.clone())]))
+                }
+            },
+            Command::SetNetworkMtu { network, mtu } => match self.networks.get_mut(network) {
+                _ if !NETWORK_MTU.contains(mtu) => {
+                    Err(Rejection::InvalidSpec(format!("MTU {mtu} is not between 576 and 9000")))
+                }
+                None => Err(Rejection::UnknownNetwork(network.clone())),
+                Some(n) if n.mtu == *mtu => Ok((Response::Network(n.clone()), vec![])),
+                Some(n) => {
+                    n.mtu = *mtu;
+                    Ok((Response::Network(n.clone()), vec![Change::NetworkUpsert(n.clone())]))
+                }
+            },
             Command::CreateService(spec) => self.create_service(spec),
             Command::RemoveService { name } => match self.services.remove(name) {
                 None => Err(Rejection::UnknownService(name.clone())),
@@ -767,6 +820,7 @@ impl ClusterState {
             gossip_addr: new.gossip_addr,
             gossip_public_key: new.gossip_public_key,
             underlay_networks: normalized(&new.underlay_networks),
+            underlay_mtu: None,
         };
         self.nodes.insert(id, node.clone());
         Ok((Response::Node(node.clone()), vec![Change::NodeUpsert(node)]))
@@ -835,7 +889,7 @@ impl ClusterState {
         if self.networks.contains_key(&spec.name) {
             return Err(Rejection::DuplicateNetwork(spec.name.clone()));
         }
-        if !(576..=9000).contains(&spec.mtu) {
+        if !NETWORK_MTU.contains(&spec.mtu) {
             return Err(Rejection::InvalidSpec(format!("MTU {} is not between 576 and 9000", spec.mtu)));
         }
         let vni = match spec.vni {
@@ -1341,6 +1395,29 @@ mod tests {
             Response::Rejected(Rejection::SubnetOverlapsHost { .. })
         ));
         assert!(matches!(create(&mut s, "v", "198.19.0.0/24"), Response::Network(_)), "198.18.0.0/15 is gone");
+    }
+
+    #[test]
+    fn the_smallest_underlay_sets_the_network_mtu_and_a_network_mtu_changes_in_range() {
+        let mut s = cluster();
+        s.apply(&Command::AddNode(new_node("w1", 2, Role::Worker)));
+        assert_eq!(smallest_network_mtu(s.nodes.values()), None, "nobody reported yet");
+        s.apply(&Command::SetUnderlayMtu { id: 1, mtu: 9000 });
+        assert_eq!(smallest_network_mtu(s.nodes.values()), Some(8950));
+        let (_, changes) = s.apply(&Command::SetUnderlayMtu { id: 2, mtu: 1500 });
+        assert!(matches!(changes.as_slice(), [Change::NodeUpsert(n)] if n.underlay_mtu == Some(1500)));
+        assert!(s.apply(&Command::SetUnderlayMtu { id: 2, mtu: 1500 }).1.is_empty(), "the same again: no change");
+        assert_eq!(smallest_network_mtu(s.nodes.values()), Some(1450));
+        s.apply(&Command::CreateNetwork(spec("a")));
+        let (_, changes) = s.apply(&Command::SetNetworkMtu { network: "a".into(), mtu: 8000 });
+        assert!(matches!(changes.as_slice(), [Change::NetworkUpsert(n)] if n.mtu == 8000));
+        for bad in [575, 9001] {
+            let (r, changes) = s.apply(&Command::SetNetworkMtu { network: "a".into(), mtu: bad });
+            assert!(matches!(r, Response::Rejected(Rejection::InvalidSpec(m)) if m.contains("between 576 and 9000")));
+            assert!(changes.is_empty());
+        }
+        let (r, _) = s.apply(&Command::SetNetworkMtu { network: "zz".into(), mtu: 1400 });
+        assert!(matches!(r, Response::Rejected(Rejection::UnknownNetwork(_))));
     }
 
     #[test]

@@ -965,6 +965,7 @@ mod tests {
             gossip_addr: SocketAddr::from(([192, 0, 2, last], 7946)),
             gossip_public_key: [0; 32],
             underlay_networks: Vec::new(),
+            underlay_mtu: None,
         };
         let mut view = ClusterView::default();
         view.nodes.insert(1, node(1, 1));

@@ -460,6 +460,13 @@ impl<T: Clone> Transaction<T> {
         Ok(net.tap.clone())
     }
 
+    /// Changes a network's IP MTU (what frames from other hosts may be coalesced up to, and
+    /// what an oversized local frame is cut to).
+    pub fn set_mtu(&mut self, vni: Vni, mtu: u32) -> Result<(), TableError> {
+        self.net(vni)?.mtu = mtu;
+        Ok(())
+    }
+
     /// Turns data-plane learning on or off for a network.
     pub fn set_learning(&mut self, vni: Vni, on: bool) -> Result<(), TableError> {
         self.net(vni)?.learning = on;

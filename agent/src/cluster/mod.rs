@@ -196,6 +196,12 @@ impl ClusterRuntime {
                 tasks.push(tokio::spawn(promote_loop(Arc::clone(&rt.follower))));
             }
             tasks.push(tokio::spawn(report_networks(Arc::clone(&rt.follower), ctx.nl.clone(), rt.membership.node_id)));
+            tasks.push(tokio::spawn(watch_underlay_mtu(
+                Arc::clone(&rt.follower),
+                Arc::clone(&rt.host),
+                rt.membership.node_id,
+                ctx.settings.underlay_mtu,
+            )));
             Ok(ClusterRuntime { tasks, ..rt })
         }
         .await;
@@ -271,6 +277,7 @@ async fn report_networks(follower: Arc<Follower>, nl: rtnetlink::Handle, me: con
                 let report = pb::HeartbeatRequest {
                     report_networks: true,
                     underlay_networks: now.iter().map(ToString::to_string).collect(),
+                    underlay_mtu: 0,
                 };
                 follower.manager().await?.heartbeat(report).await?;
                 tracing::info!(networks = ?now, "reported this host's networks to the cluster");
@@ -283,6 +290,32 @@ async fn report_networks(follower: Arc<Follower>, nl: rtnetlink::Handle, me: con
             Err(e) => tracing::debug!(error = %format!("{e:#}"), "could not report this host's networks yet"),
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// How often the underlay interface's MTU is read again.
+const UNDERLAY_MTU_EVERY: Duration = Duration::from_secs(2);
+
+/// Reads the underlay interface's MTU every [`UNDERLAY_MTU_EVERY`] (or takes `fixed`, the
+/// `--underlay-mtu` setting) for `status`, and tells the cluster when it differs from this
+/// node's record, so that new networks get an MTU every host's underlay carries.
+async fn watch_underlay_mtu(follower: Arc<Follower>, host: Arc<Host>, me: control::state::NodeId, fixed: Option<u32>) {
+    loop {
+        let r = async {
+            let now = host.refresh_underlay_mtu(fixed).await?;
+            let recorded = follower.view().nodes.get(&me).and_then(|n| n.underlay_mtu);
+            if recorded != Some(now) && follower.view().nodes.contains_key(&me) {
+                let report = pb::HeartbeatRequest { underlay_mtu: now, ..Default::default() };
+                follower.manager().await?.heartbeat(report).await?;
+                tracing::info!(mtu = now, "reported this host's underlay MTU to the cluster");
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %format!("{e:#}"), "could not read or report the underlay MTU yet");
+        }
+        tokio::time::sleep(UNDERLAY_MTU_EVERY).await;
     }
 }
 

@@ -113,7 +113,17 @@ pub fn service_ports(view: &ClusterView) -> (BTreeSet<u16>, BTreeSet<u16>) {
 /// tables are programmed.
 pub async fn apply(host: &Host, plan: &Plan, endpoints: &Mutex<EndpointStore>) -> Result<()> {
     for (name, local) in host.networks().await {
-        if plan.get(&name).map(|p| &p.spec) != Some(&local.spec) {
+        let Some(planned) = plan.get(&name) else {
+            host.remove_network(&name).await?;
+            continue;
+        };
+        // A new MTU is set in place: the containers keep their interfaces and connections.
+        if planned.spec.mtu != local.spec.mtu
+            && (NetworkSpec { mtu: local.spec.mtu, ..planned.spec.clone() }) == local.spec
+        {
+            let on_it: Vec<_> = endpoints.lock().await.in_network(&name).cloned().collect();
+            host.set_network_mtu(&name, planned.spec.mtu, &on_it).await?;
+        } else if planned.spec != local.spec {
             host.remove_network(&name).await?;
         }
     }
@@ -232,6 +242,7 @@ mod tests {
                     gossip_addr: SocketAddr::new(vtep(id), 7946),
                     gossip_public_key: [0; 32],
                     underlay_networks: Vec::new(),
+                    underlay_mtu: None,
                 },
             );
             v.blocks.entry("web".into()).or_default().insert(id, block(id));

@@ -571,6 +571,7 @@ mod tests {
             gossip_addr: SocketAddr::new(addr, 7946),
             gossip_public_key: [0; 32],
             underlay_networks: Vec::new(),
+            underlay_mtu: None,
         }
     }
 

@@ -1,0 +1,88 @@
+//! MTU that follows the underlay (issue 17): the daemon notices its underlay MTU change while
+//! it runs (`status` shows it), a new network's MTU is the smallest every host's underlay
+//! carries, and `network update --mtu` reaches every host's bridge, TAP and attached
+//! containers, with jumbo frames then crossing the overlay whole. Real daemons; needs root.
+//! Fails, never skips.
+#![allow(clippy::print_stderr)]
+
+use std::time::Duration;
+
+use testbed::cluster::Cluster;
+use testbed::measure::wait_for;
+use testbed::{Node, Options, Testbed};
+
+const T: Duration = Duration::from_secs(20);
+
+/// The MTU of `dev` in `node`'s namespace.
+fn mtu(node: &Node, dev: &str) -> u32 {
+    let out = node.exec("ip", ["-o", "link", "show", "dev", dev]).unwrap();
+    out.split_whitespace().skip_while(|w| *w != "mtu").nth(1).and_then(|m| m.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn the_network_mtu_follows_the_underlay_and_network_update_reaches_every_container() {
+    let bed =
+        Testbed::new(Options::new(env!("CARGO_BIN_EXE_overlayd"))).expect("cannot build the testbed (run as root)");
+    let c = Cluster::form(&bed, 1, 1).expect("cluster");
+    c.await_nodes(2, &[], T).unwrap();
+    let a = c.agents[0].json(&["network", "create", "a"]).unwrap();
+    assert_eq!(a["mtu"], 1450, "{a}");
+    let (a1, _) = c.attach(0, "a", "a1").unwrap();
+    let (a2, a2_ip) = c.attach(1, "a", "a2").unwrap();
+    a1.ping_ok(a2_ip, 2).unwrap();
+
+    // Jumbo frames on the whole underlay, while the daemons run: the switch's bridge and
+    // ports, then each host's interface.
+    let sw = bed.switch();
+    let ports = sw.exec("ip", ["-o", "link", "show"]).unwrap();
+    for port in ports.lines().filter_map(|l| l.split(": ").nth(1)).map(|n| n.split('@').next().unwrap_or(n)) {
+        if port != "lo" {
+            sw.exec("ip", ["link", "set", "dev", port, "mtu", "9000"]).unwrap();
+        }
+    }
+    for h in &c.hosts {
+        h.exec("ip", ["link", "set", "dev", "ul0", "mtu", "9000"]).unwrap();
+    }
+    for (i, agent) in c.agents.iter().enumerate() {
+        wait_for(T, &format!("h{} to see its underlay MTU of 9000", i + 1), || {
+            (agent.status().ok()?["underlay_mtu"] == 9000).then_some(())
+        })
+        .unwrap();
+    }
+    let human = c.agents[1].cli(&["status"]).unwrap();
+    assert!(human.contains("MTU 9000"), "status shows the MTU now: {human}");
+    // Every host reported it: a new network takes the smallest underlay less VXLAN's 50 bytes.
+    wait_for(T, "every node's record to have the new underlay MTU", || {
+        let b = c.agents[0].json(&["network", "create", "probe"]).ok()?;
+        c.agents[0].json(&["network", "rm", "probe"]).ok()?;
+        (b["mtu"] == 8950).then_some(())
+    })
+    .unwrap();
+    let b = c.agents[0].json(&["network", "create", "b"]).unwrap();
+    assert_eq!(b["mtu"], 8950, "{b}");
+    let enc = c.agents[0].json(&["network", "create", "sealed", "--encrypted"]).unwrap();
+    assert_eq!(enc["mtu"], 8918, "room for the seal: {enc}");
+
+    // The existing network is raised on every host, containers included, connections kept.
+    let e = c.agents[0].json(&["network", "update", "a", "--mtu", "9001"]).unwrap_err().to_string();
+    assert!(e.contains("between 576 and 9000"), "{e}");
+    let up = c.agents[0].json(&["network", "update", "a", "--mtu", "8950"]).unwrap();
+    assert_eq!(up["mtu"], 8950, "{up}");
+    for (i, (h, ct)) in c.hosts.iter().zip([&a1, &a2]).enumerate() {
+        wait_for(T, &format!("h{}'s network and container to take MTU 8950", i + 1), || {
+            let all = [mtu(ct, "eth0"), mtu(h, "ovbr-a"), mtu(h, "ovt-a")];
+            eprintln!("h{}: container eth0, bridge, TAP: {all:?}", i + 1);
+            (all == [8950; 3]).then_some(())
+        })
+        .unwrap();
+    }
+    // A jumbo ping crosses whole (the don't-fragment bit set: no fragmenting on the way).
+    let out = a1.exec("ping", ["-c", "3", "-W", "2", "-M", "do", "-s", "8900", &a2_ip.to_string()]).unwrap();
+    assert!(out.contains("3 received"), "{out}");
+    let r = a1.iperf3_to(&a2, a2_ip, 2, 1).unwrap();
+    assert!(r.bytes > 10_000_000, "iperf3 at MTU 8950 moved only {} bytes", r.bytes);
+    // And back down: smaller again everywhere.
+    c.agents[0].json(&["network", "update", "a", "--mtu", "1400"]).unwrap();
+    wait_for(T, "the container to take MTU 1400", || (mtu(&a2, "eth0") == 1400).then_some(())).unwrap();
+    a1.ping_ok(a2_ip, 2).unwrap();
+}
