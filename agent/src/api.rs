@@ -334,11 +334,49 @@ impl pb::agent_server::Agent for AgentService {
     }
 
     async fn detach(&self, request: Request<pb::DetachRequest>) -> Result<Response<pb::DetachReply>, Status> {
-        let c = self.cluster().await?;
         let req = request.into_inner();
+        // Veths no endpoint record holds (a wiped state dir left them): detach removes them too,
+        // in a cluster or not.
+        let strays = |known: Vec<String>| {
+            let req = req.clone();
+            let nl = self.0.ctx.nl.clone();
+            async move {
+                let ns = crate::attach::Netns::open(
+                    (!req.netns.is_empty()).then_some(req.netns.as_str()),
+                    (req.pid != 0).then_some(req.pid),
+                )
+                .ok()
+                .map(|n| n.id);
+                let gone = crate::attach::remove_strays(&nl, &req.name, ns, &known).await.map_err(internal)?;
+                let detached: Vec<pb::Endpoint> = gone
+                    .into_iter()
+                    .map(|(name, network)| pb::Endpoint { name, network, ..Default::default() })
+                    .collect();
+                Ok::<_, Status>(detached)
+            }
+        };
+        let c = match &*self.0.mode.read().await {
+            Mode::Cluster(c) => Arc::clone(c),
+            Mode::Idle if !req.name.is_empty() || !req.netns.is_empty() || req.pid != 0 => {
+                let detached = strays(Vec::new()).await?;
+                if detached.is_empty() {
+                    return Err(Status::failed_precondition(
+                        "this host is not in a cluster, and no veth overlayd left here matches",
+                    ));
+                }
+                return Ok(Response::new(pb::DetachReply { detached }));
+            }
+            _ => self.cluster().await?,
+        };
         match c.detach(req.clone()).await {
             Ok(r) => Ok(Response::new(r)),
             Err(e) if e.downcast_ref::<crate::endpoints::NothingToDetach>().is_some() => {
+                let known: Vec<String> =
+                    c.endpoints.lock().await.endpoints.iter().map(|e| e.host_ifname.clone()).collect();
+                let detached = strays(known).await?;
+                if !detached.is_empty() {
+                    return Ok(Response::new(pb::DetachReply { detached }));
+                }
                 // Named, and held by another host: say which, and what to run there.
                 let elsewhere = if req.name.is_empty() { Vec::new() } else { c.holders_of(&req.name) };
                 Err(Status::not_found(match elsewhere.as_slice() {

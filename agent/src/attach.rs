@@ -190,6 +190,29 @@ impl VethTag {
     }
 }
 
+/// Removes endpoint veths no endpoint record holds (left by a state dir that was wiped, say)
+/// whose tag names endpoint `name` or namespace `ns`; returns each as (endpoint, network).
+pub async fn remove_strays(
+    nl: &rtnetlink::Handle,
+    name: &str,
+    ns: Option<(u64, u64)>,
+    known: &[String],
+) -> Result<Vec<(String, String)>> {
+    let mut removed = Vec::new();
+    for veth in netdev::links(nl).await? {
+        if !is_endpoint_veth(&veth.name) || known.contains(&veth.name) {
+            continue;
+        }
+        let Some(tag) = veth.alias.as_deref().and_then(VethTag::parse) else { continue };
+        if (!name.is_empty() && tag.name == name) || ns.is_some_and(|id| tag.ns == id) {
+            unplumb(nl, &veth.name).await?;
+            tracing::info!(endpoint = %tag.name, network = %tag.net, veth = %veth.name, "removed a veth no endpoint record holds");
+            removed.push((tag.name, tag.net));
+        }
+    }
+    Ok(removed)
+}
+
 /// Whether `name` is one overlayd gives the host end of an endpoint's veth ([`veth_names`]).
 pub fn is_endpoint_veth(name: &str) -> bool {
     name.len() == 13 && name.starts_with("ovl") && name[3..].bytes().all(|b| b.is_ascii_hexdigit())

@@ -124,3 +124,28 @@ fn an_operator_runs_the_whole_lifecycle_and_nothing_is_left_behind() {
         assert_eq!(made(h), Vec::<String>::new(), "h{} kept these", i + 1);
     }
 }
+
+/// A state dir wiped under a running container: the daemon starts idle, knows nothing of the
+/// container, and `detach --name` still removes the veth overlayd left.
+#[test]
+fn a_veth_left_by_a_wiped_state_dir_is_removed_by_detach() {
+    let bed = bed();
+    let mut c = Cluster::form(&bed, 1, 0).expect("cluster");
+    c.await_nodes(1, &[], T).unwrap();
+    c.agents[0].json(&["network", "create", "web"]).unwrap();
+    let (ct, _) = c.attach(0, "web", "stray").unwrap();
+    c.agents[0].kill().unwrap();
+    let dir = c.hosts[0].state_dir();
+    std::fs::remove_dir_all(&dir).unwrap();
+    c.agents[0] = c.hosts[0].start_daemon::<&str>(&[]).unwrap();
+    assert_eq!(c.agents[0].status().unwrap()["mode"], "idle");
+    let veths = |h: &Host| made(h).into_iter().filter(|n| n.starts_with("ovl")).collect::<Vec<_>>();
+    assert_eq!(veths(&c.hosts[0]).len(), 1, "the container's veth is still there: {:?}", made(&c.hosts[0]));
+    let out = c.agents[0].json(&["detach", "--name", "stray"]).unwrap();
+    assert_eq!(out["detached"][0]["name"], "stray", "{out}");
+    assert_eq!(veths(&c.hosts[0]), Vec::<String>::new());
+    let left = ct.exec("ip", ["-o", "link", "show"]).unwrap();
+    assert!(!left.contains("eth0"), "the container's end went with it: {left}");
+    let e = c.agents[0].json(&["detach", "--name", "stray"]).unwrap_err().to_string();
+    assert!(e.contains("no veth overlayd left here matches"), "{e}");
+}
