@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "overlayd.v1.JoinReply.gossip_key",
         "overlayd.v1.EpochKey.key",
         "overlayd.v1.GossipKeyReply.key",
+        "overlayd.v1.CertifyRequest.csr_der",
     ] {
         b = b.field_attribute(field, "#[serde(serialize_with = \"crate::json::hex\")]");
     }
@@ -27,6 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "overlayd.v1.JoinClusterReply.role",
         "overlayd.v1.ClusterStatus.role",
         "overlayd.v1.JoinTokenReply.role",
+        "overlayd.v1.SetNodeRoleRequest.role",
+        "overlayd.v1.CertifyReply.role",
     ] {
         b = b.field_attribute(field, "#[serde(serialize_with = \"crate::json::role\")]");
     }

@@ -284,6 +284,33 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn node_set_role(&self, request: Request<pb::SetNodeRoleRequest>) -> Result<Response<pb::Node>, Status> {
+        let c = self.managing().await?;
+        let n = self.manager().await?.set_node_role(request.into_inner()).await?.into_inner();
+        let (id, role) = (n.id, n.role);
+        let mut views = c.follower.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            views.wait_for(|v| v.nodes.get(&id).is_some_and(|x| pb::Role::from(x.role) as i32 == role)),
+        )
+        .await;
+        // Done when the Raft membership (as this manager's replica has it) agrees: a promoted
+        // node votes, a demoted one does not.
+        let voter = role == pb::Role::Manager as i32;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while c.manager.as_ref().is_some_and(|m| m.members().0.contains(&id) != voter) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "{} has its new role in the cluster state, but after 30 s it {} a Raft voter: see its daemon's log",
+                    n.name,
+                    if voter { "is not yet" } else { "is still" }
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(Response::new(n))
+    }
+
     async fn network_update(
         &self,
         request: Request<pb::UpdateNetworkRequest>,

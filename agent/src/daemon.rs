@@ -13,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::RwLock;
 
 use crate::api;
-use crate::cluster::{self, ClusterContext, ClusterRuntime};
+use crate::cluster::{self, ClusterContext, ClusterRuntime, RoleChangeError};
 use crate::config::DaemonConfig;
 use crate::docker;
 use crate::host::Host;
@@ -147,6 +147,7 @@ pub async fn run(config: DaemonConfig, state_dir: PathBuf) -> Result<()> {
         r = api::serve_metrics(config.settings.metrics_addr, Arc::clone(&daemon)) => r,
         r = docker::serve(&config.settings, Arc::clone(&daemon)) => r,
         r = watchdog(Arc::clone(&daemon)) => r,
+        r = follow_role(Arc::clone(&daemon)) => r,
         _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
         _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
     };
@@ -185,6 +186,46 @@ pub fn notify_service_manager(state: &str) {
 }
 
 /// A hot loop that died is a bug: stop, so that the service manager restarts overlayd.
+/// Runs this node in the role the cluster gives it: when a manager promotes or demotes it,
+/// the cluster runtime starts again in the new role. A failed change is retried (and logged).
+async fn follow_role(daemon: Arc<Daemon>) -> Result<()> {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let rt = match &*daemon.mode.read().await {
+            Mode::Cluster(c) => Arc::clone(c),
+            _ => continue,
+        };
+        let Some(role) = rt.role_changed() else { continue };
+        let mut mode = daemon.mode.write().await;
+        // Still the same runtime (not left or replaced meanwhile)?
+        if !matches!(&*mode, Mode::Cluster(c) if Arc::ptr_eq(c, &rt)) {
+            continue;
+        }
+        // The runtime is handed over: no reference to it may stay here.
+        let Mode::Cluster(held) = std::mem::replace(&mut *mode, Mode::Idle) else { continue };
+        drop(held);
+        match rt.change_role(&daemon.ctx, role).await {
+            Ok(new) => {
+                *mode = Mode::Cluster(ClusterRuntime::running(new));
+                tracing::info!(%role, "running in the new role");
+            }
+            Err((Some(old), RoleChangeError::NotStarted(e))) => {
+                *mode = Mode::Cluster(old);
+                tracing::warn!(error = %format!("{e:#}"), %role, "could not change this node's role yet; will try again");
+            }
+            Err((_, RoleChangeError::NotStarted(e) | RoleChangeError::Stopped(e))) => {
+                tracing::error!(error = %format!("{e:#}"), %role, "could not start in the new role; resuming as before");
+                match ClusterRuntime::resume(&daemon.ctx).await {
+                    Ok(Some(again)) => *mode = Mode::Cluster(ClusterRuntime::running(again)),
+                    Ok(None) => *mode = Mode::Idle,
+                    Err(e) => bail!("cannot resume the cluster membership after a failed role change: {e:#}"),
+                }
+            }
+        }
+    }
+}
+
 async fn watchdog(daemon: Arc<Daemon>) -> Result<()> {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {

@@ -161,6 +161,22 @@ enum NodeCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Make a worker a manager: it takes a manager's certificate, opens a Raft store and
+    /// becomes a voter within seconds (its containers stay attached). Run it on a manager.
+    Promote {
+        /// Its name or id.
+        node: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Make a manager a worker: its Raft vote goes first, then it runs as a worker (its
+    /// containers stay attached). The last manager cannot be demoted. Run it on a manager.
+    Demote {
+        /// Its name or id.
+        node: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -583,6 +599,11 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
 
 /// The CLI side: one call to the daemon, its answer printed.
 async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
+    let command_role = match &command {
+        Command::Node(NodeCommand::Promote { .. }) => Some(pb::Role::Manager),
+        Command::Node(NodeCommand::Demote { .. }) => Some(pb::Role::Worker),
+        _ => None,
+    };
     let mut c = match (api::connect(&state_dir).await, &command) {
         (Ok(c), _) => c,
         // No daemon runs with this state dir (one that refuses to start, say): forget it here.
@@ -655,6 +676,28 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
         }
         Command::Node(NodeCommand::Ls(o)) => {
             output::print(o.json, &c.node_list(pb::Empty {}).await.map_err(e)?.into_inner(), output::nodes)
+        }
+        Command::Node(NodeCommand::Promote { node, out } | NodeCommand::Demote { node, out }) => {
+            let (role, word) = match &command_role {
+                Some(pb::Role::Manager) => (pb::Role::Manager, "manager"),
+                _ => (pb::Role::Worker, "worker"),
+            };
+            let n = c
+                .node_set_role(pb::SetNodeRoleRequest { node: node.clone(), role: role as i32 })
+                .await
+                .map_err(e)?
+                .into_inner();
+            let nodes = c.node_list(pb::Empty {}).await.map_err(e)?.into_inner().nodes;
+            let managers = nodes.iter().filter(|n| n.role == pb::Role::Manager as i32).count();
+            let warning = output::even_managers(managers);
+            let human = |_: &serde_json::Value| {
+                let mut o = format!("node {} is now a {word}\n", n.name);
+                if let Some(w) = &warning {
+                    o.push_str(&format!("warning: {w}\n"));
+                }
+                o
+            };
+            output::print(out.json, &serde_json::json!({"node": n.name, "role": word, "warning": warning}), human)
         }
         Command::Node(NodeCommand::Rm { node, force, out }) => {
             c.node_remove(pb::RemoveNodeRequest { node: node.clone(), force }).await.map_err(e)?;

@@ -149,3 +149,62 @@ fn a_veth_left_by_a_wiped_state_dir_is_removed_by_detach() {
     let e = c.agents[0].json(&["detach", "--name", "stray"]).unwrap_err().to_string();
     assert!(e.contains("no veth overlayd left here matches"), "{e}");
 }
+
+/// `node promote` and `node demote`: a worker becomes a manager (it can then manage, and it
+/// is a Raft voter: the cluster survives its first manager's death), then a worker again;
+/// the last manager cannot be demoted; a change to an even number of managers warns.
+#[test]
+fn a_worker_is_promoted_and_demoted_and_quorum_holds() {
+    let bed = bed();
+    let c = Cluster::form(&bed, 1, 2).expect("cluster");
+    c.await_nodes(3, &[], T).unwrap();
+    c.agents[0].json(&["network", "create", "web"]).unwrap();
+    let (a, _) = c.attach(1, "web", "a").unwrap();
+    let (_, b_ip) = c.attach(2, "web", "b").unwrap();
+    a.ping_ok(b_ip, 2).unwrap();
+    let e = c.agents[1].json(&["network", "create", "x"]).unwrap_err().to_string();
+    assert!(e.contains("run this on a manager"), "{e}");
+
+    let out = c.agents[0].cli(&["node", "promote", c.hosts[1].name()]).unwrap();
+    assert!(out.contains("is now a manager") && out.contains("2 managers"), "{out}");
+    let out = c.agents[0].json(&["node", "promote", c.hosts[2].name()]).unwrap();
+    assert_eq!((out["role"].as_str(), &out["warning"]), (Some("manager"), &serde_json::Value::Null), "{out}");
+    // Each runs as a manager within seconds: it manages, and it votes.
+    for i in [1, 2] {
+        wait_for(Duration::from_secs(30), &format!("h{} to run as a manager", i + 1), || {
+            c.agents[i].json(&["network", "create", &format!("n{i}")]).ok().map(drop)
+        })
+        .unwrap();
+    }
+    c.await_nodes(3, &[], T).unwrap();
+    // Containers stayed attached through the restarts.
+    wait_for(T, "a to reach b again", || a.ping(b_ip, 1).ok().filter(|p| p.received == 1)).unwrap();
+    // Three voters: the first manager's death leaves a majority, which elects a leader.
+    c.agents[0].kill().unwrap();
+    wait_for(Duration::from_secs(30), "a leader among the promoted managers", || {
+        c.agents[1].json(&["network", "create", "after"]).ok().map(drop)
+    })
+    .unwrap();
+
+    // A demotion that would leave no majority is refused: h1 is down and still a manager.
+    wait_for(T, "h1 to be marked down", || {
+        let ls = c.agents[1].json(&["node", "ls"]).ok()?;
+        ls["nodes"].as_array()?.iter().any(|n| n["name"] == c.hosts[0].name() && n["status"] == "down").then_some(())
+    })
+    .unwrap();
+    let e = c.agents[1].json(&["node", "demote", c.hosts[2].name()]).unwrap_err().to_string();
+    assert!(e.contains("no majority"), "{e}");
+    c.agents[1].json(&["node", "rm", c.hosts[0].name(), "--force"]).unwrap();
+
+    // Demoted again: it no longer manages, and it is no voter.
+    let out = c.agents[1].json(&["node", "demote", c.hosts[2].name()]).unwrap();
+    assert_eq!(out["role"], "worker", "{out}");
+    wait_for(Duration::from_secs(30), "h3 to run as a worker", || {
+        let e = c.agents[2].json(&["network", "create", "y"]).err()?.to_string();
+        e.contains("run this on a manager").then_some(())
+    })
+    .unwrap();
+    let e = c.agents[1].json(&["node", "demote", c.hosts[1].name()]).unwrap_err().to_string();
+    assert!(e.contains("last manager"), "{e}");
+    wait_for(T, "b to answer on its worker", || a.ping(b_ip, 1).ok().filter(|p| p.received == 1)).unwrap();
+}

@@ -49,6 +49,10 @@ pub enum Call {
     RotateNetworkKey,
     /// Manager.UpdateNetwork.
     UpdateNetwork,
+    /// Manager.SetNodeRole: promote or demote a node.
+    SetNodeRole,
+    /// Manager.Certify: a certificate of the caller's current role.
+    Certify,
     /// Host.Endpoints.
     Endpoints,
     /// Raft.Propose: a manager hands a write to the leader.
@@ -82,7 +86,7 @@ pub enum Need {
 
 impl Call {
     /// Every call, for tables and tests.
-    pub const ALL: [Call; 22] = [
+    pub const ALL: [Call; 24] = [
         Call::Join,
         Call::Promote,
         Call::Watch,
@@ -100,6 +104,8 @@ impl Call {
         Call::NetworkKeys,
         Call::RotateNetworkKey,
         Call::UpdateNetwork,
+        Call::SetNodeRole,
+        Call::Certify,
         Call::Endpoints,
         Call::Propose,
         Call::AppendEntries,
@@ -119,6 +125,7 @@ impl Call {
             | Call::Info
             | Call::GossipKey
             | Call::NetworkKeys
+            | Call::Certify
             | Call::Endpoints => Need::Member,
             Call::Promote
             | Call::CreateNetwork
@@ -128,6 +135,7 @@ impl Call {
             | Call::RemoveNode
             | Call::RotateNetworkKey
             | Call::UpdateNetwork
+            | Call::SetNodeRole
             | Call::Propose => Need::Manager,
             Call::Vote => Need::Voter,
             Call::AppendEntries | Call::InstallSnapshot => Need::Leader,
@@ -154,6 +162,8 @@ impl Call {
             Call::NetworkKeys => "fetch the network keys",
             Call::RotateNetworkKey => "rotate network keys",
             Call::UpdateNetwork => "change networks",
+            Call::SetNodeRole => "promote or demote nodes",
+            Call::Certify => "renew its certificate",
             Call::Endpoints => "list a host's endpoints",
             Call::Propose => "propose writes to the Raft leader",
             Call::AppendEntries | Call::Vote | Call::InstallSnapshot => "take part in Raft",
@@ -305,7 +315,8 @@ mod tests {
         let removed_worker = caller(W, Standing::Removed, Voting::NotVoter);
         let unknown = caller(W, Standing::Unknown, Voting::NotVoter);
         use Call::*;
-        let for_members = [Watch, LeaseBlock, ReleaseBlock, Heartbeat, Leave, Info, GossipKey, NetworkKeys, Endpoints];
+        let for_members =
+            [Watch, LeaseBlock, ReleaseBlock, Heartbeat, Leave, Info, GossipKey, NetworkKeys, Certify, Endpoints];
         let for_managers = [
             Promote,
             CreateNetwork,
@@ -315,6 +326,7 @@ mod tests {
             RemoveNode,
             RotateNetworkKey,
             UpdateNetwork,
+            SetNodeRole,
             Propose,
         ];
         for call in Call::ALL {

@@ -938,6 +938,83 @@ impl pb::manager_server::Manager for ManagerService {
         }
     }
 
+    async fn set_node_role(&self, request: Request<pb::SetNodeRoleRequest>) -> Result<GrpcResponse<pb::Node>, Status> {
+        self.0.authorize(&request, Call::SetNodeRole)?;
+        let r = request.into_inner();
+        let role = crate::convert::role_from_pb(r.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let id = self.0.state.read(|s| {
+            s.nodes
+                .values()
+                .find(|n| n.name == r.node)
+                .map(|n| n.id)
+                .or_else(|| r.node.parse().ok().filter(|id| s.nodes.contains_key(id)))
+        });
+        let id = id.ok_or_else(|| Status::not_found(format!("no node named {:?} (see overlayd node ls)", r.node)))?;
+        if role == Role::Worker {
+            let managers = self.0.state.read(|s| s.nodes.values().filter(|n| n.role == Role::Manager).count());
+            let is_manager = self.0.state.read(|s| s.nodes.get(&id).is_some_and(|n| n.role == Role::Manager));
+            if is_manager && managers == 1 {
+                return Err(Status::failed_precondition(format!(
+                    "{:?} is the cluster's last manager: promote another node first",
+                    r.node
+                )));
+            }
+            // The managers left must still make a majority of themselves.
+            let (up, left) = self.0.state.read(|s| {
+                let left: Vec<_> = s.nodes.values().filter(|n| n.role == Role::Manager && n.id != id).collect();
+                (left.iter().filter(|n| n.status == NodeStatus::Ready).count(), left.len())
+            });
+            if is_manager && up * 2 <= left {
+                return Err(Status::failed_precondition(format!(
+                    "demoting {:?} would leave {left} managers of which {up} are up: no majority. Bring the others \
+                     back, or remove the dead ones first (overlayd node rm NODE --force)",
+                    r.node
+                )));
+            }
+            // Its vote goes first: a demoted node never counts towards a majority.
+            if is_manager {
+                self.0.propose(LeaderOp::RemoveVoter { id }).await?;
+            }
+        }
+        // A promoted node sees its new role, takes a manager's certificate and asks for its
+        // vote itself (Manager.Promote), as a manager that joins does. A leader that removed
+        // its own vote steps down: the role is then written through the next one.
+        let mut tries = 0;
+        let answer = loop {
+            match self.0.command(Command::SetRole { id, role }).await {
+                Err(ProposeError::NoLeader(_)) if tries < 20 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                other => break other?,
+            }
+        };
+        match answer {
+            Response::Node(n) => {
+                tracing::info!(node = n.id, name = %n.name, role = role.as_str(), "node role changed");
+                Ok(GrpcResponse::new(pb::Node::from(&n)))
+            }
+            other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn certify(&self, request: Request<pb::CertifyRequest>) -> Result<GrpcResponse<pb::CertifyReply>, Status> {
+        let id = self.0.authorize(&request, Call::Certify)?;
+        let role = self
+            .0
+            .state
+            .read(|s| s.nodes.get(&id).map(|n| n.role))
+            .ok_or_else(|| Status::not_found(format!("no node {id}")))?;
+        let secrets = self.0.state.read(|s| s.secrets.clone()).ok_or_else(|| Status::unavailable("not initialized"))?;
+        let ca = ClusterCa::from_pem(&secrets.ca_cert_pem, &secrets.ca_key_pem)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let cert = ca
+            .sign_node(&request.get_ref().csr_der, id, role)
+            .map_err(|e| Status::invalid_argument(format!("bad certificate request: {e}")))?;
+        tracing::info!(node = id, role = role.as_str(), "certified a node for its role");
+        Ok(GrpcResponse::new(pb::CertifyReply { node_cert_pem: cert, role: pb::Role::from(role) as i32 }))
+    }
+
     async fn update_network(
         &self,
         request: Request<pb::UpdateNetworkRequest>,

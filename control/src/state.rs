@@ -312,6 +312,13 @@ pub enum Command {
         /// When (Unix seconds).
         at: u64,
     },
+    /// Makes a node a manager or a worker (its Raft vote is added or removed apart).
+    SetRole {
+        /// Which node.
+        id: NodeId,
+        /// Its role from now on.
+        role: Role,
+    },
     /// Records the MTU of a host's underlay interface (it reports it at start and when it
     /// changes).
     SetUnderlayMtu {
@@ -754,6 +761,21 @@ impl ClusterState {
                     Ok((Response::Node(n.clone()), vec![Change::NodeUpsert(n.clone())]))
                 }
             },
+            Command::SetRole { id, role } => {
+                let managers = self.nodes.values().filter(|n| n.role == Role::Manager).count();
+                match self.nodes.get_mut(id) {
+                    None => Err(Rejection::UnknownNode(*id)),
+                    Some(n) if n.role == *role => Ok((Response::Node(n.clone()), vec![])),
+                    Some(n) if n.role == Role::Manager && managers == 1 => Err(Rejection::InvalidSpec(format!(
+                        "{} is the cluster's last manager: promote another node first",
+                        n.name
+                    ))),
+                    Some(n) => {
+                        n.role = *role;
+                        Ok((Response::Node(n.clone()), vec![Change::NodeUpsert(n.clone())]))
+                    }
+                }
+            }
             Command::SetUnderlayMtu { id, mtu } => match self.nodes.get_mut(id) {
                 None => Err(Rejection::UnknownNode(*id)),
                 Some(n) if n.underlay_mtu == Some(*mtu) => Ok((Response::Node(n.clone()), vec![])),

@@ -273,6 +273,93 @@ impl ClusterRuntime {
         ))
     }
 
+    /// The role the cluster's state gives this node now, if it differs from the one it runs
+    /// as (a manager promoted or demoted it).
+    pub fn role_changed(&self) -> Option<Role> {
+        let now = self.follower.view().nodes.get(&self.membership.node_id).map(|n| n.role)?;
+        (now != self.membership.role).then_some(now)
+    }
+
+    /// Runs this node as `role` from now on (`node promote` or `node demote` on a manager): a
+    /// certificate of the new role for a new key, the membership file, and the runtime started
+    /// again (containers stay attached, as across a daemon restart); a promoted node opens a
+    /// Raft store and asks for its vote, a demoted one drops its store.
+    ///
+    /// The caller hands over its runtime: once it is stopped, every reference to its host
+    /// must go (the dataplane's sockets close with the last one) before the new one binds.
+    pub async fn change_role(
+        self: Arc<Self>,
+        ctx: &ClusterContext,
+        role: Role,
+    ) -> Result<ClusterRuntime, (Option<Arc<Self>>, RoleChangeError)> {
+        let (identity, membership) = match self.certify_as(ctx, role).await {
+            Ok(x) => x,
+            Err(e) => return Err((Some(self), RoleChangeError::NotStarted(e))),
+        };
+        tracing::info!(from = %self.membership.role, to = %role, "this node's role changed: starting again in its new role");
+        self.shutdown().await;
+        let host = Arc::clone(&self.host);
+        drop(self);
+        // The stopped runtime's tasks let go of the host as they end.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&host) > 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(host);
+        Self::start_as(ctx, identity, membership).await.map_err(|e| (None, RoleChangeError::Stopped(e)))
+    }
+
+    /// A certificate of `role` for a new key, and the membership with that role.
+    async fn certify_as(&self, ctx: &ClusterContext, role: Role) -> Result<(NodeIdentity, Membership)> {
+        let pki = ctx.state_dir.join(PKI_DIR);
+        let current = NodeIdentity::load(&pki)?.context("this node's certificate is gone from the state dir")?;
+        let key = NodeKey::generate()?;
+        let request = pb::CertifyRequest { csr_der: key.csr_der(&self.membership.name)? };
+        let reply = self
+            .follower
+            .manager()
+            .await?
+            .certify(request)
+            .await
+            .map_err(|s| anyhow::anyhow!("the cluster did not certify this node as a {role}: {}", s.message()))?;
+        let identity = key.into_identity(&reply.into_inner().node_cert_pem, current.ca_pem())?;
+        anyhow::ensure!(
+            identity.role() == role,
+            "the cluster certified this node as a {}, not a {role}",
+            identity.role()
+        );
+        Ok((identity, Membership { role, ..self.membership.clone() }))
+    }
+
+    /// Starts a runtime as `membership` says, with `identity` (both kept in the state dir).
+    async fn start_as(ctx: &ClusterContext, identity: NodeIdentity, membership: Membership) -> Result<ClusterRuntime> {
+        let (pki, role) = (ctx.state_dir.join(PKI_DIR), membership.role);
+        identity.save(&pki)?;
+        membership.save(&ctx.state_dir)?;
+        let opening = match role {
+            Role::Manager => {
+                // A store left from an earlier time as a manager holds another membership.
+                let _ = std::fs::remove_dir_all(ctx.state_dir.join(RAFT_DIR));
+                Opening::Create
+            }
+            Role::Worker => {
+                let _ = std::fs::remove_dir_all(ctx.state_dir.join(RAFT_DIR));
+                Opening::Resume
+            }
+        };
+        Self::start(ctx, membership, Arc::new(identity), None, opening).await
+    }
+}
+
+/// Why a role change failed: before anything stopped (the runtime runs on as before), or
+/// after the runtime stopped (it must be resumed).
+#[derive(Debug)]
+pub enum RoleChangeError {
+    NotStarted(anyhow::Error),
+    Stopped(anyhow::Error),
+}
+
+impl ClusterRuntime {
     /// Resumes the membership the state dir holds, if any: only with this node's own
     /// certificate, and (a manager) its own Raft store.
     pub async fn resume(ctx: &ClusterContext) -> Result<Option<ClusterRuntime>> {

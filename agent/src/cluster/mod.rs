@@ -23,7 +23,7 @@ use proto as pb;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
-pub use membership::{Membership, forget_offline, is_member};
+pub use membership::{Membership, RoleChangeError, forget_offline, is_member};
 
 use crate::config::DaemonSettings;
 use crate::dns::Dns;
