@@ -7,7 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         // Every message renders as JSON for the CLI's --json; enum fields by name.
-        .type_attribute(".overlayd.v1", "#[derive(serde::Serialize)]");
+        .type_attribute(".overlayd.v1", "#[derive(serde::Serialize)]")
+        // Maps iterate in key order, so JSON and metrics list them the same way every time.
+        .btree_map(".");
     for field in [
         "overlayd.v1.Node.role",
         "overlayd.v1.JoinReply.role",
