@@ -17,6 +17,7 @@ use crate::cluster::{self, ClusterContext, ClusterRuntime, RoleChangeError};
 use crate::config::DaemonConfig;
 use crate::docker;
 use crate::host::Host;
+use crate::metrics;
 use crate::netdev;
 use crate::static_mode;
 
@@ -144,7 +145,7 @@ pub async fn run(config: DaemonConfig, state_dir: PathBuf) -> Result<()> {
 
     let result = tokio::select! {
         r = api::serve(&sock, Arc::clone(&daemon)) => r,
-        r = api::serve_metrics(config.settings.metrics_addr, Arc::clone(&daemon)) => r,
+        r = metrics::serve(config.settings.metrics_addr, Arc::clone(&daemon)) => r,
         r = docker::serve(&config.settings, Arc::clone(&daemon)) => r,
         r = watchdog(Arc::clone(&daemon)) => r,
         r = follow_role(Arc::clone(&daemon)) => r,

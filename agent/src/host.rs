@@ -516,6 +516,7 @@ impl Host {
                     blocks: t.map_or(0, |t| t.block_entries().count() as u64),
                     local_block: n.spec.gateway.map(|g| g.local_block.to_string()).unwrap_or_default(),
                     sealing: self.sealing(n.spec.vni, n.spec.encrypted),
+                    counters: t.map(|t| network_counters(&t.counters().snapshot())),
                 }
             })
             .collect();
@@ -618,6 +619,17 @@ impl Host {
 /// The bound endpoints of `network`: (MAC, address).
 fn local_endpoints(bindings: &Bindings, network: &str) -> Vec<(MacAddr, Ipv4Addr)> {
     bindings.get(network).into_iter().flat_map(|p| p.values().copied()).collect()
+}
+
+/// A network's counters as the local API carries them.
+fn network_counters(c: &dataplane::NetworkCountersSnapshot) -> pb::NetworkCounters {
+    pb::NetworkCounters {
+        tx_frames: c.tx_frames,
+        tx_bytes: c.tx_bytes,
+        rx_frames: c.rx_frames,
+        rx_bytes: c.rx_bytes,
+        dropped: c.dropped.clone(),
+    }
 }
 
 /// Counters as the local API carries them.

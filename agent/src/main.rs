@@ -13,6 +13,7 @@ mod endpoints;
 mod firewall;
 mod gossip;
 mod host;
+mod metrics;
 mod netdev;
 mod output;
 mod services;

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,6 +79,8 @@ pub struct Follower {
     cache: PathBuf,
     connected: AtomicBool,
     connected_to: Mutex<Option<SocketAddr>>,
+    /// The newest revision the manager watched now said it had (0: none said yet).
+    head: AtomicU64,
     removed: AtomicBool,
 }
 
@@ -96,6 +98,7 @@ impl Follower {
             cache,
             connected: AtomicBool::new(false),
             connected_to: Mutex::new(None),
+            head: AtomicU64::new(0),
             removed: AtomicBool::new(false),
         });
         tokio::spawn(Arc::clone(&f).watch_loop());
@@ -116,6 +119,12 @@ impl Follower {
     /// Whether the watch stream is up, and to which manager.
     pub fn connection(&self) -> (bool, Option<SocketAddr>) {
         (self.connected.load(Ordering::Relaxed), *self.connected_to.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// How many revisions the view is behind the newest one the watched manager said it had
+    /// (0: caught up, or nothing heard from it yet).
+    pub fn lag(&self) -> u64 {
+        self.head.load(Ordering::Relaxed).saturating_sub(self.view().revision)
     }
 
     /// Whether a manager refused this host as removed from the cluster (then it follows no
@@ -192,6 +201,8 @@ impl Follower {
         let mut stream =
             ManagerClient::new(channel).watch(pb::WatchRequest { from_revision: from }).await?.into_inner();
         self.connected.store(true, Ordering::Relaxed);
+        // This manager's history, not the last one's, tells how far behind the view is.
+        self.head.store(0, Ordering::Relaxed);
         *self.connected_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
         *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
         tracing::info!(manager = %addr, from_revision = from, "following the cluster state");
@@ -212,6 +223,7 @@ impl Follower {
                 None => continue,
             }
             self.save(&view);
+            self.head.store(event.head.max(event.revision), Ordering::Relaxed);
             self.view.send_replace(Arc::new(view));
         }
         Ok(())

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -178,6 +179,28 @@ pub trait HostApi: Send + Sync + 'static {
     async fn endpoints(&self, network: Option<&str>) -> Vec<pb::Endpoint>;
 }
 
+/// Where a manager's Raft node stands, for the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RaftStatus {
+    /// The current term.
+    pub term: u64,
+    /// The leader this manager knows of, if any.
+    pub leader: Option<NodeId>,
+    /// Whether this manager is the leader.
+    pub leading: bool,
+    /// The index of the last entry in its log.
+    pub last_log_index: u64,
+    /// The index of the last entry committed (by a majority of the voters).
+    pub committed_index: u64,
+    /// The index of the last entry applied to its state.
+    pub applied_index: u64,
+    /// Voters of the Raft membership.
+    pub voters: usize,
+    /// Writes this manager, as the leader, handed to Raft and Raft refused (see
+    /// [`Manager::raft_status`]).
+    pub proposals_failed: u64,
+}
+
 /// Settings of a manager.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -207,6 +230,8 @@ pub struct Manager {
     heartbeats: Mutex<HashMap<NodeId, Instant>>,
     leader_since: Mutex<Option<Instant>>,
     liveness: Mutex<Option<tokio::sync::watch::Receiver<std::collections::BTreeSet<NodeId>>>>,
+    /// Writes Raft refused this manager as leader ([`RaftStatus::proposals_failed`]).
+    proposals_failed: AtomicU64,
 }
 
 impl Manager {
@@ -230,6 +255,7 @@ impl Manager {
             heartbeats: Mutex::new(HashMap::new()),
             leader_since: Mutex::new(None),
             liveness: Mutex::new(None),
+            proposals_failed: AtomicU64::new(0),
         });
         tokio::spawn(Arc::clone(&m).leader_duties());
         Ok(m)
@@ -289,6 +315,23 @@ impl Manager {
         self.raft.current_leader().await
     }
 
+    /// Where this manager's Raft node stands. `proposals_failed` counts the writes (state
+    /// commands, voter changes) Raft refused this manager while it led: leadership moved, the
+    /// quorum was lost, Raft stopped. Their proposer tries again for a while (`LEADER_WAIT`).
+    pub fn raft_status(&self) -> RaftStatus {
+        let m = self.raft.metrics().borrow().clone();
+        RaftStatus {
+            term: m.current_term,
+            leader: m.current_leader,
+            leading: m.state == openraft::ServerState::Leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            committed_index: self.state.committed_index(),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            voters: m.membership_config.membership().voter_ids().count(),
+            proposals_failed: self.proposals_failed.load(Ordering::Relaxed),
+        }
+    }
+
     /// The voters and learners of the Raft membership.
     pub fn members(&self) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
         let m = self.raft.metrics().borrow().membership_config.clone();
@@ -328,11 +371,14 @@ impl Manager {
     }
 
     async fn lead(&self, op: LeaderOp) -> Result<LeaderReply, Retry> {
-        let write_err = |e: RaftError<NodeId, ClientWriteError<NodeId, RaftNode>>| match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                Retry(format!("leadership moved to {:?}", f.leader_id))
+        let write_err = |e: RaftError<NodeId, ClientWriteError<NodeId, RaftNode>>| {
+            self.proposals_failed.fetch_add(1, Ordering::Relaxed);
+            match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                    Retry(format!("leadership moved to {:?}", f.leader_id))
+                }
+                other => Retry(other.to_string()),
             }
-            other => Retry(other.to_string()),
         };
         match op {
             LeaderOp::Command(cmd) => {
@@ -706,25 +752,31 @@ impl pb::manager_server::Manager for ManagerService {
                     }
                     return;
                 }
+                // Each event says how far the history goes, so the watcher knows its lag.
+                let newest = *head.borrow();
                 let catchup = m.hub.catchup(revision);
                 let events: Vec<pb::WatchEvent> = match catchup {
                     Catchup::Snapshot => {
                         let view = m.view();
                         revision = view.revision;
-                        vec![pb::WatchEvent { revision, body: Some(pb::watch_event::Body::Snapshot((&view).into())) }]
+                        let body = Some(pb::watch_event::Body::Snapshot((&view).into()));
+                        vec![pb::WatchEvent { revision, body, head: newest.max(revision) }]
                     }
-                    Catchup::Changes(sets) => sets
-                        .into_iter()
-                        .map(|(r, changes)| {
-                            revision = r;
-                            pb::WatchEvent {
-                                revision: r,
-                                body: Some(pb::watch_event::Body::Changes(pb::ChangeSet {
-                                    changes: changes.iter().map(pb::Change::from).collect(),
-                                })),
-                            }
-                        })
-                        .collect(),
+                    Catchup::Changes(sets) => {
+                        let last = sets.last().map_or(revision, |(r, _)| *r);
+                        sets.into_iter()
+                            .map(|(r, changes)| {
+                                revision = r;
+                                pb::WatchEvent {
+                                    revision: r,
+                                    body: Some(pb::watch_event::Body::Changes(pb::ChangeSet {
+                                        changes: changes.iter().map(pb::Change::from).collect(),
+                                    })),
+                                    head: newest.max(last),
+                                }
+                            })
+                            .collect()
+                    }
                     Catchup::Wait => {
                         tokio::select! {
                             changed = head.changed() => {
@@ -909,7 +961,7 @@ impl pb::manager_server::Manager for ManagerService {
         self.0.authorize(&request, Call::NetworkKeys)?;
         let keys = self.0.state.read(|s| s.secrets.as_ref().map(|x| x.network_keys.clone()));
         let keys = keys.ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
-        let mut networks = std::collections::BTreeMap::new();
+        let mut networks = BTreeMap::new();
         for (name, epochs) in keys {
             let mut list = Vec::new();
             for k in epochs {

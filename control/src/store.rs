@@ -1,7 +1,7 @@
 //! A manager's Raft storage: openraft's log store and state machine, both in one redb database
 //! (`raft.redb`) that fsyncs on every commit, so a manager killed at any moment restarts with its
 //! log, vote, applied [`ClusterState`] and snapshot intact. [`StateHandle`] lets the rest of the
-//! manager read the applied state without going through Raft.
+//! manager read the applied state (and the index Raft last committed) without going through Raft.
 //!
 //! A manager votes only with the log and vote it had: the store records its owner (cluster and
 //! node id) when it is created, and a restart ([`Opening::Resume`]) refuses a store that is
@@ -325,16 +325,17 @@ pub fn open(
 
     let db = Arc::new(db);
     let applied = Arc::new(RwLock::new(applied));
+    let committed = Arc::new(AtomicU64::new(0));
     emit(&events, StateEvent::Replaced { revision });
     Ok((
-        LogStore { db: Arc::clone(&db) },
+        LogStore { db: Arc::clone(&db), committed: Arc::clone(&committed) },
         StateMachineStore {
             db,
             applied: Arc::clone(&applied),
             snapshot_seq: Arc::new(AtomicU64::new(snapshot_seq)),
             events,
         },
-        StateHandle { applied },
+        StateHandle { applied, committed },
     ))
 }
 
@@ -523,6 +524,8 @@ fn current_snapshot(db: &Database) -> Result<Option<StoredSnapshot>, DbError> {
 #[derive(Debug)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// The index of the committed log id, as last saved or read (for [`StateHandle`]).
+    committed: Arc<AtomicU64>,
 }
 
 /// Reads the log while the [`LogStore`] writes it (replication streams use one each).
@@ -585,6 +588,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
         self.put_meta(COMMITTED, &committed).await.map_err(|e| StorageIOError::write(&e))?;
+        self.committed.store(committed.map_or(0, |c| c.index), Ordering::Relaxed);
         Ok(())
     }
 
@@ -592,7 +596,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Stored as `Option<LogId>`: a saved `None` reads back as `None` too.
         let committed: Option<Option<LogId<NodeId>>> =
             self.get_meta(COMMITTED).map_err(|e| StorageIOError::read(&e))?;
-        Ok(committed.flatten())
+        let committed = committed.flatten();
+        // openraft reads it as it starts: from then on the handle knows it before the next commit.
+        self.committed.store(committed.map_or(0, |c| c.index), Ordering::Relaxed);
+        Ok(committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
@@ -663,6 +670,7 @@ pub struct SnapshotBuilder {
 #[derive(Debug, Clone)]
 pub struct StateHandle {
     applied: Arc<RwLock<Applied>>,
+    committed: Arc<AtomicU64>,
 }
 
 impl StateHandle {
@@ -674,6 +682,12 @@ impl StateHandle {
     /// The id of the last log entry applied to the state.
     pub fn last_applied(&self) -> Option<LogId<NodeId>> {
         read_lock(&self.applied).last_applied
+    }
+
+    /// The index of the last log entry Raft committed (0: none yet): what openraft last saved
+    /// as committed (its metrics do not carry it).
+    pub fn committed_index(&self) -> u64 {
+        self.committed.load(Ordering::Relaxed)
     }
 }
 
@@ -992,7 +1006,9 @@ mod tests {
             assert_eq!(rx.try_recv(), Ok(StateEvent::Replaced { revision: 0 }));
             log.blocking_append(entries.clone()).await.unwrap();
             log.save_vote(&vote).await.unwrap();
+            assert_eq!(handle.committed_index(), 0);
             log.save_committed(Some(log_id(1, 5))).await.unwrap();
+            assert_eq!(handle.committed_index(), 5, "the handle sees what was committed");
             let responses = sm.apply(entries).await.unwrap();
             assert_eq!(responses.len(), 5);
             assert_eq!(handle.read(|s| s.revision), 3);
@@ -1011,6 +1027,7 @@ mod tests {
         assert_eq!(log.get_log_state().await.unwrap(), log_state);
         assert_eq!(log.read_vote().await.unwrap(), Some(vote));
         assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 5)));
+        assert_eq!(handle.committed_index(), 5, "known once openraft read it back");
         let mut reader = log.get_log_reader().await;
         let indexes: Vec<u64> =
             reader.try_get_log_entries(0..10).await.unwrap().iter().map(|e| e.log_id.index).collect();

@@ -1,5 +1,6 @@
 //! Per-agent counters: what was forwarded, and every drop by its reason, written by the hot
-//! loops without locks and read as a [`CountersSnapshot`].
+//! loops without locks and read as a [`CountersSnapshot`]; and per network
+//! ([`NetworkCounters`]), what came in from each side and the drops charged to it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -27,6 +28,19 @@ macro_rules! drop_reasons {
             /// The reason's name in metrics and JSON (`overlayd_dropped_total{reason="…"}`).
             pub const fn name(self) -> &'static str {
                 match self { $(DropReason::$variant => $name,)* }
+            }
+
+            /// Whether a drop for this reason can be charged to a network: every reason but
+            /// those that refuse a datagram before its VNI is known.
+            pub const fn has_network(self) -> bool {
+                !matches!(
+                    self,
+                    DropReason::Truncated
+                        | DropReason::BadFlags
+                        | DropReason::ReservedBits
+                        | DropReason::UnknownVni
+                        | DropReason::Oversized
+                )
             }
         }
     };
@@ -187,6 +201,13 @@ impl Counters {
         bump(&self.drops.0[reason as usize], 1);
     }
 
+    /// Counts one drop of a frame or datagram of the network `net` counts for: here and there.
+    #[inline]
+    pub fn dropped_in(&self, net: &NetworkCounters, reason: DropReason) {
+        self.dropped(reason);
+        bump(&net.drops.0[reason as usize], 1);
+    }
+
     /// Drops so far for one reason.
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops.0[reason as usize].load(Relaxed)
@@ -223,6 +244,67 @@ impl Counters {
             dropped: DropReason::ALL.iter().map(|&d| (d.name().to_owned(), self.drops(d))).collect(),
         }
     }
+}
+
+/// What came in to one network from one side.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct NetworkFlow {
+    /// Frames (from the TAP), or datagrams carrying one (from the underlay).
+    pub frames: AtomicU64,
+    /// Bytes of those frames, without the VXLAN (or sealing) header.
+    pub bytes: AtomicU64,
+}
+
+/// The counters of one network (one VNI), for per-network metrics: what came in from each side,
+/// counted before the checks that may drop it, and every drop charged to the network, by reason.
+///
+/// A network's table entry holds them ([`crate::tables::NetworkTable::counters`]), so every
+/// snapshot of the tables shares them and a hot loop reaches them with the table it already
+/// looked up: no map, no lock. They are written as [`Counters`] are, each field by one loop (the
+/// TX loop writes `tx` and the TAP-side drop reasons, the RX loop `rx` and the underlay-side
+/// ones); the two directions sit on separate cache lines. A network that is removed and comes
+/// back starts again from zero.
+#[derive(Debug, Default)]
+pub struct NetworkCounters {
+    /// TAP → underlay: frames read from the network's TAP (sent by its containers on this host).
+    pub tx: NetworkFlow,
+    /// Underlay → TAP: datagrams received with the network's VNI.
+    pub rx: NetworkFlow,
+    drops: DropCounters,
+}
+
+impl NetworkCounters {
+    /// A copy of every counter, for reports.
+    pub fn snapshot(&self) -> NetworkCountersSnapshot {
+        NetworkCountersSnapshot {
+            tx_frames: self.tx.frames.load(Relaxed),
+            tx_bytes: self.tx.bytes.load(Relaxed),
+            rx_frames: self.rx.frames.load(Relaxed),
+            rx_bytes: self.rx.bytes.load(Relaxed),
+            dropped: DropReason::ALL
+                .iter()
+                .filter(|d| d.has_network())
+                .map(|&d| (d.name().to_owned(), self.drops.0[d as usize].load(Relaxed)))
+                .collect(),
+        }
+    }
+}
+
+/// A point-in-time copy of [`NetworkCounters`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetworkCountersSnapshot {
+    /// Frames read from the network's TAP.
+    pub tx_frames: u64,
+    /// Bytes of those frames.
+    pub tx_bytes: u64,
+    /// Datagrams received with the network's VNI.
+    pub rx_frames: u64,
+    /// Bytes of the frames they carry.
+    pub rx_bytes: u64,
+    /// Drops charged to the network by reason name: every reason that can be
+    /// ([`DropReason::has_network`]), zeros included.
+    pub dropped: BTreeMap<String, u64>,
 }
 
 /// A point-in-time copy of [`Counters`], serializable for the CLI, JSON and metrics.
@@ -307,5 +389,17 @@ mod tests {
         assert_eq!(s.drops(DropReason::BadFlags), 1);
         assert_eq!(s.drops(DropReason::Truncated), 0);
         assert_eq!(s.total_drops(), 3);
+    }
+
+    #[test]
+    fn a_drop_charged_to_a_network_counts_there_and_in_the_total() {
+        let (c, net) = (Counters::default(), NetworkCounters::default());
+        c.dropped_in(&net, DropReason::NotMember);
+        c.dropped(DropReason::UnknownVni);
+        let s = net.snapshot();
+        assert_eq!(s.dropped.get("not_member"), Some(&1));
+        assert_eq!(s.dropped.get("unknown_vni"), None, "never a network's: its VNI is unknown");
+        assert_eq!(s.dropped.len(), DropReason::ALL.iter().filter(|d| d.has_network()).count(), "zeros included");
+        assert_eq!(c.snapshot().total_drops(), 2);
     }
 }

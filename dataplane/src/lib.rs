@@ -11,7 +11,7 @@
 //!   joined into super-frames, and super-frames cut into segments (sans-IO as well);
 //! - [`crypto`]: sealing and opening the datagrams of encrypted networks (AES-256-GCM with a
 //!   key per sender session, and a replay window), sans-IO as well;
-//! - [`counters`]: what was forwarded and every drop by reason;
+//! - [`counters`]: what was forwarded and every drop by reason, in all and per network;
 //! - [`alloc_count`]: a counting global allocator, so that "no per-packet allocation" is
 //!   measured by tests and benchmarks;
 //! - `linux` (Linux only): the I/O shell — TAP devices opened with ioctls, the UDP sockets,
@@ -41,5 +41,5 @@ pub mod wire;
 #[cfg(target_os = "linux")]
 pub mod linux;
 
-pub use counters::{Counters, CountersSnapshot, DropReason};
+pub use counters::{Counters, CountersSnapshot, DropReason, NetworkCounters, NetworkCountersSnapshot};
 pub use wire::{MacAddr, Vni};

@@ -1,6 +1,7 @@
 //! The switching core: a frame (or datagram) in, a decision out. No I/O, no clock, no
 //! allocation; the Linux shell (or a test) carries the decision out. Every refusal is counted
-//! under its [`DropReason`].
+//! under its [`DropReason`], and charged to its network once that is known
+//! ([`NetworkTable::counters`]); a datagram is counted for its network as it comes in.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
@@ -66,8 +67,7 @@ pub fn from_tap<'t, T>(
     counters: &Counters,
 ) -> TapVerdict<'t> {
     if frame.len() < ethernet::HEADER_LEN {
-        counters.dropped(DropReason::RuntFrame);
-        return TapVerdict::Drop(DropReason::RuntFrame);
+        return drop_tap(net, DropReason::RuntFrame, counters);
     }
     let dst = ethernet::destination(frame);
     if !dst.is_multicast() {
@@ -77,12 +77,10 @@ pub fn from_tap<'t, T>(
         match dst.derived_ipv4().and_then(|ip| net.block(ip)) {
             Some(BlockOwner::Remote(vtep)) => return unicast(net, frame, vtep, counters),
             Some(BlockOwner::Local) => {
-                counters.dropped(DropReason::NoDestination);
-                return TapVerdict::Drop(DropReason::NoDestination);
+                return drop_tap(net, DropReason::NoDestination, counters);
             }
             Some(BlockOwner::Down(_)) => {
-                counters.dropped(DropReason::DestinationDown);
-                return TapVerdict::Drop(DropReason::DestinationDown);
+                return drop_tap(net, DropReason::DestinationDown, counters);
             }
             None => {}
         }
@@ -99,19 +97,16 @@ pub fn from_tap<'t, T>(
                 let local =
                     net.gateway() == Some(req.target_ip) || matches!(net.block(req.target_ip), Some(BlockOwner::Local));
                 let reason = if local { DropReason::ArpForLocal } else { DropReason::ArpUnknownTarget };
-                counters.dropped(reason);
-                return TapVerdict::Drop(reason);
+                return drop_tap(net, reason, counters);
             }
         }
     }
     let flood = net.flood_list();
     if flood.is_empty() {
-        counters.dropped(DropReason::NoDestination);
-        return TapVerdict::Drop(DropReason::NoDestination);
+        return drop_tap(net, DropReason::NoDestination, counters);
     }
     if net.checks_sources() && !sent_by_local_endpoint(net, frame) {
-        counters.dropped(DropReason::SourceNotLocal);
-        return TapVerdict::Drop(DropReason::SourceNotLocal);
+        return drop_tap(net, DropReason::SourceNotLocal, counters);
     }
     bump(&counters.tx.flooded, 1);
     if dst.is_broadcast() && arp::parse_request(frame).is_some() {
@@ -124,11 +119,17 @@ pub fn from_tap<'t, T>(
 #[inline]
 fn unicast<'t, T>(net: &'t NetworkTable<T>, frame: &[u8], vtep: IpAddr, counters: &Counters) -> TapVerdict<'t> {
     if net.checks_sources() && !sent_by_local_endpoint(net, frame) {
-        counters.dropped(DropReason::SourceNotLocal);
-        return TapVerdict::Drop(DropReason::SourceNotLocal);
+        return drop_tap(net, DropReason::SourceNotLocal, counters);
     }
     bump(&counters.tx.unicast, 1);
     TapVerdict::Unicast(vtep)
+}
+
+/// Drops a frame read from `net`'s TAP, counted in all and for the network.
+#[inline]
+fn drop_tap<'t, T>(net: &NetworkTable<T>, reason: DropReason, counters: &Counters) -> TapVerdict<'t> {
+    counters.dropped_in(net.counters(), reason);
+    TapVerdict::Drop(reason)
 }
 
 /// Who a frame says it is from.
@@ -282,9 +283,19 @@ pub fn from_underlay<T>(
     now: u64,
     counters: &Counters,
 ) -> UnderlayVerdict {
+    // Before its VNI is known a datagram is nobody's; after, its network's.
     let drop = |reason| {
         counters.dropped(reason);
         UnderlayVerdict::Drop(reason)
+    };
+    let drop_in = |net: &NetworkTable<T>, reason| {
+        counters.dropped_in(net.counters(), reason);
+        UnderlayVerdict::Drop(reason)
+    };
+    let came_in = |net: &NetworkTable<T>, bytes: usize| {
+        let c = net.counters();
+        bump(&c.rx.frames, 1);
+        bump(&c.rx.bytes, bytes as u64);
     };
     let len = datagram.len();
     let (slot, net, inner) = if crypto::is_sealed(datagram) {
@@ -295,19 +306,20 @@ pub fn from_underlay<T>(
         let Some((slot, net)) = vni.and_then(|v| tables.by_vni(v)) else {
             return drop(DropReason::UnknownVni);
         };
+        came_in(net, len.saturating_sub(crypto::SEALED_HEADER_LEN + crypto::TAG_LEN));
         if net.crypto().is_none() {
-            return drop(DropReason::SealedOnPlain);
+            return drop_in(net, DropReason::SealedOnPlain);
         }
         if !net.is_member(&src) {
-            return drop(DropReason::NotMember);
+            return drop_in(net, DropReason::NotMember);
         }
         let Some(opener) = openers.get(slot) else {
-            return drop(DropReason::UnknownKey);
+            return drop_in(net, DropReason::UnknownKey);
         };
         match opener.open(src, datagram) {
             Ok(inner) if inner.len() >= ethernet::HEADER_LEN => (slot, net, inner),
-            Ok(_) => return drop(DropReason::SealTruncated),
-            Err(e) => return drop(e.into()),
+            Ok(_) => return drop_in(net, DropReason::SealTruncated),
+            Err(e) => return drop_in(net, e.into()),
         }
     } else {
         let packet = match VxlanPacket::new_checked(&mut *datagram) {
@@ -323,8 +335,9 @@ pub fn from_underlay<T>(
         let Some((slot, net)) = tables.by_vni(vni) else {
             return drop(DropReason::UnknownVni);
         };
+        came_in(net, len - vxlan::HEADER_LEN);
         if net.crypto().is_some() {
-            return drop(DropReason::PlainOnEncrypted);
+            return drop_in(net, DropReason::PlainOnEncrypted);
         }
         (slot, net, vxlan::HEADER_LEN..len)
     };
@@ -334,10 +347,10 @@ pub fn from_underlay<T>(
         // one lookup answers both questions, and which one failed is asked only on a drop.
         if !sent_by_vtep(net, src, frame) {
             let reason = if net.is_member(&src) { DropReason::SourceNotOfSender } else { DropReason::NotMember };
-            return drop(reason);
+            return drop_in(net, reason);
         }
     } else if !net.is_member(&src) {
-        return drop(DropReason::NotMember);
+        return drop_in(net, DropReason::NotMember);
     }
     let mut segment_mss = None;
     let mtu = net.mtu() as usize;
@@ -346,7 +359,7 @@ pub fn from_underlay<T>(
         // kernel left segmentation to a NIC that does not exist. Cut it as that NIC would.
         match oversized(frame, mtu) {
             Ok(mss) => segment_mss = mss,
-            Err(()) => return drop(DropReason::OversizedFrame),
+            Err(()) => return drop_in(net, DropReason::OversizedFrame),
         }
     }
     if net.learning() {
@@ -443,6 +456,7 @@ mod tests {
         );
         let s = c.snapshot();
         assert_eq!((s.tx_flooded, s.tx_unicast, s.drops(DropReason::RuntFrame)), (2, 1, 1));
+        assert_eq!(net.counters().snapshot().dropped["runt_frame"], 1, "charged to the network too");
     }
 
     #[test]
@@ -529,6 +543,12 @@ mod tests {
             assert!(c.drops(reason) >= 1, "{reason:?}");
         }
         assert_eq!(c.snapshot().total_drops(), 6);
+        // The network counts what came in with its VNI (the good datagram and the rogue's), and
+        // is charged only the drop made once the VNI was known.
+        let n = snap.by_vni(vni()).unwrap().1.counters().snapshot();
+        assert_eq!((n.rx_frames, n.rx_bytes), (2, 2 * inner.len() as u64));
+        assert_eq!(n.dropped.values().sum::<u64>(), 1);
+        assert_eq!(n.dropped["not_member"], 1);
     }
 
     #[test]

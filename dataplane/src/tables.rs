@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, Cache};
 
+use crate::counters::NetworkCounters;
 use crate::crypto::{NetworkKey, Sealer};
 use crate::wire::{MacAddr, Vni};
 
@@ -138,6 +139,8 @@ pub struct NetworkTable<T> {
     /// An encrypted network's keys (shared by every snapshot, so the sealer's counter goes
     /// on across table updates).
     crypto: Option<Arc<NetworkCrypto>>,
+    /// What the hot loops counted for this network (shared by every snapshot, as `crypto`).
+    counters: Arc<NetworkCounters>,
 }
 
 impl<T> NetworkTable<T> {
@@ -159,6 +162,7 @@ impl<T> NetworkTable<T> {
             checks_sources: false,
             subnet: None,
             mesh: FastSet::default(),
+            counters: Arc::default(),
         }
     }
 
@@ -234,6 +238,12 @@ impl<T> NetworkTable<T> {
     #[inline]
     pub fn crypto(&self) -> Option<&Arc<NetworkCrypto>> {
         self.crypto.as_ref()
+    }
+
+    /// The network's counters: the hot loops count what they handle of it here.
+    #[inline]
+    pub fn counters(&self) -> &NetworkCounters {
+        &self.counters
     }
 
     /// Whether `ip` is a host's mesh address (the routing mesh's source of outside clients).
@@ -711,6 +721,22 @@ mod tests {
         assert_eq!(net.block(Ipv4Addr::new(10, 128, 2, 1)), None);
         assert!(net.is_member(&B) && !net.is_member(&A));
         assert_eq!(t.update(|tx| tx.set_blocks(vni(1), 0, [])), Err(TableError::BadPrefix(0)));
+    }
+
+    #[test]
+    fn a_networks_counters_outlive_table_updates_but_not_the_network() {
+        let t = Arc::new(SharedTables::<u8>::default());
+        t.update(|tx| tx.add_network(vni(1), 1, settings(false))).unwrap();
+        let frames = |t: &SharedTables<u8>| t.load().by_vni(vni(1)).unwrap().1.counters().snapshot().tx_frames;
+        crate::counters::bump(&t.load().by_vni(vni(1)).unwrap().1.counters().tx.frames, 3);
+        t.update(|tx| tx.set_flood_list(vni(1), [A])).unwrap();
+        assert_eq!(frames(&t), 3, "every snapshot shares them");
+        t.update(|tx| {
+            tx.remove_network(vni(1))?;
+            tx.add_network(vni(1), 1, settings(false))
+        })
+        .unwrap();
+        assert_eq!(frames(&t), 0, "a network that comes back starts from zero");
     }
 
     #[test]

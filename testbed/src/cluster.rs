@@ -25,11 +25,21 @@ impl Cluster {
         Cluster::form_on(bed.add_hosts(managers + workers)?, managers)
     }
 
+    /// [`form`](Self::form) with `daemon_args` on every `overlayd daemon` command line (e.g.
+    /// `--metrics-addr 127.0.0.1:9477`: each daemon binds it in its host's namespace).
+    pub fn form_with(bed: &Testbed, managers: usize, workers: usize, daemon_args: &[&str]) -> Result<Cluster> {
+        Cluster::form_on_with(bed.add_hosts(managers + workers)?, managers, daemon_args)
+    }
+
     /// [`form`](Self::form) on hosts the caller made (and prepared: a host's firewall before
     /// any overlayd runs there, say); the first `managers` of them are managers.
     pub fn form_on(hosts: Vec<Host>, managers: usize) -> Result<Cluster> {
+        Cluster::form_on_with(hosts, managers, &[])
+    }
+
+    fn form_on_with(hosts: Vec<Host>, managers: usize, daemon_args: &[&str]) -> Result<Cluster> {
         let workers = hosts.len().saturating_sub(managers);
-        let agents = hosts.iter().map(|h| h.start_daemon::<&str>(&[])).collect::<Result<Vec<_>>>()?;
+        let agents = hosts.iter().map(|h| h.start_daemon(daemon_args)).collect::<Result<Vec<_>>>()?;
         let init =
             agents[0].json(&["init", "--advertise-addr", &hosts[0].addr().to_string(), "--name", hosts[0].name()])?;
         let token =

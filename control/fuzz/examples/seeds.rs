@@ -310,14 +310,22 @@ fn proto_seeds() {
         (
             14,
             "watch_snapshot",
-            pb::WatchEvent { revision: view.revision, body: Some(pb::watch_event::Body::Snapshot(pv.clone())) }
-                .encode_to_vec(),
+            pb::WatchEvent {
+                revision: view.revision,
+                body: Some(pb::watch_event::Body::Snapshot(pv.clone())),
+                head: 0,
+            }
+            .encode_to_vec(),
         ),
         (
             14,
             "watch_changes",
-            pb::WatchEvent { revision: view.revision + 1, body: Some(pb::watch_event::Body::Changes(changes)) }
-                .encode_to_vec(),
+            pb::WatchEvent {
+                revision: view.revision + 1,
+                body: Some(pb::watch_event::Body::Changes(changes)),
+                head: 0,
+            }
+            .encode_to_vec(),
         ),
         (15, "network", pv.networks[0].encode_to_vec()),
         (16, "block", pv.blocks[0].encode_to_vec()),

@@ -235,6 +235,11 @@ pub struct GossipCounters {
     pub sync_rounds: u64,
     /// Times this host came back from a silence as a new incarnation (cut off, or stalled).
     pub rebirths: u64,
+    /// Members this host suspected: a probe of one, direct and through others, went
+    /// unanswered (SWIM declares it down unless it refutes in time).
+    pub suspicions: u64,
+    /// Suspicions of this host that it refuted (each raises its SWIM incarnation).
+    pub refutations: u64,
     /// Records received through anti-entropy that were new (repairs).
     pub sync_repaired: u64,
     /// Records sent in anti-entropy answers.
@@ -303,6 +308,8 @@ impl GossipCounters {
             records_malformed,
             sync_rounds,
             rebirths,
+            suspicions,
+            refutations,
             sync_repaired,
             sync_records_sent,
             probe_cycles_incomplete,
@@ -331,6 +338,8 @@ impl GossipCounters {
         self.records_malformed += records_malformed;
         self.sync_rounds += sync_rounds;
         self.rebirths += rebirths;
+        self.suspicions += suspicions;
+        self.refutations += refutations;
         self.sync_repaired += sync_repaired;
         self.sync_records_sent += sync_records_sent;
         self.probe_cycles_incomplete += probe_cycles_incomplete;
@@ -465,17 +474,36 @@ fn counted<T>(shared: &Mutex<Shared>, result: Result<T, foca::Error>) {
     }
 }
 
-/// What foca asks of its runtime, collected.
+/// What foca asks of its runtime, collected; and what its notifications count.
 #[derive(Default)]
 struct Outbox {
     sends: Vec<(Peer, Vec<u8>)>,
     timers: Vec<(Duration, foca::Timer<Peer>)>,
     notes: Vec<OwnedNotification<Peer>>,
+    /// Counted since the last flush (see [`GossipCounters::suspicions`]).
+    suspicions: u64,
+    /// Counted since the last flush (see [`GossipCounters::refutations`]).
+    refutations: u64,
+    /// This host's SWIM incarnation as its last message said.
+    incarnation: u16,
 }
 
 impl foca::Runtime<Peer> for Outbox {
     fn notify(&mut self, n: foca::Notification<'_, Peer>) {
-        self.notes.push(n.to_owned());
+        use foca::Notification as N;
+        match n {
+            // foca keeps this host's incarnation to itself, but every message carries it, and
+            // it grows only to refute a suspicion (it starts over with a new identity).
+            N::DataSent(header) => {
+                if header.src_incarnation > self.incarnation {
+                    self.refutations += 1;
+                }
+                self.incarnation = header.src_incarnation;
+            }
+            N::DataReceived(_) => {}
+            N::ProbeFailed(..) => self.suspicions += 1,
+            n => self.notes.push(n.to_owned()),
+        }
     }
 
     fn send_to(&mut self, to: Peer, data: &[u8]) {
@@ -1268,6 +1296,8 @@ impl GossipNode {
         out.events.append(&mut self.pending_events);
         out.timers.append(&mut self.pending_timers);
         let mut s = lock(&self.shared);
+        s.counters.suspicions += std::mem::take(&mut self.outbox.suspicions);
+        s.counters.refutations += std::mem::take(&mut self.outbox.refutations);
         for n in self.outbox.notes.drain(..) {
             match n {
                 // A host outside the directory, which some member still vouches for: not
@@ -1823,6 +1853,28 @@ mod tests {
         let sent = lab.captured(0, 1).pop().unwrap();
         assert!(GossipKey::new(&new).open(&mut sent.clone()).is_ok());
         assert_eq!(old.open(&mut sent.clone()), Err(SealError::BadAuth));
+    }
+
+    /// Issue 17, item 6 (metrics): a host whose answers are lost is suspected by the prober,
+    /// refutes once it hears of it, and stays alive; each side counts its part.
+    #[test]
+    fn a_suspicion_and_its_refutation_are_counted() {
+        let mut lab = Lab::new(2);
+        for node in &lab.nodes {
+            let c = node.counters();
+            assert_eq!((c.suspicions, c.refutations), (0, 0), "a healthy cluster: {c:?}");
+        }
+        // Host 1's datagrams to host 0 are lost for a while (shorter than it takes to be
+        // declared down): host 0's probes of it go unanswered.
+        lab.hold = Some((1, 0));
+        lab.run(Duration::from_millis(1200));
+        lab.hold = None;
+        lab.run(Duration::from_secs(3));
+        let (prober, suspect) = (lab.nodes[0].counters(), lab.nodes[1].counters());
+        assert!(prober.suspicions >= 1, "{prober:?}");
+        assert!(suspect.refutations >= 1, "{suspect:?}");
+        assert_eq!((prober.refutations, suspect.rebirths), (0, 0), "{prober:?} {suspect:?}");
+        assert!(lab.nodes[0].is_alive(2), "the suspect refuted in time: {:?}", lab.nodes[0].peers());
     }
 
     #[test]

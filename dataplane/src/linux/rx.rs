@@ -16,7 +16,7 @@ use super::sys::{self, Epoll};
 use super::threads::{JOIN_WINDOW, JoinMeter};
 use super::{HEADROOM, Shared, Tap, UNDERLAY};
 use crate::alloc_count;
-use crate::counters::{Counters, DropReason, bump};
+use crate::counters::{Counters, DropReason, NetworkCounters, bump};
 use crate::learn::Learner;
 use crate::offload::{self, Coalescer, TcpSegment, VNET_HDR_LEN};
 use crate::segment::SuperFrame;
@@ -285,7 +285,8 @@ impl RxLoop {
             let (start, end) = (k * stride + inner.start, k * stride + inner.end);
             if let Some(mss) = segment_mss {
                 self.flush(tables, c);
-                deliver_oversized(tap, &mut self.bufs[b][HEADROOM + start..HEADROOM + end], mss, &mut self.scratch, c);
+                let frame = &mut self.bufs[b][HEADROOM + start..HEADROOM + end];
+                deliver_oversized(tap, frame, mss, &mut self.scratch, c, net.counters());
                 continue;
             }
             if tap.offloads().vnet_hdr && coalesce {
@@ -297,7 +298,7 @@ impl RxLoop {
             }
             // Anything else may belong to a flow with a pending run: keep the order.
             self.flush(tables, c);
-            write_frame(tap, &self.bufs[b][HEADROOM + start..HEADROOM + end], c);
+            write_frame(tap, &self.bufs[b][HEADROOM + start..HEADROOM + end], c, net.counters());
         }
     }
 
@@ -372,7 +373,7 @@ impl RxLoop {
                         bump(&c.rx.coalesced, 1);
                     }
                 }
-                Err(_) => c.dropped(DropReason::TapWriteFailed),
+                Err(_) => c.dropped_in(net.counters(), DropReason::TapWriteFailed),
             }
         }
         r.payloads.clear();
@@ -400,9 +401,9 @@ fn is_run(buf: &[u8], stride: usize) -> bool {
     }
 }
 
-/// Writes one frame as it is.
+/// Writes one frame of the network `net` counts for as it is.
 #[inline]
-fn write_frame(tap: &Tap, frame: &[u8], c: &Counters) {
+fn write_frame(tap: &Tap, frame: &[u8], c: &Counters, net: &NetworkCounters) {
     let r = if tap.offloads().vnet_hdr {
         tap.writev(&[IoSlice::new(&NO_VNET_HDR), IoSlice::new(frame)])
     } else {
@@ -410,20 +411,20 @@ fn write_frame(tap: &Tap, frame: &[u8], c: &Counters) {
     };
     match r {
         Ok(_) => bump(&c.rx.delivered, 1),
-        Err(_) => c.dropped(DropReason::TapWriteFailed),
+        Err(_) => c.dropped_in(net, DropReason::TapWriteFailed),
     }
 }
 
 /// Delivers a TCP/UDP frame above the MTU (the core checked it can be cut): whole, as a GSO
 /// frame, when the TAP takes offloads; else cut here.
 #[cold]
-fn deliver_oversized(tap: &Tap, frame: &mut [u8], mss: usize, scratch: &mut [u8], c: &Counters) {
+fn deliver_oversized(tap: &Tap, frame: &mut [u8], mss: usize, scratch: &mut [u8], c: &Counters, net: &NetworkCounters) {
     let o = tap.offloads();
     if o.vnet_hdr {
         if let Some(hdr) = offload::gso_for_oversized(frame, mss, o.uso) {
             match tap.writev(&[IoSlice::new(&hdr.to_bytes()), IoSlice::new(frame)]) {
                 Ok(_) => bump(&c.rx.delivered, 1),
-                Err(_) => c.dropped(DropReason::TapWriteFailed),
+                Err(_) => c.dropped_in(net, DropReason::TapWriteFailed),
             }
             return;
         }
@@ -431,7 +432,7 @@ fn deliver_oversized(tap: &Tap, frame: &mut [u8], mss: usize, scratch: &mut [u8]
     let Ok(sf) = SuperFrame::parse(frame) else { return };
     for i in 0..sf.segment_count(mss) {
         let n = sf.write_segment(i, mss, scratch);
-        write_frame(tap, &scratch[..n], c);
+        write_frame(tap, &scratch[..n], c, net);
     }
 }
 

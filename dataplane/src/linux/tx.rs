@@ -19,7 +19,7 @@ use super::sys::Epoll;
 use super::threads::SplitMeter;
 use super::{HEADROOM, Shared, Tap, UNDERLAY, WAKE};
 use crate::alloc_count;
-use crate::counters::{DropReason, bump};
+use crate::counters::{DropReason, NetworkCounters, bump};
 use crate::crypto::{self, Sealer};
 use crate::learn::LearnedReader;
 use crate::offload::{self, TxShape, VNET_HDR_LEN, VirtioNetHdr};
@@ -125,8 +125,10 @@ impl SendQueue {
         }
     }
 
-    /// Sends everything queued, its bytes read from `frames` and `arena`.
-    fn flush(&mut self, shared: &Shared, frames: &[Box<[u8]>], arena: &mut SegmentArena) {
+    /// Sends everything queued, its bytes read from `frames` and `arena`; what the kernel
+    /// refuses is charged to `net`, the network whose frames these are (a queue is flushed
+    /// before the loop turns to another TAP).
+    fn flush(&mut self, shared: &Shared, net: &NetworkCounters, frames: &[Box<[u8]>], arena: &mut SegmentArena) {
         self.open = None;
         let c = &shared.counters;
         let mut sent = 0;
@@ -146,10 +148,10 @@ impl SendQueue {
                             bump(&c.tx.gso_disabled, 1);
                         }
                         for _ in 0..self.batch.send_each_segment(self.fd, sent, frames, arena) {
-                            c.dropped(DropReason::SendFailed);
+                            c.dropped_in(net, DropReason::SendFailed);
                         }
                     } else {
-                        c.dropped(DropReason::SendFailed);
+                        c.dropped_in(net, DropReason::SendFailed);
                     }
                     sent += 1;
                 }
@@ -303,6 +305,7 @@ impl TxLoop {
         let learned = Arc::clone(self.learned.load());
         let shared = Arc::clone(&self.shared);
         let c = &shared.counters;
+        let nc = net.counters();
         let udp_port = shared.settings.vxlan_port;
         let gso = shared.gso_ok.load(Ordering::Relaxed);
         // An encrypted network seals every datagram, or sends nothing (never plaintext). Its
@@ -324,7 +327,7 @@ impl TxLoop {
                         bytes += n;
                         count += 1;
                     }
-                    Ok(_) => c.dropped(DropReason::RuntFrame),
+                    Ok(_) => c.dropped_in(nc, DropReason::RuntFrame),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => {
                         drained = true; // WouldBlock, or the TAP went away
@@ -333,6 +336,9 @@ impl TxLoop {
                 }
             }
             self.arena.clear();
+            // The network's counters once per batch; the dataplane's per frame, as they were.
+            bump(&nc.tx.frames, count as u64);
+            bump(&nc.tx.bytes, lens[..count].iter().sum::<usize>() as u64);
             for (i, &len) in lens.iter().enumerate().take(count) {
                 bump(&c.tx.frames, 1);
                 bump(&c.tx.bytes, len as u64);
@@ -342,7 +348,7 @@ impl TxLoop {
                     match offload::prepare_tx(&hdr, &mut buf[HEADROOM..HEADROOM + len]) {
                         Ok(shape) => shape,
                         Err(_) => {
-                            c.dropped(DropReason::UnsupportedOffload);
+                            c.dropped_in(nc, DropReason::UnsupportedOffload);
                             continue;
                         }
                     }
@@ -353,7 +359,7 @@ impl TxLoop {
                     None => None,
                     Some(Some(s)) => Some(s),
                     Some(None) => {
-                        c.dropped(DropReason::NoSealingKey);
+                        c.dropped_in(nc, DropReason::NoSealingKey);
                         continue;
                     }
                 };
@@ -369,7 +375,7 @@ impl TxLoop {
                         reply_hdr.fill(0);
                         let start = if vnet { 0 } else { VNET_HDR_LEN };
                         if tap.write(&self.reply[start..VNET_HDR_LEN + n]).is_err() {
-                            c.dropped(DropReason::ArpReplyFailed);
+                            c.dropped_in(nc, DropReason::ArpReplyFailed);
                         }
                         continue;
                     }
@@ -386,7 +392,7 @@ impl TxLoop {
                             let start = HEADROOM - crypto::SEALED_HEADER_LEN;
                             let end = HEADROOM + len + crypto::TAG_LEN;
                             if end - start > MAX_UDP_PAYLOAD || end > buf.len() {
-                                c.dropped(DropReason::FrameTooLarge);
+                                c.dropped_in(nc, DropReason::FrameTooLarge);
                                 continue;
                             }
                             // Sealed once, the same bytes go to every destination.
@@ -394,7 +400,7 @@ impl TxLoop {
                             start..end
                         } else {
                             if len + vxlan::HEADER_LEN > MAX_UDP_PAYLOAD {
-                                c.dropped(DropReason::FrameTooLarge);
+                                c.dropped_in(nc, DropReason::FrameTooLarge);
                                 continue;
                             }
                             let datagram = HEADROOM - vxlan::HEADER_LEN..HEADROOM + len;
@@ -406,7 +412,7 @@ impl TxLoop {
                         let queue = &mut self.queues[q];
                         for &dst in dsts {
                             if queue.batch.is_full() {
-                                queue.flush(&shared, &self.bufs, &mut self.arena);
+                                queue.flush(&shared, nc, &self.bufs, &mut self.arena);
                             }
                             queue.push_datagram(i, datagram.clone(), dst, udp_port);
                             bump(&c.tx.datagrams, 1);
@@ -416,7 +422,7 @@ impl TxLoop {
                         if self.arena.room() < MAX_SEGMENTS {
                             // Everything queued may name segments of the arena: send it, then
                             // reuse the arena.
-                            flush_all(&mut self.queues, &shared, &self.bufs, &mut self.arena);
+                            flush_all(&mut self.queues, &shared, nc, &self.bufs, &mut self.arena);
                             self.arena.clear();
                         }
                         let frame = &self.bufs[i][HEADROOM..HEADROOM + len];
@@ -425,16 +431,16 @@ impl TxLoop {
                             Some(sealer) => cut_sealed(frame, i, mss, net.vni(), &mut self.arena, sealer),
                         };
                         let Some(cut) = cut else {
-                            c.dropped(DropReason::UnsupportedOffload);
+                            c.dropped_in(nc, DropReason::UnsupportedOffload);
                             continue;
                         };
                         bump(&c.tx.segmented, 1);
                         let queue = &mut self.queues[q];
-                        send_segments(queue, &shared, &self.bufs, &mut self.arena, cut, dsts, udp_port, gso);
+                        send_segments(queue, &shared, nc, &self.bufs, &mut self.arena, cut, dsts, udp_port, gso);
                     }
                 }
             }
-            flush_all(&mut self.queues, &shared, &self.bufs, &mut self.arena);
+            flush_all(&mut self.queues, &shared, nc, &self.bufs, &mut self.arena);
             if drained {
                 break;
             }
@@ -456,10 +462,16 @@ fn receive_rounds(rx: &mut RxLoop) {
     rx.finish();
 }
 
-/// Sends what every queue holds.
-fn flush_all(queues: &mut [SendQueue], shared: &Shared, frames: &[Box<[u8]>], arena: &mut SegmentArena) {
+/// Sends what every queue holds (all of it `net`'s).
+fn flush_all(
+    queues: &mut [SendQueue],
+    shared: &Shared,
+    net: &NetworkCounters,
+    frames: &[Box<[u8]>],
+    arena: &mut SegmentArena,
+) {
     for q in queues.iter_mut().filter(|q| q.batch.len() > 0) {
-        q.flush(shared, frames, arena);
+        q.flush(shared, net, frames, arena);
     }
 }
 
@@ -553,6 +565,7 @@ fn cut_sealed(
 fn send_segments(
     queue: &mut SendQueue,
     shared: &Shared,
+    net: &NetworkCounters,
     frames: &[Box<[u8]>],
     arena: &mut SegmentArena,
     cut: Cut,
@@ -582,7 +595,7 @@ fn send_segments(
         let run_segments = base + first..base + first + run;
         for &dst in dsts {
             if queue.batch.is_full() {
-                queue.flush(shared, frames, arena);
+                queue.flush(shared, net, frames, arena);
             }
             // A run of one is sent as a plain datagram (no GSO needed).
             let gso_size = if run > 1 { seg_size as u16 } else { 0 };
@@ -630,7 +643,7 @@ mod tests {
     ) {
         let vni = crate::Vni::new(100).unwrap();
         let cut = cut(&bufs[i][HEADROOM..], i, mss, vni, arena).expect("a frame that can be cut");
-        send_segments(q, shared, bufs, arena, cut, &[dst], port, true);
+        send_segments(q, shared, &NetworkCounters::default(), bufs, arena, cut, &[dst], port, true);
     }
 
     #[test]
@@ -663,7 +676,7 @@ mod tests {
         assert_eq!(iovlen(&q, 1), 2 * 5);
         assert_eq!(shared.counters.tx.gso_sends.load(Ordering::Relaxed), 2);
         assert_eq!(shared.counters.tx.datagrams.load(Ordering::Relaxed), 63);
-        q.flush(&shared, &bufs, &mut arena);
+        q.flush(&shared, &NetworkCounters::default(), &bufs, &mut arena);
 
         // On the wire: every segment of every frame, in order, each behind its VXLAN header.
         let expected: Vec<Vec<u8>> = frames
