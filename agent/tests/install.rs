@@ -78,3 +78,38 @@ fn the_daemon_tells_systemd_when_it_is_ready_and_when_it_stops() {
     let n = socket.recv(&mut buf).expect("no STOPPING=1 from the daemon");
     assert_eq!(&buf[..n], b"STOPPING=1");
 }
+
+#[test]
+fn the_debian_package_holds_the_binary_the_unit_the_manual_page_and_the_completions() {
+    let out = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let deb = run(Command::new(root.join("scripts/deb"))
+        .env("OVERLAYD_BIN", BIN)
+        .env("OUT", out.path())
+        .env("COMPRESS", "gzip"));
+    let deb = Path::new(deb.trim());
+    assert!(deb.is_file() && deb.to_string_lossy().ends_with(".deb"), "{}", deb.display());
+    let info = run(Command::new("dpkg-deb").arg("--info").arg(deb));
+    for field in ["Package: overlayd", "Depends: iproute2, nftables", "Architecture: "] {
+        assert!(info.contains(field), "the control file lacks {field:?}: {info}");
+    }
+    let version = run(Command::new(BIN).arg("--version"));
+    assert!(info.contains(&format!("Version: {}", version.split_whitespace().nth(1).unwrap())), "{info}");
+    let contents = run(Command::new("dpkg-deb").arg("--contents").arg(deb));
+    for file in [
+        "./usr/bin/overlayd",
+        "./lib/systemd/system/overlayd.service",
+        "./usr/share/man/man8/overlayd.8.gz",
+        "./usr/share/bash-completion/completions/overlayd",
+        "./usr/share/doc/overlayd/copyright",
+    ] {
+        assert!(contents.contains(file), "the package lacks {file}: {contents}");
+    }
+    assert!(contents.lines().next().is_some_and(|l| l.starts_with("drwxr-xr-x root/root")), "{contents}");
+    // Unpacked, the binary runs and the unit points at it.
+    let x = out.path().join("x");
+    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&x));
+    assert_eq!(run(&mut Command::new(x.join("usr/bin/overlayd")).arg("--version")), version);
+    let unit = std::fs::read_to_string(x.join("lib/systemd/system/overlayd.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/overlayd daemon"), "{unit}");
+}
