@@ -253,6 +253,21 @@ pub fn status(s: &pb::StatusReply) -> String {
     for n in s.networks.iter().filter(|n| !n.sealing.is_empty() && n.sealing != "none") {
         let _ = writeln!(o, "{:<11} encrypted: {}", n.name, n.sealing);
     }
+    // Per network, by the names of the JSON's `networks[].counters` (and of /metrics).
+    for n in &s.networks {
+        let Some(c) = &n.counters else { continue };
+        let drops: Vec<String> = c.dropped.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(
+            o,
+            "{:<11} tx_frames {}  tx_bytes {}  rx_frames {}  rx_bytes {}  dropped {}",
+            n.name,
+            c.tx_frames,
+            c.tx_bytes,
+            c.rx_frames,
+            c.rx_bytes,
+            if drops.is_empty() { "none".to_owned() } else { drops.join("  ") }
+        );
+    }
     if let Some(c) = &s.counters {
         let v = |k: &str| c.values.get(k).copied().unwrap_or(0);
         let _ = writeln!(

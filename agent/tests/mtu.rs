@@ -81,6 +81,12 @@ fn the_network_mtu_follows_the_underlay_and_network_update_reaches_every_contain
     assert!(out.contains("3 received"), "{out}");
     let r = a1.iperf3_to(&a2, a2_ip, 2, 1).unwrap();
     assert!(r.bytes > 10_000_000, "iperf3 at MTU 8950 moved only {} bytes", r.bytes);
+    // status counts per network, by the names of the JSON and /metrics.
+    let human = c.agents[0].cli(&["status"]).unwrap();
+    let line =
+        human.lines().find(|l| l.starts_with("a ") && l.contains("tx_frames")).unwrap_or_else(|| panic!("{human}"));
+    let tx: u64 = line.split_whitespace().skip_while(|w| *w != "tx_bytes").nth(1).unwrap().parse().unwrap();
+    assert!(tx > 10_000_000, "h1 counted what a1 sent: {line}");
     // And back down: smaller again everywhere.
     c.agents[0].json(&["network", "update", "a", "--mtu", "1400"]).unwrap();
     wait_for(T, "the container to take MTU 1400", || (mtu(&a2, "eth0") == 1400).then_some(())).unwrap();
