@@ -109,7 +109,7 @@ fn the_debian_package_holds_the_binary_the_unit_the_manual_page_and_the_completi
     // Unpacked, the binary runs and the unit points at it.
     let x = out.path().join("x");
     run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&x));
-    assert_eq!(run(&mut Command::new(x.join("usr/bin/overlayd")).arg("--version")), version);
+    assert_eq!(run(Command::new(x.join("usr/bin/overlayd")).arg("--version")), version);
     let unit = std::fs::read_to_string(x.join("lib/systemd/system/overlayd.service")).unwrap();
     assert!(unit.contains("ExecStart=/usr/bin/overlayd daemon"), "{unit}");
 }
