@@ -54,6 +54,22 @@ fn containers_attached_on_every_host_reach_each_other() {
     let containers: Vec<(Node, IpAddr)> = (0..5).map(|i| attach(&c, i, "blue", &format!("c{}", i + 1))).collect();
     let ips: BTreeSet<IpAddr> = containers.iter().map(|(_, ip)| *ip).collect();
     assert_eq!(ips.len(), 5, "distinct addresses: {ips:?}");
+    // Each host learns the others' containers by gossip (a few hundred ms): once its dataplane
+    // answers ARP for the other four, its container reaches them.
+    for (i, agent) in c.agents.iter().enumerate() {
+        wait_for(T, &format!("h{} to answer ARP for every container", i + 1), || {
+            let fdb = agent.json(&["fdb"]).ok()?;
+            let arp: BTreeSet<String> = fdb["networks"][0]["arp"]
+                .as_array()?
+                .iter()
+                .filter_map(|e| Some(e["ip"].as_str()?.to_owned()))
+                .collect();
+            // Its own container is on its bridge; the others' it answers for.
+            let others = containers.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, (_, ip))| ip.to_string());
+            others.into_iter().all(|ip| arp.contains(&ip)).then_some(())
+        })
+        .unwrap();
+    }
     // Inside a container: the derived MAC, the network's MTU, a default route via the gateway.
     let (ns, ip) = &containers[3];
     let link = ns.exec("ip", ["-o", "link", "show", "eth0"]).unwrap();
