@@ -272,7 +272,7 @@ pub fn status(s: &pb::StatusReply) -> String {
         let v = |k: &str| c.values.get(k).copied().unwrap_or(0);
         let _ = writeln!(
             o,
-            "\nTAP -> underlay   frames {}  bytes {}  unicast {}  flooded {}  datagrams {}  gso sends {}  arp answered {}",
+            "\nTAP -> underlay   tx_frames {}  tx_bytes {}  tx_unicast {}  tx_flooded {}  tx_datagrams {}  tx_gso_sends {}  arp_replies {}",
             v("tx_frames"),
             v("tx_bytes"),
             v("tx_unicast"),
@@ -283,7 +283,7 @@ pub fn status(s: &pb::StatusReply) -> String {
         );
         let _ = writeln!(
             o,
-            "underlay -> TAP   datagrams {}  bytes {}  delivered {}  coalesced {}  learned {}  aged out {}",
+            "underlay -> TAP   rx_datagrams {}  rx_bytes {}  rx_delivered {}  rx_coalesced {}  learned {}  aged_out {}",
             v("rx_datagrams"),
             v("rx_bytes"),
             v("rx_delivered"),
