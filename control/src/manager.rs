@@ -605,6 +605,18 @@ struct ManagerService(Arc<Manager>);
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
 impl ManagerService {
+    /// The id of the node named `node` (or whose id it is), as `node rm` and `node promote` take it.
+    fn node_id(&self, node: &str) -> Result<NodeId, Status> {
+        let id = self.0.state.read(|s| {
+            s.nodes
+                .values()
+                .find(|n| n.name == node)
+                .map(|n| n.id)
+                .or_else(|| node.parse().ok().filter(|id| s.nodes.contains_key(id)))
+        });
+        id.ok_or_else(|| Status::not_found(format!("no node named {node:?} (see overlayd node ls)")))
+    }
+
     /// The MTU of a network created without one: the largest that every node's underlay
     /// carries (their reported underlay MTUs less VXLAN's overhead), else this manager's own
     /// (`ManagerConfig::default_mtu`); within 576 to 9000.
@@ -917,14 +929,7 @@ impl pb::manager_server::Manager for ManagerService {
     async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Result<GrpcResponse<pb::Empty>, Status> {
         self.0.authorize(&request, Call::RemoveNode)?;
         let r = request.into_inner();
-        let id = self.0.state.read(|s| {
-            s.nodes
-                .values()
-                .find(|n| n.name == r.node)
-                .map(|n| n.id)
-                .or_else(|| r.node.parse().ok().filter(|id| s.nodes.contains_key(id)))
-        });
-        let id = id.ok_or_else(|| Status::not_found(format!("no node named {:?} (see overlayd node ls)", r.node)))?;
+        let id = self.node_id(&r.node)?;
         let is_manager = self.0.state.read(|s| s.nodes.get(&id).is_some_and(|n| n.role == Role::Manager));
         let ready = self.0.state.read(|s| s.nodes.get(&id).is_some_and(|n| n.status == NodeStatus::Ready));
         if is_manager && ready && !r.force {
@@ -994,14 +999,7 @@ impl pb::manager_server::Manager for ManagerService {
         self.0.authorize(&request, Call::SetNodeRole)?;
         let r = request.into_inner();
         let role = crate::convert::role_from_pb(r.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let id = self.0.state.read(|s| {
-            s.nodes
-                .values()
-                .find(|n| n.name == r.node)
-                .map(|n| n.id)
-                .or_else(|| r.node.parse().ok().filter(|id| s.nodes.contains_key(id)))
-        });
-        let id = id.ok_or_else(|| Status::not_found(format!("no node named {:?} (see overlayd node ls)", r.node)))?;
+        let id = self.node_id(&r.node)?;
         if role == Role::Worker {
             let managers = self.0.state.read(|s| s.nodes.values().filter(|n| n.role == Role::Manager).count());
             let is_manager = self.0.state.read(|s| s.nodes.get(&id).is_some_and(|n| n.role == Role::Manager));

@@ -97,27 +97,17 @@ pub fn build_with(path: Path, options: &Options, label: &str, overlayd_args: &[S
             let c2 = h[1].add_container("c2", "br100", "10.100.0.2/24")?;
             (c1.node.clone(), c2.node.clone(), c2.ip(), Vec::new())
         }
-        Path::Overlayd => {
+        Path::Overlayd | Path::OverlaydEncrypted => {
+            let mut extra = Vec::new();
+            if path == Path::OverlaydEncrypted {
+                let key = bed.dir().join("network.key");
+                std::fs::write(&key, "4f7665726c6179642062656e63686d61726b206b657920666f72206532652121\n")?;
+                std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+                extra = vec!["--key-file".to_owned(), key.to_string_lossy().into_owned()];
+            }
             let args = |peer: IpAddr| {
                 let mut a = vec!["--vni".to_owned(), VNI.to_string(), "--peer".into(), peer.to_string()];
-                a.extend(overlayd_args.iter().cloned());
-                a
-            };
-            let a1 = h[0].start_overlayd(&args(h[1].addr()))?;
-            let a2 = h[1].start_overlayd(&args(h[0].addr()))?;
-            let bridge = format!("ovbr-{VNI}");
-            let c1 = h[0].add_container("c1", &bridge, "10.100.0.1/24")?;
-            let c2 = h[1].add_container("c2", &bridge, "10.100.0.2/24")?;
-            (c1.node.clone(), c2.node.clone(), c2.ip(), vec![a1, a2])
-        }
-        Path::OverlaydEncrypted => {
-            let key = bed.dir().join("network.key");
-            std::fs::write(&key, "4f7665726c6179642062656e63686d61726b206b657920666f72206532652121\n")?;
-            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-            let key = key.to_string_lossy().into_owned();
-            let args = |peer: IpAddr| {
-                let mut a = vec!["--vni".to_owned(), VNI.to_string(), "--peer".into(), peer.to_string()];
-                a.extend(["--key-file".to_owned(), key.clone()]);
+                a.extend(extra.iter().cloned());
                 a.extend(overlayd_args.iter().cloned());
                 a
             };
