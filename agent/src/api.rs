@@ -73,6 +73,13 @@ pub fn refused(s: Status) -> anyhow::Error {
     crate::output::Refusal(s.code(), s.message().to_owned()).into()
 }
 
+/// Waits (5 s at most) until this host's view of the cluster state satisfies `done`: a command
+/// that changed the state answers once what follows it on this host (attach, ls) sees the change.
+async fn await_view(c: &ClusterRuntime, mut done: impl FnMut(&control::state::ClusterView) -> bool) {
+    let mut views = c.follower.subscribe();
+    let _ = tokio::time::timeout(Duration::from_secs(5), views.wait_for(|v| done(v))).await;
+}
+
 struct AgentService(Arc<Daemon>);
 
 fn internal(e: anyhow::Error) -> Status {
@@ -251,9 +258,7 @@ impl pb::agent_server::Agent for AgentService {
         let c = self.managing().await?;
         let net = self.manager().await?.create_network(request.into_inner()).await?.into_inner();
         // Answer once this host's view has it, so that what follows (attach, ls) sees it.
-        let mut views = c.follower.subscribe();
-        let _ =
-            tokio::time::timeout(Duration::from_secs(5), views.wait_for(|v| v.networks.contains_key(&net.name))).await;
+        await_view(&c, |v| v.networks.contains_key(&net.name)).await;
         Ok(Response::new(net))
     }
 
@@ -277,8 +282,7 @@ impl pb::agent_server::Agent for AgentService {
         let c = self.managing().await?;
         let name = request.get_ref().name.clone();
         self.manager().await?.remove_network(request.into_inner()).await?;
-        let mut views = c.follower.subscribe();
-        let _ = tokio::time::timeout(Duration::from_secs(5), views.wait_for(|v| !v.networks.contains_key(&name))).await;
+        await_view(&c, |v| !v.networks.contains_key(&name)).await;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -286,12 +290,7 @@ impl pb::agent_server::Agent for AgentService {
         let c = self.managing().await?;
         let n = self.manager().await?.set_node_role(request.into_inner()).await?.into_inner();
         let (id, role) = (n.id, n.role);
-        let mut views = c.follower.subscribe();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            views.wait_for(|v| v.nodes.get(&id).is_some_and(|x| pb::Role::from(x.role) as i32 == role)),
-        )
-        .await;
+        await_view(&c, |v| v.nodes.get(&id).is_some_and(|x| pb::Role::from(x.role) as i32 == role)).await;
         // Done when the Raft membership (as this manager's replica has it) agrees: a promoted
         // node votes, a demoted one does not.
         let voter = role == pb::Role::Manager as i32;
@@ -316,13 +315,7 @@ impl pb::agent_server::Agent for AgentService {
         let c = self.managing().await?;
         let net = self.manager().await?.update_network(request.into_inner()).await?.into_inner();
         // Answer once this host's view has it (and this host's containers follow).
-        let mut views = c.follower.subscribe();
-        let (name, mtu) = (net.name.clone(), net.mtu);
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            views.wait_for(|v| v.networks.get(&name).is_some_and(|n| n.mtu == mtu)),
-        )
-        .await;
+        await_view(&c, |v| v.networks.get(&net.name).is_some_and(|n| n.mtu == net.mtu)).await;
         Ok(Response::new(net))
     }
 
@@ -332,14 +325,7 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::Network>, Status> {
         let c = self.managing().await?;
         let net = self.manager().await?.rotate_network_key(request.into_inner()).await?.into_inner();
-        let mut views = c.follower.subscribe();
-        let epoch = net.key_epoch;
-        let name = net.name.clone();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            views.wait_for(|v| v.networks.get(&name).is_some_and(|n| n.key_epoch >= epoch)),
-        )
-        .await;
+        await_view(&c, |v| v.networks.get(&net.name).is_some_and(|n| n.key_epoch >= net.key_epoch)).await;
         Ok(Response::new(net))
     }
 
@@ -436,9 +422,7 @@ impl pb::agent_server::Agent for AgentService {
         let c = self.managing().await?;
         let svc = self.manager().await?.create_service(request.into_inner()).await?.into_inner();
         // Answer once this host's view has it, so that what follows (attach --service) sees it.
-        let mut views = c.follower.subscribe();
-        let _ =
-            tokio::time::timeout(Duration::from_secs(5), views.wait_for(|v| v.services.contains_key(&svc.name))).await;
+        await_view(&c, |v| v.services.contains_key(&svc.name)).await;
         Ok(Response::new(svc))
     }
 
@@ -446,8 +430,7 @@ impl pb::agent_server::Agent for AgentService {
         let c = self.managing().await?;
         let name = request.get_ref().name.clone();
         self.manager().await?.remove_service(request.into_inner()).await?;
-        let mut views = c.follower.subscribe();
-        let _ = tokio::time::timeout(Duration::from_secs(5), views.wait_for(|v| !v.services.contains_key(&name))).await;
+        await_view(&c, |v| !v.services.contains_key(&name)).await;
         Ok(Response::new(pb::Empty {}))
     }
 

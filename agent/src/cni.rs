@@ -590,25 +590,21 @@ impl Daemon for Client {
     }
 
     fn encrypted(&mut self, network: &str) -> Result<bool, CniError> {
-        let nets = self.call(async |c| c.network_list(proto::Empty {}).await.map(tonic::Response::into_inner))?;
-        let n = nets.networks.iter().find(|n| n.name == network).ok_or_else(|| {
-            CniError::new(
-                code::INVALID_NETWORK_CONFIG,
-                format!("the cluster has no network {network:?} (see overlayd network ls)"),
-            )
-        })?;
-        Ok(n.encrypted)
+        Ok(self.network(network, code::INVALID_NETWORK_CONFIG)?.encrypted)
     }
 
     fn ready(&mut self, network: &str) -> Result<(), CniError> {
+        self.network(network, code::NOT_AVAILABLE).map(drop)
+    }
+}
+
+impl Client {
+    /// The cluster's network `name`, or the error `missing` says it is not there.
+    fn network(&mut self, name: &str, missing: u32) -> Result<proto::Network, CniError> {
         let nets = self.call(async |c| c.network_list(proto::Empty {}).await.map(tonic::Response::into_inner))?;
-        if !nets.networks.iter().any(|n| n.name == network) {
-            return Err(CniError::new(
-                code::NOT_AVAILABLE,
-                format!("the cluster has no network {network:?} (see overlayd network ls)"),
-            ));
-        }
-        Ok(())
+        nets.networks.into_iter().find(|n| n.name == name).ok_or_else(|| {
+            CniError::new(missing, format!("the cluster has no network {name:?} (see overlayd network ls)"))
+        })
     }
 }
 

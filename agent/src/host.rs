@@ -197,7 +197,7 @@ impl Host {
     pub async fn set_network_mtu(&self, name: &str, mtu: u32, endpoints: &[LocalEndpoint]) -> Result<()> {
         let mut nets = self.networks.lock().await;
         let n = nets.get_mut(name).with_context(|| format!("network {name} is not up here"))?;
-        if n.spec.mtu + self.overhead() > self.underlay_mtu() {
+        if mtu + self.overhead() > self.underlay_mtu() {
             tracing::warn!(
                 network = %name, mtu, underlay_mtu = self.underlay_mtu(),
                 "the network's MTU does not fit this host's underlay: large frames will be fragmented or lost"

@@ -303,8 +303,9 @@ async fn watch_underlay_mtu(follower: Arc<Follower>, host: Arc<Host>, me: contro
     loop {
         let r = async {
             let now = host.refresh_underlay_mtu(fixed).await?;
-            let recorded = follower.view().nodes.get(&me).and_then(|n| n.underlay_mtu);
-            if recorded != Some(now) && follower.view().nodes.contains_key(&me) {
+            // Once the view lists this node, and its record says otherwise.
+            let recorded = follower.view().nodes.get(&me).map(|n| n.underlay_mtu);
+            if recorded.is_some_and(|r| r != Some(now)) {
                 let report = pb::HeartbeatRequest { underlay_mtu: now, ..Default::default() };
                 follower.manager().await?.heartbeat(report).await?;
                 tracing::info!(mtu = now, "reported this host's underlay MTU to the cluster");
