@@ -148,6 +148,14 @@ pub struct FlagNetwork {
     /// counted. The file must not be readable by group or others. Default MTU: 32 less.
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
+
+    /// The peers (`--peer`, `--fdb` VTEPs) take VXLAN remote checksum offload: overlayd agents,
+    /// or kernel VTEPs made with `remcsumrx`. Segments of large TCP/UDP sends go to them with
+    /// their inner checksum left for the receiver, which saves summing every byte on both
+    /// sides. Leave it off for any other VTEP: RFC 7348 has no such bits, and a kernel VTEP
+    /// without `remcsumrx` drops them.
+    #[arg(long)]
+    pub remote_checksum: bool,
 }
 
 /// One `[[network]]` table of the config file.
@@ -170,6 +178,9 @@ pub struct FileNetwork {
     pub arp: BTreeMap<Ipv4Addr, String>,
     /// A pre-shared key (see `--key-file`): the network is encrypted.
     pub key_file: Option<PathBuf>,
+    /// The peers take VXLAN remote checksum offload (see `--remote-checksum`).
+    #[serde(default)]
+    pub remote_checksum: bool,
 }
 
 /// A network ready to be created.
@@ -187,6 +198,8 @@ pub struct NetworkConfig {
     pub arp: Vec<(Ipv4Addr, MacAddr)>,
     /// The pre-shared key's file, for an encrypted network (read when the daemon starts).
     pub key_file: Option<PathBuf>,
+    /// Its peers take VXLAN remote checksum offload.
+    pub remote_checksum: bool,
 }
 
 /// The whole validated daemon configuration. With networks it is static mode (and the
@@ -311,6 +324,7 @@ pub fn resolve(settings: DaemonSettings, file_networks: Vec<FileNetwork>, flags:
             .collect::<Result<Vec<_>>>()?;
         let mut net = network(vni, n.name, n.bridge, n.tap, n.mtu, n.peers, n.learning.unwrap_or(true), fdb, arp);
         net.key_file = n.key_file;
+        net.remote_checksum = n.remote_checksum;
         networks.push(net);
     }
     let f = flags;
@@ -318,6 +332,7 @@ pub fn resolve(settings: DaemonSettings, file_networks: Vec<FileNetwork>, flags:
         Some(vni) => {
             let mut net = network(vni, f.name, f.bridge, f.tap, f.mtu, f.peers, !f.no_learning, f.fdb, f.arp);
             net.key_file = f.key_file;
+            net.remote_checksum = f.remote_checksum;
             networks.push(net);
         }
         None => ensure!(
@@ -329,9 +344,10 @@ pub fn resolve(settings: DaemonSettings, file_networks: Vec<FileNetwork>, flags:
                 && f.fdb.is_empty()
                 && f.arp.is_empty()
                 && !f.no_learning
-                && f.key_file.is_none(),
-            "--name, --bridge, --tap, --mtu, --peer, --fdb, --arp, --no-learning and --key-file describe a network: \
-             give its --vni too"
+                && f.key_file.is_none()
+                && !f.remote_checksum,
+            "--name, --bridge, --tap, --mtu, --peer, --fdb, --arp, --no-learning, --key-file and --remote-checksum \
+             describe a network: give its --vni too"
         ),
     }
     match (networks.is_empty(), settings.underlay_addr) {
@@ -375,6 +391,7 @@ fn network(
         fdb,
         arp,
         key_file: None,
+        remote_checksum: false,
     }
 }
 

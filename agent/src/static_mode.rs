@@ -56,6 +56,13 @@ pub async fn start(nl: rtnetlink::Handle, cfg: &DaemonConfig) -> Result<Host> {
                 Ok(())
             })?;
         }
+        // Remote checksum offload is a VTEP's capability, whatever the network.
+        let rco = cfg.networks.iter().filter(|n| n.remote_checksum);
+        let vteps: Vec<_> = rco.flat_map(|n| n.peers.iter().copied().chain(n.fdb.iter().map(|(_, v)| *v))).collect();
+        host.dataplane.update(|tx| {
+            tx.set_remote_checksum_vteps(vteps);
+            Ok::<_, dataplane::tables::TableError>(())
+        })?;
         anyhow::Ok(())
     }
     .await;

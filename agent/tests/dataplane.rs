@@ -659,4 +659,38 @@ fn bulk_tcp_arrives_byte_for_byte_between_overlayd_and_a_kernel_vtep() {
     let c = a1.counters().unwrap();
     assert!(c.get("tx_gso_sends") > 0, "{:?}", c.0);
     assert_eq!(c.total_dropped(), 0, "{:?}", c.0["dropped"]);
+    // A kernel VTEP not told of remote checksum offload gets plain RFC 7348 only.
+    assert_eq!(c.get("tx_remote_checksums"), 0, "{:?}", c.0);
+}
+
+#[test]
+fn remote_checksum_offload_between_agents_and_with_a_kernel_vtep_arrives_byte_for_byte() {
+    let bed = bed();
+    let h = bed.add_hosts(4).unwrap();
+    // Two agents that both take RCO.
+    let a1 = start(&h[0], 100, &[&h[1]], &["--remote-checksum"]);
+    let a2 = start(&h[1], 100, &[&h[0]], &["--remote-checksum"]);
+    let c1 = h[0].add_container("c1", "ovbr-100", "10.0.0.1/24").unwrap();
+    let c2 = h[1].add_container("c2", "ovbr-100", "10.0.0.2/24").unwrap();
+    streams_both_ways_arrive_intact(&c1, &c2);
+    for a in [&a1, &a2] {
+        let c = a.counters().unwrap();
+        // Segments left their inner checksums to the receiver, which coalesced them unsummed.
+        assert!(c.get("tx_remote_checksums") > 1000, "{:?}", c.0);
+        assert!(c.get("rx_remote_checksums") > 1000, "{:?}", c.0);
+        assert!(c.get("rx_coalesced") > 0, "{:?}", c.0);
+        assert_eq!(c.total_dropped(), 0, "{:?}", c.0["dropped"]);
+    }
+    // An agent and a Linux kernel VTEP with `remcsumtx remcsumrx` (and outer UDP checksums,
+    // which RCO relies on): each sends the other RCO, and both understand it.
+    let a3 = start(&h[2], 200, &[&h[3]], &["--remote-checksum"]);
+    h[3].add_kernel_vxlan_with(200, "brk", &[h[2].addr()], &["udpcsum", "remcsumtx", "remcsumrx"]).unwrap();
+    let c3 = h[2].add_container("c3", "ovbr-200", "10.200.0.1/24").unwrap();
+    let c4 = h[3].add_container("c4", "brk", "10.200.0.2/24").unwrap();
+    c3.ping_ok(c4.ip(), 2).unwrap();
+    streams_both_ways_arrive_intact(&c3, &c4);
+    let c = a3.counters().unwrap();
+    assert!(c.get("tx_remote_checksums") > 1000, "{:?}", c.0);
+    assert!(c.get("rx_remote_checksums") > 0, "the kernel sent RCO: {:?}", c.0);
+    assert_eq!(c.total_dropped(), 0, "{:?}", c.0["dropped"]);
 }

@@ -242,7 +242,7 @@ fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
 fn vxlan_datagram(vni: Vni, inner: &[u8]) -> Vec<u8> {
     let mut datagram = [&[0u8; vxlan::HEADER_LEN][..], inner].concat();
     let mut packet = VxlanPacket::new_checked(&mut datagram[..]).expect("room for the header");
-    VxlanRepr { vni }.emit(&mut packet);
+    VxlanRepr::plain(vni).emit(&mut packet);
     datagram
 }
 
@@ -356,7 +356,7 @@ fn encap(c: &mut Criterion) {
     bench_frame(&mut g, "ipv4_tcp_1450", || {
         let mut packet = VxlanPacket::new_checked(black_box(&mut *datagram)).expect("room for the header");
         let sock = port_index(flow_hash(black_box(packet.payload())), black_box(SOURCE_PORTS));
-        VxlanRepr { vni: black_box(VNI) }.emit(&mut packet);
+        VxlanRepr::plain(black_box(VNI)).emit(&mut packet);
         sock
     });
     g.finish();
@@ -379,7 +379,12 @@ fn decap(c: &mut Criterion) {
     let counters = Counters::default();
     let (src, dst) = (learned_ip(0), LOCAL_IP);
     let mut datagram = vxlan_datagram(VNI, &tcp_ipv4_frame(src, dst));
-    let deliver = UnderlayVerdict::Deliver { slot: 0, inner: vxlan::HEADER_LEN..datagram.len(), segment_mss: None };
+    let deliver = UnderlayVerdict::Deliver {
+        slot: 0,
+        inner: vxlan::HEADER_LEN..datagram.len(),
+        segment_mss: None,
+        partial: None,
+    };
     let mut bad_flags = datagram.clone();
     bad_flags[0] = 0x0c; // the G bit of the group-policy extension, which we do not speak
     // The same segment as a kernel VTEP over veth sends it: the TCP checksum field holds only

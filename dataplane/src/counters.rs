@@ -38,6 +38,7 @@ macro_rules! drop_reasons {
                     DropReason::Truncated
                         | DropReason::BadFlags
                         | DropReason::ReservedBits
+                        | DropReason::BadRemoteChecksum
                         | DropReason::UnknownVni
                         | DropReason::Oversized
                 )
@@ -53,6 +54,9 @@ drop_reasons! {
     BadFlags = "bad_flags",
     /// Underlay: a reserved field of the VXLAN header is not zero.
     ReservedBits = "reserved_bits",
+    /// Underlay: VXLAN remote checksum offload (RCO) whose checksum start or field lies
+    /// outside the inner frame.
+    BadRemoteChecksum = "bad_remote_checksum",
     /// Underlay: no network on this host has the datagram's VNI.
     UnknownVni = "unknown_vni",
     /// Underlay: the sender is not a member VTEP of the datagram's VNI (anti-spoofing).
@@ -147,6 +151,9 @@ pub struct TxCounters {
     pub gso_sends: AtomicU64,
     /// Times UDP GSO was refused by the kernel and switched off.
     pub gso_disabled: AtomicU64,
+    /// Datagrams sent with VXLAN remote checksum offload (their inner checksum left partial
+    /// for the receiving VTEP).
+    pub remote_checksums: AtomicU64,
     /// Heap allocations made by the TX loop's thread since it started (see `alloc_count`).
     pub loop_allocations: AtomicU64,
 }
@@ -171,6 +178,9 @@ pub struct RxCounters {
     pub recv_calls: AtomicU64,
     /// Inner TCP/UDP checksums a sender left partial and the agent completed.
     pub checksums_completed: AtomicU64,
+    /// Datagrams received with VXLAN remote checksum offload (delivered with their inner
+    /// checksum still partial, for the receiving kernel to trust or finish).
+    pub remote_checksums: AtomicU64,
     /// Inner super-frames above the MTU cut into segments before delivery.
     pub resegmented: AtomicU64,
     /// Super-frames written to a TAP that joined two or more received TCP segments.
@@ -228,12 +238,14 @@ impl Counters {
             tx_segmented: t.segmented.load(Relaxed),
             tx_gso_sends: t.gso_sends.load(Relaxed),
             tx_gso_disabled: t.gso_disabled.load(Relaxed),
+            tx_remote_checksums: t.remote_checksums.load(Relaxed),
             arp_replies: t.arp_replies.load(Relaxed),
             rx_datagrams: r.datagrams.load(Relaxed),
             rx_bytes: r.bytes.load(Relaxed),
             rx_delivered: r.delivered.load(Relaxed),
             rx_recv_calls: r.recv_calls.load(Relaxed),
             rx_checksums_completed: r.checksums_completed.load(Relaxed),
+            rx_remote_checksums: r.remote_checksums.load(Relaxed),
             rx_resegmented: r.resegmented.load(Relaxed),
             rx_coalesced: r.coalesced.load(Relaxed),
             learned: r.learned.load(Relaxed),
@@ -330,6 +342,8 @@ pub struct CountersSnapshot {
     pub tx_gso_sends: u64,
     /// Times UDP GSO was switched off after a refusal.
     pub tx_gso_disabled: u64,
+    /// Datagrams sent with remote checksum offload.
+    pub tx_remote_checksums: u64,
     /// ARP requests answered locally.
     pub arp_replies: u64,
     /// Datagrams received.
@@ -342,6 +356,8 @@ pub struct CountersSnapshot {
     pub rx_recv_calls: u64,
     /// Partial inner checksums completed.
     pub rx_checksums_completed: u64,
+    /// Datagrams received with remote checksum offload.
+    pub rx_remote_checksums: u64,
     /// Super-frames segmented before delivery.
     pub rx_resegmented: u64,
     /// Coalesced super-frames written to a TAP.

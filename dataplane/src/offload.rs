@@ -108,15 +108,8 @@ pub enum TxShape {
 pub fn prepare_tx(hdr: &VirtioNetHdr, frame: &mut [u8]) -> Result<TxShape, OffloadError> {
     match hdr.gso_type & !GSO_ECN {
         GSO_NONE => {
-            if hdr.flags & F_NEEDS_CSUM != 0 {
-                let start = usize::from(hdr.csum_start);
-                let field = start + usize::from(hdr.csum_offset);
-                if field + 2 > frame.len() || start > frame.len() {
-                    return Err(OffloadError::BadChecksumOffsets);
-                }
-                // The field holds the pseudo-header sum, which the sum over the range includes.
-                let c = !checksum::fold(checksum::sum(&frame[start..], 0));
-                frame[field..field + 2].copy_from_slice(&c.to_be_bytes());
+            if hdr.flags & F_NEEDS_CSUM != 0 && !finish_checksum(frame, hdr.csum_start.into(), hdr.csum_offset.into()) {
+                return Err(OffloadError::BadChecksumOffsets);
             }
             Ok(TxShape::Whole)
         }
@@ -130,6 +123,19 @@ pub fn prepare_tx(hdr: &VirtioNetHdr, frame: &mut [u8]) -> Result<TxShape, Offlo
         }
         other => Err(OffloadError::UnsupportedGso(other)),
     }
+}
+
+/// Finishes a partial checksum (the field at `start + offset` holds the pseudo-header sum):
+/// sums `frame[start..]` into it. False, and nothing written, if the field lies outside.
+pub fn finish_checksum(frame: &mut [u8], start: usize, offset: usize) -> bool {
+    let field = start + offset;
+    if field + 2 > frame.len() {
+        return false;
+    }
+    // The field holds the pseudo-header sum, which the sum over the range includes.
+    let c = !checksum::fold(checksum::sum(&frame[start..], 0));
+    frame[field..field + 2].copy_from_slice(&c.to_be_bytes());
+    true
 }
 
 /// The header to write an over-MTU TCP or UDP frame to the TAP as one GSO frame cut at `mss`
@@ -209,6 +215,8 @@ pub struct TcpSegment {
     ipv4: bool,
     seq: u32,
     flags: u8,
+    /// Its checksum field holds the pseudo-header sum only (remote checksum offload).
+    partial: bool,
 }
 
 impl TcpSegment {
@@ -216,6 +224,18 @@ impl TcpSegment {
     /// extension headers), not a fragment, IP length matching the frame exactly, TCP with only
     /// ACK (and PSH), some payload, and a checksum that verifies.
     pub fn parse(frame: &[u8]) -> Option<TcpSegment> {
+        Self::parse_as(frame, false)
+    }
+
+    /// [`TcpSegment::parse`] for a segment whose checksum the sender left partial, to be
+    /// finished by the receiver (VXLAN remote checksum offload, whose `rco_start` must be
+    /// this segment's TCP header): the payload is not summed; the outer UDP checksum covered
+    /// it on the underlay. Written alone, it goes to the TAP as `NEEDS_CSUM`.
+    pub fn parse_partial(frame: &[u8], rco_start: usize) -> Option<TcpSegment> {
+        Self::parse_as(frame, true).filter(|s| s.l4 == rco_start)
+    }
+
+    fn parse_as(frame: &[u8], partial: bool) -> Option<TcpSegment> {
         let (ether_type, l3) = ethernet::network_layer(frame)?;
         let (l4, ipv4) = match ether_type {
             EtherType::IPV4 => {
@@ -257,11 +277,11 @@ impl TcpSegment {
             let dst: [u8; 16] = frame[l3 + 24..l3 + 40].try_into().ok()?;
             checksum::pseudo_v6(src, dst, 6, (frame.len() - l4) as u32)
         };
-        if checksum::fold(checksum::sum(&frame[l4..], pseudo)) != 0xffff {
+        if !partial && checksum::fold(checksum::sum(&frame[l4..], pseudo)) != 0xffff {
             return None;
         }
         let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-        Some(TcpSegment { l3, l4, payload, len: frame.len(), ipv4, seq, flags })
+        Some(TcpSegment { l3, l4, payload, len: frame.len(), ipv4, seq, flags, partial })
     }
 
     /// Payload bytes.
@@ -336,11 +356,20 @@ impl Coalescer {
     }
 
     /// Rewrites the first segment's headers (in `first_frame`) to describe the whole run and
-    /// returns the virtio-net header to write in front. A run of one needs no header flags.
+    /// returns the virtio-net header to write in front. A run of one needs no header flags,
+    /// unless its checksum is partial.
     pub fn finish(&self, first_frame: &mut [u8]) -> VirtioNetHdr {
         let f = &self.first;
         if self.count == 1 {
-            return VirtioNetHdr::default();
+            if !f.partial {
+                return VirtioNetHdr::default();
+            }
+            return VirtioNetHdr {
+                flags: F_NEEDS_CSUM,
+                csum_start: f.l4 as u16,
+                csum_offset: 16,
+                ..Default::default()
+            };
         }
         if self.last.flags & TCP_PSH != 0 {
             first_frame[f.l4 + 13] |= TCP_PSH;
@@ -411,6 +440,34 @@ mod tests {
         let hdr = run.finish(&mut first);
         first.extend_from_slice(&payloads);
         (first, hdr, run.count())
+    }
+
+    #[test]
+    fn a_partial_segment_coalesces_unsummed_and_goes_alone_as_needs_csum() {
+        let sf = tcp4_super(&[3u8; 3000], 0, 0x10, 5);
+        let f = SuperFrame::parse(&sf).unwrap();
+        let segs: Vec<Vec<u8>> = (0..2)
+            .map(|s| {
+                let mut h = vec![0u8; f.header_len()];
+                let p = f.write_segment_headers_partial(s, 1400, &mut h);
+                [&h[..], &sf[p]].concat()
+            })
+            .collect();
+        // The sum does not verify (the field holds the pseudo-header sum): refused as a
+        // checked segment, taken as a partial one whose checksum starts at its TCP header only.
+        assert!(TcpSegment::parse(&segs[0]).is_none());
+        assert!(TcpSegment::parse_partial(&segs[0], 30).is_none());
+        let first = TcpSegment::parse_partial(&segs[0], 34).expect("partial segment");
+        let alone = Coalescer::new(first).finish(&mut segs[0].clone());
+        assert_eq!(
+            (alone.flags, alone.gso_type, alone.csum_start, alone.csum_offset),
+            (F_NEEDS_CSUM, GSO_NONE, 34, 16)
+        );
+        let mut run = Coalescer::new(first);
+        assert!(run.try_push(&segs[0], &segs[1], &TcpSegment::parse_partial(&segs[1], 34).unwrap()));
+        let mut head = segs[0].clone();
+        let hdr = run.finish(&mut head);
+        assert_eq!((hdr.flags, hdr.gso_type, hdr.gso_size), (F_NEEDS_CSUM, GSO_TCPV4, 1400));
     }
 
     #[test]

@@ -150,6 +150,19 @@ impl<'a> SuperFrame<'a> {
     /// The checksums cover that payload where it lies, so a sender can gather headers and
     /// payloads with iovecs instead of copying the payload.
     pub fn write_segment_headers(&self, index: usize, mss: usize, hdr: &mut [u8]) -> Range<usize> {
+        self.headers(index, mss, hdr, true)
+    }
+
+    /// [`SuperFrame::write_segment_headers`] with the TCP/UDP checksum left partial: the field
+    /// holds the pseudo-header sum only, as a NIC with checksum offload is handed it, and the
+    /// payload is not read at all. For a receiver that finishes it (VXLAN remote checksum
+    /// offload, checksum starting at [`SuperFrame::l4_offset`]).
+    pub fn write_segment_headers_partial(&self, index: usize, mss: usize, hdr: &mut [u8]) -> Range<usize> {
+        self.headers(index, mss, hdr, false)
+    }
+
+    #[inline]
+    fn headers(&self, index: usize, mss: usize, hdr: &mut [u8], full_checksum: bool) -> Range<usize> {
         let h = self.payload;
         let payload = self.segment_payload(index, mss);
         let len = payload.len();
@@ -194,6 +207,10 @@ impl<'a> SuperFrame<'a> {
                 l4 + 6
             }
         };
+        if !full_checksum {
+            hdr[field..field + 2].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
+            return payload;
+        }
         hdr[field..field + 2].copy_from_slice(&[0, 0]);
         let sum = checksum::sum(&self.frame[payload.clone()], checksum::sum(&hdr[l4..h], pseudo));
         let mut c = !checksum::fold(sum);
@@ -232,6 +249,23 @@ impl<'a> SuperFrame<'a> {
 pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn partial_headers_finished_by_the_receiver_are_the_full_ones() {
+        let sf = tcp4_super(&(0..5000u32).map(|i| (i * 7) as u8).collect::<Vec<_>>(), 12, 0x18, 9);
+        let f = SuperFrame::parse(&sf).unwrap();
+        let h = f.header_len();
+        for s in 0..f.segment_count(1400) {
+            let mut full = vec![0u8; h];
+            let mut partial = vec![0u8; h];
+            let payload = f.write_segment_headers(s, 1400, &mut full);
+            assert_eq!(f.write_segment_headers_partial(s, 1400, &mut partial), payload);
+            // Finishing the partial checksum as a NIC or the receiving kernel would.
+            let mut seg = [&partial[..], &sf[payload.clone()]].concat();
+            assert!(crate::offload::finish_checksum(&mut seg, f.l4_offset(), 16));
+            assert_eq!(seg, [&full[..], &sf[payload]].concat(), "segment {s}");
+        }
+    }
 
     /// An Ethernet/IPv4/TCP super-frame (checksums not set; segmentation computes them).
     pub(crate) fn tcp4_super(payload: &[u8], options: usize, flags: u8, seq: u32) -> Vec<u8> {

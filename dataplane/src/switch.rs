@@ -16,7 +16,7 @@ use crate::wire::MacAddr;
 use crate::wire::arp;
 use crate::wire::checksum::{self, Completion};
 use crate::wire::ethernet;
-use crate::wire::vxlan::{self, VxlanError, VxlanPacket, VxlanRepr};
+use crate::wire::vxlan::{self, RemoteChecksum, VxlanError, VxlanPacket, VxlanRepr};
 use etherparse::EtherType;
 
 /// What to do with a frame read from a network's TAP.
@@ -44,6 +44,10 @@ pub enum UnderlayVerdict {
         /// `Some(mss)`: the frame is a TCP/UDP super-frame larger than the network's MTU, to
         /// be cut into segments of `mss` payload bytes (see [`crate::segment`]) first.
         segment_mss: Option<usize>,
+        /// The sender left the inner TCP/UDP checksum partial (VXLAN remote checksum
+        /// offload, checked to lie within the frame): the TAP is told so (`NEEDS_CSUM`), or
+        /// it is completed before the write.
+        partial: Option<RemoteChecksum>,
     },
     /// Drop it (already counted).
     Drop(DropReason),
@@ -298,7 +302,7 @@ pub fn from_underlay<T>(
         bump(&c.rx.bytes, bytes as u64);
     };
     let len = datagram.len();
-    let (slot, net, inner) = if crypto::is_sealed(datagram) {
+    let (slot, net, inner, rco) = if crypto::is_sealed(datagram) {
         if len < crypto::SEALED_HEADER_LEN {
             return drop(DropReason::SealTruncated);
         }
@@ -317,7 +321,7 @@ pub fn from_underlay<T>(
             return drop_in(net, DropReason::UnknownKey);
         };
         match opener.open(src, datagram) {
-            Ok(inner) if inner.len() >= ethernet::HEADER_LEN => (slot, net, inner),
+            Ok(inner) if inner.len() >= ethernet::HEADER_LEN => (slot, net, inner, None),
             Ok(_) => return drop_in(net, DropReason::SealTruncated),
             Err(e) => return drop_in(net, e.into()),
         }
@@ -326,12 +330,21 @@ pub fn from_underlay<T>(
             Ok(p) if p.payload().len() >= ethernet::HEADER_LEN => p,
             _ => return drop(DropReason::Truncated), // no room for the VXLAN and Ethernet headers
         };
-        let vni = match VxlanRepr::parse(&packet) {
-            Ok(VxlanRepr { vni }) => vni,
+        let (vni, rco) = match VxlanRepr::parse(&packet) {
+            Ok(VxlanRepr { vni, rco }) => (vni, rco),
             Err(VxlanError::BadFlags(_)) => return drop(DropReason::BadFlags),
             Err(VxlanError::ReservedBits) => return drop(DropReason::ReservedBits),
+            Err(VxlanError::BadRemoteChecksum) => return drop(DropReason::BadRemoteChecksum),
             Err(VxlanError::Truncated) => return drop(DropReason::Truncated),
         };
+        // The partial checksum's field must lie within the inner frame, past its Ethernet
+        // header, before anything trusts it.
+        if let Some(r) = rco
+            && (usize::from(r.start) < ethernet::HEADER_LEN
+                || usize::from(r.start + r.offset()) + 2 > packet.payload().len())
+        {
+            return drop(DropReason::BadRemoteChecksum);
+        }
         let Some((slot, net)) = tables.by_vni(vni) else {
             return drop(DropReason::UnknownVni);
         };
@@ -339,7 +352,7 @@ pub fn from_underlay<T>(
         if net.crypto().is_some() {
             return drop_in(net, DropReason::PlainOnEncrypted);
         }
-        (slot, net, vxlan::HEADER_LEN..len)
+        (slot, net, vxlan::HEADER_LEN..len, rco)
     };
     let frame = &mut datagram[inner.clone()];
     if net.has_blocks() {
@@ -368,12 +381,18 @@ pub fn from_underlay<T>(
             learner.observe(net.vni(), mac, src, now);
         }
     }
+    let mut partial = None;
     if segment_mss.is_some() {
+        // Cutting computes every segment's checksums whole.
         bump(&counters.rx.resegmented, 1);
+    } else if rco.is_some() {
+        // Covered on the underlay by the outer UDP checksum, finished by the receiver.
+        partial = rco;
+        bump(&counters.rx.remote_checksums, 1);
     } else if checksum::complete_partial(frame) == Completion::Completed {
         bump(&counters.rx.checksums_completed, 1);
     }
-    UnderlayVerdict::Deliver { slot, inner, segment_mss }
+    UnderlayVerdict::Deliver { slot, inner, segment_mss, partial }
 }
 
 /// For a frame longer than `mtu` plus an untagged Ethernet header: `Ok(None)` if its IP packet
@@ -429,7 +448,7 @@ mod tests {
 
     fn datagram(vni: Vni, inner: &[u8]) -> Vec<u8> {
         let mut d = [&[0u8; vxlan::HEADER_LEN][..], inner].concat();
-        VxlanRepr { vni }.emit(&mut VxlanPacket::new_checked(&mut d[..]).unwrap());
+        VxlanRepr::plain(vni).emit(&mut VxlanPacket::new_checked(&mut d[..]).unwrap());
         d
     }
 
@@ -508,7 +527,7 @@ mod tests {
         let good = datagram(vni(), &inner);
         assert_eq!(
             from_underlay(&snap, &mut Openers::default(), &mut l, B, &mut good.clone(), 0, &c),
-            UnderlayVerdict::Deliver { slot: 0, inner: 8..good.len(), segment_mss: None }
+            UnderlayVerdict::Deliver { slot: 0, inner: 8..good.len(), segment_mss: None, partial: None }
         );
 
         let cases: [(Vec<u8>, IpAddr, DropReason); 6] = [
@@ -585,7 +604,10 @@ mod tests {
         let tcp = crate::segment::tests::tcp4_super(&[9u8; 5000], 12, 0x18, 1);
         let mut d = datagram(vni(), &tcp);
         let v = from_underlay(&snap, &mut Openers::default(), &mut l, B, &mut d, 0, &c);
-        assert_eq!(v, UnderlayVerdict::Deliver { slot: 0, inner: 8..d.len(), segment_mss: Some(1450 - 20 - 32) });
+        assert_eq!(
+            v,
+            UnderlayVerdict::Deliver { slot: 0, inner: 8..d.len(), segment_mss: Some(1450 - 20 - 32), partial: None }
+        );
         let mut icmp = tcp.clone();
         icmp[23] = 1; // protocol ICMP: no way to cut it
         let mut d = datagram(vni(), &icmp);
@@ -618,6 +640,40 @@ mod tests {
         ));
         assert_eq!(&d[8..], &good[..]);
         assert_eq!(c.snapshot().rx_checksums_completed, 1);
+    }
+
+    #[test]
+    fn remote_checksum_offload_is_delivered_partial_and_refused_outside_the_frame() {
+        let t = tables(false);
+        let snap = t.load();
+        let c = Counters::default();
+        let mut l = Learner::new(shared_learned(), 16, 300);
+        let sf = crate::segment::tests::tcp4_super(&[5u8; 100], 0, 0x18, 1);
+        let parsed = crate::segment::SuperFrame::parse(&sf).unwrap();
+        let mut partial = vec![0u8; parsed.header_len()];
+        let payload = parsed.write_segment_headers_partial(0, 1000, &mut partial);
+        partial.extend_from_slice(&sf[payload]);
+        let with_rco = |start: usize| {
+            let mut d = vec![0u8; 8 + partial.len()];
+            d[8..].copy_from_slice(&partial);
+            let rco = RemoteChecksum::new(start, false).unwrap();
+            VxlanRepr { vni: vni(), rco: Some(rco) }.emit(&mut VxlanPacket::new_checked(&mut d[..]).unwrap());
+            d
+        };
+        // Delivered as it came (nothing summed here), marked partial for the TAP.
+        let mut d = with_rco(34);
+        let v = from_underlay(&snap, &mut Openers::default(), &mut l, B, &mut d, 0, &c);
+        let rco = RemoteChecksum::new(34, false);
+        assert_eq!(v, UnderlayVerdict::Deliver { slot: 0, inner: 8..d.len(), segment_mss: None, partial: rco });
+        assert_eq!(&d[8..], &partial[..], "the frame is not touched");
+        assert_eq!((c.snapshot().rx_remote_checksums, c.snapshot().rx_checksums_completed), (1, 0));
+        // A start inside the Ethernet header, or a field past the frame's end: dropped, counted.
+        for start in [12, 254] {
+            let mut d = with_rco(start);
+            let v = from_underlay(&snap, &mut Openers::default(), &mut l, B, &mut d, 0, &c);
+            assert_eq!(v, UnderlayVerdict::Drop(DropReason::BadRemoteChecksum), "start {start}");
+        }
+        assert_eq!(c.drops(DropReason::BadRemoteChecksum), 2);
     }
 
     /// Gateway 10.128.0.1; blocks 10.128.0.0/24 (this host), 10.128.1.0/24 (C's) and
@@ -897,7 +953,7 @@ mod tests {
         let mut d = seal(&from_b);
         let len = d.len();
         let v = from_underlay(&snap, &mut openers, &mut l, B, &mut d, 0, &c);
-        assert_eq!(v, UnderlayVerdict::Deliver { slot: 0, inner: 24..len - 16, segment_mss: None });
+        assert_eq!(v, UnderlayVerdict::Deliver { slot: 0, inner: 24..len - 16, segment_mss: None, partial: None });
         assert_eq!(&d[24..len - 16], &inner[..]);
         // Replayed, from a stranger, sealed with another key: refused.
         let mut again = seal(&from_b);

@@ -316,18 +316,26 @@ impl<T> NetworkTable<T> {
 pub struct Tables<T> {
     networks: Vec<Option<Arc<NetworkTable<T>>>>,
     by_vni: FastMap<Vni, usize>,
+    /// VTEPs known to take VXLAN remote checksum offload (overlayd agents, kernel VTEPs with
+    /// `remcsumrx`), whatever the network.
+    remote_checksum: Arc<FastSet<IpAddr>>,
     generation: u64,
 }
 
 impl<T> Default for Tables<T> {
     fn default() -> Self {
-        Tables { networks: Vec::new(), by_vni: FastMap::default(), generation: 0 }
+        Tables { networks: Vec::new(), by_vni: FastMap::default(), remote_checksum: Arc::default(), generation: 0 }
     }
 }
 
 impl<T> Clone for Tables<T> {
     fn clone(&self) -> Self {
-        Tables { networks: self.networks.clone(), by_vni: self.by_vni.clone(), generation: self.generation }
+        Tables {
+            networks: self.networks.clone(),
+            by_vni: self.by_vni.clone(),
+            remote_checksum: Arc::clone(&self.remote_checksum),
+            generation: self.generation,
+        }
     }
 }
 
@@ -358,6 +366,19 @@ impl<T> Tables<T> {
     /// Counts up by one with every published change.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Whether `vtep` takes VXLAN remote checksum offload: a datagram to it may leave its
+    /// inner checksum partial ([`crate::wire::vxlan::RemoteChecksum`]). Every other VTEP gets
+    /// plain RFC 7348.
+    #[inline]
+    pub fn takes_remote_checksum(&self, vtep: &IpAddr) -> bool {
+        !self.remote_checksum.is_empty() && self.remote_checksum.contains(vtep)
+    }
+
+    /// The VTEPs that take remote checksum offload.
+    pub fn remote_checksum_vteps(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.remote_checksum.iter().copied()
     }
 }
 
@@ -394,9 +415,9 @@ impl<T: Clone> SharedTables<T> {
     /// readers never wait. If `f` fails, nothing is published.
     pub fn update<R, E>(&self, f: impl FnOnce(&mut Transaction<T>) -> Result<R, E>) -> Result<R, E> {
         let _one_writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut tx = Transaction { tables: Tables::clone(&self.current.load()), touched: Vec::new() };
+        let mut tx = Transaction { tables: Tables::clone(&self.current.load()), touched: Vec::new(), changed: false };
         let out = f(&mut tx)?;
-        if tx.touched.is_empty() {
+        if tx.touched.is_empty() && !tx.changed {
             return Ok(out);
         }
         for slot in std::mem::take(&mut tx.touched) {
@@ -422,6 +443,8 @@ impl<T> SharedTables<T> {
 pub struct Transaction<T> {
     tables: Tables<T>,
     touched: Vec<usize>,
+    /// Something beyond the touched networks changed.
+    changed: bool,
 }
 
 impl<T: Clone> Transaction<T> {
@@ -437,6 +460,15 @@ impl<T: Clone> Transaction<T> {
     /// The tables as they will be published (for reads inside the transaction).
     pub fn tables(&self) -> &Tables<T> {
         &self.tables
+    }
+
+    /// Replaces the set of VTEPs that take remote checksum offload.
+    pub fn set_remote_checksum_vteps(&mut self, vteps: impl IntoIterator<Item = IpAddr>) {
+        let set: FastSet<IpAddr> = vteps.into_iter().collect();
+        if *self.tables.remote_checksum != set {
+            self.tables.remote_checksum = Arc::new(set);
+            self.changed = true;
+        }
     }
 
     /// Adds a network attached to `tap`; returns its slot.

@@ -903,25 +903,20 @@ exec sleep 2147483647"#;
     /// (`dstport 4789`, learning on) on `bridge`, with the peers in its all-zeros FDB entry
     /// (head-end replication), as one would to talk to overlayd.
     pub fn add_kernel_vxlan(&self, vni: u32, bridge: &str, peers: &[IpAddr]) -> Result<()> {
+        self.add_kernel_vxlan_with(vni, bridge, peers, &[])
+    }
+
+    /// [`Host::add_kernel_vxlan`] with more `ip link add … type vxlan` options (e.g. `udpcsum
+    /// remcsumtx remcsumrx`).
+    pub fn add_kernel_vxlan_with(&self, vni: u32, bridge: &str, peers: &[IpAddr], options: &[&str]) -> Result<()> {
         let ns = &self.node.ns;
         let dev = format!("vx{vni}");
-        netns::ip([
-            "-n",
-            ns,
-            "link",
-            "add",
-            &dev,
-            "type",
-            "vxlan",
-            "id",
-            &vni.to_string(),
-            "local",
-            &self.addr.to_string(),
-            "dstport",
-            "4789",
-            "dev",
-            "ul0",
-        ])?;
+        let (vni_s, local) = (vni.to_string(), self.addr.to_string());
+        let mut args =
+            vec!["-n", ns, "link", "add", &dev, "type", "vxlan", "id", &vni_s, "local", &local, "dstport", "4789"];
+        args.extend_from_slice(options);
+        args.extend_from_slice(&["dev", "ul0"]);
+        netns::ip(args)?;
         netns::ip(["-n", ns, "link", "add", bridge, "type", "bridge", "mcast_snooping", "0"])?;
         netns::ip(["-n", ns, "link", "set", &dev, "master", bridge, "up"])?;
         netns::ip(["-n", ns, "link", "set", bridge, "up"])?;

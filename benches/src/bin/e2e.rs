@@ -52,7 +52,8 @@ struct Cli {
     seconds: u32,
     /// overlayd variants to measure besides the default, each an --offloads value (e.g.
     /// none,tap,tap+gso,tap+gso+gro: `+` separates, as `,` separates variants) or
-    /// `threads=N` for `--dataplane-threads N`, or `bin=PATH` for another overlayd binary with
+    /// `threads=N` for `--dataplane-threads N`, `remote-checksum` for VXLAN remote checksum
+    /// offload between the two agents (`--remote-checksum`), or `bin=PATH` for another overlayd binary with
     /// the defaults (to compare two builds in one run).
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
@@ -213,6 +214,9 @@ fn main() -> Result<()> {
         if let Some(n) = v.strip_prefix("threads=") {
             let label = format!("overlayd --dataplane-threads {n}");
             plan.push((Path::Overlayd, label, vec!["--dataplane-threads".into(), n.into()], options.clone()));
+        } else if v == "remote-checksum" {
+            let label = "overlayd --remote-checksum".to_owned();
+            plan.push((Path::Overlayd, label, vec!["--remote-checksum".into()], options.clone()));
         } else if let Some(bin) = v.strip_prefix("bin=") {
             let other = Options { overlayd: bin.into(), ..options.clone() };
             plan.push((Path::Overlayd, format!("overlayd ({bin})"), vec![], other));

@@ -18,10 +18,11 @@ use super::{HEADROOM, Shared, Tap, UNDERLAY};
 use crate::alloc_count;
 use crate::counters::{Counters, DropReason, NetworkCounters, bump};
 use crate::learn::Learner;
-use crate::offload::{self, Coalescer, TcpSegment, VNET_HDR_LEN};
+use crate::offload::{self, Coalescer, TcpSegment, VNET_HDR_LEN, VirtioNetHdr};
 use crate::segment::SuperFrame;
 use crate::switch::{self, Openers, UnderlayVerdict};
 use crate::tables::{Tables, TablesReader};
+use crate::wire::vxlan::RemoteChecksum;
 use crate::wire::{ethernet, vxlan};
 
 /// Most messages taken per `recvmmsg`.
@@ -279,7 +280,9 @@ impl RxLoop {
 
         let coalesce = self.shared.settings.offloads.coalesce;
         for k in 0..count {
-            let Some(UnderlayVerdict::Deliver { slot, inner, segment_mss }) = self.verdicts[k].take() else { continue };
+            let Some(UnderlayVerdict::Deliver { slot, inner, segment_mss, partial }) = self.verdicts[k].take() else {
+                continue;
+            };
             let Some(net) = tables.network(slot) else { continue };
             let tap = net.tap();
             let (start, end) = (k * stride + inner.start, k * stride + inner.end);
@@ -291,14 +294,23 @@ impl RxLoop {
             }
             if tap.offloads().vnet_hdr && coalesce {
                 let frame = &self.bufs[b][HEADROOM + start..HEADROOM + end];
-                if let Some(seg) = TcpSegment::parse(frame) {
+                let seg = match partial {
+                    None => TcpSegment::parse(frame),
+                    Some(r) if !r.udp => TcpSegment::parse_partial(frame, r.start.into()),
+                    Some(_) => None,
+                };
+                if let Some(seg) = seg {
                     self.coalesce(tables, c, slot, b, start, end, seg);
                     continue;
                 }
             }
             // Anything else may belong to a flow with a pending run: keep the order.
             self.flush(tables, c);
-            write_frame(tap, &self.bufs[b][HEADROOM + start..HEADROOM + end], c, net.counters());
+            let frame = &mut self.bufs[b][HEADROOM + start..HEADROOM + end];
+            match partial {
+                None => write_frame(tap, frame, c, net.counters()),
+                Some(r) => write_partial(tap, frame, r, c, net.counters()),
+            }
         }
     }
 
@@ -413,6 +425,27 @@ fn write_frame(tap: &Tap, frame: &[u8], c: &Counters, net: &NetworkCounters) {
         Ok(_) => bump(&c.rx.delivered, 1),
         Err(_) => c.dropped_in(net, DropReason::TapWriteFailed),
     }
+}
+
+/// Writes one frame whose TCP/UDP checksum the sender left partial (remote checksum offload,
+/// its field checked to lie in the frame): marked `NEEDS_CSUM` for the kernel, which trusts it
+/// on local delivery as it trusts its own, or finished here for a TAP without offloads.
+fn write_partial(tap: &Tap, frame: &mut [u8], r: RemoteChecksum, c: &Counters, net: &NetworkCounters) {
+    if tap.offloads().vnet_hdr {
+        let hdr = VirtioNetHdr {
+            flags: offload::F_NEEDS_CSUM,
+            csum_start: r.start,
+            csum_offset: r.offset(),
+            ..Default::default()
+        };
+        match tap.writev(&[IoSlice::new(&hdr.to_bytes()), IoSlice::new(frame)]) {
+            Ok(_) => bump(&c.rx.delivered, 1),
+            Err(_) => c.dropped_in(net, DropReason::TapWriteFailed),
+        }
+        return;
+    }
+    offload::finish_checksum(frame, r.start.into(), r.offset().into());
+    write_frame(tap, frame, c, net);
 }
 
 /// Delivers a TCP/UDP frame above the MTU (the core checked it can be cut): whole, as a GSO

@@ -24,11 +24,12 @@ use crate::crypto::{self, Sealer};
 use crate::learn::LearnedReader;
 use crate::offload::{self, TxShape, VNET_HDR_LEN, VirtioNetHdr};
 use crate::segment::SuperFrame;
+use crate::segment::Transport;
 use crate::switch::{self, TapVerdict};
 use crate::tables::{Tables, TablesReader};
 use crate::wire::arp;
 use crate::wire::flow::{flow_hash, port_index};
-use crate::wire::vxlan::{self, VxlanPacket, VxlanRepr};
+use crate::wire::vxlan::{self, RemoteChecksum, VxlanPacket, VxlanRepr};
 
 /// Frames (or super-frames) read from one TAP before their datagrams are sent.
 pub(crate) const BATCH: usize = 64;
@@ -406,7 +407,7 @@ impl TxLoop {
                             let datagram = HEADROOM - vxlan::HEADER_LEN..HEADROOM + len;
                             let mut packet =
                                 VxlanPacket::new_checked(&mut buf[datagram.clone()]).expect("headroom for the header");
-                            VxlanRepr { vni: net.vni() }.emit(&mut packet);
+                            VxlanRepr::plain(net.vni()).emit(&mut packet);
                             datagram
                         };
                         let queue = &mut self.queues[q];
@@ -427,7 +428,14 @@ impl TxLoop {
                         }
                         let frame = &self.bufs[i][HEADROOM..HEADROOM + len];
                         let cut = match sealer {
-                            None => cut(frame, i, mss, net.vni(), &mut self.arena),
+                            None => {
+                                let rco = matches!(dsts, [one] if tables.takes_remote_checksum(one));
+                                let cut = cut(frame, i, mss, net.vni(), &mut self.arena, rco);
+                                if let Some(cut) = cut.filter(|cut| cut.remote_checksum) {
+                                    bump(&c.tx.remote_checksums, cut.segments as u64);
+                                }
+                                cut
+                            }
                             Some(sealer) => cut_sealed(frame, i, mss, net.vni(), &mut self.arena, sealer),
                         };
                         let Some(cut) = cut else {
@@ -485,6 +493,8 @@ struct Cut {
     seg_size: usize,
     /// Whether the last datagram has that size too (a run may go on after it).
     full_last: bool,
+    /// The inner checksums are left partial (VXLAN remote checksum offload).
+    remote_checksum: bool,
 }
 
 /// Cuts `frame`, a super-frame read into buffer `buf` (behind [`HEADROOM`] bytes), into
@@ -493,13 +503,25 @@ struct Cut {
 /// where it lies) are written, and each segment's datagram is that header followed by its
 /// payload in `buf`. `None` if the frame cannot be cut here. The caller made room for
 /// [`MAX_SEGMENTS`].
-fn cut(frame: &[u8], buf: usize, mss: usize, vni: crate::Vni, arena: &mut SegmentArena) -> Option<Cut> {
+///
+/// With `remote_checksum` (the one destination takes VXLAN remote checksum offload) the
+/// checksums are left partial, the payload not read at all, and each VXLAN header says so.
+fn cut(
+    frame: &[u8],
+    buf: usize,
+    mss: usize,
+    vni: crate::Vni,
+    arena: &mut SegmentArena,
+    remote_checksum: bool,
+) -> Option<Cut> {
     let sf = SuperFrame::parse(frame).ok()?;
     let n = sf.segment_count(mss);
     let hdr_len = vxlan::HEADER_LEN + sf.header_len();
     if n > MAX_SEGMENTS || hdr_len > SEG_HDR_CAP || hdr_len + mss > MAX_UDP_PAYLOAD || arena.room() < n {
         return None;
     }
+    let rco = remote_checksum.then(|| RemoteChecksum::new(sf.l4_offset(), sf.transport() == Transport::Udp)).flatten();
+    let vxlan = VxlanRepr { vni, rco };
     let first = arena.len();
     let mut full_last = false;
     for s in 0..n {
@@ -507,10 +529,14 @@ fn cut(frame: &[u8], buf: usize, mss: usize, vni: crate::Vni, arena: &mut Segmen
         full_last = payload.len() == mss;
         let header = arena.push(buf, HEADROOM + payload.start..HEADROOM + payload.end, hdr_len)?;
         let mut packet = VxlanPacket::new_checked(header).ok()?;
-        VxlanRepr { vni }.emit(&mut packet);
-        sf.write_segment_headers(s, mss, packet.payload_mut());
+        vxlan.emit(&mut packet);
+        if rco.is_some() {
+            sf.write_segment_headers_partial(s, mss, packet.payload_mut());
+        } else {
+            sf.write_segment_headers(s, mss, packet.payload_mut());
+        }
     }
-    Some(Cut { first, segments: n, seg_size: hdr_len + mss, full_last })
+    Some(Cut { first, segments: n, seg_size: hdr_len + mss, full_last, remote_checksum: rco.is_some() })
 }
 
 /// [`cut`] for an encrypted network: each segment is written whole into `arena` (whose room
@@ -553,7 +579,7 @@ fn cut_sealed(
         body[hl..plain].copy_from_slice(&frame[payload]);
         sealer.seal(vni, counter + s as u64, out, plain);
     }
-    Some(Cut { first, segments: n, seg_size, full_last })
+    Some(Cut { first, segments: n, seg_size, full_last, remote_checksum: false })
 }
 
 /// Queues the segments of `cut` to every destination: as GSO runs when allowed, so that one
@@ -574,7 +600,7 @@ fn send_segments(
     gso: bool,
 ) {
     let c = &shared.counters;
-    let Cut { first: base, segments, seg_size, full_last } = cut;
+    let Cut { first: base, segments, seg_size, full_last, .. } = cut;
     let per_run = if gso { MAX_GSO_SEGMENTS.min(MAX_UDP_PAYLOAD / seg_size).max(1) } else { 1 };
     let mut first = 0;
     if let [dst] = dsts {
@@ -642,7 +668,7 @@ mod tests {
         port: u16,
     ) {
         let vni = crate::Vni::new(100).unwrap();
-        let cut = cut(&bufs[i][HEADROOM..], i, mss, vni, arena).expect("a frame that can be cut");
+        let cut = cut(&bufs[i][HEADROOM..], i, mss, vni, arena, false).expect("a frame that can be cut");
         send_segments(q, shared, &NetworkCounters::default(), bufs, arena, cut, &[dst], port, true);
     }
 
