@@ -60,6 +60,10 @@ struct Cli {
     /// The overlayd binary [default: next to this one, or $OVERLAYD_BIN].
     #[arg(long)]
     overlayd: Option<std::path::PathBuf>,
+    /// A shell command to run in both hosts' namespaces once the path is up (an experiment:
+    /// e.g. `nft delete table inet overlayd` to see what the host's tables cost).
+    #[arg(long)]
+    host_exec: Option<String>,
 }
 
 #[allow(clippy::print_stdout)]
@@ -87,6 +91,12 @@ fn main() -> Result<()> {
         Which::Kernel => Path::KernelVxlan,
     };
     let pair = scenario::build_with(path, &options, path.label(), &cli.overlayd_arg)?;
+    if let Some(cmd) = &cli.host_exec {
+        for host in ["h1", "h2"] {
+            let ns = format!("{}-{host}", pair.bed.prefix());
+            testbed::netns::exec(&ns, "sh", ["-c", cmd.as_str()]).with_context(|| format!("{cmd} in {ns}"))?;
+        }
+    }
     // Warm up (ARP, the learned tables, TCP's windows), unrecorded.
     pair.throughput(2, cli.streams)?;
     let before: Vec<_> = pair.agents.iter().filter_map(|a| a.counters().ok()).collect();
