@@ -183,7 +183,8 @@ impl RxLoop {
     }
 
     /// One `recvmmsg` of up to [`BATCH`] messages, handled and delivered. Returns false when
-    /// nothing was waiting: then everything is written and what was learned is published.
+    /// the socket was found drained (nothing waiting, or fewer messages than asked for): then
+    /// everything is written and what was learned is published.
     ///
     /// With `UDP_GRO`, a message holds a run of datagrams of one outer flow (over veth, a
     /// peer's GSO send arrives whole). When a batch came back full, its pending coalesced
@@ -219,8 +220,12 @@ impl RxLoop {
             self.message(&tables, meta, now, c);
         }
         if n < asked {
-            // The socket was drained: nothing is coming right away to extend a pending run.
+            // The socket was drained: nothing is coming right away to extend a pending run,
+            // and another call would only find it empty (a system call per wake-up saved,
+            // which a request and its answer pay on every hop).
             self.flush(&tables, c);
+            self.learner.end_batch(now, c);
+            return false;
         }
         true
     }

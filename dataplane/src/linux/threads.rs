@@ -8,8 +8,12 @@ use std::time::{Duration, Instant};
 pub(crate) const SPLIT_WINDOW: Duration = Duration::from_millis(50);
 /// Busy share (percent of [`SPLIT_WINDOW`]) above which the one thread splits in two.
 pub(crate) const SPLIT_BUSY_PERCENT: u32 = 50;
-/// How long the split loops are watched before the receive thread decides whether to join them.
-pub(crate) const JOIN_WINDOW: Duration = Duration::from_millis(200);
+/// How long the split loops are watched before the receive thread decides whether to join them:
+/// as long as the split window, so that a request and answer that follow a transfer get the
+/// one-thread turnaround within 50–100 ms of its end (with 200 ms, the first 20–40 of an
+/// e2e run's pings 10 ms apart still went through two threads). The two thresholds (over a
+/// half to split, under a fifth to join) keep a load in between where it is.
+pub(crate) const JOIN_WINDOW: Duration = Duration::from_millis(50);
 /// Busy share of both threads together (percent of one thread over [`JOIN_WINDOW`]) under
 /// which the receive loop goes back to the transmit thread.
 pub(crate) const JOIN_BUSY_PERCENT: u32 = 20;
@@ -120,18 +124,18 @@ mod tests {
 
     #[test]
     fn the_loops_join_when_both_threads_together_are_busy_under_a_fifth() {
-        let t0 = Instant::now();
+        let (t0, w) = (Instant::now(), JOIN_WINDOW);
         let tx_at = 1_000_000_000; // the transmit thread's total before the split
         let mut m = JoinMeter::new(t0, tx_at);
-        m.add_busy(10 * MS);
-        assert_eq!(m.poll(t0 + 199 * MS, tx_at), None, "the window is not over");
-        assert_eq!(m.poll(t0 + 200 * MS, tx_at), Some(true), "10 of 200 ms busy");
-        // Receive 20 ms and transmit 20 ms in the next window: 40 of 200 ms is not under a fifth.
-        m.add_busy(20 * MS);
-        let tx_now = tx_at + 20_000_000;
-        assert_eq!(m.poll(t0 + 400 * MS, tx_now), Some(false));
+        m.add_busy(w / 20);
+        assert_eq!(m.poll(t0 + w - MS, tx_at), None, "the window is not over");
+        assert_eq!(m.poll(t0 + w, tx_at), Some(true), "a twentieth of the window busy");
+        // Receive and transmit a tenth each in the next window: a fifth is not under a fifth.
+        m.add_busy(w / 10);
+        let tx_now = tx_at + (w / 10).as_nanos() as u64;
+        assert_eq!(m.poll(t0 + 2 * w, tx_now), Some(false));
         // Only what the transmit thread did since the last window counts.
-        m.add_busy(10 * MS);
-        assert_eq!(m.poll(t0 + 600 * MS, tx_now + 20_000_000), Some(true), "10 + 20 of 200 ms busy");
+        m.add_busy(w / 20);
+        assert_eq!(m.poll(t0 + 3 * w, tx_now + (w / 10).as_nanos() as u64), Some(true), "3/20 of the window busy");
     }
 }
