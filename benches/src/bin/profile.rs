@@ -60,6 +60,13 @@ struct Cli {
     /// The overlayd binary [default: next to this one, or $OVERLAYD_BIN].
     #[arg(long)]
     overlayd: Option<std::path::PathBuf>,
+    /// Instead of iperf3: this many pings 10 ms apart (the e2e runner's RTT measurement).
+    #[arg(long)]
+    ping: Option<u32>,
+    /// Also `perf trace -s` the agents (overlayd paths) during the measurement into this file:
+    /// system calls per thread, counted and timed.
+    #[arg(long)]
+    trace: Option<std::path::PathBuf>,
     /// A shell command to run in both hosts' namespaces once the path is up (an experiment:
     /// e.g. `nft delete table inet overlayd` to see what the host's tables cost).
     #[arg(long)]
@@ -114,6 +121,32 @@ fn main() -> Result<()> {
             Some(child)
         }
     };
+    let mut trace = match &cli.trace {
+        Some(out) if !pair.agents.is_empty() => {
+            let pids: Vec<String> = pair.agents.iter().map(|a| a.pid().to_string()).collect();
+            let child = Command::new("perf")
+                .args(["trace", "-s", "-o"])
+                .arg(out)
+                .args(["-p", &pids.join(",")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting perf trace")?;
+            std::thread::sleep(Duration::from_millis(1000));
+            Some(child)
+        }
+        _ => None,
+    };
+    if let Some(count) = cli.ping {
+        let rtt = pair.rtt_ms(count);
+        for child in [perf.as_mut(), trace.as_mut()].into_iter().flatten() {
+            // SAFETY: `kill` with a PID this process spawned and has not reaped yet.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            child.wait()?;
+        }
+        say(&format!("{}: {count} pings, average RTT {:.3} ms", pair.label, rtt?));
+        return Ok(());
+    }
     let cpu0 = MachineCpu::sample()?;
     let mut bytes = 0u64;
     let mut result = Ok(());
@@ -135,6 +168,11 @@ fn main() -> Result<()> {
         }
     }
     let cpu = MachineCpu::sample()?.busy_seconds_since(&cpu0);
+    if let Some(child) = trace.as_mut() {
+        // SAFETY: `kill` with a PID this process spawned and has not reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        child.wait()?;
+    }
     if let Some(child) = perf.as_mut() {
         // SAFETY: `kill` with a PID this process spawned and has not reaped yet.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
