@@ -10,12 +10,13 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand10::rngs::SmallRng;
 use rand10::{RngExt, SeedableRng};
 
-use super::node::{DirectoryEntry, Event, GossipConfig, GossipCounters, GossipNode, Output, Peer, Timer};
+use super::node::{Directory, DirectoryEntry, Event, GossipConfig, GossipCounters, GossipNode, Output, Peer, Timer};
 use super::record::{Endpoint, EndpointKey, Record, Signer};
 use super::seal::{GossipKey, KEY_LEN, Kind};
 use crate::state::NodeId;
@@ -107,7 +108,8 @@ pub struct Simulation {
     pending: HashMap<u64, Pending>,
     hosts: Vec<Host>,
     by_addr: HashMap<SocketAddr, usize>,
-    directory: Vec<(NodeId, DirectoryEntry)>,
+    /// One directory, every node's.
+    directory: Arc<Directory>,
     key: [u8; KEY_LEN],
     rng: SmallRng,
     out: Output,
@@ -185,7 +187,7 @@ impl Simulation {
             pending: HashMap::new(),
             hosts,
             by_addr,
-            directory,
+            directory: Arc::new(directory.into_iter().collect()),
             key,
             rng,
             out: Output::default(),
@@ -230,7 +232,7 @@ impl Simulation {
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         node.start(&mut out);
-        node.set_directory(self.directory.iter().cloned(), &mut out);
+        node.set_shared_directory(Arc::clone(&self.directory), &mut out);
         if publish {
             for (k, e) in self.hosts[i].endpoints.clone() {
                 node.put(k, e, &mut out);
@@ -263,7 +265,7 @@ impl Simulation {
                                 let mut node = this.node_of(i, generation(this.hosts[i].life));
                                 let mut out = Output::default();
                                 node.start(&mut out);
-                                node.set_directory(this.directory.iter().cloned(), &mut Output::default());
+                                node.set_shared_directory(Arc::clone(&this.directory), &mut Output::default());
                                 for (k, e) in &this.hosts[i].endpoints {
                                     node.put_quietly(*k, e.clone());
                                 }
@@ -276,7 +278,7 @@ impl Simulation {
                 .collect();
             workers.into_iter().flat_map(|w| w.join().expect("a warm-start worker panicked")).collect()
         });
-        let members: Vec<Peer> = built.iter().map(|(n, _, _)| n.identity().clone()).collect();
+        let members: Vec<Peer> = built.iter().map(|(n, _, _)| n.identity()).collect();
         let records: Vec<Record> = built.iter().flat_map(|(_, _, r)| r.iter().cloned()).collect();
         // Owners' records are contiguous in `records`, in host order.
         let mut owner_records = Vec::with_capacity(members.len() + 1);
