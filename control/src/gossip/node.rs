@@ -25,7 +25,7 @@ use super::record::{Change, Endpoint, EndpointKey, PUBLIC_KEY_LEN, Record, Recor
 use super::replay::{Refused, ReplayGuard};
 use super::seal::{GossipKey, Kind, OVERHEAD, Opened, SealError, Sealer};
 use super::sync::{self, MemberInfo, Summary, SyncMessage, Want, serde_bytes_vec::Bytes};
-use super::tables::{Applied, EndpointTables, Position, bucket};
+use super::tables::{Applied, EndpointTables, Position, Replica, bucket};
 use super::vecmap::VecMap;
 use crate::state::NodeId;
 
@@ -778,8 +778,9 @@ impl GossipNode {
         let gone: Vec<SwimId> = {
             let mut s = lock(&self.shared);
             s.directory = directory;
-            // Every member alive: room for all at once.
+            // A replica of every host's table, every member alive: room for all at once.
             let hosts = s.directory.len();
+            s.tables.reserve(hosts);
             self.live.reserve(hosts.saturating_sub(self.live.len()));
             let stale: Vec<NodeId> = s.tables.owners().filter(|o| *o != s.tables.me() && !s.member(*o)).collect();
             for o in stale {
@@ -1493,6 +1494,19 @@ impl GossipNode {
         let r = Record::sign(&self.signer, self.me(), self.epoch, self.version, Change::Put(key, endpoint));
         lock(&self.shared).tables.apply(r.clone());
         r
+    }
+
+    /// This host's own table, shared: for [`GossipNode::adopt_table`] on the other hosts of a
+    /// simulation's warm start.
+    pub fn own_table(&self) -> Arc<Replica> {
+        let s = lock(&self.shared);
+        s.tables.replica(s.tables.me()).unwrap_or_default()
+    }
+
+    /// Takes `owner`'s table as another host holds it (shared until either changes it), if
+    /// this host holds none yet: what [`GossipNode::warm_start`] does with `owner`'s records.
+    pub fn adopt_table(&mut self, owner: NodeId, table: Arc<Replica>) {
+        lock(&self.shared).tables.adopt(owner, table);
     }
 
     /// This host's own records (its table as others should hold it).

@@ -17,8 +17,9 @@ use rand10::rngs::SmallRng;
 use rand10::{RngExt, SeedableRng};
 
 use super::node::{Directory, DirectoryEntry, Event, GossipConfig, GossipCounters, GossipNode, Output, Peer, Timer};
-use super::record::{Endpoint, EndpointKey, Record, Signer};
+use super::record::{Endpoint, EndpointKey, Signer};
 use super::seal::{GossipKey, KEY_LEN, Kind};
+use super::tables::Replica;
 use crate::state::NodeId;
 
 /// Members a node takes in per call while warm-starting.
@@ -245,7 +246,8 @@ impl Simulation {
 
     /// Builds every node as part of a converged cluster. Loading the member lists is
     /// quadratic per node (foca looks members up by a scan), so the nodes are built on all
-    /// cores; everything they share (the records) is shared, not copied.
+    /// cores; everything they share (each owner's table, its records) is shared, not copied,
+    /// until a host changes its replica.
     fn warm_start(&mut self) {
         for h in &mut self.hosts {
             h.life += 1;
@@ -254,8 +256,8 @@ impl Simulation {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(self.hosts.len().max(1));
         let chunk = self.hosts.len().div_ceil(threads).max(1);
         let this = &*self;
-        // Each node with its own records, built in parallel.
-        let built: Vec<(GossipNode, Output, Vec<Record>)> = std::thread::scope(|s| {
+        // Each node with its own table, built in parallel.
+        let built: Vec<(GossipNode, Output, Arc<Replica>)> = std::thread::scope(|s| {
             let workers: Vec<_> = (0..this.hosts.len())
                 .step_by(chunk)
                 .map(|lo| {
@@ -269,8 +271,8 @@ impl Simulation {
                                 for (k, e) in &this.hosts[i].endpoints {
                                     node.put_quietly(*k, e.clone());
                                 }
-                                let records = node.own_records();
-                                (node, out, records)
+                                let table = node.own_table();
+                                (node, out, table)
                             })
                             .collect::<Vec<_>>()
                     })
@@ -279,17 +281,11 @@ impl Simulation {
             workers.into_iter().flat_map(|w| w.join().expect("a warm-start worker panicked")).collect()
         });
         let members: Vec<Peer> = built.iter().map(|(n, _, _)| n.identity()).collect();
-        let records: Vec<Record> = built.iter().flat_map(|(_, _, r)| r.iter().cloned()).collect();
-        // Owners' records are contiguous in `records`, in host order.
-        let mut owner_records = Vec::with_capacity(members.len() + 1);
-        owner_records.push(0);
-        for (_, _, r) in &built {
-            owner_records.push(owner_records.last().copied().unwrap_or(0) + r.len());
-        }
+        let tables: Vec<Arc<Replica>> = built.iter().map(|(_, _, t)| Arc::clone(t)).collect();
         let mut built: Vec<(GossipNode, Output)> = built.into_iter().map(|(n, o, _)| (n, o)).collect();
         std::thread::scope(|s| {
             for part in built.chunks_mut(chunk) {
-                let (members, records, owner_records) = (&members, &records, &owner_records);
+                let (members, tables) = (&members, &tables);
                 s.spawn(move || {
                     for (node, out) in part {
                         // A few hundred members at a time: the buffers a node fills while
@@ -297,8 +293,10 @@ impl Simulation {
                         // for the whole cluster at once was 12 % of the peak at 2,000 hosts.
                         for lo in (0..members.len()).step_by(WARM_BATCH) {
                             let hi = (lo + WARM_BATCH).min(members.len());
-                            let recs = &records[owner_records[lo]..owner_records[hi]];
-                            node.warm_start(&members[lo..hi], recs, out);
+                            node.warm_start(&members[lo..hi], &[], out);
+                            for (member, table) in members[lo..hi].iter().zip(&tables[lo..hi]) {
+                                node.adopt_table(member.node, Arc::clone(table));
+                            }
                             // Keep only the timers (anti-entropy, SWIM's probe cycle): the
                             // epoch record the start produced is already everywhere.
                             out.datagrams.clear();
