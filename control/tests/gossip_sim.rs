@@ -1,6 +1,6 @@
 //! The gossip layer at cluster scale: real `GossipNode`s of 200 hosts over the simulated
 //! network of `control::gossip::sim`, asserting the convergence bounds the `gossip` benchmark
-//! measures at 1,000 and 5,000 hosts — an endpoint change reaches every host within 1 s
+//! measures at 1,000 and 10,000 hosts — an endpoint change reaches every host within 1 s
 //! (p99), a killed host is withdrawn everywhere within 5 s, under 10 KB/s of gossip per host —
 //! and that partitions, loss, restarts, forgeries and replays leave every table as its owner
 //! has it.

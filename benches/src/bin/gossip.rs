@@ -14,7 +14,7 @@
 //! root. The goals at 1,000 hosts: change p99 < 1 s, dead host withdrawn everywhere
 //! < 5 s, under 10 KB/s per host.
 //!
-//! `cargo run --release -p overlayd-benches --bin gossip -- --hosts 1000,5000`
+//! `cargo run --release -p overlayd-benches --bin gossip -- --hosts 1000,10000`
 
 use std::collections::HashSet;
 use std::io::Write as _;

@@ -24,8 +24,11 @@ pub mod seal;
 pub mod sim;
 pub mod sync;
 pub mod tables;
+pub mod vecmap;
 
-pub use node::{DirectoryEntry, Event, GossipConfig, GossipCounters, GossipNode, Output, Peer, PeerStatus, Timer};
+pub use node::{
+    Directory, DirectoryEntry, Event, GossipConfig, GossipCounters, GossipNode, Output, Peer, PeerStatus, Timer,
+};
 pub use record::{Endpoint, EndpointKey, Health, Signer};
 pub use seal::GossipKey;
 

@@ -10,8 +10,8 @@
 //! before SWIM sees it, and no host outside it is ever alive here, whatever other hosts say
 //! of it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, HashMap};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -25,7 +25,8 @@ use super::record::{Change, Endpoint, EndpointKey, PUBLIC_KEY_LEN, Record, Recor
 use super::replay::{Refused, ReplayGuard};
 use super::seal::{GossipKey, Kind, OVERHEAD, Opened, SealError, Sealer};
 use super::sync::{self, MemberInfo, Summary, SyncMessage, Want, serde_bytes_vec::Bytes};
-use super::tables::{Applied, EndpointTables, Position, bucket};
+use super::tables::{Applied, EndpointTables, Position, Replica, bucket};
+use super::vecmap::VecMap;
 use crate::state::NodeId;
 
 /// A host's identity in SWIM. `generation` grows with every agent start and every rejoin
@@ -41,11 +42,88 @@ pub struct Peer {
     pub generation: u64,
 }
 
-impl foca::Identity for Peer {
+/// A [`Peer`] as SWIM holds it: every host keeps one per member, so it takes 32 bytes where
+/// a `Peer` takes 48 (an IPv6 address, rare on an underlay, is boxed). It travels exactly as
+/// a `Peer` does.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SwimId {
+    node: NodeId,
+    generation: u64,
+    addr: PeerAddr,
+}
+
+/// A gossip address in 16 bytes (a `SocketAddr` takes 32, for IPv6's sake).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PeerAddr {
+    V4(SocketAddrV4),
+    V6(Box<SocketAddrV6>),
+}
+
+impl From<SocketAddr> for PeerAddr {
+    fn from(a: SocketAddr) -> PeerAddr {
+        match a {
+            SocketAddr::V4(a) => PeerAddr::V4(a),
+            SocketAddr::V6(a) => PeerAddr::V6(Box::new(a)),
+        }
+    }
+}
+
+impl PeerAddr {
+    fn get(&self) -> SocketAddr {
+        match self {
+            PeerAddr::V4(a) => SocketAddr::V4(*a),
+            PeerAddr::V6(a) => SocketAddr::V6(**a),
+        }
+    }
+}
+
+/// A member's identity but its node id (the key it is kept under).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Life {
+    generation: u64,
+    addr: PeerAddr,
+}
+
+impl Life {
+    fn of(id: &SwimId) -> Life {
+        Life { generation: id.generation, addr: id.addr.clone() }
+    }
+
+    /// Whether this is `id`'s life (of the member it is kept under).
+    fn is(&self, id: &SwimId) -> bool {
+        self.generation == id.generation && self.addr == id.addr
+    }
+}
+
+impl From<&Peer> for SwimId {
+    fn from(p: &Peer) -> SwimId {
+        SwimId { node: p.node, generation: p.generation, addr: p.addr.into() }
+    }
+}
+
+impl SwimId {
+    fn peer(&self) -> Peer {
+        Peer { node: self.node, addr: self.addr.get(), generation: self.generation }
+    }
+}
+
+impl Serialize for SwimId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.peer().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SwimId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SwimId, D::Error> {
+        Peer::deserialize(d).map(|p| SwimId::from(&p))
+    }
+}
+
+impl foca::Identity for SwimId {
     type Addr = NodeId;
 
     fn renew(&self) -> Option<Self> {
-        Some(Peer { generation: self.generation + 1, ..self.clone() })
+        Some(SwimId { generation: self.generation + 1, ..self.clone() })
     }
 
     fn addr(&self) -> NodeId {
@@ -143,13 +221,52 @@ pub struct DirectoryEntry {
     pub addr: SocketAddr,
 }
 
+/// The hosts of the cluster (Raft's node registry) by node id, this host among them or not.
+/// Immutable once built and shared: the agent builds one per change of the registry, a
+/// simulation one for all its hosts (see [`GossipNode::set_shared_directory`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Directory(VecMap<DirectoryEntry>);
+
+impl FromIterator<(NodeId, DirectoryEntry)> for Directory {
+    fn from_iter<I: IntoIterator<Item = (NodeId, DirectoryEntry)>>(iter: I) -> Self {
+        Directory(iter.into_iter().collect())
+    }
+}
+
+impl Directory {
+    /// `node`'s entry.
+    pub fn get(&self, node: NodeId) -> Option<&DirectoryEntry> {
+        self.0.get(node)
+    }
+
+    /// Whether `node` is listed.
+    pub fn contains(&self, node: NodeId) -> bool {
+        self.0.contains_key(node)
+    }
+
+    /// Hosts listed.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it lists none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The hosts, by node id.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (NodeId, &DirectoryEntry)> + '_ {
+        self.0.iter()
+    }
+}
+
 /// A timer to arm; give it back to [`GossipNode::handle_timer`] when it expires.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timer(TimerKind);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum TimerKind {
-    Swim(u32, foca::Timer<Peer>),
+    Swim(u32, foca::Timer<SwimId>),
     Sync,
     Eager,
     /// Seal with the newest key (of this rotation).
@@ -392,13 +509,19 @@ enum Never {}
 #[derive(Debug)]
 struct Shared {
     tables: EndpointTables,
-    directory: BTreeMap<NodeId, DirectoryEntry>,
+    /// This host is listed too: see [`Shared::member`].
+    directory: Arc<Directory>,
     counters: GossipCounters,
     changed: BTreeSet<NodeId>,
     fresh: bool,
 }
 
 impl Shared {
+    /// Whether `node` is another host of the directory.
+    fn member(&self, node: NodeId) -> bool {
+        node != self.tables.me() && self.directory.contains(node)
+    }
+
     /// Checks and applies record bytes from a peer. `Ok(true)`: new.
     fn accept(&mut self, wire: &[u8]) -> Result<(Record, bool), ()> {
         let record = match Record::decode(wire) {
@@ -412,7 +535,7 @@ impl Shared {
             self.counters.records_stale += 1;
             return Ok((record, false));
         }
-        let Some(entry) = self.directory.get(&record.owner) else {
+        let Some(entry) = self.directory.get(record.owner) else {
             self.counters.records_unknown_owner += 1;
             return Err(());
         };
@@ -438,11 +561,11 @@ impl Shared {
 
 struct Handler(Arc<Mutex<Shared>>);
 
-impl BroadcastHandler<Peer> for Handler {
+impl BroadcastHandler<SwimId> for Handler {
     type Key = ItemKey;
     type Error = Never;
 
-    fn receive_item(&mut self, data: &[u8], sender: Option<&Peer>) -> Result<Option<ItemKey>, Never> {
+    fn receive_item(&mut self, data: &[u8], sender: Option<&SwimId>) -> Result<Option<ItemKey>, Never> {
         let mut s = lock(&self.0);
         if sender.is_none() {
             // Our own record, just applied by `publish`.
@@ -477,9 +600,9 @@ fn counted<T>(shared: &Mutex<Shared>, result: Result<T, foca::Error>) {
 /// What foca asks of its runtime, collected; and what its notifications count.
 #[derive(Default)]
 struct Outbox {
-    sends: Vec<(Peer, Vec<u8>)>,
-    timers: Vec<(Duration, foca::Timer<Peer>)>,
-    notes: Vec<OwnedNotification<Peer>>,
+    sends: Vec<(SwimId, Vec<u8>)>,
+    timers: Vec<(Duration, foca::Timer<SwimId>)>,
+    notes: Vec<OwnedNotification<SwimId>>,
     /// Counted since the last flush (see [`GossipCounters::suspicions`]).
     suspicions: u64,
     /// Counted since the last flush (see [`GossipCounters::refutations`]).
@@ -488,8 +611,8 @@ struct Outbox {
     incarnation: u16,
 }
 
-impl foca::Runtime<Peer> for Outbox {
-    fn notify(&mut self, n: foca::Notification<'_, Peer>) {
+impl foca::Runtime<SwimId> for Outbox {
+    fn notify(&mut self, n: foca::Notification<'_, SwimId>) {
         use foca::Notification as N;
         match n {
             // foca keeps this host's incarnation to itself, but every message carries it, and
@@ -506,11 +629,11 @@ impl foca::Runtime<Peer> for Outbox {
         }
     }
 
-    fn send_to(&mut self, to: Peer, data: &[u8]) {
+    fn send_to(&mut self, to: SwimId, data: &[u8]) {
         self.sends.push((to, data.to_vec()));
     }
 
-    fn submit_after(&mut self, event: foca::Timer<Peer>, after: Duration) {
+    fn submit_after(&mut self, event: foca::Timer<SwimId>, after: Duration) {
         self.timers.push((after, event));
     }
 }
@@ -522,9 +645,9 @@ struct Dest {
     addr: SocketAddr,
 }
 
-impl From<&Peer> for Dest {
-    fn from(p: &Peer) -> Dest {
-        Dest { node: p.node, addr: p.addr }
+impl From<&SwimId> for Dest {
+    fn from(p: &SwimId) -> Dest {
+        Dest { node: p.node, addr: p.addr.get() }
     }
 }
 
@@ -535,7 +658,7 @@ const MAX_TOLD_SUSPECTS: usize = 16;
 /// Most cluster keys a host opens with (rotations in quick succession).
 const MAX_KEYS: usize = 3;
 
-type Swim = Foca<Peer, PostcardCodec, SmallRng, Handler>;
+type Swim = Foca<SwimId, PostcardCodec, SmallRng, Handler>;
 
 /// One host's gossip.
 pub struct GossipNode {
@@ -556,7 +679,8 @@ pub struct GossipNode {
     config: GossipConfig,
     epoch: u64,
     version: u64,
-    live: HashMap<NodeId, Peer>,
+    /// The members alive here, and which life of each SWIM last named.
+    live: VecMap<Life>,
     outbox: Outbox,
     rng: SmallRng,
     last_eager: Option<Duration>,
@@ -586,13 +710,13 @@ impl GossipNode {
         let sealer = key.sealer(me.node, epoch);
         let shared = Arc::new(Mutex::new(Shared {
             tables: EndpointTables::new(me.node),
-            directory: BTreeMap::new(),
+            directory: Arc::default(),
             counters: GossipCounters::default(),
             changed: BTreeSet::new(),
             fresh: false,
         }));
         let swim = Foca::with_custom_broadcast(
-            me,
+            SwimId::from(&me),
             config.foca(),
             SmallRng::seed_from_u64(seed),
             PostcardCodec,
@@ -610,7 +734,7 @@ impl GossipNode {
             config,
             epoch,
             version: 0,
-            live: HashMap::new(),
+            live: VecMap::new(),
             outbox: Outbox::default(),
             rng: SmallRng::seed_from_u64(seed ^ 0x5eed),
             last_eager: None,
@@ -625,8 +749,12 @@ impl GossipNode {
     }
 
     /// This host's identity now.
-    pub fn identity(&self) -> &Peer {
-        self.swim.identity()
+    pub fn identity(&self) -> Peer {
+        self.swim.identity().peer()
+    }
+
+    fn me(&self) -> NodeId {
+        self.swim.identity().node
     }
 
     /// Starts: opens the endpoint table's epoch and arms the anti-entropy timer (whose
@@ -641,35 +769,47 @@ impl GossipNode {
     /// they are down here at once (and said to be, to the others); a host that enters it and
     /// that SWIM already knows alive is alive from now on.
     pub fn set_directory(&mut self, entries: impl IntoIterator<Item = (NodeId, DirectoryEntry)>, out: &mut Output) {
-        let me = self.identity().node;
-        let gone: Vec<Peer> = {
+        self.set_shared_directory(Arc::new(entries.into_iter().collect()), out);
+    }
+
+    /// [`GossipNode::set_directory`] with a directory other hosts' nodes may share (it may
+    /// list this host or not).
+    pub fn set_shared_directory(&mut self, directory: Arc<Directory>, out: &mut Output) {
+        let gone: Vec<SwimId> = {
             let mut s = lock(&self.shared);
-            s.directory = entries.into_iter().filter(|(n, _)| *n != me).collect();
-            let stale: Vec<NodeId> = s.tables.owners().filter(|o| *o != me && !s.directory.contains_key(o)).collect();
+            s.directory = directory;
+            // A replica of every host's table, every member alive: room for all at once.
+            let hosts = s.directory.len();
+            s.tables.reserve(hosts);
+            self.live.reserve(hosts.saturating_sub(self.live.len()));
+            let stale: Vec<NodeId> = s.tables.owners().filter(|o| *o != s.tables.me() && !s.member(*o)).collect();
             for o in stale {
                 s.tables.forget(o);
                 s.changed.insert(o);
             }
-            let dir = &s.directory;
-            self.replay.set_directory(|n| dir.contains_key(&n));
-            let left: Vec<NodeId> = self.live.keys().copied().filter(|n| !dir.contains_key(n)).collect();
+            let s = &*s;
+            self.replay.set_directory(|n| s.member(n));
+            let left: Vec<NodeId> = self.live.keys().filter(|n| !s.member(*n)).collect();
             for n in left {
-                self.live.remove(&n);
+                self.live.remove(n);
                 self.pending_events.push(Event::PeerDown(n));
             }
             for m in self.swim.iter_members() {
                 let p = m.id();
-                if dir.contains_key(&p.node) && !self.live.contains_key(&p.node) {
-                    self.live.insert(p.node, p.clone());
+                if s.member(p.node) && !self.live.contains_key(p.node) {
+                    self.live.insert(p.node, Life::of(p));
                     self.pending_events.push(Event::PeerUp(p.node));
                 }
             }
-            self.swim.iter_members().map(|m| m.id().clone()).filter(|p| !dir.contains_key(&p.node)).collect()
+            self.swim.iter_members().map(|m| m.id().clone()).filter(|p| !s.member(p.node)).collect()
         };
         if !gone.is_empty() {
             counted(&self.shared, self.swim.apply_many(gone.into_iter().map(Member::down), true, &mut self.outbox));
         }
-        let size = lock(&self.shared).directory.len() as u32 + 1;
+        let size = {
+            let s = lock(&self.shared);
+            (s.directory.len() - usize::from(s.directory.contains(s.tables.me()))) as u32 + 1
+        };
         if size != self.config.cluster_size {
             self.config.cluster_size = size;
             // Only the retransmission count follows the size; foca accepts that at run time.
@@ -699,7 +839,7 @@ impl GossipNode {
 
     fn record(&mut self, change: Change, out: &mut Output) {
         self.version += 1;
-        let r = Record::sign(&self.signer, self.identity().node, self.epoch, self.version, change);
+        let r = Record::sign(&self.signer, self.me(), self.epoch, self.version, change);
         {
             let mut s = lock(&self.shared);
             s.tables.apply(r.clone());
@@ -777,13 +917,13 @@ impl GossipNode {
     /// says nothing of others).
     fn take(&mut self, opened: &Opened<'_>) -> bool {
         let h = &opened.header;
-        let me = self.identity().node;
+        let me = self.me();
         let mut s = lock(&self.shared);
         if h.receiver != me || h.sender == me {
             s.counters.rx_misdirected += 1;
             return false;
         }
-        if !s.directory.contains_key(&h.sender) {
+        if !s.member(h.sender) {
             s.counters.rx_unknown_sender += 1;
             return false;
         }
@@ -897,7 +1037,7 @@ impl GossipNode {
     /// itself; the endpoint tables stay (anti-entropy brings them up to date). Every member is
     /// down until heard from again.
     fn rebirth(&mut self) {
-        let next = foca::Identity::renew(self.identity()).expect("a Peer always renews");
+        let next = foca::Identity::renew(self.swim.identity()).expect("a SwimId always renews");
         self.life += 1;
         let seed = self.rng.random();
         self.swim = Foca::with_custom_broadcast(
@@ -918,7 +1058,7 @@ impl GossipNode {
     /// spent while the member was unreachable, and a member that never learns it is suspected
     /// cannot refute it.
     fn tell_suspects(&mut self) {
-        let me = self.identity().node;
+        let me = self.me();
         let suspects: Vec<(Dest, u16)> = self
             .swim
             .iter_membership_state()
@@ -956,13 +1096,18 @@ impl GossipNode {
 
     /// Announces this host to up to `n` random hosts of the directory.
     fn announce(&mut self, n: usize) {
-        let seeds: Vec<Peer> = {
+        let seeds: Vec<SwimId> = {
             let s = lock(&self.shared);
-            let all: Vec<(&NodeId, &DirectoryEntry)> = s.directory.iter().collect();
+            // The directory's hosts but this one, by rank.
+            let me = s.tables.me();
+            let listed = s.directory.contains(me);
+            let others = s.directory.len() - usize::from(listed);
+            let my_rank = s.directory.0.rank(me);
             let mut chosen = Vec::new();
-            for _ in 0..n.min(all.len()) {
-                let (node, e) = all[self.rng.random_range(0..all.len())];
-                chosen.push(Peer { node: *node, addr: e.addr, generation: 0 });
+            for _ in 0..n.min(others) {
+                let i = self.rng.random_range(0..others);
+                let (node, e) = s.directory.0.nth(if listed && i >= my_rank { i + 1 } else { i });
+                chosen.push(SwimId { node, addr: e.addr.into(), generation: 0 });
             }
             chosen
         };
@@ -1012,7 +1157,7 @@ impl GossipNode {
         let mut msgs = Vec::new();
         let (mut batch, mut size, mut total) = (Vec::new(), 0usize, 0usize);
         for m in self.swim.iter_members() {
-            let info = MemberInfo { peer: m.id().clone(), incarnation: m.incarnation() };
+            let info = MemberInfo { peer: m.id().peer(), incarnation: m.incarnation() };
             let len = postcard::to_stdvec(&info).map_or(usize::MAX, |v| v.len());
             if size + len > room && !batch.is_empty() {
                 msgs.push(SyncMessage::Members { members: std::mem::take(&mut batch) });
@@ -1034,13 +1179,12 @@ impl GossipNode {
     }
 
     fn on_members(&mut self, members: &[MemberInfo]) {
-        let me = self.identity().node;
-        let known: Vec<Member<Peer>> = {
+        let known: Vec<Member<SwimId>> = {
             let s = lock(&self.shared);
             members
                 .iter()
-                .filter(|m| m.peer.node != me && s.directory.contains_key(&m.peer.node))
-                .map(|m| Member::new(m.peer.clone(), m.incarnation, State::Alive))
+                .filter(|m| s.member(m.peer.node))
+                .map(|m| Member::new(SwimId::from(&m.peer), m.incarnation, State::Alive))
                 .collect()
         };
         counted(&self.shared, self.swim.apply_many(known.into_iter(), false, &mut self.outbox));
@@ -1048,11 +1192,12 @@ impl GossipNode {
 
     /// Another host suspects this one: refute (a higher incarnation), and tell it at once.
     fn on_suspected(&mut self, from: Dest, by: NodeId, incarnation: u16) {
-        let me = self.identity().clone();
+        let me = self.swim.identity().clone();
         let refute =
             self.swim.apply_many(std::iter::once(Member::new(me, incarnation, State::Suspect)), true, &mut self.outbox);
         counted(&self.shared, refute);
-        counted(&self.shared, self.swim.announce(Peer { node: by, addr: from.addr, generation: 0 }, &mut self.outbox));
+        let by = SwimId { node: by, addr: from.addr.into(), generation: 0 };
+        counted(&self.shared, self.swim.announce(by, &mut self.outbox));
     }
 
     fn payload_max(&self) -> usize {
@@ -1132,7 +1277,7 @@ impl GossipNode {
                 .map(|x| (x.owner, x.position))
                 .collect();
             let me = s.tables.me();
-            let known = |o: &NodeId| *o == me || s.directory.contains_key(o);
+            let known = |o: &NodeId| *o == me || s.directory.contains(*o);
             let mut wants = Vec::new();
             let mut pushes = Vec::new();
             for (&owner, &t) in theirs.iter().filter(|(o, _)| known(o)) {
@@ -1228,7 +1373,7 @@ impl GossipNode {
 
     fn on_records(&mut self, owner: NodeId, epoch: u64, start: u64, upto: u64, items: &[Bytes]) {
         let mut s = lock(&self.shared);
-        if owner != s.tables.me() && !s.directory.contains_key(&owner) {
+        if owner != s.tables.me() && !s.directory.contains(owner) {
             s.counters.records_unknown_owner += items.len() as u64;
             return;
         }
@@ -1279,7 +1424,7 @@ impl GossipNode {
     /// into events.
     fn flush(&mut self, out: &mut Output) {
         let first = out.datagrams.len();
-        let me = self.identity().node;
+        let me = self.me();
         for (to, data) in self.outbox.sends.drain(..) {
             // SWIM keeps this host's earlier lives (before a restart) that members still speak
             // of as down members, and announces to down members now and then: never to itself.
@@ -1288,7 +1433,7 @@ impl GossipNode {
             }
             let mut sealed = Vec::with_capacity(data.len() + OVERHEAD);
             self.sealer.seal(to.node, Kind::Swim, &data, &mut sealed);
-            out.datagrams.push((to.addr, sealed));
+            out.datagrams.push((to.addr.get(), sealed));
         }
         out.datagrams.append(&mut self.pending_sends);
         let life = self.life;
@@ -1302,20 +1447,20 @@ impl GossipNode {
             match n {
                 // A host outside the directory, which some member still vouches for: not
                 // alive here (it is when the directory lists it, see `set_directory`).
-                OwnedNotification::MemberUp(p) if !s.directory.contains_key(&p.node) => {}
-                OwnedNotification::MemberUp(p) if !self.live.contains_key(&p.node) => {
+                OwnedNotification::MemberUp(p) if !s.member(p.node) => {}
+                OwnedNotification::MemberUp(p) if !self.live.contains_key(p.node) => {
                     out.events.push(Event::PeerUp(p.node));
-                    self.live.insert(p.node, p);
+                    self.live.insert(p.node, Life::of(&p));
                 }
                 OwnedNotification::MemberUp(p) => {
-                    self.live.insert(p.node, p);
+                    self.live.insert(p.node, Life::of(&p));
                 }
-                OwnedNotification::MemberDown(p) if self.live.get(&p.node) == Some(&p) => {
-                    self.live.remove(&p.node);
+                OwnedNotification::MemberDown(p) if self.live.get(p.node).is_some_and(|l| l.is(&p)) => {
+                    self.live.remove(p.node);
                     out.events.push(Event::PeerDown(p.node));
                 }
-                OwnedNotification::Rename(old, new) if self.live.get(&old.node) == Some(&old) => {
-                    self.live.insert(new.node, new);
+                OwnedNotification::Rename(old, new) if self.live.get(old.node).is_some_and(|l| l.is(&old)) => {
+                    self.live.insert(new.node, Life::of(&new));
                 }
                 _ => {}
             }
@@ -1330,8 +1475,8 @@ impl GossipNode {
     /// `records` (other hosts' signed records) are already in the replicas, nothing queued
     /// to gossip. For simulations that measure a running cluster, not its formation.
     pub fn warm_start(&mut self, members: &[Peer], records: &[Record], out: &mut Output) {
-        let me = self.identity().node;
-        let peers = members.iter().filter(|p| p.node != me).cloned().map(Member::alive);
+        let me = self.me();
+        let peers = members.iter().filter(|p| p.node != me).map(|p| Member::alive(SwimId::from(p)));
         counted(&self.shared, self.swim.apply_many(peers, false, &mut self.outbox));
         {
             let mut s = lock(&self.shared);
@@ -1346,26 +1491,39 @@ impl GossipNode {
     /// Adds one of this host's endpoints without gossiping it (see [`GossipNode::warm_start`]).
     pub fn put_quietly(&mut self, key: EndpointKey, endpoint: Endpoint) -> Record {
         self.version += 1;
-        let r = Record::sign(&self.signer, self.identity().node, self.epoch, self.version, Change::Put(key, endpoint));
+        let r = Record::sign(&self.signer, self.me(), self.epoch, self.version, Change::Put(key, endpoint));
         lock(&self.shared).tables.apply(r.clone());
         r
+    }
+
+    /// This host's own table, shared: for [`GossipNode::adopt_table`] on the other hosts of a
+    /// simulation's warm start.
+    pub fn own_table(&self) -> Arc<Replica> {
+        let s = lock(&self.shared);
+        s.tables.replica(s.tables.me()).unwrap_or_default()
+    }
+
+    /// Takes `owner`'s table as another host holds it (shared until either changes it), if
+    /// this host holds none yet: what [`GossipNode::warm_start`] does with `owner`'s records.
+    pub fn adopt_table(&mut self, owner: NodeId, table: Arc<Replica>) {
+        lock(&self.shared).tables.adopt(owner, table);
     }
 
     /// This host's own records (its table as others should hold it).
     pub fn own_records(&self) -> Vec<Record> {
         let s = lock(&self.shared);
-        let me = self.identity().node;
+        let me = self.me();
         s.tables.since(me, self.epoch, 0).map(|(r, _)| r.into_iter().cloned().collect()).unwrap_or_default()
     }
 
     /// Whether `node` is alive (or suspected, not yet confirmed down) as this host sees it.
     pub fn is_alive(&self, node: NodeId) -> bool {
-        node == self.identity().node || self.live.contains_key(&node)
+        node == self.me() || self.live.contains_key(node)
     }
 
     /// The hosts alive as this host sees it (itself not included).
     pub fn alive(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.live.keys().copied()
+        self.live.keys()
     }
 
     /// Calls `f` with each live endpoint of `owner`'s table.
@@ -1393,7 +1551,7 @@ impl GossipNode {
         let mut seen: HashMap<NodeId, PeerStatus> = HashMap::new();
         for m in self.swim.iter_membership_state() {
             let p = m.id();
-            if !s.directory.contains_key(&p.node) {
+            if !s.member(p.node) {
                 continue;
             }
             let state = match m.state() {
@@ -1416,9 +1574,9 @@ impl GossipNode {
                 );
             }
         }
-        for node in s.directory.keys() {
-            seen.entry(*node).or_insert(PeerStatus {
-                node: *node,
+        for node in s.directory.iter().map(|(n, _)| n).filter(|n| *n != s.tables.me()) {
+            seen.entry(node).or_insert(PeerStatus {
+                node,
                 state: "unknown",
                 generation: 0,
                 incarnation: 0,
@@ -1741,9 +1899,9 @@ mod tests {
     fn a_host_never_sends_to_an_earlier_life_of_its_own() {
         use foca::{Codec as _, Header, Message};
         let mut lab = Lab::new(3);
-        let me = lab.nodes[0].identity().clone();
+        let me = lab.nodes[0].identity();
         let earlier = Peer { generation: me.generation - 1, ..me.clone() };
-        let from = lab.nodes[2].identity().clone();
+        let from = lab.nodes[2].identity();
         // Host 3's SWIM gossip to host 1, with one update: host 1's earlier life is alive.
         let mut payload = Vec::new();
         let header = Header { src: from, src_incarnation: 0, dst: me, message: Message::Gossip };
@@ -1875,6 +2033,25 @@ mod tests {
         assert!(suspect.refutations >= 1, "{suspect:?}");
         assert_eq!((prober.refutations, suspect.rebirths), (0, 0), "{prober:?} {suspect:?}");
         assert!(lab.nodes[0].is_alive(2), "the suspect refuted in time: {:?}", lab.nodes[0].peers());
+    }
+
+    /// SWIM's compact identity travels exactly as a `Peer`, so hosts that keep either hear
+    /// each other.
+    #[test]
+    fn a_swim_identity_is_small_and_encodes_as_a_peer() {
+        assert_eq!(std::mem::size_of::<SwimId>(), 32);
+        assert_eq!(std::mem::size_of::<Member<SwimId>>(), 40);
+        for addr in ["10.1.2.3:7946", "[fd00::1:2]:7946"] {
+            let peer = Peer { node: 300, addr: addr.parse().unwrap(), generation: 1_700_000_000_000_000 };
+            let id = SwimId::from(&peer);
+            let wire = postcard::to_stdvec(&peer).unwrap();
+            assert_eq!(postcard::to_stdvec(&id).unwrap(), wire, "{addr}");
+            assert_eq!(postcard::from_bytes::<SwimId>(&wire).unwrap(), id);
+            assert_eq!(id.peer(), peer);
+            let later = foca::Identity::renew(&id).unwrap();
+            assert_eq!(later.peer(), Peer { generation: peer.generation + 1, ..peer });
+            assert!(Life::of(&id).is(&id) && !Life::of(&later).is(&id));
+        }
     }
 
     #[test]

@@ -10,14 +10,16 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand10::rngs::SmallRng;
 use rand10::{RngExt, SeedableRng};
 
-use super::node::{DirectoryEntry, Event, GossipConfig, GossipCounters, GossipNode, Output, Peer, Timer};
-use super::record::{Endpoint, EndpointKey, Record, Signer};
+use super::node::{Directory, DirectoryEntry, Event, GossipConfig, GossipCounters, GossipNode, Output, Peer, Timer};
+use super::record::{Endpoint, EndpointKey, Signer};
 use super::seal::{GossipKey, KEY_LEN, Kind};
+use super::tables::Replica;
 use crate::state::NodeId;
 
 /// Members a node takes in per call while warm-starting.
@@ -107,7 +109,8 @@ pub struct Simulation {
     pending: HashMap<u64, Pending>,
     hosts: Vec<Host>,
     by_addr: HashMap<SocketAddr, usize>,
-    directory: Vec<(NodeId, DirectoryEntry)>,
+    /// One directory, every node's.
+    directory: Arc<Directory>,
     key: [u8; KEY_LEN],
     rng: SmallRng,
     out: Output,
@@ -185,7 +188,7 @@ impl Simulation {
             pending: HashMap::new(),
             hosts,
             by_addr,
-            directory,
+            directory: Arc::new(directory.into_iter().collect()),
             key,
             rng,
             out: Output::default(),
@@ -230,7 +233,7 @@ impl Simulation {
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         node.start(&mut out);
-        node.set_directory(self.directory.iter().cloned(), &mut out);
+        node.set_shared_directory(Arc::clone(&self.directory), &mut out);
         if publish {
             for (k, e) in self.hosts[i].endpoints.clone() {
                 node.put(k, e, &mut out);
@@ -243,7 +246,8 @@ impl Simulation {
 
     /// Builds every node as part of a converged cluster. Loading the member lists is
     /// quadratic per node (foca looks members up by a scan), so the nodes are built on all
-    /// cores; everything they share (the records) is shared, not copied.
+    /// cores; everything they share (each owner's table, its records) is shared, not copied,
+    /// until a host changes its replica.
     fn warm_start(&mut self) {
         for h in &mut self.hosts {
             h.life += 1;
@@ -252,8 +256,8 @@ impl Simulation {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(self.hosts.len().max(1));
         let chunk = self.hosts.len().div_ceil(threads).max(1);
         let this = &*self;
-        // Each node with its own records, built in parallel.
-        let built: Vec<(GossipNode, Output, Vec<Record>)> = std::thread::scope(|s| {
+        // Each node with its own table, built in parallel.
+        let built: Vec<(GossipNode, Output, Arc<Replica>)> = std::thread::scope(|s| {
             let workers: Vec<_> = (0..this.hosts.len())
                 .step_by(chunk)
                 .map(|lo| {
@@ -263,12 +267,12 @@ impl Simulation {
                                 let mut node = this.node_of(i, generation(this.hosts[i].life));
                                 let mut out = Output::default();
                                 node.start(&mut out);
-                                node.set_directory(this.directory.iter().cloned(), &mut Output::default());
+                                node.set_shared_directory(Arc::clone(&this.directory), &mut Output::default());
                                 for (k, e) in &this.hosts[i].endpoints {
                                     node.put_quietly(*k, e.clone());
                                 }
-                                let records = node.own_records();
-                                (node, out, records)
+                                let table = node.own_table();
+                                (node, out, table)
                             })
                             .collect::<Vec<_>>()
                     })
@@ -276,18 +280,12 @@ impl Simulation {
                 .collect();
             workers.into_iter().flat_map(|w| w.join().expect("a warm-start worker panicked")).collect()
         });
-        let members: Vec<Peer> = built.iter().map(|(n, _, _)| n.identity().clone()).collect();
-        let records: Vec<Record> = built.iter().flat_map(|(_, _, r)| r.iter().cloned()).collect();
-        // Owners' records are contiguous in `records`, in host order.
-        let mut owner_records = Vec::with_capacity(members.len() + 1);
-        owner_records.push(0);
-        for (_, _, r) in &built {
-            owner_records.push(owner_records.last().copied().unwrap_or(0) + r.len());
-        }
+        let members: Vec<Peer> = built.iter().map(|(n, _, _)| n.identity()).collect();
+        let tables: Vec<Arc<Replica>> = built.iter().map(|(_, _, t)| Arc::clone(t)).collect();
         let mut built: Vec<(GossipNode, Output)> = built.into_iter().map(|(n, o, _)| (n, o)).collect();
         std::thread::scope(|s| {
             for part in built.chunks_mut(chunk) {
-                let (members, records, owner_records) = (&members, &records, &owner_records);
+                let (members, tables) = (&members, &tables);
                 s.spawn(move || {
                     for (node, out) in part {
                         // A few hundred members at a time: the buffers a node fills while
@@ -295,8 +293,10 @@ impl Simulation {
                         // for the whole cluster at once was 12 % of the peak at 2,000 hosts.
                         for lo in (0..members.len()).step_by(WARM_BATCH) {
                             let hi = (lo + WARM_BATCH).min(members.len());
-                            let recs = &records[owner_records[lo]..owner_records[hi]];
-                            node.warm_start(&members[lo..hi], recs, out);
+                            node.warm_start(&members[lo..hi], &[], out);
+                            for (member, table) in members[lo..hi].iter().zip(&tables[lo..hi]) {
+                                node.adopt_table(member.node, Arc::clone(table));
+                            }
                             // Keep only the timers (anti-entropy, SWIM's probe cycle): the
                             // epoch record the start produced is already everywhere.
                             out.datagrams.clear();

@@ -10,10 +10,17 @@
 //! Tombstones stay for the life of the owner's epoch; a slot is an address of the owner's
 //! own block in one network, reused lowest-free, so a table never holds more slots than
 //! its blocks hold addresses.
+//!
+//! A host holds a replica of every other host's table, so replicas are kept small: sorted by
+//! owner in one `Vec`, each behind an `Arc` that is copied only when it changes. Replicas of an
+//! owner that are alike can then be one: a simulation's warm start hands every host the owner's
+//! own (see [`EndpointTables::adopt`]), as it hands them the same records.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use super::record::{Change, Endpoint, EndpointKey, Record};
+use super::vecmap::VecMap;
 use crate::state::NodeId;
 
 /// Where a replica stands: its epoch and watermark.
@@ -34,29 +41,52 @@ pub enum Applied {
     Stale,
 }
 
-#[derive(Debug, Default)]
-struct Replica {
+/// One owner's table as a host holds it.
+#[derive(Debug, Default, Clone)]
+pub struct Replica {
     epoch: u64,
     watermark: u64,
-    above: BTreeSet<u64>,
-    /// Sorted by slot (a table is small: a Vec is the compact choice for thousands of them).
-    slots: Vec<Record>,
+    /// Versions applied above the watermark, while a gap below them remains: rarely any, so
+    /// boxed (8 bytes, where an empty set takes 24).
+    #[allow(clippy::box_collection, reason = "the replica's size, when it is empty (nearly always)")]
+    above: Option<Box<BTreeSet<u64>>>,
+    /// Sorted by slot, no longer than it needs to be (a table is small, and thousands are
+    /// held: a slice is the compact choice).
+    slots: Box<[Record]>,
 }
 
 impl Replica {
     fn knows(&self, epoch: u64, version: u64) -> bool {
-        epoch < self.epoch || (epoch == self.epoch && (version <= self.watermark || self.above.contains(&version)))
+        epoch < self.epoch
+            || (epoch == self.epoch
+                && (version <= self.watermark || self.above.as_ref().is_some_and(|a| a.contains(&version))))
     }
 
     fn advance(&mut self) {
+        let Some(above) = self.above.as_mut() else { return };
         // At the last version there is, nothing lies above (a member may vouch for it).
         while let Some(next) = self.watermark.checked_add(1)
-            && self.above.remove(&next)
+            && above.remove(&next)
         {
             self.watermark = next;
         }
-        while self.above.first().is_some_and(|v| *v <= self.watermark) {
-            self.above.pop_first();
+        while above.first().is_some_and(|v| *v <= self.watermark) {
+            above.pop_first();
+        }
+        if above.is_empty() {
+            self.above = None;
+        }
+    }
+
+    fn set_slot(&mut self, record: Record) {
+        match self.slots.binary_search_by_key(&record.slot(), Record::slot) {
+            Ok(i) if self.slots[i].version >= record.version => {}
+            Ok(i) => self.slots[i] = record,
+            Err(i) => {
+                let mut slots = std::mem::take(&mut self.slots).into_vec();
+                slots.insert(i, record);
+                self.slots = slots.into_boxed_slice();
+            }
         }
     }
 }
@@ -65,13 +95,18 @@ impl Replica {
 #[derive(Debug)]
 pub struct EndpointTables {
     me: NodeId,
-    replicas: HashMap<NodeId, Replica>,
+    replicas: VecMap<Arc<Replica>>,
 }
 
 impl EndpointTables {
     /// Tables of host `me`, whose own table starts `epoch` (empty).
     pub fn new(me: NodeId) -> EndpointTables {
-        EndpointTables { me, replicas: HashMap::new() }
+        EndpointTables { me, replicas: VecMap::new() }
+    }
+
+    /// Makes room for replicas of `owners` hosts in all, at once (a directory's worth).
+    pub fn reserve(&mut self, owners: usize) {
+        self.replicas.reserve(owners.saturating_sub(self.replicas.len()));
     }
 
     /// This host.
@@ -82,42 +117,54 @@ impl EndpointTables {
     /// Whether a record at this place of `owner`'s history is already known (or void):
     /// checked before paying for a signature check.
     pub fn knows(&self, owner: NodeId, epoch: u64, version: u64) -> bool {
-        self.replicas.get(&owner).is_some_and(|r| r.knows(epoch, version))
+        self.replicas.get(owner).is_some_and(|r| r.knows(epoch, version))
     }
 
     /// Applies a record whose signature was verified. A record of a newer epoch voids the
     /// replica first.
     pub fn apply(&mut self, record: Record) -> Applied {
-        let r = self.replicas.entry(record.owner).or_default();
-        if r.knows(record.epoch, record.version) {
+        let shared = self.replicas.get_or_insert_with(record.owner, Arc::default);
+        if shared.knows(record.epoch, record.version) {
             return Applied::Stale;
         }
+        let r = Arc::make_mut(shared);
         if record.epoch > r.epoch {
             *r = Replica { epoch: record.epoch, ..Replica::default() };
         }
-        // In order (the common case): no detour through `above`, which would leave an empty
-        // tree node behind in every replica.
-        if r.watermark.checked_add(1) == Some(record.version) && r.above.is_empty() {
+        // In order (the common case): no detour through `above`.
+        if r.watermark.checked_add(1) == Some(record.version) && r.above.is_none() {
             r.watermark = record.version;
         } else {
-            r.above.insert(record.version);
+            r.above.get_or_insert_default().insert(record.version);
         }
-        match r.slots.binary_search_by_key(&record.slot(), Record::slot) {
-            Ok(i) if r.slots[i].version >= record.version => {}
-            Ok(i) => r.slots[i] = record,
-            Err(i) => r.slots.insert(i, record),
-        }
+        r.set_slot(record);
         r.advance();
+        Applied::New
+    }
+
+    /// `owner`'s replica, shared: for [`EndpointTables::adopt`] on another host.
+    pub fn replica(&self, owner: NodeId) -> Option<Arc<Replica>> {
+        self.replicas.get(owner).cloned()
+    }
+
+    /// Takes `replica` (another host's, shared until either changes it) as `owner`'s, if this
+    /// host holds none yet and `owner` is not this host: the same as applying its records.
+    pub fn adopt(&mut self, owner: NodeId, replica: Arc<Replica>) -> Applied {
+        if owner == self.me || self.replicas.contains_key(owner) {
+            return Applied::Stale;
+        }
+        self.replicas.insert(owner, replica);
         Applied::New
     }
 
     /// Anti-entropy vouched that `owner`'s history in `epoch` over `(from, upto]` is all
     /// applied (the records of that range were sent). Returns whether the watermark moved.
     pub fn complete(&mut self, owner: NodeId, epoch: u64, from: u64, upto: u64) -> bool {
-        let Some(r) = self.replicas.get_mut(&owner) else { return false };
-        if r.epoch != epoch || r.watermark < from || r.watermark >= upto {
+        let Some(shared) = self.replicas.get_mut(owner) else { return false };
+        if shared.epoch != epoch || shared.watermark < from || shared.watermark >= upto {
             return false;
         }
+        let r = Arc::make_mut(shared);
         r.watermark = upto;
         r.advance();
         true
@@ -125,19 +172,19 @@ impl EndpointTables {
 
     /// Where `owner`'s replica stands.
     pub fn position(&self, owner: NodeId) -> Option<Position> {
-        self.replicas.get(&owner).map(|r| Position { epoch: r.epoch, watermark: r.watermark })
+        self.replicas.get(owner).map(|r| Position { epoch: r.epoch, watermark: r.watermark })
     }
 
     /// Every replica's position (this host's own table included).
     pub fn positions(&self) -> impl Iterator<Item = (NodeId, Position)> + '_ {
-        self.replicas.iter().map(|(o, r)| (*o, Position { epoch: r.epoch, watermark: r.watermark }))
+        self.replicas.iter().map(|(o, r)| (o, Position { epoch: r.epoch, watermark: r.watermark }))
     }
 
     /// The records of `owner`'s `epoch` with versions above `from`, oldest first, and the
     /// replica's watermark (up to which they are complete). `None` if the replica is not in
     /// that epoch.
     pub fn since(&self, owner: NodeId, epoch: u64, from: u64) -> Option<(Vec<&Record>, u64)> {
-        let r = self.replicas.get(&owner).filter(|r| r.epoch == epoch)?;
+        let r = self.replicas.get(owner).filter(|r| r.epoch == epoch)?;
         let mut out: Vec<&Record> = r.slots.iter().filter(|rec| rec.version > from).collect();
         out.sort_unstable_by_key(|rec| rec.version);
         Some((out, r.watermark))
@@ -145,7 +192,7 @@ impl EndpointTables {
 
     /// The live endpoints of `owner`'s table.
     pub fn endpoints(&self, owner: NodeId) -> impl Iterator<Item = (&EndpointKey, &Endpoint)> + '_ {
-        self.replicas.get(&owner).into_iter().flat_map(|r| {
+        self.replicas.get(owner).into_iter().flat_map(|r| {
             r.slots.iter().filter_map(|rec| match &rec.change {
                 Change::Put(k, e) => Some((k, e)),
                 _ => None,
@@ -155,12 +202,12 @@ impl EndpointTables {
 
     /// The owners this host holds a table of.
     pub fn owners(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.replicas.keys().copied()
+        self.replicas.keys()
     }
 
     /// Drops `owner`'s replica (it left the cluster). Returns whether there was one.
     pub fn forget(&mut self, owner: NodeId) -> bool {
-        self.replicas.remove(&owner).is_some()
+        self.replicas.remove(owner).is_some()
     }
 
     /// The order-independent fingerprint of the positions in each of `buckets` buckets.
@@ -256,6 +303,28 @@ mod tests {
         assert!(t.complete(1, 5, 1, u64::MAX - 1));
         assert_eq!(t.apply(put(&s, 5, u64::MAX, 3)), Applied::New);
         assert_eq!(t.position(1), Some(Position { epoch: 5, watermark: u64::MAX }));
+    }
+
+    #[test]
+    fn an_adopted_replica_is_shared_until_either_host_changes_it() {
+        let s = Signer::generate();
+        let mut owner = EndpointTables::new(1);
+        owner.apply(Record::sign(&s, 1, 5, 1, Change::Epoch));
+        owner.apply(put(&s, 5, 2, 1));
+        let mut other = EndpointTables::new(9);
+        assert_eq!(other.adopt(1, owner.replica(1).unwrap()), Applied::New);
+        assert!(Arc::ptr_eq(&owner.replica(1).unwrap(), &other.replica(1).unwrap()));
+        assert_eq!(other.adopt(1, Arc::default()), Applied::Stale, "it holds one already");
+        assert_eq!(owner.adopt(1, Arc::default()), Applied::Stale, "its own table");
+        assert_eq!(other.position(1), Some(Position { epoch: 5, watermark: 2 }));
+        // The owner changes its table: the other host's replica stays as it was until the
+        // record reaches it.
+        owner.apply(put(&s, 5, 3, 2));
+        assert_eq!((other.position(1).unwrap().watermark, other.endpoints(1).count()), (2, 1));
+        assert_eq!(other.apply(put(&s, 5, 3, 2)), Applied::New);
+        assert_eq!(other.position(1), owner.position(1));
+        assert_eq!(other.endpoints(1).count(), 2);
+        assert!(!Arc::ptr_eq(&owner.replica(1).unwrap(), &other.replica(1).unwrap()));
     }
 
     #[test]
