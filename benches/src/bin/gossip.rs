@@ -47,6 +47,13 @@ struct Cli {
     /// Hosts that leave gracefully, 3 s apart.
     #[arg(long, default_value_t = 5)]
     leaves: usize,
+    /// SWIM probe period in ms [default: the agent's, `GossipConfig::default()`] (to try
+    /// other settings; the figures in BENCHMARKS.md use the defaults).
+    #[arg(long)]
+    probe_period_ms: Option<u64>,
+    /// Suspicion time before a suspect is declared down, in ms [default: the agent's].
+    #[arg(long)]
+    suspicion_ms: Option<u64>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -160,8 +167,20 @@ fn down_everywhere(sim: &Simulation, subject: usize, since: Duration) -> Option<
 fn run(cli: &Cli, hosts: usize) -> Result<serde_json::Value> {
     let wall = Instant::now();
     let rss_reset = reset_peak_rss();
-    let gossip = GossipConfig { cluster_size: u32::try_from(hosts).context("hosts")?, ..GossipConfig::default() };
-    let mut sim = Simulation::new(SimConfig { hosts, loss: cli.loss, seed: cli.seed, gossip, ..SimConfig::default() });
+    let mut gossip = GossipConfig { cluster_size: u32::try_from(hosts).context("hosts")?, ..GossipConfig::default() };
+    if let Some(ms) = cli.probe_period_ms {
+        gossip.probe_period = Duration::from_millis(ms);
+    }
+    if let Some(ms) = cli.suspicion_ms {
+        gossip.suspect_to_down = Duration::from_millis(ms);
+    }
+    let mut sim = Simulation::new(SimConfig {
+        hosts,
+        loss: cli.loss,
+        seed: cli.seed,
+        gossip: gossip.clone(),
+        ..SimConfig::default()
+    });
     let built = wall.elapsed();
     say(&format!("  {hosts} hosts: warm cluster built in {:.1} s", built.as_secs_f64()));
     let mut pick = Pick(cli.seed);
@@ -235,7 +254,13 @@ fn run(cli: &Cli, hosts: usize) -> Result<serde_json::Value> {
         rate_row(&format!("during changes ({:.0} per second)", 1.0 / CHANGE_EVERY.as_secs_f64()), churn),
     ];
     say("");
-    say(&format!("### {hosts} hosts (loss {}, seed {})", cli.loss, cli.seed));
+    say(&format!(
+        "### {hosts} hosts (loss {}, seed {}, probe every {} ms, suspicion {} ms)",
+        cli.loss,
+        cli.seed,
+        gossip.probe_period.as_millis(),
+        gossip.suspect_to_down.as_millis()
+    ));
     say("");
     say("| measurement (ms) | p50 | p99 | max | samples |");
     say("|---|---:|---:|---:|---:|");
