@@ -566,10 +566,23 @@ impl ClusterRuntime {
             }
         }
         let leased_now = self.lease_block(&net.name).await?;
-        let result = self.attach_in(&req, ns.as_ref(), name, ifname, origin, &net).await;
+        let result = self.attach_in(&req, ns.as_ref(), name.clone(), ifname, origin, &net).await;
         if result.is_err() && leased_now {
             // A failed attach leaves nothing behind, not even the block it leased.
             self.release_unused_blocks([net.name.clone()].into()).await;
+        }
+        if result.is_ok() {
+            let netns = {
+                let store = self.endpoints.lock().await;
+                let e = store.endpoints.iter().find(|e| e.network == net.name && e.name == name);
+                e.map(|e| e.netns.clone()).filter(|n| !n.is_empty())
+            };
+            if let Some(netns) = netns
+                && let Err(e) = self.program_vips_now(&netns, &net.name).await
+            {
+                // The balancing loop tries again; the endpoint itself is up.
+                tracing::warn!(netns, error = %format!("{e:#}"), "cannot program the VIP load balancer yet");
+            }
         }
         result
     }

@@ -501,6 +501,13 @@ fn podman_and_docker_containers_are_replicas_and_docker_clients_reach_the_vip() 
     })
     .unwrap_or_else(|e| panic!("{e:#}: {}", service(&c.agents[1], "web")));
     let client = attach(&c, 1, "front", "client", None);
+    // The attach answers once the client's VIP table is in place: its first request must not
+    // race the balancing loop (it did: 1 request in 20 failed under load).
+    let table = std::process::Command::new("ip")
+        .args(["netns", "exec", client.node.ns(), "nft", "list", "table", "ip", "overlayd_lb"])
+        .output()
+        .unwrap();
+    assert!(table.status.success(), "no VIP table right after the attach: {}", String::from_utf8_lossy(&table.stderr));
     let seen = spread(&client, "http://web/", 20);
     eprintln!("20 requests from an attached client: {seen:?}");
     assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["dock1", "pod1"], "{seen:?}");

@@ -58,6 +58,21 @@ pub fn vip_services(view: &ClusterView, replicas: &BTreeMap<String, Vec<Replica>
 }
 
 impl ClusterRuntime {
+    /// Programs the load-balancer table of one newly attached container's namespace `netns` at
+    /// once, so that the attach answers only when its first connection to a VIP of `network`
+    /// finds the table ([`ClusterRuntime::balance_vips`] keeps it in line afterwards; left to
+    /// that loop alone, a client that connected right after its attach could find none).
+    pub(crate) async fn program_vips_now(&self, netns: &str, network: &str) -> anyhow::Result<()> {
+        let view = self.follower.view();
+        let heard = Arc::clone(&self.gossip.subscribe().borrow());
+        let local = Arc::clone(&self.gossip.local().borrow());
+        let replicas = super::replicas(&view, &heard, &local, self.membership.node_id);
+        match vip_services(&view, &replicas).get(network) {
+            Some(services) => lb::apply(std::path::Path::new(netns), &lb::script(services)).await,
+            None => Ok(()),
+        }
+    }
+
     /// Keeps every local container's load-balancer table in line, for as long as the runtime
     /// lives.
     pub async fn balance_vips(self: Arc<Self>) {
