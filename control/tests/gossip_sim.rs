@@ -426,3 +426,24 @@ fn captured_gossip_replayed_is_refused_counted_and_never_answered() {
     sim.run_for(secs(3.0));
     sim.tables_agree().unwrap();
 }
+
+/// A bucket of owners whose summaries do not fit one datagram (as some do near 10,000 hosts
+/// with real, 5-byte epochs) is still repaired: here datagrams are made so small that no bucket
+/// of 100 hosts fits one, records do not ride on SWIM's messages, and only anti-entropy's
+/// stretches of those buckets bring the changes everywhere.
+#[test]
+fn buckets_larger_than_a_datagram_are_still_repaired() {
+    let hosts = 100;
+    let gossip = GossipConfig { cluster_size: hosts as u32, max_datagram: 200, ..GossipConfig::default() };
+    let mut sim = Simulation::new(SimConfig { hosts, loss: 0.2, seed: 12, gossip, ..SimConfig::default() });
+    sim.run_for(secs(2.0));
+    let watches = churn(&mut sim, 5, 10, secs(0.2));
+    sim.run_for(secs(60.0));
+    let (per_host, _) = spread(&sim, &watches);
+    let (_, _, _, missing) = show("change to a host, buckets larger than a datagram", &per_host);
+    let c = sim.counters();
+    println!("sync rounds {}, repaired {}, records sent {}", c.sync_rounds, c.sync_repaired, c.sync_records_sent);
+    assert_eq!(missing, 0, "every change reaches every host");
+    assert!(c.sync_repaired > 0, "by anti-entropy: {c:?}");
+    sim.tables_agree().unwrap();
+}

@@ -1237,7 +1237,25 @@ impl GossipNode {
                 let list = by_bucket.remove(&b).unwrap_or_default();
                 let len: usize = list.iter().map(sync::summary_len).sum();
                 if len > room {
-                    continue; // more owners in one bucket than a datagram holds (> ~10,000 hosts)
+                    // More owners in one bucket than a datagram holds (some buckets of a
+                    // cluster near 10,000 hosts, whose epochs take 5 bytes): a stretch of its
+                    // summaries from a random place, in a Digest of its own that covers no
+                    // bucket. The member compares each summary it gets (and pulls or pushes
+                    // what differs); only a covered bucket says "I have nobody else", so
+                    // nothing is inferred from who is not in the stretch.
+                    if msgs.len() < MAX_DIGESTS {
+                        let from = self.rng.random_range(0..list.len());
+                        let (mut part, mut used) = (Vec::new(), 0);
+                        for s in list.iter().cycle().skip(from).take(list.len()) {
+                            used += sync::summary_len(s);
+                            if used > room {
+                                break;
+                            }
+                            part.push(*s);
+                        }
+                        msgs.push(SyncMessage::Digest { buckets, covered: Vec::new(), summaries: part });
+                    }
+                    continue;
                 }
                 if size + len > room {
                     msgs.push(SyncMessage::Digest {
@@ -1271,11 +1289,9 @@ impl GossipNode {
         }
         let (wants, pushes) = {
             let s = lock(&self.shared);
-            let theirs: HashMap<NodeId, Position> = summaries
-                .iter()
-                .filter(|x| covered.contains(&(bucket(x.owner, buckets) as u16)))
-                .map(|x| (x.owner, x.position))
-                .collect();
+            // Every summary is compared; a covered bucket also says the sender has no other
+            // owner in it (the loop after this one).
+            let theirs: HashMap<NodeId, Position> = summaries.iter().map(|x| (x.owner, x.position)).collect();
             let me = s.tables.me();
             let known = |o: &NodeId| *o == me || s.directory.contains(*o);
             let mut wants = Vec::new();
