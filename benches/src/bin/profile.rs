@@ -108,41 +108,20 @@ fn main() -> Result<()> {
     pair.throughput(2, cli.streams)?;
     let before: Vec<_> = pair.agents.iter().filter_map(|a| a.counters().ok()).collect();
     let mut perf = match &cli.perf {
+        Some(out) => Some(start_perf(&["record", "-a", "-g", "-F", "499", "-o"], out, &[])?),
         None => None,
-        Some(out) => {
-            let child = Command::new("perf")
-                .args(["record", "-a", "-g", "-F", "499", "-o"])
-                .arg(out)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting perf record (is perf installed?)")?;
-            std::thread::sleep(Duration::from_millis(500));
-            Some(child)
-        }
     };
     let mut trace = match &cli.trace {
         Some(out) if !pair.agents.is_empty() => {
             let pids: Vec<String> = pair.agents.iter().map(|a| a.pid().to_string()).collect();
-            let child = Command::new("perf")
-                .args(["trace", "-s", "-o"])
-                .arg(out)
-                .args(["-p", &pids.join(",")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting perf trace")?;
-            std::thread::sleep(Duration::from_millis(1000));
-            Some(child)
+            Some(start_perf(&["trace", "-s", "-o"], out, &["-p", &pids.join(",")])?)
         }
         _ => None,
     };
     if let Some(count) = cli.ping {
         let rtt = pair.rtt_ms(count);
         for child in [perf.as_mut(), trace.as_mut()].into_iter().flatten() {
-            // SAFETY: `kill` with a PID this process spawned and has not reaped yet.
-            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-            child.wait()?;
+            stop_perf(child)?;
         }
         say(&format!("{}: {count} pings, average RTT {:.3} ms", pair.label, rtt?));
         return Ok(());
@@ -168,20 +147,8 @@ fn main() -> Result<()> {
         }
     }
     let cpu = MachineCpu::sample()?.busy_seconds_since(&cpu0);
-    if let Some(child) = trace.as_mut() {
-        // SAFETY: `kill` with a PID this process spawned and has not reaped yet.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        child.wait()?;
-    }
-    if let Some(child) = perf.as_mut() {
-        // SAFETY: `kill` with a PID this process spawned and has not reaped yet.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        let status = child.wait()?;
-        // perf record ends with 0 or by the SIGINT itself, having written its file.
-        use std::os::unix::process::ExitStatusExt as _;
-        if !status.success() && status.signal() != Some(libc::SIGINT) {
-            bail!("perf record failed: {status}");
-        }
+    for child in [trace.as_mut(), perf.as_mut()].into_iter().flatten() {
+        stop_perf(child)?;
     }
     result?;
     let gb = bytes as f64 / 1e9;
@@ -207,6 +174,33 @@ fn main() -> Result<()> {
             let d = delta(1, name);
             say(&format!("  receiver {name:<16} {d:>12} ({:.2} per sender TAP frame)", d as f64 / frames));
         }
+    }
+    Ok(())
+}
+
+/// Starts `perf ARGS OUT MORE…` quietly and gives it a moment to attach.
+fn start_perf(args: &[&str], out: &std::path::Path, more: &[&str]) -> Result<std::process::Child> {
+    let child = Command::new("perf")
+        .args(args)
+        .arg(out)
+        .args(more)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting perf {} (is perf installed?)", args[0]))?;
+    std::thread::sleep(Duration::from_millis(700));
+    Ok(child)
+}
+
+/// Stops a `perf` this process started (SIGINT: it writes its file) and reaps it.
+fn stop_perf(child: &mut std::process::Child) -> Result<()> {
+    // SAFETY: `kill` with a PID this process spawned and has not reaped yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait()?;
+    // perf ends with 0 or by the SIGINT itself, having written its file.
+    use std::os::unix::process::ExitStatusExt as _;
+    if !status.success() && status.signal() != Some(libc::SIGINT) {
+        bail!("perf failed: {status}");
     }
     Ok(())
 }
