@@ -110,15 +110,27 @@ impl Netns {
 }
 
 /// Sets an endpoint's MTU: its veth on the bridge, and its interface in the container (when
-/// the container's namespace is still there).
-pub async fn set_mtu(nl: &rtnetlink::Handle, ep: &LocalEndpoint, mtu: u32) -> Result<()> {
+/// the container's namespace is still there), with the GSO size that goes with the MTU on a
+/// network `sealed` or not ([`gso_max_size`]).
+pub async fn set_mtu(nl: &rtnetlink::Handle, ep: &LocalEndpoint, mtu: u32, sealed: bool) -> Result<()> {
     netdev::set_mtu(nl, &ep.host_ifname, mtu).await?;
     let Some(ns) = Netns::find(&ep.netns, ep.netns_id) else {
         tracing::debug!(endpoint = %ep.name, "its namespace is gone: only the host's end changed MTU");
         return Ok(());
     };
     let ifname = ep.ifname.clone();
-    ns.with_netlink(move |h| async move { netdev::set_mtu(&h, &ifname, mtu).await }).await
+    ns.with_netlink(move |h| async move {
+        netdev::set_mtu(&h, &ifname, mtu).await?;
+        netdev::set_gso_max_size(&h, &ifname, gso_max_size(mtu, sealed)).await
+    })
+    .await
+}
+
+/// The largest super-frame a container's TCP sends on a network of MTU `mtu`: as many
+/// segments as leave the host in one UDP GSO send (the kernel's default of 64 KB makes two
+/// sends of most super-frames; see [`dataplane::segment::endpoint_gso_max_size`]).
+pub fn gso_max_size(mtu: u32, sealed: bool) -> u32 {
+    dataplane::segment::endpoint_gso_max_size(mtu, sealed)
 }
 
 /// What an endpoint's veth is named after: the runtime's container id if it has one (its name
@@ -273,9 +285,10 @@ pub async fn plumb(
     ep: &LocalEndpoint,
     bridge: &Bridge,
     mtu: u32,
+    sealed: bool,
     gateway: Ipv4Addr,
 ) -> Result<()> {
-    let tmp = create_veth(nl, ep, mtu).await?;
+    let tmp = create_veth(nl, ep, mtu, sealed).await?;
     let result = async {
         let peer = netdev::link_index(nl, &tmp).await?.context("the new veth's other end vanished")?;
         nl.link()
@@ -296,8 +309,14 @@ pub async fn plumb(
 
 /// Creates the veth for Docker: the host end on the bridge, the other end (returned) left in
 /// this namespace with the endpoint's MAC, for Docker to move into the container and address.
-pub async fn plumb_for_docker(nl: &rtnetlink::Handle, ep: &LocalEndpoint, bridge: &Bridge, mtu: u32) -> Result<String> {
-    let peer = create_veth(nl, ep, mtu).await?;
+pub async fn plumb_for_docker(
+    nl: &rtnetlink::Handle,
+    ep: &LocalEndpoint,
+    bridge: &Bridge,
+    mtu: u32,
+    sealed: bool,
+) -> Result<String> {
+    let peer = create_veth(nl, ep, mtu, sealed).await?;
     let result = async {
         let index = netdev::link_index(nl, &peer).await?.context("the new veth's other end vanished")?;
         nl.link()
@@ -323,9 +342,9 @@ pub async fn retag(nl: &rtnetlink::Handle, ep: &LocalEndpoint) -> Result<()> {
     netdev::set_alias(nl, host, &VethTag::of(ep).alias()).await
 }
 
-/// The endpoint's veth, its host end tagged with the endpoint's record; returns the other
-/// end's (temporary) name.
-async fn create_veth(nl: &rtnetlink::Handle, ep: &LocalEndpoint, mtu: u32) -> Result<String> {
+/// The endpoint's veth, its host end tagged with the endpoint's record, the container's end
+/// with the [`gso_max_size`] of the network's MTU; returns the other end's (temporary) name.
+async fn create_veth(nl: &rtnetlink::Handle, ep: &LocalEndpoint, mtu: u32, sealed: bool) -> Result<String> {
     let (_, tmp) = veth_names(&ep.network, veth_key(&ep.container_id, &ep.name));
     nl.link()
         .add(LinkVeth::new(&ep.host_ifname, &tmp).mtu(mtu).build())
@@ -334,7 +353,8 @@ async fn create_veth(nl: &rtnetlink::Handle, ep: &LocalEndpoint, mtu: u32) -> Re
         .with_context(|| format!("cannot create the veth {} (is it left over? run overlayd detach)", ep.host_ifname))?;
     let tagged = async {
         let host = netdev::link_index(nl, &ep.host_ifname).await?.context("the new veth vanished")?;
-        netdev::set_alias(nl, host, &VethTag::of(ep).alias()).await
+        netdev::set_alias(nl, host, &VethTag::of(ep).alias()).await?;
+        netdev::set_gso_max_size(nl, &tmp, gso_max_size(mtu, sealed)).await
     }
     .await;
     if let Err(e) = tagged {

@@ -688,9 +688,13 @@ impl ClusterRuntime {
             &endpoint,
             async {
                 match ns {
-                    Some(ns) => attach::plumb(nl, ns, &endpoint, &local.bridge, net.mtu, net.gateway).await,
+                    Some(ns) => {
+                        attach::plumb(nl, ns, &endpoint, &local.bridge, net.mtu, net.encrypted, net.gateway).await
+                    }
                     // Docker moves the container's end itself and configures it.
-                    None => attach::plumb_for_docker(nl, &endpoint, &local.bridge, net.mtu).await.map(drop),
+                    None => {
+                        attach::plumb_for_docker(nl, &endpoint, &local.bridge, net.mtu, net.encrypted).await.map(drop)
+                    }
                 }
             },
             || attach::unplumb(nl, &endpoint.host_ifname),

@@ -206,7 +206,7 @@ impl Host {
         // Smaller first at the edges, so that nothing on the way is ever smaller than what
         // enters it; the bridge follows its ports.
         for e in endpoints {
-            if let Err(err) = crate::attach::set_mtu(&self.nl, e, mtu).await {
+            if let Err(err) = crate::attach::set_mtu(&self.nl, e, mtu, n.spec.encrypted).await {
                 tracing::warn!(endpoint = %e.name, error = %format!("{err:#}"), "could not change the container's MTU");
             }
         }

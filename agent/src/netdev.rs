@@ -340,6 +340,25 @@ pub async fn enslave(h: &Handle, name: &str, bridge: &Bridge, mtu: u32) -> Resul
         .with_context(|| format!("cannot put {name} on the bridge {}", bridge.name))
 }
 
+/// Sets the largest super-frame an interface's own TCP sends (`gso_max_size`); 0 leaves it.
+/// overlayd gives a container's interface [`dataplane::segment::endpoint_gso_max_size`], so
+/// that each of its super-frames leaves the host in one UDP GSO send.
+pub async fn set_gso_max_size(h: &Handle, name: &str, size: u32) -> Result<()> {
+    if size == 0 {
+        return Ok(());
+    }
+    let link = link_by_name(h, name).await?.with_context(|| format!("no interface {name}"))?;
+    h.link()
+        .set(
+            LinkUnspec::new_with_index(link.header.index)
+                .append_extra_attribute(rtnetlink::packet_route::link::LinkAttribute::GsoMaxSize(size))
+                .build(),
+        )
+        .execute()
+        .await
+        .with_context(|| format!("cannot set the GSO size of {name} to {size}"))
+}
+
 /// Sets an interface's MTU; gone is an error.
 pub async fn set_mtu(h: &Handle, name: &str, mtu: u32) -> Result<()> {
     let link = link_by_name(h, name).await?.with_context(|| format!("no interface {name}"))?;

@@ -88,6 +88,16 @@ fn plugin_socket(ns: &str) -> std::path::PathBuf {
     Path::new("/run/docker/plugins").join(format!("{ns}.sock"))
 }
 
+/// The `gso_max_size` of `eth0` in process `pid`'s network namespace.
+fn gso_max_size(pid: &str) -> Option<u32> {
+    let out = std::process::Command::new("nsenter")
+        .args([&format!("--net=/proc/{pid}/ns/net"), "ip", "-d", "-o", "link", "show", "dev", "eth0"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace().skip_while(|w| *w != "gso_max_size").nth(1)?.parse().ok()
+}
+
 #[test]
 fn docker_containers_join_the_overlay_reach_the_other_host_and_leave_it() {
     let bed = bed();
@@ -138,6 +148,12 @@ fn docker_containers_join_the_overlay_reach_the_other_host_and_leave_it() {
         .unwrap_or_default();
     assert!(routes.contains(&format!("default via {gw}")), "c1's routes: {routes}");
     assert!(!docker.docker(&["network", "ls"]).unwrap().contains("docker_gwbridge"));
+    // Its TCP super-frames leave in one GSO send each (44 segments at MTU 1450), as the CNI
+    // container's do.
+    let pid = docker.docker(&["inspect", "-f", "{{.State.Pid}}", "c1"]).unwrap();
+    assert_eq!(gso_max_size(pid.trim()), Some(44 * 1398 + 321), "c1's eth0");
+    let pid = podman.podman(&["inspect", "-f", "{{.State.Pid}}", "peer"]).unwrap();
+    assert_eq!(gso_max_size(pid.trim()), Some(44 * 1398 + 321), "the podman container's eth0");
     // Listed by its Docker name on every host.
     let named = wait_for(T, "c1 listed by name on host 1", || {
         listed(&c.agents[1], "web").iter().any(|(n, i)| n == "c1" && *i == ip.to_string()).then_some(true)

@@ -154,6 +154,14 @@ fn an_encrypted_network_carries_traffic_and_nothing_of_it_is_readable_on_the_wir
     assert_eq!(sealed["mtu"].as_u64().unwrap() + 32, plain["mtu"].as_u64().unwrap(), "room for the seal");
     let s: Vec<Ct> = (0..3).map(|i| attach(&c, i, "sec", &format!("s{}", i + 1))).collect();
     let p: Vec<Ct> = (0..2).map(|i| attach(&c, i, "plain", &format!("p{}", i + 1))).collect();
+    // Each container's TCP super-frames fit one GSO send of its network's datagrams: 44
+    // segments of 1,398 bytes plain (1,472-byte datagrams), 44 of 1,366 sealed (also 1,472).
+    let gso = |ct: &Ct| {
+        let out = ct.node.exec("ip", ["-d", "-o", "link", "show", "dev", "eth0"]).unwrap();
+        out.split_whitespace().skip_while(|w| *w != "gso_max_size").nth(1).and_then(|m| m.parse::<u32>().ok())
+    };
+    assert_eq!(gso(&p[0]), Some(44 * 1398 + 321));
+    assert_eq!(gso(&s[0]), Some(44 * 1366 + 321));
     let cap = capture(&bed, "both");
     for (a, b) in [(0, 1), (1, 2), (2, 0)] {
         s[a].node.ping_ok(s[b].ip.into(), 3).unwrap_or_else(|e| panic!("s{} to s{}: {e:#}", a + 1, b + 1));

@@ -1,8 +1,9 @@
 //! MTU that follows the underlay (issue 17): the daemon notices its underlay MTU change while
 //! it runs (`status` shows it), a new network's MTU is the smallest every host's underlay
 //! carries, and `network update --mtu` reaches every host's bridge, TAP and attached
-//! containers, with jumbo frames then crossing the overlay whole. Real daemons; needs root.
-//! Fails, never skips.
+//! containers, with jumbo frames then crossing the overlay whole; and a container's TCP
+//! super-frames sized to leave the host in one UDP GSO send at every MTU (issue 18). Real
+//! daemons; needs root. Fails, never skips.
 #![allow(clippy::print_stderr)]
 
 use std::time::Duration;
@@ -19,6 +20,12 @@ fn mtu(node: &Node, dev: &str) -> u32 {
     out.split_whitespace().skip_while(|w| *w != "mtu").nth(1).and_then(|m| m.parse().ok()).unwrap_or(0)
 }
 
+/// The `gso_max_size` of `dev` in `node`'s namespace.
+fn gso_max_size(node: &Node, dev: &str) -> u32 {
+    let out = node.exec("ip", ["-d", "-o", "link", "show", "dev", dev]).unwrap();
+    out.split_whitespace().skip_while(|w| *w != "gso_max_size").nth(1).and_then(|m| m.parse().ok()).unwrap_or(0)
+}
+
 #[test]
 fn the_network_mtu_follows_the_underlay_and_network_update_reaches_every_container() {
     let bed =
@@ -30,6 +37,17 @@ fn the_network_mtu_follows_the_underlay_and_network_update_reaches_every_contain
     let (a1, _) = c.attach(0, "a", "a1").unwrap();
     let (a2, a2_ip) = c.attach(1, "a", "a2").unwrap();
     a1.ping_ok(a2_ip, 2).unwrap();
+    // 44 segments of 1,398 bytes (the TCP payload at MTU 1450) fill one send of 44 × 1,472;
+    // the kernel's default (64 KB: 46 segments) needs two.
+    assert_eq!(gso_max_size(&a1, "eth0"), 44 * 1398 + 321);
+    let before = c.agents[0].counters().unwrap();
+    let r = a1.iperf3_to(&a2, a2_ip, 2, 2).unwrap();
+    let after = c.agents[0].counters().unwrap();
+    let delta = |n: &str| after.get(n) - before.get(n);
+    let (cut, sends) = (delta("tx_segmented"), delta("tx_gso_sends"));
+    eprintln!("{} bytes: {cut} super-frames cut, {sends} GSO sends", r.bytes);
+    assert!(cut > 1000, "iperf3 sent super-frames: {cut}");
+    assert!(sends * 10 < cut * 12, "one GSO send per super-frame, not two: {sends} sends for {cut}");
 
     // Jumbo frames on the whole underlay, while the daemons run: the switch's bridge and
     // ports, then each host's interface.
@@ -75,6 +93,8 @@ fn the_network_mtu_follows_the_underlay_and_network_update_reaches_every_contain
             (all == [8950; 3]).then_some(())
         })
         .unwrap();
+        // 7 segments of 8,898 bytes fit one send of 7 × 8,972.
+        assert_eq!(gso_max_size(ct, "eth0"), 7 * 8898 + 321, "h{}: the GSO size follows the MTU", i + 1);
     }
     // A jumbo ping crosses whole (the don't-fragment bit set: no fragmenting on the way).
     let out = a1.exec("ping", ["-c", "3", "-W", "2", "-M", "do", "-s", "8900", &a2_ip.to_string()]).unwrap();

@@ -25,6 +25,34 @@ pub enum SegmentError {
     MtuTooSmall,
 }
 
+/// Largest UDP payload of one IPv4 datagram or GSO send (65,535 − 20 − 8).
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
+/// The kernel's `MAX_TCP_HEADER` (`L1_CACHE_ALIGN(128 + MAX_HEADER)`: 256 or 320 bytes on
+/// x86-64, by configuration), the larger value; [`endpoint_gso_max_size`] holds for both.
+const KERNEL_MAX_TCP_HEADER: u32 = 320;
+
+/// The `gso_max_size` to give a container's interface on a network of MTU `mtu` (sealed or
+/// not), so that every TCP super-frame it sends is cut into segments that leave in **one** UDP
+/// GSO send. A full segment is an MTU-sized IP packet behind Ethernet (14) and VXLAN (8) (and
+/// the seal's overhead); one send carries at most [`MAX_UDP_PAYLOAD`] bytes and 64 segments.
+/// With the kernel's default of 64 KB, a super-frame of an MTU of 1450 is 46 segments, 68 KB
+/// on the wire: two sends, the second of 2 segments, and as many skbs, system calls, firewall
+/// and socket passes as the first (measured in `BENCHMARKS.md`, issue 18).
+///
+/// The kernel's TCP sizes a super-frame as `gso_max_size − 1 − MAX_TCP_HEADER` rounded down
+/// to a whole number of segments (`tcp_xmit_size_goal`); the size returned makes that exactly
+/// the most segments that fit one send, for IPv4 with timestamps (MSS `mtu − 52`). Without
+/// timestamps the segments are larger and fewer; over IPv6 inside, a frame may still need a
+/// second send (as it does today). Returns 0 (leave the kernel's default) for an MTU too small
+/// to matter.
+pub fn endpoint_gso_max_size(mtu: u32, sealed: bool) -> u32 {
+    let seal = if sealed { crate::crypto::OVERHEAD as u32 } else { 0 };
+    let datagram = mtu + ethernet::HEADER_LEN as u32 + crate::wire::vxlan::HEADER_LEN as u32 + seal;
+    let Some(mss) = mtu.checked_sub(20 + 20 + 12).filter(|&m| m >= 512) else { return 0 };
+    let segments = (MAX_UDP_PAYLOAD as u32 / datagram).min(64);
+    segments * mss + 1 + KERNEL_MAX_TCP_HEADER
+}
+
 /// The transport of a super-frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -249,6 +277,38 @@ impl<'a> SuperFrame<'a> {
 pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The kernel's `tcp_xmit_size_goal` at a given `gso_max_size`, in segments.
+    fn kernel_segments(gso_max_size: u32, max_tcp_header: u32, mss: u32) -> u32 {
+        (gso_max_size - 1 - max_tcp_header) / mss
+    }
+
+    #[test]
+    fn an_endpoint_super_frame_is_the_most_segments_one_gso_send_carries() {
+        // The figure the benchmark runs at: an underlay of 1500, VXLAN over IPv4.
+        assert_eq!(endpoint_gso_max_size(1450, false), 44 * 1398 + 321);
+        for sealed in [false, true] {
+            for mtu in (576..=9000).step_by(7) {
+                let g = endpoint_gso_max_size(mtu, sealed);
+                let datagram = mtu + 22 + if sealed { crate::crypto::OVERHEAD as u32 } else { 0 };
+                let fits = (MAX_UDP_PAYLOAD as u32 / datagram).min(64);
+                for header in [256, 320] {
+                    let n = kernel_segments(g, header, mtu - 52);
+                    assert!(
+                        n * datagram <= MAX_UDP_PAYLOAD as u32 && n <= 64,
+                        "mtu {mtu}: {n} segments overflow one send"
+                    );
+                    assert_eq!(
+                        n, fits,
+                        "mtu {mtu} sealed {sealed} header {header}: the super-frame is smaller than a send"
+                    );
+                    // Without timestamps each segment carries more: no more of them.
+                    assert!(kernel_segments(g, header, mtu - 40) <= fits);
+                }
+            }
+        }
+        assert_eq!(endpoint_gso_max_size(500, false), 0, "too small an MTU leaves the default");
+    }
 
     #[test]
     fn partial_headers_finished_by_the_receiver_are_the_full_ones() {

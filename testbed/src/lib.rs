@@ -850,7 +850,9 @@ exec sleep 2147483647"#;
     }
 
     /// Adds a container: a namespace whose `eth0` (address `cidr`, MAC derived from it as
-    /// overlayd derives MACs, MTU of the bridge) is a veth on `bridge` of this host.
+    /// overlayd derives MACs, MTU of the bridge, and the GSO size overlayd's attach gives an
+    /// interface of that MTU, [`dataplane::segment::endpoint_gso_max_size`]) is a veth on
+    /// `bridge` of this host. Every path of the benchmarks gets the same containers.
     pub fn add_container(&self, name: &str, bridge: &str, cidr: &str) -> Result<Container> {
         let (ip, _) = cidr.split_once('/').context("the container address needs a prefix length, e.g. 10.0.0.1/24")?;
         let ip: Ipv4Addr = ip.parse().with_context(|| format!("{cidr:?} is not an IPv4 address"))?;
@@ -886,6 +888,10 @@ exec sleep 2147483647"#;
         ])?;
         netns::ip(["-n", &self.node.ns, "link", "set", &veth, "master", bridge, "up"])?;
         netns::ip(["-n", &ns, "addr", "add", cidr, "dev", "eth0"])?;
+        let gso = dataplane::segment::endpoint_gso_max_size(mtu.parse().context("the bridge's MTU")?, false);
+        if gso > 0 {
+            netns::ip(["-n", &ns, "link", "set", "eth0", "gso_max_size", &gso.to_string()])?;
+        }
         netns::ip(["-n", &ns, "link", "set", "eth0", "up"])?;
         Ok(Container { node: Node { ns, inner: Arc::clone(inner) }, ip: IpAddr::V4(ip), mac })
     }

@@ -23,8 +23,8 @@ use crate::counters::{DropReason, NetworkCounters, bump};
 use crate::crypto::{self, Sealer};
 use crate::learn::LearnedReader;
 use crate::offload::{self, TxShape, VNET_HDR_LEN, VirtioNetHdr};
-use crate::segment::SuperFrame;
 use crate::segment::Transport;
+use crate::segment::{MAX_UDP_PAYLOAD, SuperFrame};
 use crate::switch::{self, TapVerdict};
 use crate::tables::{Tables, TablesReader};
 use crate::wire::arp;
@@ -43,8 +43,6 @@ const ROUNDS_PER_WAKEUP: usize = 8;
 const MMSG_CAP: usize = 512;
 /// Largest frame read from a TAP (a 64 KB super-frame and its Ethernet header).
 const FRAME_CAP: usize = 65_536 + 64;
-/// Largest UDP payload on IPv4 (65535 − 20 − 8), for one datagram or one GSO run.
-const MAX_UDP_PAYLOAD: usize = 65_507;
 /// The kernel's limit of segments per GSO send (`UDP_MAX_SEGMENTS`).
 const MAX_GSO_SEGMENTS: usize = 64;
 /// Most segments one super-frame may be cut into (64 KB at an MSS of 512).
