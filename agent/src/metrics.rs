@@ -362,6 +362,10 @@ fn gossip(x: &mut Exposition, g: &GossipScrape) {
         records_not_piggybacked,
         cluster_size_refused,
         swim_unexpected,
+        ring_pings,
+        ring_acks,
+        ring_suspicions,
+        ring_unproven,
     } = g.counters;
     let m = g.members;
     x.labelled(
@@ -383,6 +387,30 @@ fn gossip(x: &mut Exposition, g: &GossipScrape) {
         Kind::Counter,
         "Suspicions of this host that it refuted.",
         refutations,
+    );
+    x.single(
+        "overlayd_gossip_ring_pings_total",
+        Kind::Counter,
+        "Ring pings this host sent the member it watches (its successor by node id), retries included.",
+        ring_pings,
+    );
+    x.single(
+        "overlayd_gossip_ring_acks_total",
+        Kind::Counter,
+        "Ring acks this host received for its current ping.",
+        ring_acks,
+    );
+    x.single(
+        "overlayd_gossip_ring_suspicions_total",
+        Kind::Counter,
+        "Hosts this host's ring watch suspected: no try of a period's ring ping was answered.",
+        ring_suspicions,
+    );
+    x.single(
+        "overlayd_gossip_ring_unproven_total",
+        Kind::Counter,
+        "Ring pings unanswered by a host that never answered one (an earlier overlayd release): not suspected.",
+        ring_unproven,
     );
     x.single(
         "overlayd_gossip_rebirths_total",
@@ -729,6 +757,7 @@ mod tests {
             "overlayd_gossip_members",
             "overlayd_gossip_suspicions_total",
             "overlayd_gossip_refutations_total",
+            "overlayd_gossip_ring_suspicions_total",
             "overlayd_gossip_dropped_total",
             "overlayd_gossip_sync_repairs_total",
             "overlayd_raft_term",

@@ -358,7 +358,8 @@ pub fn peers(r: &pb::PeersReply) -> String {
         "\ngossip: {} datagrams in, {} out; refused: {} not gossip, {} of another overlayd version, {} bad key, {} malformed, {} replayed, \
          {} of a sender's earlier life, {} for another host, {} from hosts outside the cluster; \
          records: {} applied, {} forged, {} of unknown hosts, {} malformed; {} repaired by anti-entropy; \
-         swim: {} late probe cycles, {} records too big to piggyback, {} other errors",
+         swim: {} late probe cycles, {} records too big to piggyback, {} other errors; \
+         ring: {} pings, {} acks, {} suspicions, {} unanswered by hosts of an earlier release",
         get("rx_datagrams"),
         get("tx_datagrams"),
         get("rx_not_gossip"),
@@ -380,6 +381,10 @@ pub fn peers(r: &pb::PeersReply) -> String {
             + get("swim_unencodable")
             + get("cluster_size_refused")
             + get("swim_unexpected"),
+        get("ring_pings"),
+        get("ring_acks"),
+        get("ring_suspicions"),
+        get("ring_unproven"),
     );
     o
 }

@@ -3,7 +3,9 @@
 //! **What it is.** SWIM membership among all hosts (the `foca` crate) on its own UDP port,
 //! each datagram sealed under the cluster's gossip key for one receiver, which takes it only
 //! once and only from a host of the directory ([`seal`], [`replay`]; the key is rotated when a
-//! node is removed, without cutting anyone off); per-host endpoint tables that only their owner writes, as
+//! node is removed, without cutting anyone off), beside it a ring watch in which every host
+//! pings its successor each probe period, so that a dead host is suspected within a period
+//! ([`ring`]); per-host endpoint tables that only their owner writes, as
 //! owner-signed, versioned records piggybacked on SWIM messages; anti-entropy rounds that
 //! repair whatever a host missed. Sans-IO: [`node::GossipNode`]
 //! takes datagrams, timer expiries and local changes and returns datagrams, timers and
@@ -20,6 +22,7 @@
 pub mod node;
 pub mod record;
 pub mod replay;
+pub mod ring;
 pub mod seal;
 pub mod sim;
 pub mod sync;

@@ -9,6 +9,21 @@
 //! not in it — a removed host, or one this host's directory does not list yet — is refused
 //! before SWIM sees it, and no host outside it is ever alive here, whatever other hosts say
 //! of it.
+//!
+//! **Ring watch.** Beside SWIM's probes (foca picks their targets, at random per host), each
+//! host pings its successor among the members it holds alive, sorted by node id, every probe
+//! period ([`super::ring`]); when no try within the probe RTT is answered it tells SWIM the
+//! member is suspect at its current incarnation (spread like SWIM's own suspicions), tells
+//! the member directly so that a live one refutes at once, and declares it down when the
+//! suspicion has run [`GossipConfig::suspect_to_down`] unrefuted — foca arms that timer only
+//! for its own probes, so the node arms its own. Every member is then watched by one host
+//! each period, and a dead one is withdrawn everywhere within a period, the RTT, the
+//! suspicion and the time the news takes to spread, whatever the cluster's size (SWIM's
+//! probes alone left a member unprobed in a period with probability ≈ 1/e, and the worst
+//! case to chance). The successor is passed over while this host's suspicion of it runs, so
+//! the next one is watched at once; a member that goes down, leaves or joins changes the
+//! ring from the next period on, and hosts whose views differ for a moment watch a member
+//! twice or, until they agree, leave one to SWIM's probes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -23,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use super::record::{Change, Endpoint, EndpointKey, PUBLIC_KEY_LEN, Record, RecordError, Signer};
 use super::replay::{Refused, ReplayGuard};
+use super::ring::{self, RingMessage, RingWatch, Verdict};
 use super::seal::{GossipKey, Kind, OVERHEAD, Opened, SealError, Sealer};
 use super::sync::{self, MemberInfo, Summary, SyncMessage, Want, serde_bytes_vec::Bytes};
 use super::tables::{Applied, EndpointTables, Position, Replica, bucket};
@@ -273,6 +289,17 @@ enum TimerKind {
     KeySeal(u32),
     /// Forget the older keys (of this rotation).
     KeyRetire(u32),
+    /// A ring-watch period starts.
+    RingTick,
+    /// A try of the ring ping of this number has had its share of the RTT.
+    RingDeadline(u32),
+    /// The ring watch's suspicion of `member` at `incarnation` (of SWIM instance `life`) has
+    /// run its course.
+    RingDown {
+        life: u32,
+        member: SwimId,
+        incarnation: u16,
+    },
 }
 
 /// What changed, for the agent to act on.
@@ -379,6 +406,17 @@ pub struct GossipCounters {
     /// SWIM errors that none of the calls made outside datagram handling returns (counted
     /// so that a foca upgrade that starts returning them shows).
     pub swim_unexpected: u64,
+    /// Ring pings this host sent its successor (tries within one RTT included; see
+    /// [`super::ring`]).
+    pub ring_pings: u64,
+    /// Ring acks this host received that answered its current ping.
+    pub ring_acks: u64,
+    /// Members this host's ring watch suspected: every try of a period's ping went
+    /// unanswered (SWIM declares it down unless it refutes in time).
+    pub ring_suspicions: u64,
+    /// Periods whose ring ping went unanswered by a member that never answered one in its
+    /// current life (an earlier overlayd release, which does not know them): not suspected.
+    pub ring_unproven: u64,
 }
 
 impl GossipCounters {
@@ -435,6 +473,10 @@ impl GossipCounters {
             records_not_piggybacked,
             cluster_size_refused,
             swim_unexpected,
+            ring_pings,
+            ring_acks,
+            ring_suspicions,
+            ring_unproven,
         } = other;
         self.rx_datagrams += rx_datagrams;
         self.rx_bytes += rx_bytes;
@@ -465,6 +507,10 @@ impl GossipCounters {
         self.records_not_piggybacked += records_not_piggybacked;
         self.cluster_size_refused += cluster_size_refused;
         self.swim_unexpected += swim_unexpected;
+        self.ring_pings += ring_pings;
+        self.ring_acks += ring_acks;
+        self.ring_suspicions += ring_suspicions;
+        self.ring_unproven += ring_unproven;
     }
 }
 
@@ -693,6 +739,7 @@ pub struct GossipNode {
     /// Which SWIM instance this is (timers carry it).
     life: u32,
     pending_events: Vec<Event>,
+    ring: RingWatch,
 }
 
 impl std::fmt::Debug for GossipNode {
@@ -745,6 +792,7 @@ impl GossipNode {
             last_heard: None,
             life: 0,
             pending_events: Vec::new(),
+            ring: RingWatch::default(),
         }
     }
 
@@ -763,6 +811,9 @@ impl GossipNode {
         self.record(Change::Epoch, out);
         let first = self.config.sync_interval.mul_f64(self.rng.random_range(0.1..1.0));
         out.timers.push((first, Timer(TimerKind::Sync)));
+        // Hosts started together do not ping in step.
+        let first = self.config.probe_period.mul_f64(self.rng.random_range(0.0..1.0));
+        out.timers.push((first, Timer(TimerKind::RingTick)));
     }
 
     /// The hosts of the cluster (from Raft). Tables of hosts no longer in it are dropped, and
@@ -789,6 +840,7 @@ impl GossipNode {
             }
             let s = &*s;
             self.replay.set_directory(|n| s.member(n));
+            self.ring.retain(|n| s.member(n));
             let left: Vec<NodeId> = self.live.keys().filter(|n| !s.member(*n)).collect();
             for n in left {
                 self.live.remove(n);
@@ -957,6 +1009,20 @@ impl GossipNode {
                 }
                 None => lock(&self.shared).counters.rx_malformed += 1,
             },
+            Kind::Ring => match RingMessage::decode(payload) {
+                // Any host's ping is answered: its watch may differ from this host's view.
+                Some(RingMessage::Ping(seq)) => {
+                    self.heard(now);
+                    self.send_ring(from, RingMessage::Ack(seq));
+                }
+                Some(RingMessage::Ack(seq)) => {
+                    self.heard(now);
+                    if self.ring.ack(from.node, seq) {
+                        lock(&self.shared).counters.ring_acks += 1;
+                    }
+                }
+                None => lock(&self.shared).counters.rx_malformed += 1,
+            },
         }
     }
 
@@ -992,6 +1058,18 @@ impl GossipNode {
             TimerKind::Eager => {
                 self.eager_armed = false;
                 self.eager(now);
+            }
+            TimerKind::RingTick => {
+                out.timers.push((self.config.probe_period, Timer(TimerKind::RingTick)));
+                self.ring_tick();
+            }
+            TimerKind::RingDeadline(seq) => self.ring_deadline(now, seq),
+            TimerKind::RingDown { life, member, incarnation } => {
+                self.ring.resolved(member.node);
+                // A suspicion of a SWIM instance since replaced (see `rebirth`) is void.
+                if life == self.life {
+                    self.ring_down(now, member, incarnation);
+                }
             }
             TimerKind::KeySeal(rotation) if rotation == self.rotation => self.sealer.rekey(&self.keys[0]),
             TimerKind::KeyRetire(rotation) if rotation == self.rotation => self.keys.truncate(1),
@@ -1050,6 +1128,7 @@ impl GossipNode {
         for (node, _) in self.live.drain() {
             self.pending_events.push(Event::PeerDown(node));
         }
+        self.ring.reset();
         lock(&self.shared).counters.rebirths += 1;
         self.announce(3);
     }
@@ -1069,6 +1148,84 @@ impl GossipNode {
         for (to, incarnation) in suspects {
             self.send_sync(to, &SyncMessage::Suspected { by: me, incarnation });
         }
+    }
+
+    /// A ring-watch period: pings the successor (see [`super::ring`]).
+    fn ring_tick(&mut self) {
+        let me = self.me();
+        let ring = &self.ring;
+        let Some((node, life)) = ring::successor(&self.live, me, |n| ring.passes_over(n)) else {
+            self.ring.idle();
+            return;
+        };
+        let (generation, addr) = (life.generation, life.addr.get());
+        let seq = self.ring.start(node, generation, addr);
+        self.ring_ping(Dest { node, addr }, seq);
+    }
+
+    /// Sends ping `seq` (a try of this period's), and arms its try's deadline: the tries
+    /// share the probe RTT.
+    fn ring_ping(&mut self, to: Dest, seq: u32) {
+        lock(&self.shared).counters.ring_pings += 1;
+        self.send_ring(to, RingMessage::Ping(seq));
+        self.outbox_timer(self.config.probe_rtt / u32::from(ring::ATTEMPTS), TimerKind::RingDeadline(seq));
+    }
+
+    fn ring_deadline(&mut self, now: Duration, seq: u32) {
+        match self.ring.deadline(seq) {
+            Verdict::Fine => {}
+            Verdict::Retry(w) => self.ring_ping(Dest { node: w.node, addr: w.addr }, seq),
+            Verdict::Suspect(w) => self.ring_suspect(now, w.node, w.generation),
+            Verdict::Unproven(_) => lock(&self.shared).counters.ring_unproven += 1,
+        }
+    }
+
+    /// The ring watch suspects `node` (in life `generation`): SWIM holds it suspect at its
+    /// current incarnation and spreads that (unless it already did), the member hears it at
+    /// once (a live one refutes), and the suspicion runs out after `suspect_to_down`.
+    fn ring_suspect(&mut self, now: Duration, node: NodeId, generation: u64) {
+        // A scan of SWIM's members (foca finds one no faster), once per suspicion.
+        let found = self
+            .swim
+            .iter_membership_state()
+            .find(|m| m.id().node == node && m.id().generation == generation)
+            .map(|m| (m.id().clone(), m.incarnation(), m.state()));
+        let Some((id, incarnation, state)) = found.filter(|(_, _, state)| *state != State::Down) else {
+            // Down or gone meanwhile: nothing to suspect.
+            self.ring.resolved(node);
+            return;
+        };
+        lock(&self.shared).counters.ring_suspicions += 1;
+        if state == State::Alive {
+            let suspect = Member::new(id.clone(), incarnation, State::Suspect);
+            counted(&self.shared, self.swim.apply_many(std::iter::once(suspect), true, &mut self.outbox));
+            self.eager(now);
+        }
+        let me = self.me();
+        self.send_sync(Dest::from(&id), &SyncMessage::Suspected { by: me, incarnation });
+        let life = self.life;
+        self.outbox_timer(self.config.suspect_to_down, TimerKind::RingDown { life, member: id, incarnation });
+    }
+
+    /// The ring watch's suspicion of `member` at `incarnation` ran out: down, if SWIM still
+    /// holds it suspect at that incarnation (it did not refute, nor did it go down or come
+    /// back as a new life meanwhile).
+    fn ring_down(&mut self, now: Duration, member: SwimId, incarnation: u16) {
+        let unrefuted = self
+            .swim
+            .iter_membership_state()
+            .any(|m| *m.id() == member && m.state() == State::Suspect && m.incarnation() == incarnation);
+        if unrefuted {
+            let down = Member::new(member, incarnation, State::Down);
+            counted(&self.shared, self.swim.apply_many(std::iter::once(down), true, &mut self.outbox));
+            self.eager(now);
+        }
+    }
+
+    fn send_ring(&mut self, to: Dest, m: RingMessage) {
+        let mut sealed = Vec::new();
+        self.sealer.seal(to.node, Kind::Ring, &m.encode(), &mut sealed);
+        self.pending_sends.push((to.addr, sealed));
     }
 
     /// Passes news on now, or as soon as `eager_delay` since the last push allows.
@@ -1642,6 +1799,8 @@ mod tests {
         /// Datagrams from .0 to .1 are held back here instead of delivered.
         hold: Option<(usize, usize)>,
         held: Vec<Vec<u8>>,
+        /// This host runs a release before the ring watch: ring datagrams to it are refused.
+        before_ring: Option<usize>,
     }
 
     fn addr(i: usize) -> SocketAddr {
@@ -1665,6 +1824,11 @@ mod tests {
     impl Lab {
         /// `n` hosts (node ids 1..=n) that know each other from the directory, run for 3 s.
         fn new(n: usize) -> Lab {
+            Lab::with(n, None)
+        }
+
+        /// [`Lab::new`], host `before_ring` (if any) of a release before the ring watch.
+        fn with(n: usize, before_ring: Option<usize>) -> Lab {
             let mut lab = Lab {
                 key: GossipKey::generate(),
                 signers: (0..n).map(|_| Signer::generate().pkcs8().to_vec()).collect(),
@@ -1676,6 +1840,7 @@ mod tests {
                 wire: Vec::new(),
                 hold: None,
                 held: Vec::new(),
+                before_ring,
             };
             for i in 0..n {
                 let node = lab.boot(i, 1_000_000);
@@ -1724,6 +1889,10 @@ mod tests {
                 let to = (0..self.nodes.len()).find(|j| addr(*j) == to).expect("a lab address");
                 if self.hold == Some((i, to)) {
                     self.held.push(data);
+                    continue;
+                }
+                let ring = || GossipKey::new(&self.key).open(&mut data.clone()).is_ok_and(|o| o.kind == Kind::Ring);
+                if self.before_ring == Some(to) && ring() {
                     continue;
                 }
                 self.seq += 1;
@@ -2047,8 +2216,112 @@ mod tests {
         let (prober, suspect) = (lab.nodes[0].counters(), lab.nodes[1].counters());
         assert!(prober.suspicions >= 1, "{prober:?}");
         assert!(suspect.refutations >= 1, "{suspect:?}");
-        assert_eq!((prober.refutations, suspect.rebirths), (0, 0), "{prober:?} {suspect:?}");
+        // In a ring of two the lost direction also carries host 2's ring pings of host 1:
+        // host 2's ring watch suspects host 1 in turn, which refutes too.
+        assert!(suspect.ring_suspicions >= 1 && prober.refutations >= 1, "{prober:?} {suspect:?}");
+        assert_eq!((prober.rebirths, suspect.rebirths), (0, 0), "{prober:?} {suspect:?}");
         assert!(lab.nodes[0].is_alive(2), "the suspect refuted in time: {:?}", lab.nodes[0].peers());
+        assert!(lab.nodes[1].is_alive(1), "the prober refuted in time: {:?}", lab.nodes[1].peers());
+    }
+
+    impl Lab {
+        /// The ring datagrams delivered so far: (from, to, the message).
+        fn ring_messages(&self) -> Vec<(usize, usize, RingMessage)> {
+            let key = GossipKey::new(&self.key);
+            self.wire
+                .iter()
+                .filter_map(|(from, to, d)| {
+                    let mut d = d.clone();
+                    let opened = key.open(&mut d).ok()?;
+                    let m = RingMessage::decode(opened.payload).filter(|_| opened.kind == Kind::Ring)?;
+                    Some((*from, *to, m))
+                })
+                .collect()
+        }
+    }
+
+    /// Each host pings its successor by node id (the last one the first) once a probe
+    /// period, is answered at the first try, and suspects nobody.
+    #[test]
+    fn every_host_pings_its_ring_successor_each_period_and_is_answered() {
+        let mut lab = Lab::new(3);
+        lab.wire.clear();
+        lab.run(Duration::from_secs(4));
+        let ring = lab.ring_messages();
+        for i in 0..3 {
+            let next = (i + 1) % 3;
+            let pings = ring.iter().filter(|(f, _, m)| *f == i && matches!(m, RingMessage::Ping(_))).count();
+            assert_eq!(pings, 10, "host {i}: one ping a period");
+            let strays = ring.iter().filter(|(f, t, m)| *f == i && *t != next && matches!(m, RingMessage::Ping(_)));
+            assert_eq!(strays.count(), 0, "host {i} pings only its successor");
+            let acks = ring.iter().filter(|(f, t, m)| (*f, *t) == (next, i) && matches!(m, RingMessage::Ack(_)));
+            assert_eq!(acks.count(), pings, "host {next} answers each");
+            let c = lab.nodes[i].counters();
+            assert_eq!(c.ring_acks, c.ring_pings, "{c:?}");
+            assert_eq!((c.ring_suspicions, c.ring_unproven, c.suspicions, c.rx_malformed), (0, 0, 0, 0), "{c:?}");
+        }
+    }
+
+    /// A ring of two: each watches the other. Alone: nobody to ping.
+    #[test]
+    fn in_a_ring_of_two_each_watches_the_other_and_one_alone_pings_nobody() {
+        let mut lab = Lab::new(2);
+        lab.wire.clear();
+        lab.run(Duration::from_secs(2));
+        let ring = lab.ring_messages();
+        for (i, other) in [(0, 1), (1, 0)] {
+            let pings = ring.iter().filter(|(f, t, m)| (*f, *t) == (i, other) && matches!(m, RingMessage::Ping(_)));
+            assert_eq!(pings.count(), 5, "host {i}");
+        }
+        let alone = Lab::new(1);
+        assert_eq!(alone.nodes[0].counters().ring_pings, 0);
+        assert!(alone.ring_messages().is_empty());
+    }
+
+    /// A successor whose answers are lost is suspected by its ring predecessor after the
+    /// period's tries (within a period and the RTT), hears of it at once, refutes, and stays
+    /// alive once its datagrams get through again.
+    #[test]
+    fn a_silent_successor_is_suspected_within_a_period_and_the_rtt_and_refutes() {
+        let mut lab = Lab::new(3);
+        let config = GossipConfig::default();
+        let t0 = lab.now;
+        // Host 2 (index 1), host 1's successor, is heard by nobody's host 1 from now on.
+        lab.hold = Some((1, 0));
+        while lab.nodes[0].counters().ring_suspicions == 0 && lab.now < t0 + Duration::from_secs(2) {
+            lab.run(5 * MS);
+        }
+        let took = lab.now - t0;
+        assert!(took <= config.probe_period + config.probe_rtt + 5 * MS, "suspected after {took:?}");
+        assert_eq!(lab.nodes[0].peers()[0].state, "suspect");
+        // Told directly (host 1's datagrams to host 2 get through): refuted at once.
+        lab.run(10 * MS);
+        assert!(lab.nodes[1].counters().refutations >= 1, "{:?}", lab.nodes[1].counters());
+        lab.run(Duration::from_millis(600));
+        lab.hold = None;
+        lab.run(Duration::from_secs(4));
+        for (i, node) in lab.nodes.iter().enumerate() {
+            assert!((1..=3).all(|n| node.is_alive(n)), "host {i}: {:?}", node.peers());
+            assert_eq!(node.counters().rebirths, 0);
+        }
+        assert_eq!(lab.nodes[0].counters().ring_suspicions, 1, "{:?}", lab.nodes[0].counters());
+    }
+
+    /// A successor of an earlier release, which refuses ring pings and never answers one, is
+    /// not suspected for its silence (a cluster being upgraded stays quiet): its silences
+    /// are counted, and SWIM's probes watch it as before.
+    #[test]
+    fn a_successor_that_never_answered_a_ring_ping_is_not_suspected() {
+        let mut lab = Lab::with(3, Some(1));
+        lab.run(Duration::from_secs(4));
+        let c = lab.nodes[0].counters();
+        assert!(c.ring_unproven >= 15, "a silence counted each period: {c:?}");
+        assert_eq!((c.ring_acks, c.ring_suspicions), (0, 0), "{c:?}");
+        for (i, node) in lab.nodes.iter().enumerate() {
+            let c = node.counters();
+            assert_eq!((c.ring_suspicions, c.refutations, c.rebirths), (0, 0, 0), "host {i}: {c:?}");
+            assert!((1..=3).all(|n| node.is_alive(n)), "host {i}: {:?}", node.peers());
+        }
     }
 
     /// SWIM's compact identity travels exactly as a `Peer`, so hosts that keep either hear

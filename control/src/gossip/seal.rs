@@ -11,7 +11,10 @@
 //! +------+---------+------------+----------------+-------------+--------------+--------------------------------+----------+
 //! ```
 //!
-//! Version 4; integers big-endian; the 35-byte header is the associated data.
+//! Version 4; integers big-endian; the 35-byte header is the associated data. The kind says
+//! what the payload is ([`Kind`]); a kind a release does not know is refused after opening
+//! (`UnknownKind`, counted as `rx_malformed`), so a kind can be added within a version, as
+//! [`Kind::Ring`] was, when its sender copes with receivers that never answer it.
 //!
 //! - **sender**: the sending host's node id.
 //! - **generation**: the sender's epoch, which grows with every start of its agent and never
@@ -80,6 +83,10 @@ pub enum Kind {
     Swim = 1,
     /// An anti-entropy message (see [`super::sync`]).
     Sync = 2,
+    /// A ring-watch ping or ack (see [`super::ring`]). Added within version 4: a host of an
+    /// earlier release refuses it as a kind it does not know (and never answers it), which
+    /// the ring watch allows for.
+    Ring = 3,
 }
 
 /// Why a datagram was refused.
@@ -215,6 +222,7 @@ impl GossipKey {
         let kind = match plain[0] {
             1 => Kind::Swim,
             2 => Kind::Sync,
+            3 => Kind::Ring,
             k => return Err(SealError::UnknownKind(k)),
         };
         Ok(Opened { header, kind, payload: &plain[1..] })
@@ -322,6 +330,28 @@ mod tests {
             old[2] = v;
             assert_eq!(key.open(&mut old), Err(SealError::OtherVersion(v)));
         }
+    }
+
+    #[test]
+    fn every_kind_opens_as_itself_and_one_of_a_later_release_is_refused_after_opening() {
+        let key = GossipKey::new(&[7; KEY_LEN]);
+        for kind in [Kind::Swim, Kind::Sync, Kind::Ring] {
+            let mut d = Vec::new();
+            key.seal(&header(1), kind, b"p", &mut d);
+            assert_eq!(key.open(&mut d).map(|o| o.kind), Ok(kind));
+        }
+        // Kind 9, as a later release would seal it: authentic, but not understood here.
+        let h = header(2);
+        let mut d = Vec::new();
+        h.write(&mut d);
+        d.extend_from_slice(&[9, b'p']);
+        let (head, body) = d.split_at_mut(HEADER_LEN);
+        let tag = key
+            .sender_key(h.sender, h.generation)
+            .seal_in_place_separate_tag(h.nonce(), Aad::from(&*head), body)
+            .unwrap();
+        d.extend_from_slice(tag.as_ref());
+        assert_eq!(key.open(&mut d), Err(SealError::UnknownKind(9)));
     }
 
     #[test]
