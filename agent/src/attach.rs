@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use dataplane::MacAddr;
+use dataplane::segment::endpoint_gso_max_size;
 use futures::TryStreamExt;
 use rtnetlink::{LinkUnspec, LinkVeth};
 use serde::{Deserialize, Serialize};
@@ -111,7 +112,7 @@ impl Netns {
 
 /// Sets an endpoint's MTU: its veth on the bridge, and its interface in the container (when
 /// the container's namespace is still there), with the GSO size that goes with the MTU on a
-/// network `sealed` or not ([`gso_max_size`]).
+/// network `sealed` or not ([`endpoint_gso_max_size`]).
 pub async fn set_mtu(nl: &rtnetlink::Handle, ep: &LocalEndpoint, mtu: u32, sealed: bool) -> Result<()> {
     netdev::set_mtu(nl, &ep.host_ifname, mtu).await?;
     let Some(ns) = Netns::find(&ep.netns, ep.netns_id) else {
@@ -121,16 +122,9 @@ pub async fn set_mtu(nl: &rtnetlink::Handle, ep: &LocalEndpoint, mtu: u32, seale
     let ifname = ep.ifname.clone();
     ns.with_netlink(move |h| async move {
         netdev::set_mtu(&h, &ifname, mtu).await?;
-        netdev::set_gso_max_size(&h, &ifname, gso_max_size(mtu, sealed)).await
+        netdev::set_gso_max_size(&h, &ifname, endpoint_gso_max_size(mtu, sealed)).await
     })
     .await
-}
-
-/// The largest super-frame a container's TCP sends on a network of MTU `mtu`: as many
-/// segments as leave the host in one UDP GSO send (the kernel's default of 64 KB makes two
-/// sends of most super-frames; see [`dataplane::segment::endpoint_gso_max_size`]).
-pub fn gso_max_size(mtu: u32, sealed: bool) -> u32 {
-    dataplane::segment::endpoint_gso_max_size(mtu, sealed)
 }
 
 /// What an endpoint's veth is named after: the runtime's container id if it has one (its name
@@ -343,7 +337,7 @@ pub async fn retag(nl: &rtnetlink::Handle, ep: &LocalEndpoint) -> Result<()> {
 }
 
 /// The endpoint's veth, its host end tagged with the endpoint's record, the container's end
-/// with the [`gso_max_size`] of the network's MTU; returns the other end's (temporary) name.
+/// with the [`endpoint_gso_max_size`] of the network's MTU; returns the other end's (temporary) name.
 async fn create_veth(nl: &rtnetlink::Handle, ep: &LocalEndpoint, mtu: u32, sealed: bool) -> Result<String> {
     let (_, tmp) = veth_names(&ep.network, veth_key(&ep.container_id, &ep.name));
     nl.link()
@@ -354,7 +348,7 @@ async fn create_veth(nl: &rtnetlink::Handle, ep: &LocalEndpoint, mtu: u32, seale
     let tagged = async {
         let host = netdev::link_index(nl, &ep.host_ifname).await?.context("the new veth vanished")?;
         netdev::set_alias(nl, host, &VethTag::of(ep).alias()).await?;
-        netdev::set_gso_max_size(nl, &tmp, gso_max_size(mtu, sealed)).await
+        netdev::set_gso_max_size(nl, &tmp, endpoint_gso_max_size(mtu, sealed)).await
     }
     .await;
     if let Err(e) = tagged {

@@ -1223,8 +1223,7 @@ impl GossipNode {
     }
 
     fn send_ring(&mut self, to: Dest, m: RingMessage) {
-        let mut sealed = Vec::new();
-        self.sealer.seal(to.node, Kind::Ring, &m.encode(), &mut sealed);
+        let sealed = self.seal(to.node, Kind::Ring, &m.encode());
         self.pending_sends.push((to.addr, sealed));
     }
 
@@ -2238,6 +2237,13 @@ mod tests {
                 })
                 .collect()
         }
+
+        /// The ring datagrams of the next `span` (what went before is forgotten).
+        fn ring_messages_over(&mut self, span: Duration) -> Vec<(usize, usize, RingMessage)> {
+            self.wire.clear();
+            self.run(span);
+            self.ring_messages()
+        }
     }
 
     /// Each host pings its successor by node id (the last one the first) once a probe
@@ -2245,9 +2251,7 @@ mod tests {
     #[test]
     fn every_host_pings_its_ring_successor_each_period_and_is_answered() {
         let mut lab = Lab::new(3);
-        lab.wire.clear();
-        lab.run(Duration::from_secs(4));
-        let ring = lab.ring_messages();
+        let ring = lab.ring_messages_over(Duration::from_secs(4));
         for i in 0..3 {
             let next = (i + 1) % 3;
             let pings = ring.iter().filter(|(f, _, m)| *f == i && matches!(m, RingMessage::Ping(_))).count();
@@ -2266,9 +2270,7 @@ mod tests {
     #[test]
     fn in_a_ring_of_two_each_watches_the_other_and_one_alone_pings_nobody() {
         let mut lab = Lab::new(2);
-        lab.wire.clear();
-        lab.run(Duration::from_secs(2));
-        let ring = lab.ring_messages();
+        let ring = lab.ring_messages_over(Duration::from_secs(2));
         for (i, other) in [(0, 1), (1, 0)] {
             let pings = ring.iter().filter(|(f, t, m)| (*f, *t) == (i, other) && matches!(m, RingMessage::Ping(_)));
             assert_eq!(pings.count(), 5, "host {i}");
