@@ -599,10 +599,11 @@ impl Node {
         Ok(p)
     }
 
-    /// Fast ping for latency: `count` echo requests 10 ms apart.
+    /// Fast ping for latency: `count` echo requests 10 ms apart (each reply's time kept for
+    /// the percentiles).
     pub fn ping_rtt(&self, dst: IpAddr, count: u32) -> Result<PingStats> {
         let out = netns::command(&self.ns, "ping")
-            .args(["-n", "-q", "-c", &count.to_string(), "-i", "0.01", "-W", "1", &dst.to_string()])
+            .args(["-n", "-c", &count.to_string(), "-i", "0.01", "-W", "1", &dst.to_string()])
             .output()
             .context("cannot run ping")?;
         measure::parse_ping(&String::from_utf8_lossy(&out.stdout))

@@ -13,6 +13,10 @@ pub struct PingStats {
     pub rtt_avg_ms: f64,
     /// Smallest round trip, milliseconds.
     pub rtt_min_ms: f64,
+    /// Median and 90th percentile of the per-reply round trips, milliseconds (NaN when ping
+    /// ran with `-q` and printed no per-reply lines).
+    pub rtt_p50_ms: f64,
+    pub rtt_p90_ms: f64,
 }
 
 /// Parses ping's summary lines.
@@ -37,7 +41,18 @@ pub fn parse_ping(out: &str) -> Result<PingStats> {
             rtt_avg_ms = vals[1];
         }
     }
-    Ok(PingStats { transmitted, received, rtt_avg_ms, rtt_min_ms })
+    let mut times: Vec<f64> = out
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.trim().trim_end_matches("ms").trim().parse().ok())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let quantile = |q: f64| match times.len() {
+        0 => f64::NAN,
+        n => times[((n - 1) as f64 * q).round() as usize],
+    };
+    let (rtt_p50_ms, rtt_p90_ms) = (quantile(0.5), quantile(0.9));
+    Ok(PingStats { transmitted, received, rtt_avg_ms, rtt_min_ms, rtt_p50_ms, rtt_p90_ms })
 }
 
 /// What an iperf3 client run reported.
@@ -160,6 +175,20 @@ mod tests {
         let lost = parse_ping("4 packets transmitted, 0 received, +4 errors, 100% packet loss, time 3000ms\n").unwrap();
         assert_eq!(lost.received, 0);
         assert!(lost.rtt_avg_ms.is_nan());
+        assert!(p.rtt_p50_ms.is_nan(), "no per-reply lines, no percentiles");
+    }
+
+    #[test]
+    fn reads_each_replys_time_for_percentiles() {
+        let mut out = String::from("PING 10.0.0.2 (10.0.0.2) 56(84) bytes of data.\n");
+        for (i, t) in [0.30, 0.10, 0.20, 0.50, 2.00].iter().enumerate() {
+            out += &format!("64 bytes from 10.0.0.2: icmp_seq={} ttl=64 time={t:.3} ms\n", i + 1);
+        }
+        out += "\n5 packets transmitted, 5 received, 0% packet loss, time 40ms\n\
+                rtt min/avg/max/mdev = 0.100/0.620/2.000/0.700 ms\n";
+        let p = parse_ping(&out).unwrap();
+        assert_eq!((p.rtt_p50_ms, p.rtt_p90_ms), (0.30, 2.00));
+        assert!((p.rtt_avg_ms - 0.62).abs() < 1e-9);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use anyhow::Result;
 
-use crate::measure::{self, IperfStats, MachineCpu};
+use crate::measure::{self, IperfStats, MachineCpu, PingStats};
 use crate::{Agent, Node, Options, Testbed, peers};
 
 /// What carries the traffic.
@@ -162,7 +162,12 @@ impl Pair {
 
     /// Average ping round trip over `count` pings, in milliseconds.
     pub fn rtt_ms(&self, count: u32) -> Result<f64> {
-        Ok(self.client.ping_rtt(self.server_ip, count)?.rtt_avg_ms)
+        Ok(self.rtt(count)?.rtt_avg_ms)
+    }
+
+    /// `count` pings 10 ms apart from client to server: average, percentiles.
+    pub fn rtt(&self, count: u32) -> Result<PingStats> {
+        self.client.ping_rtt(self.server_ip, count)
     }
 }
 
@@ -174,6 +179,8 @@ pub struct Summary {
     pub gbps_1: f64,
     pub gbps_4: f64,
     pub rtt_ms: f64,
+    /// Median of the rounds' median round trips.
+    pub rtt_p50_ms: f64,
     pub machine_cpu_s_per_gb: f64,
     pub machine_cpu_s_per_gb_4: f64,
     pub agent_cpu_s_per_gb: f64,
@@ -187,6 +194,7 @@ pub struct Samples {
     pub one: Vec<Run>,
     pub four: Vec<Run>,
     pub rtt: Vec<f64>,
+    pub rtt_p50: Vec<f64>,
 }
 
 impl Samples {
@@ -201,6 +209,7 @@ impl Samples {
             gbps_1: m(self.one.iter().map(|r| r.iperf.bits_per_second / 1e9).collect()),
             gbps_4: m(self.four.iter().map(|r| r.iperf.bits_per_second / 1e9).collect()),
             rtt_ms: m(self.rtt.clone()),
+            rtt_p50_ms: m(self.rtt_p50.clone()),
             machine_cpu_s_per_gb: m(self.one.iter().map(|r| r.machine_cpu_s_per_gb).collect()),
             agent_cpu_s_per_gb: m(self.one.iter().map(|r| r.agent_cpu_s_per_gb).collect()),
             retransmits_1: m(self.one.iter().map(|r| r.iperf.retransmits as f64).collect()),
@@ -216,17 +225,20 @@ pub fn compare(pairs: &[Pair], seconds: u32, runs: u32, mut progress: impl FnMut
         for (pair, s) in pairs.iter().zip(&mut samples) {
             let one = pair.throughput(seconds, 1)?;
             let four = pair.throughput(seconds, 4)?;
-            let rtt = pair.rtt_ms(100)?;
+            let rtt = pair.rtt(100)?;
             progress(&format!(
-                "round {round}/{runs} {:<22} 1 stream {:>6.2} Gbit/s  4 streams {:>6.2} Gbit/s  rtt {:.3} ms",
+                "round {round}/{runs} {:<22} 1 stream {:>6.2} Gbit/s  4 streams {:>6.2} Gbit/s  rtt {:.3} ms (median {:.3}, p90 {:.3})",
                 pair.label,
                 one.iperf.bits_per_second / 1e9,
                 four.iperf.bits_per_second / 1e9,
-                rtt
+                rtt.rtt_avg_ms,
+                rtt.rtt_p50_ms,
+                rtt.rtt_p90_ms
             ));
             s.one.push(one);
             s.four.push(four);
-            s.rtt.push(rtt);
+            s.rtt.push(rtt.rtt_avg_ms);
+            s.rtt_p50.push(rtt.rtt_p50_ms);
         }
     }
     Ok(pairs.iter().zip(&samples).map(|(p, s)| s.summary(p.path, &p.label)).collect())
@@ -243,14 +255,14 @@ pub fn table(summaries: &[Summary]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "| path | 1 stream Gbit/s | vs kernel | 4 streams Gbit/s | vs kernel | ping RTT ms | vs kernel | machine CPU s/GB, 1 stream | vs kernel | machine CPU s/GB, 4 streams | agents' CPU s/GB, 1 stream | retransmits, 1 stream |"
+        "| path | 1 stream Gbit/s | vs kernel | 4 streams Gbit/s | vs kernel | ping RTT ms | vs kernel | RTT median ms | machine CPU s/GB, 1 stream | vs kernel | machine CPU s/GB, 4 streams | agents' CPU s/GB, 1 stream | retransmits, 1 stream |"
     );
-    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for s in summaries {
         let agent = if s.agent_cpu_s_per_gb.is_nan() { "-".to_owned() } else { format!("{:.2}", s.agent_cpu_s_per_gb) };
         let _ = writeln!(
             o,
-            "| {} | {:.2} | {} | {:.2} | {} | {:.3} | {} | {:.2} | {} | {:.2} | {} | {:.0} |",
+            "| {} | {:.2} | {} | {:.2} | {} | {:.3} | {} | {:.3} | {:.2} | {} | {:.2} | {} | {:.0} |",
             s.label,
             s.gbps_1,
             ratio(s.gbps_1, kernel.map(|k| k.gbps_1)),
@@ -258,6 +270,7 @@ pub fn table(summaries: &[Summary]) -> String {
             ratio(s.gbps_4, kernel.map(|k| k.gbps_4)),
             s.rtt_ms,
             ratio(s.rtt_ms, kernel.map(|k| k.rtt_ms)),
+            s.rtt_p50_ms,
             s.machine_cpu_s_per_gb,
             ratio(s.machine_cpu_s_per_gb, kernel.map(|k| k.machine_cpu_s_per_gb)),
             s.machine_cpu_s_per_gb_4,

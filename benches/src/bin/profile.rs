@@ -119,11 +119,15 @@ fn main() -> Result<()> {
         _ => None,
     };
     if let Some(count) = cli.ping {
-        let rtt = pair.rtt_ms(count);
+        let rtt = pair.rtt(count);
         for child in [perf.as_mut(), trace.as_mut()].into_iter().flatten() {
             stop_perf(child)?;
         }
-        say(&format!("{}: {count} pings, average RTT {:.3} ms", pair.label, rtt?));
+        let rtt = rtt?;
+        say(&format!(
+            "{}: {count} pings, RTT ms: average {:.3}, min {:.3}, median {:.3}, p90 {:.3}",
+            pair.label, rtt.rtt_avg_ms, rtt.rtt_min_ms, rtt.rtt_p50_ms, rtt.rtt_p90_ms
+        ));
         return Ok(());
     }
     let cpu0 = MachineCpu::sample()?;
