@@ -345,6 +345,7 @@ fn gossip(x: &mut Exposition, g: &GossipScrape) {
         rx_stale_generation,
         rx_misdirected,
         rx_unknown_sender,
+        tx_not_in_directory,
         records_applied,
         records_stale,
         records_forged,
@@ -422,6 +423,12 @@ fn gossip(x: &mut Exposition, g: &GossipScrape) {
     x.single("overlayd_gossip_rx_bytes_total", Kind::Counter, "Bytes of the gossip datagrams received.", rx_bytes);
     x.single("overlayd_gossip_tx_datagrams_total", Kind::Counter, "Gossip datagrams sent.", tx_datagrams);
     x.single("overlayd_gossip_tx_bytes_total", Kind::Counter, "Bytes of the gossip datagrams sent.", tx_bytes);
+    x.single(
+        "overlayd_gossip_tx_not_in_directory_total",
+        Kind::Counter,
+        "Gossip datagrams not sent because their receiver is not a host of the cluster (any longer).",
+        tx_not_in_directory,
+    );
     x.labelled(
         "overlayd_gossip_dropped_total",
         Kind::Counter,

@@ -357,7 +357,7 @@ pub fn peers(r: &pb::PeersReply) -> String {
         o,
         "\ngossip: {} datagrams in, {} out; refused: {} not gossip, {} of another overlayd version, {} bad key, {} malformed, {} replayed, \
          {} of a sender's earlier life, {} for another host, {} from hosts outside the cluster; \
-         records: {} applied, {} forged, {} of unknown hosts, {} malformed; {} repaired by anti-entropy; \
+         {} not sent to hosts outside it; records: {} applied, {} forged, {} of unknown hosts, {} malformed; {} repaired by anti-entropy; \
          swim: {} late probe cycles, {} records too big to piggyback, {} other errors; \
          ring: {} pings, {} acks, {} suspicions, {} unanswered by hosts of an earlier release",
         get("rx_datagrams"),
@@ -370,6 +370,7 @@ pub fn peers(r: &pb::PeersReply) -> String {
         get("rx_stale_generation"),
         get("rx_misdirected"),
         get("rx_unknown_sender"),
+        get("tx_not_in_directory"),
         get("records_applied"),
         get("records_forged"),
         get("records_unknown_owner"),

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use control::gossip::record::{Change, Record};
+use control::gossip::ring::RingMessage;
 use control::gossip::seal::Kind;
 use control::gossip::sync::{MemberInfo, Summary, SyncMessage, Want, serde_bytes_vec::Bytes};
 use control::gossip::tables::Position;
@@ -135,6 +136,28 @@ fn gossip_seeds() {
     write("gossip_datagram", "conversation", &script(&conversation));
     write("gossip_datagram", "swim", &script(&swim[..swim.len().min(24)]));
     write("gossip_datagram", "sync", &script(&sync[..sync.len().min(24)]));
+    // The ring watch: the lab's pings and acks to host 1 with time passing between them (so
+    // that its own pings' deadlines fire), then pings and acks of any number from a member
+    // and from a stranger.
+    let mut ring: Vec<Step> = Vec::new();
+    for s in sealed.iter().filter(|s| matches!(s, Step::Sealed { kind: Kind::Ring, .. })).take(16) {
+        ring.push(s.clone());
+        ring.push(Step::Timers(60));
+    }
+    for (from, m) in [
+        (0, RingMessage::Ping(7)),
+        (1, RingMessage::Ack(0)),
+        (1, RingMessage::Ack(1)),
+        (2, RingMessage::Ping(1)),
+        (2, RingMessage::Ack(1)),
+        (0, RingMessage::Ack(u32::MAX)),
+    ] {
+        ring.push(Step::Sealed { from, kind: Kind::Ring, payload: m.encode().to_vec() });
+        ring.push(Step::Timers(200));
+    }
+    ring.push(Step::Sealed { from: 0, kind: Kind::Ring, payload: vec![9, 0, 0] });
+    assert!(ring.len() > 14, "the lab's hosts watch each other");
+    write("gossip_datagram", "ring", &script(&ring));
 
     // The same datagrams as they went on the wire (host 2's, sealed by the harness's sealer
     // would number them from 0 too).
@@ -275,6 +298,7 @@ fn proto_seeds() {
                 mtu: 0,
                 block_prefix: 24,
                 internal: true,
+                encrypted: true,
             }
             .encode_to_vec(),
         ),
@@ -284,8 +308,12 @@ fn proto_seeds() {
         (
             7,
             "heartbeat",
-            pb::HeartbeatRequest { report_networks: true, underlay_networks: vec!["198.18.0.0/15".into()] }
-                .encode_to_vec(),
+            pb::HeartbeatRequest {
+                report_networks: true,
+                underlay_networks: vec!["198.18.0.0/15".into()],
+                underlay_mtu: 1500,
+            }
+            .encode_to_vec(),
         ),
         (8, "remove_node", pb::RemoveNodeRequest { node: "w2".into(), force: false }.encode_to_vec()),
         (9, "leave", pb::LeaveRequest {}.encode_to_vec()),
@@ -439,8 +467,14 @@ fn proto_seeds() {
         (
             32,
             "join_cluster_reply",
-            pb::JoinClusterReply { node_id: 2, cluster_id: "c0ffee".into(), role: 2, managers: vec![node.clone()] }
-                .encode_to_vec(),
+            pb::JoinClusterReply {
+                node_id: 2,
+                cluster_id: "c0ffee".into(),
+                role: 2,
+                managers: vec![node.clone()],
+                warning: String::new(),
+            }
+            .encode_to_vec(),
         ),
         (33, "node_list", pb::NodeListReply { nodes: pv.nodes.clone(), leader_id: 1, self_id: 1 }.encode_to_vec()),
         (34, "network_list", pb::NetworkListReply { networks: pv.networks.clone() }.encode_to_vec()),

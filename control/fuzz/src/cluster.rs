@@ -30,10 +30,12 @@ pub fn secrets() -> Secrets {
         gossip_key: "00".repeat(32),
         worker_token: String::new(),
         manager_token: String::new(),
+        network_keys: Default::default(),
     }
 }
 
-/// The commands that made [`running`]: init, a worker joins, network "blue", its block.
+/// The commands that made [`running`]: init, a worker joins, network "blue", its block, an
+/// encrypted network "red".
 pub fn history() -> Vec<Command> {
     vec![
         Command::Init { cluster_id: "c0ffee".into(), secrets: secrets(), node: new_node("m1", 1, Role::Manager) },
@@ -46,8 +48,19 @@ pub fn history() -> Vec<Command> {
             block_prefix: None,
             created_at: 1_700_000_000,
             internal: false,
+            key: None,
         }),
         Command::LeaseBlock { network: "blue".into(), node: 2 },
+        Command::CreateNetwork(NewNetwork {
+            name: "red".into(),
+            vni: None,
+            subnet: None,
+            mtu: 1418,
+            block_prefix: None,
+            created_at: 1_700_000_000,
+            internal: false,
+            key: Some("11".repeat(32)),
+        }),
     ]
 }
 

@@ -110,7 +110,7 @@ pub enum Step {
     Sealed {
         /// Picks the sender (see [`sender`]).
         from: u8,
-        /// SWIM or anti-entropy.
+        /// SWIM, anti-entropy or ring watch.
         kind: Kind,
         /// What it carries.
         payload: Vec<u8>,
@@ -133,7 +133,7 @@ pub enum Step {
         generation: u64,
         /// The datagram's number.
         counter: u64,
-        /// SWIM or anti-entropy.
+        /// SWIM, anti-entropy or ring watch.
         kind: Kind,
         /// What it carries.
         payload: Vec<u8>,
@@ -146,8 +146,22 @@ pub enum Step {
     Delete(u8),
 }
 
+/// The kind a step's byte picks: 0 SWIM, 1 anti-entropy, 2 ring watch (then again).
 fn kind_of(b: u8) -> Kind {
-    if b & 1 == 0 { Kind::Swim } else { Kind::Sync }
+    match b % 3 {
+        0 => Kind::Swim,
+        1 => Kind::Sync,
+        _ => Kind::Ring,
+    }
+}
+
+/// The byte [`kind_of`] reads back as `kind`.
+fn kind_byte(kind: Kind) -> u8 {
+    match kind {
+        Kind::Swim => 0,
+        Kind::Sync => 1,
+        Kind::Ring => 2,
+    }
 }
 
 impl Step {
@@ -173,7 +187,7 @@ impl Step {
 
     /// Writes what [`Step::read`] reads back as this step.
     pub fn write(&self, out: &mut Vec<u8>) {
-        let kind = |k: &Kind| if *k == Kind::Swim { 0 } else { 1 };
+        let kind = |k: &Kind| kind_byte(*k);
         match self {
             Step::Raw(d) => {
                 out.push(0);
@@ -341,6 +355,11 @@ impl Harness {
             let opened = self.key.open(&mut copy).expect("what the node sends opens under the cluster key");
             assert_eq!(opened.header.sender, ME, "sealed as this host");
             assert_ne!(opened.header.receiver, ME, "never sealed for itself");
+            assert!(
+                MEMBERS.contains(&opened.header.receiver) && MEMBERS.iter().any(|m| addr(*m) == *to),
+                "sent only to hosts of the directory: {:?} to {to}",
+                opened.header
+            );
         }
         for e in &out.events {
             match e {
@@ -372,6 +391,9 @@ impl Harness {
             + c.rx_misdirected
             + c.rx_unknown_sender;
         assert!(refused <= c.rx_datagrams, "{c:?}");
+        // The ring watch counts an ack only for a ping it sent, a suspicion only for a ping
+        // that went unanswered.
+        assert!(c.ring_acks <= c.ring_pings && c.ring_suspicions <= c.ring_pings, "{c:?}");
         for p in self.node.peers() {
             assert!(p.node == ME || MEMBERS.contains(&p.node), "peers lists only the directory: {p:?}");
         }

@@ -365,6 +365,9 @@ pub struct GossipCounters {
     /// Refused: authenticated, but its sender is not in the directory (a host removed from
     /// the cluster, or one that joined before this host's directory caught up).
     pub rx_unknown_sender: u64,
+    /// Datagrams not sent: their receiver is not in the directory (a host SWIM still speaks
+    /// of after its removal). Every datagram goes to the directory's address of its receiver.
+    pub tx_not_in_directory: u64,
     /// Endpoint records applied.
     pub records_applied: u64,
     /// Endpoint records that were already known.
@@ -456,6 +459,7 @@ impl GossipCounters {
             rx_stale_generation,
             rx_misdirected,
             rx_unknown_sender,
+            tx_not_in_directory,
             records_applied,
             records_stale,
             records_forged,
@@ -490,6 +494,7 @@ impl GossipCounters {
         self.rx_stale_generation += rx_stale_generation;
         self.rx_misdirected += rx_misdirected;
         self.rx_unknown_sender += rx_unknown_sender;
+        self.tx_not_in_directory += tx_not_in_directory;
         self.records_applied += records_applied;
         self.records_stale += records_stale;
         self.records_forged += records_forged;
@@ -732,7 +737,7 @@ pub struct GossipNode {
     last_eager: Option<Duration>,
     eager_armed: bool,
     scratch: Vec<u8>,
-    pending_sends: Vec<(SocketAddr, Vec<u8>)>,
+    pending_sends: Vec<(NodeId, Vec<u8>)>,
     pending_timers: Vec<(Duration, Timer)>,
     /// When an authenticated datagram last arrived (see `heard`).
     last_heard: Option<Duration>,
@@ -1224,7 +1229,7 @@ impl GossipNode {
 
     fn send_ring(&mut self, to: Dest, m: RingMessage) {
         let sealed = self.seal(to.node, Kind::Ring, &m.encode());
-        self.pending_sends.push((to.addr, sealed));
+        self.pending_sends.push((to.node, sealed));
     }
 
     /// Passes news on now, or as soon as `eager_delay` since the last push allows.
@@ -1589,7 +1594,7 @@ impl GossipNode {
         let mut sealed = Vec::new();
         self.sealer.seal(to.node, Kind::Sync, &payload, &mut sealed);
         self.scratch = payload;
-        self.pending_sends.push((to.addr, sealed));
+        self.pending_sends.push((to.node, sealed));
     }
 
     /// Moves what foca and the sync code produced into `out`, sealed; turns notifications
@@ -1597,17 +1602,34 @@ impl GossipNode {
     fn flush(&mut self, out: &mut Output) {
         let first = out.datagrams.len();
         let me = self.me();
-        for (to, data) in self.outbox.sends.drain(..) {
-            // SWIM keeps this host's earlier lives (before a restart) that members still speak
-            // of as down members, and announces to down members now and then: never to itself.
-            if to.node == me {
-                continue;
+        {
+            // Where a host's gossip goes is the directory's word (Raft's), never what gossip
+            // says: a member that speaks of itself or another at some other address (or of a
+            // host no longer listed) redirects nothing to it.
+            let mut s = lock(&self.shared);
+            let s = &mut *s;
+            for (to, data) in self.outbox.sends.drain(..) {
+                // SWIM keeps this host's earlier lives (before a restart) that members still
+                // speak of as down members, and announces to down members now and then: never
+                // to itself.
+                if to.node == me {
+                    continue;
+                }
+                let Some(entry) = s.directory.get(to.node) else {
+                    s.counters.tx_not_in_directory += 1;
+                    continue;
+                };
+                let mut sealed = Vec::with_capacity(data.len() + OVERHEAD);
+                self.sealer.seal(to.node, Kind::Swim, &data, &mut sealed);
+                out.datagrams.push((entry.addr, sealed));
             }
-            let mut sealed = Vec::with_capacity(data.len() + OVERHEAD);
-            self.sealer.seal(to.node, Kind::Swim, &data, &mut sealed);
-            out.datagrams.push((to.addr.get(), sealed));
+            for (to, sealed) in self.pending_sends.drain(..) {
+                match s.directory.get(to) {
+                    Some(entry) => out.datagrams.push((entry.addr, sealed)),
+                    None => s.counters.tx_not_in_directory += 1,
+                }
+            }
         }
-        out.datagrams.append(&mut self.pending_sends);
         let life = self.life;
         out.timers.extend(self.outbox.timers.drain(..).map(|(d, t)| (d, Timer(TimerKind::Swim(life, t)))));
         out.events.append(&mut self.pending_events);
@@ -2100,6 +2122,40 @@ mod tests {
         assert_eq!(to_itself, 0, "datagrams host 1 sent itself");
         assert_eq!(lab.nodes[0].counters().rx_misdirected, 0);
         assert!((2..=3).all(|n| lab.nodes[0].is_alive(n)), "{:?}", lab.nodes[0].peers());
+    }
+
+    /// Found by the `gossip_datagram` fuzz target: a member speaks of another member (or of
+    /// itself) as alive at an address that is not the directory's. SWIM took the address
+    /// from that identity and sent there, so any member could point the others' gossip at
+    /// any address. Every datagram now goes to its receiver's address in the directory (the
+    /// lab panics on any other address).
+    #[test]
+    fn gossip_goes_to_the_directorys_address_whatever_members_say() {
+        use foca::{Codec as _, Header, Message};
+        let mut lab = Lab::new(3);
+        let me = lab.nodes[0].identity();
+        let from = lab.nodes[2].identity();
+        let elsewhere = SocketAddr::from(([127, 0, 0, 99], 9));
+        for (i, node) in [(1, 2), (2, 3)] {
+            // Host 3's SWIM gossip to host 1: host 2, then host 3 itself, alive in a newer
+            // life at an address nobody listed.
+            let real = lab.nodes[i].identity();
+            assert_eq!(real.node, node);
+            let moved = Peer { addr: elsewhere, generation: real.generation + 1, ..real };
+            let mut payload = Vec::new();
+            let header = Header { src: from.clone(), src_incarnation: 0, dst: me.clone(), message: Message::Gossip };
+            PostcardCodec.encode_header(&header, &mut payload).unwrap();
+            payload.extend_from_slice(&1u16.to_be_bytes());
+            PostcardCodec.encode_member(&Member::alive(moved), &mut payload).unwrap();
+            let sealed = lab.nodes[2].seal(1, Kind::Swim, &payload);
+            let out = lab.deliver(2, 0, sealed);
+            lab.dispatch(0, out);
+        }
+        let before = lab.wire.len();
+        lab.run(Duration::from_secs(20));
+        let to = |j| lab.wire[before..].iter().filter(|(f, t, _)| *f == 0 && *t == j).count();
+        assert!(to(1) > 0 && to(2) > 0, "host 1 still gossips with hosts 2 and 3");
+        assert_eq!(lab.nodes[0].counters().tx_not_in_directory, 0);
     }
 
     /// What host 0 sent host 1, replayed to host 2: sealed for another host, refused.
