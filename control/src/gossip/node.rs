@@ -2365,6 +2365,32 @@ mod tests {
         assert_eq!(lab.nodes[0].counters().ring_suspicions, 1, "{:?}", lab.nodes[0].counters());
     }
 
+    /// A one-way fault: host 1 never hears its ring successor (host 2), which the others hear
+    /// and which hears everyone. Suspected once, it refutes through the others, and the ring
+    /// watch leaves it to SWIM's probes (whose indirect ones go around the fault) instead of
+    /// suspecting it again every suspicion's length, each time costing the cluster a
+    /// suspicion and a refutation and host 2 an incarnation.
+    #[test]
+    fn a_member_behind_a_one_way_fault_is_suspected_once_not_every_period() {
+        let mut lab = Lab::new(3);
+        lab.hold = Some((1, 0));
+        lab.run(Duration::from_secs(30));
+        let watcher = lab.nodes[0].counters();
+        assert_eq!(watcher.ring_suspicions, 1, "{watcher:?}");
+        assert!(watcher.ring_unproven >= 60, "its silences counted: {watcher:?}");
+        let refutations = lab.nodes[1].counters().refutations;
+        assert!(refutations <= 3, "host 2 refuted {refutations} times in 30 s");
+        for (i, node) in lab.nodes.iter().enumerate() {
+            assert!((1..=3).all(|n| node.is_alive(n)), "host {i}: {:?}", node.peers());
+        }
+        // The path heals: host 2 answers, and the ring watches it again.
+        lab.hold = None;
+        lab.run(Duration::from_secs(2));
+        let before = lab.nodes[0].counters().ring_acks;
+        lab.run(Duration::from_secs(2));
+        assert!(lab.nodes[0].counters().ring_acks > before);
+    }
+
     /// A successor of an earlier release, which refuses ring pings and never answers one, is
     /// not suspected for its silence (a cluster being upgraded stays quiet): its silences
     /// are counted, and SWIM's probes watch it as before.

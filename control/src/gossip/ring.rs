@@ -22,9 +22,13 @@
 //! refutation. Tries beyond the first cost nothing unless it goes unanswered; waiting out
 //! the RTT before one retry would have put the suspicion a period + 2 RTT after a death. The
 //! tries all go to the member itself, not through others as SWIM's indirect probes do: a
-//! member that only its watcher cannot reach (a one-way fault on that path) is suspected,
-//! refutes through the others, and is suspected again at most once per suspicion's length
-//! (it is passed over meanwhile), which `ring_suspicions` and `refutations` show.
+//! member that only its watcher cannot reach (a one-way fault on that path) is suspected once,
+//! refutes through the others, and is not suspected by the ring watch again until it answers a
+//! ring ping again: meanwhile its silences count as `ring_unproven` and SWIM's probes, whose
+//! indirect ones go around the fault, watch it. (Suspecting it again after each suspicion ran
+//! out, as the first version did, cost the cluster a suspicion and a refutation every two
+//! seconds for as long as the fault lasted, and wrapped the member's 16-bit SWIM incarnation
+//! within two days.)
 //!
 //! A member is suspected only once it has answered a ring ping in its current life (SWIM
 //! generation): a host of an earlier release refuses the [`super::seal::Kind::Ring`]
@@ -114,8 +118,9 @@ pub enum Verdict {
     Retry(Watched),
     /// Every try went unanswered: suspect it (it is passed over until [`RingWatch::resolved`]).
     Suspect(Watched),
-    /// Every try went unanswered, but it never answered a ring ping in this life: not
-    /// suspected (an earlier release, which does not know them).
+    /// Every try went unanswered, but it has not answered a ring ping in this life (an
+    /// earlier release, which does not know them), or not since this watch last suspected
+    /// it: not suspected.
     Unproven(Watched),
 }
 
@@ -175,6 +180,10 @@ impl RingWatch {
         }
         let w = self.watched.take().expect("checked above");
         if self.answered.get(w.node) == Some(&w.generation) {
+            // Suspected once per answer: if it refutes and stays silent to this host (a
+            // one-way fault on this path), SWIM's probes, with their indirect ones, watch it
+            // until it answers a ring ping again.
+            self.answered.remove(w.node);
             self.suspects.push(w.node);
             Verdict::Suspect(w)
         } else {
@@ -275,6 +284,19 @@ mod tests {
         assert_eq!(w.deadline(seq), Verdict::Fine, "one verdict per ping");
         w.resolved(5);
         assert!(!w.passes_over(5));
+        // It refuted but stays silent to this host (a one-way fault): not suspected again
+        // until it answers again.
+        for _ in 0..3 {
+            let seq = w.start(5, 100, addr(5));
+            (1..ATTEMPTS).for_each(|_| assert!(matches!(w.deadline(seq), Verdict::Retry(_))));
+            assert!(matches!(w.deadline(seq), Verdict::Unproven(x) if x.node == 5));
+            assert!(!w.passes_over(5));
+        }
+        let seq = w.start(5, 100, addr(5));
+        assert!(w.ack(5, seq), "the path healed");
+        let seq = w.start(5, 100, addr(5));
+        (1..ATTEMPTS).for_each(|_| assert!(matches!(w.deadline(seq), Verdict::Retry(_))));
+        assert!(matches!(w.deadline(seq), Verdict::Suspect(x) if x.node == 5), "watched by the ring again");
     }
 
     #[test]
