@@ -2103,20 +2103,10 @@ mod tests {
     /// now and then to down members, so this host sent datagrams to itself. It sends none.
     #[test]
     fn a_host_never_sends_to_an_earlier_life_of_its_own() {
-        use foca::{Codec as _, Header, Message};
         let mut lab = Lab::new(3);
         let me = lab.nodes[0].identity();
-        let earlier = Peer { generation: me.generation - 1, ..me.clone() };
-        let from = lab.nodes[2].identity();
-        // Host 3's SWIM gossip to host 1, with one update: host 1's earlier life is alive.
-        let mut payload = Vec::new();
-        let header = Header { src: from, src_incarnation: 0, dst: me, message: Message::Gossip };
-        PostcardCodec.encode_header(&header, &mut payload).unwrap();
-        payload.extend_from_slice(&1u16.to_be_bytes());
-        PostcardCodec.encode_member(&Member::alive(earlier), &mut payload).unwrap();
-        let sealed = lab.nodes[2].seal(1, Kind::Swim, &payload);
-        let out = lab.deliver(2, 0, sealed);
-        lab.dispatch(0, out);
+        // Host 3 tells host 1 that host 1's earlier life is alive.
+        lab.gossip_alive(2, 0, Peer { generation: me.generation - 1, ..me });
         lab.run(Duration::from_secs(20));
         let to_itself = lab.wire.iter().filter(|(from, to, _)| from == to).count();
         assert_eq!(to_itself, 0, "datagrams host 1 sent itself");
@@ -2131,25 +2121,14 @@ mod tests {
     /// lab panics on any other address).
     #[test]
     fn gossip_goes_to_the_directorys_address_whatever_members_say() {
-        use foca::{Codec as _, Header, Message};
         let mut lab = Lab::new(3);
-        let me = lab.nodes[0].identity();
-        let from = lab.nodes[2].identity();
         let elsewhere = SocketAddr::from(([127, 0, 0, 99], 9));
         for (i, node) in [(1, 2), (2, 3)] {
-            // Host 3's SWIM gossip to host 1: host 2, then host 3 itself, alive in a newer
-            // life at an address nobody listed.
+            // Host 3 tells host 1 that host 2, then host 3 itself, is alive in a newer life at
+            // an address nobody listed.
             let real = lab.nodes[i].identity();
             assert_eq!(real.node, node);
-            let moved = Peer { addr: elsewhere, generation: real.generation + 1, ..real };
-            let mut payload = Vec::new();
-            let header = Header { src: from.clone(), src_incarnation: 0, dst: me.clone(), message: Message::Gossip };
-            PostcardCodec.encode_header(&header, &mut payload).unwrap();
-            payload.extend_from_slice(&1u16.to_be_bytes());
-            PostcardCodec.encode_member(&Member::alive(moved), &mut payload).unwrap();
-            let sealed = lab.nodes[2].seal(1, Kind::Swim, &payload);
-            let out = lab.deliver(2, 0, sealed);
-            lab.dispatch(0, out);
+            lab.gossip_alive(2, 0, Peer { addr: elsewhere, generation: real.generation + 1, ..real });
         }
         let before = lab.wire.len();
         lab.run(Duration::from_secs(20));
@@ -2188,6 +2167,21 @@ mod tests {
             let mut out = Output::default();
             self.nodes[i].rotate_key(GossipKey::new(&key), &mut out);
             self.dispatch(i, out);
+        }
+
+        /// Host `from`'s SWIM gossip to host `to`, sealed as `from` seals and delivered, with
+        /// one membership update: `member` is alive.
+        fn gossip_alive(&mut self, from: usize, to: usize, member: Peer) {
+            use foca::{Codec as _, Header, Message};
+            let (src, dst) = (self.nodes[from].identity(), self.nodes[to].identity());
+            let mut payload = Vec::new();
+            let header = Header { src, src_incarnation: 0, dst, message: Message::Gossip };
+            PostcardCodec.encode_header(&header, &mut payload).unwrap();
+            payload.extend_from_slice(&1u16.to_be_bytes());
+            PostcardCodec.encode_member(&Member::alive(member), &mut payload).unwrap();
+            let sealed = self.nodes[from].seal(to as NodeId + 1, Kind::Swim, &payload);
+            let out = self.deliver(from, to, sealed);
+            self.dispatch(to, out);
         }
 
         fn listed(&self, i: usize, node: NodeId) -> bool {
