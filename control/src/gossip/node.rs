@@ -1018,7 +1018,7 @@ impl GossipNode {
                 // Any host's ping is answered: its watch may differ from this host's view.
                 Some(RingMessage::Ping(seq)) => {
                     self.heard(now);
-                    self.send_ring(from, RingMessage::Ack(seq));
+                    self.send_ring(from.node, RingMessage::Ack(seq));
                 }
                 Some(RingMessage::Ack(seq)) => {
                     self.heard(now);
@@ -1163,14 +1163,13 @@ impl GossipNode {
             self.ring.idle();
             return;
         };
-        let (generation, addr) = (life.generation, life.addr.get());
-        let seq = self.ring.start(node, generation, addr);
-        self.ring_ping(Dest { node, addr }, seq);
+        let seq = self.ring.start(node, life.generation);
+        self.ring_ping(node, seq);
     }
 
     /// Sends ping `seq` (a try of this period's), and arms its try's deadline: the tries
     /// share the probe RTT.
-    fn ring_ping(&mut self, to: Dest, seq: u32) {
+    fn ring_ping(&mut self, to: NodeId, seq: u32) {
         lock(&self.shared).counters.ring_pings += 1;
         self.send_ring(to, RingMessage::Ping(seq));
         self.outbox_timer(self.config.probe_rtt / u32::from(ring::ATTEMPTS), TimerKind::RingDeadline(seq));
@@ -1179,7 +1178,7 @@ impl GossipNode {
     fn ring_deadline(&mut self, now: Duration, seq: u32) {
         match self.ring.deadline(seq) {
             Verdict::Fine => {}
-            Verdict::Retry(w) => self.ring_ping(Dest { node: w.node, addr: w.addr }, seq),
+            Verdict::Retry(w) => self.ring_ping(w.node, seq),
             Verdict::Suspect(w) => self.ring_suspect(now, w.node, w.generation),
             Verdict::Unproven(_) => lock(&self.shared).counters.ring_unproven += 1,
         }
@@ -1227,9 +1226,9 @@ impl GossipNode {
         }
     }
 
-    fn send_ring(&mut self, to: Dest, m: RingMessage) {
-        let sealed = self.seal(to.node, Kind::Ring, &m.encode());
-        self.pending_sends.push((to.node, sealed));
+    fn send_ring(&mut self, to: NodeId, m: RingMessage) {
+        let sealed = self.seal(to, Kind::Ring, &m.encode());
+        self.pending_sends.push((to, sealed));
     }
 
     /// Passes news on now, or as soon as `eager_delay` since the last push allows.

@@ -37,8 +37,6 @@
 //! for the first time that dies before its first answer (a member and its successor killed at
 //! the same moment) is left to SWIM's probes.
 
-use std::net::SocketAddr;
-
 use super::vecmap::VecMap;
 use crate::state::NodeId;
 
@@ -103,8 +101,6 @@ pub struct Watched {
     pub node: NodeId,
     /// Its life (SWIM generation) as this host holds it.
     pub generation: u64,
-    /// Where its gossip socket is.
-    pub addr: SocketAddr,
     acked: bool,
     tries: u8,
 }
@@ -145,9 +141,9 @@ impl RingWatch {
 
     /// A new period: `to` is pinged; returns the ping's number. The previous ping's
     /// deadlines are void from now on.
-    pub fn start(&mut self, node: NodeId, generation: u64, addr: SocketAddr) -> u32 {
+    pub fn start(&mut self, node: NodeId, generation: u64) -> u32 {
         self.seq = self.seq.wrapping_add(1);
-        self.watched = Some(Watched { node, generation, addr, acked: false, tries: 1 });
+        self.watched = Some(Watched { node, generation, acked: false, tries: 1 });
         self.seq
     }
 
@@ -223,10 +219,6 @@ impl RingWatch {
 mod tests {
     use super::*;
 
-    fn addr(n: NodeId) -> SocketAddr {
-        SocketAddr::from(([10, 0, 0, n as u8], 7946))
-    }
-
     fn ring(nodes: &[NodeId]) -> VecMap<()> {
         nodes.iter().map(|n| (*n, ())).collect()
     }
@@ -269,14 +261,14 @@ mod tests {
     #[test]
     fn an_answered_ping_is_fine_and_teaches_who_speaks_ring() {
         let mut w = RingWatch::default();
-        let seq = w.start(5, 100, addr(5));
+        let seq = w.start(5, 100);
         assert!(!w.ack(6, seq), "from another member");
         assert!(!w.ack(5, seq.wrapping_sub(1)), "of an earlier ping");
         assert!(w.ack(5, seq));
         assert!(!w.ack(5, seq), "a second ack of the same ping");
         assert_eq!(w.deadline(seq), Verdict::Fine);
         // Next period, silent: retried, then suspected (it answered in this life before).
-        let seq = w.start(5, 100, addr(5));
+        let seq = w.start(5, 100);
         assert!(matches!(w.deadline(seq), Verdict::Retry(x) if x.node == 5));
         assert!(matches!(w.deadline(seq), Verdict::Retry(x) if x.node == 5));
         assert!(matches!(w.deadline(seq), Verdict::Suspect(x) if x.node == 5 && x.generation == 100));
@@ -287,14 +279,14 @@ mod tests {
         // It refuted but stays silent to this host (a one-way fault): not suspected again
         // until it answers again.
         for _ in 0..3 {
-            let seq = w.start(5, 100, addr(5));
+            let seq = w.start(5, 100);
             (1..ATTEMPTS).for_each(|_| assert!(matches!(w.deadline(seq), Verdict::Retry(_))));
             assert!(matches!(w.deadline(seq), Verdict::Unproven(x) if x.node == 5));
             assert!(!w.passes_over(5));
         }
-        let seq = w.start(5, 100, addr(5));
+        let seq = w.start(5, 100);
         assert!(w.ack(5, seq), "the path healed");
-        let seq = w.start(5, 100, addr(5));
+        let seq = w.start(5, 100);
         (1..ATTEMPTS).for_each(|_| assert!(matches!(w.deadline(seq), Verdict::Retry(_))));
         assert!(matches!(w.deadline(seq), Verdict::Suspect(x) if x.node == 5), "watched by the ring again");
     }
@@ -302,11 +294,11 @@ mod tests {
     #[test]
     fn a_late_ack_within_the_tries_counts_and_an_old_deadline_is_void() {
         let mut w = RingWatch::default();
-        let seq = w.start(5, 100, addr(5));
+        let seq = w.start(5, 100);
         assert!(matches!(w.deadline(seq), Verdict::Retry(_)));
         assert!(w.ack(5, seq), "the first try's ack, late");
         assert_eq!(w.deadline(seq), Verdict::Fine);
-        let next = w.start(7, 1, addr(7));
+        let next = w.start(7, 1);
         assert_eq!(w.deadline(seq), Verdict::Fine, "a deadline of the previous period");
         assert!(matches!(w.deadline(next), Verdict::Retry(x) if x.node == 7));
     }
@@ -315,13 +307,13 @@ mod tests {
     fn a_member_that_never_answered_in_this_life_is_not_suspected() {
         let mut w = RingWatch::default();
         let silent = |w: &mut RingWatch, node, generation| {
-            let seq = w.start(node, generation, addr(node));
+            let seq = w.start(node, generation);
             (1..ATTEMPTS).for_each(|_| assert!(matches!(w.deadline(seq), Verdict::Retry(_))));
             w.deadline(seq)
         };
         assert!(matches!(silent(&mut w, 5, 100), Verdict::Unproven(_)), "never answered");
         assert!(!w.passes_over(5));
-        let seq = w.start(5, 100, addr(5));
+        let seq = w.start(5, 100);
         assert!(w.ack(5, seq));
         assert!(matches!(silent(&mut w, 5, 101), Verdict::Unproven(_)), "answered in an earlier life only");
         assert!(matches!(silent(&mut w, 5, 100), Verdict::Suspect(_)));
