@@ -160,11 +160,6 @@ impl Pair {
         })
     }
 
-    /// Average ping round trip over `count` pings, in milliseconds.
-    pub fn rtt_ms(&self, count: u32) -> Result<f64> {
-        Ok(self.rtt(count)?.rtt_avg_ms)
-    }
-
     /// `count` pings 10 ms apart from client to server: average, percentiles.
     pub fn rtt(&self, count: u32) -> Result<PingStats> {
         self.client.ping_rtt(self.server_ip, count)
