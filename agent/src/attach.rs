@@ -110,6 +110,64 @@ impl Netns {
     }
 }
 
+/// The process an endpoint was attached by (`attach --pid`: its namespace path is
+/// `/proc/PID/ns/net`), if it was.
+pub fn attached_pid(netns: &str) -> Option<u32> {
+    netns.strip_prefix("/proc/")?.strip_suffix("/ns/net")?.parse().ok()
+}
+
+/// Resolves when process `pid`, the one whose network namespace is `id`, exits. Fails (with
+/// nothing to wait for) when it has exited already, or `pid` is another process by now.
+///
+/// A container attached by its process is gone when that process exits and nothing else holds
+/// its namespace ([`namespace_held`]): this says so at once, where the veth that goes with the
+/// namespace goes only when the kernel gets to tearing the namespace down (seconds later on a
+/// busy host).
+pub fn process_exit(pid: u32, id: (u64, u64)) -> std::io::Result<impl std::future::Future<Output = ()> + Send> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a PID and flags and returns a new fd or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::pid_t::try_from(pid).unwrap_or(-1), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this fd, and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // Checked after the pidfd is open: a PID reused before it would show another namespace (or
+    // none), and one reused after cannot be, while the pidfd pins the process we checked.
+    let meta = std::fs::metadata(format!("/proc/{pid}/ns/net"))?;
+    if (meta.dev(), meta.ino()) != id {
+        return Err(std::io::Error::other(format!("process {pid} is in another network namespace now")));
+    }
+    // SAFETY: the AsyncFd owns the OwnedFd, so the fd stays open and the same until it drops.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    Ok(async move {
+        // A pidfd turns readable when its process exits; an error (never seen) ends the wait too.
+        let _ = fd.readable().await;
+    })
+}
+
+/// Whether anything still holds the network namespace `id`: a process in it, a name under
+/// `/run/netns`, a bind mount of it anywhere, or an open file of it in any process (a runtime
+/// keeping it for a container that restarts). Reads `/proc`: for the moments a process exits,
+/// not for a loop.
+pub fn namespace_held(id: (u64, u64)) -> bool {
+    if Netns::find("", id).is_some() {
+        return true;
+    }
+    let link = format!("net:[{}]", id.1);
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .is_ok_and(|m| m.lines().any(|l| l.split(' ').nth(3) == Some(link.as_str())));
+    mounted
+        || std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|p| {
+            std::fs::read_dir(p.path().join("fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == link.as_str()))
+        })
+}
+
 /// Sets an endpoint's MTU: its veth on the bridge, and its interface in the container (when
 /// the container's namespace is still there), with the GSO size that goes with the MTU on a
 /// network `sealed` or not ([`endpoint_gso_max_size`]).

@@ -945,10 +945,26 @@ impl ClusterRuntime {
         Ok(gone.len())
     }
 
+    /// Of the endpoints whose process exited, (veth, namespace), those whose namespace
+    /// nothing holds any more: their containers are gone.
+    async fn unheld(&self, exited: Vec<(String, (u64, u64))>) -> Vec<String> {
+        if exited.is_empty() {
+            return Vec::new();
+        }
+        tokio::task::spawn_blocking(move || {
+            exited.into_iter().filter(|(_, id)| !attach::namespace_held(*id)).map(|(ifname, _)| ifname).collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
     /// Follows the containers: an endpoint goes as soon as the kernel deletes its veth (which
-    /// it does with the namespace of a container that is gone), and a sweep every few seconds
-    /// catches what a notification missed.
+    /// it does with the namespace of a container that is gone), or, for one attached by its
+    /// process, as soon as that process exits and nothing else holds its namespace (the kernel
+    /// tears a namespace down when it gets to it, seconds later on a busy host); a sweep every
+    /// few seconds catches what a notification missed.
     pub async fn follow_containers(self: std::sync::Arc<Self>) {
+        use futures::StreamExt as _;
         let mut deletions = match netdev::link_deletions() {
             Ok(rx) => Some(rx),
             Err(e) => {
@@ -957,9 +973,38 @@ impl ClusterRuntime {
             }
         };
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        // The processes of `attach --pid` endpoints, by their veth: those being waited on, and
+        // the exits seen (a namespace that outlives its process is left to its veth).
+        let mut watched: BTreeSet<String> = BTreeSet::new();
+        let mut exits = futures::stream::FuturesUnordered::new();
+        let mut watch = tokio::time::interval(WATCH_PROCESSES_EVERY);
         loop {
             let mut deleted = BTreeSet::new();
             tokio::select! {
+                _ = watch.tick() => {
+                    let pids: Vec<(String, u32, (u64, u64))> = self.endpoints.lock().await.endpoints.iter()
+                        .filter(|e| e.origin == Origin::Attach)
+                        .filter_map(|e| Some((e.host_ifname.clone(), attach::attached_pid(&e.netns)?, e.netns_id)))
+                        .collect();
+                    watched.retain(|w| pids.iter().any(|(ifname, ..)| ifname == w));
+                    let mut exited = Vec::new();
+                    for (ifname, pid, id) in pids {
+                        if !watched.insert(ifname.clone()) {
+                            continue;
+                        }
+                        match attach::process_exit(pid, id) {
+                            Ok(exit) => exits.push(Box::pin(async move {
+                                exit.await;
+                                (ifname, id)
+                            }) as std::pin::Pin<Box<dyn Future<Output = _> + Send>>),
+                            Err(_) => exited.push((ifname, id)),
+                        }
+                    }
+                    deleted.extend(self.unheld(exited).await);
+                }
+                Some(exit) = exits.next() => {
+                    deleted.extend(self.unheld(vec![exit]).await);
+                }
                 Some(name) = async { deletions.as_mut()?.recv().await } => {
                     if !attach::is_endpoint_veth(&name) {
                         continue;
@@ -991,6 +1036,9 @@ impl ClusterRuntime {
 
 /// How often the endpoints' veths are checked, besides the kernel's notifications.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// How soon a new `attach --pid` endpoint's process is watched (an exit before then is seen
+/// when it is).
+const WATCH_PROCESSES_EVERY: Duration = Duration::from_secs(1);
 
 /// An attach refused because the container (or namespace, or name) is attached already.
 #[derive(Debug)]

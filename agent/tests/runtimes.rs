@@ -296,6 +296,68 @@ fn an_attach_by_pid_is_withdrawn_everywhere_within_2s_of_its_process_dying() {
     assert_eq!(again, std::net::IpAddr::V4(ip));
 }
 
+/// A socket the test process makes inside `pid`'s network namespace: while it is open, the
+/// kernel cannot tear that namespace down (nor delete the veth in it), though no process is
+/// in it and nothing names it — as when the kernel is slow to get to a namespace it must free.
+fn socket_in_netns_of(pid: u32) -> std::net::UdpSocket {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns with an open namespace fd; it moves only this thread, which ends here.
+        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        std::net::UdpSocket::bind("0.0.0.0:0").unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The endpoint of a process follows the process, not the kernel's teardown of its namespace:
+/// with the namespace kept alive by a socket (its veth stays), the process's death still
+/// withdraws it; but a namespace someone still holds by name outlives its process, and so does
+/// its endpoint, until the name goes too.
+#[test]
+fn an_attach_by_pid_follows_its_process_not_the_teardown_of_its_namespace() {
+    let bed = bed();
+    let c = cluster(&bed, 0);
+    let mut lingering = Sleeper::start();
+    let pid = lingering.0.id();
+    c.agents[0].json(&["attach", "--network", "web", "--pid", &pid.to_string(), "--name", "lingering"]).unwrap();
+    let socket = socket_in_netns_of(pid);
+    let killed = Instant::now();
+    lingering.0.kill().unwrap();
+    lingering.0.wait().unwrap();
+    let took = await_withdrawn(&c, "lingering", killed);
+    eprintln!("attach --pid, namespace kept by a socket: process killed -> withdrawn in {took:?}");
+    assert!(took <= WITHDRAW_BOUND, "the endpoint of a dead process was listed for {took:?}");
+    assert_eq!(ovl_veths(&c.hosts[0]), Vec::<String>::new(), "its veth was not removed");
+    drop(socket);
+
+    // Named (as `ip netns attach` or a runtime's bind mount does), the namespace is a container
+    // that outlives the process: the endpoint stays, and goes with the name.
+    let mut named = Sleeper::start();
+    let pid = named.0.id();
+    let name = format!("{}-kept", bed.prefix());
+    let ep = c.agents[0].json(&["attach", "--network", "web", "--pid", &pid.to_string(), "--name", "kept"]).unwrap();
+    let ip: Ipv4Addr = ep["ip"].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{ep}"));
+    let out = Command::new("ip").args(["netns", "attach", &name, &pid.to_string()]).output().unwrap();
+    assert!(out.status.success(), "ip netns attach: {}", String::from_utf8_lossy(&out.stderr));
+    struct Named<'a>(&'a str);
+    impl Drop for Named<'_> {
+        fn drop(&mut self) {
+            testbed::netns::delete(self.0);
+        }
+    }
+    let _named = Named(&name);
+    named.0.kill().unwrap();
+    named.0.wait().unwrap();
+    std::thread::sleep(WITHDRAW_BOUND + Duration::from_secs(1));
+    assert!(listed(&c.agents[0]).contains(&("kept".into(), ip)), "withdrawn while its namespace is still held");
+    let gone = Instant::now();
+    testbed::netns::delete(&name);
+    let took = await_withdrawn(&c, "kept", gone);
+    eprintln!("attach --pid, namespace named: name deleted -> withdrawn in {took:?}");
+}
+
 #[test]
 fn bad_input_to_the_plugin_gets_the_specs_error_and_leaves_nothing_behind() {
     let bed = bed();
