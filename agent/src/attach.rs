@@ -147,6 +147,12 @@ pub fn process_exit(pid: u32, id: (u64, u64)) -> std::io::Result<impl std::futur
     })
 }
 
+/// Whether the namespace `id` is still at `path` (a name that was deleted, or is another
+/// namespace's now, says no).
+pub fn still_at(path: &str, id: (u64, u64)) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == id)
+}
+
 /// Whether anything still holds the network namespace `id`: a process in it, a name under
 /// `/run/netns`, a bind mount of it anywhere, or an open file of it in any process (a runtime
 /// keeping it for a container that restarts). Reads `/proc`: for the moments a process exits,

@@ -945,24 +945,38 @@ impl ClusterRuntime {
         Ok(gone.len())
     }
 
-    /// Of the endpoints whose process exited, (veth, namespace), those whose namespace
-    /// nothing holds any more: their containers are gone.
-    async fn unheld(&self, exited: Vec<(String, (u64, u64))>) -> Vec<String> {
+    /// Sorts the endpoints whose process exited or whose namespace's name went, (veth,
+    /// namespace), into `gone` (nothing holds their namespace any more: their containers are
+    /// gone) and `lingering` (something still does: looked at again by the sweep).
+    async fn unheld(
+        &self,
+        exited: Vec<(String, (u64, u64))>,
+        lingering: &mut BTreeSet<(String, (u64, u64))>,
+        gone: &mut BTreeSet<String>,
+    ) {
         if exited.is_empty() {
-            return Vec::new();
+            return;
         }
-        tokio::task::spawn_blocking(move || {
-            exited.into_iter().filter(|(_, id)| !attach::namespace_held(*id)).map(|(ifname, _)| ifname).collect()
+        let held = tokio::task::spawn_blocking(move || {
+            exited.into_iter().map(|e| (attach::namespace_held(e.1), e)).collect::<Vec<_>>()
         })
         .await
-        .unwrap_or_default()
+        .unwrap_or_default();
+        for (held, e) in held {
+            if held {
+                lingering.insert(e);
+            } else {
+                lingering.remove(&e);
+                gone.insert(e.0);
+            }
+        }
     }
 
     /// Follows the containers: an endpoint goes as soon as the kernel deletes its veth (which
-    /// it does with the namespace of a container that is gone), or, for one attached by its
-    /// process, as soon as that process exits and nothing else holds its namespace (the kernel
-    /// tears a namespace down when it gets to it, seconds later on a busy host); a sweep every
-    /// few seconds catches what a notification missed.
+    /// it does with the namespace of a container that is gone), or, for one of `attach`, as
+    /// soon as its process exits (`--pid`) or its namespace's name goes (`--netns`) and nothing
+    /// else holds the namespace (the kernel tears a namespace down when it gets to it, seconds
+    /// later on a busy host); a sweep every few seconds catches what a notification missed.
     pub async fn follow_containers(self: std::sync::Arc<Self>) {
         use futures::StreamExt as _;
         let mut deletions = match netdev::link_deletions() {
@@ -973,25 +987,36 @@ impl ClusterRuntime {
             }
         };
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        // The processes of `attach --pid` endpoints, by their veth: those being waited on, and
-        // the exits seen (a namespace that outlives its process is left to its veth).
+        // The `attach` endpoints, by their veth, whose process is waited on (`--pid`) or whose
+        // namespace's name went (`--netns`): a namespace that outlives that is left to its veth.
         let mut watched: BTreeSet<String> = BTreeSet::new();
+        let mut lingering: BTreeSet<(String, (u64, u64))> = BTreeSet::new();
         let mut exits = futures::stream::FuturesUnordered::new();
         let mut watch = tokio::time::interval(WATCH_PROCESSES_EVERY);
         loop {
             let mut deleted = BTreeSet::new();
             tokio::select! {
                 _ = watch.tick() => {
-                    let pids: Vec<(String, u32, (u64, u64))> = self.endpoints.lock().await.endpoints.iter()
-                        .filter(|e| e.origin == Origin::Attach)
-                        .filter_map(|e| Some((e.host_ifname.clone(), attach::attached_pid(&e.netns)?, e.netns_id)))
+                    let attached: Vec<(String, String, (u64, u64))> = self.endpoints.lock().await.endpoints.iter()
+                        .filter(|e| e.origin == Origin::Attach && e.netns_id != (0, 0))
+                        .map(|e| (e.host_ifname.clone(), e.netns.clone(), e.netns_id))
                         .collect();
-                    watched.retain(|w| pids.iter().any(|(ifname, ..)| ifname == w));
+                    watched.retain(|w| attached.iter().any(|(ifname, ..)| ifname == w));
+                    lingering.retain(|(w, _)| watched.contains(w));
                     let mut exited = Vec::new();
-                    for (ifname, pid, id) in pids {
-                        if !watched.insert(ifname.clone()) {
+                    for (ifname, netns, id) in attached {
+                        if watched.contains(&ifname) {
                             continue;
                         }
+                        let Some(pid) = attach::attached_pid(&netns) else {
+                            // Attached by path: its name going (`ip netns delete`) is its exit.
+                            if !attach::still_at(&netns, id) {
+                                watched.insert(ifname.clone());
+                                exited.push((ifname, id));
+                            }
+                            continue;
+                        };
+                        watched.insert(ifname.clone());
                         match attach::process_exit(pid, id) {
                             Ok(exit) => exits.push(Box::pin(async move {
                                 exit.await;
@@ -1000,10 +1025,10 @@ impl ClusterRuntime {
                             Err(_) => exited.push((ifname, id)),
                         }
                     }
-                    deleted.extend(self.unheld(exited).await);
+                    self.unheld(exited, &mut lingering, &mut deleted).await;
                 }
                 Some(exit) = exits.next() => {
-                    deleted.extend(self.unheld(vec![exit]).await);
+                    self.unheld(vec![exit], &mut lingering, &mut deleted).await;
                 }
                 Some(name) = async { deletions.as_mut()?.recv().await } => {
                     if !attach::is_endpoint_veth(&name) {
@@ -1016,6 +1041,7 @@ impl ClusterRuntime {
                     }
                 }
                 _ = sweep.tick() => {
+                    self.unheld(lingering.iter().cloned().collect(), &mut lingering, &mut deleted).await;
                     let names: Vec<String> = self.endpoints.lock().await.endpoints.iter().map(|e| e.host_ifname.clone()).collect();
                     for n in names {
                         if matches!(netdev::link_exists(&self.host.nl, &n).await, Ok(false)) {
@@ -1036,8 +1062,8 @@ impl ClusterRuntime {
 
 /// How often the endpoints' veths are checked, besides the kernel's notifications.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
-/// How soon a new `attach --pid` endpoint's process is watched (an exit before then is seen
-/// when it is).
+/// How often `attach` endpoints' namespace names are checked, and how soon a new `--pid`
+/// endpoint's process is watched (an exit before then is seen when it is).
 const WATCH_PROCESSES_EVERY: Duration = Duration::from_secs(1);
 
 /// An attach refused because the container (or namespace, or name) is attached already.

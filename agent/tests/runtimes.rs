@@ -296,11 +296,11 @@ fn an_attach_by_pid_is_withdrawn_everywhere_within_2s_of_its_process_dying() {
     assert_eq!(again, std::net::IpAddr::V4(ip));
 }
 
-/// A socket the test process makes inside `pid`'s network namespace: while it is open, the
-/// kernel cannot tear that namespace down (nor delete the veth in it), though no process is
-/// in it and nothing names it — as when the kernel is slow to get to a namespace it must free.
-fn socket_in_netns_of(pid: u32) -> std::net::UdpSocket {
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+/// A socket the test process makes inside the network namespace at `path`: while it is open,
+/// the kernel cannot tear that namespace down (nor delete the veth in it), though no process
+/// is in it and nothing names it — as when the kernel is slow to get to a namespace it must free.
+fn socket_in_netns(path: &str) -> std::net::UdpSocket {
+    let ns = std::fs::File::open(path).unwrap();
     std::thread::spawn(move || {
         use std::os::fd::AsRawFd;
         // SAFETY: setns with an open namespace fd; it moves only this thread, which ends here.
@@ -311,51 +311,89 @@ fn socket_in_netns_of(pid: u32) -> std::net::UdpSocket {
     .unwrap()
 }
 
-/// The endpoint of a process follows the process, not the kernel's teardown of its namespace:
-/// with the namespace kept alive by a socket (its veth stays), the process's death still
-/// withdraws it; but a namespace someone still holds by name outlives its process, and so does
-/// its endpoint, until the name goes too.
+/// A namespace name (as `ip netns attach` or a runtime's bind mount makes) that goes when
+/// dropped.
+struct Named(String);
+
+impl Named {
+    fn of(bed: &Testbed, what: &str, pid: u32) -> Named {
+        let name = format!("{}-{what}", bed.prefix());
+        let out = Command::new("ip").args(["netns", "attach", &name, &pid.to_string()]).output().unwrap();
+        assert!(out.status.success(), "ip netns attach: {}", String::from_utf8_lossy(&out.stderr));
+        Named(name)
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+}
+
+impl Drop for Named {
+    fn drop(&mut self) {
+        testbed::netns::delete(&self.0);
+    }
+}
+
+/// An attached container follows what makes it a container — its process (`--pid`), its
+/// namespace's name (`--netns`) — not the kernel's teardown of its namespace: each time, the
+/// namespace is kept alive by a socket (as when the kernel is slow to free it; its veth stays),
+/// and the endpoint still goes at once. A namespace that something else still holds is still
+/// a container, and keeps its endpoint until that goes too.
 #[test]
-fn an_attach_by_pid_follows_its_process_not_the_teardown_of_its_namespace() {
+fn an_attached_container_follows_its_process_or_name_not_the_teardown_of_its_namespace() {
     let bed = bed();
     let c = cluster(&bed, 0);
-    let mut lingering = Sleeper::start();
-    let pid = lingering.0.id();
-    c.agents[0].json(&["attach", "--network", "web", "--pid", &pid.to_string(), "--name", "lingering"]).unwrap();
-    let socket = socket_in_netns_of(pid);
-    let killed = Instant::now();
-    lingering.0.kill().unwrap();
-    lingering.0.wait().unwrap();
-    let took = await_withdrawn(&c, "lingering", killed);
-    eprintln!("attach --pid, namespace kept by a socket: process killed -> withdrawn in {took:?}");
-    assert!(took <= WITHDRAW_BOUND, "the endpoint of a dead process was listed for {took:?}");
-    assert_eq!(ovl_veths(&c.hosts[0]), Vec::<String>::new(), "its veth was not removed");
+    let attach = |name: &str, how: &str, what: &str| -> Ipv4Addr {
+        let ep = c.agents[0].json(&["attach", "--network", "web", how, what, "--name", name]).unwrap();
+        ep["ip"].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{ep}"))
+    };
+    let check = |name: &str, since: Instant, bound: Duration, how: &str| {
+        let took = await_withdrawn(&c, name, since);
+        eprintln!("{how} -> withdrawn in {took:?}");
+        assert!(took <= bound, "{how}: listed for {took:?}");
+        assert_eq!(ovl_veths(&c.hosts[0]), Vec::<String>::new(), "{how}: its veth was not removed");
+    };
+
+    // By process: it dies.
+    let mut p = Sleeper::start();
+    let pid = p.0.id();
+    attach("by-pid", "--pid", &pid.to_string());
+    let socket = socket_in_netns(&format!("/proc/{pid}/ns/net"));
+    let t = Instant::now();
+    p.0.kill().unwrap();
+    p.0.wait().unwrap();
+    check("by-pid", t, WITHDRAW_BOUND, "attach --pid, process killed");
     drop(socket);
 
-    // Named (as `ip netns attach` or a runtime's bind mount does), the namespace is a container
-    // that outlives the process: the endpoint stays, and goes with the name.
-    let mut named = Sleeper::start();
-    let pid = named.0.id();
-    let name = format!("{}-kept", bed.prefix());
-    let ep = c.agents[0].json(&["attach", "--network", "web", "--pid", &pid.to_string(), "--name", "kept"]).unwrap();
-    let ip: Ipv4Addr = ep["ip"].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{ep}"));
-    let out = Command::new("ip").args(["netns", "attach", &name, &pid.to_string()]).output().unwrap();
-    assert!(out.status.success(), "ip netns attach: {}", String::from_utf8_lossy(&out.stderr));
-    struct Named<'a>(&'a str);
-    impl Drop for Named<'_> {
-        fn drop(&mut self) {
-            testbed::netns::delete(self.0);
-        }
-    }
-    let _named = Named(&name);
-    named.0.kill().unwrap();
-    named.0.wait().unwrap();
+    // By name: the process in it dies (the name keeps it), then the name goes.
+    let mut p = Sleeper::start();
+    let named = Named::of(&bed, "by-name", p.0.id());
+    let ip = attach("by-name", "--netns", &named.path());
+    p.0.kill().unwrap();
+    p.0.wait().unwrap();
     std::thread::sleep(WITHDRAW_BOUND + Duration::from_secs(1));
-    assert!(listed(&c.agents[0]).contains(&("kept".into(), ip)), "withdrawn while its namespace is still held");
-    let gone = Instant::now();
-    testbed::netns::delete(&name);
-    let took = await_withdrawn(&c, "kept", gone);
-    eprintln!("attach --pid, namespace named: name deleted -> withdrawn in {took:?}");
+    assert!(listed(&c.agents[0]).contains(&("by-name".into(), ip)), "withdrawn while its name holds it");
+    let socket = socket_in_netns(&named.path());
+    let t = Instant::now();
+    drop(named);
+    check("by-name", t, WITHDRAW_BOUND, "attach --netns, name deleted");
+    drop(socket);
+
+    // By process, and named too: the process dies (the name keeps it), then the name goes;
+    // a namespace that outlived its process is looked at again by the sweep (5 s).
+    let mut p = Sleeper::start();
+    let pid = p.0.id();
+    let ip = attach("both", "--pid", &pid.to_string());
+    let named = Named::of(&bed, "both", pid);
+    p.0.kill().unwrap();
+    p.0.wait().unwrap();
+    std::thread::sleep(WITHDRAW_BOUND + Duration::from_secs(1));
+    assert!(listed(&c.agents[0]).contains(&("both".into(), ip)), "withdrawn while its name holds it");
+    let socket = socket_in_netns(&named.path());
+    let t = Instant::now();
+    drop(named);
+    check("both", t, Duration::from_secs(6), "attach --pid, process killed, then its name deleted");
+    drop(socket);
 }
 
 #[test]
