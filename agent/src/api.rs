@@ -346,8 +346,8 @@ impl pb::agent_server::Agent for AgentService {
 
     async fn detach(&self, request: Request<pb::DetachRequest>) -> Result<Response<pb::DetachReply>, Status> {
         let req = request.into_inner();
-        // Veths no endpoint record holds (a wiped state dir left them): detach removes them too,
-        // in a cluster or not.
+        // Veths that no endpoint of the store holds (a wiped state dir left them): detach
+        // removes them too, in a cluster or not.
         let strays = |known: Vec<String>| {
             let req = req.clone();
             let nl = self.0.ctx.nl.clone();

@@ -260,8 +260,9 @@ impl VethTag {
     }
 }
 
-/// Removes endpoint veths no endpoint record holds (left by a state dir that was wiped, say)
-/// whose tag names endpoint `name` or namespace `ns`; returns each as (endpoint, network).
+/// Removes endpoint veths that no endpoint of this host's store holds (left by a state dir
+/// that was wiped, say) whose tag names endpoint `name` or namespace `ns`; returns each as
+/// (endpoint, network).
 pub async fn remove_strays(
     nl: &rtnetlink::Handle,
     name: &str,
@@ -276,7 +277,7 @@ pub async fn remove_strays(
         let Some(tag) = veth.alias.as_deref().and_then(VethTag::parse) else { continue };
         if (!name.is_empty() && tag.name == name) || ns.is_some_and(|id| tag.ns == id) {
             unplumb(nl, &veth.name).await?;
-            tracing::info!(endpoint = %tag.name, network = %tag.net, veth = %veth.name, "removed a veth no endpoint record holds");
+            tracing::info!(endpoint = %tag.name, network = %tag.net, veth = %veth.name, "removed a veth that no endpoint of this host holds");
             removed.push((tag.name, tag.net));
         }
     }
@@ -292,7 +293,7 @@ pub fn is_endpoint_veth(name: &str) -> bool {
 /// address and MAC of its other end in the container. `Err` says why it is no endpoint.
 pub async fn inspect(veth: &Iface) -> Result<LocalEndpoint, String> {
     let alias = veth.alias.as_deref().unwrap_or_default();
-    let tag = VethTag::parse(alias).ok_or("its alias holds no overlayd endpoint record")?;
+    let tag = VethTag::parse(alias).ok_or("its alias holds no overlayd endpoint tag")?;
     if veth_names(&tag.net, veth_key(&tag.cid, &tag.name)).0 != veth.name {
         return Err(format!(
             "its record names endpoint {:?} of network {:?}, whose veth has another name",

@@ -145,13 +145,6 @@ impl<T: AsRef<[u8]>> VxlanPacket<T> {
         self.buffer.as_ref()[field::FLAGS]
     }
 
-    /// Whether both reserved fields are zero.
-    #[inline]
-    pub fn reserved_is_zero(&self) -> bool {
-        let b = self.buffer.as_ref();
-        b[field::RESERVED_1] == [0, 0, 0] && b[field::RESERVED_2] == 0
-    }
-
     /// The 24-bit VXLAN Network Identifier.
     #[inline]
     pub fn vni(&self) -> Vni {
@@ -167,26 +160,6 @@ impl<T: AsRef<[u8]>> VxlanPacket<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> VxlanPacket<T> {
-    /// Sets the flags byte.
-    #[inline]
-    pub fn set_flags(&mut self, flags: u8) {
-        self.buffer.as_mut()[field::FLAGS] = flags;
-    }
-
-    /// Sets the VNI.
-    #[inline]
-    pub fn set_vni(&mut self, vni: Vni) {
-        self.buffer.as_mut()[field::VNI].copy_from_slice(&vni.to_be_bytes());
-    }
-
-    /// Zeroes both reserved fields.
-    #[inline]
-    pub fn clear_reserved(&mut self) {
-        let b = self.buffer.as_mut();
-        b[field::RESERVED_1].fill(0);
-        b[field::RESERVED_2] = 0;
-    }
-
     /// The inner Ethernet frame, writable.
     #[inline]
     pub fn payload_mut(&mut self) -> &mut [u8] {
