@@ -736,12 +736,14 @@ impl ClusterRuntime {
     }
 
     /// What Docker shows of a container once it runs: its namespace (`/proc/PID/ns/net`, for
-    /// its VIPs) and the service its label makes it a replica of (of its network).
+    /// its VIPs), the service its label makes it a replica of (of its network), and its
+    /// aliases on the network (those that are no name, or its own name, are left out).
     pub async fn learn_container(
         &self,
         container_id: &str,
         netns: Option<String>,
         service: Option<&str>,
+        aliases: &[String],
     ) -> Result<()> {
         let view = self.follower.view();
         let mut store = self.endpoints.lock().await;
@@ -749,6 +751,18 @@ impl ClusterRuntime {
         if let Some(netns) = netns {
             store.endpoints[i].netns = netns;
         }
+        let mut learned: Vec<String> = Vec::new();
+        for a in aliases {
+            if *a != store.endpoints[i].name && !learned.contains(a) && learned.len() < MAX_ALIASES {
+                match check_name("the alias", a) {
+                    Ok(()) => learned.push(a.clone()),
+                    Err(e) => {
+                        tracing::warn!(container = %store.endpoints[i].name, error = %e, "a Docker alias left out")
+                    }
+                }
+            }
+        }
+        store.endpoints[i].aliases = learned;
         let network = store.endpoints[i].network.clone();
         let result = match service.map(|s| (s, view.services.get(s))) {
             None => Ok(()),

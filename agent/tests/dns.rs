@@ -618,8 +618,8 @@ fn nslookup_answers(out: &str) -> Vec<Ipv4Addr> {
 }
 
 /// Test 5: a podman container (overlayd as its CNI plugin) on one host and a Docker container
-/// (overlayd's Docker driver) on the other find each other by name with busybox `nslookup` and
-/// `ping NAME`, with no DNS setting of their own. The podman container asks its network's
+/// (overlayd's Docker driver) on the other find each other by name — and the Docker one by its
+/// `--network-alias` — with busybox `nslookup` and `ping NAME`, with no DNS setting of their own. The podman container asks its network's
 /// resolver (the CNI result's `dns`); the Docker one asks Docker's embedded resolver
 /// (127.0.0.11), which forwards names it does not have to the host's resolvers (here dockerd's
 /// `--dns`, the testbed's upstream, as the host's resolv.conf would be), and overlayd answers
@@ -639,7 +639,7 @@ fn podman_and_docker_containers_resolve_each_other_by_name_across_hosts() {
         .unwrap();
     let podman = Podman::new(&c.hosts[1], &c.agents[1], "web").expect("podman on host 1");
     podman.run("pod1", &[]).expect("podman run pod1");
-    docker.run("dock1", "web", &[]).expect("docker run dock1");
+    docker.run("dock1", "web", &["--network-alias", "dock-api"]).expect("docker run dock1");
     let (pod1, dock1) = (podman.ip("pod1").unwrap(), docker.ip("dock1", "web").unwrap());
     eprintln!("pod1 {pod1} on host 1, dock1 {dock1} on host 0");
     eprintln!("pod1's resolv.conf:\n{}", podman.exec("pod1", &["cat", "/etc/resolv.conf"]).unwrap_or_default());
@@ -655,6 +655,8 @@ fn podman_and_docker_containers_resolve_each_other_by_name_across_hosts() {
     });
     wait_for(T, "dock1 to resolve pod1", || (from_docker("pod1") == [pod1]).then_some(()))
         .unwrap_or_else(|e| panic!("{e:#}: {:?}", docker.output(&["exec", "dock1", "nslookup", "pod1"]).unwrap()));
+    wait_for(T, "pod1 to resolve dock1's Docker alias", || (from_pod("dock-api") == [dock1]).then_some(())).unwrap();
+    assert_eq!(from_pod("dock-api.web"), [dock1], "a Docker alias, as NAME.NETWORK");
     assert_eq!(from_docker("pod1.web"), [pod1], "NAME.NETWORK from Docker");
     assert_eq!(from_pod("dock1.web"), [dock1], "NAME.NETWORK from podman");
     assert_eq!(from_docker("www.ext.test"), [Ipv4Addr::new(192, 0, 2, 7)], "the outside's names, forwarded");

@@ -594,17 +594,19 @@ impl Driver {
                 // By its name: a container being started is listed under its endpoint's id.
                 let mut inspected = self.engine.container(&c.name).await;
                 for _ in 0..150 {
-                    if !matches!(inspected, Ok((_, 0)) | Err(_)) {
+                    if matches!(&inspected, Ok(c) if c.pid != 0) {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     inspected = self.engine.container(&c.name).await;
                 }
                 match inspected {
-                    Ok((labels, pid)) => {
+                    Ok(container) => {
+                        let pid = container.pid;
                         let netns = (pid != 0).then(|| format!("/proc/{pid}/ns/net"));
-                        let service = labels.get(SERVICE_LABEL).map(String::as_str);
-                        if let Err(e) = rt.learn_container(&endpoint_id, netns, service).await {
+                        let service = container.labels.get(SERVICE_LABEL).map(String::as_str);
+                        let aliases = container.aliases.get(&n.name).cloned().unwrap_or_default();
+                        if let Err(e) = rt.learn_container(&endpoint_id, netns, service, &aliases).await {
                             tracing::warn!(container = %c.name, ?service, error = %format!("{e:#}"), "cannot make the container a replica");
                         }
                     }

@@ -41,6 +41,40 @@ pub struct EngineEndpoint {
     pub endpoint_id: String,
 }
 
+/// A container as `docker inspect` shows it, what the driver needs of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineContainer {
+    /// Its labels (`docker run --label`).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The PID of its first process (0 when it is not running).
+    pub pid: u32,
+    /// Its aliases on each of its networks, by the Docker network's name (`docker run
+    /// --network-alias`, `docker network connect --alias`, and the short id Docker adds).
+    pub aliases: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl EngineContainer {
+    /// From the Engine API's `GET /containers/{id}/json`.
+    pub fn from_inspect(v: &Value) -> Result<EngineContainer> {
+        let labels = v.pointer("/Config/Labels").cloned().unwrap_or(Value::Null);
+        let labels = if labels.is_null() { Default::default() } else { serde_json::from_value(labels)? };
+        let pid = v.pointer("/State/Pid").and_then(Value::as_u64).and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+        let aliases = v
+            .pointer("/NetworkSettings/Networks")
+            .and_then(Value::as_object)
+            .map(|nets| {
+                nets.iter()
+                    .map(|(net, n)| {
+                        let list = n["Aliases"].as_array().into_iter().flatten().filter_map(Value::as_str);
+                        (net.clone(), list.map(str::to_owned).collect())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(EngineContainer { labels, pid, aliases })
+    }
+}
+
 impl Engine {
     /// The engine at `host` (`unix:///run/docker.sock` or a socket path).
     pub fn new(host: &str) -> Result<Engine> {
@@ -86,17 +120,13 @@ impl Engine {
         Ok(serde_json::from_value(v)?)
     }
 
-    /// A container's labels (`docker run --label`) and the PID of its first process (0 when
-    /// it is not running).
-    pub async fn container(&self, id: &str) -> Result<(std::collections::BTreeMap<String, String>, u32)> {
+    /// What the driver learns of a container once Docker runs it: see [`EngineContainer`].
+    pub async fn container(&self, id: &str) -> Result<EngineContainer> {
         let (status, v) = self.call("GET", &format!("/containers/{id}/json"), None).await?;
         if status != 200 {
             bail!("dockerd refused to show container {id} ({status}): {v}");
         }
-        let labels = v.pointer("/Config/Labels").cloned().unwrap_or(Value::Null);
-        let labels = if labels.is_null() { Default::default() } else { serde_json::from_value(labels)? };
-        let pid = v.pointer("/State/Pid").and_then(Value::as_u64).and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
-        Ok((labels, pid))
+        EngineContainer::from_inspect(&v)
     }
 
     /// One network, with its containers; `None` if Docker has none with this id.
@@ -140,5 +170,34 @@ impl Engine {
             200 | 204 | 404 => Ok(()),
             s => bail!("dockerd refused to remove network {id} ({s}): {v}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_container_inspected_gives_its_labels_pid_and_aliases_per_network() {
+        // As Docker 20.10 answers for `docker run --network-alias api --label k=v` on `web`
+        // (the short id is an alias Docker adds itself), trimmed.
+        let v = serde_json::json!({
+            "Config": { "Labels": { "io.overlayd.service": "front", "k": "v" } },
+            "State": { "Pid": 4242 },
+            "NetworkSettings": { "Networks": {
+                "web": { "Aliases": ["api", "0123456789ab"], "IPAddress": "10.128.0.2" },
+                "other": { "Aliases": null }
+            } }
+        });
+        let c = EngineContainer::from_inspect(&v).unwrap();
+        assert_eq!(c.pid, 4242);
+        assert_eq!(c.labels["io.overlayd.service"], "front");
+        assert_eq!(c.aliases["web"], ["api", "0123456789ab"]);
+        assert!(c.aliases["other"].is_empty());
+        // A stopped container: no PID, no labels, no networks.
+        let c =
+            EngineContainer::from_inspect(&serde_json::json!({ "Config": { "Labels": null }, "State": { "Pid": 0 } }))
+                .unwrap();
+        assert_eq!(c, EngineContainer::default());
     }
 }
