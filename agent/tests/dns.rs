@@ -671,6 +671,26 @@ fn podman_and_docker_containers_resolve_each_other_by_name_across_hosts() {
 
     let dns = c.agents[0].json(&["dns"]).unwrap();
     assert_eq!(dns["intercepted"], serde_json::json!([upstream.to_string()]), "{dns}");
+
+    // On an internal network, a Docker container finds the containers of every host too (Docker
+    // routes it through the driver's gateway, where overlayd answers), and the outside's names
+    // are NXDOMAIN: nothing leaves the network.
+    docker
+        .docker(&["network", "create", "-d", &plugin, "--ipam-driver", &plugin, "--internal", "vault"])
+        .expect("docker network create --internal vault");
+    wait_for(T, "the network vault on host 1", || c.agents[1].json(&["network", "inspect", "vault"]).ok().map(|_| ()))
+        .unwrap();
+    let safe = attach(&c, 1, "vault", "safe1", &[]);
+    docker.run("dock2", "vault", &[]).expect("docker run dock2 on vault");
+    let from_dock2 =
+        |name: &str| nslookup_answers(&stdout(docker.output(&["exec", "dock2", "nslookup", name]).unwrap()));
+    wait_for(T, "dock2 (internal network) to resolve safe1 on the other host", || {
+        (from_dock2("safe1") == [safe.ip]).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}", docker.output(&["exec", "dock2", "nslookup", "safe1"]).unwrap()));
+    assert!(from_dock2("www.ext.test").is_empty(), "an internal network's container resolved an outside name");
+    let out = docker.docker(&["exec", "dock2", "ping", "-c", "1", "-W", "5", "safe1"]).expect("dock2 pings safe1");
+    assert!(out.contains(&format!("({})", safe.ip)), "{out}");
 }
 
 /// Test 6: bad input from a container, and a flood: no crash, every kind counted, and good
