@@ -52,7 +52,12 @@
 //! translated back before the socket sees it, the replica sees the client's own address, and
 //! the state is the kernel's. The cost: one table per client container, with a map of
 //! [`maglev::DEFAULT_SIZE`] elements (some 100 KB of kernel memory) per service, loaded in
-//! about 25 ms.
+//! about 25 ms. Measured against the bound any mechanism has, a connection straight to the
+//! replica (BENCHMARKS.md, "Services", same run): through the VIP 1.08x the direct path's
+//! throughput and 1.00–1.18x its new connections per second, 1.14–1.41x haproxy's — the
+//! translation is lost in the noise of the direct path itself, so a userspace NAT (a rewrite
+//! per packet in the hot loop, a flow table of its own) could at best tie it, at the price of
+//! the restart and local-replica problems above; it was not built.
 //!
 //! The `nft` program is run inside the namespace (not netlink): see the `firewall` module for
 //! why; an operator reads the table with `nsenter --net=PATH nft list table ip overlayd_lb`.
