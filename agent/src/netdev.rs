@@ -50,6 +50,29 @@ pub fn link_deletions() -> Result<tokio::sync::mpsc::UnboundedReceiver<String>> 
     Ok(rx)
 }
 
+/// Every change the kernel announces of this namespace's interfaces (`RTM_NEWLINK`: one made,
+/// or its MTU, state or name changed), as a wake-up: the receiver reads what it cares about.
+pub fn link_changes() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+    use futures::StreamExt as _;
+    use rtnetlink::sys::{AsyncSocket as _, SocketAddr};
+    let (mut conn, _handle, mut messages) =
+        rtnetlink::new_connection().context("cannot open a netlink socket for link notifications")?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))
+        .context("cannot subscribe to link notifications")?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            if reply::is_new_link(&msg) && tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
 async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>> {
     match h.link().get().match_name(name.to_owned()).execute().try_next().await {
         Ok(m) => Ok(m),

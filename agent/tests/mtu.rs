@@ -58,6 +58,7 @@ fn the_network_mtu_follows_the_underlay_and_network_update_reaches_every_contain
             sw.exec("ip", ["link", "set", "dev", port, "mtu", "9000"]).unwrap();
         }
     }
+    let changed = std::time::Instant::now();
     for h in &c.hosts {
         h.exec("ip", ["link", "set", "dev", "ul0", "mtu", "9000"]).unwrap();
     }
@@ -67,6 +68,10 @@ fn the_network_mtu_follows_the_underlay_and_network_update_reaches_every_contain
         })
         .unwrap();
     }
+    // Told by the kernel (a link notification), not found by the reading every 10 s.
+    let seen = changed.elapsed();
+    eprintln!("every daemon saw its underlay's new MTU {seen:?} after the change");
+    assert!(seen < std::time::Duration::from_secs(5), "the change was seen after {seen:?}: not notified");
     let human = c.agents[1].cli(&["status"]).unwrap();
     assert!(human.contains("MTU 9000"), "status shows the MTU now: {human}");
     // Every host reported it: a new network takes the smallest underlay less VXLAN's 50 bytes.

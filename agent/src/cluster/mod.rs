@@ -293,18 +293,30 @@ async fn report_networks(follower: Arc<Follower>, nl: rtnetlink::Handle, me: con
     }
 }
 
-/// How often the underlay interface's MTU is read again.
-const UNDERLAY_MTU_EVERY: Duration = Duration::from_secs(2);
+/// How often the underlay interface's MTU is read again without a link notification (one
+/// missed, or none to be had).
+const UNDERLAY_MTU_EVERY: Duration = Duration::from_secs(10);
 
-/// Reads the underlay interface's MTU every [`UNDERLAY_MTU_EVERY`] (or takes `fixed`, the
-/// `--underlay-mtu` setting) for `status`, and tells the cluster when it differs from this
-/// node's record, so that new networks get an MTU every host's underlay carries.
+/// Reads the underlay interface's MTU whenever the kernel announces a change of an interface
+/// (netlink), and every [`UNDERLAY_MTU_EVERY`] besides, or takes `fixed`, the `--underlay-mtu`
+/// setting, for `status`; and tells the cluster when it differs from this node's record, so
+/// that new networks get an MTU every host's underlay carries.
 async fn watch_underlay_mtu(follower: Arc<Follower>, host: Arc<Host>, me: control::state::NodeId, fixed: Option<u32>) {
+    let mut changes = match crate::netdev::link_changes() {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "no link notifications: the underlay's MTU is read every {UNDERLAY_MTU_EVERY:?}");
+            None
+        }
+    };
     loop {
         let r = async {
             let now = host.refresh_underlay_mtu(fixed).await?;
             // Once the view lists this node, and its record says otherwise.
             let recorded = follower.view().nodes.get(&me).map(|n| n.underlay_mtu);
+            if recorded.is_none() {
+                anyhow::bail!("the cluster does not list this node yet");
+            }
             if recorded.is_some_and(|r| r != Some(now)) {
                 let report = pb::HeartbeatRequest { underlay_mtu: now, ..Default::default() };
                 follower.manager().await?.heartbeat(report).await?;
@@ -313,10 +325,18 @@ async fn watch_underlay_mtu(follower: Arc<Follower>, host: Arc<Host>, me: contro
             anyhow::Ok(())
         }
         .await;
-        if let Err(e) = r {
+        if let Err(e) = &r {
             tracing::debug!(error = %format!("{e:#}"), "could not read or report the underlay MTU yet");
         }
-        tokio::time::sleep(UNDERLAY_MTU_EVERY).await;
+        // Until the cluster has this node's record, and after a failed report, again soon.
+        let wait = if r.is_err() { Duration::from_secs(2) } else { UNDERLAY_MTU_EVERY };
+        tokio::select! {
+            Some(()) = async { changes.as_mut()?.recv().await } => {
+                // A burst (containers attaching) is one reading.
+                while changes.as_mut().is_some_and(|c| c.try_recv().is_ok()) {}
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
 }
 

@@ -13,6 +13,11 @@ pub fn deleted_link(msg: &NetlinkMessage<RouteNetlinkMessage>) -> Option<String>
     link.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None })
 }
 
+/// Whether a notification says a link was made or changed (`RTM_NEWLINK`).
+pub fn is_new_link(msg: &NetlinkMessage<RouteNetlinkMessage>) -> bool {
+    matches!(&msg.payload, NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(_)))
+}
+
 /// A link's MTU.
 pub fn mtu_of(m: &LinkMessage) -> Option<u32> {
     m.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(v) = a { Some(*v) } else { None })
