@@ -1,4 +1,4 @@
-//! Output that scripts can trust (issue 17): `--json` of every read command parses, gives the
+//! Output that scripts can trust (issue 17): `--json` of every command parses, gives the
 //! same keys in the same order twice in a row, has the top-level keys the README documents
 //! ("Scripting: JSON and exit codes"), prints `null` (never an empty string) for what is absent,
 //! keys as hex strings; a failed command prints its error as JSON on stdout with the documented
@@ -163,4 +163,104 @@ fn every_json_output_is_stable_documented_and_says_null_for_what_is_absent_and_e
     eprintln!("IPv6 subnet: exit {:?}, {v}", out.status.code());
     assert!(v["error"]["message"].as_str().unwrap().contains("IPv4 only"), "{v}");
     assert_eq!(out.status.code(), Some(2), "{v}");
+}
+
+/// The commands that change something answer JSON too: each parses, prints `null` for what is
+/// absent, has the top-level keys the README documents, and the same command twice (on two
+/// networks, containers, nodes) gives the same keys in the same order.
+#[test]
+fn every_write_command_answers_json_of_the_documented_shape() {
+    let bed =
+        Testbed::new(Options::new(env!("CARGO_BIN_EXE_overlayd"))).expect("cannot build the testbed (run as root)");
+    let mut c = Cluster::form(&bed, 1, 0).expect("cluster");
+    let docs = documented();
+    let mut outputs: Vec<(String, Value)> = Vec::new();
+    let run = |outputs: &mut Vec<(String, Value)>, c: &Cluster, i: usize, name: &str, args: &[&str]| {
+        let v = c.agents[i].json(args).unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
+        outputs.push((name.to_owned(), v));
+    };
+    // A cluster of its own on another host: init.
+    let lone = c.add_host(&bed).unwrap();
+    let addr = c.hosts[lone].addr().to_string();
+    let lone_name = c.hosts[lone].name().to_owned();
+    run(&mut outputs, &c, lone, "init", &["init", "--advertise-addr", &addr, "--name", &lone_name]);
+    // Two hosts join this one's cluster.
+    let (w1, w2) = (c.add_host(&bed).unwrap(), c.add_host(&bed).unwrap());
+    for w in [w1, w2] {
+        let v = c.join(w, 0, &c.worker_token.clone()).unwrap();
+        outputs.push(("join".into(), v));
+    }
+    c.await_nodes(3, &[lone], T).unwrap();
+    for w in [w1, w2] {
+        let name = c.hosts[w].name().to_owned();
+        run(&mut outputs, &c, 0, "node promote", &["node", "promote", &name]);
+    }
+    for w in [w1, w2] {
+        let name = c.hosts[w].name().to_owned();
+        run(&mut outputs, &c, 0, "node demote", &["node", "demote", &name]);
+    }
+    for n in ["x1", "x2"] {
+        run(&mut outputs, &c, 0, "network create", &["network", "create", n]);
+    }
+    for n in ["x1", "x2"] {
+        run(&mut outputs, &c, 0, "network update", &["network", "update", n, "--mtu", "1400"]);
+    }
+    run(&mut outputs, &c, 0, "network create", &["network", "create", "sec", "--encrypted"]);
+    for _ in 0..2 {
+        run(&mut outputs, &c, 0, "network rotate-key", &["network", "rotate-key", "sec"]);
+    }
+    for s in ["s1", "s2"] {
+        run(&mut outputs, &c, 0, "service create", &["service", "create", s, "--network", "x1", "--port", "80/tcp"]);
+    }
+    for s in ["s1", "s2"] {
+        let ns = c.hosts[0].add_netns(&format!("{s}-a")).unwrap();
+        run(
+            &mut outputs,
+            &c,
+            0,
+            "attach",
+            &["attach", "--network", "x1", "--netns", &ns.netns_path(), "--name", s, "--service", s],
+        );
+    }
+    for s in ["s1", "s2"] {
+        run(&mut outputs, &c, 0, "detach", &["detach", "--name", s]);
+    }
+    for s in ["s1", "s2"] {
+        run(&mut outputs, &c, 0, "service rm", &["service", "rm", s]);
+    }
+    for n in ["x1", "x2"] {
+        run(&mut outputs, &c, 0, "network rm", &["network", "rm", n]);
+    }
+    run(&mut outputs, &c, w1, "leave", &["leave"]);
+    run(&mut outputs, &c, lone, "leave", &["leave", "--force"]);
+    let gone = c.hosts[w2].name().to_owned();
+    run(&mut outputs, &c, 0, "node rm", &["node", "rm", &gone, "--force"]);
+
+    let mut undocumented = Vec::new();
+    let mut first_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, v) in &outputs {
+        no_empty_strings(v, name);
+        let mut paths = Vec::new();
+        key_paths(v, "", &mut paths);
+        match first_of.get(name) {
+            Some(before) => assert_eq!(before, &paths, "{name}: the keys or their order changed between two calls"),
+            None => {
+                let top: Vec<String> =
+                    v.as_object().unwrap_or_else(|| panic!("{name}: not an object: {v}")).keys().cloned().collect();
+                if docs.get(name) != Some(&top) {
+                    undocumented.push(format!(
+                        "| `{name}` | {} |",
+                        top.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                eprintln!("{name}: {} key paths", paths.len());
+                first_of.insert(name.clone(), paths);
+            }
+        }
+    }
+    assert!(
+        undocumented.is_empty(),
+        "the README's JSON shapes differ; these rows are right:\n{}",
+        undocumented.join("\n")
+    );
 }
