@@ -227,6 +227,10 @@ pub struct VethTag {
     /// Who attached it.
     #[serde(default)]
     pub origin: Origin,
+    /// The CNI network configuration that attached it (absent in an older overlayd's tags, and
+    /// when it did not fit: GC then leaves the endpoint alone).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cni: String,
 }
 
 const TAG_PREFIX: &str = "overlayd-endpoint ";
@@ -243,15 +247,22 @@ impl VethTag {
             ns: ep.netns_id,
             cid: ep.container_id.clone(),
             origin: ep.origin,
+            cni: ep.cni_network.clone(),
         }
     }
 
     /// The alias text; without the path if it would not fit (the namespace is then found by
-    /// its identity).
+    /// its identity), and then without the CNI configuration's name (a record rebuilt from it
+    /// is one CNI's GC leaves alone, rather than one it removes by mistake).
     pub fn alias(&self) -> String {
         let text = |t: &VethTag| format!("{TAG_PREFIX}{}", serde_json::to_string(t).unwrap_or_default());
         let full = text(self);
-        if full.len() <= ALIAS_MAX { full } else { text(&VethTag { netns: String::new(), ..self.clone() }) }
+        if full.len() <= ALIAS_MAX {
+            return full;
+        }
+        let pathless = VethTag { netns: String::new(), ..self.clone() };
+        let short = text(&pathless);
+        if short.len() <= ALIAS_MAX { short } else { text(&VethTag { cni: String::new(), ..pathless }) }
     }
 
     /// The tag an alias holds, if it holds one.
@@ -331,6 +342,7 @@ pub async fn inspect(veth: &Iface) -> Result<LocalEndpoint, String> {
         ifname: tag.ifname,
         container_id: tag.cid,
         origin: tag.origin,
+        cni_network: tag.cni,
         // Aliases and the service are not kept on the veth (its alias has no room for them).
         aliases: Vec::new(),
         service: None,
@@ -545,8 +557,12 @@ mod tests {
             ns: (4, 4026532001),
             cid: String::new(),
             origin: Origin::Attach,
+            cni: String::new(),
         };
         assert_eq!(VethTag::parse(&tag.alias()), Some(tag.clone()));
+        // A tag of an older overlayd (no CNI configuration) still parses.
+        let old = r#"overlayd-endpoint {"net":"blue","name":"c1","ifname":"eth0","netns":"/run/netns/c1","ns":[4,4026532001],"origin":"cni"}"#;
+        assert_eq!(VethTag::parse(old), Some(VethTag { origin: Origin::Cni, ..tag.clone() }));
         // The longest a runtime makes: a 63-character name, a 64-hex container id.
         let runtime = VethTag {
             net: "abcdefghij".into(),
@@ -558,11 +574,19 @@ mod tests {
         };
         let alias = runtime.alias();
         assert!(alias.len() <= ALIAS_MAX, "{}", alias.len());
-        assert_eq!(VethTag::parse(&alias), Some(VethTag { netns: String::new(), ..runtime }));
+        assert_eq!(VethTag::parse(&alias), Some(VethTag { netns: String::new(), ..runtime.clone() }));
         let long = VethTag { netns: format!("/run/netns/{}", "x".repeat(250)), ..tag.clone() };
         let alias = long.alias();
         assert!(alias.len() <= ALIAS_MAX, "{}", alias.len());
         assert_eq!(VethTag::parse(&alias), Some(VethTag { netns: String::new(), ..long }));
+        // A CNI configuration's name goes after the path, when even that is not enough (the
+        // longest names and ids: the store file has it, a record rebuilt from the tag does not).
+        let cni = VethTag { origin: Origin::Cni, cni: "web-replicas".into(), name: "web1".into(), ..runtime.clone() };
+        assert_eq!(VethTag::parse(&cni.alias()), Some(cni.clone()), "a short name leaves room for all");
+        let longest = VethTag { name: runtime.name.clone(), ..cni };
+        let alias = longest.alias();
+        assert!(alias.len() <= ALIAS_MAX, "{}", alias.len());
+        assert_eq!(VethTag::parse(&alias), Some(VethTag { netns: String::new(), cni: String::new(), ..longest }));
         assert_eq!(VethTag::parse("created by someone"), None);
         assert_eq!(VethTag::parse("overlayd-endpoint {"), None);
     }

@@ -233,12 +233,16 @@ pub struct AttachArgs {
     pub mac: Option<String>,
     /// The service it is a replica of.
     pub service: Option<String>,
+    /// The configuration's `name` (the CNI network), recorded with the endpoint for GC.
+    pub cni_network: String,
 }
 
 /// An endpoint as the daemon reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attached {
     pub network: String,
+    /// The CNI network configuration that attached it; empty if an older overlayd did.
+    pub cni_network: String,
     pub container_id: String,
     pub ifname: String,
     pub netns: String,
@@ -396,7 +400,12 @@ fn call(
             let valid: BTreeSet<(String, String)> =
                 conf.valid_attachments.iter().flatten().map(|a| (a.container_id.clone(), a.ifname.clone())).collect();
             let mut d = daemon(&conf);
-            for a in d.cni_endpoints(conf.network())? {
+            // GC is about the attachments of this configuration (its `name`, which the spec
+            // calls the network), not of every configuration on the same overlayd network. An
+            // endpoint with no recorded configuration (attached by an older overlayd) is left
+            // alone: it may be another configuration's, and DEL still removes it.
+            let ours = |a: &Attached| !a.cni_network.is_empty() && a.cni_network == conf.name;
+            for a in d.cni_endpoints(conf.network())?.into_iter().filter(ours) {
                 if !valid.contains(&(a.container_id.clone(), a.ifname.clone())) {
                     d.detach(&a.network, &a.container_id, &a.ifname)?;
                 }
@@ -443,6 +452,7 @@ fn attach_args(conf: &NetConf, env: &CniEnv) -> Result<AttachArgs, CniError> {
         ip,
         mac: env.arg("MAC").map(str::to_owned),
         service: env.arg("OVERLAYD_SERVICE").map(str::to_owned).or_else(|| conf.service.clone()),
+        cni_network: conf.name.clone(),
     })
 }
 
@@ -541,6 +551,7 @@ fn attached(e: &proto::Endpoint) -> Result<Attached, CniError> {
         if e.gateway.is_empty() { Ipv4Addr::UNSPECIFIED } else { e.gateway.parse().map_err(|_| bad("gateway"))? };
     Ok(Attached {
         network: e.network.clone(),
+        cni_network: e.cni_network.clone(),
         container_id: e.container_id.clone(),
         ifname: e.ifname.clone(),
         netns: e.netns.clone(),
@@ -566,6 +577,7 @@ impl Daemon for Client {
             origin: "cni".into(),
             aliases: a.aliases.clone(),
             service: a.service.clone().unwrap_or_default(),
+            cni_network: a.cni_network.clone(),
             ..Default::default()
         };
         let e = self.call(async |c| c.attach(req).await.map(tonic::Response::into_inner))?;
@@ -664,6 +676,7 @@ mod tests {
             }
             let e = Attached {
                 network: a.network.clone(),
+                cni_network: a.cni_network.clone(),
                 container_id: a.container_id.clone(),
                 ifname: a.ifname.clone(),
                 netns: a.netns.clone(),
@@ -831,6 +844,19 @@ mod tests {
         assert_eq!(call(&s, "GC", &CniEnv::default(), gc), (Value::Null, true));
         let left: Vec<String> = s.borrow().attached.iter().map(|a| a.container_id.clone()).collect();
         assert_eq!(left, ["b"]);
+        // Another configuration on the same overlayd network, and an endpoint an older overlayd
+        // attached (no configuration recorded): neither is this configuration's to collect.
+        let other = r#"{"cniVersion":"1.1.0","name":"web-replicas","type":"overlayd","network":"web"}"#;
+        assert!(call(&s, "ADD", &env("d", ""), other).1);
+        let old = Attached { container_id: "e".into(), cni_network: String::new(), ..s.borrow().attached[0].clone() };
+        s.borrow_mut().attached.push(old);
+        assert_eq!(call(&s, "GC", &CniEnv::default(), gc), (Value::Null, true));
+        let left: Vec<String> = s.borrow().attached.iter().map(|a| a.container_id.clone()).collect();
+        assert_eq!(left, ["b", "d", "e"]);
+        let gc_other = gc.replace(r#""name":"web""#, r#""name":"web-replicas","network":"web""#);
+        assert_eq!(call(&s, "GC", &CniEnv::default(), &gc_other), (Value::Null, true));
+        let left: Vec<String> = s.borrow().attached.iter().map(|a| a.container_id.clone()).collect();
+        assert_eq!(left, ["b", "e"], "web-replicas' GC takes its own d only");
         let status = r#"{"cniVersion":"1.1.0","name":"web","type":"overlayd"}"#;
         assert_eq!(call(&s, "STATUS", &CniEnv::default(), status), (Value::Null, true));
         s.borrow_mut().down = true;

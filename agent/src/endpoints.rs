@@ -61,6 +61,11 @@ pub struct LocalEndpoint {
     /// The service it is a replica of (`attach --service`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// The CNI network configuration (its `name`) that attached it, for CNI's GC of that
+    /// configuration; empty unless the CNI plugin attached it (and for what an older overlayd
+    /// attached, which GC leaves alone).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cni_network: String,
 }
 
 /// Who attached an endpoint: its lifecycle is the same, whoever it was.
@@ -490,6 +495,7 @@ pub fn to_pb(e: &LocalEndpoint, node: NodeId, node_name: &str) -> pb::Endpoint {
         aliases: e.aliases.clone(),
         ifname: e.ifname.clone(),
         service: e.service.clone().unwrap_or_default(),
+        cni_network: e.cni_network.clone(),
         ..Default::default()
     }
 }
@@ -678,6 +684,7 @@ impl ClusterRuntime {
             origin,
             aliases: req.aliases.clone(),
             service: (!req.service.is_empty()).then(|| req.service.clone()),
+            cni_network: if origin == Origin::Cni { req.cni_network.clone() } else { String::new() },
         };
         let nl = &self.host.nl;
         // The port's firewall and the dataplane's binding first: the container never sends unchecked.
@@ -1111,6 +1118,7 @@ mod tests {
             origin: Origin::Attach,
             aliases: Vec::new(),
             service: None,
+            cni_network: String::new(),
         }
     }
 
@@ -1273,6 +1281,17 @@ mod tests {
         let old = br#"{"endpoints": []}"#;
         assert_eq!(serde_json::from_slice::<EndpointStore>(old).unwrap(), EndpointStore::default());
         assert_eq!(serde_json::to_string(&EndpointStore::default()).unwrap(), r#"{"endpoints":[]}"#);
+    }
+
+    #[test]
+    fn an_endpoint_record_of_an_older_overlayd_loads_without_a_cni_configuration() {
+        let mine =
+            LocalEndpoint { origin: Origin::Cni, cni_network: "web-replicas".into(), ..ep("web", [10, 128, 0, 2]) };
+        let mut json = serde_json::to_value(&mine).unwrap();
+        assert_eq!(serde_json::from_value::<LocalEndpoint>(json.clone()).unwrap(), mine);
+        json.as_object_mut().unwrap().remove("cni_network");
+        let old: LocalEndpoint = serde_json::from_value(json).unwrap();
+        assert_eq!(old, LocalEndpoint { cni_network: String::new(), ..mine });
     }
 
     #[test]

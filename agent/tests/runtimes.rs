@@ -11,6 +11,8 @@
 //! - the plugin called directly with bad input (malformed JSON, an unknown network, no daemon,
 //!   a namespace that does not exist, an address outside the host's block) answers with the
 //!   spec's error object and code, exits non-zero, and leaves nothing behind.
+//! - GC for one conflist on an overlayd network that another conflist shares detaches only
+//!   the first conflist's containers.
 //!
 //! These tests need root and the runtimes (`scripts/install-deps` installs them). They fail,
 //! never skip, when they cannot run. Timings they print (with --nocapture) are indications.
@@ -457,4 +459,45 @@ fn bad_input_to_the_plugin_gets_the_specs_error_and_leaves_nothing_behind() {
     let ok = add(&path, "", &state, &conf("web"));
     assert!(ok.status.success(), "{ok:?}");
     assert_eq!(ok.json().unwrap()["interfaces"][0]["name"], "eth0");
+}
+
+#[test]
+fn gc_of_one_conflist_detaches_only_what_that_conflist_attached() {
+    // Two conflists (one per service, as the README has it) on the one overlayd network `web`:
+    // GC for the first, with no valid attachments, is about the first's containers only.
+    let bed = bed();
+    let c = cluster(&bed, 0);
+    let state = c.agents[0].state_dir().to_string_lossy().into_owned();
+    let conflist = |name: &str| {
+        json!({ "cniVersion": "1.1.0", "name": name, "type": "overlayd", "network": "web" }).to_string().into_bytes()
+    };
+    let mut namespaces = Vec::new();
+    for (id, list) in [("gc-scope-a", "web-a"), ("gc-scope-b", "web-b")] {
+        let ns = c.hosts[0].add_netns(id).unwrap();
+        let path = ns.netns_path();
+        let vars = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", id),
+            ("CNI_NETNS", path.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/nonexistent"),
+            ("OVERLAYD_STATE_DIR", state.as_str()),
+        ];
+        let out = cni_call(Path::new(OVERLAYD), &vars, &conflist(list)).unwrap();
+        assert!(out.status.success(), "ADD of {id} by {list}: {out:?}");
+        namespaces.push(ns);
+    }
+    let names = |a: &Agent| listed(a).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+    let before = names(&c.agents[0]);
+    assert!(before.contains(&"gc-scope-a".to_owned()) && before.contains(&"gc-scope-b".to_owned()), "{before:?}");
+
+    let mut gc: Value = serde_json::from_slice(&conflist("web-a")).unwrap();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    let vars = [("CNI_COMMAND", "GC"), ("CNI_PATH", "/nonexistent"), ("OVERLAYD_STATE_DIR", state.as_str())];
+    let out = cni_call(Path::new(OVERLAYD), &vars, gc.to_string().as_bytes()).unwrap();
+    assert!(out.status.success(), "GC of web-a: {out:?}");
+    let after = names(&c.agents[0]);
+    assert!(!after.contains(&"gc-scope-a".to_owned()), "web-a's container outlived web-a's GC: {after:?}");
+    assert!(after.contains(&"gc-scope-b".to_owned()), "web-a's GC detached web-b's container: {after:?}");
+    assert_eq!(ovl_veths(&c.hosts[0]).len(), 1, "web-b's veth stays, web-a's goes");
 }

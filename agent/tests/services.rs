@@ -7,7 +7,8 @@
 //! - a replica's server killed: its health check fails, no new request reaches it within 5 s,
 //!   a connection held open to it through the VIP is reset at once, DNS leaves it; restarted,
 //!   it is back;
-//! - a connection through the VIP survives a restart of the client's agent and an idle time;
+//! - a connection through the VIP survives a restart of the client's agent and an idle time
+//!   that outlasts its entry in the client's conntrack table (checked gone, then back);
 //! - published ports: "the outside" (a namespace on the underlay) reaches a replica through
 //!   every host's address, also one with no replica, and the replica sees the outside's
 //!   address; the host mode serves each host's own replicas; `service rm` takes every rule;
@@ -309,12 +310,27 @@ fn a_connection_through_the_vip_outlives_an_agent_restart_and_its_flow_entry() {
     })
     .unwrap();
     assert!(alive(&mut s), "the connection to {who} outlived the restart");
+    let local = s.local_addr().unwrap();
+    let tracked = flow_entries(&client, local, SocketAddr::from((vip, 9000)));
+    eprintln!("the connection's conntrack entry before the idle time: {tracked:?}");
+    assert_eq!(tracked.len(), 1, "the client's conntrack tracks the connection to the VIP");
 
     // Idle for longer than its conntrack entry lives: the entry goes, the connection does not.
     std::thread::sleep(Duration::from_secs(6));
-    let flows = client.node.exec("cat", ["/proc/net/nf_conntrack"]).unwrap_or_default();
-    eprintln!("conntrack after the idle time: {flows:?}");
+    let tracked = flow_entries(&client, local, SocketAddr::from((vip, 9000)));
+    assert_eq!(tracked, Vec::<String>::new(), "the connection's conntrack entry outlived its 3 s expiry");
     assert!(alive(&mut s), "the connection to {who} outlived its idle time");
+    let tracked = flow_entries(&client, local, SocketAddr::from((vip, 9000)));
+    eprintln!("the connection's conntrack entry once it sent again: {tracked:?}");
+    assert_eq!(tracked.len(), 1, "the flow is picked up again when the client sends");
+}
+
+/// The entries of the client's conntrack table (its namespace's /proc/net/nf_conntrack; the
+/// `conntrack` tool is not installed) whose original direction is `from` → `to`.
+fn flow_entries(client: &Ct, from: SocketAddr, to: SocketAddr) -> Vec<String> {
+    let table = client.node.exec("cat", ["/proc/net/nf_conntrack"]).expect("the client's conntrack table");
+    let tuple = format!("src={} dst={} sport={} dport={} ", from.ip(), to.ip(), from.port(), to.port());
+    table.lines().filter(|l| l.contains(&tuple)).map(str::to_owned).collect()
 }
 
 /// Test 4: a published port on every host, a host-mode port on the replicas' hosts, from

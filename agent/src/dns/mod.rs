@@ -668,6 +668,7 @@ mod tests {
             origin: crate::endpoints::Origin::Attach,
             aliases: Vec::new(),
             service: None,
+            cni_network: String::new(),
         }
     }
 
