@@ -415,6 +415,13 @@ impl Host {
         format!("AES-256-GCM, {sealing}, opening {}", opening.join(","))
     }
 
+    /// The key epochs network `vni` seals with and opens on this host (see
+    /// `NetworkStatus.sealing_epoch`): none on a plain network or before its first key.
+    fn key_epochs(&self, vni: Vni) -> (Option<u32>, Vec<u32>) {
+        let made = self.crypto.lock().unwrap_or_else(|p| p.into_inner());
+        made.get(&vni).map_or((None, Vec::new()), |(keys, _)| (keys.send, keys.keys.iter().map(|k| k.epoch).collect()))
+    }
+
     /// The dataplane's keys for network `vni` from `wanted`: those made last time if they are
     /// the same (so that the sealing session goes on), else new ones.
     fn crypto_for(&self, vni: Vni, wanted: &SealKeys) -> Arc<dataplane::tables::NetworkCrypto> {
@@ -494,7 +501,7 @@ impl Host {
             .values()
             .map(|n| {
                 let t = tables.by_vni(n.spec.vni).map(|(_, t)| t);
-                pb::NetworkStatus {
+                let mut status = pb::NetworkStatus {
                     name: n.spec.name.clone(),
                     vni: n.spec.vni.get(),
                     bridge: n.bridge.name.clone(),
@@ -517,7 +524,13 @@ impl Host {
                     local_block: n.spec.gateway.map(|g| g.local_block.to_string()).unwrap_or_default(),
                     sealing: self.sealing(n.spec.vni, n.spec.encrypted),
                     counters: t.map(|t| network_counters(&t.counters().snapshot())),
+                    sealing_epoch: None,
+                    opening_epochs: Vec::new(),
+                };
+                if n.spec.encrypted {
+                    (status.sealing_epoch, status.opening_epochs) = self.key_epochs(n.spec.vni);
                 }
+                status
             })
             .collect();
         let s = self.dataplane.settings();

@@ -211,6 +211,7 @@ pub fn render(s: &Scrape) -> String {
     );
     dataplane(&mut x, &s.status);
     networks(&mut x, &s.status.networks);
+    key_epochs(&mut x, &s.status.networks);
     if let Some(h) = s.status.cluster.as_ref().and_then(|c| c.handshakes.as_ref()) {
         handshakes(&mut x, h);
     }
@@ -305,6 +306,36 @@ fn networks(x: &mut Exposition, networks: &[pb::NetworkStatus]) {
             x.sample(name, &[("network", net), ("reason", reason)], *v);
         }
     }
+}
+
+/// Per encrypted network: the key epochs it seals with and opens on this host.
+fn key_epochs(x: &mut Exposition, networks: &[pb::NetworkStatus]) {
+    let mut nets: Vec<&pb::NetworkStatus> = networks.iter().filter(|n| !n.opening_epochs.is_empty()).collect();
+    if nets.is_empty() {
+        return;
+    }
+    nets.sort_by_key(|n| n.name.as_str());
+    let name = "overlayd_network_key_epoch";
+    x.family(
+        name,
+        Kind::Gauge,
+        "An encrypted network's key epochs on this host: the one it seals with (role sealing, absent while it \
+         has no key to seal with) and the newest it opens (role opening).",
+    );
+    for n in &nets {
+        if let Some(e) = n.sealing_epoch {
+            x.sample(name, &[("network", &n.name), ("role", "sealing")], u64::from(e));
+        }
+        let newest = n.opening_epochs.iter().max().copied().unwrap_or_default();
+        x.sample(name, &[("network", &n.name), ("role", "opening")], u64::from(newest));
+    }
+    x.labelled(
+        "overlayd_network_keys_opening",
+        Kind::Gauge,
+        "How many key epochs an encrypted network opens on this host (2 during a rotation's window).",
+        "network",
+        nets.iter().map(|n| (n.name.as_str(), n.opening_epochs.len() as u64)),
+    );
 }
 
 fn handshakes(x: &mut Exposition, h: &pb::ControlHandshakes) {
@@ -666,8 +697,11 @@ mod tests {
         };
         let status = pb::StatusReply {
             counters: Some(counters),
-            // Not in name order: the metrics are.
-            networks: vec![net("web", 5), net("db", 2)],
+            // Not in name order: the metrics are. `web` is encrypted, in a rotation's window.
+            networks: vec![
+                pb::NetworkStatus { sealing_epoch: Some(3), opening_epochs: vec![2, 3], ..net("web", 5) },
+                net("db", 2),
+            ],
             dataplane_threads: 2,
             dataplane_threads_setting: "auto".into(),
             dataplane_loop_switches: 5,
@@ -760,6 +794,7 @@ mod tests {
             "overlayd_tx_frames_total",
             "overlayd_network_tx_frames_total",
             "overlayd_network_dropped_total",
+            "overlayd_network_key_epoch",
             "overlayd_control_handshakes_total",
             "overlayd_gossip_members",
             "overlayd_gossip_suspicions_total",
@@ -791,6 +826,9 @@ mod tests {
             ("overlayd_watch_lag_revisions".into(), 2),
             ("overlayd_control_connections_refused_total{reason=\"source_busy\"}".into(), 392),
             ("overlayd_dns_answers_total{network=\"web\",rcode=\"nxdomain\"}".into(), 3),
+            ("overlayd_network_key_epoch{network=\"web\",role=\"sealing\"}".into(), 3),
+            ("overlayd_network_key_epoch{network=\"web\",role=\"opening\"}".into(), 3),
+            ("overlayd_network_keys_opening{network=\"web\"}".into(), 2),
         ] {
             assert_eq!(value(&text, &series), Some(v), "{series} in\n{text}");
         }
@@ -798,6 +836,7 @@ mod tests {
         let db = text.find("overlayd_network_tx_frames_total{network=\"db\"}").unwrap();
         let web = text.find("overlayd_network_tx_frames_total{network=\"web\"}").unwrap();
         assert!(db < web, "{text}");
+        assert!(!text.contains("overlayd_network_key_epoch{network=\"db\""), "a plain network has no key:\n{text}");
         let at = |name: &str| text.find(&format!("\n{name} ")).unwrap_or_else(|| panic!("{name}:\n{text}"));
         assert!(at("overlayd_tx_frames_total") < at("overlayd_tx_bytes_total"));
         assert!(at("overlayd_tx_bytes_total") < at("overlayd_aged_out_total"));

@@ -579,6 +579,14 @@ pub fn networks(r: &pb::NetworkListReply) -> String {
 
 pub fn inspect(r: &pb::NetworkInspectReply) -> String {
     let mut o = r.network.as_ref().map(network).unwrap_or_default();
+    if r.network.as_ref().is_some_and(|n| n.encrypted) {
+        let sealing = if r.sealing.is_empty() { "not up on this host" } else { &r.sealing };
+        let _ = writeln!(o, "\nSEALING (this host)\n  {sealing}");
+        let refused: Vec<String> = r.refused.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
+        if !refused.is_empty() {
+            let _ = writeln!(o, "  refused datagrams: {}", refused.join("  "));
+        }
+    }
     let _ = writeln!(o, "\nHOSTS\n  NODE                 VTEP             BLOCK");
     for p in &r.peers {
         let _ = writeln!(o, "  {:<20} {:<16} {}", p.node_name, p.vtep, p.block);

@@ -5,11 +5,15 @@
 //!   marker over the plain one is, so the capture sees what it should); every datagram of the
 //!   encrypted network is sealed, every one of the plain one is RFC 7348;
 //! - replayed, tampered, truncated, foreign-key, unknown-epoch and plaintext datagrams injected
-//!   into a host: all dropped and counted by reason, good traffic goes on;
+//!   into a host: all dropped and counted by reason (in `status` and `network inspect`),
+//!   nothing reaches the container there (its eth0 received nothing), good traffic goes on;
 //! - an agent restart: the host seals in a new session afterwards, no (session, counter) pair
 //!   is ever sent twice, traffic resumes;
-//! - a key rotation during an iperf3 run: the run goes on, both epochs are on the wire, and a
-//!   datagram of the old key opens nothing once the window is over.
+//! - a key rotation during an iperf3 run: the run goes on with no datagram refused, both epochs
+//!   are on the wire and opened by the receiver, and a datagram of the old key opens nothing
+//!   once the window is over;
+//! - a node removed from a three-host encrypted network: its certificate fetches no keys, and
+//!   once the window is over a datagram sealed with the last key it had opens nothing.
 //! - static mode, a network encrypted with a pre-shared key beside a plain one, with a Linux
 //!   kernel VTEP in both: the plain one interoperates with the kernel as before, the encrypted
 //!   one refuses the kernel's plaintext (each datagram counted) and never sends any.
@@ -22,9 +26,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use control::pki::NodeIdentity;
+use serde_json::Value;
 use testbed::cluster::Cluster;
 use testbed::measure::wait_for;
-use testbed::{Agent, Node, Options, Testbed};
+use testbed::{Agent, Host, Node, Options, Testbed};
+use tonic::{Code, Status};
 
 const T: Duration = Duration::from_secs(20);
 const MARKER: &str = "overlayd-marker-5f1c2e9a";
@@ -243,6 +250,10 @@ fn forged_replayed_and_broken_datagrams_are_dropped_and_counted_and_traffic_goes
     plaintext.extend_from_slice(&[0u8; 60]);
 
     let before = c.agents[1].counters().unwrap();
+    let inspect_before = c.agents[1].json(&["network", "inspect", "sec"]).unwrap();
+    // Nothing but the injection reaches h2 from here on: b's eth0 must not count a frame.
+    std::thread::sleep(Duration::from_millis(300));
+    let b_rx = b.node.if_stat("eth0", "rx_packets").unwrap();
     let from = SocketAddr::new(h1, 0);
     let send = |payloads: Vec<Vec<u8>>| c.hosts[0].send_udp(from, SocketAddr::new(h2, 4789), payloads).unwrap();
     send(vec![good.clone(), good.clone(), good.clone()]);
@@ -253,7 +264,18 @@ fn forged_replayed_and_broken_datagrams_are_dropped_and_counted_and_traffic_goes
     send(vec![plaintext]);
     std::thread::sleep(Duration::from_millis(300));
     let after = c.agents[1].counters().unwrap();
+    assert_eq!(b.node.if_stat("eth0", "rx_packets").unwrap(), b_rx, "an injected datagram reached the container");
+    let inspect = c.agents[1].json(&["network", "inspect", "sec"]).unwrap();
     let delta = |r: &str| after.dropped(r) - before.dropped(r);
+    // `network inspect` lists the same refusals, by reason, as this host's counters (but for
+    // the truncated one: too short to name its network, it is charged to none).
+    assert!(inspect["refused"]["sealed_truncated"].is_u64(), "{inspect}");
+    for reason in ["auth_failed", "replayed", "unknown_key", "plaintext_on_encrypted_network"] {
+        let n = |v: &Value| v["refused"][reason].as_u64().unwrap_or_else(|| panic!("no refused.{reason}: {v}"));
+        assert_eq!(n(&inspect) - n(&inspect_before), delta(reason), "{reason} in network inspect: {inspect}");
+    }
+    let text = c.agents[1].cli(&["network", "inspect", "sec"]).unwrap();
+    assert!(text.contains("refused datagrams: auth_failed ") && text.contains("replayed "), "{text}");
     eprintln!(
         "replayed {} auth_failed {} unknown_key {} sealed_truncated {} plaintext {} unknown_vni {}",
         delta("replayed"),
@@ -310,17 +332,36 @@ fn a_key_rotation_during_a_transfer_loses_nothing_and_the_old_key_then_opens_not
     let cap = capture(&bed, "rotate");
     b.node.iperf3_server(5201).unwrap();
     let (client, to) = (a.node.clone(), b.ip);
+    let before = [c.agents[0].counters().unwrap(), c.agents[1].counters().unwrap()];
+    assert_eq!(epochs_of(&c.agents[1], "sec"), (Some(0), vec![0]), "before the rotation");
     let run = std::thread::spawn(move || client.iperf3(to.into(), 5201, 8, 1));
     std::thread::sleep(Duration::from_secs(2));
     let rotated = c.agents[0].json(&["network", "rotate-key", "sec"]).unwrap();
     assert_eq!(rotated["key_epoch"], 1, "{rotated}");
+    // The receiver opens both epochs during the window, and comes to seal with the new one.
+    wait_for(T, "h2 to open both epochs and seal with the new one", || {
+        (epochs_of(&c.agents[1], "sec") == (Some(1), vec![0, 1])).then_some(())
+    })
+    .unwrap();
     let r = run.join().unwrap().expect("the transfer outlived the rotation");
     eprintln!("iperf3 across the rotation: {:.2} Gbit/s, {} retransmits", r.bits_per_second / 1e9, r.retransmits);
     assert!(r.bits_per_second > 1e6);
+    // Not one datagram was refused, nor a frame left unsealed, on either host.
+    for (i, was) in before.iter().enumerate() {
+        let now = c.agents[i].counters().unwrap();
+        for reason in ["auth_failed", "unknown_key", "no_sealing_key", "replayed"] {
+            assert_eq!(now.dropped(reason), was.dropped(reason), "h{}: {reason} during the rotation", i + 1);
+        }
+    }
     let caught = datagrams(&cap.stop());
-    let epochs: BTreeSet<u8> = caught.iter().filter(|d| d.payload[0] == 0x0c).map(|d| d.payload[7]).collect();
+    let (h1, h2) = (c.hosts[0].addr(), c.hosts[1].addr());
+    // Both keys carried the transfer to h2 (which refused none of them: above).
+    let epochs: BTreeSet<u8> = caught
+        .iter()
+        .filter(|d| d.payload[0] == 0x0c && IpAddr::V4(d.src) == h1 && IpAddr::V4(d.dst) == h2)
+        .map(|d| d.payload[7])
+        .collect();
     assert_eq!(epochs, [0, 1].into(), "both keys carried the transfer");
-    let h1 = c.hosts[0].addr();
     let old = caught
         .iter()
         .find(|d| d.payload[0] == 0x0c && d.payload[7] == 0 && IpAddr::V4(d.src) == h1)
@@ -333,7 +374,90 @@ fn a_key_rotation_during_a_transfer_loses_nothing_and_the_old_key_then_opens_not
     c.hosts[0].send_udp(SocketAddr::new(h1, 0), SocketAddr::new(c.hosts[1].addr(), 4789), vec![unseen]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(c.agents[1].counters().unwrap().dropped("unknown_key"), before + 1, "the old key still opens");
+    assert_eq!(epochs_of(&c.agents[1], "sec"), (Some(1), vec![1]), "the old key is gone");
     a.node.ping_ok(b.ip.into(), 3).expect("the new key carries on");
+}
+
+/// The key epochs network `name` seals with and opens on `agent` (from `status --json`).
+fn epochs_of(agent: &Agent, name: &str) -> (Option<u64>, Vec<u64>) {
+    let st = agent.status().unwrap();
+    let n = st["networks"].as_array().unwrap().iter().find(|n| n["name"] == name).unwrap_or_else(|| panic!("{st}"));
+    let opening = n["opening_epochs"].as_array().unwrap_or_else(|| panic!("{n}")).iter().filter_map(Value::as_u64);
+    (n["sealing_epoch"].as_u64(), opening.collect())
+}
+
+/// `Manager.NetworkKeys` called on `target`'s control port from `from`'s namespace with the
+/// node certificate in `pki` (a copy of a state dir's `pki/`).
+fn network_keys(from: &Host, pki: &Path, target: IpAddr) -> Result<proto::NetworkKeysReply, Status> {
+    let pki = pki.to_owned();
+    testbed::netns::within(from.ns(), move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async move {
+            let identity = NodeIdentity::load(&pki)?.ok_or_else(|| anyhow::anyhow!("no certificate in {pki:?}"))?;
+            let addr = SocketAddr::new(target, 7947);
+            let channel = control::transport::connect(addr, &identity, Duration::from_secs(5)).await?;
+            let mut manager = proto::manager_client::ManagerClient::new(channel);
+            let reply = tokio::time::timeout(Duration::from_secs(15), manager.network_keys(proto::Empty {})).await?;
+            Ok(reply.map(tonic::Response::into_inner))
+        })
+    })
+    .expect("the call could not be made")
+}
+
+/// Test 3, a removed node: `node rm` of one of three hosts (its daemon killed first). Its
+/// certificate fetches no keys any more, and once the window is over a datagram sealed with the
+/// last key it had opens nothing, even sent from a remaining member's address.
+#[test]
+fn a_removed_nodes_certificate_fetches_no_keys_and_its_last_key_opens_nothing_after_the_window() {
+    let bed = bed();
+    let c = Cluster::form(&bed, 1, 2).expect("cluster");
+    c.await_nodes(3, &[], T).unwrap();
+    c.agents[0].json(&["network", "create", "sec", "--encrypted"]).unwrap();
+    let (a, b, gone) = (attach(&c, 0, "sec", "a"), attach(&c, 1, "sec", "b"), attach(&c, 2, "sec", "gone"));
+    a.node.ping_ok(b.ip.into(), 2).unwrap();
+    a.node.ping_ok(gone.ip.into(), 2).unwrap();
+    let vni = network_vni(&c.agents[0], "sec");
+    let (h1, h2) = (c.hosts[0].addr(), c.hosts[1].addr());
+
+    // What the third host holds when it is removed: its certificate, and the network's key.
+    let pki = bed.dir().join("saved-pki-h3");
+    std::fs::create_dir_all(&pki).unwrap();
+    for e in std::fs::read_dir(c.agents[2].state_dir().join("pki")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), pki.join(e.file_name())).unwrap();
+    }
+    let held = network_keys(&c.hosts[2], &pki, h1).expect("a member fetches the keys");
+    let last = held.networks["sec"].keys.last().cloned().expect("the network's key");
+    assert_eq!(last.epoch, 0);
+
+    c.agents[2].kill().unwrap();
+    c.agents[0].json(&["node", "rm", c.hosts[2].name()]).unwrap();
+    let s = network_keys(&c.hosts[2], &pki, h1).expect_err("a removed node fetched the network keys");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("removed from the cluster"), "{s:?}");
+    // The removal replaced the key; the remaining hosts go on with the new one.
+    let n = c.agents[0].json(&["network", "inspect", "sec"]).unwrap();
+    assert_eq!(n["network"]["key_epoch"], 1, "{n}");
+    wait_for(T, "h2 to seal with the new key", || (epochs_of(&c.agents[1], "sec").0 == Some(1)).then_some(())).unwrap();
+
+    // Sealed with the removed node's key as if by h2 (a removed node can send from any address
+    // on the underlay), in a session h1 has not seen.
+    let sealer = dataplane::crypto::Sealer::new(
+        &dataplane::crypto::NetworkKey { epoch: last.epoch as u8, secret: last.key.as_slice().try_into().unwrap() },
+        h2,
+        u64::MAX - 3,
+    );
+    let mut forged = vec![0u8; 24 + 60 + 16];
+    sealer.seal(dataplane::Vni::new(vni).unwrap(), 0, &mut forged, 60);
+    std::thread::sleep(Duration::from_secs(31));
+    let before = c.agents[0].counters().unwrap();
+    c.hosts[1].send_udp(SocketAddr::new(h2, 0), SocketAddr::new(h1, 4789), vec![forged]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = c.agents[0].counters().unwrap();
+    let refused = |r: &str| after.dropped(r) - before.dropped(r);
+    assert_eq!(refused("unknown_key"), 1, "the removed node's key still opens");
+    assert_eq!(epochs_of(&c.agents[0], "sec"), (Some(1), vec![1]), "h1 opens the new key only");
+    a.node.ping_ok(b.ip.into(), 3).expect("the remaining hosts carry on");
 }
 
 /// Sealing and opening in the hot loops allocate nothing per packet, as plain forwarding.

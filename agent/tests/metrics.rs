@@ -149,6 +149,11 @@ fn metrics_of_a_cluster_parse_and_say_what_it_did() {
     let (_, b_ip) = c.attach(1, "web", "b").unwrap();
     wait_for(T, "a to reach b across the hosts", || a.ping_ok(b_ip, 1).ok()).unwrap();
     a.ping_ok(b_ip, 3).unwrap();
+    // An encrypted network beside it: its key epochs are gauges.
+    c.agents[0].json(&["network", "create", "sec", "--encrypted"]).unwrap();
+    let (s1, _) = c.attach(0, "sec", "s1").unwrap();
+    let (_, s2_ip) = c.attach(1, "sec", "s2").unwrap();
+    wait_for(T, "s1 to reach s2", || s1.ping_ok(s2_ip, 1).ok()).unwrap();
 
     for (i, host) in c.hosts.iter().enumerate() {
         // Gossip counts the other host alive within a round or two of the join.
@@ -177,6 +182,23 @@ fn metrics_of_a_cluster_parse_and_say_what_it_did() {
         } else {
             assert_eq!(raft("overlayd_raft_term"), None, "a worker runs no Raft:\n{text}");
         }
+        let key = |role: &str| sample(&families, "overlayd_network_key_epoch", &[("network", "sec"), ("role", role)]);
+        assert_eq!((key("sealing"), key("opening")), (Some(0.0), Some(0.0)), "{text}");
+        assert_eq!(sample(&families, "overlayd_network_keys_opening", &[("network", "sec")]), Some(1.0), "{text}");
+        assert_eq!(
+            sample(&families, "overlayd_network_key_epoch", &[("network", "web")]),
+            None,
+            "a plain network has no key:\n{text}"
+        );
         eprintln!("{}: {} families, {} series", host.name(), families.len(), series(&text).len());
     }
+    // A rotation: both epochs opened during the window, the new one sealed with after a moment.
+    c.agents[0].json(&["network", "rotate-key", "sec"]).unwrap();
+    wait_for(T, "h2's metrics to show the new key", || {
+        let families = parse(&scrape(&c.hosts[1]));
+        let key = |role: &str| sample(&families, "overlayd_network_key_epoch", &[("network", "sec"), ("role", role)]);
+        let opening = sample(&families, "overlayd_network_keys_opening", &[("network", "sec")]);
+        (key("sealing") == Some(1.0) && key("opening") == Some(1.0) && opening == Some(2.0)).then_some(())
+    })
+    .unwrap();
 }

@@ -11,6 +11,15 @@ use proto as pb;
 use super::ClusterRuntime;
 use crate::endpoints;
 
+/// The drop reasons `network inspect` lists as refused datagrams: those of sealing.
+const REFUSALS: [&str; 5] = [
+    dataplane::DropReason::AuthFailed.name(),
+    dataplane::DropReason::Replayed.name(),
+    dataplane::DropReason::UnknownKey.name(),
+    dataplane::DropReason::SealTruncated.name(),
+    dataplane::DropReason::PlainOnEncrypted.name(),
+];
+
 fn handshakes(c: &control::transport::HandshakeCounters) -> pb::ControlHandshakes {
     pb::ControlHandshakes {
         completed: c.completed,
@@ -175,6 +184,15 @@ impl ClusterRuntime {
             }
         }
         endpoints.sort_by_key(|e| e.ip.parse::<Ipv4Addr>().ok());
-        Ok(pb::NetworkInspectReply { network: Some(net.into()), peers, endpoints, unreachable })
+        // This host's sealing and refusals, from the same counters as `status`.
+        let here = self.host.status("cluster").await.networks.into_iter().find(|n| n.name == name);
+        let (sealing, refused) = here.map_or_else(Default::default, |n| {
+            let refused = n
+                .counters
+                .map(|c| c.dropped.into_iter().filter(|(reason, _)| REFUSALS.contains(&reason.as_str())).collect())
+                .unwrap_or_default();
+            (n.sealing, refused)
+        });
+        Ok(pb::NetworkInspectReply { network: Some(net.into()), peers, endpoints, unreachable, sealing, refused })
     }
 }
