@@ -607,6 +607,15 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
     };
     let mut c = match (api::connect(&state_dir).await, &command) {
         (Ok(c), _) => c,
+        // Without root the state dir cannot even be read: say so, not that it holds nothing.
+        (Err(e), Command::Leave(a)) if a.force && !daemon::privileged() => {
+            return Err(e.context(output::Classified(
+                output::Failure::NotPermitted,
+                "overlayd leave --force removes this host's veths and the membership in its state dir, which only \
+                 root may use: run it as root (sudo overlayd leave --force)"
+                    .into(),
+            )));
+        }
         // No daemon runs with this state dir (one that refuses to start, say): forget it here.
         (Err(_), Command::Leave(a)) if a.force => {
             let said = match cluster::forget_offline(&state_dir).await? {

@@ -119,4 +119,10 @@ fn without_root_the_daemon_and_the_commands_say_so() {
         assert!(!ok, "{cmd:?} succeeded without root: {msg}");
         assert!(msg.contains("only root may use") && msg.contains("sudo"), "{cmd:?}: {msg}");
     }
+    // leave --force needs no daemon, but it does need to read the state dir: it is refused,
+    // never answered with "no cluster membership" because the dir could not be looked into.
+    let (ok, msg) = as_nobody(&["leave", "--force"]);
+    assert!(!ok, "leave --force succeeded without root: {msg}");
+    assert!(msg.contains("only root may use") && msg.contains("sudo"), "leave --force: {msg}");
+    assert!(!msg.contains("no cluster membership"), "leave --force: {msg}");
 }

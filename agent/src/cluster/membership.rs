@@ -60,7 +60,21 @@ fn forget(dir: &Path) {
 /// and forgets the membership, without asking the cluster. `false`: there was none.
 pub async fn forget_offline(dir: &Path) -> Result<bool> {
     let files = [MEMBERSHIP_FILE, VIEW_FILE, ENDPOINTS_FILE, PKI_DIR, RAFT_DIR];
-    if !files.iter().any(|f| dir.join(f).exists()) {
+    let mut any = false;
+    for f in files {
+        // try_exists, not exists: a file this user may not look at is not an absent one.
+        match dir.join(f).try_exists() {
+            Ok(there) => any |= there,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(anyhow::Error::new(e).context(crate::output::Classified(
+                    crate::output::Failure::NotPermitted,
+                    format!("cannot read the state dir {}: run overlayd leave --force as root", dir.display()),
+                )));
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read the state dir {}", dir.display())),
+        }
+    }
+    if !any {
         return Ok(false);
     }
     let nl = crate::netdev::connect()?;
