@@ -265,7 +265,7 @@ struct HostArgs {
     /// UDP port of this host's gossip socket, on the advertise address (every host of a
     /// cluster may use its own).
     #[arg(long, value_name = "PORT", default_value_t = control::gossip::DEFAULT_PORT,
-          value_parser = clap::value_parser!(u16).range(1..))]
+          value_parser = dataplane::linux::parse_udp_port)]
     gossip_port: u16,
 }
 
@@ -406,7 +406,7 @@ struct ServiceCreateArgs {
     #[arg(long = "publish", value_name = "SPEC", value_parser = parse_published_port)]
     published: Vec<control::service::PublishedPort>,
     /// Health check: connect to this TCP port of each replica.
-    #[arg(long, value_name = "PORT", group = "check", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, value_name = "PORT", group = "check", value_parser = dataplane::linux::parse_tcp_port)]
     health_tcp: Option<u16>,
     /// Health check: GET this path on the service's first TCP port; 2xx or 3xx passes.
     #[arg(long, value_name = "PATH", group = "check")]
@@ -552,9 +552,9 @@ fn main() {
     if cni::invoked() {
         cni::main(cni::Client::for_conf);
     }
-    let matches = Cli::command().get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let json = std::env::args().any(|a| a == "--json");
+    let matches = Cli::command().try_get_matches().unwrap_or_else(|e| output::usage_error(e, json));
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| output::usage_error(e, json));
     if let Err(e) = run(cli, &matches) {
         std::process::exit(output::failed(&e, json));
     }

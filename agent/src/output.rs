@@ -150,6 +150,30 @@ pub fn failed(e: &anyhow::Error, json: bool) -> i32 {
     class.exit_code()
 }
 
+/// A command line clap refuses: with `--json` among the arguments, clap's message on stderr and
+/// the error as JSON on stdout (as [`failed`] prints every other error), exit code 2; without,
+/// clap's own output and exit. Help and version requests are printed as clap does.
+pub fn usage_error(e: clap::Error, json: bool) -> ! {
+    if !json || !e.use_stderr() {
+        e.exit();
+    }
+    let _ = e.print();
+    // clap's text without its "error: " and the usage and hint that follow the message.
+    let text = e.to_string();
+    let message = text.split("\n\nUsage:").next().unwrap_or(&text);
+    let message = message.split("\n\nFor more information").next().unwrap_or(message);
+    let message = message.trim().trim_start_matches("error:").trim();
+    let class = Failure::Usage;
+    let v = serde_json::json!({
+        "error": { "class": class.name(), "exit_code": class.exit_code(), "message": message }
+    });
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    std::process::exit(class.exit_code())
+}
+
 fn on(b: bool) -> &'static str {
     if b { "on" } else { "off" }
 }
