@@ -622,7 +622,11 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
                 true => "This host forgot its cluster membership (no daemon was running; the cluster was not asked).\n",
                 false => "This state dir holds no cluster membership.\n",
             };
-            return output::print(a.out.json, &serde_json::json!({"left": true, "force": true}), |_| said.into());
+            return output::print(
+                a.out.json,
+                &serde_json::json!({"left": true, "force": true, "warning": null}),
+                |_| said.into(),
+            );
         }
         (Err(e), _) if !daemon::privileged() => {
             return Err(e.context(output::Classified(
@@ -671,13 +675,29 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
             output::print(a.out.json, &r.into_inner(), output::join)
         }
         Command::Leave(a) => {
+            // A manager that leaves leaves one manager fewer: counted now, while this host is
+            // still a member that may list the nodes (a failure to list only loses the warning).
+            let managers_after = match a.force {
+                true => None,
+                false => c.node_list(pb::Empty {}).await.ok().and_then(|r| {
+                    let r = r.into_inner();
+                    let managers = r.nodes.iter().filter(|n| n.role == pb::Role::Manager as i32);
+                    let me = r.nodes.iter().find(|n| n.id == r.self_id)?;
+                    (me.role == pb::Role::Manager as i32).then(|| managers.count() - 1)
+                }),
+            };
             c.leave(pb::LeaveClusterRequest { force: a.force }).await.map_err(e)?;
+            let warning = managers_after.and_then(output::even_managers);
             let said = if a.force {
                 "This host forgot its cluster membership (the cluster was not asked).\n"
             } else {
                 "This host left the cluster.\n"
             };
-            output::print(a.out.json, &serde_json::json!({"left": true, "force": a.force}), |_| said.into())
+            let human = |_: &serde_json::Value| match &warning {
+                Some(w) => format!("{said}warning: {w}\n"),
+                None => said.to_owned(),
+            };
+            output::print(a.out.json, &serde_json::json!({"left": true, "force": a.force, "warning": warning}), human)
         }
         Command::JoinToken(a) => {
             let role = if a.role == "manager" { pb::Role::Manager } else { pb::Role::Worker };
