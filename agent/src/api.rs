@@ -127,7 +127,7 @@ async fn join_token(c: &ClusterRuntime, req: &pb::JoinTokenRequest) -> Result<pb
             None => return Err(Status::unavailable("this manager has no cluster state yet: try again")),
             Some(t) if t.is_empty() => {
                 return Err(Status::failed_precondition(format!(
-                    "this cluster's {role} token was made before overlayd kept join tokens: make a new one with                      `overlayd join-token --rotate {role}`"
+                    "this cluster's {role} token was made before overlayd kept join tokens: make a new one with `overlayd join-token --rotate {role}`"
                 )));
             }
             Some(t) => t,

@@ -265,7 +265,7 @@ struct HostArgs {
     /// UDP port of this host's gossip socket, on the advertise address (every host of a
     /// cluster may use its own).
     #[arg(long, value_name = "PORT", default_value_t = control::gossip::DEFAULT_PORT,
-          value_parser = clap::value_parser!(u16).range(1..))]
+          value_parser = dataplane::linux::parse_udp_port)]
     gossip_port: u16,
 }
 
@@ -406,7 +406,7 @@ struct ServiceCreateArgs {
     #[arg(long = "publish", value_name = "SPEC", value_parser = parse_published_port)]
     published: Vec<control::service::PublishedPort>,
     /// Health check: connect to this TCP port of each replica.
-    #[arg(long, value_name = "PORT", group = "check", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, value_name = "PORT", group = "check", value_parser = dataplane::linux::parse_tcp_port)]
     health_tcp: Option<u16>,
     /// Health check: GET this path on the service's first TCP port; 2xx or 3xx passes.
     #[arg(long, value_name = "PATH", group = "check")]
@@ -552,9 +552,9 @@ fn main() {
     if cni::invoked() {
         cni::main(cni::Client::for_conf);
     }
-    let matches = Cli::command().get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let json = std::env::args().any(|a| a == "--json");
+    let matches = Cli::command().try_get_matches().unwrap_or_else(|e| output::usage_error(e, json));
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| output::usage_error(e, json));
     if let Err(e) = run(cli, &matches) {
         std::process::exit(output::failed(&e, json));
     }
@@ -607,13 +607,26 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
     };
     let mut c = match (api::connect(&state_dir).await, &command) {
         (Ok(c), _) => c,
+        // Without root the state dir cannot even be read: say so, not that it holds nothing.
+        (Err(e), Command::Leave(a)) if a.force && !daemon::privileged() => {
+            return Err(e.context(output::Classified(
+                output::Failure::NotPermitted,
+                "overlayd leave --force removes this host's veths and the membership in its state dir, which only \
+                 root may use: run it as root (sudo overlayd leave --force)"
+                    .into(),
+            )));
+        }
         // No daemon runs with this state dir (one that refuses to start, say): forget it here.
         (Err(_), Command::Leave(a)) if a.force => {
             let said = match cluster::forget_offline(&state_dir).await? {
                 true => "This host forgot its cluster membership (no daemon was running; the cluster was not asked).\n",
                 false => "This state dir holds no cluster membership.\n",
             };
-            return output::print(a.out.json, &serde_json::json!({"left": true, "force": true}), |_| said.into());
+            return output::print(
+                a.out.json,
+                &serde_json::json!({"left": true, "force": true, "warning": null}),
+                |_| said.into(),
+            );
         }
         (Err(e), _) if !daemon::privileged() => {
             return Err(e.context(output::Classified(
@@ -662,13 +675,29 @@ async fn client(state_dir: PathBuf, command: Command) -> Result<()> {
             output::print(a.out.json, &r.into_inner(), output::join)
         }
         Command::Leave(a) => {
+            // A manager that leaves leaves one manager fewer: counted now, while this host is
+            // still a member that may list the nodes (a failure to list only loses the warning).
+            let managers_after = match a.force {
+                true => None,
+                false => c.node_list(pb::Empty {}).await.ok().and_then(|r| {
+                    let r = r.into_inner();
+                    let managers = r.nodes.iter().filter(|n| n.role == pb::Role::Manager as i32);
+                    let me = r.nodes.iter().find(|n| n.id == r.self_id)?;
+                    (me.role == pb::Role::Manager as i32).then(|| managers.count() - 1)
+                }),
+            };
             c.leave(pb::LeaveClusterRequest { force: a.force }).await.map_err(e)?;
+            let warning = managers_after.and_then(output::even_managers);
             let said = if a.force {
                 "This host forgot its cluster membership (the cluster was not asked).\n"
             } else {
                 "This host left the cluster.\n"
             };
-            output::print(a.out.json, &serde_json::json!({"left": true, "force": a.force}), |_| said.into())
+            let human = |_: &serde_json::Value| match &warning {
+                Some(w) => format!("{said}warning: {w}\n"),
+                None => said.to_owned(),
+            };
+            output::print(a.out.json, &serde_json::json!({"left": true, "force": a.force, "warning": warning}), human)
         }
         Command::JoinToken(a) => {
             let role = if a.role == "manager" { pb::Role::Manager } else { pb::Role::Worker };

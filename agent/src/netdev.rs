@@ -164,8 +164,14 @@ pub async fn ensure_bridge(h: &Handle, name: &str, mtu: u32) -> Result<Bridge> {
     };
     let index = link.header.index;
     disable_ipv6(name);
+    // The alias is set here, not with the add: the kernel ignores IFLA_IFALIAS when it creates
+    // a link, and a bridge without it is not recognised as ours by the next daemon.
+    let mut set = LinkUnspec::new_with_index(index).mtu(mtu).up();
+    if owned {
+        set = set.alias(BRIDGE_ALIAS);
+    }
     h.link()
-        .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+        .set(set.build())
         .execute()
         .await
         .with_context(|| format!("cannot set MTU {mtu} and bring up the bridge {name}"))?;

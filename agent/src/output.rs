@@ -150,6 +150,30 @@ pub fn failed(e: &anyhow::Error, json: bool) -> i32 {
     class.exit_code()
 }
 
+/// A command line clap refuses: with `--json` among the arguments, clap's message on stderr and
+/// the error as JSON on stdout (as [`failed`] prints every other error), exit code 2; without,
+/// clap's own output and exit. Help and version requests are printed as clap does.
+pub fn usage_error(e: clap::Error, json: bool) -> ! {
+    if !json || !e.use_stderr() {
+        e.exit();
+    }
+    let _ = e.print();
+    // clap's text without its "error: " and the usage and hint that follow the message.
+    let text = e.to_string();
+    let message = text.split("\n\nUsage:").next().unwrap_or(&text);
+    let message = message.split("\n\nFor more information").next().unwrap_or(message);
+    let message = message.trim().trim_start_matches("error:").trim();
+    let class = Failure::Usage;
+    let v = serde_json::json!({
+        "error": { "class": class.name(), "exit_code": class.exit_code(), "message": message }
+    });
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    std::process::exit(class.exit_code())
+}
+
 fn on(b: bool) -> &'static str {
     if b { "on" } else { "off" }
 }
@@ -339,54 +363,83 @@ pub fn fdb(r: &pb::FdbReply) -> String {
     o
 }
 
+/// The gossip counters of `overlayd peers`, in groups, by the names of the JSON's `counters`
+/// (a counter no group names is printed under "other").
+const PEER_COUNTER_GROUPS: [(&str, &[&str]); 5] = [
+    ("datagrams", &["rx_datagrams", "rx_bytes", "tx_datagrams", "tx_bytes"]),
+    (
+        "refused",
+        &[
+            "rx_not_gossip",
+            "rx_other_version",
+            "rx_bad_auth",
+            "rx_malformed",
+            "rx_replayed",
+            "rx_stale_generation",
+            "rx_misdirected",
+            "rx_unknown_sender",
+            "tx_not_in_directory",
+        ],
+    ),
+    (
+        "records",
+        &[
+            "records_applied",
+            "records_stale",
+            "records_forged",
+            "records_unknown_owner",
+            "records_malformed",
+            "sync_rounds",
+            "sync_repaired",
+            "sync_records_sent",
+        ],
+    ),
+    (
+        "swim",
+        &[
+            "suspicions",
+            "refutations",
+            "rebirths",
+            "probe_cycles_incomplete",
+            "probe_timers_disconnected",
+            "swim_unencodable",
+            "records_not_piggybacked",
+            "cluster_size_refused",
+            "swim_unexpected",
+        ],
+    ),
+    ("ring", &["ring_pings", "ring_acks", "ring_suspicions", "ring_unproven"]),
+];
+
+/// `overlayd peers`: the columns and counters by the JSON's names (`--json`), upper-cased.
 pub fn peers(r: &pb::PeersReply) -> String {
     let mut o = String::from(
-        "ID    NAME                 GOSSIP                 STATE    RAFT    GENERATION        INC  TABLE (EPOCH:VERSION)  ENDPOINTS\n",
+        "NODE_ID  NAME                 GOSSIP_ADDR            STATE    RAFT_STATUS  GENERATION        INCARNATION  \
+         TABLE_EPOCH:TABLE_VERSION  ENDPOINTS\n",
     );
     for p in &r.peers {
         let table = if p.table_epoch == 0 { "-".to_owned() } else { format!("{}:{}", p.table_epoch, p.table_version) };
         let _ = writeln!(
             o,
-            "{:<5} {:<20} {:<22} {:<8} {:<7} {:<17} {:<4} {:<22} {}",
+            "{:<8} {:<20} {:<22} {:<8} {:<12} {:<17} {:<12} {:<26} {}",
             p.node_id, p.name, p.gossip_addr, p.state, p.raft_status, p.generation, p.incarnation, table, p.endpoints
         );
     }
     let c = &r.counters;
-    let get = |k: &str| c.get(k).copied().unwrap_or(0);
-    let _ = writeln!(
-        o,
-        "\ngossip: {} datagrams in, {} out; refused: {} not gossip, {} of another overlayd version, {} bad key, {} malformed, {} replayed, \
-         {} of a sender's earlier life, {} for another host, {} from hosts outside the cluster; \
-         {} not sent to hosts outside it; records: {} applied, {} forged, {} of unknown hosts, {} malformed; {} repaired by anti-entropy; \
-         swim: {} late probe cycles, {} records too big to piggyback, {} other errors; \
-         ring: {} pings, {} acks, {} suspicions, {} unanswered by hosts of an earlier release",
-        get("rx_datagrams"),
-        get("tx_datagrams"),
-        get("rx_not_gossip"),
-        get("rx_other_version"),
-        get("rx_bad_auth"),
-        get("rx_malformed"),
-        get("rx_replayed"),
-        get("rx_stale_generation"),
-        get("rx_misdirected"),
-        get("rx_unknown_sender"),
-        get("tx_not_in_directory"),
-        get("records_applied"),
-        get("records_forged"),
-        get("records_unknown_owner"),
-        get("records_malformed"),
-        get("sync_repaired"),
-        get("probe_cycles_incomplete"),
-        get("records_not_piggybacked"),
-        get("probe_timers_disconnected")
-            + get("swim_unencodable")
-            + get("cluster_size_refused")
-            + get("swim_unexpected"),
-        get("ring_pings"),
-        get("ring_acks"),
-        get("ring_suspicions"),
-        get("ring_unproven"),
-    );
+    let named =
+        |keys: &[&str]| keys.iter().map(|k| format!("{k} {}", c.get(*k).copied().unwrap_or(0))).collect::<Vec<_>>();
+    o.push_str("\ncounters\n");
+    for (group, keys) in PEER_COUNTER_GROUPS {
+        let _ = writeln!(o, "  {group:<10} {}", named(keys).join("  "));
+    }
+    let others: Vec<&str> = c
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !PEER_COUNTER_GROUPS.iter().any(|(_, keys)| keys.contains(k)))
+        .collect();
+    if !others.is_empty() {
+        let _ = writeln!(o, "  {:<10} {}", "other", named(&others).join("  "));
+    }
     o
 }
 
@@ -700,4 +753,30 @@ pub fn dns(r: &pb::DnsReply) -> String {
         let _ = writeln!(o, "not a DNS name, not answered: {x}");
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `overlayd peers` names its columns and counters as its JSON does: every counter of the
+    /// gossip layer by its key, in a group (none left to "other"), none summed into another.
+    #[test]
+    fn peers_names_columns_and_counters_by_the_json_keys() {
+        let counters = serde_json::to_value(control::gossip::GossipCounters::default()).unwrap();
+        let counters: std::collections::BTreeMap<String, u64> =
+            counters.as_object().unwrap().iter().enumerate().map(|(i, (k, _))| (k.clone(), i as u64 + 1000)).collect();
+        let peer = pb::PeerInfo { node_id: 7, name: "h7".into(), raft_status: "ready".into(), ..Default::default() };
+        let r = pb::PeersReply { peers: vec![peer.clone()], self_id: 7, counters: counters.clone() };
+        let text = peers(&r);
+        let mut json = serde_json::to_value(&peer).unwrap().as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        json.retain(|k| !k.starts_with("table_"));
+        for key in json.iter().map(|k| k.to_uppercase()).chain(["TABLE_EPOCH:TABLE_VERSION".into()]) {
+            assert!(text.lines().next().unwrap().contains(&key), "no column {key}: {text}");
+        }
+        for (k, v) in &counters {
+            assert!(text.contains(&format!("{k} {v}")), "counter {k} is not named: {text}");
+        }
+        assert!(!text.contains("\n  other "), "a counter without a group: {text}");
+    }
 }

@@ -119,4 +119,52 @@ fn without_root_the_daemon_and_the_commands_say_so() {
         assert!(!ok, "{cmd:?} succeeded without root: {msg}");
         assert!(msg.contains("only root may use") && msg.contains("sudo"), "{cmd:?}: {msg}");
     }
+    // leave --force needs no daemon, but it does need to read the state dir: it is refused,
+    // never answered with "no cluster membership" because the dir could not be looked into.
+    let (ok, msg) = as_nobody(&["leave", "--force"]);
+    assert!(!ok, "leave --force succeeded without root: {msg}");
+    assert!(msg.contains("only root may use") && msg.contains("sudo"), "leave --force: {msg}");
+    assert!(!msg.contains("no cluster membership"), "leave --force: {msg}");
+}
+
+/// A command line clap refuses, given `--json`, prints the README's error object on stdout with
+/// the usage exit code (2); without `--json`, clap's message on stderr and nothing on stdout.
+#[test]
+fn a_usage_error_with_json_is_printed_as_json() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_overlayd")).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run(&["network", "create", "web", "--mtu", "abc", "--json"]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout:?}"));
+    assert_eq!(v["error"]["class"], "usage", "{v}");
+    assert_eq!(v["error"]["exit_code"], 2, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--mtu") && message.contains("abc"), "{v}");
+    assert!(stderr.contains("--mtu"), "the message goes to stderr too: {stderr}");
+
+    let (code, stdout, stderr) = run(&["network", "create", "web", "--mtu", "abc"]);
+    assert_eq!(code, Some(2));
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(stderr.contains("--mtu"), "{stderr}");
+}
+
+/// A port out of range is refused in words, not with a Rust range.
+#[test]
+fn a_port_out_of_range_says_which_ports_are_valid() {
+    for (args, needle) in [
+        (vec!["init", "--gossip-port", "0"], "--gossip-port"),
+        (vec!["daemon", "--vxlan-port", "0"], "--vxlan-port"),
+        (vec!["service", "create", "s", "--network", "n", "--health-tcp", "70000"], "--health-tcp"),
+    ] {
+        let (ok, msg) = overlayd(&args);
+        assert!(!ok, "{args:?}");
+        assert!(msg.contains(needle) && msg.contains("port from 1 to 65535"), "{args:?}: {msg}");
+        assert!(!msg.contains("..="), "{args:?}: {msg}");
+    }
 }

@@ -110,12 +110,21 @@ fn an_operator_runs_the_whole_lifecycle_and_nothing_is_left_behind() {
     assert_eq!(made(&c.hosts[h3]), Vec::<String>::new(), "leave --force left these");
     c.join(h3, 0, &worker_token).unwrap();
 
-    // The cluster is dissolved from its managers: the other manager leaves, then the last one
-    // leaves with --force; each host is idle and clean.
-    for i in [h3, 1] {
-        c.agents[i].json(&["leave"]).unwrap();
-    }
-    c.agents[h4].json(&["leave"]).unwrap();
+    // A manager whose leave leaves an even number of managers is warned, as join and promote
+    // warn: h3 made a third manager, then leaving.
+    c.agents[0].json(&["node", "promote", c.hosts[h3].name()]).unwrap();
+    wait_for(Duration::from_secs(30), "h3 to run as a manager", || {
+        c.agents[h3].json(&["network", "create", "n3"]).ok().map(drop)
+    })
+    .unwrap();
+    let left = c.agents[h3].cli(&["leave"]).unwrap();
+    assert!(left.contains("left the cluster") && left.contains("2 managers") && left.contains("odd number"), "{left}");
+
+    // The cluster is dissolved from its managers: the other manager leaves (one is odd: no
+    // warning), then the last one leaves with --force; each host is idle and clean.
+    c.agents[1].json(&["leave"]).unwrap();
+    let left = c.agents[h4].json(&["leave"]).unwrap();
+    assert_eq!(left["warning"], serde_json::Value::Null, "{left}");
     let e = c.agents[0].json(&["leave"]).unwrap_err().to_string();
     assert!(e.contains("--force"), "the last manager is told how to dissolve the cluster: {e}");
     c.agents[0].json(&["leave", "--force"]).unwrap();
@@ -123,6 +132,40 @@ fn an_operator_runs_the_whole_lifecycle_and_nothing_is_left_behind() {
         assert_eq!(c.agents[i].status().unwrap()["mode"], "idle", "h{}", i + 1);
         assert_eq!(made(h), Vec::<String>::new(), "h{} kept these", i + 1);
     }
+}
+
+/// A node removed with `node rm` while its daemon is down: started again, it says it was
+/// removed, and `leave --force` returns the host to a clean idle state (from which it joins
+/// again, as a new node).
+#[test]
+fn a_node_removed_while_its_daemon_is_down_is_told_so_when_it_starts() {
+    let bed = bed();
+    let mut c = Cluster::form(&bed, 1, 1).expect("cluster");
+    c.await_nodes(2, &[], T).unwrap();
+    let worker_token = c.agents[0].json(&["join-token", "worker"]).unwrap()["token"].as_str().unwrap().to_owned();
+    c.agents[0].json(&["network", "create", "web"]).unwrap();
+    let (_, _) = c.attach(1, "web", "a").unwrap();
+    let id = c.agents[1].status().unwrap()["cluster"]["node_id"].as_u64().unwrap();
+    // The bridge says it is overlayd's, so that a daemon after a crash adopts it as its own.
+    let bridge = c.hosts[1].exec("ip", ["link", "show", "ovbr-web"]).unwrap();
+    assert!(bridge.contains("alias created by overlayd"), "{bridge}");
+
+    c.agents[1].kill().unwrap();
+    c.agents[0].json(&["node", "rm", c.hosts[1].name()]).unwrap();
+    c.agents[1] = c.hosts[1].start_daemon::<&str>(&[]).unwrap();
+
+    wait_for(T, "the node removed while down to know it", || {
+        let s = c.agents[1].status().ok()?;
+        (s["cluster"]["removed"] == true).then_some(())
+    })
+    .unwrap();
+    let human = c.agents[1].cli(&["status"]).unwrap();
+    assert!(human.contains("removed from the cluster") && human.contains("leave --force"), "{human}");
+    c.agents[1].json(&["leave", "--force"]).unwrap();
+    assert_eq!(c.agents[1].status().unwrap()["mode"], "idle");
+    assert_eq!(made(&c.hosts[1]), Vec::<String>::new(), "leave --force left these");
+    let again = c.join(1, 0, &worker_token).unwrap();
+    assert_ne!(again["node_id"].as_u64().unwrap(), id, "a removed id never comes back");
 }
 
 /// A state dir wiped under a running container: the daemon starts idle, knows nothing of the

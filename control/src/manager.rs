@@ -674,7 +674,7 @@ impl pb::manager_server::Manager for ManagerService {
             Role::Worker
         } else {
             return Err(Status::permission_denied(
-                "the join token's secret is not valid for this cluster: copy the token again from `overlayd init` (or ask a manager)",
+                "the join token's secret is not valid for this cluster: ask a manager for one: `overlayd join-token worker` (or `manager`) on a manager",
             ));
         };
         let underlay_addr = req

@@ -60,7 +60,21 @@ fn forget(dir: &Path) {
 /// and forgets the membership, without asking the cluster. `false`: there was none.
 pub async fn forget_offline(dir: &Path) -> Result<bool> {
     let files = [MEMBERSHIP_FILE, VIEW_FILE, ENDPOINTS_FILE, PKI_DIR, RAFT_DIR];
-    if !files.iter().any(|f| dir.join(f).exists()) {
+    let mut any = false;
+    for f in files {
+        // try_exists, not exists: a file this user may not look at is not an absent one.
+        match dir.join(f).try_exists() {
+            Ok(there) => any |= there,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(anyhow::Error::new(e).context(crate::output::Classified(
+                    crate::output::Failure::NotPermitted,
+                    format!("cannot read the state dir {}: run overlayd leave --force as root", dir.display()),
+                )));
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read the state dir {}", dir.display())),
+        }
+    }
+    if !any {
         return Ok(false);
     }
     let nl = crate::netdev::connect()?;
@@ -76,8 +90,33 @@ pub async fn forget_offline(dir: &Path) -> Result<bool> {
     for veth in veths {
         attach::unplumb(&nl, &veth).await?;
     }
+    remove_left_bridges(&nl, dir).await;
     forget(dir);
     Ok(true)
+}
+
+/// Removes the bridges of the networks the cached view names that overlayd made (they carry
+/// its alias) and that are still here: a killed daemon leaves its bridges for the next one to
+/// adopt, and after `leave --force` there is no next one (no daemon at all, offline; or one
+/// that never brought the network up, as a node that learns at start that it was removed).
+async fn remove_left_bridges(nl: &rtnetlink::Handle, dir: &Path) {
+    let Some(view) = std::fs::read(dir.join(VIEW_FILE)).ok().and_then(|b| control::follower::read_cache(&b)) else {
+        return;
+    };
+    let links = match crate::netdev::links(nl).await {
+        Ok(links) => links,
+        Err(e) => return tracing::warn!(error = %format!("{e:#}"), "cannot list the interfaces to remove left bridges"),
+    };
+    for name in view.networks.keys().map(|n| format!("ovbr-{n}")) {
+        let ours = links.iter().any(|l| l.name == name && l.alias.as_deref() == Some(crate::netdev::BRIDGE_ALIAS));
+        if !ours {
+            continue;
+        }
+        match crate::netdev::delete_link(nl, &name).await {
+            Ok(()) => tracing::info!(bridge = %name, "removed a bridge an earlier daemon left"),
+            Err(e) => tracing::warn!(bridge = %name, error = %format!("{e:#}"), "could not remove a left bridge"),
+        }
+    }
 }
 
 /// Picks the address to advertise: the one given to `init`/`join`, else the daemon's setting,
@@ -406,6 +445,7 @@ impl ClusterRuntime {
             }
         }
         self.shutdown().await;
+        remove_left_bridges(&self.host.nl, &self.state_dir).await;
         forget(&self.state_dir);
     }
 }

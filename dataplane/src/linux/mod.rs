@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-pub use settings::{DataplaneSettings, LoopThreads, Offloads, PortRange};
+pub use settings::{DataplaneSettings, LoopThreads, Offloads, PortRange, parse_tcp_port, parse_udp_port};
 pub use tap::{MAX_NAME_LEN, Tap, TapOffloads};
 pub use udp::BindError;
 

@@ -16,7 +16,7 @@ use crate::learn;
 pub struct DataplaneSettings {
     /// VXLAN UDP port, on this host and on the peers.
     #[cfg_attr(feature = "clap", arg(long, env = "OVERLAYD_VXLAN_PORT", value_name = "PORT", default_value_t = 4789,
-        value_parser = clap::value_parser!(u16).range(1..)))]
+        value_parser = parse_udp_port))]
     pub vxlan_port: u16,
 
     /// Outer UDP source ports; each inner flow keeps one, chosen by hash, for ECMP and RSS.
@@ -55,6 +55,24 @@ pub struct DataplaneSettings {
     #[cfg_attr(feature = "clap", arg(skip = learn::DEFAULT_AGEING_SECS))]
     #[serde(skip, default = "default_ageing_secs")]
     pub ageing_secs: u64,
+}
+
+/// A UDP port given on the command line, 1 to 65535; the error says so in words (clap's own
+/// range check would print a Rust range). clap names the flag before it.
+pub fn parse_udp_port(s: &str) -> Result<u16, String> {
+    parse_port(s, "UDP")
+}
+
+/// A TCP port given on the command line, 1 to 65535 (see [`parse_udp_port`]).
+pub fn parse_tcp_port(s: &str) -> Result<u16, String> {
+    parse_port(s, "TCP")
+}
+
+fn parse_port(s: &str, proto: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("give a {proto} port from 1 to 65535")),
+    }
 }
 
 const DEFAULT_SOCKET_BUFFER_BYTES: usize = 7 << 20;
