@@ -106,7 +106,8 @@ pub struct CniEnv {
 }
 
 impl CniEnv {
-    fn from_vars(get: impl Fn(&str) -> Option<String>) -> CniEnv {
+    /// The environment as `get` gives its variables (`std::env::var` in the plugin).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> CniEnv {
         let args = get("CNI_ARGS")
             .unwrap_or_default()
             .split(';')

@@ -22,10 +22,11 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-const CLUSTER_KEY_FILE: &str = "gossip.key";
-const KEY_GENERATION_FILE: &str = "gossip.key-generation";
+mod keyfiles;
+
+use self::keyfiles::{CLUSTER_KEY_FILE, EPOCH_FILE, KEY_GENERATION_FILE};
+
 const SIGNER_FILE: &str = "gossip-signing.pk8";
-const EPOCH_FILE: &str = "gossip-epoch";
 /// Receive buffer of the gossip socket.
 const RECV_BUFFER: usize = 2 << 20;
 /// Shortest gap between two publications of the view (bursts of events coalesce).
@@ -52,16 +53,16 @@ impl GossipKeys {
     pub fn load(dir: &Path) -> Result<GossipKeys> {
         let path = dir.join(CLUSTER_KEY_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let cluster = hex::decode(text.trim())
-            .ok()
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .with_context(|| format!("{} is not a 32-byte hex key", path.display()))?;
+        let cluster =
+            keyfiles::cluster_key(&text).with_context(|| format!("{} is not a 32-byte hex key", path.display()))?;
         let path = dir.join(SIGNER_FILE);
         let doc = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let signer = Signer::from_pkcs8(&doc).with_context(|| format!("{} is not a signing key", path.display()))?;
         let path = dir.join(KEY_GENERATION_FILE);
         let generation = match std::fs::read_to_string(&path) {
-            Ok(text) => text.trim().parse().with_context(|| format!("{} is not a number", path.display()))?,
+            Ok(text) => {
+                keyfiles::key_generation(&text).with_context(|| format!("{} is not a number", path.display()))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
@@ -100,10 +101,15 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
 /// even if the clock went back (the last is kept in the state dir).
 pub fn next_epoch(state_dir: &Path) -> Result<u64> {
     let path = state_dir.join(EPOCH_FILE);
-    let last = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    let last = std::fs::read_to_string(&path).ok();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
-    // Room above for the rejoins of this life (each one is a generation).
-    let epoch = now.max(last + 1_000_000);
+    let epoch = keyfiles::next_epoch(last.as_deref(), now).with_context(|| {
+        format!(
+            "{} holds {:?}, above every epoch this host can have: the file is damaged (remove it, and the clock gives the epoch)",
+            path.display(),
+            last.as_deref().unwrap_or_default().trim()
+        )
+    })?;
     write_secret(&path, epoch.to_string().as_bytes())?;
     Ok(epoch)
 }

@@ -3,7 +3,7 @@
 //! is which subnet, which endpoint has which address, which overlayd networks it put into
 //! Docker). Addresses themselves are reserved in the endpoint store, with the endpoints.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,12 +14,14 @@ use control::cidr::Ipv4Cidr;
 use control::state::Network;
 use dataplane::MacAddr;
 use proto as pb;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use super::engine::Engine;
+use super::wire::{
+    CreateEndpoint, CreateNetwork, DockerEndpoint, DockerNetwork, DriverStore, EndpointOnly, Join, ReleaseAddress,
+    Request, RequestAddress, RequestPool, error, wants_encryption,
+};
 use crate::attach;
 use crate::cluster::{ClusterRuntime, ENDPOINTS_FILE};
 use crate::daemon::{Daemon, Mode};
@@ -41,39 +43,6 @@ const MIRROR_EVERY: Duration = Duration::from_secs(3);
 /// --label io.overlayd.service=web --network front …`).
 pub const SERVICE_LABEL: &str = "io.overlayd.service";
 
-/// An error answer: `{"Err": "…"}`, as Docker shows it to the user.
-pub fn error(msg: impl std::fmt::Display) -> Value {
-    json!({ "Err": msg.to_string() })
-}
-
-/// What the driver remembers across restarts (Docker does not replay its calls).
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct DriverStore {
-    /// Docker's network id → the subnet of its overlayd network.
-    #[serde(default)]
-    networks: BTreeMap<String, DockerNetwork>,
-    /// Docker's endpoint id → its network and address.
-    #[serde(default)]
-    endpoints: BTreeMap<String, DockerEndpoint>,
-    /// overlayd networks this driver put into Docker (not again once a user removed them).
-    #[serde(default)]
-    mirrored: BTreeSet<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct DockerNetwork {
-    subnet: Ipv4Cidr,
-    /// Why its overlayd network could not be created, if it could not.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    failed: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct DockerEndpoint {
-    network_id: String,
-    ip: Ipv4Addr,
-}
-
 /// The driver: Docker's calls in, the cluster runtime's answers out.
 pub struct Driver {
     /// Its name: the plugin's and the network driver's (`docker network create -d NAME`).
@@ -84,120 +53,12 @@ pub struct Driver {
     path: PathBuf,
 }
 
-// The requests, as Docker sends them (fields it may leave out default to empty).
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct RequestPool {
-    #[serde(default)]
-    pool: String,
-    #[serde(default)]
-    sub_pool: String,
-    #[serde(default)]
-    options: Option<BTreeMap<String, String>>,
-    #[serde(default, rename = "V6")]
-    v6: bool,
-}
-
-#[derive(Deserialize)]
-struct RequestAddress {
-    #[serde(rename = "PoolID")]
-    pool_id: String,
-    #[serde(rename = "Address", default)]
-    address: String,
-    #[serde(rename = "Options", default)]
-    options: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Deserialize)]
-struct ReleaseAddress {
-    #[serde(rename = "PoolID")]
-    pool_id: String,
-    #[serde(rename = "Address")]
-    address: String,
-}
-
-/// Whether a Docker network asks to be encrypted: `docker network create --opt encrypted` (swarm's
-/// word), which Docker hands the driver among its generic options; `--opt encrypted=false` does
-/// not.
-fn wants_encryption(options: &BTreeMap<String, Value>) -> bool {
-    options
-        .get("com.docker.network.generic")
-        .and_then(|g| g.get("encrypted"))
-        .is_some_and(|v| v != &json!(false) && v != &json!("false"))
-}
-
-#[derive(Deserialize)]
-struct CreateNetwork {
-    #[serde(rename = "NetworkID")]
-    network_id: String,
-    #[serde(rename = "Options", default)]
-    options: Option<BTreeMap<String, Value>>,
-    #[serde(rename = "IPv4Data", default)]
-    ipv4_data: Option<Vec<IpamData>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct IpamData {
-    #[serde(default)]
-    address_space: String,
-    pool: String,
-}
-
-#[derive(Deserialize)]
-struct NetworkOnly {
-    #[serde(rename = "NetworkID")]
-    network_id: String,
-}
-
-#[derive(Deserialize)]
-struct CreateEndpoint {
-    #[serde(rename = "NetworkID")]
-    network_id: String,
-    #[serde(rename = "EndpointID")]
-    endpoint_id: String,
-    #[serde(rename = "Interface", default)]
-    interface: Option<EndpointInterface>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "PascalCase")]
-struct EndpointInterface {
-    #[serde(default)]
-    address: String,
-    #[serde(default, rename = "AddressIPv6")]
-    address_ipv6: String,
-    #[serde(default)]
-    mac_address: String,
-}
-
-#[derive(Deserialize)]
-struct EndpointOnly {
-    #[serde(rename = "EndpointID")]
-    endpoint_id: String,
-}
-
-#[derive(Deserialize)]
-struct Join {
-    #[serde(rename = "NetworkID")]
-    network_id: String,
-    #[serde(rename = "EndpointID")]
-    endpoint_id: String,
-    #[serde(rename = "SandboxKey")]
-    sandbox_key: String,
-}
-
-/// Decodes a request, or says what is wrong with it.
-fn decode<T: DeserializeOwned>(call: &str, body: &[u8]) -> Result<T, (u16, Value)> {
-    serde_json::from_slice(body).map_err(|e| (400, error(format!("malformed {call} request: {e}"))))
-}
-
 impl Driver {
     /// The driver named `name`, asking the Docker daemon at `docker_host` for names.
     pub fn new(name: &str, docker_host: &str, daemon: Arc<Daemon>) -> Result<Driver> {
         let path = daemon.ctx.state_dir.join(STORE_FILE);
         let store = match std::fs::read(&path) {
-            Ok(b) => match serde_json::from_slice(&b) {
+            Ok(b) => match DriverStore::from_slice(&b) {
                 Ok(s) => s,
                 Err(e) => {
                     let aside = endpoints::set_aside(&path)?;
@@ -213,62 +74,28 @@ impl Driver {
 
     /// Answers one call (`Interface.Method`) with an HTTP status and a JSON body.
     pub async fn call(self: &Arc<Self>, call: &str, body: &[u8]) -> (u16, Value) {
-        let result = match call {
-            "Plugin.Activate" => Ok(json!({ "Implements": ["NetworkDriver", "IpamDriver"] })),
-            "NetworkDriver.GetCapabilities" => Ok(json!({ "Scope": "local" })),
-            "IpamDriver.GetCapabilities" => Ok(json!({ "RequiresMACAddress": false })),
-            "IpamDriver.GetDefaultAddressSpaces" => {
+        let request = match Request::decode(call, body) {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        let result = match request {
+            Request::Activate => Ok(json!({ "Implements": ["NetworkDriver", "IpamDriver"] })),
+            Request::NetworkCapabilities => Ok(json!({ "Scope": "local" })),
+            Request::IpamCapabilities => Ok(json!({ "RequiresMACAddress": false })),
+            Request::DefaultAddressSpaces => {
                 Ok(json!({ "LocalDefaultAddressSpace": ADDRESS_SPACE, "GlobalDefaultAddressSpace": ADDRESS_SPACE }))
             }
-            "IpamDriver.RequestPool" => match decode(call, body) {
-                Ok(r) => self.request_pool(r).await,
-                Err(e) => return e,
-            },
-            "IpamDriver.ReleasePool" => match decode::<serde::de::IgnoredAny>(call, body) {
-                Ok(_) => Ok(json!({})),
-                Err(e) => return e,
-            },
-            "IpamDriver.RequestAddress" => match decode(call, body) {
-                Ok(r) => self.request_address(r).await,
-                Err(e) => return e,
-            },
-            "IpamDriver.ReleaseAddress" => match decode(call, body) {
-                Ok(r) => self.release_address(r).await,
-                Err(e) => return e,
-            },
-            "NetworkDriver.CreateNetwork" => match decode(call, body) {
-                Ok(r) => self.create_network(r).await,
-                Err(e) => return e,
-            },
-            "NetworkDriver.DeleteNetwork" => match decode::<NetworkOnly>(call, body) {
-                Ok(r) => self.delete_network(&r.network_id).await,
-                Err(e) => return e,
-            },
-            "NetworkDriver.CreateEndpoint" => match decode(call, body) {
-                Ok(r) => self.create_endpoint(r).await,
-                Err(e) => return e,
-            },
-            "NetworkDriver.DeleteEndpoint" => match decode::<EndpointOnly>(call, body) {
-                Ok(r) => self.leave(&r, true).await,
-                Err(e) => return e,
-            },
-            "NetworkDriver.Join" => match decode(call, body) {
-                Ok(r) => self.join(r).await,
-                Err(e) => return e,
-            },
-            "NetworkDriver.Leave" => match decode::<EndpointOnly>(call, body) {
-                Ok(r) => self.leave(&r, false).await,
-                Err(e) => return e,
-            },
-            "NetworkDriver.EndpointOperInfo" => match decode::<EndpointOnly>(call, body) {
-                Ok(_) => Ok(json!({ "Value": {} })),
-                Err(e) => return e,
-            },
-            "NetworkDriver.ProgramExternalConnectivity"
-            | "NetworkDriver.RevokeExternalConnectivity"
-            | "NetworkDriver.DiscoverNew"
-            | "NetworkDriver.DiscoverDelete" => Ok(json!({})),
-            other => return (404, error(format!("overlayd's Docker driver has no call {other:?}"))),
+            Request::RequestPool(r) => self.request_pool(r).await,
+            Request::ReleasePool | Request::Nothing => Ok(json!({})),
+            Request::RequestAddress(r) => self.request_address(r).await,
+            Request::ReleaseAddress(r) => self.release_address(r).await,
+            Request::CreateNetwork(r) => self.create_network(r).await,
+            Request::DeleteNetwork(r) => self.delete_network(&r.network_id).await,
+            Request::CreateEndpoint(r) => self.create_endpoint(r).await,
+            Request::DeleteEndpoint(r) => self.leave(&r, true).await,
+            Request::Join(r) => self.join(r).await,
+            Request::Leave(r) => self.leave(&r, false).await,
+            Request::EndpointOperInfo => Ok(json!({ "Value": {} })),
         };
         match result {
             Ok(v) => (200, v),
@@ -693,20 +520,4 @@ fn ensure_manager(rt: &ClusterRuntime) -> Result<()> {
         "this host is a worker: create the network on a manager (docker network create there, or overlayd network create); it then appears in every host's Docker"
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn opt_encrypted_asks_for_an_encrypted_network() {
-        let opts =
-            |generic: Value| -> BTreeMap<String, Value> { [("com.docker.network.generic".to_owned(), generic)].into() };
-        assert!(wants_encryption(&opts(json!({"encrypted": ""}))), "--opt encrypted");
-        assert!(wants_encryption(&opts(json!({"encrypted": "true"}))));
-        assert!(!wants_encryption(&opts(json!({"encrypted": "false"}))));
-        assert!(!wants_encryption(&opts(json!({"mtu": "1400"}))));
-        assert!(!wants_encryption(&BTreeMap::new()));
-    }
 }

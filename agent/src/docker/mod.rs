@@ -21,6 +21,7 @@
 
 mod driver;
 mod engine;
+mod wire;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -110,7 +111,7 @@ async fn answer(driver: &Arc<Driver>, req: hyper::Request<hyper::body::Incoming>
     let call = req.uri().path().trim_start_matches('/').to_owned();
     let (status, body) = match req.into_body().collect().await {
         Ok(b) => driver.call(&call, &b.to_bytes()).await,
-        Err(e) => (400, driver::error(format!("cannot read the request: {e}"))),
+        Err(e) => (400, wire::error(format!("cannot read the request: {e}"))),
     };
     hyper::Response::builder()
         .status(status)
