@@ -238,6 +238,7 @@ fn agent_input_seeds() {
         origin: Origin::Attach,
         aliases: vec!["db".into()],
         service: Some("api".into()),
+        cni_network: String::new(),
     };
     let cni_ep = LocalEndpoint {
         name: "3f2a9c1b7d4e".into(),

@@ -154,6 +154,7 @@ impl Daemon for AnyDaemon {
         }
         let e = Attached {
             network: a.network.clone(),
+            cni_network: a.cni_network.clone(),
             container_id: a.container_id.clone(),
             ifname: a.ifname.clone(),
             netns: a.netns.clone(),
