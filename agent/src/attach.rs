@@ -57,10 +57,10 @@ impl Netns {
             let meta = std::fs::metadata(&p).ok()?;
             ((meta.dev(), meta.ino()) == id).then(|| Netns::open(p.to_str(), None).ok()).flatten()
         };
-        if !path.is_empty() {
-            if let Some(ns) = here(PathBuf::from(path)) {
-                return Some(ns);
-            }
+        if !path.is_empty()
+            && let Some(ns) = here(PathBuf::from(path))
+        {
+            return Some(ns);
         }
         let named = std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.path());
         let procs = std::fs::read_dir("/proc")

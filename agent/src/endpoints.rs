@@ -71,12 +71,12 @@ pub(crate) fn requested_address(ip: &str, mac: &str, block: Ipv4Cidr, gateway: I
         }
         (a, b) => a.or(b),
     };
-    if let Some(ip) = ip {
-        if !block.contains(ip) || ip == block.addr() || block.nth(block.size() - 1) == Some(ip) || ip == gateway {
-            bail!(
-                "{ip} is not an address this host gives: it must lie in this host's block {block} (not its first or last address, nor the gateway)"
-            );
-        }
+    if let Some(ip) = ip
+        && (!block.contains(ip) || ip == block.addr() || block.nth(block.size() - 1) == Some(ip) || ip == gateway)
+    {
+        bail!(
+            "{ip} is not an address this host gives: it must lie in this host's block {block} (not its first or last address, nor the gateway)"
+        );
     }
     Ok(ip)
 }

@@ -285,10 +285,10 @@ impl Firewall {
         let listed = self.output(&["-j", "list", "table", "bridge", TABLE]).await?;
         let mut s = String::new();
         for chain in json_names(&listed, "chain") {
-            if let Some(port) = chain.strip_prefix(PORT_CHAIN_PREFIX) {
-                if !ports.contains(port) {
-                    s.push_str(&unbind_port(port));
-                }
+            if let Some(port) = chain.strip_prefix(PORT_CHAIN_PREFIX)
+                && !ports.contains(port)
+            {
+                s.push_str(&unbind_port(port));
             }
         }
         let listed = self.output(&["-j", "list", "set", "inet", TABLE, "overlay_bridges"]).await?;
@@ -303,10 +303,10 @@ impl Firewall {
         let listed = self.output(&["-j", "list", "chains", "inet"]).await?;
         let wanted_chains: BTreeSet<String> = bridges.iter().map(|b| network_chain(b)).collect();
         for chain in json_table_chains(&listed, "inet") {
-            if let Some(bridge) = chain.strip_prefix(NETWORK_CHAIN_PREFIX) {
-                if !wanted_chains.contains(&chain) {
-                    s.push_str(&unbind_network(bridge));
-                }
+            if let Some(bridge) = chain.strip_prefix(NETWORK_CHAIN_PREFIX)
+                && !wanted_chains.contains(&chain)
+            {
+                s.push_str(&unbind_network(bridge));
             }
         }
         let mut masquerade = self.masquerade.lock().await;

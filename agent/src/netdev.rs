@@ -409,10 +409,13 @@ pub async fn global_addresses(h: &Handle) -> Result<Vec<IpAddr>> {
     let mut addrs = h.address().get().execute();
     while let Some(msg) = addrs.try_next().await.context("cannot list addresses")? {
         for a in &msg.attributes {
-            if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
-                if !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified() && !out.contains(&IpAddr::V4(*ip)) {
-                    out.push(IpAddr::V4(*ip));
-                }
+            if let AddressAttribute::Address(IpAddr::V4(ip)) = a
+                && !ip.is_loopback()
+                && !ip.is_link_local()
+                && !ip.is_unspecified()
+                && !out.contains(&IpAddr::V4(*ip))
+            {
+                out.push(IpAddr::V4(*ip));
             }
         }
     }

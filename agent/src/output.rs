@@ -36,7 +36,7 @@ pub fn absent_as_null(v: &mut serde_json::Value) {
 /// A warning for a cluster left with `managers` managers, if that is an even number: Raft needs
 /// a majority, so 2 managers survive no loss (as 1 does) and 4 survive one (as 3 do).
 pub fn even_managers(managers: usize) -> Option<String> {
-    (managers > 0 && managers % 2 == 0).then(|| {
+    (managers > 0 && managers.is_multiple_of(2)).then(|| {
         format!(
             "the cluster now has {managers} managers: Raft needs a majority of them, so an even number tolerates no \
              more lost managers than one fewer ({} of {managers}); make it an odd number (join or remove one)",

@@ -146,10 +146,10 @@ impl Follower {
             }
         }
         // The manager that worked last goes first.
-        if let Some(p) = *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) {
-            if let Some(i) = list.iter().position(|a| *a == p) {
-                list[..=i].rotate_right(1);
-            }
+        if let Some(p) = *self.preferred.lock().unwrap_or_else(|p| p.into_inner())
+            && let Some(i) = list.iter().position(|a| *a == p)
+        {
+            list[..=i].rotate_right(1);
         }
         list
     }

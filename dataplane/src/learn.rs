@@ -111,11 +111,11 @@ impl Learner {
     /// Notes that `mac` of network `vni` was just seen behind `vtep`. Never allocates.
     #[inline]
     pub fn observe(&mut self, vni: Vni, mac: MacAddr, vtep: IpAddr, now: u64) {
-        if let Some(e) = self.current.entries.get(&(vni, mac)) {
-            if e.vtep == vtep {
-                e.last_seen.store(now, Relaxed);
-                return;
-            }
+        if let Some(e) = self.current.entries.get(&(vni, mac))
+            && e.vtep == vtep
+        {
+            e.last_seen.store(now, Relaxed);
+            return;
         }
         let queued = self.pending.iter().position(|(v, m, _)| *v == vni && *m == mac);
         match queued {

@@ -478,15 +478,14 @@ pub(crate) mod tests {
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), mtu in 0usize..2000) {
-            if let Ok(s) = SuperFrame::parse(&bytes) {
-                if let Ok(mss) = s.mss_for_mtu(mtu) {
+            if let Ok(s) = SuperFrame::parse(&bytes)
+                && let Ok(mss) = s.mss_for_mtu(mtu) {
                     let mut out = vec![0u8; s.header_len() + mss];
                     for i in 0..s.segment_count(mss) {
                         let n = s.write_segment(i, mss, &mut out);
                         prop_assert!(n <= out.len());
                     }
                 }
-            }
         }
     }
 }

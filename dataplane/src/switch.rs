@@ -88,21 +88,21 @@ pub fn from_tap<'t, T>(
             }
             None => {}
         }
-    } else if dst.is_broadcast() {
-        if let Some(req) = arp::parse_request(frame) {
-            if let Some(mac) = net.arp(&req.target_ip) {
-                let n = arp::write_reply(frame, &req, mac, reply);
-                bump(&counters.tx.arp_replies, 1);
-                return TapVerdict::ArpReply(n);
-            }
-            // A cluster network knows every endpoint: what it cannot answer, nobody holds
-            // (or its owner here answers itself), and flooding would not change that.
-            if net.has_blocks() {
-                let local =
-                    net.gateway() == Some(req.target_ip) || matches!(net.block(req.target_ip), Some(BlockOwner::Local));
-                let reason = if local { DropReason::ArpForLocal } else { DropReason::ArpUnknownTarget };
-                return drop_tap(net, reason, counters);
-            }
+    } else if dst.is_broadcast()
+        && let Some(req) = arp::parse_request(frame)
+    {
+        if let Some(mac) = net.arp(&req.target_ip) {
+            let n = arp::write_reply(frame, &req, mac, reply);
+            bump(&counters.tx.arp_replies, 1);
+            return TapVerdict::ArpReply(n);
+        }
+        // A cluster network knows every endpoint: what it cannot answer, nobody holds
+        // (or its owner here answers itself), and flooding would not change that.
+        if net.has_blocks() {
+            let local =
+                net.gateway() == Some(req.target_ip) || matches!(net.block(req.target_ip), Some(BlockOwner::Local));
+            let reason = if local { DropReason::ArpForLocal } else { DropReason::ArpUnknownTarget };
+            return drop_tap(net, reason, counters);
         }
     }
     let flood = net.flood_list();

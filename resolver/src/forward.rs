@@ -424,10 +424,10 @@ impl<C: Copy, R: RngCore> Forwarder<C, R> {
             self.ids.remove(&f.id);
         }
         self.active.swap_remove(f.active_at);
-        if let Some(&moved) = self.active.get(f.active_at) {
-            if let Some(m) = self.slots[moved].flight.as_mut() {
-                m.active_at = f.active_at;
-            }
+        if let Some(&moved) = self.active.get(f.active_at)
+            && let Some(m) = self.slots[moved].flight.as_mut()
+        {
+            m.active_at = f.active_at;
         }
         self.free.push(slot);
     }

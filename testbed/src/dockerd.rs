@@ -199,11 +199,11 @@ fn which(program: &str) -> bool {
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
-        if self.pid.is_some() {
-            if let Ok(ids) = self.docker(&["ps", "-aq"]) {
-                for id in ids.split_whitespace() {
-                    let _ = self.output(&["rm", "-f", id]);
-                }
+        if self.pid.is_some()
+            && let Ok(ids) = self.docker(&["ps", "-aq"])
+        {
+            for id in ids.split_whitespace() {
+                let _ = self.output(&["rm", "-f", id]);
             }
         }
         self.stop();

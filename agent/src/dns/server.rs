@@ -195,9 +195,8 @@ impl Server {
             tokio::select! {
                 r = io.udp.readable() => if r.is_ok() { self.on_client_datagrams(&io) },
                 r = io.up4.readable() => if r.is_ok() { self.on_upstream_datagrams(&io.up4, &io) },
-                r = async { io.up6.as_ref()?.readable().await.ok() }, if io.up6.is_some() => if r.is_some() {
-                    if let Some(up6) = &io.up6 { self.on_upstream_datagrams(up6, &io) }
-                },
+                r = async { io.up6.as_ref()?.readable().await.ok() }, if io.up6.is_some() => if r.is_some()
+                    && let Some(up6) = &io.up6 { self.on_upstream_datagrams(up6, &io) },
                 r = io.tcp.accept() => if let Ok((stream, _)) = r { self.on_connection(stream) },
                 Some(q) = tcp_rx.recv() => self.on_tcp_query(q, &io),
                 Some((from, reply)) = up_rx.recv() => {

@@ -86,7 +86,7 @@ pub fn table(backends: &[Ipv4Addr], size: usize) -> Vec<u16> {
 }
 
 fn is_prime(n: usize) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 /// FNV-1a 64 over `tag` and the address's octets, then MurmurHash3's `fmix64`.

@@ -181,7 +181,7 @@ fn attach_all(c: &Cluster, total: usize, per_host: usize, jobs: usize) -> (Vec<E
                         Ok(ip) => {
                             let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
                             d.push((i, Endpoint { names, ip }));
-                            if d.len() % 200 == 0 {
+                            if d.len().is_multiple_of(200) {
                                 say(&format!(
                                     "  {} endpoints attached ({:.0} s)",
                                     d.len(),

@@ -1001,10 +1001,10 @@ impl GossipNode {
         match kind {
             Kind::Swim => {
                 self.heard(now);
-                if let Err(e) = self.swim.handle_data(payload, &mut self.outbox) {
-                    if !matches!(e, foca::Error::DataFromOurselves) {
-                        lock(&self.shared).counters.rx_malformed += 1;
-                    }
+                if let Err(e) = self.swim.handle_data(payload, &mut self.outbox)
+                    && !matches!(e, foca::Error::DataFromOurselves)
+                {
+                    lock(&self.shared).counters.rx_malformed += 1;
                 }
             }
             Kind::Sync => match SyncMessage::decode(payload) {

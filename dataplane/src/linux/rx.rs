@@ -458,14 +458,14 @@ fn write_partial(tap: &Tap, frame: &mut [u8], r: RemoteChecksum, c: &Counters, n
 #[cold]
 fn deliver_oversized(tap: &Tap, frame: &mut [u8], mss: usize, scratch: &mut [u8], c: &Counters, net: &NetworkCounters) {
     let o = tap.offloads();
-    if o.vnet_hdr {
-        if let Some(hdr) = offload::gso_for_oversized(frame, mss, o.uso) {
-            match tap.writev(&[IoSlice::new(&hdr.to_bytes()), IoSlice::new(frame)]) {
-                Ok(_) => bump(&c.rx.delivered, 1),
-                Err(_) => c.dropped_in(net, DropReason::TapWriteFailed),
-            }
-            return;
+    if o.vnet_hdr
+        && let Some(hdr) = offload::gso_for_oversized(frame, mss, o.uso)
+    {
+        match tap.writev(&[IoSlice::new(&hdr.to_bytes()), IoSlice::new(frame)]) {
+            Ok(_) => bump(&c.rx.delivered, 1),
+            Err(_) => c.dropped_in(net, DropReason::TapWriteFailed),
         }
+        return;
     }
     let Ok(sf) = SuperFrame::parse(frame) else { return };
     for i in 0..sf.segment_count(mss) {

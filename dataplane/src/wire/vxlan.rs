@@ -55,7 +55,7 @@ impl RemoteChecksum {
     /// carry it (odd, or beyond [`RemoteChecksum::MAX_START`]).
     #[inline]
     pub fn new(start: usize, udp: bool) -> Option<RemoteChecksum> {
-        (start % 2 == 0 && start <= Self::MAX_START).then_some(RemoteChecksum { start: start as u16, udp })
+        (start.is_multiple_of(2) && start <= Self::MAX_START).then_some(RemoteChecksum { start: start as u16, udp })
     }
 
     /// Where the checksum field is, from [`RemoteChecksum::start`].
