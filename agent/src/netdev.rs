@@ -28,31 +28,20 @@ pub fn connect() -> Result<Handle> {
 /// The names of links as they are deleted, from the kernel's link notifications (a veth goes
 /// when the namespace holding its other end does). The channel closes if the socket fails.
 pub fn link_deletions() -> Result<tokio::sync::mpsc::UnboundedReceiver<String>> {
-    use futures::StreamExt as _;
-    use rtnetlink::sys::{AsyncSocket as _, SocketAddr};
-    let (mut conn, _handle, mut messages) =
-        rtnetlink::new_connection().context("cannot open a netlink socket for link notifications")?;
-    conn.socket_mut()
-        .socket_mut()
-        .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))
-        .context("cannot subscribe to link notifications")?;
-    tokio::spawn(conn);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some((msg, _)) = messages.next().await {
-            if let Some(name) = reply::deleted_link(&msg)
-                && tx.send(name).is_err()
-            {
-                return;
-            }
-        }
-    });
-    Ok(rx)
+    link_notifications(reply::deleted_link)
 }
 
 /// Every change the kernel announces of this namespace's interfaces (`RTM_NEWLINK`: one made,
 /// or its MTU, state or name changed), as a wake-up: the receiver reads what it cares about.
 pub fn link_changes() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+    link_notifications(|msg| reply::is_new_link(msg).then_some(()))
+}
+
+/// The kernel's link notifications (`RTMGRP_LINK`) that `pick` keeps, on a channel of their
+/// own (a socket each).
+fn link_notifications<T: Send + 'static>(
+    pick: fn(&rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>) -> Option<T>,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<T>> {
     use futures::StreamExt as _;
     use rtnetlink::sys::{AsyncSocket as _, SocketAddr};
     let (mut conn, _handle, mut messages) =
@@ -65,7 +54,9 @@ pub fn link_changes() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some((msg, _)) = messages.next().await {
-            if reply::is_new_link(&msg) && tx.send(()).is_err() {
+            if let Some(x) = pick(&msg)
+                && tx.send(x).is_err()
+            {
                 return;
             }
         }
