@@ -367,35 +367,39 @@ fn an_attached_container_follows_its_process_or_name_not_the_teardown_of_its_nam
     check("by-pid", t, WITHDRAW_BOUND, "attach --pid, process killed");
     drop(socket);
 
-    // By name: the process in it dies (the name keeps it), then the name goes.
-    let mut p = Sleeper::start();
+    // The process in a named namespace dies: the name keeps the container, and its endpoint;
+    // then the name goes (the namespace again kept alive by a socket), and so does the endpoint.
+    let outlive_then_unname = |mut p: Sleeper, named: Named, name: &str, ip: Ipv4Addr, bound: Duration, how: &str| {
+        p.0.kill().unwrap();
+        p.0.wait().unwrap();
+        std::thread::sleep(WITHDRAW_BOUND + Duration::from_secs(1));
+        assert!(listed(&c.agents[0]).contains(&(name.into(), ip)), "{how}: withdrawn while its name holds it");
+        let socket = socket_in_netns(&named.path());
+        let t = Instant::now();
+        drop(named);
+        check(name, t, bound, how);
+        drop(socket);
+    };
+
+    // By name.
+    let p = Sleeper::start();
     let named = Named::of(&bed, "by-name", p.0.id());
     let ip = attach("by-name", "--netns", &named.path());
-    p.0.kill().unwrap();
-    p.0.wait().unwrap();
-    std::thread::sleep(WITHDRAW_BOUND + Duration::from_secs(1));
-    assert!(listed(&c.agents[0]).contains(&("by-name".into(), ip)), "withdrawn while its name holds it");
-    let socket = socket_in_netns(&named.path());
-    let t = Instant::now();
-    drop(named);
-    check("by-name", t, WITHDRAW_BOUND, "attach --netns, name deleted");
-    drop(socket);
+    outlive_then_unname(p, named, "by-name", ip, WITHDRAW_BOUND, "attach --netns, name deleted");
 
-    // By process, and named too: the process dies (the name keeps it), then the name goes;
-    // a namespace that outlived its process is looked at again by the sweep (5 s).
-    let mut p = Sleeper::start();
-    let pid = p.0.id();
-    let ip = attach("both", "--pid", &pid.to_string());
-    let named = Named::of(&bed, "both", pid);
-    p.0.kill().unwrap();
-    p.0.wait().unwrap();
-    std::thread::sleep(WITHDRAW_BOUND + Duration::from_secs(1));
-    assert!(listed(&c.agents[0]).contains(&("both".into(), ip)), "withdrawn while its name holds it");
-    let socket = socket_in_netns(&named.path());
-    let t = Instant::now();
-    drop(named);
-    check("both", t, Duration::from_secs(6), "attach --pid, process killed, then its name deleted");
-    drop(socket);
+    // By process, and named too: a namespace that outlived its process is looked at again by
+    // the sweep (5 s).
+    let p = Sleeper::start();
+    let ip = attach("both", "--pid", &p.0.id().to_string());
+    let named = Named::of(&bed, "both", p.0.id());
+    outlive_then_unname(
+        p,
+        named,
+        "both",
+        ip,
+        Duration::from_secs(6),
+        "attach --pid, process killed, then its name deleted",
+    );
 }
 
 #[test]
