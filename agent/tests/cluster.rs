@@ -256,7 +256,8 @@ fn a_worker_cut_off_from_the_managers_keeps_forwarding_and_catches_up() {
     c.agents[0].json(&["network", "create", "blue"]).unwrap();
     let a = attach(&c, 1, "blue", "a");
     let b = attach(&c, 2, "blue", "b");
-    a.0.ping_ok(b.1, 1).unwrap();
+    // Once gossip has brought b to h2 (a few hundred ms), a reaches it.
+    wait_for(T, "a to reach b", || a.0.ping_ok(b.1, 1).ok()).unwrap();
     // Cut h2's control traffic (the control port, both ways); VXLAN is untouched.
     c.hosts[1]
         .nft(
@@ -299,7 +300,8 @@ fn leave_node_rm_and_network_rm_clean_up_after_themselves() {
     c.agents[0].json(&["network", "create", "blue"]).unwrap();
     let (a, _) = attach(&c, 1, "blue", "a");
     let (_, b_ip) = attach(&c, 2, "blue", "b");
-    a.ping_ok(b_ip, 1).unwrap();
+    // Once gossip has brought b to h2 (a few hundred ms), a reaches it.
+    wait_for(T, "a to reach b", || a.ping_ok(b_ip, 1).ok()).unwrap();
 
     // A network in use is not removed; once its containers are gone it is, everywhere.
     let e = c.agents[0].json(&["network", "rm", "blue"]).unwrap_err().to_string();
